@@ -1,0 +1,6 @@
+"""infinitehip: million-token inference on one GPU with InfiniteHiP sparse attention."""
+from .attention import HiPMask, RoPE, hip_attention
+from .config import PRESETS, HiPConfig
+
+__version__ = "0.1.0"
+__all__ = ["HiPConfig", "PRESETS", "HiPMask", "RoPE", "hip_attention", "__version__"]

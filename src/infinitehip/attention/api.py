@@ -1,0 +1,173 @@
+"""``hip_attention``: the one public attention call. Checks inputs, then picks the backend."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..config import HiPConfig
+from . import reference
+from .mask import HiPMask, geometry
+from .rope import RoPE, apply_rope
+from .stages import n_groups, run_stages
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BACKENDS = ("auto", "triton", "reference")
+# The reference materializes (B, H, queries, attended keys) scores: bound that per slice.
+_REFERENCE_SLICE_ELEMENTS = 1 << 26
+
+
+def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: HiPConfig | None = None,
+                  rope: RoPE | None = None, scale: float | None = None,
+                  cache_seqlens: torch.Tensor | None = None, mask: HiPMask | None = None,
+                  refresh_stage: int = 0, backend: str = "auto") -> tuple[torch.Tensor, HiPMask | None]:
+    """Causal InfiniteHiP attention of the queries ``q`` over the keys ``k`` and values ``v``.
+
+    Args:
+        q: (B, Tq, H, D) queries, **without** RoPE. They are the last Tq positions of the keys:
+            query t of batch b sits at position ``kv_len[b] - Tq + t``.
+        k, v: (B, Tk, K, D) keys (without RoPE) and values; H must be a multiple of K (GQA).
+            float16, bfloat16 or float32, all three alike; D even and <= 256.
+        config: pruning / attention settings (default: the ``paper`` preset).
+        rope: the model's rotary embedding, applied inside at positions chosen by adaptive RoPE;
+            None applies no rotation.
+        scale: softmax scale, default 1 / sqrt(D).
+        cache_seqlens: (B,) int, the number of valid keys per batch row when k/v are a cache
+            of fixed capacity Tk (default: all Tk). Causality is relative to it::
+
+                Tq = 2, kv_len = 5:   keys 0 1 2 3 4
+                            query 0:       1 1 1 1 0
+                            query 1:       1 1 1 1 1
+        mask: the mask a previous call returned, to reuse in decode (see ``refresh_stage``).
+        refresh_stage: the first pruning stage to rerun (``config.refresh_stage(step)``):
+            0 prunes from scratch, ``config.n_stages`` reuses ``mask`` as it is.
+        backend: "triton" (CUDA), "reference" (PyTorch, any device), or "auto".
+
+    Returns:
+        (out, mask): out (B, Tq, H, D) in q's dtype; mask the HiPMask used, or None when the
+        context is short enough that attention was dense (then every key was attended).
+    """
+    config = config or HiPConfig()
+    backend = _check(q, k, v, config, rope, cache_seqlens, mask, refresh_stage, backend)
+    B, tq, _, D = q.shape
+    tk = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    kv_len = (torch.full((B,), tk, device=q.device, dtype=torch.long) if cache_seqlens is None
+              else cache_seqlens.to(device=q.device, dtype=torch.long))
+    if _use_dense(tk, config):
+        return dense_attention(q, k, v, kv_len, rope, scale), None
+    if backend == "triton":
+        from .triton import ops as impl
+    else:
+        impl = reference
+    if backend == "reference":
+        return _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, refresh_stage)
+    geo = geometry(kv_len - tq, tq, kv_len, config)
+    if refresh_stage < config.n_stages or mask is None:
+        mask = run_stages(q, k, geo, config, rope, impl.score_chunks, mask, refresh_stage)
+    return impl.attend(q, k, v, mask.starts, geo, config, rope, scale), mask
+
+
+def dense_attention(q, k, v, kv_len, rope: RoPE | None, scale: float) -> torch.Tensor:
+    """Exact causal attention with RoPE at true positions (SDPA). Returns (B, Tq, H, D)."""
+    B, tq, H, D = q.shape
+    tk = k.shape[1]
+    q_pos = kv_len[:, None] - tq + torch.arange(tq, device=q.device)        # (B, Tq)
+    if rope is not None:
+        cos, sin = rope.cos_sin(q_pos)
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        cos, sin = rope.cos_sin(torch.arange(tk, device=q.device))
+        k = apply_rope(k, cos[:, None], sin[:, None])
+    allowed = torch.arange(tk, device=q.device) <= q_pos[..., None]           # (B, Tq, Tk)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=allowed[:, None], scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def _use_dense(tk: int, config: HiPConfig) -> bool:
+    """Dense when sparse attention would attend everything, or below the measured crossover."""
+    crossover = config.dense_threshold
+    if config.model_context_length is not None:
+        crossover = min(crossover, config.model_context_length)
+    return tk <= max(config.sink + config.window, crossover)
+
+
+def _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, refresh_stage):
+    """The reference path, a few query blocks at a time so memory stays bounded on long prompts."""
+    B, tq, H, _ = q.shape
+    bq = config.block_size_q
+    attended = config.sink + config.budget + config.window + bq
+    step = max(1, _REFERENCE_SLICE_ELEMENTS // (B * H * bq * attended)) * bq
+    outs, masks = [], []
+    for t in range(0, tq, step):
+        qs = q[:, t:t + step]
+        geo = geometry(kv_len - tq + t, qs.shape[1], kv_len, config)
+        m = None if mask is None else _slice_mask(mask, t // bq, -(-qs.shape[1] // bq))
+        if refresh_stage < config.n_stages or m is None:
+            m = run_stages(qs, k, geo, config, rope, reference.score_chunks, m, refresh_stage)
+        outs.append(reference.attend(qs, k, v, m.starts, geo, config, rope, scale))
+        masks.append(m)
+    if len(masks) == 1:
+        return outs[0], masks[0]
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=2)  # noqa: E731
+    merged = HiPMask(cat([m.starts for m in masks]), tuple(cat(list(s)) for s in zip(*[m.stage_inputs for m in masks])))
+    return torch.cat(outs, dim=1), merged
+
+
+def _slice_mask(mask: HiPMask, first: int, n: int) -> HiPMask:
+    sl = lambda t: None if t is None else t[:, :, first:first + n]  # noqa: E731
+    return HiPMask(sl(mask.starts), tuple(sl(t) for t in mask.stage_inputs))
+
+
+def _check(q, k, v, config, rope, cache_seqlens, mask, refresh_stage, backend) -> str:
+    """Validate the inputs with errors that say what to change; return the backend to use."""
+    if not isinstance(config, HiPConfig):
+        raise TypeError(f"config must be a HiPConfig, got {type(config).__name__}; try HiPConfig.preset('paper')")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, T, heads, head_dim), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; use float16, bfloat16 or float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, tq, H, D = q.shape
+    _, tk, K, Dk = k.shape
+    if k.shape[0] != B:
+        raise ValueError(f"q has batch {B} but k/v have batch {k.shape[0]}")
+    if Dk != D:
+        raise ValueError(f"q has head_dim {D} but k/v have head_dim {Dk}")
+    if D % 2 or D > 256:
+        raise ValueError(f"head_dim {D} is not supported: it must be even and at most 256")
+    if K == 0 or H % K:
+        raise ValueError(f"{H} query heads are not a multiple of {K} kv heads; GQA needs H % K == 0")
+    if tq == 0 or tk == 0:
+        raise ValueError(f"empty input: Tq={tq}, Tk={tk}")
+    if tq > tk:
+        raise ValueError(f"Tq={tq} queries but only Tk={tk} keys: queries are the last Tq key positions")
+    if rope is not None and rope.head_dim != D:
+        raise ValueError(f"rope is for head_dim {rope.head_dim}, inputs have head_dim {D}")
+    if cache_seqlens is not None:
+        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) or cache_seqlens.is_floating_point():
+            raise ValueError(f"cache_seqlens must be an integer tensor of shape ({B},)")
+    if not 0 <= refresh_stage <= config.n_stages:
+        raise ValueError(f"refresh_stage={refresh_stage} must be in [0, {config.n_stages}]")
+    if refresh_stage > 0 and mask is None:
+        raise ValueError(f"refresh_stage={refresh_stage} reuses a mask: pass the mask a previous call returned")
+    if mask is not None:
+        G = n_groups(config, K)
+        nqb = -(-tq // config.block_size_q)
+        if tuple(mask.starts.shape) != (B, G, nqb, config.n_selected):
+            raise ValueError(f"mask has shape {tuple(mask.starts.shape)}, expected ({B}, {G}, {nqb}, "
+                             f"{config.n_selected}) for this config and input; was it made with another config?")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {_BACKENDS}")
+    if backend == "auto":
+        from .triton import available
+        return "triton" if q.is_cuda and available() else "reference"
+    return backend

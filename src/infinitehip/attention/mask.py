@@ -1,0 +1,89 @@
+"""The sparse mask shared by the reference and the kernels, and the geometry it lives in.
+
+For a query block whose first query sits at position ``p0``:
+
+    keys:   [0, sink)          sink           always attended (causally)
+            [sink, w0)          selectable     pruning picks chunks here;  w0 = p0 - window + 1
+            [max(w0, sink), p]  window         causal, per row p
+
+so the three sets are disjoint and a context of at most sink + window keys is attended exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import HiPConfig
+
+# Start of an empty mask entry. Sorting ascending puts empty entries last.
+SENTINEL = torch.iinfo(torch.int32).max
+# Score of an inactive chunk: large but finite, so top-k and sort never see inf/nan.
+NEG_SCORE = -1.0e30
+# Pruning in relative RoPE mode rotates every query at this distance from every probe key.
+RELATIVE_QUERY_DISTANCE = 1
+
+
+@dataclass
+class HiPMask:
+    """Pruning result for one attention call, reusable by later decode steps.
+
+    starts:       (B, G, NQB, n_selected) int32 — sorted starts of the selected chunks (each
+                  ``config.chunk_size`` keys), ``SENTINEL`` where fewer were found.
+    stage_inputs: per stage s, the candidate chunk starts it scored, (B, G, NQB, n_s) int32;
+                  kept so a decode refresh can rerun stage s without the stages before it.
+    G is the number of head groups sharing a mask (K for head_sharing="kv", 1 for "all").
+    """
+
+    starts: torch.Tensor
+    stage_inputs: tuple[torch.Tensor, ...]
+
+    def copy_(self, other: "HiPMask") -> "HiPMask":
+        """Overwrite in place (static buffers for CUDA graphs)."""
+        self.starts.copy_(other.starts)
+        for mine, theirs in zip(self.stage_inputs, other.stage_inputs):
+            mine.copy_(theirs)
+        return self
+
+
+def empty_mask(config: HiPConfig, batch: int, groups: int, n_query_blocks: int, device=None) -> HiPMask:
+    """A mask that selects nothing: attention over sink + window only (StreamingLLM).
+
+    Pass it with ``refresh_stage=config.n_stages`` so it is used as is.
+    """
+    starts = torch.full((batch, groups, n_query_blocks, config.n_selected), SENTINEL,
+                        dtype=torch.int32, device=device)
+    return HiPMask(starts, (None,) * config.n_stages)
+
+
+@dataclass
+class Geometry:
+    """Positions of one call's query blocks, all (B, NQB) int64 unless noted."""
+
+    p0: torch.Tensor          # first query position of each block
+    w0: torch.Tensor          # window start of the block's first row; selected keys lie below it
+    q_pos: torch.Tensor       # (B, NQB, block_size_q) position of every (padded) query row
+    q_valid: torch.Tensor     # (B, NQB, block_size_q) bool, False on padding rows
+    exact_prune: torch.Tensor   # (B,) bool: exact RoPE positions in pruning (else relative)
+    exact_attend: torch.Tensor  # (B,) bool: exact RoPE positions in attention (else streaming)
+
+
+def geometry(q_pos0: torch.Tensor, tq: int, kv_len: torch.Tensor, config: HiPConfig) -> Geometry:
+    """Query-block geometry for queries at ``q_pos0[b] + t``, t < tq, against ``kv_len[b]`` keys."""
+    bq = config.block_size_q
+    nqb = -(-tq // bq)
+    t = torch.arange(nqb * bq, device=q_pos0.device).view(nqb, bq)
+    q_pos = q_pos0.long()[:, None, None] + t                      # (B, NQB, bq)
+    q_valid = (t < tq).expand_as(q_pos)
+    p0 = q_pos[:, :, 0]
+    w0 = p0 - config.window + 1
+    return Geometry(p0, w0, q_pos, q_valid, _exact(config.rope_prune, kv_len, config),
+                    _exact(config.rope_attend, kv_len, config))
+
+
+def _exact(mode: str, kv_len: torch.Tensor, config: HiPConfig) -> torch.Tensor:
+    if mode == "exact":
+        return torch.ones_like(kv_len, dtype=torch.bool)
+    if mode == "auto" and config.model_context_length is not None:
+        return kv_len <= config.model_context_length
+    return torch.zeros_like(kv_len, dtype=torch.bool)

@@ -1,0 +1,127 @@
+"""InfiniteHiP in plain, vectorized PyTorch: the specification of every kernel, and the CPU path.
+
+Two functions, one per kernel family:
+  score_chunks  — hierarchical top-1: a chunk's score is its representative token's score.
+  attend        — block-sparse attention over sink + selected chunks + sliding window.
+Everything is computed in float32; shapes use B batch, T tokens, H query heads, K kv heads,
+D head dim, G head groups sharing a mask, NQB query blocks.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import HiPConfig
+from .mask import NEG_SCORE, SENTINEL, Geometry
+from .rope import RoPE, apply_rope
+
+
+def gather_kv(x: torch.Tensor, idx: torch.Tensor, groups: int) -> torch.Tensor:
+    """Rows of x (B, T, K, D) at positions idx (B, G, ...) for the kv heads of each group.
+
+    Returns (B, G, ..., K // G, D) float32; positions are clamped into [0, T) (callers mask them).
+    """
+    B, T, K, D = x.shape
+    xg = x.view(B, T, groups, K // groups, D).transpose(1, 2)           # (B, G, T, KG, D)
+    flat = idx.reshape(B, groups, -1).clamp(0, T - 1)
+    b = torch.arange(B, device=x.device)[:, None, None]
+    g = torch.arange(groups, device=x.device)[None, :, None]
+    return xg[b, g, flat].float().view(*idx.shape, K // groups, D)
+
+
+def _probe_scores(qp, q_valid, k, probes, geo: Geometry, rope: RoPE | None):
+    """Max over pooled query rows and the group's heads of q·k at each probe: (B, G, NQB, M)."""
+    B, nqb, R, H, D = qp.shape
+    G, K = probes.shape[1], k.shape[2]
+    keys = gather_kv(k, probes, G)                                      # (B, G, NQB, M, KG, D)
+    if rope is not None:
+        pos = torch.where(geo.exact_prune[:, None, None, None], probes - geo.p0[:, None, :, None], 0)
+        cos, sin = rope.cos_sin(pos)
+        keys = apply_rope(keys, cos[..., None, :], sin[..., None, :])
+    q = qp.view(B, nqb, R, G, K // G, H // K, D)
+    s = torch.einsum("bqrgkjd,bgqmkd->bgqmrkj", q, keys)
+    s = s.masked_fill(~q_valid[:, None, :, None, :, None, None], float("-inf"))
+    return s.amax(dim=(-3, -2, -1))
+
+
+def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPConfig, rope: RoPE | None):
+    """Hierarchical top-1 over chunks ``[starts, starts + chunk)`` of the selectable range.
+
+    qp (B, NQB, R, H, D) float32 pooled rotated queries, q_valid (B, NQB, R),
+    k (B, Tk, K, D), starts (B, G, NQB, n) int64 (SENTINEL = no chunk). Returns (B, G, NQB, n).
+    Each level halves the candidate range: probe the middle of both halves, keep the better
+    half. After log2(chunk) levels one token is left: the representative. The score is the best
+    probe seen on the way. Probes are clamped into the chunk's selectable part [lo, hi).
+    """
+    lo = starts.clamp(min=config.sink)
+    hi = torch.minimum(starts + chunk, geo.w0[:, None, :, None])
+    active = (starts != SENTINEL) & (lo < hi)
+    a, length = starts, chunk
+    best = torch.full(starts.shape, float("-inf"), device=k.device)
+    while length > 1:
+        half = length // 2
+        probes = torch.stack([a + half // 2, a + half + half // 2], dim=-1)    # (B, G, NQB, n, 2)
+        probes = torch.maximum(torch.minimum(probes, hi[..., None] - 1), lo[..., None])
+        s = _probe_scores(qp, q_valid, k, probes.flatten(-2), geo, rope).view(probes.shape)
+        best = torch.maximum(best, s.amax(-1))
+        a = a + (s[..., 1] > s[..., 0]) * half
+        length = half
+    return torch.where(active, best, NEG_SCORE)
+
+
+def slot_indices(starts: torch.Tensor, geo: Geometry, config: HiPConfig):
+    """Key index, RoPE position and validity of every attended slot.
+
+    Slots are, in order: ``sink`` sink keys, ``n_selected * chunk_size`` selected keys,
+    ``window + block_size_q - 1`` window keys. Returns idx and pos (B, G, NQB, S) int64 and
+    valid (B, G, NQB, bq, S) bool. Streaming positions keep window keys where they are and pack
+    the sink and the selected chunks, in order, just before the window.
+    """
+    B, G, nqb, nsel = starts.shape
+    c, sink, dev = config.chunk_size, config.sink, starts.device
+    n_window = config.window + config.block_size_q - 1
+    w0 = geo.w0[:, None, :, None]                                      # (B, 1, NQB, 1)
+    wst = torch.clamp(w0, min=sink)
+    starts = starts.long()
+    chunk_ok = starts != SENTINEL                                      # (B, G, NQB, NSEL)
+
+    sink_idx = torch.arange(sink, device=dev).expand(B, G, nqb, sink)
+    sel_idx = (starts[..., None] + torch.arange(c, device=dev)).flatten(-2)
+    win_idx = (wst + torch.arange(n_window, device=dev)).expand(B, G, nqb, n_window)
+    idx = torch.cat([sink_idx, torch.where(chunk_ok.repeat_interleave(c, -1), sel_idx, 0), win_idx], -1)
+
+    packed = wst - chunk_ok.sum(-1, keepdim=True) * c                  # first selected position
+    stream = torch.cat([packed - sink + torch.arange(sink, device=dev),
+                        packed + torch.arange(nsel * c, device=dev), win_idx], -1)
+    pos = torch.where(geo.exact_attend[:, None, None, None], idx, stream)
+
+    p = geo.q_pos[:, None, :, :, None]                                 # (B, 1, NQB, bq, 1)
+    sel_ok = chunk_ok.repeat_interleave(c, -1) & (sel_idx >= sink) & (sel_idx < w0)
+    valid = torch.cat([sink_idx[..., None, :] <= p,
+                       sel_ok[..., None, :].expand(-1, -1, -1, p.shape[3], -1),
+                       win_idx[..., None, :] <= p], -1)
+    return idx, pos, valid
+
+
+def attend(q, k, v, starts, geo: Geometry, config: HiPConfig, rope: RoPE | None, scale: float):
+    """Block-sparse attention: q (B, Tq, H, D), k/v (B, Tk, K, D), starts (B, G, NQB, NSEL).
+
+    One softmax over sink, selected and window keys, each key counted once. Returns (B, Tq, H, D)
+    in q's dtype.
+    """
+    B, tq, H, D = q.shape
+    K, G = k.shape[2], starts.shape[1]
+    nqb, bq = geo.q_pos.shape[1:]
+    idx, pos, valid = slot_indices(starts, geo, config)
+    keys, values = gather_kv(k, idx, G), gather_kv(v, idx, G)           # (B, G, NQB, S, KG, D)
+    x = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, nqb * bq - tq)).view(B, nqb, bq, H, D)
+    if rope is not None:
+        base = geo.p0[..., None]
+        qcos, qsin = rope.cos_sin(geo.q_pos - base)                    # (B, NQB, bq, D/2)
+        x = apply_rope(x, qcos[..., None, :], qsin[..., None, :])
+        kcos, ksin = rope.cos_sin(pos - base[:, None])                 # (B, G, NQB, S, D/2)
+        keys = apply_rope(keys, kcos[..., None, :], ksin[..., None, :])
+    x = x.view(B, nqb, bq, G, K // G, H // K, D)
+    s = torch.einsum("bqtgkjd,bgqskd->bgqkjts", x, keys) * scale
+    s = s.masked_fill(~valid[:, :, :, None, None], float("-inf"))
+    out = torch.einsum("bgqkjts,bgqskd->bqtgkjd", s.softmax(-1), values)
+    return out.reshape(B, nqb * bq, H, D)[:, :tq].to(q.dtype)

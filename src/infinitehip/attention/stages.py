@@ -1,0 +1,95 @@
+"""The multi-stage pruning driver, shared by every backend.
+
+A backend supplies ``score_chunks`` (hierarchical top-1 representative search, the expensive
+part); selection between stages is plain top-k / sort / split on small tensors, done here with
+torch ops that need no host sync, so a decode step stays CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..config import HiPConfig
+from .mask import NEG_SCORE, RELATIVE_QUERY_DISTANCE, SENTINEL, Geometry, HiPMask
+from .rope import RoPE, apply_rope
+
+
+class ScoreChunks(Protocol):
+    def __call__(self, qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, starts: torch.Tensor,
+                 chunk: int, geo: Geometry, config: HiPConfig, rope: RoPE | None) -> torch.Tensor:
+        """Scores (B, G, NQB, n) float32 of chunks ``[starts, starts + chunk)`` (NEG_SCORE if inactive)."""
+
+
+def n_groups(config: HiPConfig, num_kv_heads: int) -> int:
+    """Number of head groups that share one mask."""
+    return num_kv_heads if config.head_sharing == "kv" else 1
+
+
+def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, config: HiPConfig, rope: RoPE | None):
+    """Rotate the queries for pruning, then average them in groups of ``stride`` rows per block.
+
+    q: (B, Tq, H, D) -> qp (B, NQB, R, H, D) float32 with R = block_size_q // stride,
+    and q_valid (B, NQB, R) bool (False for groups made only of padding rows).
+    Exact mode rotates each query at its offset from the block start (keys are then rotated at
+    their offset too); relative mode rotates every query at a fixed small distance from keys
+    that stay unrotated, so a chunk's score depends on its content, not on how far back it is.
+    """
+    B, tq, H, D = q.shape
+    nqb, bq = geo.q_pos.shape[1:]
+    x = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, nqb * bq - tq)).view(B, nqb, bq, H, D)
+    if rope is not None:
+        pos = torch.where(geo.exact_prune[:, None, None], geo.q_pos - geo.p0[..., None], RELATIVE_QUERY_DISTANCE)
+        cos, sin = rope.cos_sin(pos)                                  # (B, NQB, bq, D/2)
+        x = apply_rope(x, cos[..., None, :], sin[..., None, :])
+    x = x * geo.q_valid[..., None, None]
+    R = bq // stride
+    count = geo.q_valid.view(B, nqb, R, stride).sum(-1)               # (B, NQB, R)
+    qp = x.view(B, nqb, R, stride, H, D).sum(3) / count.clamp(min=1)[..., None, None]
+    return qp, count > 0
+
+
+def run_stages(q, k, geo: Geometry, config: HiPConfig, rope: RoPE | None, score_chunks: ScoreChunks,
+               mask: HiPMask | None = None, from_stage: int = 0) -> HiPMask:
+    """Prune from stage ``from_stage`` (reusing ``mask.stage_inputs`` for it) to the final mask.
+
+    q: (B, Tq, H, D), k: (B, Tk, K, D), both un-rotated. Returns a new HiPMask.
+    """
+    B, tk, K, _ = k.shape
+    G, nqb = n_groups(config, K), geo.p0.shape[1]
+    if from_stage == 0:
+        c0 = config.chunk_sizes[0]
+        starts = (torch.arange(-(-tk // c0), device=k.device) * c0).expand(B, G, nqb, -1)
+    else:
+        if mask is None:
+            raise ValueError(f"refreshing from stage {from_stage} needs the previous call's mask")
+        starts = mask.stage_inputs[from_stage].long()
+    inputs = list(mask.stage_inputs) if mask is not None else [None] * config.n_stages
+    pooled = {}
+    for s in range(from_stage, config.n_stages):
+        inputs[s] = starts.to(torch.int32)
+        stride = config.stage_strides[s]
+        if stride not in pooled:
+            pooled[stride] = pool_queries(q, geo, stride, config, rope)
+        scores = score_chunks(*pooled[stride], k, starts, config.chunk_sizes[s], geo, config, rope)
+        kept = _keep_top(starts, scores, config.n_kept(s))
+        if s + 1 < config.n_stages:
+            starts = _split(kept, config.chunk_sizes[s], config.chunk_sizes[s + 1])
+    pad = config.n_selected - kept.shape[-1]
+    final = torch.nn.functional.pad(kept, (0, pad), value=SENTINEL) if pad > 0 else kept
+    return HiPMask(final.to(torch.int32), tuple(inputs))
+
+
+def _keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int) -> torch.Tensor:
+    """The ``m`` best-scoring chunk starts, sorted by position, SENTINEL for inactive ones."""
+    m = min(m, scores.shape[-1])
+    top_scores, top = scores.topk(m, dim=-1)
+    kept = torch.where(top_scores > NEG_SCORE / 2, starts.gather(-1, top), SENTINEL)
+    return kept.sort(dim=-1).values
+
+
+def _split(starts: torch.Tensor, chunk: int, sub: int) -> torch.Tensor:
+    """Cut each chunk of ``chunk`` tokens into chunks of ``sub``: (..., n) -> (..., n * chunk / sub)."""
+    offsets = torch.arange(0, chunk, sub, device=starts.device)
+    out = torch.where(starts[..., None] == SENTINEL, SENTINEL, starts[..., None] + offsets)
+    return out.flatten(-2)

@@ -1,0 +1,182 @@
+"""HiPConfig: every knob of InfiniteHiP attention in one frozen, validated dataclass."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+_ROPE_PRUNE_MODES = ("auto", "exact", "relative")
+_ROPE_ATTEND_MODES = ("auto", "exact", "streaming")
+_HEAD_SHARING = ("kv", "all")
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+@dataclass(frozen=True)
+class HiPConfig:
+    """Configuration of hierarchical pruning + block-sparse attention.
+
+    Every query row attends to three disjoint key sets: the first ``sink`` keys, the keys
+    selected by pruning (``budget`` tokens, in chunks of ``chunk_sizes[-1]``), and a sliding
+    window of the latest ``window`` keys (anchored at the start of the row's query block).
+
+    Pruning runs ``len(chunk_sizes)`` stages. Stage ``s`` scores chunks of ``chunk_sizes[s]``
+    tokens by their representative token (hierarchical top-1) against the block's queries,
+    pooled in groups of ``stage_strides[s]``; it keeps as many chunks as ``stage_budgets[s+1]``
+    tokens (``budget`` after the last stage). ``stage_budgets[0]`` is ``None``: stage 0 sees
+    the whole context.
+    """
+
+    sink: int = 256
+    window: int = 1024
+    block_size_q: int = 64
+    chunk_sizes: tuple[int, ...] = (256, 32, 8)
+    stage_budgets: tuple[int | None, ...] = (None, 32768, 8192)
+    stage_strides: tuple[int, ...] = (4, 4, 1)
+    budget: int = 2048
+    # The first layers attend broadly: they get a larger budget (negative indices count from the end).
+    dense_layers: tuple[int, ...] = (0, 1, 2, 3, -1)
+    dense_layer_budget: int = 4096
+    # Decode: stage s is rerun every refresh_intervals[s] steps; in between the mask is reused.
+    refresh_intervals: tuple[int, ...] = (32, 16, 8)
+    # "kv": one mask per KV head (its query heads share it); "all": one mask for every head.
+    head_sharing: str = "kv"
+    # "auto" = exact positions while the context fits model_context_length, adaptive beyond it.
+    rope_prune: str = "auto"
+    rope_attend: str = "auto"
+    model_context_length: int | None = None
+    # Contexts up to this many keys use dense attention (faster there); 0 disables.
+    dense_threshold: int = 0
+
+    def __post_init__(self):
+        for name in ("chunk_sizes", "stage_budgets", "stage_strides", "refresh_intervals", "dense_layers"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        self._validate()
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "HiPConfig":
+        """A named preset (see ``PRESETS``), with fields overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def replace(self, **changes) -> "HiPConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def n_stages(self) -> int:
+        return len(self.chunk_sizes)
+
+    @property
+    def chunk_size(self) -> int:
+        """Granularity of the final mask (the last stage's chunk size)."""
+        return self.chunk_sizes[-1]
+
+    @property
+    def n_selected(self) -> int:
+        """Entries of the final mask: selected chunks per query block and head group."""
+        return self.budget // self.chunk_size
+
+    def n_kept(self, stage: int) -> int:
+        """How many chunks stage ``stage`` keeps (its output, in chunks of its own size)."""
+        tokens = self.budget if stage == self.n_stages - 1 else self.stage_budgets[stage + 1]
+        return tokens // self.chunk_sizes[stage]
+
+    def for_layer(self, layer: int, num_layers: int) -> "HiPConfig":
+        """The config of one layer: dense layers get ``dense_layer_budget``."""
+        dense = {i % num_layers for i in self.dense_layers}
+        if layer % num_layers in dense and self.dense_layer_budget != self.budget:
+            return dataclasses.replace(self, budget=self.dense_layer_budget)
+        return self
+
+    def refresh_stage(self, step: int) -> int:
+        """First pruning stage to rerun at decode step ``step`` (``n_stages`` = reuse the mask).
+
+        Step 0 runs every stage; afterwards the first stage whose interval divides the step is
+        rerun from its saved input, together with the stages after it.
+        """
+        if step == 0:
+            return 0
+        for stage, interval in enumerate(self.refresh_intervals):
+            if step % interval == 0:
+                return stage
+        return self.n_stages
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self):
+        def fail(field, got, allowed):
+            raise ValueError(f"HiPConfig.{field}={got!r} is invalid: {allowed}")
+
+        for field in ("sink", "dense_threshold"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+                fail(field, getattr(self, field), "must be an integer >= 0")
+        for field in ("window", "budget", "dense_layer_budget"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                fail(field, getattr(self, field), "must be an integer >= 1")
+        if self.block_size_q not in (16, 32, 64, 128):
+            fail("block_size_q", self.block_size_q, "must be one of 16, 32, 64, 128")
+        n = len(self.chunk_sizes)
+        if n == 0:
+            fail("chunk_sizes", self.chunk_sizes, "needs at least one pruning stage")
+        for field in ("stage_budgets", "stage_strides", "refresh_intervals"):
+            if len(getattr(self, field)) != n:
+                fail(field, getattr(self, field), f"needs one entry per stage ({n}, like chunk_sizes)")
+        for s, c in enumerate(self.chunk_sizes):
+            if not isinstance(c, int) or not _is_pow2(c) or c < 2:
+                fail("chunk_sizes", self.chunk_sizes, "each must be a power of two >= 2")
+            if s and self.chunk_sizes[s - 1] % c:
+                fail("chunk_sizes", self.chunk_sizes, "each must divide the previous one")
+        if self.stage_budgets[0] is not None:
+            fail("stage_budgets", self.stage_budgets, "the first entry must be None (stage 0 sees everything)")
+        for s in range(1, n):
+            b = self.stage_budgets[s]
+            if not isinstance(b, int) or b < self.chunk_sizes[s - 1] or b % self.chunk_sizes[s - 1]:
+                fail("stage_budgets", self.stage_budgets,
+                     f"entry {s} must be a positive multiple of chunk_sizes[{s - 1}]={self.chunk_sizes[s - 1]}")
+            if s > 1 and b > self.stage_budgets[s - 1]:
+                fail("stage_budgets", self.stage_budgets, "budgets must not grow from stage to stage")
+        last_in = self.stage_budgets[-1]
+        for field in ("budget", "dense_layer_budget"):
+            b = getattr(self, field)
+            if b % self.chunk_size:
+                fail(field, b, f"must be a multiple of the last chunk size {self.chunk_size}")
+            if last_in is not None and b > last_in:
+                fail(field, b, f"must be <= the last stage's budget {last_in}")
+        for st in self.stage_strides:
+            if not isinstance(st, int) or st < 1 or self.block_size_q % st:
+                fail("stage_strides", self.stage_strides, f"each must divide block_size_q={self.block_size_q}")
+        for r in self.refresh_intervals:
+            if not isinstance(r, int) or r < 1:
+                fail("refresh_intervals", self.refresh_intervals, "each must be an integer >= 1")
+        if self.window < max(self.refresh_intervals):
+            fail("window", self.window,
+                 f"must be >= the longest refresh interval {max(self.refresh_intervals)}: tokens decoded "
+                 "between mask refreshes are only seen through the window")
+        if self.head_sharing not in _HEAD_SHARING:
+            fail("head_sharing", self.head_sharing, f"must be one of {_HEAD_SHARING}")
+        if self.rope_prune not in _ROPE_PRUNE_MODES:
+            fail("rope_prune", self.rope_prune, f"must be one of {_ROPE_PRUNE_MODES}")
+        if self.rope_attend not in _ROPE_ATTEND_MODES:
+            fail("rope_attend", self.rope_attend, f"must be one of {_ROPE_ATTEND_MODES}")
+        mcl = self.model_context_length
+        if mcl is not None and (not isinstance(mcl, int) or mcl < 1):
+            fail("model_context_length", mcl, "must be None or an integer >= 1")
+
+
+PRESETS: dict[str, HiPConfig] = {
+    # The paper's defaults (arXiv 2502.08910, and the public reference's).
+    "paper": HiPConfig(),
+    # Half the keys read per step: smaller window and budget, rarer refreshes.
+    "fast": HiPConfig(window=512, chunk_sizes=(128, 32, 8), stage_budgets=(None, 16384, 4096),
+                      budget=1024, dense_layer_budget=2048, refresh_intervals=(64, 32, 16)),
+    # Twice the budget, finer query pooling, more frequent refreshes.
+    "accurate": HiPConfig(window=2048, stage_budgets=(None, 65536, 16384), stage_strides=(2, 2, 1),
+                          budget=4096, dense_layer_budget=8192, refresh_intervals=(16, 8, 4)),
+    # Scaled down for small models with short trained contexts (the built-in model).
+    "tiny": HiPConfig(sink=32, window=128, block_size_q=32, chunk_sizes=(32, 8, 2),
+                      stage_budgets=(None, 512, 128), stage_strides=(2, 2, 1), budget=64,
+                      dense_layers=(0,), dense_layer_budget=128, refresh_intervals=(16, 8, 4)),
+}

@@ -1,0 +1,67 @@
+import dataclasses
+
+import pytest
+
+from infinitehip import PRESETS, HiPConfig
+
+
+def test_default_is_paper_preset():
+    cfg = HiPConfig()
+    assert cfg == HiPConfig.preset("paper")
+    assert (cfg.sink, cfg.window, cfg.block_size_q) == (256, 1024, 64)
+    assert cfg.chunk_sizes == (256, 32, 8) and cfg.stage_budgets == (None, 32768, 8192)
+    assert cfg.budget == 2048 and cfg.n_selected == 256
+    assert [cfg.n_kept(s) for s in range(3)] == [128, 256, 256]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid_and_frozen(name):
+    cfg = HiPConfig.preset(name)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sink = 3
+
+
+def test_preset_overrides_and_unknown_name():
+    assert HiPConfig.preset("fast", sink=128).sink == 128
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*accurate"):
+        HiPConfig.preset("nope")
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(sink=-1), "sink"),
+    (dict(window=0), "window"),
+    (dict(block_size_q=48), "block_size_q"),
+    (dict(chunk_sizes=(256, 48, 8)), "chunk_sizes"),
+    (dict(chunk_sizes=(256, 512, 8)), "chunk_sizes"),
+    (dict(chunk_sizes=(256, 32)), "stage_budgets"),
+    (dict(stage_budgets=(100, 32768, 8192)), "stage_budgets"),
+    (dict(stage_budgets=(None, 1000, 8192)), "stage_budgets"),
+    (dict(budget=2047), "budget"),
+    (dict(budget=16384), "budget"),
+    (dict(stage_strides=(3, 4, 1)), "stage_strides"),
+    (dict(refresh_intervals=(2048, 16, 8)), "window"),
+    (dict(head_sharing="heads"), "head_sharing"),
+    (dict(rope_prune="streaming"), "rope_prune"),
+    (dict(rope_attend="relative"), "rope_attend"),
+    (dict(model_context_length=0), "model_context_length"),
+])
+def test_invalid_values_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=rf"HiPConfig\.{field}="):
+        HiPConfig(**changes)
+
+
+def test_refresh_schedule():
+    cfg = HiPConfig()  # intervals 32, 16, 8
+    stages = [cfg.refresh_stage(t) for t in range(65)]
+    assert stages[0] == 0 and stages[32] == 0 and stages[64] == 0
+    assert stages[16] == 1 and stages[48] == 1
+    assert stages[8] == 2 and stages[24] == 2
+    assert stages[1] == stages[7] == 3
+    assert sum(s < 3 for s in stages[1:65]) == 8  # seven steps in eight prune nothing
+
+
+def test_dense_layers_get_larger_budget():
+    cfg = HiPConfig()
+    assert cfg.for_layer(0, 32).budget == 4096
+    assert cfg.for_layer(31, 32).budget == 4096
+    assert cfg.for_layer(10, 32).budget == 2048

@@ -1,0 +1,123 @@
+"""The PyTorch reference against dense attention, a planted needle, and decode mask reuse."""
+import pytest
+import torch
+
+from infinitehip import HiPConfig, RoPE, hip_attention
+from infinitehip.attention.api import dense_attention
+from infinitehip.attention.mask import SENTINEL, geometry
+from infinitehip.attention import reference
+
+TINY = HiPConfig.preset("tiny")
+# Budgets large enough to keep every chunk: sparse attention must then equal dense attention.
+FULL = TINY.replace(stage_budgets=(None, 4096, 4096), budget=4096, dense_layer_budget=4096,
+                    rope_prune="exact", rope_attend="exact")
+
+
+def rand_qkv(B, tq, tk, H, K, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, tq, H, D, generator=g).to(dtype)
+    k = torch.randn(B, tk, K, D, generator=g).to(dtype)
+    v = torch.randn(B, tk, K, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def dense(q, k, v, rope, kv_len=None):
+    B, tk, D = k.shape[0], k.shape[1], k.shape[3]
+    kv_len = torch.full((B,), tk) if kv_len is None else kv_len
+    return dense_attention(q, k, v, kv_len, rope, D ** -0.5)
+
+
+@pytest.mark.parametrize("B,tq,tk,H,K,D", [
+    (1, 300, 300, 4, 4, 64),     # ragged: neither a multiple of the query block nor of a chunk
+    (2, 200, 517, 8, 2, 64),     # chunked prefill: queries are the last 200 of 517 keys, GQA 4
+    (1, 1, 700, 8, 1, 128),      # decode, GQA 8
+    (1, 3, 450, 4, 2, 80),       # a few decode queries, head_dim not a power of two
+])
+@pytest.mark.parametrize("sharing", ["kv", "all"])
+def test_full_budget_equals_dense(B, tq, tk, H, K, D, sharing):
+    q, k, v = rand_qkv(B, tq, tk, H, K, D)
+    rope = RoPE.default(D)
+    out, mask = hip_attention(q, k, v, config=FULL.replace(head_sharing=sharing), rope=rope, backend="reference")
+    assert mask is not None, "this context is long enough for the sparse path"
+    torch.testing.assert_close(out, dense(q, k, v, rope), atol=2e-5, rtol=2e-5)
+
+
+def test_short_context_is_dense_and_exact():
+    q, k, v = rand_qkv(1, 100, 150, 4, 2, 64)  # 150 <= sink + window = 160
+    rope = RoPE.default(64)
+    out, mask = hip_attention(q, k, v, config=TINY, rope=rope)
+    assert mask is None
+    torch.testing.assert_close(out, dense(q, k, v, rope))
+
+
+def test_cache_seqlens_masks_unwritten_keys():
+    q, k, v = rand_qkv(2, 1, 800, 4, 2, 64)
+    lens = torch.tensor([800, 555])
+    rope = RoPE.default(64)
+    out, _ = hip_attention(q, k, v, config=FULL, rope=rope, cache_seqlens=lens, backend="reference")
+    garbage = k.clone()
+    garbage[1, 555:] = 1e4  # unwritten cache slots must never be read into the output
+    out2, _ = hip_attention(q, garbage, v, config=FULL, rope=rope, cache_seqlens=lens, backend="reference")
+    torch.testing.assert_close(out, out2)
+    torch.testing.assert_close(out[1:], dense(q[1:], k[1:, :555], v[1:, :555], rope))
+
+
+def planted_needle(tk=4096, H=4, K=2, D=64, at=1000, seed=1):
+    """Keys are noise except one chunk that matches the last queries strongly."""
+    q, k, v = rand_qkv(1, 32, tk, H, K, D, seed=seed)
+    direction = torch.randn(D, generator=torch.Generator().manual_seed(seed + 1))
+    direction = direction / direction.norm() * 8
+    q[:, :] = 0.3 * q[:, :] + direction             # every query head looks for `direction`
+    k[:, at:at + 8] = direction                     # the needle: 8 keys far outside sink and window
+    v[:, at:at + 8] = 5.0
+    return q, k, v
+
+
+@pytest.mark.parametrize("rope_modes", [("exact", "exact"), ("relative", "streaming")])
+def test_planted_needle_is_selected_and_dominates(rope_modes):
+    q, k, v = planted_needle()
+    cfg = TINY.replace(rope_prune=rope_modes[0], rope_attend=rope_modes[1])
+    out, mask = hip_attention(q, k, v, config=cfg, rope=None, backend="reference")
+    hit = ((mask.starts >= 1000) & (mask.starts < 1008)).any(dim=-1)   # (B, G, NQB)
+    assert hit.all(), "every head group and query block selects the needle"
+    assert out.float().mean() > 4.0, "the needle's values should dominate the output"
+    # Sink + window alone (an empty selection) miss it.
+    geo = geometry(torch.tensor([4096 - 32]), 32, torch.tensor([4096]), cfg)
+    empty = torch.full_like(mask.starts, SENTINEL)
+    blind = reference.attend(q, k, v, empty, geo, cfg, None, 64 ** -0.5)
+    assert blind.float().mean().abs() < 0.5
+
+
+def test_decode_mask_reuse_matches_recompute():
+    q, k, v = rand_qkv(2, 1, 3000, 8, 2, 64, seed=3)
+    rope = RoPE.default(64)
+    fresh, mask = hip_attention(q, k, v, config=TINY, rope=rope, backend="reference")
+    for stage in range(TINY.n_stages + 1):
+        out, m = hip_attention(q, k, v, config=TINY, rope=rope, mask=mask, refresh_stage=stage, backend="reference")
+        torch.testing.assert_close(out, fresh)
+        assert torch.equal(m.starts, mask.starts)
+
+
+def test_refresh_reruns_only_named_stages():
+    q, k, v = rand_qkv(1, 1, 3000, 4, 2, 64, seed=4)
+    rope = RoPE.default(64)
+    _, mask = hip_attention(q, k, v, config=TINY, rope=rope, backend="reference")
+    # A refresh from stage 2 must take its candidates from the saved stage-2 input only:
+    # poison stage 0/1 inputs and blank out the final mask; the result must not change.
+    poisoned = type(mask)(torch.full_like(mask.starts, SENTINEL),
+                          (None, torch.full_like(mask.stage_inputs[1], SENTINEL), mask.stage_inputs[2]))
+    _, m2 = hip_attention(q, k, v, config=TINY, rope=rope, mask=poisoned, refresh_stage=2, backend="reference")
+    assert torch.equal(m2.starts, mask.starts)
+    # ...while a refresh from stage 1 reads the (poisoned) stage-1 input and finds nothing.
+    _, m1 = hip_attention(q, k, v, config=TINY, rope=rope, mask=poisoned, refresh_stage=1, backend="reference")
+    assert (m1.starts == SENTINEL).all()
+
+
+def test_mask_granularity_and_order():
+    q, k, v = rand_qkv(1, 64, 2000, 4, 2, 64, seed=5)
+    _, mask = hip_attention(q, k, v, config=TINY, rope=RoPE.default(64), backend="reference")
+    s = mask.starts
+    assert s.shape == (1, 2, 2, TINY.n_selected)
+    valid = s[s != SENTINEL]
+    assert (valid % TINY.chunk_size == 0).all() and (valid >= TINY.sink - TINY.chunk_size).all()
+    assert (s[..., 1:] >= s[..., :-1]).all(), "selected chunks are sorted by position"
