@@ -1,0 +1,145 @@
+"""KV offloading building blocks: a host KV store (optionally FP8) and a GPU block cache.
+
+The full cache of a layer lives in host memory (pinned when CUDA is present: plain page-locked
+memory, never CUDA managed memory, which can hang the GPU when oversubscribed). The GPU holds a
+fixed number of block slots; the sparse masks change only at refreshes, so the blocks a layer
+needs move slowly and an LRU cache over them hits often.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# Round-trip error of one element x of a block whose absolute maximum is amax (e4m3: 3 mantissa
+# bits, so half an ulp is 2^-4 of the value; values below the smallest normal are spaced
+# amax / 448 * 2^-9 apart):  |x - decode(encode(x))| <= 2^-4 |x| + amax / 448 * 2^-10.
+FP8_REL_ERROR = 2.0 ** -4
+
+
+def fp8_encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, block, K, D) -> (codes (N, block, K, D) float8_e4m3fn, scales (N, 1, K, 1) float32)."""
+    amax = x.float().abs().amax(dim=(1, 3), keepdim=True)
+    scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x.float() / scale).to(FP8), scale
+
+
+def fp8_decode(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes.float() * scale).to(dtype)
+
+
+class HostKVStore:
+    """One layer's K and V in host memory, addressed by token block: (num_blocks, block, K, D)."""
+
+    def __init__(self, num_blocks: int, block: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.bfloat16, fp8: bool = False):
+        pin = torch.cuda.is_available()
+        shape = (num_blocks, block, kv_heads, head_dim)
+        self.dtype, self.fp8 = dtype, fp8
+        self.k = torch.empty(shape, dtype=FP8 if fp8 else dtype, pin_memory=pin)
+        self.v = torch.empty(shape, dtype=FP8 if fp8 else dtype, pin_memory=pin)
+        if fp8:
+            self.k_scale = torch.ones(num_blocks, 1, kv_heads, 1, pin_memory=pin)
+            self.v_scale = torch.ones(num_blocks, 1, kv_heads, 1, pin_memory=pin)
+
+    @property
+    def nbytes(self) -> int:
+        extra = 2 * self.k_scale.nbytes if self.fp8 else 0
+        return self.k.nbytes + self.v.nbytes + extra
+
+    def write(self, blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store whole blocks: blocks (N,) int64, k/v (N, block, K, D)."""
+        blocks = blocks.cpu()
+        if self.fp8:
+            (kc, ks), (vc, vs) = fp8_encode(k), fp8_encode(v)
+            self.k[blocks], self.k_scale[blocks] = kc.cpu(), ks.cpu()
+            self.v[blocks], self.v_scale[blocks] = vc.cpu(), vs.cpu()
+        else:
+            self.k[blocks], self.v[blocks] = k.to("cpu", self.dtype), v.to("cpu", self.dtype)
+
+    def read(self, blocks: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks (N,) -> k, v (N, block, K, D) in the store's compute dtype, on ``device``."""
+        blocks = blocks.cpu()
+        k, v = self.k[blocks], self.v[blocks]
+        if device is not None and torch.device(device).type == "cuda":
+            k, v = k.pin_memory().to(device, non_blocking=True), v.pin_memory().to(device, non_blocking=True)
+        elif device is not None:
+            k, v = k.to(device), v.to(device)
+        if self.fp8:
+            ks, vs = self.k_scale[blocks].to(k.device), self.v_scale[blocks].to(k.device)
+            return fp8_decode(k, ks, self.dtype), fp8_decode(v, vs, self.dtype)
+        return k, v
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 1.0
+
+
+class BlockCache:
+    """A fixed number of device slots caching blocks of one HostKVStore, least recently used out.
+
+    ``fetch(blocks)`` returns the slot of each requested block, copying misses in; a write to
+    the store must go through ``write`` so no slot ever serves a stale block.
+    """
+
+    def __init__(self, store: HostKVStore, n_slots: int, device=None):
+        self.store, self.n_slots = store, n_slots
+        _, block, K, D = store.k.shape
+        self.k = torch.empty(n_slots, block, K, D, dtype=store.dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.slot_of = torch.full((store.k.shape[0],), -1, dtype=torch.long)   # block -> slot
+        self.block_of = torch.full((n_slots,), -1, dtype=torch.long)            # slot -> block
+        self.last_use = torch.zeros(n_slots, dtype=torch.long)
+        self.clock = 0
+        self.stats = CacheStats()
+
+    def fetch(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Slots (same shape as ``blocks``) holding the requested blocks, loading misses."""
+        wanted, inverse = blocks.cpu().long().unique(return_inverse=True)
+        if wanted.numel() > self.n_slots:
+            raise ValueError(f"{wanted.numel()} distinct blocks requested at once but the cache has "
+                             f"{self.n_slots} slots; give the block cache more slots")
+        self.clock += 1
+        slots = self.slot_of[wanted]
+        hit = slots >= 0
+        self.stats.hits += int(hit.sum())
+        self.last_use[slots[hit]] = self.clock
+        missing = wanted[~hit]
+        if missing.numel():
+            self.stats.misses += missing.numel()
+            victims = self._victims(missing.numel())
+            self.stats.evictions += int((self.block_of[victims] >= 0).sum())
+            self._drop(victims)
+            k, v = self.store.read(missing, self.k.device)
+            self.k[victims.to(self.k.device)], self.v[victims.to(self.k.device)] = k, v
+            self.slot_of[missing], self.block_of[victims] = victims, missing
+            self.last_use[victims] = self.clock
+            slots = self.slot_of[wanted]
+        return slots[inverse].view(blocks.shape)
+
+    def write(self, blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write through to the store and drop any cached copy of those blocks."""
+        self.store.write(blocks, k, v)
+        cached = self.slot_of[blocks.cpu().long()]
+        self._drop(cached[cached >= 0])
+
+    def _victims(self, n: int) -> torch.Tensor:
+        """The n least recently used slots (free slots count as never used); never this step's hits."""
+        age = torch.where(self.block_of < 0, -1, self.last_use)
+        age = torch.where(self.last_use == self.clock, torch.iinfo(torch.long).max, age)
+        return age.topk(n, largest=False).indices
+
+    def _drop(self, slots: torch.Tensor):
+        held = self.block_of[slots]
+        self.slot_of[held[held >= 0]] = -1
+        self.block_of[slots] = -1
