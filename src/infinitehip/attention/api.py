@@ -95,10 +95,12 @@ def _use_dense(tk: int, config: HiPConfig) -> bool:
 
 def _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, refresh_stage):
     """The reference path, a few query blocks at a time so memory stays bounded on long prompts."""
-    B, tq, H, _ = q.shape
+    B, tq, H, D = q.shape
     bq = config.block_size_q
     attended = config.sink + config.budget + config.window + bq
-    step = max(1, _REFERENCE_SLICE_ELEMENTS // (B * H * bq * attended)) * bq
+    probes = 2 * -(-k.shape[1] // config.chunk_sizes[0])                 # stage-0 probes per level
+    per_block = B * max(H * bq * attended, probes * (H * bq // config.stage_strides[0] + k.shape[2] * D))
+    step = max(1, _REFERENCE_SLICE_ELEMENTS // per_block) * bq
     outs, masks = [], []
     for t in range(0, tq, step):
         qs = q[:, t:t + step]
