@@ -38,6 +38,106 @@ def bench(ctx: typer.Context):
     bench_main(list(ctx.args))
 
 
+def _fail(e: Exception, debug: bool):
+    """Known errors end in one line and exit code 1; --debug shows the traceback."""
+    if debug:
+        raise e
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("generate")
+def generate_cmd(
+    model_dir: str = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors)."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Prompt text."),
+    prompt_file: str = typer.Option(None, "--prompt-file", "-f", help="Read the prompt from this file."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    system: str = typer.Option(None, help="System message (with --chat)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    backend: str = typer.Option("hip", help="Attention: hip | dense | streaming."),
+    preset: str = typer.Option("paper", help="HiPConfig preset: paper | fast | accurate | tiny."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: int = typer.Option(None),
+    stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
+    chunk_size: int = typer.Option(4096, "--chunk-size", help="Prefill chunk size in tokens."),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
+    dtype: str = typer.Option(None, help="float32 | float16 | bfloat16."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay the decode step from CUDA graphs (GPU)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Generate text from a prompt, streaming it to stdout."""
+    from . import generate, load
+
+    try:
+        if (prompt is None) == (prompt_file is None):
+            raise ValueError("give exactly one of --prompt and --prompt-file")
+        if prompt_file is not None:
+            with open(prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        model = load(model_dir, device=device, dtype=dtype, config=preset)
+        for piece in generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k, seed=seed, stop=stop, chat=chat, system=system, backend=backend,
+                              chunk_size=chunk_size, progress=True, stream=True, cuda_graph=cuda_graph):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        _fail(e, debug)
+
+
+@app.command()
+def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory."),
+         device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
+         dtype: str = typer.Option(None, help="float32 | float16 | bfloat16."),
+         debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    """Architecture, size, trained context, KV bytes per token, and the longest context that fits."""
+    from .models.loader import inspect_checkpoint
+
+    try:
+        r = inspect_checkpoint(model_dir, device=device, dtype=dtype)
+    except (OSError, ValueError, TypeError) as e:
+        _fail(e, debug)
+    gib = 1 << 30
+    table = Table(title=model_dir, show_header=False)
+    for key, value in [("architecture", r["architecture"]), ("parameters", f"{r['parameters']:,}"),
+                       ("layers", r["layers"]), ("heads", r["heads"]),
+                       ("trained context", f"{r['trained_context']:,} tokens"),
+                       ("device / dtype", f"{r['device']} / {r['dtype']}"),
+                       ("weights", f"{r['weights_bytes'] / gib:.2f} GiB"),
+                       ("KV cache per token", f"{r['kv_bytes_per_token']:,} bytes"),
+                       ("free memory", f"{r['free_bytes'] / gib:.2f} GiB"),
+                       ("longest context that fits", f"{r['max_context']:,} tokens (no offload)")]:
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+def serve(model_dir: str = typer.Argument("builtin", help="Model directory (default: the built-in model)."),
+          host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
+          preset: str = typer.Option("paper", help="HiPConfig preset."),
+          backend: str = typer.Option("hip", help="Attention: hip | dense | streaming."),
+          max_context: int = typer.Option(131_072, help="Longest prompt + completion accepted, in tokens."),
+          max_queue: int = typer.Option(64, help="Requests waiting beyond this get 429."),
+          device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    """Serve the model over an OpenAI-compatible HTTP API (`pip install infinitehip[server]`)."""
+    try:
+        import uvicorn
+
+        from . import load
+        from .server.app import create_app
+        from .server.engine import ModelEngine
+
+        engine = ModelEngine(load(model_dir, device=device, config=preset), backend=backend, max_context=max_context)
+    except ImportError as e:
+        _fail(ImportError(f"{e}; the server needs `pip install infinitehip[server]`"), debug)
+    except (OSError, ValueError, TypeError) as e:
+        _fail(e, debug)
+    uvicorn.run(create_app(engine, max_queue=max_queue), host=host, port=port, log_level="info")
+
+
 def main():
     try:
         app()

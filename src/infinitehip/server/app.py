@@ -24,9 +24,9 @@ class Engine(Protocol):
     model_id: str
     max_context: int
 
-    def render_chat(self, messages: list[dict]) -> str: ...
-    def count_tokens(self, text: str) -> int: ...
-    def stream(self, prompt: str, *, max_tokens: int, temperature: float, top_p: float,
+    def render_chat(self, messages: list[dict]) -> str | list[int]: ...
+    def count_tokens(self, prompt: str | list[int]) -> int: ...
+    def stream(self, prompt: str | list[int], *, max_tokens: int, temperature: float, top_p: float,
                seed: int | None, stop: list[str], cancelled) -> Iterator[tuple[str, int]]:
         """Yields (text piece, tokens generated so far)."""
 
@@ -107,7 +107,7 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
         prompt = engine.render_chat([m.model_dump() for m in req.messages])
         return await _serve(req, prompt, "chat.completion", request)
 
-    async def _serve(req: _Sampling, prompt: str, kind: str, request: Request):
+    async def _serve(req: _Sampling, prompt: str | list[int], kind: str, request: Request):
         if req.model != engine.model_id:
             raise APIError(404, f"model {req.model!r} is not served here; GET /v1/models lists {engine.model_id!r}",
                            "model", "model_not_found")

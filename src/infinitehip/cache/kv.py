@@ -1,0 +1,105 @@
+"""The KV cache: un-rotated keys and values of every layer, fixed capacity per sequence.
+
+Storage is cut into blocks of ``block_size`` tokens, ``(B, n_blocks, block_size, K, D)`` per
+layer, so a block is the unit a later offload tier moves (full cache in pinned host memory, a
+GPU block cache in front). The interface stays two calls: ``update`` writes new K/V and returns
+views of the whole cache; ``select`` narrows to some batch rows (prefill one prompt at a time).
+Capacity is fixed at allocation, so decode shapes are static (CUDA-graph capturable).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class CapacityError(ValueError):
+    """The request does not fit in memory; the message gives the numbers and what to change."""
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch: int, capacity: int, n_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype, device: torch.device | str, block_size: int = 256):
+        n_blocks = -(-capacity // block_size)
+        shape = (batch, n_blocks, block_size, n_kv_heads, head_dim)
+        # Zeros, not empty: attention masks unwritten slots, and 0 * NaN would still be NaN.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.block_size, self.capacity = block_size, n_blocks * block_size
+
+    @classmethod
+    def _view(cls, k: list[torch.Tensor], v: list[torch.Tensor], block_size: int) -> "KVCache":
+        self = cls.__new__(cls)
+        self.k, self.v, self.block_size = k, v, block_size
+        self.capacity = k[0].shape[1] * block_size
+        return self
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k + self.v)
+
+    def select(self, rows: slice) -> "KVCache":
+        """A cache over batch rows ``rows`` that shares this one's storage."""
+        return KVCache._view([t[rows] for t in self.k], [t[rows] for t in self.v], self.block_size)
+
+    def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, T, K, D) at positions ``start[b] + t``; return (B, capacity, K, D) views.
+
+        start: (B,) int64 on the cache's device. Positions must be < capacity (the engine plans
+        capacity before prefill; an index past it is a bug, not a user error).
+        """
+        B, T = k.shape[:2]
+        ks, vs = self.k[layer], self.v[layer]
+        kf = ks.view(B, self.capacity, *ks.shape[3:])                       # (B, capacity, K, D)
+        vf = vs.view(B, self.capacity, *vs.shape[3:])
+        if B == 1 and T > 1:  # prefill: one contiguous slice, no index tensor
+            s = int(start[0])
+            kf[0, s:s + T], vf[0, s:s + T] = k[0], v[0]
+        else:
+            pos = start[:, None] + torch.arange(T, device=k.device)          # (B, T)
+            rows = torch.arange(B, device=k.device)[:, None].expand_as(pos)
+            kf[rows, pos], vf[rows, pos] = k, v
+        return kf, vf
+
+
+def kv_bytes(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V per token, all layers."""
+    return 2 * n_layers * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device`` (GPU: free memory; CPU: available RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def plan_kv_cache(*, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, capacity: int,
+                  dtype: torch.dtype, device: torch.device, workspace: int = 0,
+                  free: int | None = None) -> int:
+    """Check, before allocating, that a cache of ``batch`` x ``capacity`` tokens fits; return its bytes.
+
+    ``workspace`` is the extra memory the forward pass needs (activations of a prefill chunk).
+    Raises CapacityError with the numbers and the ways out.
+    """
+    per_token = kv_bytes(n_layers, n_kv_heads, head_dim, dtype)
+    need = per_token * batch * capacity
+    free = free_memory(device) if free is None else free
+    if need + workspace > free:
+        fits = max(0, (free - workspace) // (per_token * batch))
+        gib = 1 << 30
+        raise CapacityError(
+            f"the KV cache for {batch} x {capacity:,} tokens needs {need / gib:.2f} GiB "
+            f"(+{workspace / gib:.2f} GiB workspace) but only {free / gib:.2f} GiB are free on {device}; "
+            f"at most ~{fits:,} tokens per sequence fit. Use a smaller dtype (bfloat16/float16), "
+            "a shorter prompt or fewer new tokens, fewer prompts at once, or KV offload to host memory.")
+    return need

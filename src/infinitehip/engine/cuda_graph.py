@@ -1,0 +1,76 @@
+"""The decode step captured in CUDA graphs: one graph per refresh stage, replayed each step.
+
+Shapes are static (the cache is read at full capacity), the attention core has no host syncs,
+and the per-layer masks live in static buffers that each replay updates in place. A step that
+prunes from stage s replays graph s; steps that reuse the mask replay graph ``n_stages``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..attention import HiPMask
+from ..cache.kv import KVCache
+from ..models.llama import AttentionCall
+from ..models.loader import Model
+from .generate import DecodeState, decode_one_token
+
+
+def _clone(mask: HiPMask | None) -> HiPMask | None:
+    if mask is None:
+        return None
+    return HiPMask(mask.starts.clone(), tuple(t.clone() for t in mask.stage_inputs))
+
+
+class GraphDecoder:
+    """Drop-in for ``decode_one_token`` on CUDA: ``decoder(tokens (B,), seqlens (B,)) -> (B, V)``."""
+
+    def __init__(self, model: Model, cache: KVCache, state: DecodeState):
+        if model.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device; the model is on {model.device}")
+        B = cache.batch
+        self.model, self.cache, self.state = model, cache, state
+        self.tokens = torch.zeros(B, dtype=torch.long, device=model.device)
+        self.seqlens = torch.zeros(B, dtype=torch.long, device=model.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.masks: list[HiPMask | None] | None = None
+
+    def __call__(self, tokens: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        if self.masks is None:  # the first step runs eagerly: it makes the masks the graphs update in place
+            logits = decode_one_token(self.model, tokens, seqlens, self.cache, state)
+            self.masks = [_clone(m) for m in state.masks]
+            state.masks = self.masks
+            return logits
+        stage = self.model.hip.refresh_stage(state.step)
+        self.tokens.copy_(tokens)
+        self.seqlens.copy_(seqlens)
+        if stage not in self.graphs:
+            self.graphs[stage] = self._capture(stage)
+        graph, logits = self.graphs[stage]
+        graph.replay()
+        state.step += 1
+        return logits.clone()
+
+    def _step(self, stage: int) -> torch.Tensor:
+        masks = list(self.masks)
+        call = AttentionCall(backend=self.state.backend, masks=masks, refresh_stage=stage, kernel=self.state.kernel)
+        logits = self.model.net(self.tokens[:, None], self.seqlens, self.cache, call)
+        for static, new in zip(self.masks, masks):
+            if static is not None and new is not None and new is not static:
+                static.copy_(new)
+        return logits[:, -1]
+
+    def _capture(self, stage: int):
+        # Warm up on a side stream (this runs the step once; rerunning it is idempotent: same K/V
+        # written at the same slots, the same mask recomputed from the same saved stage input).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(stage)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._step(stage)
+        self.pool = graph.pool()
+        return graph, logits

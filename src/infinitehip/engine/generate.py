@@ -1,0 +1,194 @@
+"""Generation verbs: ``prefill`` (chunked), ``decode_one_token`` (sparse mask reused on the refresh
+schedule), ``stream`` (token events for a batch of prompts) and ``generate`` (text).
+
+Legend: B batch, T tokens, V vocabulary.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..cache.kv import KVCache, plan_kv_cache
+from ..models.llama import BACKENDS, AttentionCall
+from ..models.loader import Model
+from ..tokenizer import StreamDecoder
+from .sampling import SamplingParams, StopChecker, sample
+
+
+@dataclass
+class DecodeState:
+    """What decode carries from step to step: the per-layer sparse masks and the step count."""
+
+    backend: str
+    masks: list = field(default_factory=list)
+    step: int = 0
+    kernel: str = "auto"
+
+
+@dataclass
+class Event:
+    """One decoded token of batch row ``row`` and the text it releases (may be empty)."""
+
+    row: int
+    text: str
+    token: int                           # the sampled token id (an end-of-sequence token included)
+    n_generated: int                     # tokens of output so far (end-of-sequence not counted)
+    finished: bool = False
+    finish_reason: str | None = None     # "stop" (eos or stop string) or "length"
+
+
+def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, *, backend: str = "hip", chunk_size: int = 4096,
+            kernel: str = "auto", progress: bool = False) -> torch.Tensor:
+    """Run the prompt ``tokens`` (1, T) through the model ``chunk_size`` tokens at a time.
+
+    Writes its K/V to ``cache`` (one row, empty) and returns the last token's logits (1, V).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    T = tokens.shape[1]
+    call = AttentionCall(backend=backend, kernel=kernel)
+    bar = _progress(T, progress)
+    t0 = time.perf_counter()
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        start = torch.tensor([s], device=tokens.device)
+        logits = model.net(tokens[:, s:e], start, cache, call, kv_limit=e, last_only=True)
+        if bar is not None:
+            bar.update(e - s)
+    if bar is not None:
+        bar.set_postfix_str(f"{T / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+        bar.close()
+    return logits[:, -1]
+
+
+def decode_one_token(model: Model, tokens: torch.Tensor, seqlens: torch.Tensor, cache: KVCache,
+                     state: DecodeState, kv_limit: int | None = None) -> torch.Tensor:
+    """One decode step for every row: tokens (B,) at positions seqlens (B,) -> logits (B, V).
+
+    With the hip backend, pruning reruns from ``config.refresh_stage(step)``; otherwise the
+    layer's previous mask is reused as is.
+    """
+    if not state.masks:
+        state.masks = [None] * model.args.n_layers
+    call = AttentionCall(backend=state.backend, masks=state.masks,
+                         refresh_stage=model.hip.refresh_stage(state.step), kernel=state.kernel)
+    logits = model.net(tokens[:, None], seqlens, cache, call, kv_limit=kv_limit)
+    state.step += 1
+    return logits[:, -1]
+
+
+def encode_prompt(model: Model, prompt: str | list[int], chat: bool = False, system: str | None = None) -> list[int]:
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return model.tokenizer.encode(model.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    return model.tokenizer.encode(prompt)
+
+
+def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams | None = None, *,
+           backend: str = "hip", chat: bool = False, system: str | None = None, chunk_size: int = 4096,
+           kernel: str = "auto", progress: bool = False, cuda_graph: bool = False) -> Iterator[Event]:
+    """Generate for a batch of prompts (text, or token ids); yield text pieces as they are decoded.
+
+    Prompts are prefilled one at a time (they may differ in length), then decoded together,
+    one token per row per step, each row at its own position. ``cuda_graph``: replay the decode
+    step from CUDA graphs (GPU only; reads the cache at full capacity).
+    """
+    params = params or SamplingParams()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+    ids = [encode_prompt(model, p, chat, system) for p in prompts]
+    if not ids or any(len(x) == 0 for x in ids):
+        raise ValueError("empty prompt: give at least one token of text")
+    B, device, n_new = len(ids), model.device, params.max_new_tokens
+    capacity = max(map(len, ids)) + n_new
+    args = model.args
+    workspace = min(chunk_size, capacity) * (4 * args.dim + 3 * args.intermediate_size) * 4 + (256 << 20)
+    plan_kv_cache(n_layers=args.n_layers, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, batch=B,
+                  capacity=capacity, dtype=model.dtype, device=device, workspace=workspace)
+    cache = KVCache(args.n_layers, B, capacity, args.n_kv_heads, args.head_dim, dtype=model.dtype, device=device)
+    state = DecodeState(backend, kernel=kernel)
+    graph = None
+    if cuda_graph:
+        from .cuda_graph import GraphDecoder
+
+        graph = GraphDecoder(model, cache, state)
+    logits = torch.cat([prefill(model, torch.tensor([x], device=device), cache.select(slice(b, b + 1)),
+                                backend=backend, chunk_size=chunk_size, kernel=kernel, progress=progress)
+                        for b, x in enumerate(ids)])                               # (B, V)
+    gen = None
+    if params.seed is not None:
+        gen = torch.Generator(device=device).manual_seed(params.seed)
+    eos = set() if params.ignore_eos else set(model.tokenizer.eos_token_ids)
+    lengths = [len(x) for x in ids]
+    seqlens = torch.tensor(lengths, device=device)
+    decoders = [StreamDecoder(model.tokenizer) for _ in range(B)]
+    stops = [StopChecker(params.stop) for _ in range(B)]
+    done, counts = [False] * B, [0] * B
+    for step in range(n_new):
+        tokens = sample(logits, params, gen)                                       # (B,)
+        for b, tok in enumerate(tokens.tolist()):
+            if done[b]:
+                continue
+            at_eos = tok in eos
+            piece = "" if at_eos else stops[b].push(decoders[b].push(tok))
+            counts[b] += not at_eos
+            if at_eos or stops[b].stopped or counts[b] == n_new:
+                done[b] = True
+                if not stops[b].stopped:
+                    piece += stops[b].push(decoders[b].flush()) + stops[b].flush()
+                reason = "stop" if at_eos or stops[b].stopped else "length"
+                yield Event(b, piece, tok, counts[b], True, reason)
+            else:
+                yield Event(b, piece, tok, counts[b])
+        if all(done) or step == n_new - 1:
+            break
+        if graph is not None:
+            logits = graph(tokens, seqlens)
+        else:
+            logits = decode_one_token(model, tokens, seqlens, cache, state, kv_limit=max(lengths) + 1)
+        seqlens += 1
+        lengths = [n + 1 for n in lengths]
+
+
+def generate(model: Model, prompt: str | list[str], *, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | list[str] = (),
+             ignore_eos: bool = False, chat: bool = False, system: str | None = None, backend: str = "hip",
+             chunk_size: int = 4096, kernel: str = "auto", progress: bool = False, stream: bool = False,
+             cuda_graph: bool = False):
+    """Generate text for ``prompt`` (or a list of prompts) with ``model`` from ``load``.
+
+    Returns the completion text (a list for a list of prompts). With ``stream=True`` returns an
+    iterator of text pieces (of ``(row, piece)`` pairs for a list of prompts).
+    backend: "hip" (InfiniteHiP, default), "dense" (exact attention), "streaming" (sink + window).
+    Greedy unless ``temperature > 0``; ``seed`` makes sampling reproducible; generation ends at an
+    end-of-sequence token, before the first ``stop`` string, or after ``max_new_tokens``.
+    cuda_graph: capture the decode step in CUDA graphs (GPU only).
+    """
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stop=stop, ignore_eos=ignore_eos)
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt)
+    events = _stream(model, prompts, params, backend=backend, chat=chat, system=system, chunk_size=chunk_size,
+                     kernel=kernel, progress=progress, cuda_graph=cuda_graph)
+    if stream:
+        return (e.text if single else (e.row, e.text) for e in events if e.text)
+    texts = [""] * len(prompts)
+    for e in events:
+        texts[e.row] += e.text
+    return texts[0] if single else texts
+
+
+_stream = stream
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="prefill", leave=False)

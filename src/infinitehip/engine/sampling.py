@@ -1,0 +1,74 @@
+"""Sampling: greedy, temperature, top-k, top-p (nucleus), seeded; and stop strings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0      # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                # 0 = no limit
+    seed: int | None = None
+    stop: tuple[str, ...] = ()    # generation ends before the first occurrence of any of these
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next tokens (B,) int64."""
+    if p.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / p.temperature
+    if p.top_k:
+        kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(dim=-1) - probs > p.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class StopChecker:
+    """Cuts a stream of text at the first stop string, holding back what could start one."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.pending, self.stopped = stops, "", False
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def push(self, piece: str) -> str:
+        """The text that is now safe to emit."""
+        if self.stopped:
+            return ""
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        cut = len(self.pending) - self.hold
+        out, self.pending = self.pending[:max(cut, 0)], self.pending[max(cut, 0):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out

@@ -1,0 +1,256 @@
+"""HF model directory -> ``Model``: config.json, safetensors weights, tokenizer, generation config.
+
+Weights are read straight from safetensors (single file or sharded with an index) through one
+declarative name map; transformers is not needed at run time.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..attention import RoPE
+from ..config import HiPConfig
+from ..tokenizer import Tokenizer
+from .llama import ModelArgs, Transformer
+
+# HF tensor name -> (our parameter, which of the fused parts it is or None).
+# {i} is the layer index. q/k/v go into one fused wqkv, gate/up into one w13.
+NAME_MAP: dict[str, tuple[str, int | None]] = {
+    "model.embed_tokens.weight": ("tok_embeddings.weight", None),
+    "model.norm.weight": ("norm.weight", None),
+    "lm_head.weight": ("output.weight", None),
+    "model.layers.{i}.input_layernorm.weight": ("layers.{i}.attention_norm.weight", None),
+    "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.ffn_norm.weight", None),
+    "model.layers.{i}.self_attn.q_proj.{p}": ("layers.{i}.attention.wqkv.{p}", 0),
+    "model.layers.{i}.self_attn.k_proj.{p}": ("layers.{i}.attention.wqkv.{p}", 1),
+    "model.layers.{i}.self_attn.v_proj.{p}": ("layers.{i}.attention.wqkv.{p}", 2),
+    "model.layers.{i}.self_attn.o_proj.{p}": ("layers.{i}.attention.wo.{p}", None),
+    "model.layers.{i}.self_attn.q_norm.weight": ("layers.{i}.attention.q_norm.weight", None),
+    "model.layers.{i}.self_attn.k_norm.weight": ("layers.{i}.attention.k_norm.weight", None),
+    "model.layers.{i}.mlp.gate_proj.{p}": ("layers.{i}.feed_forward.w13.{p}", 0),
+    "model.layers.{i}.mlp.up_proj.{p}": ("layers.{i}.feed_forward.w13.{p}", 1),
+    "model.layers.{i}.mlp.down_proj.{p}": ("layers.{i}.feed_forward.w2.{p}", None),
+}
+# Tensors some checkpoints carry that the model recomputes.
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_PATTERNS = [(re.compile("^" + re.escape(hf).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)") + "$"),
+              ours) for hf, ours in NAME_MAP.items()]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Model:
+    """A loaded model: the network, its tokenizer, and what generation needs to know."""
+
+    net: Transformer
+    tokenizer: Tokenizer
+    args: ModelArgs
+    hip: HiPConfig
+    path: Path
+    generation_config: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.tok_embeddings.weight.dtype
+
+
+def read_config(path: str | Path) -> tuple[Path, dict]:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face model directory "
+                                "(config.json, *.safetensors, tokenizer.json)")
+    try:
+        return path, json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        wmap = json.loads(index.read_text())["weight_map"]
+        files = {f: path / f for f in set(wmap.values())}
+        for f in files.values():
+            if not f.is_file():
+                raise FileNotFoundError(f"{index.name} lists {f.name} but it is missing from {path}; re-download it")
+        return {name: files[f] for name, f in wmap.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        extra = " (only PyTorch .bin weights found: convert them to safetensors)" if list(path.glob("*.bin")) else ""
+        raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json{extra}")
+    return {name: single for name in _header_names(single)}
+
+
+def _header_names(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise ValueError(f"cannot read {file}: {e}; the file may be truncated or corrupt, re-download it") from None
+
+
+def resolve_device_dtype(device, dtype, cfg: dict) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available here; use device='cpu'")
+    if dtype is None:
+        saved = _DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"), torch.bfloat16)
+        dtype = saved if device.type == "cuda" else torch.float32  # CPU: fp32 is accurate and fast
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of float32, float16, bfloat16")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{torch.cuda.get_device_name(device)} does not support bfloat16; use dtype='float16'")
+    return device, dtype
+
+
+def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig = "paper") -> Model:
+    """Load an HF checkpoint directory (Llama / Mistral / Qwen2 / Qwen3) for InfiniteHiP inference.
+
+    Args:
+        path: directory with config.json, model.safetensors (or a sharded index), tokenizer.json.
+        device: default "cuda" when available, else "cpu".
+        dtype: torch dtype or its name; default the checkpoint's dtype on GPU, float32 on CPU.
+        config: a HiPConfig or a preset name. ``model_context_length`` (None) is filled from the
+            checkpoint's trained context (original_max_position_embeddings when rope-scaled).
+    """
+    path, cfg = read_config(path)
+    args = ModelArgs.from_hf(cfg)
+    device, dtype = resolve_device_dtype(device, dtype, cfg)
+    hip = HiPConfig.preset(config) if isinstance(config, str) else config
+    if not isinstance(hip, HiPConfig):
+        raise TypeError(f"config must be a preset name or a HiPConfig, got {type(config).__name__}")
+    if hip.model_context_length is None and args.trained_context:
+        hip = hip.replace(model_context_length=args.trained_context)
+    base = RoPE.from_hf(cfg, args.head_dim)
+    rope = RoPE(base.inv_freq.to(device), base.attention_scaling)
+    files = weight_files(path)
+    with torch.device("meta"):
+        net = Transformer(args, rope, hip)
+    net = net.to(dtype).to_empty(device=device)
+    if args.tie_embeddings:
+        net.output.weight = net.tok_embeddings.weight
+    _load_weights(net, files, args)
+    net.eval().requires_grad_(False)
+    gen = {}
+    if (path / "generation_config.json").is_file():
+        gen = json.loads((path / "generation_config.json").read_text())
+    eos = [x for x in (gen.get("eos_token_id"), cfg.get("eos_token_id")) if x is not None]
+    eos_ids = tuple(i for x in eos for i in (x if isinstance(x, list) else [x]))
+    tokenizer = Tokenizer.from_dir(path, eos_token_ids=eos_ids)
+    return Model(net, tokenizer, args, hip, path, gen)
+
+
+def _load_weights(net: Transformer, files: dict[str, Path], args: ModelArgs):
+    from safetensors import safe_open
+
+    params = dict(net.named_parameters(remove_duplicate=False))
+    D, H, K, Ff = args.head_dim, args.n_heads, args.n_kv_heads, args.intermediate_size
+    parts = {"wqkv": [0, H * D, (H + K) * D, (H + 2 * K) * D], "w13": [0, Ff, 2 * Ff]}
+    filled: set[tuple[str, int | None]] = set()
+    unexpected = []
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    for file, names in by_file.items():
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:
+            raise ValueError(f"cannot read {file}: {e}; the file may be truncated or corrupt, re-download it") from None
+        with handle as f:
+            available = set(f.keys())
+            for hf_name in names:
+                target = _map_name(hf_name)
+                if target is None:
+                    if not IGNORED.match(hf_name):
+                        unexpected.append(hf_name)
+                    continue
+                ours, part = target
+                if ours not in params:
+                    unexpected.append(hf_name)
+                    continue
+                if hf_name not in available:
+                    raise ValueError(f"the index maps {hf_name} to {file.name}, which does not contain it")
+                try:
+                    tensor = f.get_tensor(hf_name)
+                except Exception as e:
+                    raise ValueError(f"cannot read tensor {hf_name} from {file}: {e}; the file may be corrupt") from None
+                dest = params[ours]
+                if part is not None:
+                    bounds = parts[ours.split(".")[-2]]
+                    dest = dest[bounds[part]:bounds[part + 1]]
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise ValueError(f"tensor {hf_name} has shape {tuple(tensor.shape)} but config.json implies "
+                                     f"{tuple(dest.shape)}; the weights do not match config.json")
+                with torch.no_grad():
+                    dest.copy_(tensor)
+                filled.add((ours, part))
+    if unexpected:
+        raise ValueError(f"{len(unexpected)} tensors in the checkpoint do not belong to a {args.architecture} "
+                         f"with this config: {', '.join(sorted(unexpected)[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    missing = []
+    for ours, p in params.items():
+        fused = ours.split(".")[-2] if ours.split(".")[-2] in parts else None
+        for part in range(len(parts[fused]) - 1) if fused else [None]:
+            if (ours, part) not in filled and not (ours == "output.weight" and args.tie_embeddings):
+                missing.append(ours if part is None else f"{ours}[part {part}]")
+    if missing:
+        hint = " (lm_head.weight is missing: set tie_word_embeddings in config.json if the model ties it)" \
+            if "output.weight" in missing else ""
+        raise ValueError(f"{len(missing)} tensors are missing from the checkpoint: "
+                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}{hint}")
+
+
+def _map_name(hf_name: str) -> tuple[str, int | None] | None:
+    for pattern, (ours, part) in _PATTERNS:
+        m = pattern.match(hf_name)
+        if m:
+            return ours.format(**m.groupdict()), part
+    return None
+
+
+def inspect_checkpoint(path: str | Path, *, device=None, dtype=None) -> dict:
+    """What ``infinitehip info`` shows, read from config.json and safetensors headers only."""
+    from safetensors import safe_open
+
+    from ..cache.kv import free_memory, kv_bytes
+
+    path, cfg = read_config(path)
+    args = ModelArgs.from_hf(cfg)
+    device, dtype = resolve_device_dtype(device, dtype, cfg)
+    n_params = 0
+    for file in set(weight_files(path).values()):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                n_params += int(torch.Size(shape).numel())
+    elem = torch.finfo(dtype).bits // 8
+    per_token = kv_bytes(args.n_layers, args.n_kv_heads, args.head_dim, dtype)
+    free = free_memory(device)
+    workspace = 4096 * (4 * args.dim + 3 * args.intermediate_size) * 4 + (256 << 20)
+    return {"architecture": args.architecture, "parameters": n_params, "layers": args.n_layers,
+            "heads": f"{args.n_heads} query / {args.n_kv_heads} kv x {args.head_dim}",
+            "trained_context": args.trained_context, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "weights_bytes": n_params * elem, "kv_bytes_per_token": per_token, "free_bytes": free,
+            "max_context": max(0, (free - n_params * elem - workspace) // per_token)}

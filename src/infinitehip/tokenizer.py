@@ -1,0 +1,117 @@
+"""Tokenizer of an HF model directory via the `tokenizers` library, plus its chat template.
+
+Reads ``tokenizer.json`` (the fast tokenizer), ``tokenizer_config.json`` (special tokens, chat
+template) and ``chat_template.jinja`` when present. No transformers at run time.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+
+def _token_text(tok) -> str | None:
+    """Special tokens are written as a string or as {"content": ...}."""
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+class Tokenizer:
+    def __init__(self, tok, *, bos_token: str | None = None, eos_token: str | None = None,
+                 chat_template: str | None = None, eos_token_ids: tuple[int, ...] = (), name: str = "model"):
+        self.tok, self.name = tok, name
+        self.bos_token, self.eos_token, self.chat_template = bos_token, eos_token, chat_template
+        ids = set(eos_token_ids)
+        if eos_token is not None and tok.token_to_id(eos_token) is not None:
+            ids.add(tok.token_to_id(eos_token))
+        self.eos_token_ids = tuple(sorted(ids))
+
+    @classmethod
+    def from_dir(cls, path: str | Path, eos_token_ids: tuple[int, ...] = ()) -> "Tokenizer":
+        from tokenizers import Tokenizer as FastTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{path} has no tokenizer.json; infinitehip reads fast (tokenizers) "
+                                    "tokenizers only: save one with AutoTokenizer(...).save_pretrained()")
+        try:
+            tok = FastTokenizer.from_file(str(file))
+        except Exception as e:  # the library raises a bare Exception on malformed files
+            raise ValueError(f"cannot read {file}: {e}") from None
+        cfg = {}
+        if (path / "tokenizer_config.json").is_file():
+            cfg = json.loads((path / "tokenizer_config.json").read_text())
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        return cls(tok, bos_token=_token_text(cfg.get("bos_token")), eos_token=_token_text(cfg.get("eos_token")),
+                   chat_template=template, eos_token_ids=eos_token_ids, name=path.name)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; ``add_special_tokens`` applies tokenizer.json's post-processor (e.g. BOS)."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render ``messages`` ([{"role": ..., "content": ...}]) with the model's chat template.
+
+        The rendered text already holds the special tokens: encode it with add_special_tokens=False.
+        """
+        if not self.chat_template:
+            raise ValueError(f"{self.name} has no chat template (tokenizer_config.json 'chat_template' or "
+                             "chat_template.jinja); write the prompt yourself instead of using chat")
+        try:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise ImportError("chat templates need jinja2: pip install jinja2") from None
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"{self.name}'s chat template failed: {e}") from None
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces as they come, never splitting a multi-byte character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix, self.read = 0, 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """What is left at the end (a dangling partial character comes out as U+FFFD)."""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]

@@ -1,0 +1,202 @@
+"""Engine: chunked prefill, decode with mask reuse, sampling, batches, streaming, memory planning, CLI."""
+import pytest
+import torch
+from test_engine_helpers import hf_model, make_checkpoint
+
+import infinitehip
+from infinitehip import HiPConfig
+from infinitehip.cache import CapacityError, KVCache, plan_kv_cache
+from infinitehip.engine import DecodeState, SamplingParams, decode_one_token, prefill, stream
+from infinitehip.engine.sampling import StopChecker, sample
+from infinitehip.models import AttentionCall
+
+pytest.importorskip("transformers")
+# The tiny preset with a budget that covers every key and exact RoPE: hip must then equal dense.
+FULL = HiPConfig.preset("tiny", stage_budgets=(None, 1024, 512), budget=512, dense_layer_budget=512,
+                        rope_prune="exact", rope_attend="exact")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("engine"), "qwen3")
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return infinitehip.load(ckpt, config="tiny")
+
+
+@pytest.fixture(scope="module")
+def long_model(ckpt):
+    """Trained length set past the test contexts: RoPE stays exact, whichever chunk a query is in.
+
+    (With "auto" RoPE modes the mode is chosen per call from the call's key count, so a chunk
+    ending within the trained length and one-shot prefill past it legitimately differ.)
+    """
+    return infinitehip.load(ckpt, config=HiPConfig.preset("tiny", model_context_length=4096))
+
+
+def new_cache(model, batch=1, capacity=512):
+    a = model.args
+    return KVCache(a.n_layers, batch, capacity, a.n_kv_heads, a.head_dim, dtype=model.dtype, device="cpu")
+
+
+def ids(n, seed=0, batch=1):
+    return torch.randint(3, 300, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def full_logits(model, tokens, backend="dense"):
+    return model.net(tokens, torch.zeros(tokens.shape[0], dtype=torch.long), new_cache(model, tokens.shape[0]),
+                     AttentionCall(backend))
+
+
+def test_greedy_generation_matches_transformers(ckpt, model):
+    prompt = "the quick brown fox"
+    p = torch.tensor([model.tokenizer.encode(prompt)])
+    with torch.no_grad():
+        ref = hf_model(ckpt).generate(p, max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, p.shape[1]:]
+    for backend in ("dense", "hip"):
+        events = list(stream(model, [prompt], SamplingParams(max_new_tokens=12, ignore_eos=True), backend=backend))
+        assert [e.token for e in events] == ref.tolist(), backend
+        text = infinitehip.generate(model, prompt, max_new_tokens=12, ignore_eos=True, backend=backend)
+        assert text == model.tokenizer.decode(ref.tolist())
+
+
+@pytest.mark.parametrize("backend,chunk", [("dense", 7), ("hip", 64), ("streaming", 32)])
+def test_chunked_prefill_equals_one_shot(long_model, backend, chunk):
+    model = long_model
+    tokens = ids(300)   # longer than sink + window (160): hip prunes for real
+    one = prefill(model, tokens, c1 := new_cache(model), backend=backend, chunk_size=4096)
+    many = prefill(model, tokens, c2 := new_cache(model), backend=backend, chunk_size=chunk)
+    torch.testing.assert_close(many, one, atol=1e-4, rtol=0)
+    torch.testing.assert_close(c2.k[1], c1.k[1], atol=1e-5, rtol=0)
+    if backend == "dense":
+        torch.testing.assert_close(one, full_logits(model, tokens)[:, -1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["dense", "hip"])
+def test_decode_step_equals_full_forward(model, backend):
+    tokens = ids(120, seed=1)   # within sink + window: hip is exact
+    cache, state = new_cache(model), DecodeState(backend)
+    prefill(model, tokens[:, :100], cache, backend=backend, chunk_size=32)
+    ref = full_logits(model, tokens)
+    for t in range(100, 120):
+        logits = decode_one_token(model, tokens[:, t - 1 + 1], torch.tensor([t]), cache, state)
+        torch.testing.assert_close(logits, ref[:, t], atol=1e-4, rtol=0)
+
+
+def test_hip_long_context_full_budget_matches_dense(ckpt):
+    # every decode step refreshes from stage 0: between refreshes, keys that slid out of the
+    # window since the last refresh are not attended (the price of mask reuse)
+    model = infinitehip.load(ckpt, config=FULL.replace(refresh_intervals=(1, 1, 1)))
+    tokens = ids(420, seed=2)
+    ref = full_logits(model, tokens)
+    torch.testing.assert_close(full_logits(model, tokens, "hip"), ref, atol=1e-4, rtol=0)
+    # decode with a fresh full-budget mask each step still equals dense
+    cache, state = new_cache(model), DecodeState("hip")
+    prefill(model, tokens[:, :400], cache, backend="hip", chunk_size=128)
+    for t in range(400, 420):
+        logits = decode_one_token(model, tokens[:, t], torch.tensor([t]), cache, state)
+        torch.testing.assert_close(logits, ref[:, t], atol=1e-4, rtol=0)
+    assert all(m is not None for m in state.masks)
+
+
+def test_hip_long_context_sparse_runs_and_reuses_masks(model):
+    tokens = ids(400, seed=3)
+    cache, state = new_cache(model), DecodeState("hip")
+    logits = prefill(model, tokens, cache, backend="hip", chunk_size=128)
+    seqlen = torch.tensor([400])
+    for step in range(6):
+        masks_before = list(state.masks)
+        logits = decode_one_token(model, logits.argmax(-1), seqlen + step, cache, state)
+        assert torch.isfinite(logits).all()
+        if model.hip.refresh_stage(step) == model.hip.n_stages:   # no refresh: the mask is reused as is
+            assert all(torch.equal(a.starts, b.starts) for a, b in zip(masks_before, state.masks))
+    dense = full_logits(model, tokens)[:, -1]
+    sparse = full_logits(model, tokens, "hip")[:, -1]
+    assert not torch.allclose(dense, sparse)   # it really is sparse beyond sink + window
+
+
+def test_batch_of_different_lengths_equals_one_by_one(model):
+    prompts = ["hello world", "a needle in a haystack of a million tokens, the quick brown fox", "0 1"]
+    params = dict(max_new_tokens=6, ignore_eos=True)
+    together = infinitehip.generate(model, prompts, **params)
+    assert together == [infinitehip.generate(model, p, **params) for p in prompts]
+
+
+def test_sampling_controls(model):
+    kw = dict(max_new_tokens=8, ignore_eos=True, temperature=1.0)
+    a = infinitehip.generate(model, "hello", seed=5, **kw)
+    assert a == infinitehip.generate(model, "hello", seed=5, **kw)
+    greedy = infinitehip.generate(model, "hello", max_new_tokens=8, ignore_eos=True)
+    assert infinitehip.generate(model, "hello", seed=1, top_k=1, **kw) == greedy
+    assert infinitehip.generate(model, "hello", seed=1, top_p=1e-6, **kw) == greedy
+    pieces = list(infinitehip.generate(model, "hello", max_new_tokens=8, ignore_eos=True, stream=True))
+    assert "".join(pieces) == greedy and len(pieces) > 1
+    events = list(stream(model, ["hello"], SamplingParams(max_new_tokens=5, ignore_eos=True)))
+    assert len(events) == 5 and events[-1].finished and events[-1].finish_reason == "length"
+    stop = greedy[2:4]
+    assert infinitehip.generate(model, "hello", max_new_tokens=8, ignore_eos=True, stop=[stop]) == \
+        greedy[:greedy.index(stop)]
+
+
+def test_eos_ends_generation(model):
+    first = [e.token for e in stream(model, ["hello"], SamplingParams(max_new_tokens=3, ignore_eos=True))][0]
+    model.tokenizer.eos_token_ids = (first,)
+    try:
+        events = list(stream(model, ["hello"], SamplingParams(max_new_tokens=3)))
+    finally:
+        model.tokenizer.eos_token_ids = (1,)
+    assert len(events) == 1 and events[0].finish_reason == "stop" and events[0].text == ""
+
+
+def test_sample_and_stop_checker_units():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
+    assert sample(logits, SamplingParams(), None).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, SamplingParams(temperature=2.0, top_k=1), g).tolist() == [1, 0]
+    s = StopChecker(("END",))
+    out = s.push("abcE") + s.push("N") + s.push("Dxyz") + s.flush()
+    assert out == "abc" and s.stopped
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+
+
+def test_memory_is_planned_before_allocating(model, monkeypatch):
+    with pytest.raises(CapacityError, match=r"needs 12\.21 GiB .* only 0\.00 GiB are free on cpu.*smaller dtype"):
+        plan_kv_cache(n_layers=32, n_kv_heads=8, head_dim=128, batch=1, capacity=100_000, dtype=torch.bfloat16,
+                      device=torch.device("cpu"), free=1 << 20)
+    import infinitehip.cache.kv as kv
+    monkeypatch.setattr(kv, "free_memory", lambda device: 1 << 20)
+    with pytest.raises(CapacityError, match="shorter prompt"):
+        infinitehip.generate(model, "hello", max_new_tokens=4)
+
+
+def test_engine_errors(model):
+    with pytest.raises(ValueError, match="backend='flash'; choose one of"):
+        infinitehip.generate(model, "hi", backend="flash")
+    with pytest.raises(ValueError, match="empty prompt"):
+        infinitehip.generate(model, [[]])
+
+
+def test_cli_generate_and_info(ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from infinitehip.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["generate", str(ckpt), "--prompt", "hello", "-n", "4", "--preset", "tiny",
+                            "--backend", "dense"])
+    assert r.exit_code == 0, r.output
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("hello")
+    r = runner.invoke(app, ["generate", str(ckpt), "--prompt-file", str(prompt_file), "--chat", "-n", "3"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["info", str(ckpt)])
+    assert r.exit_code == 0 and "Qwen3ForCausalLM" in r.output and "longest context" in r.output
+    r = runner.invoke(app, ["generate", str(tmp_path / "missing"), "--prompt", "x"])
+    assert r.exit_code == 1 and "error: model directory" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["generate", str(ckpt)])
+    assert r.exit_code == 1 and "exactly one of --prompt and --prompt-file" in r.output

@@ -1,0 +1,36 @@
+"""The transformers drop-in: attn_implementation="infinitehip" matches eager attention where exact."""
+import pytest
+import torch
+from test_engine_helpers import hf_model, make_checkpoint
+
+from infinitehip import HiPConfig
+
+pytest.importorskip("transformers")
+import infinitehip.hf  # noqa: E402  (registers the attention implementation)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("hf"), "llama")
+
+
+def test_drop_in_matches_eager_on_short_context(ckpt):
+    tokens = torch.randint(0, 300, (2, 120), generator=torch.Generator().manual_seed(0))
+    eager, ours = hf_model(ckpt), hf_model(ckpt, "infinitehip")
+    with torch.no_grad():   # 120 keys <= sink + window of the paper preset: exact
+        torch.testing.assert_close(ours(tokens).logits, eager(tokens).logits, atol=1e-4, rtol=0)
+        ref = eager.generate(tokens[:1], max_new_tokens=6, do_sample=False)
+        assert torch.equal(ours.generate(tokens[:1], max_new_tokens=6, do_sample=False), ref)
+
+
+def test_drop_in_sparse_with_full_budget_is_exact(ckpt):
+    full = HiPConfig.preset("tiny", stage_budgets=(None, 1024, 512), budget=512, dense_layer_budget=512)
+    ours = hf_model(ckpt, "infinitehip")
+    infinitehip.hf.set_config(ours, full)
+    tokens = torch.randint(0, 300, (1, 250), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():   # 250 keys > 160 = sink + window of "tiny": pruning runs, keeps everything
+        torch.testing.assert_close(ours(tokens).logits, hf_model(ckpt)(tokens).logits, atol=1e-4, rtol=0)
+        infinitehip.hf.set_config(ours, "tiny")   # the real budget: runs, and differs
+        assert not torch.allclose(ours(tokens).logits, hf_model(ckpt)(tokens).logits, atol=1e-3)
+    with pytest.raises(TypeError, match="HiPConfig or a preset name"):
+        infinitehip.hf.set_config(ours, 3)

@@ -1,0 +1,198 @@
+"""Loader: every supported architecture gives transformers' logits; every load error says what to do."""
+import json
+
+import pytest
+import torch
+from test_engine_helpers import ARCHS, hf_model, make_checkpoint
+
+import infinitehip
+from infinitehip import HiPConfig
+from infinitehip.cache import KVCache
+from infinitehip.models import AttentionCall
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {arch: make_checkpoint(root, arch) for arch in ARCHS}
+
+
+def forward(model, ids, backend, capacity=512):
+    a = model.args
+    cache = KVCache(a.n_layers, ids.shape[0], capacity, a.n_kv_heads, a.head_dim, dtype=model.dtype, device="cpu")
+    return model.net(ids, torch.zeros(ids.shape[0], dtype=torch.long), cache, AttentionCall(backend))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_logits_match_transformers(ckpts, arch):
+    model = infinitehip.load(ckpts[arch], config="tiny")
+    ids = torch.randint(0, 300, (2, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf_model(ckpts[arch])(ids).logits
+    tol = 1e-4 * ref.abs().max().item()
+    # dense, and hip while the context fits in sink + window (160 for "tiny"): both exact
+    for backend in ("dense", "hip", "streaming"):
+        torch.testing.assert_close(forward(model, ids, backend), ref, atol=tol, rtol=0)
+
+
+def test_context_length_and_rope_from_config(ckpts, tmp_path):
+    assert infinitehip.load(ckpts["llama"]).hip.model_context_length == 256
+    # rope-scaled: the trained context is original_max_position_embeddings
+    assert infinitehip.load(ckpts["llama3-rope"]).hip.model_context_length == 128
+    explicit = HiPConfig.preset("tiny", model_context_length=64)
+    assert infinitehip.load(ckpts["llama"], config=explicit).hip.model_context_length == 64
+    # transformers < 5 writes rope_theta + rope_scaling instead of rope_parameters: same model
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in ckpts["llama3-rope"].iterdir():
+        (legacy / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((legacy / "config.json").read_text())
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    cfg["rope_scaling"] = params
+    (legacy / "config.json").write_text(json.dumps(cfg))
+    a, b = infinitehip.load(ckpts["llama3-rope"]), infinitehip.load(legacy)
+    assert b.hip.model_context_length == 128
+    torch.testing.assert_close(a.net.rope.inv_freq, b.net.rope.inv_freq)
+
+
+def test_sharded_checkpoint(tmp_path):
+    path = make_checkpoint(tmp_path, "qwen2")
+    hf = hf_model(path)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / f).write_bytes((path / f).read_bytes())
+    assert (sharded / "model.safetensors.index.json").exists()
+    ids = torch.randint(0, 300, (1, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    torch.testing.assert_close(forward(infinitehip.load(sharded), ids, "dense"), ref, atol=1e-4, rtol=0)
+
+
+def test_tokenizer_and_chat_template(ckpts):
+    tok = infinitehip.load(ckpts["llama"]).tokenizer
+    ids = tok.encode("hello world")
+    assert ids[0] == 0 and tok.decode(ids) == "hello world"       # BOS added, skipped on decode
+    assert tok.eos_token_ids == (1,)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<s><|user|>hi</s><|assistant|>"
+
+
+# ---------------------------------------------------------------- errors
+
+def _copy(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _rewrite_weights(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_error_path_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        infinitehip.load(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        infinitehip.load(tmp_path)
+
+
+def test_error_unsupported_architecture(ckpts, tmp_path):
+    path = _copy(ckpts["llama"], tmp_path / "gpt2")
+    _edit_config(path, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*not supported; supported: LlamaForCausalLM, "
+                                         "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        infinitehip.load(path)
+
+
+def test_error_missing_weights_file(ckpts, tmp_path):
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        infinitehip.load(path)
+
+
+def test_error_missing_tensor(ckpts, tmp_path):
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    _rewrite_weights(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"1 tensors are missing.*layers.1.feed_forward.w13.weight\[part 1\]"):
+        infinitehip.load(path)
+
+
+def test_error_missing_lm_head_hints_tying(ckpts, tmp_path):
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    _rewrite_weights(path, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        infinitehip.load(path)
+
+
+def test_error_shape_mismatch(ckpts, tmp_path):
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    _edit_config(path, intermediate_size=128)
+    with pytest.raises(ValueError, match=r"_proj.weight has shape \(\d+, \d+\) but config.json implies"):
+        infinitehip.load(path)
+
+
+def test_error_unexpected_tensor(ckpts, tmp_path):
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    _rewrite_weights(path, lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}))
+    with pytest.raises(ValueError, match="do not belong to a LlamaForCausalLM.*q_norm"):
+        infinitehip.load(path)
+
+
+def test_error_corrupt_file(ckpts, tmp_path):
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        infinitehip.load(path)
+
+
+def test_error_missing_shard(tmp_path):
+    path = make_checkpoint(tmp_path, "llama")
+    hf_model(path).save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"lists {shard.name} but it is missing"):
+        infinitehip.load(tmp_path / "sharded")
+
+
+def test_error_dtype_and_device(ckpts):
+    with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
+        infinitehip.load(ckpts["llama"], dtype="int8")
+    with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
+        infinitehip.load(ckpts["llama"], dtype=torch.float64)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            infinitehip.load(ckpts["llama"], device="cuda")
+
+
+def test_error_bad_preset_and_no_tokenizer(ckpts, tmp_path):
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        infinitehip.load(ckpts["llama"], config="huge")
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        infinitehip.load(path)
+
+
+def test_error_no_chat_template(ckpts, tmp_path):
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    model = infinitehip.load(path)
+    with pytest.raises(ValueError, match="has no chat template"):
+        infinitehip.generate(model, "hi", chat=True, max_new_tokens=2)

@@ -1,0 +1,59 @@
+"""The server over a real (tiny, random) checkpoint: answers equal infinitehip.generate's."""
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+pytest.importorskip("transformers")
+
+from test_engine_helpers import make_checkpoint  # noqa: E402
+from test_server_api import serve  # noqa: E402
+
+import infinitehip  # noqa: E402
+from infinitehip.server.app import create_app  # noqa: E402
+from infinitehip.server.engine import ModelEngine  # noqa: E402
+
+PROMPTS = ["the quick brown fox", "a needle in a haystack", "hello world", "0123456789 + -",
+           "sparse attention reads", "the lazy dog", "a million tokens", "café naïve"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = infinitehip.load(make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama"), config="tiny")
+    server, thread, base = serve(create_app(ModelEngine(model, model_id="tiny", max_context=512)))
+    yield model, openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_completion_equals_generate_and_usage(setup):
+    model, client = setup
+    want = infinitehip.generate(model, PROMPTS[0], max_new_tokens=8, ignore_eos=False)
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    assert r.choices[0].text == want
+    assert r.usage.prompt_tokens == len(model.tokenizer.encode(PROMPTS[0]))
+    assert 1 <= r.usage.completion_tokens <= 8
+
+
+def test_chat_and_stream(setup):
+    model, client = setup
+    msgs = [{"role": "user", "content": "hello world"}]
+    full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0).choices[0].message.content
+    assert full == infinitehip.generate(model, "hello world", chat=True, max_new_tokens=8)
+    parts = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, stream=True, temperature=0)
+    assert "".join(c.choices[0].delta.content or "" for c in parts) == full
+
+
+def test_eight_concurrent_requests_match_alone(setup):
+    _, client = setup
+    ask = lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0).choices[0].text  # noqa: E731
+    alone = [ask(p) for p in PROMPTS]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(ask, PROMPTS)) == alone
+
+
+def test_prompt_beyond_capacity_is_400(setup):
+    _, client = setup
+    with pytest.raises(openai.BadRequestError, match="capacity of 512 tokens"):
+        client.completions.create(model="tiny", prompt="hello world " * 400, max_tokens=4)
