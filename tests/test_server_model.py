@@ -57,3 +57,22 @@ def test_prompt_beyond_capacity_is_400(setup):
     _, client = setup
     with pytest.raises(openai.BadRequestError, match="capacity of 512 tokens"):
         client.completions.create(model="tiny", prompt="hello world " * 400, max_tokens=4)
+
+
+def test_second_question_about_a_document_skips_its_prefill(tmp_path):
+    from infinitehip.engine import PrefixCache
+
+    model = infinitehip.load(make_checkpoint(tmp_path, "llama"), config="tiny")
+    engine = ModelEngine(model, model_id="tiny", max_context=2048, prefix_cache=PrefixCache(block_tokens=64, min_tokens=64))
+    server, thread, base = serve(create_app(engine))
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+    doc = " ".join(f"the quick brown fox {i}" for i in range(80))
+    try:
+        answers = [client.completions.create(model="tiny", prompt=doc + q, max_tokens=5, temperature=0).choices[0].text
+                   for q in (" first?", " second?")]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    stats = engine.prefix_cache.stats
+    assert stats.hits == 1 and stats.reused_tokens >= len(model.tokenizer.encode(doc)) - 64
+    assert answers == [infinitehip.generate(model, doc + q, max_new_tokens=5) for q in (" first?", " second?")]

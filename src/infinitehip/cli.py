@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -121,6 +122,8 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
           max_context: int = typer.Option(131_072, help="Longest prompt + completion accepted, in tokens."),
           max_queue: int = typer.Option(64, help="Requests waiting beyond this get 429."),
           device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
+          context_cache: str = typer.Option(None, "--context-cache",
+                                            help="safetensors file of cached document KV: loaded at start, saved at exit."),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """Serve the model over an OpenAI-compatible HTTP API (`pip install infinitehip[server]`)."""
     try:
@@ -131,11 +134,15 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
         from .server.engine import ModelEngine
 
         engine = ModelEngine(load(model_dir, device=device, config=preset), backend=backend, max_context=max_context)
+        if context_cache and Path(context_cache).exists():
+            engine.prefix_cache.load(context_cache, device=engine.model.device)
     except ImportError as e:
         _fail(ImportError(f"{e}; the server needs `pip install infinitehip[server]`"), debug)
     except (OSError, ValueError, TypeError) as e:
         _fail(e, debug)
     uvicorn.run(create_app(engine, max_queue=max_queue), host=host, port=port, log_level="info")
+    if context_cache:
+        engine.prefix_cache.save(context_cache)
 
 
 def main():

@@ -1,6 +1,7 @@
 """Generation: chunked prefill, decode with sparse-mask reuse, sampling, streaming."""
 from .generate import DecodeState, Event, decode_one_token, encode_prompt, generate, prefill, stream
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, sample
 
 __all__ = ["generate", "stream", "prefill", "decode_one_token", "encode_prompt", "DecodeState", "Event",
-           "SamplingParams", "sample"]
+           "SamplingParams", "sample", "PrefixCache"]

@@ -15,6 +15,7 @@ from ..cache.kv import KVCache, plan_kv_cache
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
 from ..tokenizer import StreamDecoder
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, StopChecker, sample
 
 
@@ -41,25 +42,26 @@ class Event:
 
 
 def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, *, backend: str = "hip", chunk_size: int = 4096,
-            kernel: str = "auto", progress: bool = False) -> torch.Tensor:
+            kernel: str = "auto", progress: bool = False, start: int = 0) -> torch.Tensor:
     """Run the prompt ``tokens`` (1, T) through the model ``chunk_size`` tokens at a time.
 
-    Writes its K/V to ``cache`` (one row, empty) and returns the last token's logits (1, V).
+    Writes its K/V to ``cache`` (one row) and returns the last token's logits (1, V). The first
+    ``start`` tokens' K/V must already be in the cache (a reused prefix); they are not recomputed.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     T = tokens.shape[1]
     call = AttentionCall(backend=backend, kernel=kernel)
-    bar = _progress(T, progress)
+    bar = _progress(T - start, progress)
     t0 = time.perf_counter()
-    for s in range(0, T, chunk_size):
+    for s in range(start, T, chunk_size):
         e = min(s + chunk_size, T)
         start = torch.tensor([s], device=tokens.device)
         logits = model.net(tokens[:, s:e], start, cache, call, kv_limit=e, last_only=True)
         if bar is not None:
             bar.update(e - s)
     if bar is not None:
-        bar.set_postfix_str(f"{T / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+        bar.set_postfix_str(f"{(T - start) / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
         bar.close()
     return logits[:, -1]
 
@@ -91,12 +93,14 @@ def encode_prompt(model: Model, prompt: str | list[int], chat: bool = False, sys
 
 def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams | None = None, *,
            backend: str = "hip", chat: bool = False, system: str | None = None, chunk_size: int = 4096,
-           kernel: str = "auto", progress: bool = False, cuda_graph: bool = False) -> Iterator[Event]:
+           kernel: str = "auto", progress: bool = False, cuda_graph: bool = False,
+           prefix_cache: PrefixCache | None = None) -> Iterator[Event]:
     """Generate for a batch of prompts (text, or token ids); yield text pieces as they are decoded.
 
     Prompts are prefilled one at a time (they may differ in length), then decoded together,
     one token per row per step, each row at its own position. ``cuda_graph``: replay the decode
-    step from CUDA graphs (GPU only; reads the cache at full capacity).
+    step from CUDA graphs (GPU only; reads the cache at full capacity). ``prefix_cache``: reuse
+    the KV of a cached prompt prefix (a shared document) instead of prefilling it again.
     """
     params = params or SamplingParams()
     if backend not in BACKENDS:
@@ -117,8 +121,8 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
         from .cuda_graph import GraphDecoder
 
         graph = GraphDecoder(model, cache, state)
-    logits = torch.cat([prefill(model, torch.tensor([x], device=device), cache.select(slice(b, b + 1)),
-                                backend=backend, chunk_size=chunk_size, kernel=kernel, progress=progress)
+    logits = torch.cat([_prefill_row(model, x, cache.select(slice(b, b + 1)), prefix_cache, backend=backend,
+                                     chunk_size=chunk_size, kernel=kernel, progress=progress)
                         for b, x in enumerate(ids)])                               # (B, V)
     gen = None
     if params.seed is not None:
@@ -184,6 +188,16 @@ def generate(model: Model, prompt: str | list[str], *, max_new_tokens: int = 256
 
 
 _stream = stream
+
+
+def _prefill_row(model: Model, ids: list[int], cache: KVCache, prefix_cache: PrefixCache | None, **kw):
+    """Prefill one prompt into a one-row cache, reusing and then remembering a cached prefix."""
+    start = prefix_cache.reuse(ids, cache) if prefix_cache is not None else 0
+    logits = prefill(model, torch.tensor([ids], device=model.device), cache, start=start, **kw)
+    if prefix_cache is not None:
+        prefix_cache.stats.prefilled_tokens += len(ids) - start
+        prefix_cache.store(ids, cache)
+    return logits
 
 
 def _progress(total: int, enabled: bool):

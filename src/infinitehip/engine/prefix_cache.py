@@ -1,0 +1,105 @@
+"""Context caching: the KV of a long shared prefix (a document) is prefilled once and reused.
+
+Entries are whole prompts' KV, matched on token ids in blocks of ``block_tokens``: a request
+whose ids start with a cached entry's ids copies that many tokens of KV and prefills only the
+rest. Entries can be saved to and loaded from disk (safetensors), so a million-token document
+is read once, not once per question or per server start.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..cache.kv import KVCache
+
+
+@dataclass
+class PrefixStats:
+    lookups: int = 0
+    hits: int = 0
+    reused_tokens: int = 0      # tokens whose prefill was skipped
+    prefilled_tokens: int = 0   # tokens the engine actually prefilled
+
+
+@dataclass
+class _Entry:
+    ids: torch.Tensor           # (T,) int64
+    k: list[torch.Tensor]       # per layer (T, K, D)
+    v: list[torch.Tensor]
+
+
+class PrefixCache:
+    def __init__(self, *, block_tokens: int = 256, min_tokens: int = 1024, max_entries: int = 4):
+        self.block_tokens, self.min_tokens, self.max_entries = block_tokens, min_tokens, max_entries
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self.stats = PrefixStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def reuse(self, ids: list[int], cache: KVCache) -> int:
+        """Copy the longest cached prefix of ``ids`` into row 0 of ``cache``; return its length.
+
+        At least the last prompt token is always left to prefill (its logits start decoding).
+        """
+        self.stats.lookups += 1
+        query = torch.tensor(ids)
+        best, best_key = 0, None
+        for key, e in self._entries.items():
+            n = min(len(e.ids), len(ids) - 1)
+            same = (e.ids[:n] == query[:n]).long().cumprod(0).sum().item() if n > 0 else 0
+            same -= same % self.block_tokens
+            if same > best:
+                best, best_key = same, key
+        if best_key is None:
+            return 0
+        entry = self._entries[best_key]
+        self._entries.move_to_end(best_key)
+        for layer, (k, v) in enumerate(zip(entry.k, entry.v)):
+            kf = cache.k[layer].view(cache.batch, cache.capacity, *k.shape[1:])
+            vf = cache.v[layer].view(cache.batch, cache.capacity, *v.shape[1:])
+            kf[0, :best], vf[0, :best] = k[:best].to(kf), v[:best].to(vf)
+        self.stats.hits += 1
+        self.stats.reused_tokens += best
+        return best
+
+    def store(self, ids: list[int], cache: KVCache):
+        """Keep the prompt's KV (row 0 of ``cache``, whole blocks only) if it is long enough."""
+        n = len(ids) - len(ids) % self.block_tokens
+        if n < max(self.min_tokens, self.block_tokens):
+            return
+        key = hash(tuple(ids[:n]))
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        k = [t.view(cache.batch, cache.capacity, *t.shape[3:])[0, :n].clone() for t in cache.k]
+        v = [t.view(cache.batch, cache.capacity, *t.shape[3:])[0, :n].clone() for t in cache.v]
+        self._entries[key] = _Entry(torch.tensor(ids[:n]), k, v)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def save(self, path: str | Path):
+        """Write every entry to one safetensors file."""
+        tensors = {}
+        for i, e in enumerate(self._entries.values()):
+            tensors[f"{i}.ids"] = e.ids
+            for layer, (k, v) in enumerate(zip(e.k, e.v)):
+                tensors[f"{i}.k.{layer}"], tensors[f"{i}.v.{layer}"] = k.contiguous().cpu(), v.contiguous().cpu()
+        save_file(tensors, str(path), metadata={"format": "infinitehip-prefix-cache", "entries": str(len(self))})
+
+    def load(self, path: str | Path, device=None):
+        """Add the entries saved in ``path``."""
+        try:
+            tensors = load_file(str(path), device=str(device or "cpu"))
+        except Exception as e:  # safetensors raises several types for a bad file
+            raise ValueError(f"{path} is not a readable prefix-cache file ({e})") from None
+        for i in sorted({int(name.split(".")[0]) for name in tensors}):
+            n_layers = sum(name.startswith(f"{i}.k.") for name in tensors)
+            ids = tensors[f"{i}.ids"].cpu()
+            self._entries[hash(tuple(ids.tolist()))] = _Entry(
+                ids, [tensors[f"{i}.k.{layer}"] for layer in range(n_layers)],
+                [tensors[f"{i}.v.{layer}"] for layer in range(n_layers)])

@@ -1,0 +1,57 @@
+"""Context caching: a shared document is prefilled once; answers are unchanged."""
+import pytest
+
+pytest.importorskip("transformers")
+from test_engine_helpers import make_checkpoint  # noqa: E402
+
+import infinitehip  # noqa: E402
+from infinitehip import HiPConfig  # noqa: E402
+from infinitehip.engine import PrefixCache, SamplingParams, stream  # noqa: E402
+
+DOC = " ".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(60))
+
+
+def answer(model, prompt, cache=None, backend="hip"):
+    events = stream(model, [prompt], SamplingParams(max_new_tokens=6), backend=backend, chunk_size=64,
+                    prefix_cache=cache)
+    return "".join(e.text for e in events)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    cfg = HiPConfig.preset("tiny", model_context_length=1 << 20)
+    return infinitehip.load(make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama"), config=cfg)
+
+
+@pytest.mark.parametrize("backend", ["hip", "dense"])
+def test_second_question_skips_the_document_prefill(model, backend):
+    cache = PrefixCache(block_tokens=64, min_tokens=64)
+    questions = [DOC + " question one?", DOC + " and question two?"]
+    want = [answer(model, q, backend=backend) for q in questions]
+    got = [answer(model, q, cache, backend=backend) for q in questions]
+    assert got == want
+    n_doc = len(model.tokenizer.encode(DOC))
+    assert cache.stats.hits == 1
+    assert cache.stats.reused_tokens >= n_doc - 64, "the whole document (in whole blocks) was reused"
+    assert cache.stats.prefilled_tokens < n_doc + 64 + len(model.tokenizer.encode(questions[1]))
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    cache = PrefixCache(block_tokens=64, min_tokens=64)
+    first = answer(model, DOC + " question one?", cache)
+    cache.save(tmp_path / "doc.safetensors")
+    fresh = PrefixCache(block_tokens=64, min_tokens=64)
+    fresh.load(tmp_path / "doc.safetensors")
+    assert len(fresh) == 1
+    assert answer(model, DOC + " question one?", fresh) == first
+    assert fresh.stats.hits == 1
+
+
+def test_short_prompts_are_not_cached_and_bad_file_errors(model, tmp_path):
+    cache = PrefixCache(block_tokens=64, min_tokens=1024)
+    answer(model, "hello world", cache)
+    assert len(cache) == 0
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable prefix-cache file"):
+        cache.load(bad)
