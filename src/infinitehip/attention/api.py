@@ -56,7 +56,7 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
     kv_len = (torch.full((B,), tk, device=q.device, dtype=torch.long) if cache_seqlens is None
               else cache_seqlens.to(device=q.device, dtype=torch.long))
     if _use_dense(tk, config):
-        return dense_attention(q, k, v, kv_len, rope, scale), None
+        return dense_attention(q, k, v, None if cache_seqlens is None else kv_len, rope, scale), None
     if backend == "triton":
         from .triton import ops as impl
     else:
@@ -69,19 +69,27 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
     return impl.attend(q, k, v, mask.starts, geo, config, rope, scale), mask
 
 
-def dense_attention(q, k, v, kv_len, rope: RoPE | None, scale: float) -> torch.Tensor:
-    """Exact causal attention with RoPE at true positions (SDPA). Returns (B, Tq, H, D)."""
+def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, scale: float) -> torch.Tensor:
+    """Exact causal attention with RoPE at true positions (SDPA). Returns (B, Tq, H, D).
+
+    kv_len: (B,) valid keys per row, or None when every row has all Tk keys — then SDPA gets no
+    explicit mask and can use its fastest (flash / cuDNN) kernels.
+    """
     B, tq, H, D = q.shape
     tk = k.shape[1]
-    q_pos = kv_len[:, None] - tq + torch.arange(tq, device=q.device)        # (B, Tq)
+    lens = torch.full((B,), tk, device=q.device) if kv_len is None else kv_len
+    q_pos = lens[:, None] - tq + torch.arange(tq, device=q.device)          # (B, Tq)
     if rope is not None:
         cos, sin = rope.cos_sin(q_pos)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         cos, sin = rope.cos_sin(torch.arange(tk, device=q.device))
         k = apply_rope(k, cos[:, None], sin[:, None])
-    allowed = torch.arange(tk, device=q.device) <= q_pos[..., None]           # (B, Tq, Tk)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=allowed[:, None], scale=scale, enable_gqa=True)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if kv_len is None and tq in (1, tk):  # one query sees every key; or square causal
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1, scale=scale, enable_gqa=True)
+    else:
+        allowed = torch.arange(tk, device=q.device) <= q_pos[..., None]       # (B, Tq, Tk)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
 
 

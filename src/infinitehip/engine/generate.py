@@ -56,8 +56,8 @@ def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, *, backend: str 
     t0 = time.perf_counter()
     for s in range(start, T, chunk_size):
         e = min(s + chunk_size, T)
-        start = torch.tensor([s], device=tokens.device)
-        logits = model.net(tokens[:, s:e], start, cache, call, kv_limit=e, last_only=True)
+        pos = torch.tensor([s], device=tokens.device)
+        logits = model.net(tokens[:, s:e], pos, cache, call, kv_limit=e, last_only=True)
         if bar is not None:
             bar.update(e - s)
     if bar is not None:

@@ -124,7 +124,8 @@ class Attention(nn.Module):
             k_all, v_all = k_all[:, :kv_limit], v_all[:, :kv_limit]
         kv_len = start + T                                                      # (B,)
         if call.backend == "dense":
-            out = dense_attention(q, k_all, v_all, kv_len, rope, self.scale)
+            full = kv_limit is not None and B == 1          # the one row has exactly kv_limit keys
+            out = dense_attention(q, k_all, v_all, None if full else kv_len, rope, self.scale)
         else:
             mask, stage = None, 0
             if call.backend == "streaming":
