@@ -69,11 +69,14 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
     return impl.attend(q, k, v, mask.starts, geo, config, rope, scale), mask
 
 
-def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, scale: float) -> torch.Tensor:
+def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, scale: float,
+                    keys_rotated: bool = False) -> torch.Tensor:
     """Exact causal attention with RoPE at true positions (SDPA). Returns (B, Tq, H, D).
 
     kv_len: (B,) valid keys per row, or None when every row has all Tk keys — then SDPA gets no
     explicit mask and can use its fastest (flash / cuDNN) kernels.
+    keys_rotated: k already carries RoPE at its true positions (a dense engine's cache), so only
+    q is rotated here.
     """
     B, tq, H, D = q.shape
     tk = k.shape[1]
@@ -82,8 +85,9 @@ def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, sca
     if rope is not None:
         cos, sin = rope.cos_sin(q_pos)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
-        cos, sin = rope.cos_sin(torch.arange(tk, device=q.device))
-        k = apply_rope(k, cos[:, None], sin[:, None])
+        if not keys_rotated:
+            cos, sin = rope.cos_sin(torch.arange(tk, device=q.device))
+            k = apply_rope(k, cos[:, None], sin[:, None])
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if kv_len is None and tq in (1, tk):  # one query sees every key; or square causal
         out = F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1, scale=scale, enable_gqa=True)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import HiPMask, RoPE, dense_attention, empty_mask, hip_attention
+from ..attention.rope import apply_rope
 from ..attention.stages import n_groups
 from ..config import HiPConfig
 
@@ -119,13 +120,16 @@ class Attention(nn.Module):
         q, k, v = q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if call.backend == "dense":  # a dense engine caches keys rotated at their true positions
+            cos, sin = rope.cos_sin(start[:, None] + torch.arange(T, device=x.device))     # (B, T, D/2)
+            k = apply_rope(k, cos[:, :, None], sin[:, :, None])
         k_all, v_all = cache.update(self.layer, start, k, v)                    # (B, capacity, K, D)
         if kv_limit is not None:
             k_all, v_all = k_all[:, :kv_limit], v_all[:, :kv_limit]
         kv_len = start + T                                                      # (B,)
         if call.backend == "dense":
             full = kv_limit is not None and B == 1          # the one row has exactly kv_limit keys
-            out = dense_attention(q, k_all, v_all, None if full else kv_len, rope, self.scale)
+            out = dense_attention(q, k_all, v_all, None if full else kv_len, rope, self.scale, keys_rotated=True)
         else:
             mask, stage = None, 0
             if call.backend == "streaming":
