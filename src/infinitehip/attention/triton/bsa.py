@@ -1,0 +1,169 @@
+"""Block-sparse flash attention over sink + selected chunks + sliding window (Triton).
+
+Mirrors ``reference.attend`` / ``reference.slot_indices``. Every (batch, query block, kv head)
+sees one list of slots, in order::
+
+    [0, SINK)                      sink keys            idx = slot
+    [SINK, SINK + NSEL * C)        selected chunks      idx = starts[j] + i   (j = chunk, i < C)
+    [SINK + NSEL * C, S)           window keys          idx = max(w0, SINK) + i
+
+A program owns a tile of BLOCK_M rows = BLOCK_T query rows x HEADS_P query heads of one kv head
+(the heads of a GQA group share every key load) and runs one online softmax, exp2 domain with
+float32 accumulators, over a range of slot tiles. Keys are rotated on the fly at their RoPE
+positions relative to the block's first query p0 (cos/sin computed in registers); the rotate_half
+convention means D is loaded as two halves, each padded to HALF_P. With SPLIT the program writes
+a partial output and its log2-sum-exp for ``decode.combine`` (flash-decoding); otherwise the
+normalized output.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..mask import SENTINEL
+from .prune import _rotate
+
+_SENTINEL = tl.constexpr(SENTINEL)
+# exp(x) = exp2(x * log2(e)): the softmax scale is folded into q together with log2(e).
+LOG2E = 1.4426950408889634
+# Running max starts finite so fully masked tiles give exp2(-inf - m) = 0, never nan.
+_M_INIT = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """x as a tl.dot operand: rounded to the inputs' dtype, or kept float32 with UPCAST (the CPU
+    interpreter truncates to bfloat16 instead of rounding, and cannot multiply it)."""
+    if UPCAST:
+        x = x.to(tl.float32)
+    else:
+        x = x.to(DTYPE)
+    return x
+
+
+@triton.jit
+def _bsa_kernel(
+    q_ptr, k_ptr, v_ptr, starts_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr, attention_scaling, qk_scale,
+    out_ptr, lse_ptr,
+    stride_qb, stride_qt, stride_qh,            # q (B, Tq, H, D), unit stride on D
+    stride_kb, stride_kt, stride_kh,            # k (B, Tk, K, D)
+    stride_vb, stride_vt, stride_vh,            # v (B, Tk, K, D)
+    stride_sb, stride_sg, stride_sq,            # starts (B, G, NQB, NSEL), unit stride on NSEL
+    stride_pb,                                  # p0 / w0 (B, NQB)
+    stride_ob, stride_ot, stride_oh, stride_os,  # out (B, Tq, H, D) or partials (B, Tq, H, NSPLIT, D)
+    stride_lb, stride_lt, stride_lh,            # lse partials (B, Tq, H, NSPLIT), unit stride on NSPLIT
+    TQ, NQB, T_TILES, KG,
+    TILES_PER_SPLIT: tl.constexpr, SINK: tl.constexpr, C: tl.constexpr, NSEL: tl.constexpr, NSEL_P: tl.constexpr, N_WINDOW: tl.constexpr,
+    BQ: tl.constexpr, HPK: tl.constexpr, HEADS_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
+    ROPE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    tt = pid % T_TILES
+    qb = (pid // T_TILES) % NQB
+    b = pid // (T_TILES * NQB)
+    g = kvh // KG
+    b64 = b.to(tl.int64)
+
+    p0 = tl.load(p0_ptr + b * stride_pb + qb)
+    w0 = tl.load(w0_ptr + b * stride_pb + qb)
+    wst = tl.maximum(w0, SINK)                              # first window key
+    exact = tl.load(exact_ptr + b) != 0
+    s_row = starts_ptr + b64 * stride_sb + g * stride_sg + qb * stride_sq
+    # Streaming positions pack sink + the valid selected chunks just before the window.
+    n_valid = tl.sum((tl.load(s_row + tl.arange(0, NSEL_P), mask=tl.arange(0, NSEL_P) < NSEL,
+                              other=_SENTINEL) != _SENTINEL).to(tl.int64), axis=0)
+    packed = wst - n_valid * C
+
+    # Rows: m = t * HEADS_P + j -> query row t of the block, head j of the kv head's group.
+    m = tl.arange(0, BLOCK_M)
+    t = tt * BLOCK_T + m // HEADS_P
+    j = m % HEADS_P
+    q_row = qb * BQ + t
+    row_ok = (m // HEADS_P < BLOCK_T) & (t < BQ) & (q_row < TQ) & (j < HPK)
+    h = kvh * HPK + j
+    p_row = p0 + t                                          # (BLOCK_M,) position of each row
+    p_max = tl.max(tl.where(row_ok, p_row, -1), axis=0)
+
+    d = tl.arange(0, HALF_P)
+    d_ok = d < HALF
+    inv_freq = tl.load(inv_freq_ptr + d, mask=d_ok, other=0.0)
+    # q stays in registers throughout: rotated at its offset t from p0, scaled by scale * log2(e).
+    q_off = b64 * stride_qb + q_row.to(tl.int64)[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :]
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q1 = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32)              # (BLOCK_M, HALF_P)
+    q2 = tl.load(q_ptr + q_off + HALF, mask=q_mask, other=0.0).to(tl.float32)
+    if ROPE:
+        q1, q2 = _rotate(q1, q2, t, inv_freq, attention_scaling, FAST)
+    dtype = k_ptr.dtype.element_ty
+    q1 = _operand(q1 * qk_scale, dtype, UPCAST)
+    q2 = _operand(q2 * qk_scale, dtype, UPCAST)
+
+    m_i = tl.full((BLOCK_M,), _M_INIT, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc1 = tl.zeros((BLOCK_M, HALF_P), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, HALF_P), tl.float32)
+
+    k_base = k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+    SEL_END: tl.constexpr = SINK + NSEL * C
+    S: tl.constexpr = SEL_END + N_WINDOW
+    for i in range(TILES_PER_SPLIT):
+        # (BLOCK_N,) slots; a tile past the end (last split) has no valid column and is skipped.
+        s = (split * TILES_PER_SPLIT + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_sink = s < SINK
+        in_sel = (s >= SINK) & (s < SEL_END)
+        in_win = (s >= SEL_END) & (s < S)
+        u = tl.where(in_sel, s - SINK, 0)
+        st = tl.load(s_row + u // C, mask=in_sel, other=_SENTINEL).to(tl.int64)
+        sel_idx = st + u % C
+        idx = tl.where(in_sink, s, tl.where(in_sel, sel_idx, wst + (s - SEL_END)))
+        sel_ok = in_sel & (st != _SENTINEL) & (sel_idx >= SINK) & (sel_idx < w0)
+        causal = in_sink | in_win                           # valid for rows at positions >= idx
+        col_ok = sel_ok | (causal & (idx <= p_max))
+        if tl.max(col_ok.to(tl.int32), axis=0) > 0:
+            row = tl.where(col_ok, idx, 0).to(tl.int64)      # key row to load (0 when unused)
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k_off = row[:, None] * stride_kt + d[None, :]
+            k1 = tl.load(k_base + k_off, mask=kv_mask, other=0.0)                   # (BLOCK_N, HALF_P)
+            k2 = tl.load(k_base + k_off + HALF, mask=kv_mask, other=0.0)
+            if ROPE:
+                pos = tl.where(exact | in_win, idx, packed - SINK + s)
+                k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), pos - p0, inv_freq, attention_scaling,
+                                 FAST)
+            k1 = _operand(k1, dtype, UPCAST)
+            k2 = _operand(k2, dtype, UPCAST)
+            qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+            qk += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)            # (BLOCK_M, BLOCK_N)
+            valid = sel_ok[None, :] | (causal[None, :] & (idx[None, :] <= p_row[:, None]))
+            qk = tl.where(valid, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_off = row[:, None] * stride_vt + d[None, :]
+            v1 = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
+            v2 = tl.load(v_base + v_off + HALF, mask=kv_mask, other=0.0)
+            p = _operand(p, dtype, UPCAST)
+            v1 = _operand(v1, dtype, UPCAST)
+            v2 = _operand(v2, dtype, UPCAST)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=DOT_PRECISION)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, v2, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o1 = acc1 / l_safe[:, None]
+    o2 = acc2 / l_safe[:, None]
+    o_off = (b64 * stride_ob + q_row.to(tl.int64)[:, None] * stride_ot + h[:, None] * stride_oh
+             + split * stride_os + d[None, :])
+    if SPLIT:
+        tl.store(out_ptr + o_off, o1, mask=q_mask)
+        tl.store(out_ptr + o_off + HALF, o2, mask=q_mask)
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
+        tl.store(lse_ptr + b64 * stride_lb + q_row * stride_lt + h * stride_lh + split, lse, mask=row_ok)
+    else:
+        tl.store(out_ptr + o_off, o1.to(out_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(out_ptr + o_off + HALF, o2.to(out_ptr.dtype.element_ty), mask=q_mask)

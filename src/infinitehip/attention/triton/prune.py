@@ -1,0 +1,222 @@
+"""Hierarchical top-1 chunk scoring: the Triton kernel behind ``ops.score_chunks``.
+
+One launch scores every (batch, head group, query block, chunk) in parallel. A program owns
+``BLOCK_C`` chunks of one (batch, group, query block) and walks their log2(chunk) levels
+together: at each level it gathers the two probe keys of every chunk (the middles of both
+halves), rotates them in registers, scores them against the block's pooled queries (max over
+valid rows and over every query head of the group) and keeps the better half of each chunk.
+
+Mirrors ``reference.score_chunks``; see it for the exact semantics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...config import HiPConfig
+from ..mask import NEG_SCORE, SENTINEL, Geometry
+from ..rope import RoPE
+
+# Pooled queries are float32; "tf32x3" keeps float32 accuracy at a third of the tf32 rate, so
+# the kernel takes the same left/right decisions as the float32 reference.
+_PRUNE_DOT_PRECISION = "tf32x3"
+_SENTINEL = tl.constexpr(SENTINEL)
+_NEG_SCORE = tl.constexpr(NEG_SCORE)
+
+
+# 2*pi in three parts for Cody-Waite range reduction (the first exact in 8 bits).
+_TWO_PI_A = tl.constexpr(6.28125)
+_TWO_PI_B = tl.constexpr(1.9353071693331003e-3)
+_TWO_PI_C = tl.constexpr(1.0253131677018246e-11)
+_INV_TWO_PI = tl.constexpr(0.15915494309189535)
+
+
+@triton.jit
+def _cos_sin(angle, FAST: tl.constexpr):
+    """cos and sin of float32 angles. FAST (GPU): reduce into [-pi, pi] then the hardware
+    approximations (abs. error ~1e-6, a few instructions instead of libdevice's ~40)."""
+    if FAST:
+        n = tl.floor(angle * _INV_TWO_PI + 0.5)
+        r = tl.fma(-n, _TWO_PI_A, angle)
+        r = tl.fma(-n, _TWO_PI_B, r)
+        r = tl.fma(-n, _TWO_PI_C, r)
+        cos = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+        sin = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    else:
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
+    return cos, sin
+
+
+@triton.jit
+def _rotate(x1, x2, rel, inv_freq, attention_scaling, FAST: tl.constexpr):
+    """RoPE (rotate_half convention) of rows x = [x1 | x2] at positions rel: (N, HALF_P) each."""
+    cos, sin = _cos_sin(rel.to(tl.float32)[:, None] * inv_freq[None, :], FAST)
+    cos = cos * attention_scaling
+    sin = sin * attention_scaling
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _probe_scores(q_ptr, qv_ptr, k_ptr, probe, probe_ok, exact, rel, inv_freq, attention_scaling, kvh,
+                  stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
+                  R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr, HALF: tl.constexpr,
+                  HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                  M_TILES: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST: tl.constexpr):
+    """Max over the valid pooled rows and the HPK query heads of kv head ``kvh`` of q . k_probe.
+
+    probe (BLOCK_C,) key positions; returns (BLOCK_C,) float32, -inf where no row is valid.
+    """
+    d = tl.arange(0, HALF_P)
+    d_ok = d < HALF
+    # The probe keys: both halves of D, loaded separately for rotate_half. 64-bit offsets.
+    k_off = probe.to(tl.int64)[:, None] * stride_kt + kvh.to(tl.int64) * stride_kh + d[None, :]
+    k_mask = probe_ok[:, None] & d_ok[None, :]
+    k1 = tl.load(k_ptr + k_off, mask=k_mask, other=0.0).to(tl.float32)            # (BLOCK_C, HALF_P)
+    k2 = tl.load(k_ptr + k_off + HALF, mask=k_mask, other=0.0).to(tl.float32)
+    if ROPE:
+        if exact:
+            k1, k2 = _rotate(k1, k2, rel, inv_freq, attention_scaling, FAST)
+        else:   # relative mode: every probe at position 0, a rotation by zero
+            k1 = k1 * attention_scaling
+            k2 = k2 * attention_scaling
+    best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+    # Rows m = r * HPK_P + j (pooled row r, head j of the kv head). Row tiles without a valid
+    # row are skipped: in decode only the first pooled row is real.
+    for mt in range(M_TILES):
+        m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        r = m // HPK_P
+        j = m % HPK_P
+        row_ok = (r < R) & (j < HPK)
+        row_ok = row_ok & (tl.load(qv_ptr + r * stride_qvr, mask=row_ok, other=0) != 0)
+        if tl.max(row_ok.to(tl.int32), axis=0) > 0:
+            q_off = r[:, None] * stride_qr + (kvh * HPK + j)[:, None] * stride_qh + d[None, :]
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q1 = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)                    # (BLOCK_M, HALF_P)
+            q2 = tl.load(q_ptr + q_off + HALF, mask=q_mask, other=0.0)
+            s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+            s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)          # (BLOCK_M, BLOCK_C)
+            s = tl.where(row_ok[:, None], s, float("-inf"))
+            best = tl.maximum(best, tl.max(s, axis=0))
+    return best
+
+
+@triton.jit
+def _score_chunks_kernel(
+    q_ptr, qv_ptr, k_ptr, starts_ptr, out_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr, attention_scaling,
+    stride_qb, stride_qq, stride_qr, stride_qh,         # qp (B, NQB, R, H, D), unit stride on D
+    stride_qvb, stride_qvq, stride_qvr,                 # q_valid (B, NQB, R)
+    stride_kb, stride_kt, stride_kh,                    # k (B, Tk, K, D), unit stride on D
+    stride_sb, stride_sg, stride_sq, stride_sn,         # starts (B, G, NQB, n)
+    stride_ob, stride_og, stride_oq,                    # out (B, G, NQB, n), unit stride on n
+    stride_pb,                                          # p0 / w0 (B, NQB), unit stride on NQB
+    G, NQB, N,
+    SINK: tl.constexpr, CHUNK: tl.constexpr, LEVELS: tl.constexpr,
+    KG: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    M_TILES: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST: tl.constexpr,
+):
+    # One program: BLOCK_C chunks of one (batch, group, query block). 1-D grid, tiles fastest.
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_C)
+    tile = pid % n_tiles
+    bgq = pid // n_tiles
+    qb = bgq % NQB
+    g = (bgq // NQB) % G
+    b = bgq // (NQB * G)
+
+    c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < N
+    st = tl.load(starts_ptr + b.to(tl.int64) * stride_sb + g * stride_sg + qb * stride_sq + c * stride_sn,
+                 mask=c_ok, other=_SENTINEL).to(tl.int64)
+    p0 = tl.load(p0_ptr + b * stride_pb + qb)
+    w0 = tl.load(w0_ptr + b * stride_pb + qb)
+    lo = tl.maximum(st, SINK)
+    hi = tl.minimum(st + CHUNK, w0)
+    active = c_ok & (st != _SENTINEL) & (lo < hi)
+
+    best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+    if tl.max(active.to(tl.int32), axis=0) > 0:
+        exact = tl.load(exact_ptr + b) != 0
+        inv_freq = tl.load(inv_freq_ptr + tl.arange(0, HALF_P), mask=tl.arange(0, HALF_P) < HALF, other=0.0)
+        q_base = q_ptr + b.to(tl.int64) * stride_qb + qb * stride_qq
+        qv_base = qv_ptr + b * stride_qvb + qb * stride_qvq
+        k_base = k_ptr + b.to(tl.int64) * stride_kb
+        a = tl.where(active, st, 0)
+        for level in tl.static_range(LEVELS):
+            half = CHUNK >> (level + 1)
+            # Probe the middle of each half, clamped into the chunk's selectable part [lo, hi).
+            left = tl.maximum(tl.minimum(a + half // 2, hi - 1), lo)
+            right = tl.maximum(tl.minimum(a + half + half // 2, hi - 1), lo)
+            left = tl.where(active, left, 0)
+            right = tl.where(active, right, 0)
+            # Exact pruning rotates probes at their offset from the block start; relative at 0.
+            rel_l = tl.where(exact, left - p0, 0)
+            rel_r = tl.where(exact, right - p0, 0)
+            s_l = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+            s_r = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+            for kk in range(KG):
+                kvh = g * KG + kk
+                s_l = tl.maximum(s_l, _probe_scores(
+                    q_base, qv_base, k_base, left, active, exact, rel_l, inv_freq, attention_scaling, kvh,
+                    stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
+                    R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
+                s_r = tl.maximum(s_r, _probe_scores(
+                    q_base, qv_base, k_base, right, active, exact, rel_r, inv_freq, attention_scaling, kvh,
+                    stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
+                    R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
+            best = tl.maximum(best, tl.maximum(s_l, s_r))
+            a = a + tl.where(s_r > s_l, half, 0)     # keep the better half (ties: the left one)
+    out = tl.where(active, best, _NEG_SCORE)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + g * stride_og + qb * stride_oq + c, out, mask=c_ok)
+
+
+def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, starts: torch.Tensor, chunk: int,
+                 geo: Geometry, config: HiPConfig, rope: RoPE | None) -> torch.Tensor:
+    """Triton ``reference.score_chunks``: (B, G, NQB, n) float32 scores, NEG_SCORE if inactive.
+
+    qp (B, NQB, R, H, D) float32 pooled rotated queries, q_valid (B, NQB, R) bool,
+    k (B, Tk, K, D) un-rotated keys, starts (B, G, NQB, n) int (SENTINEL = no chunk).
+    """
+    B, nqb, R, H, D = qp.shape
+    K = k.shape[2]
+    G, n = starts.shape[1], starts.shape[3]
+    if qp.dtype != torch.float32 or qp.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("score_chunks needs float32 pooled queries and keys with unit stride on D")
+    if chunk < 2 or chunk & (chunk - 1):
+        raise ValueError(f"chunk={chunk} must be a power of two >= 2")
+    out = torch.empty(B, G, nqb, n, device=k.device, dtype=torch.float32)
+    if n == 0:
+        return out
+    hpk = H // K
+    hpk_p = triton.next_power_of_2(hpk)
+    half = D // 2
+    half_p = max(16, triton.next_power_of_2(half))
+    block_c = 32 if n >= 32 else 16
+    block_m = min(64, max(16, R * hpk_p))
+    m_tiles = triton.cdiv(R * hpk_p, block_m)
+    p0, w0 = geo.p0.contiguous(), geo.w0.contiguous()
+    qv = q_valid.to(torch.int8)
+    exact = geo.exact_prune.to(torch.int8).contiguous()
+    inv_freq = (rope.inv_freq if rope is not None else torch.zeros(1, device=k.device)).to(k.device, torch.float32)
+    scaling = rope.attention_scaling if rope is not None else 1.0
+    grid = (triton.cdiv(n, block_c) * B * G * nqb,)
+    _score_chunks_kernel[grid](
+        qp, qv, k, starts, out, p0, w0, exact, inv_freq, float(scaling),
+        qp.stride(0), qp.stride(1), qp.stride(2), qp.stride(3),
+        qv.stride(0), qv.stride(1), qv.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        starts.stride(0), starts.stride(1), starts.stride(2), starts.stride(3),
+        out.stride(0), out.stride(1), out.stride(2),
+        p0.stride(0),
+        G, nqb, n,
+        SINK=config.sink, CHUNK=chunk, LEVELS=chunk.bit_length() - 1,
+        KG=K // G, R=R, HPK=hpk, HPK_P=hpk_p, HALF=half, HALF_P=half_p,
+        BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
+        DOT_PRECISION=_PRUNE_DOT_PRECISION, FAST=k.is_cuda,
+        num_warps=4,
+    )
+    return out

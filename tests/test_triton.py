@@ -1,0 +1,132 @@
+"""The Triton kernels against the PyTorch reference (on CPU through TRITON_INTERPRET=1).
+
+score_chunks and attend are compared given the same inputs and the same mask; tolerances of
+low-precision runs are relative to the reference's own low-precision error, as in
+flash-attention's tests.
+"""
+import pytest
+import torch
+
+from infinitehip import HiPConfig, RoPE, hip_attention
+from infinitehip.attention import reference
+from infinitehip.attention.mask import SENTINEL, geometry
+from infinitehip.attention.stages import pool_queries, run_stages
+
+ops = pytest.importorskip("infinitehip.attention.triton.ops")
+
+TINY = HiPConfig.preset("tiny")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rand_qkv(B, tq, tk, H, K, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, t, n, D, generator=g) for t, n in ((tq, H), (tk, K), (tk, K)))
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype)
+
+
+def setup(B, tq, tk, H, K, D, *, dtype=torch.float32, lens=None, seed=0, **overrides):
+    cfg = TINY.replace(**overrides)
+    q, k, v = rand_qkv(B, tq, tk, H, K, D, dtype, seed)
+    kv_len = torch.full((B,), tk, device=DEVICE) if lens is None else torch.tensor(lens, device=DEVICE)
+    geo = geometry(kv_len - tq, tq, kv_len, cfg)
+    return cfg, q, k, v, geo, RoPE.default(D)
+
+
+# (B, Tq, Tk, H, K, D, lens): ragged Tk, GQA 1/4/8, several query blocks, cache_seqlens.
+SCORE_CASES = [
+    (1, 40, 517, 4, 4, 64, None),        # GQA 1, ragged, two query blocks
+    (2, 1, 700, 8, 2, 128, [700, 555]),  # decode, GQA 4, cache_seqlens
+    (1, 3, 450, 8, 1, 80, None),         # GQA 8, head_dim 80 (half-dim padded to 64)
+]
+
+
+@pytest.mark.parametrize("B,tq,tk,H,K,D,lens", SCORE_CASES)
+@pytest.mark.parametrize("sharing,prune", [("kv", "exact"), ("all", "relative")])
+def test_score_chunks_matches_reference(B, tq, tk, H, K, D, lens, sharing, prune):
+    cfg, q, k, _, geo, rope = setup(B, tq, tk, H, K, D, lens=lens, head_sharing=sharing, rope_prune=prune)
+    mask = run_stages(q, k, geo, cfg, rope, reference.score_chunks)
+    for s in (0, cfg.n_stages - 1):           # the whole context, then the finest chunks
+        qp, q_valid = pool_queries(q, geo, cfg.stage_strides[s], cfg, rope)
+        starts = mask.stage_inputs[s].long()
+        want = reference.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
+        got = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
+        assert (want > -1e29).any(), "some chunks must be active for the test to mean anything"
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_score_chunks_bf16_keys_and_inactive_chunks():
+    cfg, q, k, _, geo, rope = setup(1, 1, 400, 4, 2, 64, dtype=torch.bfloat16)
+    qp, q_valid = pool_queries(q, geo, 2, cfg, rope)
+    # Chunks inside the window, past the end, or SENTINEL must score NEG_SCORE.
+    starts = torch.tensor([0, 32, 64, 256, 352, 384, SENTINEL], device=DEVICE).expand(1, 2, 1, -1)
+    want = reference.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope)
+    got = ops.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got[..., 4:] == -1.0e30).all() and (got[..., 1:4] > -1e29).all()
+
+
+def _rel_err(x, ref):
+    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+# (B, Tq, Tk, H, K, D, lens, overrides)
+ATTEND_CASES = [
+    (1, 70, 517, 4, 4, 64, None, dict(rope_attend="exact")),                  # 3 query blocks, GQA 1
+    (2, 1, 700, 8, 2, 128, [700, 433], dict(rope_attend="streaming")),        # decode split-K
+    (1, 3, 450, 8, 1, 96, None, dict(head_sharing="all")),                    # GQA 8, d 96
+    (1, 40, 170, 4, 1, 64, None, dict()),                                     # Tk just above sink+window
+    (1, 20, 100, 4, 2, 64, None, dict()),                                     # Tk < sink+window
+]
+
+
+@pytest.mark.parametrize("B,tq,tk,H,K,D,lens,overrides", ATTEND_CASES)
+def test_attend_matches_reference_fp32(B, tq, tk, H, K, D, lens, overrides):
+    cfg, q, k, v, geo, rope = setup(B, tq, tk, H, K, D, lens=lens, **overrides)
+    starts = run_stages(q, k, geo, cfg, rope, reference.score_chunks).starts
+    if tk > cfg.sink + cfg.window:
+        assert (starts != SENTINEL).any()
+    want = reference.attend(q, k, v, starts, geo, cfg, rope, D ** -0.5)
+    got = ops.attend(q, k, v, starts, geo, cfg, rope, D ** -0.5)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("tq,rope_attend", [(1, "streaming"), (50, "exact")])
+def test_attend_bf16_error_is_within_reference_rounding(tq, rope_attend):
+    cfg, q, k, v, geo, rope = setup(2, tq, 600, 8, 2, 128, lens=[600, 521], seed=7, rope_attend=rope_attend)
+    starts = run_stages(q, k, geo, cfg, rope, reference.score_chunks).starts
+    lp = [x.bfloat16() for x in (q, k, v)]
+    exact = reference.attend(*[x.float() for x in lp], starts, geo, cfg, rope, 128 ** -0.5)
+    ref_lp = reference.attend(*lp, starts, geo, cfg, rope, 128 ** -0.5)        # bf16 rounding only
+    got = ops.attend(*lp, starts, geo, cfg, rope, 128 ** -0.5)
+    assert got.dtype == torch.bfloat16
+    # Rounding q.k and p to bf16 costs a few output roundings: bound at 4x the output rounding.
+    assert _rel_err(got, exact) <= 4 * _rel_err(ref_lp, exact) + 1e-3
+    assert _rel_err(got, exact) < 2e-2
+
+
+def test_attend_ignores_unwritten_cache():
+    cfg, q, k, v, geo, rope = setup(2, 1, 640, 4, 2, 64, lens=[640, 400])
+    starts = run_stages(q, k, geo, cfg, rope, reference.score_chunks).starts
+    out = ops.attend(q, k, v, starts, geo, cfg, rope, 0.125)
+    k2, v2 = k.clone(), v.clone()
+    k2[1, 400:], v2[1, 400:] = float("nan"), float("nan")
+    torch.testing.assert_close(ops.attend(q, k2, v2, starts, geo, cfg, rope, 0.125), out)
+
+
+@pytest.mark.parametrize("sharing,modes", [("kv", ("relative", "streaming")), ("all", ("exact", "exact"))])
+def test_hip_attention_triton_matches_reference(sharing, modes):
+    q, k, v = rand_qkv(1, 33, 900, 8, 2, 64, seed=11)
+    cfg = TINY.replace(head_sharing=sharing, rope_prune=modes[0], rope_attend=modes[1])
+    rope = RoPE.default(64)
+    want, m_ref = hip_attention(q, k, v, config=cfg, rope=rope, backend="reference")
+    got, m_tri = hip_attention(q, k, v, config=cfg, rope=rope, backend="triton")
+    assert torch.equal(m_tri.starts, m_ref.starts), "the kernels must select the same chunks"
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    # Decode: a full refresh, then a refresh from the last stage with the saved input.
+    q1, a, b = q[:, -1:], None, None
+    for stage in (0, cfg.n_stages - 1):
+        want, a = hip_attention(q1, k, v, config=cfg, rope=rope, mask=a, refresh_stage=stage, backend="reference")
+        got, b = hip_attention(q1, k, v, config=cfg, rope=rope, mask=b, refresh_stage=stage, backend="triton")
+        assert torch.equal(a.starts, b.starts)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
