@@ -121,3 +121,22 @@ def test_mask_granularity_and_order():
     valid = s[s != SENTINEL]
     assert (valid % TINY.chunk_size == 0).all() and (valid >= TINY.sink - TINY.chunk_size).all()
     assert (s[..., 1:] >= s[..., :-1]).all(), "selected chunks are sorted by position"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_decode_with_mask_reuse_loses_no_key(backend):
+    """Full budget, default refresh schedule: every decode step still equals dense attention.
+
+    Between refreshes the window must stay anchored where stage 0 pruned, or the keys that
+    slide out of it would be attended by nobody.
+    """
+    cfg = FULL.replace(refresh_intervals=(8, 4, 2), window=16, sink=16)
+    B, H, K, D, T0, steps = 1, 4, 2, 64, 300, 10
+    q, k, v = rand_qkv(B, steps, T0 + steps, H, K, D, seed=7)
+    rope = RoPE.default(D)
+    mask = None
+    for t in range(steps):
+        n = T0 + t + 1
+        out, mask = hip_attention(q[:, t:t + 1], k[:, :n], v[:, :n], config=cfg, rope=rope, mask=mask,
+                                  refresh_stage=cfg.refresh_stage(t), backend=backend)
+        torch.testing.assert_close(out, dense(q[:, t:t + 1], k[:, :n], v[:, :n], rope), atol=5e-5, rtol=5e-5)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..config import HiPConfig
 from . import reference
-from .mask import HiPMask, geometry
+from .mask import HiPMask, anchor_window, geometry
 from .rope import RoPE, apply_rope
 from .stages import n_groups, run_stages
 
@@ -64,6 +64,8 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
     if backend == "reference":
         return _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, refresh_stage)
     geo = geometry(kv_len - tq, tq, kv_len, config)
+    if refresh_stage > 0:
+        geo = anchor_window(geo, mask, config)
     if refresh_stage < config.n_stages or mask is None:
         mask = run_stages(q, k, geo, config, rope, impl.score_chunks, mask, refresh_stage)
     return impl.attend(q, k, v, mask.starts, geo, config, rope, scale), mask
@@ -118,6 +120,8 @@ def _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, refresh_stage)
         qs = q[:, t:t + step]
         geo = geometry(kv_len - tq + t, qs.shape[1], kv_len, config)
         m = None if mask is None else _slice_mask(mask, t // bq, -(-qs.shape[1] // bq))
+        if refresh_stage > 0:
+            geo = anchor_window(geo, m, config)
         if refresh_stage < config.n_stages or m is None:
             m = run_stages(qs, k, geo, config, rope, reference.score_chunks, m, refresh_stage)
         outs.append(reference.attend(qs, k, v, m.starts, geo, config, rope, scale))
@@ -125,13 +129,15 @@ def _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, refresh_stage)
     if len(masks) == 1:
         return outs[0], masks[0]
     cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=2)  # noqa: E731
-    merged = HiPMask(cat([m.starts for m in masks]), tuple(cat(list(s)) for s in zip(*[m.stage_inputs for m in masks])))
+    merged = HiPMask(cat([m.starts for m in masks]), tuple(cat(list(s)) for s in zip(*[m.stage_inputs for m in masks])),
+                     None if masks[0].w0 is None else torch.cat([m.w0 for m in masks], dim=1))
     return torch.cat(outs, dim=1), merged
 
 
 def _slice_mask(mask: HiPMask, first: int, n: int) -> HiPMask:
     sl = lambda t: None if t is None else t[:, :, first:first + n]  # noqa: E731
-    return HiPMask(sl(mask.starts), tuple(sl(t) for t in mask.stage_inputs))
+    w0 = None if mask.w0 is None else mask.w0[:, first:first + n]
+    return HiPMask(sl(mask.starts), tuple(sl(t) for t in mask.stage_inputs), w0)
 
 
 def _check(q, k, v, config, rope, cache_seqlens, mask, refresh_stage, backend) -> str:

@@ -32,18 +32,35 @@ class HiPMask:
                   ``config.chunk_size`` keys), ``SENTINEL`` where fewer were found.
     stage_inputs: per stage s, the candidate chunk starts it scored, (B, G, NQB, n_s) int32;
                   kept so a decode refresh can rerun stage s without the stages before it.
+    w0:           (B, NQB) int64, the window start when stage 0 last ran. Chunks were picked
+                  below it, so while the mask is reused the window stays anchored there: keys
+                  that slide out of the moving window are never dropped between refreshes.
     G is the number of head groups sharing a mask (K for head_sharing="kv", 1 for "all").
     """
 
     starts: torch.Tensor
     stage_inputs: tuple[torch.Tensor, ...]
+    w0: torch.Tensor | None = None
 
     def copy_(self, other: "HiPMask") -> "HiPMask":
         """Overwrite in place (static buffers for CUDA graphs)."""
         self.starts.copy_(other.starts)
         for mine, theirs in zip(self.stage_inputs, other.stage_inputs):
-            mine.copy_(theirs)
+            if mine is not None:
+                mine.copy_(theirs)
+        if self.w0 is not None:
+            self.w0.copy_(other.w0)
         return self
+
+    def clone(self) -> "HiPMask":
+        c = lambda t: None if t is None else t.clone()  # noqa: E731
+        return HiPMask(self.starts.clone(), tuple(c(t) for t in self.stage_inputs), c(self.w0))
+
+
+def window_slots(config: HiPConfig) -> int:
+    """Window keys a query block may attend: ``window`` plus the block's own rows, plus the
+    positions the window may stay anchored behind while a mask is reused (< refresh_intervals[0])."""
+    return config.window + config.block_size_q + config.refresh_intervals[0] - 2
 
 
 def empty_mask(config: HiPConfig, batch: int, groups: int, n_query_blocks: int, device=None) -> HiPMask:
@@ -79,6 +96,16 @@ def geometry(q_pos0: torch.Tensor, tq: int, kv_len: torch.Tensor, config: HiPCon
     w0 = p0 - config.window + 1
     return Geometry(p0, w0, q_pos, q_valid, _exact(config.rope_prune, kv_len, config),
                     _exact(config.rope_attend, kv_len, config))
+
+
+def anchor_window(geo: Geometry, mask: HiPMask | None, config: HiPConfig) -> Geometry:
+    """Keep the window where stage 0 last pruned (``mask.w0``) while its chunks are reused,
+    but never so far back that the newest keys fall outside the window slots."""
+    if mask is None or mask.w0 is None:
+        return geo
+    lowest = geo.p0 + config.block_size_q - window_slots(config)
+    w0 = torch.maximum(torch.minimum(geo.w0, mask.w0.to(geo.w0)), lowest)
+    return Geometry(geo.p0, w0, geo.q_pos, geo.q_valid, geo.exact_prune, geo.exact_attend)
 
 
 def _exact(mode: str, kv_len: torch.Tensor, config: HiPConfig) -> torch.Tensor:

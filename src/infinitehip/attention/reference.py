@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import HiPConfig
-from .mask import NEG_SCORE, SENTINEL, Geometry
+from .mask import NEG_SCORE, SENTINEL, Geometry, window_slots
 from .rope import RoPE, apply_rope
 
 
@@ -72,13 +72,13 @@ def slot_indices(starts: torch.Tensor, geo: Geometry, config: HiPConfig):
     """Key index, RoPE position and validity of every attended slot.
 
     Slots are, in order: ``sink`` sink keys, ``n_selected * chunk_size`` selected keys,
-    ``window + block_size_q - 1`` window keys. Returns idx and pos (B, G, NQB, S) int64 and
+    ``window_slots(config)`` window keys. Returns idx and pos (B, G, NQB, S) int64 and
     valid (B, G, NQB, bq, S) bool. Streaming positions keep window keys where they are and pack
     the sink and the selected chunks, in order, just before the window.
     """
     B, G, nqb, nsel = starts.shape
     c, sink, dev = config.chunk_size, config.sink, starts.device
-    n_window = config.window + config.block_size_q - 1
+    n_window = window_slots(config)
     w0 = geo.w0[:, None, :, None]                                      # (B, 1, NQB, 1)
     wst = torch.clamp(w0, min=sink)
     starts = starts.long()

@@ -77,7 +77,8 @@ def run_stages(q, k, geo: Geometry, config: HiPConfig, rope: RoPE | None, score_
             starts = _split(kept, config.chunk_sizes[s], config.chunk_sizes[s + 1])
     pad = config.n_selected - kept.shape[-1]
     final = torch.nn.functional.pad(kept, (0, pad), value=SENTINEL) if pad > 0 else kept
-    return HiPMask(final.to(torch.int32), tuple(inputs))
+    w0 = geo.w0 if from_stage == 0 else mask.w0
+    return HiPMask(final.to(torch.int32), tuple(inputs), w0)
 
 
 def _keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int) -> torch.Tensor:

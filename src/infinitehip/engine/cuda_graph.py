@@ -18,7 +18,7 @@ from .generate import DecodeState, decode_one_token
 def _clone(mask: HiPMask | None) -> HiPMask | None:
     if mask is None:
         return None
-    return HiPMask(mask.starts.clone(), tuple(t.clone() for t in mask.stage_inputs))
+    return mask.clone()
 
 
 class GraphDecoder:

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from ...config import HiPConfig
-from ..mask import Geometry
+from ..mask import Geometry, window_slots
 from ..rope import RoPE
 from .bsa import LOG2E, _bsa_kernel
 from .decode import combine
@@ -54,7 +54,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tens
     hpk = H // K
     heads_p = triton.next_power_of_2(hpk)
     half = D // 2
-    n_window = config.window + bq - 1
+    n_window = window_slots(config)
     n_tiles = triton.cdiv(config.sink + nsel * c + n_window, BLOCK_N)
     if tq <= DECODE_MAX_QUERIES and nqb == 1:
         block_t = triton.next_power_of_2(tq)
