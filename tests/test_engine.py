@@ -1,7 +1,7 @@
 """Engine: chunked prefill, decode with mask reuse, sampling, batches, streaming, memory planning, CLI."""
 import pytest
 import torch
-from test_engine_helpers import hf_model, make_checkpoint
+from checkpoints import hf_model, make_checkpoint
 
 import infinitehip
 from infinitehip import HiPConfig

@@ -1,7 +1,7 @@
 """CUDA-graph decode gives the same greedy tokens as eager decode, for every backend."""
 import pytest
 import torch
-from test_engine_helpers import make_checkpoint
+from checkpoints import make_checkpoint
 
 import infinitehip
 from infinitehip.engine import SamplingParams, stream

@@ -1,7 +1,7 @@
 """The transformers drop-in: attn_implementation="infinitehip" matches eager attention where exact."""
 import pytest
 import torch
-from test_engine_helpers import hf_model, make_checkpoint
+from checkpoints import hf_model, make_checkpoint
 
 from infinitehip import HiPConfig
 

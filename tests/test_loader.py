@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from test_engine_helpers import ARCHS, hf_model, make_checkpoint
+from checkpoints import ARCHS, hf_model, make_checkpoint
 
 import infinitehip
 from infinitehip import HiPConfig

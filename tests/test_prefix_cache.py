@@ -2,7 +2,7 @@
 import pytest
 
 pytest.importorskip("transformers")
-from test_engine_helpers import make_checkpoint  # noqa: E402
+from checkpoints import make_checkpoint  # noqa: E402
 
 import infinitehip  # noqa: E402
 from infinitehip import HiPConfig  # noqa: E402

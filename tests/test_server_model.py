@@ -7,7 +7,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 pytest.importorskip("transformers")
 
-from test_engine_helpers import make_checkpoint  # noqa: E402
+from checkpoints import make_checkpoint  # noqa: E402
 from test_server_api import serve  # noqa: E402
 
 import infinitehip  # noqa: E402

@@ -14,21 +14,71 @@ console = Console()
 
 
 @app.command()
-def demo(context: int = typer.Option(262_144, help="Keys in the haystack."),
-         depth: float = typer.Option(0.3, help="Where the needle sits, 0 = start, 1 = end.")):
-    """Plant a needle deep in a long context and show which attention finds it."""
-    from .demo import attention_needle
+def demo(context: int = typer.Option(None, help="Prompt tokens (default: 16,384 = 32x the trained context "
+                                     "on CPU, 65,536 = 128x on GPU)."),
+         depth: float = typer.Option(0.35, help="Where the pass key sits, 0 = start, 1 = end."),
+         seed: int = typer.Option(0, help="Seed of the haystack and the pass key."),
+         device: str = typer.Option(None, help="cuda | cpu (default: cuda when available).")):
+    """The built-in model finds a pass key hidden far beyond its trained context."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    if not 0.0 <= depth < 1.0 or context < 4096:
-        raise typer.BadParameter("need 0 <= depth < 1 and context >= 4096")
-    r = attention_needle(context, depth)
-    table = Table(title=f"one decode query over {r['context']:,} keys, needle at {r['needle_at']:,}")
-    for col in ("method", "needle weight in output", "seconds"):
+    from .demo import LABELS, METHODS, default_context, run_demo
+
+    if not 0.0 <= depth <= 1.0 or (context is not None and context < 256):
+        raise typer.BadParameter("need 0 <= depth <= 1 and context >= 256")
+    n = context or default_context()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as bar:
+        job = bar.add_task(f"loading the built-in model, hiding a pass key in {n:,} tokens", total=len(METHODS))
+        r = run_demo(n, depth, seed, device=device,
+                     on_method=lambda m: bar.update(job, advance=0 if m == METHODS[0] else 1,
+                                                    description=f"{LABELS[m]} reads {n:,} tokens"))
+    console.print(f"[bold]{r.context:,}[/]-token prompt = [bold]{r.context / r.trained_context:.0f}x[/] the model's "
+                  f"trained context ({r.trained_context} tokens); pass key hidden at {r.needle_at:.0%} depth, "
+                  f"on {r.device}.")
+    console.print(f"question: [italic]{r.question}[/]   expected: [bold]{r.expected}[/]")
+    table = Table()
+    for col in ("attention", "answer", "correct", "seconds"):
         table.add_column(col)
-    for name, m in r["methods"].items():
-        table.add_row(name, f"{m['needle_weight']:.2f}", f"{m['seconds']:.3f}")
+    for m in METHODS:
+        ok = "[green]yes[/]" if r.correct[m] else "[red]no[/]"
+        table.add_row(LABELS[m], r.answers[m][:40] or "(nothing)", ok, f"{r.seconds[m]:.1f}")
     console.print(table)
-    console.print(f"hierarchical pruning selected the needle: {r['needle_selected']}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument("builtin", help="Model directory, or 'builtin' (with --endpoint: the "
+                                "served model's name)."),
+    tasks: str = typer.Option("passkey,niah_single,niah_multikey", help="Comma-separated: passkey, niah_single, "
+                              "niah_multikey, niah_multivalue, vt, kv."),
+    lengths: str = typer.Option("1x,4x,16x", help="Comma-separated prompt lengths: tokens (8192, 8k) or "
+                                "multiples of the trained context (32x)."),
+    methods: str = typer.Option("hip,dense,streaming", help="Comma-separated attention backends."),
+    samples: int = typer.Option(4, help="Prompts per (task, length, depth, method)."),
+    depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Needle depths, 0 = start of the context."),
+    endpoint: str = typer.Option(None, help="OpenAI-compatible server URL; evaluates it instead of a local model."),
+    out: str = typer.Option("eval_results", help="Folder for eval.json and the PNG plots."),
+    preset: str = typer.Option(None, help="HiPConfig preset (default: tiny for the built-in model, else paper)."),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
+    dtype: str = typer.Option(None, help="float32 | float16 | bfloat16."),
+    seed: int = typer.Option(0, help="Seed of the prompts."),
+    chunk_size: int = typer.Option(4096, "--chunk-size", help="Prefill chunk size in tokens."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """RULER-style long-context eval: accuracy per task, length, needle depth and method."""
+    from pathlib import Path as _Path
+
+    from .eval.command import eval_command
+
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    try:
+        eval_command(model, tasks=split(tasks), lengths=split(lengths), methods=split(methods), samples=samples,
+                     depths=[float(d) for d in split(depths)], endpoint=endpoint, out=_Path(out),
+                     preset=preset, device=device, dtype=dtype,
+                     seed=seed, chunk_size=chunk_size, console=console)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        _fail(e, debug)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -56,7 +106,8 @@ def generate_cmd(
     system: str = typer.Option(None, help="System message (with --chat)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
     backend: str = typer.Option("hip", help="Attention: hip | dense | streaming."),
-    preset: str = typer.Option("paper", help="HiPConfig preset: paper | fast | accurate | tiny."),
+    preset: str = typer.Option(None, help="HiPConfig preset: paper | fast | accurate | tiny "
+                                               "(default: the checkpoint's, else paper)."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
@@ -117,7 +168,7 @@ def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory
 @app.command()
 def serve(model_dir: str = typer.Argument("builtin", help="Model directory (default: the built-in model)."),
           host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
-          preset: str = typer.Option("paper", help="HiPConfig preset."),
+          preset: str = typer.Option(None, help="HiPConfig preset (default: the checkpoint's, else paper)."),
           backend: str = typer.Option("hip", help="Attention: hip | dense | streaming."),
           max_context: int = typer.Option(131_072, help="Longest prompt + completion accepted, in tokens."),
           max_queue: int = typer.Option(64, help="Requests waiting beyond this get 429."),

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..attention import RoPE
+from ..assets import resolve_model_path
 from ..config import HiPConfig
 from ..tokenizer import Tokenizer
 from .llama import ModelArgs, Transformer
@@ -68,7 +69,7 @@ class Model:
 
 
 def read_config(path: str | Path) -> tuple[Path, dict]:
-    path = Path(path).expanduser()
+    path = Path(resolve_model_path(str(path))).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model directory {path} does not exist")
     if not (path / "config.json").is_file():
@@ -125,19 +126,23 @@ def resolve_device_dtype(device, dtype, cfg: dict) -> tuple[torch.device, torch.
     return device, dtype
 
 
-def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig = "paper") -> Model:
+def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig | None = None) -> Model:
     """Load an HF checkpoint directory (Llama / Mistral / Qwen2 / Qwen3) for InfiniteHiP inference.
 
     Args:
-        path: directory with config.json, model.safetensors (or a sharded index), tokenizer.json.
+        path: directory with config.json, model.safetensors (or a sharded index), tokenizer.json;
+            ``"builtin"`` is the model shipped with the package.
         device: default "cuda" when available, else "cpu".
         dtype: torch dtype or its name; default the checkpoint's dtype on GPU, float32 on CPU.
-        config: a HiPConfig or a preset name. ``model_context_length`` (None) is filled from the
+        config: a HiPConfig or a preset name; default the preset the checkpoint names under
+            ``"infinitehip": {"preset": ...}`` in config.json, else "paper". ``model_context_length`` (None) is filled from the
             checkpoint's trained context (original_max_position_embeddings when rope-scaled).
     """
     path, cfg = read_config(path)
     args = ModelArgs.from_hf(cfg)
     device, dtype = resolve_device_dtype(device, dtype, cfg)
+    if config is None:
+        config = cfg.get("infinitehip", {}).get("preset", "paper")
     hip = HiPConfig.preset(config) if isinstance(config, str) else config
     if not isinstance(hip, HiPConfig):
         raise TypeError(f"config must be a preset name or a HiPConfig, got {type(config).__name__}")

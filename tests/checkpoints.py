@@ -1,6 +1,6 @@
 """Tiny random HF checkpoints (made with transformers) and a tiny tokenizer, for the engine tests.
 
-Imported by test_engine*.py, test_loader*.py and test_hf.py; holds no tests itself.
+Imported by the engine, loader, server and drop-in tests; holds no tests itself.
 """
 from __future__ import annotations
 

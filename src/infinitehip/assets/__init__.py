@@ -1,0 +1,17 @@
+"""Files shipped with the package: the built-in model and the eval haystack."""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+BUILTIN_NAME = "builtin"
+
+
+def builtin_model_path() -> Path:
+    """Directory of the built-in model (HF format: config.json, model.safetensors, tokenizer.json)."""
+    return Path(str(resources.files("infinitehip").joinpath("assets", BUILTIN_NAME)))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``"builtin"`` -> the built-in model's directory; anything else unchanged."""
+    return str(builtin_model_path()) if name_or_path == BUILTIN_NAME else name_or_path

@@ -1,0 +1,88 @@
+"""`infinitehip eval`: run the tasks, print a table, write JSON records and PNG plots."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..assets import resolve_model_path
+from .runner import (EvalSpec, device_name, endpoint_completer, engine_completer, n_completions, parse_length,
+                     run_eval, summarize)
+from .tasks import TokenCounter
+
+
+def _trained_context(model_dir: str) -> int | None:
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.is_file():
+        return None
+    cfg = json.loads(cfg_path.read_text())
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    return scaling.get("original_max_position_embeddings") or cfg.get("max_position_embeddings")
+
+
+def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: list[str], samples: int,
+                 depths: list[float], endpoint: str | None, out: Path, preset: str, device: str | None,
+                 dtype: str | None, seed: int, chunk_size: int, console: Console) -> list[dict]:
+    model_dir = resolve_model_path(model)
+    trained = _trained_context(model_dir)
+    spec = EvalSpec(tuple(tasks), tuple(parse_length(x, trained) for x in lengths), tuple(methods),
+                    tuple(depths), samples, seed)
+    if endpoint:
+        # The server holds the model; the tokenizer (for lengths) comes from the model directory.
+        from ..tokenizer import Tokenizer
+
+        tok = Tokenizer.from_dir(model_dir)
+        completers = {"endpoint": endpoint_completer(endpoint, model)}
+        dev = f"endpoint {endpoint}"
+    else:
+        from ..models import load
+
+        loaded = load(model_dir, device=device, dtype=dtype, config=preset)
+        tok = loaded.tokenizer
+        completers = {m: engine_completer(loaded, m, chunk_size) for m in methods}
+        dev = device_name(loaded)
+    counter = TokenCounter(lambda s: tok.encode(s, add_special_tokens=False))
+    name = "builtin" if model == "builtin" else (Path(model_dir).name if Path(model_dir).is_dir() else model)
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console, transient=True) as bar:
+        job = bar.add_task("", total=n_completions(spec, len(completers)))
+        records = run_eval(spec, completers, counter, model_name=name, device=dev, trained=trained,
+                           on_cell=lambda r: bar.update(job, description=f"{r['task']} {r['length']:,} {r['method']}"),
+                           progress=lambda: bar.advance(job))
+    _print_table(records, trained, console)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "eval.json"
+    meta = {"spec": {**spec.__dict__, "preset": preset, "trained_context": trained},
+            "seconds": round(time.perf_counter() - t0, 1)}
+    json_path.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+    written = [json_path]
+    try:
+        from .plots import plot_accuracy_vs_length, plot_depth_heatmap
+
+        title = f"{name} (trained context {trained}), {samples} samples/cell, {dev}"
+        written.append(plot_accuracy_vs_length(records, out / "eval_accuracy_vs_length.png", title))
+        for m in dict.fromkeys(r["method"] for r in records):
+            written.append(plot_depth_heatmap(records, out / f"eval_depth_{m}.png", m, title))
+    except ImportError:
+        console.print("[yellow]matplotlib is not installed: no plots (pip install infinitehip[plot])")
+    console.print("wrote " + ", ".join(str(p) for p in written))
+    return records
+
+
+def _print_table(records: list[dict], trained: int | None, console: Console):
+    acc = summarize(records)
+    lengths = sorted({k[2] for k in acc})
+    table = Table(title="accuracy (%), mean over needle depths")
+    table.add_column("task")
+    table.add_column("method")
+    for n in lengths:
+        table.add_column(f"{n:,}" + (f"\n{n / trained:g}x C" if trained else ""), justify="right")
+    for task, method in dict.fromkeys((k[0], k[1]) for k in acc):
+        table.add_row(task, method, *[f"{100 * acc[(task, method, n)]:.0f}" if (task, method, n) in acc else "-"
+                                      for n in lengths])
+    console.print(table)

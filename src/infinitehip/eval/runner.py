@@ -1,0 +1,135 @@
+"""Run the RULER-style tasks over lengths x depths x methods; one JSON record per cell.
+
+A method is one of the engine's attention backends (hip, dense, streaming) on a model loaded
+here, or "endpoint": an OpenAI-compatible server's /v1/completions, called with urllib.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from .tasks import TASKS, MULTI_ANSWER, TokenCounter, make_sample, score
+
+METHODS = ("hip", "dense", "streaming")
+# Tokens to generate per task: the longest answer and a little more.
+MAX_NEW_TOKENS = {"passkey": 12, "niah_single": 12, "niah_multikey": 12, "niah_multivalue": 40, "vt": 40, "kv": 16}
+
+
+@dataclass
+class EvalSpec:
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    methods: tuple[str, ...]
+    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    samples: int = 4            # per (task, length, depth, method)
+    seed: int = 0
+
+    def __post_init__(self):
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; choose from {TASKS}")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"depths must be in [0, 1], got {self.depths}")
+        if self.samples < 1 or any(n < 64 for n in self.lengths):
+            raise ValueError("need samples >= 1 and every length >= 64 tokens")
+
+
+def parse_length(text: str, trained: int | None) -> int:
+    """'4096', '8k', '1m', or '32x' (times the trained context) -> tokens."""
+    t = text.strip().lower()
+    if t.endswith("x"):
+        if not trained:
+            raise ValueError(f"length {text!r} is relative to the trained context, which is unknown here")
+        return int(float(t[:-1]) * trained)
+    mult = {"k": 1024, "m": 1024 ** 2}.get(t[-1:], 1)
+    return int(float(t[:-1] if mult > 1 else t) * mult)
+
+
+def engine_completer(model, method: str, chunk_size: int = 4096) -> Callable[[str, int], str]:
+    from ..engine import generate
+
+    def complete(prompt: str, max_new: int) -> str:
+        return generate(model, prompt, max_new_tokens=max_new, backend=method, stop="\n", chunk_size=chunk_size)
+
+    return complete
+
+
+def endpoint_completer(url: str, model_name: str, timeout: float = 600.0) -> Callable[[str, int], str]:
+    """Greedy completions from an OpenAI-compatible server (``url`` with or without /v1)."""
+    base = url.rstrip("/")
+    target = base + ("/completions" if base.endswith("/v1") else "/v1/completions")
+
+    def complete(prompt: str, max_new: int) -> str:
+        body = json.dumps({"model": model_name, "prompt": prompt, "max_tokens": max_new, "temperature": 0.0,
+                           "stop": ["\n"]}).encode()
+        req = urllib.request.Request(target, data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())["choices"][0]["text"]
+
+    return complete
+
+
+def run_eval(spec: EvalSpec, completers: dict[str, Callable[[str, int], str]], counter: TokenCounter, *,
+             model_name: str, device: str, trained: int | None, on_cell: Callable[[dict], None] | None = None,
+             progress: Callable[[], None] | None = None) -> list[dict]:
+    """Score every (task, length, depth, method) cell on ``spec.samples`` prompts.
+
+    All methods see the same prompts. ``progress`` is called once per generated completion.
+    """
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    records = []
+    for task in spec.tasks:
+        for length in spec.lengths:
+            for depth in spec.depths:
+                samples = [make_sample(task, counter, length, depth, spec.seed * 1_000_003 + i)
+                           for i in range(spec.samples)]
+                for method, complete in completers.items():
+                    total, seconds, outputs = 0.0, 0.0, []
+                    for s in samples:
+                        t = time.perf_counter()
+                        pred = complete(s.prompt, MAX_NEW_TOKENS[task])
+                        seconds += time.perf_counter() - t
+                        total += score(task, pred, s.answers)
+                        outputs.append(pred.strip()[:80])
+                        if progress:
+                            progress()
+                    rec = {"task": task, "method": method, "length": length,
+                           "length_over_trained": round(length / trained, 3) if trained else None,
+                           "depth": depth, "accuracy": total / len(samples), "samples": len(samples),
+                           "model": model_name, "device": device, "date": date,
+                           "seconds_per_sample": round(seconds / len(samples), 3),
+                           "example": {"answer": ", ".join(samples[0].answers), "output": outputs[0]}}
+                    records.append(rec)
+                    if on_cell:
+                        on_cell(rec)
+    return records
+
+
+def n_completions(spec: EvalSpec, n_methods: int) -> int:
+    return len(spec.tasks) * len(spec.lengths) * len(spec.depths) * spec.samples * n_methods
+
+
+def summarize(records: Iterable[dict]) -> dict[tuple[str, str, int], float]:
+    """Mean accuracy over depths per (task, method, length)."""
+    acc: dict[tuple[str, str, int], list[float]] = {}
+    for r in records:
+        acc.setdefault((r["task"], r["method"], r["length"]), []).append(r["accuracy"])
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def device_name(model=None) -> str:
+    import torch
+
+    dev = getattr(model, "device", None)
+    if dev is not None and getattr(dev, "type", "") == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+__all__ = ["EvalSpec", "METHODS", "MULTI_ANSWER", "parse_length", "engine_completer", "endpoint_completer",
+           "run_eval", "summarize", "n_completions", "device_name"]

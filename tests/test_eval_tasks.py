@@ -1,0 +1,67 @@
+"""Task generators are deterministic and fit their length; the scorer accepts exactly the right answers."""
+import pytest
+
+from infinitehip.eval.tasks import TASKS, TokenCounter, haystack_sentences, make_sample, score
+
+WORDS = TokenCounter(lambda s: s.split())   # a stand-in tokenizer: one token per word
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_same_seed_same_prompt(task):
+    a = make_sample(task, WORDS, 600, 0.3, seed=7)
+    b = make_sample(task, TokenCounter(lambda s: s.split()), 600, 0.3, seed=7)
+    assert a == b
+    assert make_sample(task, WORDS, 600, 0.3, seed=8).prompt != a.prompt
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_fits_length_and_holds_the_answers(task):
+    for length in (300, 1500):
+        s = make_sample(task, WORDS, length, 0.5, seed=1)
+        n = WORDS(s.prompt) + 1                              # + BOS
+        assert length * 0.75 <= n <= length, (length, n)
+        for a in s.answers:
+            assert a in s.prompt
+        assert s.target.startswith(" ") and score(task, s.target, s.answers) == 1.0
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah_single", "niah_multikey", "kv"])
+def test_needle_depth(task):
+    positions = []
+    for depth in (0.0, 0.25, 0.5, 0.75, 1.0):
+        s = make_sample(task, WORDS, 2000, depth, seed=3)
+        body = s.prompt.split("\n")[1]
+        positions.append(body.find(s.answers[0]) / len(body))
+    assert positions == sorted(positions)
+    assert positions[0] < 0.05 and positions[-1] > 0.9
+    assert abs(positions[2] - 0.5) < 0.1
+
+
+def test_haystack_is_shipped_prose():
+    sents = haystack_sentences()
+    assert len(sents) > 1000 and sents[0].startswith("PRISON LABOR LEGISLATION OF 1911")
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah_single", "niah_multikey", "kv"])
+@pytest.mark.parametrize("pred,ok", [
+    (" 71432", 1.0), ("71432.", 1.0), (" 71432\nmore text", 1.0), (' "71432"', 1.0),
+    (" 714320", 0.0), (" 7143", 0.0), (" 71433", 0.0), ("", 0.0), (" The pass key is 71432", 0.0),
+    ("\n71432", 1.0), (" 1 71432", 0.0),
+])
+def test_score_single(task, pred, ok):
+    assert score(task, pred, ("71432",)) == ok
+
+
+@pytest.mark.parametrize("pred,ok", [
+    (" 1111, 2222, 3333, 4444", 1.0), (" 4444, 3333, 2222, 1111", 1.0), (" 1111, 2222, 3333", 0.75),
+    (" 11112, 2222", 0.25), (" 1111\n2222, 3333, 4444", 0.25), ("", 0.0),
+])
+def test_score_multivalue(pred, ok):
+    assert score("niah_multivalue", pred, ("1111", "2222", "3333", "4444")) == ok
+
+
+def test_score_vt():
+    names = ("ABCDE", "FGHIJ", "KLMNO")
+    assert score("vt", " ABCDE FGHIJ KLMNO", names) == 1.0
+    assert score("vt", " ABCDE FGHIJX", names) == pytest.approx(1 / 3)
+    assert score("vt", " abcde", names) == 0.0
