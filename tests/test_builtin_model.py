@@ -25,7 +25,7 @@ def test_load_by_name_uses_the_checkpoints_preset():
 
     model = infinitehip.load("builtin", device="cpu")
     assert model.path == PATH and model.hip.sink == infinitehip.HiPConfig.preset("tiny").sink
-    assert model.hip.model_context_length == 512
+    assert model.hip.model_context_length == 512 and model.hip.dense_threshold == 512   # dense within C
     assert infinitehip.load("builtin", device="cpu", config="paper").hip.sink == 256
 
 

@@ -117,6 +117,62 @@ def test_hip_long_context_sparse_runs_and_reuses_masks(model):
     assert not torch.allclose(dense, sparse)   # it really is sparse beyond sink + window
 
 
+def test_decode_continues_from_the_prefill_mask(model):
+    """Step 0 of decode reuses the prompt's last query block mask (pooled prompt queries), and
+    the refresh schedule starts after it."""
+    tokens = ids(400, seed=5)
+    cache, state, masks = new_cache(model), DecodeState("hip"), []
+    logits = prefill(model, tokens, cache, backend="hip", chunk_size=128, masks=masks)
+    assert len(masks) == model.args.n_layers and all(m is not None for m in masks)
+    assert masks[0].starts.shape[:3] == (1, model.args.n_kv_heads, 1)
+    state.admit(0, 1, masks)
+    assert state.steps == [1] and model.hip.refresh_stage(1) == model.hip.n_stages
+    decode_one_token(model, logits.argmax(-1), torch.tensor([400]), cache, state)
+    assert all(torch.equal(a.starts, b.starts) for a, b in zip(state.masks, masks))
+    assert state.steps == [2]
+
+
+def _greedy_rows(model, prompts, admit_at, n_new, capacity=512):
+    """Greedy decode in one batch; row b's prompt is prefilled into its slot at step admit_at[b]
+    (before that the slot decodes a throwaway prompt), as continuous batching does."""
+    B = len(prompts)
+    cache, state = new_cache(model, B, capacity), DecodeState("hip")
+    filler = ids(350, seed=99)[0]
+    seqlens, logits, out = torch.zeros(B, dtype=torch.long), [None] * B, [[] for _ in range(B)]
+
+    def start_row(b, toks):
+        masks = []
+        logits[b] = prefill(model, toks[None], cache.select(slice(b, b + 1)), backend="hip", chunk_size=128,
+                            masks=masks)[0]
+        state.admit(b, B, masks)
+        seqlens[b] = len(toks)
+
+    for b in range(B):
+        start_row(b, prompts[b] if admit_at[b] == 0 else filler)
+    for step in range(max(admit_at) + n_new):
+        for b in range(B):
+            if step == admit_at[b] and step > 0:
+                start_row(b, prompts[b])
+        nxt = torch.stack(logits).argmax(-1)
+        for b in range(B):
+            if admit_at[b] <= step < admit_at[b] + n_new:
+                out[b].append(int(nxt[b]))
+        new = decode_one_token(model, nxt, seqlens, cache, state, kv_limit=int(seqlens.max()) + 1)
+        logits = list(new)
+        seqlens += 1
+    return out
+
+
+def test_rows_joining_at_different_steps_decode_as_if_alone(model):
+    """Continuous batching: a row's tokens must not depend on when its neighbours joined (each row
+    refreshes its sparse mask on its own schedule)."""
+    prompts = [ids(n, seed=n)[0] for n in (420, 330, 380)]
+    admit_at, n_new = [0, 3, 6], 9
+    together = _greedy_rows(model, prompts, admit_at, n_new)
+    alone = [_greedy_rows(model, [p], [0], n_new)[0] for p in prompts]
+    assert together == alone
+
+
 def test_batch_of_different_lengths_equals_one_by_one(model):
     prompts = ["hello world", "a needle in a haystack of a million tokens, the quick brown fox", "0 1"]
     params = dict(max_new_tokens=6, ignore_eos=True)

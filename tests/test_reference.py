@@ -140,3 +140,54 @@ def test_decode_with_mask_reuse_loses_no_key(backend):
         out, mask = hip_attention(q[:, t:t + 1], k[:, :n], v[:, :n], config=cfg, rope=rope, mask=mask,
                                   refresh_stage=cfg.refresh_stage(t), backend=backend)
         torch.testing.assert_close(out, dense(q[:, t:t + 1], k[:, :n], v[:, :n], rope), atol=5e-5, rtol=5e-5)
+
+
+def _cat_masks(masks):
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+    return type(masks[0])(cat([m.starts for m in masks]), tuple(cat(list(s)) for s in zip(*[m.stage_inputs for m in masks])),
+                          cat([m.w0 for m in masks]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_per_row_refresh_equals_separate_calls(backend):
+    """Rows decoding at different steps (continuous batching) refresh on their own schedules:
+    one batched call gives each row exactly what a call of its own gives."""
+    cfg = TINY.replace(refresh_intervals=(6, 3, 2))
+    H, K, D, steps = 4, 2, 64, 4
+    lens, phases = [900, 1400, 1100], [0, 5, 3]        # prompt lengths; steps each row decoded before
+    q, k, v = rand_qkv(3, max(phases) + steps, 1400 + max(phases) + steps, H, K, D, seed=11)
+    rope = RoPE.default(D)
+    alone = []                                          # each row's mask after its first `phase` steps
+    for b, (n, p) in enumerate(zip(lens, phases)):
+        m = None
+        for t in range(p):
+            _, m = hip_attention(q[b:b + 1, t:t + 1], k[b:b + 1, :n + t + 1], v[b:b + 1, :n + t + 1], config=cfg,
+                                 rope=rope, mask=m, refresh_stage=cfg.refresh_stage(t), backend=backend)
+        alone.append(m)
+    for t in range(steps):
+        kv_len = torch.tensor([n + p + t + 1 for n, p in zip(lens, phases)])
+        want, want_masks = [], []
+        for b in range(3):
+            step, n = phases[b] + t, int(kv_len[b])
+            o, m = hip_attention(q[b:b + 1, step:step + 1], k[b:b + 1, :n], v[b:b + 1, :n], config=cfg, rope=rope,
+                                 mask=alone[b], refresh_stage=cfg.refresh_stage(step), backend=backend)
+            want.append(o)
+            want_masks.append(m)
+        placeholder = [m if m is not None else want_masks[b] for b, m in enumerate(alone)]  # ignored: it refreshes from 0
+        qs = torch.cat([q[b:b + 1, phases[b] + t:phases[b] + t + 1] for b in range(3)])
+        got, mask = hip_attention(qs, k[:, :int(kv_len.max())], v[:, :int(kv_len.max())], config=cfg, rope=rope,
+                                  cache_seqlens=kv_len, mask=_cat_masks(placeholder) if t == 0 else mask,
+                                  refresh_stage=[cfg.refresh_stage(p + t) for p in phases], backend=backend)
+        assert len({cfg.refresh_stage(p + t) for p in phases}) > 1 or t > 0
+        torch.testing.assert_close(got, torch.cat(want), atol=2e-5, rtol=2e-5)
+        assert torch.equal(mask.starts, torch.cat([m.starts for m in want_masks]))
+        assert torch.equal(mask.w0, torch.cat([m.w0 for m in want_masks]))
+        alone = want_masks
+
+
+def test_per_row_refresh_errors():
+    q, k, v = rand_qkv(2, 1, 900, 4, 2, 64)
+    with pytest.raises(ValueError, match="one per row"):
+        hip_attention(q, k, v, config=TINY, refresh_stage=[0, 0, 0], backend="reference")
+    with pytest.raises(ValueError, match="reuses a mask"):
+        hip_attention(q, k, v, config=TINY, refresh_stage=[0, 1], backend="reference")

@@ -46,8 +46,10 @@ class HiPConfig:
     rope_prune: str = "auto"
     rope_attend: str = "auto"
     model_context_length: int | None = None
-    # Contexts up to this many keys use dense attention (faster there); 0 disables.
-    dense_threshold: int = 0
+    # Contexts up to this many keys (capped at model_context_length) use dense attention, which
+    # is faster there: 64K is where sparse decode overtook cuDNN on an H100 (benchmarks/results/
+    # attention_h100.json; prefill overtakes later still). 0 disables.
+    dense_threshold: int = 65536
 
     def __post_init__(self):
         for name in ("chunk_sizes", "stage_budgets", "stage_strides", "refresh_intervals", "dense_layers"):
@@ -178,5 +180,6 @@ PRESETS: dict[str, HiPConfig] = {
     # Scaled down for small models with short trained contexts (the built-in model).
     "tiny": HiPConfig(sink=32, window=128, block_size_q=32, chunk_sizes=(32, 8, 2),
                       stage_budgets=(None, 512, 128), stage_strides=(2, 2, 1), budget=64,
-                      dense_layers=(0,), dense_layer_budget=128, refresh_intervals=(16, 8, 4)),
+                      dense_layers=(0,), dense_layer_budget=128, refresh_intervals=(16, 8, 4),
+                      dense_threshold=0),
 }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ _REFERENCE_SLICE_ELEMENTS = 1 << 26
 def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: HiPConfig | None = None,
                   rope: RoPE | None = None, scale: float | None = None,
                   cache_seqlens: torch.Tensor | None = None, mask: HiPMask | None = None,
-                  refresh_stage: int = 0, backend: str = "auto") -> tuple[torch.Tensor, HiPMask | None]:
+                  refresh_stage: int | Sequence[int] = 0, backend: str = "auto") -> tuple[torch.Tensor, HiPMask | None]:
     """Causal InfiniteHiP attention of the queries ``q`` over the keys ``k`` and values ``v``.
 
     Args:
@@ -41,7 +42,9 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
                             query 1:       1 1 1 1 1
         mask: the mask a previous call returned, to reuse in decode (see ``refresh_stage``).
         refresh_stage: the first pruning stage to rerun (``config.refresh_stage(step)``):
-            0 prunes from scratch, ``config.n_stages`` reuses ``mask`` as it is.
+            0 prunes from scratch, ``config.n_stages`` reuses ``mask`` as it is. A sequence of
+            B ints gives each batch row its own (rows decoding at different steps); each row
+            then gets exactly the mask a call of its own would give.
         backend: "triton" (CUDA), "reference" (PyTorch, any device), or "auto".
 
     Returns:
@@ -49,7 +52,8 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
         context is short enough that attention was dense (then every key was attended).
     """
     config = config or HiPConfig()
-    backend = _check(q, k, v, config, rope, cache_seqlens, mask, refresh_stage, backend)
+    backend = _check(q, k, v, config, rope, cache_seqlens, mask, backend)
+    from_stage, row_stage = _refresh_rows(refresh_stage, q.shape[0], config, mask, q.device)
     B, tq, _, D = q.shape
     tk = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -62,13 +66,36 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
     else:
         impl = reference
     if backend == "reference":
-        return _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, refresh_stage)
+        return _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, from_stage, row_stage)
     geo = geometry(kv_len - tq, tq, kv_len, config)
-    if refresh_stage > 0:
-        geo = anchor_window(geo, mask, config)
-    if refresh_stage < config.n_stages or mask is None:
-        mask = run_stages(q, k, geo, config, rope, impl.score_chunks, mask, refresh_stage)
+    mask, geo = _prune(q, k, geo, config, rope, impl.score_chunks, mask, from_stage, row_stage)
     return impl.attend(q, k, v, mask.starts, geo, config, rope, scale), mask
+
+
+def _prune(q, k, geo, config, rope, score_chunks, mask, from_stage: int, row_stage):
+    """The mask for this call (rerun from ``from_stage``) and the geometry to attend with."""
+    if from_stage > 0 or row_stage is not None:
+        geo = anchor_window(geo, mask, config, None if row_stage is None else row_stage > 0)
+    if from_stage < config.n_stages:
+        mask = run_stages(q, k, geo, config, rope, score_chunks, mask, from_stage, row_stage)
+    return mask, geo
+
+
+def _refresh_rows(refresh_stage, B: int, config: HiPConfig, mask: HiPMask | None, device):
+    """``refresh_stage`` (an int, or one per row) -> (first stage any row reruns, (B,) per-row
+    stages or None when all rows agree). With no mask to reuse, everything reruns."""
+    rows = [refresh_stage] if isinstance(refresh_stage, int) else [int(r) for r in refresh_stage]
+    if len(rows) not in (1, B):
+        raise ValueError(f"refresh_stage has {len(rows)} entries for a batch of {B}: give an int or one per row")
+    if not all(0 <= r <= config.n_stages for r in rows):
+        raise ValueError(f"refresh_stage={refresh_stage} must be in [0, {config.n_stages}] (per row)")
+    if mask is None:
+        if max(rows) > 0:
+            raise ValueError(f"refresh_stage={refresh_stage} reuses a mask: pass the mask a previous call returned")
+        return 0, None
+    if len(set(rows)) == 1:
+        return rows[0], None
+    return min(rows), torch.tensor(rows, device=device)
 
 
 def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, scale: float,
@@ -107,7 +134,7 @@ def _use_dense(tk: int, config: HiPConfig) -> bool:
     return tk <= max(config.sink + config.window, crossover)
 
 
-def _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, refresh_stage):
+def _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, from_stage, row_stage):
     """The reference path, a few query blocks at a time so memory stays bounded on long prompts."""
     B, tq, H, D = q.shape
     bq = config.block_size_q
@@ -120,10 +147,7 @@ def _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, refresh_stage)
         qs = q[:, t:t + step]
         geo = geometry(kv_len - tq + t, qs.shape[1], kv_len, config)
         m = None if mask is None else _slice_mask(mask, t // bq, -(-qs.shape[1] // bq))
-        if refresh_stage > 0:
-            geo = anchor_window(geo, m, config)
-        if refresh_stage < config.n_stages or m is None:
-            m = run_stages(qs, k, geo, config, rope, reference.score_chunks, m, refresh_stage)
+        m, geo = _prune(qs, k, geo, config, rope, reference.score_chunks, m, from_stage, row_stage)
         outs.append(reference.attend(qs, k, v, m.starts, geo, config, rope, scale))
         masks.append(m)
     if len(masks) == 1:
@@ -140,7 +164,7 @@ def _slice_mask(mask: HiPMask, first: int, n: int) -> HiPMask:
     return HiPMask(sl(mask.starts), tuple(sl(t) for t in mask.stage_inputs), w0)
 
 
-def _check(q, k, v, config, rope, cache_seqlens, mask, refresh_stage, backend) -> str:
+def _check(q, k, v, config, rope, cache_seqlens, mask, backend) -> str:
     """Validate the inputs with errors that say what to change; return the backend to use."""
     if not isinstance(config, HiPConfig):
         raise TypeError(f"config must be a HiPConfig, got {type(config).__name__}; try HiPConfig.preset('paper')")
@@ -175,10 +199,6 @@ def _check(q, k, v, config, rope, cache_seqlens, mask, refresh_stage, backend) -
     if cache_seqlens is not None:
         if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) or cache_seqlens.is_floating_point():
             raise ValueError(f"cache_seqlens must be an integer tensor of shape ({B},)")
-    if not 0 <= refresh_stage <= config.n_stages:
-        raise ValueError(f"refresh_stage={refresh_stage} must be in [0, {config.n_stages}]")
-    if refresh_stage > 0 and mask is None:
-        raise ValueError(f"refresh_stage={refresh_stage} reuses a mask: pass the mask a previous call returned")
     if mask is not None:
         G = n_groups(config, K)
         nqb = -(-tq // config.block_size_q)

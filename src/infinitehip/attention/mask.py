@@ -53,8 +53,29 @@ class HiPMask:
         return self
 
     def clone(self) -> "HiPMask":
-        c = lambda t: None if t is None else t.clone()  # noqa: E731
-        return HiPMask(self.starts.clone(), tuple(c(t) for t in self.stage_inputs), c(self.w0))
+        return self._map(torch.clone)
+
+    def last_query_block(self) -> "HiPMask":
+        """The mask of the last query block only (what the next decode step continues from)."""
+        return self._map(lambda t: t[:, -1:] if t.dim() == 2 else t[:, :, -1:])
+
+    def blank(self, batch: int) -> "HiPMask":
+        """An all-SENTINEL mask of this one's per-row shape for ``batch`` rows (a placeholder)."""
+        return self._map(lambda t: t.new_full((batch, *t.shape[1:]), SENTINEL if t.dtype == torch.int32 else 0))
+
+    def write_row(self, row: int, other: "HiPMask") -> "HiPMask":
+        """Overwrite batch row ``row`` in place with ``other``'s single row."""
+        for mine, theirs in zip(self._tensors(), other._tensors()):
+            if mine is not None:
+                mine[row] = theirs[0]
+        return self
+
+    def _tensors(self):
+        return (self.starts, *self.stage_inputs, self.w0)
+
+    def _map(self, fn) -> "HiPMask":
+        f = lambda t: None if t is None else fn(t)  # noqa: E731
+        return HiPMask(f(self.starts), tuple(f(t) for t in self.stage_inputs), f(self.w0))
 
 
 def window_slots(config: HiPConfig) -> int:
@@ -98,13 +119,19 @@ def geometry(q_pos0: torch.Tensor, tq: int, kv_len: torch.Tensor, config: HiPCon
                     _exact(config.rope_attend, kv_len, config))
 
 
-def anchor_window(geo: Geometry, mask: HiPMask | None, config: HiPConfig) -> Geometry:
+def anchor_window(geo: Geometry, mask: HiPMask | None, config: HiPConfig,
+                  rows: torch.Tensor | None = None) -> Geometry:
     """Keep the window where stage 0 last pruned (``mask.w0``) while its chunks are reused,
-    but never so far back that the newest keys fall outside the window slots."""
+    but never so far back that the newest keys fall outside the window slots.
+
+    rows: optional (B,) bool, the rows that reuse stage 0 (default all); the others keep ``geo``.
+    """
     if mask is None or mask.w0 is None:
         return geo
     lowest = geo.p0 + config.block_size_q - window_slots(config)
     w0 = torch.maximum(torch.minimum(geo.w0, mask.w0.to(geo.w0)), lowest)
+    if rows is not None:
+        w0 = torch.where(rows[:, None], w0, geo.w0)
     return Geometry(geo.p0, w0, geo.q_pos, geo.q_valid, geo.exact_prune, geo.exact_attend)
 
 

@@ -49,25 +49,37 @@ def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, config: HiPConfig,
     return qp, count > 0
 
 
+def first_stage_starts(tk: int, chunk: int, B: int, G: int, nqb: int, device=None) -> torch.Tensor:
+    """Stage 0 scores every chunk of the context: starts (B, G, NQB, ceil(tk / chunk)) int64."""
+    return (torch.arange(-(-tk // chunk), device=device) * chunk).expand(B, G, nqb, -1)
+
+
 def run_stages(q, k, geo: Geometry, config: HiPConfig, rope: RoPE | None, score_chunks: ScoreChunks,
-               mask: HiPMask | None = None, from_stage: int = 0) -> HiPMask:
+               mask: HiPMask | None = None, from_stage: int = 0, row_stage: torch.Tensor | None = None) -> HiPMask:
     """Prune from stage ``from_stage`` (reusing ``mask.stage_inputs`` for it) to the final mask.
 
     q: (B, Tq, H, D), k: (B, Tk, K, D), both un-rotated. Returns a new HiPMask.
+    row_stage: optional (B,) int64, each row's own first stage to rerun (``from_stage`` is their
+    minimum). A row refreshing from r keeps its saved input for every stage s <= r (and its
+    saved final chunks when r == n_stages), so its mask is what a call of its own would give;
+    the batch still runs as one, rows that keep a stage just score it needlessly.
     """
     B, tk, K, _ = k.shape
     G, nqb = n_groups(config, K), geo.p0.shape[1]
+    if from_stage > 0 and mask is None:
+        raise ValueError(f"refreshing from stage {from_stage} needs the previous call's mask")
     if from_stage == 0:
-        c0 = config.chunk_sizes[0]
-        starts = (torch.arange(-(-tk // c0), device=k.device) * c0).expand(B, G, nqb, -1)
+        starts = first_stage_starts(tk, config.chunk_sizes[0], B, G, nqb, k.device)
     else:
-        if mask is None:
-            raise ValueError(f"refreshing from stage {from_stage} needs the previous call's mask")
         starts = mask.stage_inputs[from_stage].long()
     inputs = list(mask.stage_inputs) if mask is not None else [None] * config.n_stages
+    keep = (lambda s: (row_stage >= s)[:, None, None, None]) if row_stage is not None else None
     pooled = {}
     for s in range(from_stage, config.n_stages):
-        inputs[s] = starts.to(torch.int32)
+        if s > 0:
+            if keep is not None and s > from_stage:
+                starts = torch.where(keep(s), mask.stage_inputs[s].long(), starts)
+            inputs[s] = starts.to(torch.int32)   # stage 0's input is recomputed, never stored
         stride = config.stage_strides[s]
         if stride not in pooled:
             pooled[stride] = pool_queries(q, geo, stride, config, rope)
@@ -77,16 +89,29 @@ def run_stages(q, k, geo: Geometry, config: HiPConfig, rope: RoPE | None, score_
             starts = _split(kept, config.chunk_sizes[s], config.chunk_sizes[s + 1])
     pad = config.n_selected - kept.shape[-1]
     final = torch.nn.functional.pad(kept, (0, pad), value=SENTINEL) if pad > 0 else kept
-    w0 = geo.w0 if from_stage == 0 else mask.w0
-    return HiPMask(final.to(torch.int32), tuple(inputs), w0)
+    final = final.to(torch.int32)
+    if keep is not None:
+        final = torch.where(keep(config.n_stages), mask.starts, final)
+    return HiPMask(final, tuple(inputs), _stage0_anchor(geo, mask, from_stage, row_stage))
+
+
+def _stage0_anchor(geo: Geometry, mask: HiPMask | None, from_stage: int, row_stage: torch.Tensor | None):
+    """The window start to remember: fresh where stage 0 reran, the saved one elsewhere."""
+    if mask is None or mask.w0 is None or (row_stage is None and from_stage == 0):
+        return geo.w0
+    if row_stage is None:
+        return mask.w0
+    return torch.where(row_stage[:, None] > 0, mask.w0.to(geo.w0), geo.w0)
 
 
 def _keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int) -> torch.Tensor:
     """The ``m`` best-scoring chunk starts, sorted by position, SENTINEL for inactive ones."""
-    m = min(m, scores.shape[-1])
-    top_scores, top = scores.topk(m, dim=-1)
+    n = scores.shape[-1]
+    top_scores, top = scores.topk(min(m, n), dim=-1)
     kept = torch.where(top_scores > NEG_SCORE / 2, starts.gather(-1, top), SENTINEL)
-    return kept.sort(dim=-1).values
+    # Pad to the full budget: stage widths then depend on the config only, not on the context
+    # length, so masks of rows with different lengths stack into one batch.
+    return torch.nn.functional.pad(kept.sort(dim=-1).values, (0, max(m - n, 0)), value=SENTINEL)
 
 
 def _split(starts: torch.Tensor, chunk: int, sub: int) -> torch.Tensor:

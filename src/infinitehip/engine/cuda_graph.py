@@ -42,14 +42,16 @@ class GraphDecoder:
             self.masks = [_clone(m) for m in state.masks]
             state.masks = self.masks
             return logits
-        stage = self.model.hip.refresh_stage(state.step)
+        stage = state.refresh_stages(self.model.hip)
+        if not isinstance(stage, int):  # rows at different refresh phases: no graph for that mix
+            return decode_one_token(self.model, tokens, seqlens, self.cache, state)
         self.tokens.copy_(tokens)
         self.seqlens.copy_(seqlens)
         if stage not in self.graphs:
             self.graphs[stage] = self._capture(stage)
         graph, logits = self.graphs[stage]
         graph.replay()
-        state.step += 1
+        state.steps = [s + 1 for s in state.steps]
         return logits.clone()
 
     def _step(self, stage: int) -> torch.Tensor:

@@ -11,7 +11,9 @@ from typing import Iterator
 
 import torch
 
+from ..attention import HiPMask
 from ..cache.kv import KVCache, plan_kv_cache
+from ..config import HiPConfig
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
 from ..tokenizer import StreamDecoder
@@ -21,12 +23,40 @@ from .sampling import SamplingParams, StopChecker, sample
 
 @dataclass
 class DecodeState:
-    """What decode carries from step to step: the per-layer sparse masks and the step count."""
+    """What decode carries from step to step: per-layer sparse masks (batched over rows) and each
+    row's decode step, which sets its own refresh schedule — so a row's tokens do not depend on
+    when its batch neighbours joined."""
 
     backend: str
     masks: list = field(default_factory=list)
-    step: int = 0
+    steps: list[int] = field(default_factory=list)
     kernel: str = "auto"
+
+    def refresh_stages(self, hip: HiPConfig) -> int | list[int]:
+        """This step's first pruning stage to rerun, one per row (an int when all rows agree)."""
+        stages = [hip.refresh_stage(s) for s in self.steps]
+        return stages[0] if len(set(stages)) == 1 else stages
+
+    def admit(self, row: int, batch: int, masks: list[HiPMask | None] | None = None):
+        """Start row ``row`` of ``batch`` on a new sequence. ``masks``: its prefill's last-query-block
+        mask per layer (from ``prefill(..., masks=...)``); decode then reuses it as its step-0
+        pruning, whose pooled prompt queries find the needle more reliably than one new token.
+        Without them the row's first step prunes from scratch."""
+        if not self.steps:
+            self.steps = [0] * batch
+        if not self.masks:
+            self.masks = [None] * (len(masks) if masks else 0)
+        usable = bool(masks) and all(m is not None for m in masks) and len(masks) == len(self.masks)
+        self.steps[row] = 1 if usable else 0
+        if usable:
+            self._write_masks(row, batch, masks)
+
+    @torch.inference_mode()  # the masks are made by the model's inference-mode forward
+    def _write_masks(self, row: int, batch: int, masks: list[HiPMask]):
+        for layer, m in enumerate(masks):
+            if self.masks[layer] is None:
+                self.masks[layer] = m.blank(batch)
+            self.masks[layer].write_row(row, m)
 
 
 @dataclass
@@ -42,11 +72,14 @@ class Event:
 
 
 def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, *, backend: str = "hip", chunk_size: int = 4096,
-            kernel: str = "auto", progress: bool = False, start: int = 0) -> torch.Tensor:
+            kernel: str = "auto", progress: bool = False, start: int = 0,
+            masks: list | None = None) -> torch.Tensor:
     """Run the prompt ``tokens`` (1, T) through the model ``chunk_size`` tokens at a time.
 
     Writes its K/V to ``cache`` (one row) and returns the last token's logits (1, V). The first
     ``start`` tokens' K/V must already be in the cache (a reused prefix); they are not recomputed.
+    ``masks``: a list that receives, per layer, the sparse mask of the prompt's last query block
+    (None where attention was dense), for ``DecodeState.admit``.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -57,12 +90,16 @@ def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, *, backend: str 
     for s in range(start, T, chunk_size):
         e = min(s + chunk_size, T)
         pos = torch.tensor([s], device=tokens.device)
+        if masks is not None and e == T and backend == "hip":
+            call = AttentionCall(backend=backend, kernel=kernel, masks=[None] * model.args.n_layers)
         logits = model.net(tokens[:, s:e], pos, cache, call, kv_limit=e, last_only=True)
         if bar is not None:
             bar.update(e - s)
     if bar is not None:
         bar.set_postfix_str(f"{(T - start) / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
         bar.close()
+    if masks is not None:
+        masks[:] = [None if m is None else m.last_query_block() for m in (call.masks or [])]
     return logits[:, -1]
 
 
@@ -75,10 +112,12 @@ def decode_one_token(model: Model, tokens: torch.Tensor, seqlens: torch.Tensor, 
     """
     if not state.masks:
         state.masks = [None] * model.args.n_layers
+    if not state.steps:
+        state.steps = [0] * tokens.shape[0]
     call = AttentionCall(backend=state.backend, masks=state.masks,
-                         refresh_stage=model.hip.refresh_stage(state.step), kernel=state.kernel)
+                         refresh_stage=state.refresh_stages(model.hip), kernel=state.kernel)
     logits = model.net(tokens[:, None], seqlens, cache, call, kv_limit=kv_limit)
-    state.step += 1
+    state.steps = [s + 1 for s in state.steps]
     return logits[:, -1]
 
 
@@ -121,9 +160,13 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
         from .cuda_graph import GraphDecoder
 
         graph = GraphDecoder(model, cache, state)
-    logits = torch.cat([_prefill_row(model, x, cache.select(slice(b, b + 1)), prefix_cache, backend=backend,
-                                     chunk_size=chunk_size, kernel=kernel, progress=progress)
-                        for b, x in enumerate(ids)])                               # (B, V)
+    rows = []
+    for b, x in enumerate(ids):
+        masks = []
+        rows.append(_prefill_row(model, x, cache.select(slice(b, b + 1)), prefix_cache, backend=backend,
+                                 chunk_size=chunk_size, kernel=kernel, progress=progress, masks=masks))
+        state.admit(b, B, masks)
+    logits = torch.cat(rows)                                                       # (B, V)
     gen = None
     if params.seed is not None:
         gen = torch.Generator(device=device).manual_seed(params.seed)

@@ -86,7 +86,7 @@ class AttentionCall:
 
     backend: str = "hip"
     masks: list[HiPMask | None] | None = None     # per layer; reused when refresh_stage > 0
-    refresh_stage: int = 0
+    refresh_stage: int | list[int] = 0            # per row when rows decode at different steps
     kernel: str = "auto"                          # hip_attention's backend: auto | triton | reference
 
 

@@ -134,15 +134,16 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
             ``"builtin"`` is the model shipped with the package.
         device: default "cuda" when available, else "cpu".
         dtype: torch dtype or its name; default the checkpoint's dtype on GPU, float32 on CPU.
-        config: a HiPConfig or a preset name; default the preset the checkpoint names under
-            ``"infinitehip": {"preset": ...}`` in config.json, else "paper". ``model_context_length`` (None) is filled from the
+        config: a HiPConfig or a preset name; default what the checkpoint recommends under
+            ``"infinitehip": {"preset": ..., <field>: <value>}`` in config.json, else "paper". ``model_context_length`` (None) is filled from the
             checkpoint's trained context (original_max_position_embeddings when rope-scaled).
     """
     path, cfg = read_config(path)
     args = ModelArgs.from_hf(cfg)
     device, dtype = resolve_device_dtype(device, dtype, cfg)
-    if config is None:
-        config = cfg.get("infinitehip", {}).get("preset", "paper")
+    if config is None:  # the checkpoint's recommendation: {"infinitehip": {"preset": ..., field: value}}
+        recommended = dict(cfg.get("infinitehip", {}))
+        config = HiPConfig.preset(recommended.pop("preset", "paper"), **recommended)
     hip = HiPConfig.preset(config) if isinstance(config, str) else config
     if not isinstance(hip, HiPConfig):
         raise TypeError(f"config must be a preset name or a HiPConfig, got {type(config).__name__}")

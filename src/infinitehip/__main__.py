@@ -1,0 +1,4 @@
+"""``python -m infinitehip`` is the ``infinitehip`` command."""
+from .cli import main
+
+main()
