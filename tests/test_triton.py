@@ -47,7 +47,7 @@ def test_score_chunks_matches_reference(B, tq, tk, H, K, D, lens, sharing, prune
     mask = run_stages(q, k, geo, cfg, rope, reference.score_chunks)
     for s in (0, cfg.n_stages - 1):           # the whole context, then the finest chunks
         qp, q_valid = pool_queries(q, geo, cfg.stage_strides[s], cfg, rope)
-        starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3]) if s == 0
+        starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
                   else mask.stage_inputs[s].long())
         want = reference.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
         got = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
