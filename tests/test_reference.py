@@ -13,17 +13,22 @@ FULL = TINY.replace(stage_budgets=(None, 4096, 4096), budget=4096, dense_layer_b
                     rope_prune="exact", rope_attend="exact")
 
 
-def rand_qkv(B, tq, tk, H, K, D, dtype=torch.float32, seed=0):
+def rand_qkv(B, tq, tk, H, K, D, dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, tq, H, D, generator=g).to(dtype)
-    k = torch.randn(B, tk, K, D, generator=g).to(dtype)
-    v = torch.randn(B, tk, K, D, generator=g).to(dtype)
+    q = torch.randn(B, tq, H, D, generator=g).to(device, dtype)
+    k = torch.randn(B, tk, K, D, generator=g).to(device, dtype)
+    v = torch.randn(B, tk, K, D, generator=g).to(device, dtype)
     return q, k, v
+
+
+def device_for(backend: str) -> str:
+    """Triton runs on the GPU when there is one, else through the interpreter on the CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def dense(q, k, v, rope, kv_len=None):
     B, tk, D = k.shape[0], k.shape[1], k.shape[3]
-    kv_len = torch.full((B,), tk) if kv_len is None else kv_len
+    kv_len = torch.full((B,), tk, device=q.device) if kv_len is None else kv_len
     return dense_attention(q, k, v, kv_len, rope, D ** -0.5)
 
 
@@ -132,7 +137,7 @@ def test_decode_with_mask_reuse_loses_no_key(backend):
     """
     cfg = FULL.replace(refresh_intervals=(8, 4, 2), window=16, sink=16)
     B, H, K, D, T0, steps = 1, 4, 2, 64, 300, 10
-    q, k, v = rand_qkv(B, steps, T0 + steps, H, K, D, seed=7)
+    q, k, v = rand_qkv(B, steps, T0 + steps, H, K, D, seed=7, device=device_for(backend))
     rope = RoPE.default(D)
     mask = None
     for t in range(steps):
@@ -155,7 +160,7 @@ def test_per_row_refresh_equals_separate_calls(backend):
     cfg = TINY.replace(refresh_intervals=(6, 3, 2))
     H, K, D, steps = 4, 2, 64, 4
     lens, phases = [900, 1400, 1100], [0, 5, 3]        # prompt lengths; steps each row decoded before
-    q, k, v = rand_qkv(3, max(phases) + steps, 1400 + max(phases) + steps, H, K, D, seed=11)
+    q, k, v = rand_qkv(3, max(phases) + steps, 1400 + max(phases) + steps, H, K, D, seed=11, device=device_for(backend))
     rope = RoPE.default(D)
     alone = []                                          # each row's mask after its first `phase` steps
     for b, (n, p) in enumerate(zip(lens, phases)):
@@ -165,7 +170,7 @@ def test_per_row_refresh_equals_separate_calls(backend):
                                  rope=rope, mask=m, refresh_stage=cfg.refresh_stage(t), backend=backend)
         alone.append(m)
     for t in range(steps):
-        kv_len = torch.tensor([n + p + t + 1 for n, p in zip(lens, phases)])
+        kv_len = torch.tensor([n + p + t + 1 for n, p in zip(lens, phases)], device=q.device)
         want, want_masks = [], []
         for b in range(3):
             step, n = phases[b] + t, int(kv_len[b])

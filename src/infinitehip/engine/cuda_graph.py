@@ -44,7 +44,7 @@ class GraphDecoder:
             return logits
         stage = state.refresh_stages(self.model.hip)
         if not isinstance(stage, int):  # rows at different refresh phases: no graph for that mix
-            return decode_one_token(self.model, tokens, seqlens, self.cache, state)
+            return self._eager(tokens, seqlens)
         self.tokens.copy_(tokens)
         self.seqlens.copy_(seqlens)
         if stage not in self.graphs:
@@ -54,13 +54,25 @@ class GraphDecoder:
         state.steps = [s + 1 for s in state.steps]
         return logits.clone()
 
+    def _eager(self, tokens: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
+        """One step without a graph; its masks land in the static buffers the graphs read."""
+        state = self.state
+        state.masks = list(self.masks)
+        logits = decode_one_token(self.model, tokens, seqlens, self.cache, state)
+        self._keep(state.masks)
+        state.masks = self.masks
+        return logits
+
+    def _keep(self, masks: list[HiPMask | None]):
+        for static, new in zip(self.masks, masks):
+            if static is not None and new is not None and new is not static:
+                static.copy_(new)
+
     def _step(self, stage: int) -> torch.Tensor:
         masks = list(self.masks)
         call = AttentionCall(backend=self.state.backend, masks=masks, refresh_stage=stage, kernel=self.state.kernel)
         logits = self.model.net(self.tokens[:, None], self.seqlens, self.cache, call)
-        for static, new in zip(self.masks, masks):
-            if static is not None and new is not None and new is not static:
-                static.copy_(new)
+        self._keep(masks)
         return logits[:, -1]
 
     def _capture(self, stage: int):
