@@ -22,6 +22,13 @@ VARIANTS = {
     "budget_128": dict(stage_budgets=(None, 512, 256), budget=128, dense_layer_budget=256),
     "refresh_often": dict(refresh_intervals=(16, 4, 1)),
     "strides_1": dict(stage_strides=(1, 1, 1)),
+    "refresh_every_step": dict(refresh_intervals=(1, 1, 1)),
+    "budget_256_often": dict(stage_budgets=(None, 1024, 512), budget=256, dense_layer_budget=512,
+                             refresh_intervals=(16, 4, 1)),
+    "chunk_8_budget_256_often": dict(chunk_sizes=(32, 16, 8), stage_budgets=(None, 1024, 512), budget=256,
+                                     dense_layer_budget=512, refresh_intervals=(16, 4, 1)),
+    "window_256_often": dict(window=256, stage_budgets=(None, 1024, 256), budget=128, dense_layer_budget=256,
+                             refresh_intervals=(16, 4, 1)),
 }
 
 
