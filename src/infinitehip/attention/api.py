@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ..config import HiPConfig
 from . import reference
@@ -120,6 +121,8 @@ def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, sca
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if kv_len is None and tq in (1, tk):  # one query sees every key; or square causal
         out = F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1, scale=scale, enable_gqa=True)
+    elif kv_len is None:  # a prefill chunk: causal aligned bottom-right, still flash / cuDNN eligible
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(tq, tk), scale=scale, enable_gqa=True)
     else:
         allowed = torch.arange(tk, device=q.device) <= q_pos[..., None]       # (B, Tq, Tk)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=True)
