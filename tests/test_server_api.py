@@ -3,11 +3,15 @@
 The engine here spells the prompt's last word back one letter per token, so every answer is
 known in advance; tests with the built-in model are in test_server_model.py.
 """
+import itertools
 import json
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,12 +20,22 @@ uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from infinitehip.engine.sampling import StopChecker  # noqa: E402
 from infinitehip.server.app import create_app  # noqa: E402
 
 
 class SpellEngine:
+    """A continuous-batching runner in miniature: each step spells one more letter of every
+    active request's last prompt word; ``max_batch`` requests at a time, the rest wait. A prompt
+    containing "explode" makes the step fail (an internal error)."""
+
     model_id = "spell"
     max_context = 200
+
+    def __init__(self, max_batch=4, delay=0.002):
+        self.max_batch, self.delay = max_batch, delay
+        self.waiting, self.active, self.ids = deque(), {}, itertools.count()
+        self.batched_steps, self.cancelled = 0, []
 
     def render_chat(self, messages):
         return " ".join(m["content"] for m in messages)
@@ -29,13 +43,45 @@ class SpellEngine:
     def count_tokens(self, text):
         return len(text.split())
 
-    def stream(self, prompt, *, max_tokens, temperature, top_p, seed, stop, cancelled):
-        word = prompt.split()[-1][:max_tokens]
-        for s in stop:  # OpenAI semantics: the answer ends before the first stop string
-            word = word.split(s)[0]
-        for n, ch in enumerate(word, 1):
-            time.sleep(0.002)
-            yield ch, n
+    def add(self, prompt, params):
+        rid = next(self.ids)
+        self.waiting.append(SimpleNamespace(rid=rid, word=prompt.split()[-1][:params.max_new_tokens], n=0,
+                                            params=params, stops=StopChecker(params.stop), boom="explode" in prompt))
+        return rid
+
+    @property
+    def has_work(self):
+        return bool(self.waiting or self.active)
+
+    def cancel(self, rid):
+        self.cancelled.append(rid)
+        self.waiting = deque(r for r in self.waiting if r.rid != rid)
+        return self.active.pop(rid, None) is not None
+
+    def abort(self):
+        dropped, self.active = list(self.active), {}
+        return dropped
+
+    def step(self):
+        time.sleep(self.delay)
+        while self.waiting and len(self.active) < self.max_batch:
+            r = self.waiting.popleft()
+            self.active[r.rid] = r
+        self.batched_steps += len(self.active) > 1
+        if any(r.boom for r in self.active.values()):
+            raise RuntimeError("secret internal detail")
+        events = []
+        for r in list(self.active.values()):
+            r.n += 1
+            text = r.stops.push(r.word[r.n - 1])
+            done = r.stops.stopped or r.n == len(r.word)
+            if done:
+                text += r.stops.flush()
+                del self.active[r.rid]
+            reason = ("length" if r.n == r.params.max_new_tokens else "stop") if done else None
+            events.append(SimpleNamespace(request=r.rid, text=text, n_generated=r.n, finished=done,
+                                          finish_reason=reason))
+        return events
 
 
 def serve(app):
@@ -52,12 +98,26 @@ def serve(app):
     return server, thread, f"http://127.0.0.1:{port}"
 
 
+@contextmanager
+def running(app):
+    server, thread, base = serve(app)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.fixture(scope="module")
-def url():
-    server, thread, base = serve(create_app(SpellEngine(), max_queue=8))
-    yield base
-    server.should_exit = True
-    thread.join(timeout=10)
+def spell():
+    engine = SpellEngine()
+    with running(create_app(engine, max_queue=8)) as base:
+        yield base, engine
+
+
+@pytest.fixture
+def url(spell):
+    return spell[0]
 
 
 @pytest.fixture
@@ -85,13 +145,65 @@ def test_chat_stop_and_stream(client):
     assert "".join(p for p in pieces if p) == "world"
 
 
-def test_concurrent_requests_match_serial(client):
+def test_stream_with_usage_chunk(client):
+    chunks = list(client.completions.create(model="spell", prompt="say hello", max_tokens=50, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "hello"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_concurrent_requests_match_serial(client, spell):
     words = [f"w{i}abc{i}" for i in range(8)]
     alone = [client.completions.create(model="spell", prompt=w, max_tokens=20).choices[0].text for w in words]
+    before = spell[1].batched_steps
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda w: client.completions.create(model="spell", prompt=w, max_tokens=20)
                                  .choices[0].text, words))
     assert together == alone == words
+    assert spell[1].batched_steps > before, "concurrent requests shared steps"
+
+
+def test_client_that_disconnects_mid_stream_is_cancelled(spell):
+    base, engine = spell
+    engine.delay = 0.01
+    try:
+        with httpx.stream("POST", base + "/v1/completions", timeout=30,
+                          json={"model": "spell", "prompt": "x" * 150, "max_tokens": 150, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+        deadline = time.time() + 10
+        while not engine.cancelled and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.cancelled and not engine.active, "the slot was freed"
+    finally:
+        engine.delay = 0.002
+
+
+def test_internal_error_is_500_without_details_and_the_server_stays_up(url):
+    r = httpx.post(url + "/v1/completions", json={"model": "spell", "prompt": "explode now", "max_tokens": 5})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "secret" not in r.text and "Traceback" not in r.text
+    ok = httpx.post(url + "/v1/completions", json={"model": "spell", "prompt": "still here", "max_tokens": 4})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "here"
+
+
+def test_full_queue_is_429_and_a_closed_server_is_503():
+    app = create_app(SpellEngine(max_batch=1, delay=0.02), max_queue=1)   # 1 running + 1 waiting
+    with running(app) as base:
+        post = lambda i: httpx.post(base + "/v1/completions", timeout=30,  # noqa: E731
+                                    json={"model": "spell", "prompt": f"abcdefghi{i}", "max_tokens": 20})
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(post, range(8)))
+        codes = [r.status_code for r in replies]
+        assert set(codes) == {200, 429} and codes.count(200) >= 2
+        answered = [(i, r.json()["choices"][0]["text"]) for i, r in enumerate(replies) if r.status_code == 200]
+        assert all(text == f"abcdefghi{i}" for i, text in answered)
+        assert all("server busy" in r.json()["error"]["message"] for r in replies if r.status_code == 429)
+        app.state.scheduler.close()
+        r = post(0)
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        assert httpx.get(base + "/health").status_code == 503
 
 
 @pytest.mark.parametrize("body, status, needle", [

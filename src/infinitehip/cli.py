@@ -1,6 +1,7 @@
 """The `infinitehip` command line. Each command is a thin shell over the public API."""
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -117,10 +118,15 @@ def generate_cmd(
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
     dtype: str = typer.Option(None, help="float32 | float16 | bfloat16."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay the decode step from CUDA graphs (GPU)."),
+    offload: bool = typer.Option(None, "--offload/--no-offload", help="KV cache in host memory with a GPU block "
+                                 "cache (default: only when it does not fit on the GPU)."),
+    offload_fp8: bool = typer.Option(False, "--offload-fp8", help="Offload, storing K/V as FP8 in host memory "
+                                     "(half the bytes; not bit-identical)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """Generate text from a prompt, streaming it to stdout."""
     from . import generate, load
+    from .cache.offload_kv import OffloadConfig
 
     try:
         if (prompt is None) == (prompt_file is None):
@@ -131,7 +137,8 @@ def generate_cmd(
         model = load(model_dir, device=device, dtype=dtype, config=preset)
         for piece in generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, seed=seed, stop=stop, chat=chat, system=system, backend=backend,
-                              chunk_size=chunk_size, progress=True, stream=True, cuda_graph=cuda_graph):
+                              chunk_size=chunk_size, progress=True, stream=True, cuda_graph=cuda_graph,
+                              offload=OffloadConfig(fp8=True) if offload_fp8 else offload):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -160,9 +167,18 @@ def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory
                        ("weights", f"{r['weights_bytes'] / gib:.2f} GiB"),
                        ("KV cache per token", f"{r['kv_bytes_per_token']:,} bytes"),
                        ("free memory", f"{r['free_bytes'] / gib:.2f} GiB"),
-                       ("longest context that fits", f"{r['max_context']:,} tokens (no offload)")]:
+                       ("longest context that fits", f"{r['max_context']:,} tokens (no offload)"),
+                       ("free host memory", f"{r['host_free_bytes'] / gib:.2f} GiB"),
+                       ("longest context, KV offload", _offload_row(r, "max_context_offload")),
+                       ("longest context, KV offload + FP8", _offload_row(r, "max_context_offload_fp8"))]:
         table.add_row(key, str(value))
     console.print(table)
+
+
+def _offload_row(r: dict, key: str) -> str:
+    if not r["offload_useful"]:
+        return f"{r[key]:,} tokens (the device is the host here: offload adds nothing)"
+    return f"{r[key]:,} tokens (host memory; GPU: weights + a fixed block cache)"
 
 
 @app.command()
@@ -170,9 +186,13 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
           host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
           preset: str = typer.Option(None, help="HiPConfig preset (default: the checkpoint's, else paper)."),
           backend: str = typer.Option("hip", help="Attention: hip | dense | streaming."),
-          max_context: int = typer.Option(131_072, help="Longest prompt + completion accepted, in tokens."),
-          max_queue: int = typer.Option(64, help="Requests waiting beyond this get 429."),
+          max_context: int = typer.Option(32_768, help="Longest prompt + completion accepted, in tokens (per "
+                                          "request; --max-batch slots of it are allocated at start)."),
+          max_batch: int = typer.Option(8, "--max-batch", help="Requests decoded together (continuous batching); "
+                                        "each holds a KV-cache slot of --max-context tokens, allocated at start."),
+          max_queue: int = typer.Option(64, help="Requests waiting beyond the running ones get 429."),
           device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
+          offload: bool = typer.Option(False, "--offload", help="Keep the KV cache in host memory (KV offload)."),
           context_cache: str = typer.Option(None, "--context-cache",
                                             help="safetensors file of cached document KV: loaded at start, saved at exit."),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
@@ -184,13 +204,19 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
         from .server.app import create_app
         from .server.engine import ModelEngine
 
-        engine = ModelEngine(load(model_dir, device=device, config=preset), backend=backend, max_context=max_context)
+        if offload:  # refused, not ignored: a silently dense-on-GPU cache would just run out of memory
+            raise ValueError("offload is not available in this build for the server (continuous batching and the "
+                             "context cache do not run on the offloaded KV cache yet); run without --offload, with "
+                             "a smaller --max-context or --max-batch")
+        engine = ModelEngine(load(model_dir, device=device, config=preset), backend=backend, max_context=max_context,
+                             max_batch=max_batch)
         if context_cache and Path(context_cache).exists():
             engine.prefix_cache.load(context_cache, device=engine.model.device)
     except ImportError as e:
         _fail(ImportError(f"{e}; the server needs `pip install infinitehip[server]`"), debug)
     except (OSError, ValueError, TypeError) as e:
         _fail(e, debug)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     uvicorn.run(create_app(engine, max_queue=max_queue), host=host, port=port, log_level="info")
     if context_cache:
         engine.prefix_cache.save(context_cache)

@@ -94,6 +94,16 @@ class HiPConfig:
             return dataclasses.replace(self, budget=self.dense_layer_budget)
         return self
 
+    @property
+    def dense_cutoff(self) -> int:
+        """Calls with at most this many keys attend densely: sparse attention would attend every
+        key anyway, or is slower there (``dense_threshold``, capped at the trained context:
+        beyond it only sparse attention with adaptive RoPE works)."""
+        crossover = self.dense_threshold
+        if self.model_context_length is not None:
+            crossover = min(crossover, self.model_context_length)
+        return max(self.sink + self.window, crossover)
+
     def refresh_stage(self, step: int) -> int:
         """First pruning stage to rerun at decode step ``step`` (``n_stages`` = reuse the mask).
 

@@ -118,11 +118,16 @@ def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, sca
         if not keys_rotated:
             cos, sin = rope.cos_sin(torch.arange(tk, device=q.device))
             k = apply_rope(k, cos[:, None], sin[:, None])
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if kv_len is None and tq in (1, tk):  # one query sees every key; or square causal
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1, scale=scale, enable_gqa=True)
-    elif kv_len is None:  # a prefill chunk: causal aligned bottom-right, still flash / cuDNN eligible
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(tq, tk), scale=scale, enable_gqa=True)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)     # (B, heads, T, D)
+    if kv_len is None and tq == 1:
+        # Decode: the query heads of one KV head become the rows of one query block, so SDPA
+        # reads the cache in place with its flash kernels (no GQA expansion, no copy).
+        K = k.shape[1]
+        out = F.scaled_dot_product_attention(q.reshape(B, K, H // K, D), k, v, scale=scale).reshape(B, H, 1, D)
+    elif kv_len is None:  # prefill: causal aligned bottom-right, flash / cuDNN eligible (heads-first copies)
+        mask = None if tq == tk else causal_lower_right(tq, tk)
+        k, v = k.contiguous(), v.contiguous()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=tq == tk, scale=scale, enable_gqa=True)
     else:
         allowed = torch.arange(tk, device=q.device) <= q_pos[..., None]       # (B, Tq, Tk)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=True)
@@ -131,10 +136,7 @@ def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, sca
 
 def _use_dense(tk: int, config: HiPConfig) -> bool:
     """Dense when sparse attention would attend everything, or below the measured crossover."""
-    crossover = config.dense_threshold
-    if config.model_context_length is not None:
-        crossover = min(crossover, config.model_context_length)
-    return tk <= max(config.sink + config.window, crossover)
+    return tk <= config.dense_cutoff
 
 
 def _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, from_stage, row_stage):

@@ -12,27 +12,40 @@ import torch
 
 from ..config import HiPConfig
 from .mask import NEG_SCORE, SENTINEL, Geometry, window_slots
+from .pages import KVPages, physical_rows
 from .rope import RoPE, apply_rope
 
 
-def gather_kv(x: torch.Tensor, idx: torch.Tensor, groups: int) -> torch.Tensor:
+def gather_kv(x: torch.Tensor, idx: torch.Tensor, groups: int, pages: KVPages | None = None,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of x (B, T, K, D) at positions idx (B, G, ...) for the kv heads of each group.
 
     Returns (B, G, ..., K // G, D) float32; positions are clamped into [0, T) (callers mask them).
+    With a block table (``pages.table``), x is a page pool (N, page, K, D) shared by all rows and
+    idx are logical positions; with ``scale`` (B, NB, K), x holds FP8 codes of pages of
+    ``pages.page`` tokens (see ``pages.py``).
     """
-    B, T, K, D = x.shape
+    B = idx.shape[0]
+    if pages is not None and pages.table is not None:
+        x = x.reshape(1, -1, *x.shape[-2:]).expand(B, -1, -1, -1)       # (B, N * page, K, D)
+        idx = physical_rows(pages, idx)
+    _, T, K, D = x.shape
     xg = x.view(B, T, groups, K // groups, D).transpose(1, 2)           # (B, G, T, KG, D)
     flat = idx.reshape(B, groups, -1).clamp(0, T - 1)
     b = torch.arange(B, device=x.device)[:, None, None]
     g = torch.arange(groups, device=x.device)[None, :, None]
-    return xg[b, g, flat].float().view(*idx.shape, K // groups, D)
+    out = xg[b, g, flat].float()                                        # (B, G, N, KG, D)
+    if scale is not None:
+        sg = scale.view(B, -1, groups, K // groups).transpose(1, 2)     # (B, G, NB, KG)
+        out = out * sg[b, g, (flat // pages.page).clamp(max=sg.shape[2] - 1)][..., None]
+    return out.view(*idx.shape, K // groups, D)
 
 
-def _probe_scores(qp, q_valid, k, probes, geo: Geometry, rope: RoPE | None):
+def _probe_scores(qp, q_valid, k, probes, geo: Geometry, rope: RoPE | None, pages: KVPages | None = None):
     """Max over pooled query rows and the group's heads of q·k at each probe: (B, G, NQB, M)."""
     B, nqb, R, H, D = qp.shape
     G, K = probes.shape[1], k.shape[2]
-    keys = gather_kv(k, probes, G)                                      # (B, G, NQB, M, KG, D)
+    keys = gather_kv(k, probes, G, pages, None if pages is None else pages.k_scale)   # (B, G, NQB, M, KG, D)
     if rope is not None:
         pos = torch.where(geo.exact_prune[:, None, None, None], probes - geo.p0[:, None, :, None], 0)
         cos, sin = rope.cos_sin(pos)
@@ -43,7 +56,8 @@ def _probe_scores(qp, q_valid, k, probes, geo: Geometry, rope: RoPE | None):
     return s.amax(dim=(-3, -2, -1))
 
 
-def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPConfig, rope: RoPE | None):
+def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPConfig, rope: RoPE | None,
+                 pages: KVPages | None = None):
     """Hierarchical top-1 over chunks ``[starts, starts + chunk)`` of the selectable range.
 
     qp (B, NQB, R, H, D) float32 pooled rotated queries, q_valid (B, NQB, R),
@@ -51,6 +65,7 @@ def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPC
     Each level halves the candidate range: probe the middle of both halves, keep the better
     half. After log2(chunk) levels one token is left: the representative. The score is the best
     probe seen on the way. Probes are clamped into the chunk's selectable part [lo, hi).
+    pages: read k through a block table or as FP8 codes with scales (``pages.py``).
     """
     lo = starts.clamp(min=config.sink)
     hi = torch.minimum(starts + chunk, geo.w0[:, None, :, None])
@@ -61,7 +76,7 @@ def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPC
         half = length // 2
         probes = torch.stack([a + half // 2, a + half + half // 2], dim=-1)    # (B, G, NQB, n, 2)
         probes = torch.maximum(torch.minimum(probes, hi[..., None] - 1), lo[..., None])
-        s = _probe_scores(qp, q_valid, k, probes.flatten(-2), geo, rope).view(probes.shape)
+        s = _probe_scores(qp, q_valid, k, probes.flatten(-2), geo, rope, pages).view(probes.shape)
         best = torch.maximum(best, s.amax(-1))
         a = a + (s[..., 1] > s[..., 0]) * half
         length = half
@@ -102,17 +117,20 @@ def slot_indices(starts: torch.Tensor, geo: Geometry, config: HiPConfig):
     return idx, pos, valid
 
 
-def attend(q, k, v, starts, geo: Geometry, config: HiPConfig, rope: RoPE | None, scale: float):
+def attend(q, k, v, starts, geo: Geometry, config: HiPConfig, rope: RoPE | None, scale: float,
+           pages: KVPages | None = None):
     """Block-sparse attention: q (B, Tq, H, D), k/v (B, Tk, K, D), starts (B, G, NQB, NSEL).
 
     One softmax over sink, selected and window keys, each key counted once. Returns (B, Tq, H, D)
-    in q's dtype.
+    in q's dtype. pages: read k/v through a block table (k/v are then page pools) or as FP8
+    codes with scales (``pages.py``).
     """
     B, tq, H, D = q.shape
     K, G = k.shape[2], starts.shape[1]
     nqb, bq = geo.q_pos.shape[1:]
     idx, pos, valid = slot_indices(starts, geo, config)
-    keys, values = gather_kv(k, idx, G), gather_kv(v, idx, G)           # (B, G, NQB, S, KG, D)
+    ks, vs = (None, None) if pages is None else (pages.k_scale, pages.v_scale)
+    keys, values = gather_kv(k, idx, G, pages, ks), gather_kv(v, idx, G, pages, vs)   # (B, G, NQB, S, KG, D)
     x = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, nqb * bq - tq)).view(B, nqb, bq, H, D)
     if rope is not None:
         base = geo.p0[..., None]

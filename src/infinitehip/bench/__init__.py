@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-_BENCHMARKS = ("attention", "engine")
+_BENCHMARKS = ("attention", "engine", "offload")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -13,6 +13,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"usage: infinitehip bench {{{','.join(_BENCHMARKS)}}} [options]; got {argv[:1]}")
     if argv[0] == "attention":
         from .attention import main as run
+    elif argv[0] == "offload":
+        from .offload import main as run
     else:
         from .engine import main as run
     run(argv[1:])

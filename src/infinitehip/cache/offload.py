@@ -7,6 +7,7 @@ needs move slowly and an LRU cache over them hits often.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -30,19 +31,67 @@ def fp8_decode(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return (codes.float() * scale).to(dtype)
 
 
+def host_tensor(shape, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    """A zeroed host tensor; page-locked and registered with CUDA when ``device`` is a GPU.
+
+    Registered with ``cudaHostRegister`` rather than allocated with ``pin_memory=True``: PyTorch's
+    pinned allocator rounds every allocation up to a power of two, which would waste up to half
+    of the host memory a long context needs. Never CUDA managed memory.
+    """
+    t = torch.zeros(shape, dtype=dtype)
+    if device is None or device.type != "cuda" or t.numel() == 0:
+        return t
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(t.data_ptr(), t.nbytes, 1 | 2)   # portable | mapped
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {t.nbytes / 2**30:.2f} GiB of host memory failed ({err}); "
+                           "check the memlock limit (ulimit -l) or give the KV store less memory")
+    weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
+    return t
+
+
+class _CudaArray:
+    """A ``__cuda_array_interface__`` over raw bytes, keeping their owner alive."""
+
+    def __init__(self, owner: torch.Tensor):
+        self.owner = owner
+        self.__cuda_array_interface__ = {"shape": (owner.nbytes,), "typestr": "|u1",
+                                         "data": (owner.data_ptr(), False), "version": 2}
+
+
+def device_alias(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """A tensor on ``device`` that reads and writes the registered host tensor ``t`` in place.
+
+    Zero-copy: kernels given the alias load over PCIe exactly the bytes they touch (UVA: the
+    host address of registered memory is valid on the device). On CPU it is ``t`` itself.
+    """
+    if device is None or device.type != "cuda" or t.numel() == 0:
+        return t
+    raw = torch.as_tensor(_CudaArray(t), device=device)                 # (nbytes,) uint8, no copy
+    return raw.view(t.dtype).view(t.shape)
+
+
 class HostKVStore:
-    """One layer's K and V in host memory, addressed by token block: (num_blocks, block, K, D)."""
+    """One layer's K and V in host memory, addressed by token block: (num_blocks, block, K, D).
+
+    ``device``: the GPU that reads it. Then the store is registered page-locked memory and
+    ``dk``/``dv`` (and ``dk_scale``/``dv_scale``) are device aliases of it: reads and writes
+    are GPU kernels over mapped host memory, never a CPU-side copy. Without a device (or on
+    CPU) the aliases are the host tensors themselves.
+    """
 
     def __init__(self, num_blocks: int, block: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.bfloat16, fp8: bool = False):
-        pin = torch.cuda.is_available()
+                 dtype: torch.dtype = torch.bfloat16, fp8: bool = False, device: torch.device | str | None = None):
+        device = None if device is None else torch.device(device)
         shape = (num_blocks, block, kv_heads, head_dim)
         self.dtype, self.fp8 = dtype, fp8
-        self.k = torch.empty(shape, dtype=FP8 if fp8 else dtype, pin_memory=pin)
-        self.v = torch.empty(shape, dtype=FP8 if fp8 else dtype, pin_memory=pin)
+        self.k = host_tensor(shape, FP8 if fp8 else dtype, device)
+        self.v = host_tensor(shape, FP8 if fp8 else dtype, device)
+        self.dk, self.dv = device_alias(self.k, device), device_alias(self.v, device)
         if fp8:
-            self.k_scale = torch.ones(num_blocks, 1, kv_heads, 1, pin_memory=pin)
-            self.v_scale = torch.ones(num_blocks, 1, kv_heads, 1, pin_memory=pin)
+            self.k_scale = host_tensor((num_blocks, 1, kv_heads, 1), torch.float32, device).fill_(1.0)
+            self.v_scale = host_tensor((num_blocks, 1, kv_heads, 1), torch.float32, device).fill_(1.0)
+            self.dk_scale, self.dv_scale = device_alias(self.k_scale, device), device_alias(self.v_scale, device)
 
     @property
     def nbytes(self) -> int:
@@ -50,27 +99,26 @@ class HostKVStore:
         return self.k.nbytes + self.v.nbytes + extra
 
     def write(self, blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store whole blocks: blocks (N,) int64, k/v (N, block, K, D)."""
-        blocks = blocks.cpu()
+        """Store whole blocks: blocks (N,) int64, k/v (N, block, K, D) (through the device alias)."""
+        blocks = blocks.to(self.dk.device)
         if self.fp8:
             (kc, ks), (vc, vs) = fp8_encode(k), fp8_encode(v)
-            self.k[blocks], self.k_scale[blocks] = kc.cpu(), ks.cpu()
-            self.v[blocks], self.v_scale[blocks] = vc.cpu(), vs.cpu()
+            dev = self.dk.device
+            self.dk[blocks], self.dk_scale[blocks] = kc.to(dev), ks.to(dev)
+            self.dv[blocks], self.dv_scale[blocks] = vc.to(dev), vs.to(dev)
         else:
-            self.k[blocks], self.v[blocks] = k.to("cpu", self.dtype), v.to("cpu", self.dtype)
+            self.dk[blocks], self.dv[blocks] = k.to(self.dk.device, self.dtype), v.to(self.dk.device, self.dtype)
 
     def read(self, blocks: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks (N,) -> k, v (N, block, K, D) in the store's compute dtype, on ``device``."""
-        blocks = blocks.cpu()
-        k, v = self.k[blocks], self.v[blocks]
-        if device is not None and torch.device(device).type == "cuda":
-            k, v = k.pin_memory().to(device, non_blocking=True), v.pin_memory().to(device, non_blocking=True)
-        elif device is not None:
-            k, v = k.to(device), v.to(device)
+        """Blocks (N,) -> k, v (N, block, K, D) in the store's compute dtype, on ``device``.
+
+        A gather over the device alias: on a GPU one kernel pulls just these blocks over PCIe.
+        """
+        blocks = blocks.to(self.dk.device)
+        k, v = self.dk[blocks], self.dv[blocks]
         if self.fp8:
-            ks, vs = self.k_scale[blocks].to(k.device), self.v_scale[blocks].to(k.device)
-            return fp8_decode(k, ks, self.dtype), fp8_decode(v, vs, self.dtype)
-        return k, v
+            k, v = fp8_decode(k, self.dk_scale[blocks], self.dtype), fp8_decode(v, self.dv_scale[blocks], self.dtype)
+        return (k, v) if device is None else (k.to(device), v.to(device))
 
 
 @dataclass
@@ -95,8 +143,8 @@ class BlockCache:
     def __init__(self, store: HostKVStore, n_slots: int, device=None):
         self.store, self.n_slots = store, n_slots
         _, block, K, D = store.k.shape
-        self.k = torch.empty(n_slots, block, K, D, dtype=store.dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        self.k = torch.zeros(n_slots, block, K, D, dtype=store.dtype, device=device)   # finite: masked reads
+        self.v = torch.zeros_like(self.k)
         self.slot_of = torch.full((store.k.shape[0],), -1, dtype=torch.long)   # block -> slot
         self.block_of = torch.full((n_slots,), -1, dtype=torch.long)            # slot -> block
         self.last_use = torch.zeros(n_slots, dtype=torch.long)
@@ -130,6 +178,10 @@ class BlockCache:
     def write(self, blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write through to the store and drop any cached copy of those blocks."""
         self.store.write(blocks, k, v)
+        self.invalidate(blocks)
+
+    def invalidate(self, blocks: torch.Tensor):
+        """Forget the cached copies of ``blocks`` (rewritten in the store by the caller)."""
         cached = self.slot_of[blocks.cpu().long()]
         self._drop(cached[cached >= 0])
 

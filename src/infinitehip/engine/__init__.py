@@ -1,7 +1,9 @@
-"""Generation: chunked prefill, decode with sparse-mask reuse, sampling, streaming."""
+"""Generation: chunked prefill, decode with sparse-mask reuse, sampling, streaming, continuous batching."""
+from .batch import BatchEvent, BatchRunner, BatchStats
 from .generate import DecodeState, Event, decode_one_token, encode_prompt, generate, prefill, stream
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, sample
 
 __all__ = ["generate", "stream", "prefill", "decode_one_token", "encode_prompt", "DecodeState", "Event",
-           "SamplingParams", "sample", "PrefixCache"]
+           "SamplingParams", "sample", "PrefixCache",
+           "BatchRunner", "BatchEvent", "BatchStats"]

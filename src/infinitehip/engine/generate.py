@@ -12,7 +12,8 @@ from typing import Iterator
 import torch
 
 from ..attention import HiPMask
-from ..cache.kv import KVCache, plan_kv_cache
+from ..cache.kv import CapacityError, KVCache, plan_kv_cache
+from ..cache.offload_kv import OffloadConfig, OffloadKVCache, plan_offload
 from ..config import HiPConfig
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
@@ -133,13 +134,15 @@ def encode_prompt(model: Model, prompt: str | list[int], chat: bool = False, sys
 def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams | None = None, *,
            backend: str = "hip", chat: bool = False, system: str | None = None, chunk_size: int = 4096,
            kernel: str = "auto", progress: bool = False, cuda_graph: bool = False,
-           prefix_cache: PrefixCache | None = None) -> Iterator[Event]:
+           prefix_cache: PrefixCache | None = None, offload: bool | OffloadConfig | None = None) -> Iterator[Event]:
     """Generate for a batch of prompts (text, or token ids); yield text pieces as they are decoded.
 
     Prompts are prefilled one at a time (they may differ in length), then decoded together,
     one token per row per step, each row at its own position. ``cuda_graph``: replay the decode
     step from CUDA graphs (GPU only; reads the cache at full capacity). ``prefix_cache``: reuse
     the KV of a cached prompt prefix (a shared document) instead of prefilling it again.
+    ``offload``: keep the KV cache in host memory with a GPU block cache (True, or an
+    ``OffloadConfig``); None (default) offloads only when the cache does not fit on the GPU.
     """
     params = params or SamplingParams()
     if backend not in BACKENDS:
@@ -149,11 +152,9 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
         raise ValueError("empty prompt: give at least one token of text")
     B, device, n_new = len(ids), model.device, params.max_new_tokens
     capacity = max(map(len, ids)) + n_new
-    args = model.args
-    workspace = min(chunk_size, capacity) * (4 * args.dim + 3 * args.intermediate_size) * 4 + (256 << 20)
-    plan_kv_cache(n_layers=args.n_layers, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, batch=B,
-                  capacity=capacity, dtype=model.dtype, device=device, workspace=workspace)
-    cache = KVCache(args.n_layers, B, capacity, args.n_kv_heads, args.head_dim, dtype=model.dtype, device=device)
+    cache = _make_cache(model, B, capacity, chunk_size, offload)
+    if isinstance(cache, OffloadKVCache) and (cuda_graph or prefix_cache is not None):
+        raise ValueError("KV offload runs decode eagerly without a prefix cache: drop cuda_graph / prefix_cache")
     state = DecodeState(backend, kernel=kernel)
     graph = None
     if cuda_graph:
@@ -206,7 +207,7 @@ def generate(model: Model, prompt: str | list[str], *, max_new_tokens: int = 256
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | list[str] = (),
              ignore_eos: bool = False, chat: bool = False, system: str | None = None, backend: str = "hip",
              chunk_size: int = 4096, kernel: str = "auto", progress: bool = False, stream: bool = False,
-             cuda_graph: bool = False):
+             cuda_graph: bool = False, offload: bool | OffloadConfig | None = None):
     """Generate text for ``prompt`` (or a list of prompts) with ``model`` from ``load``.
 
     Returns the completion text (a list for a list of prompts). With ``stream=True`` returns an
@@ -215,13 +216,15 @@ def generate(model: Model, prompt: str | list[str], *, max_new_tokens: int = 256
     Greedy unless ``temperature > 0``; ``seed`` makes sampling reproducible; generation ends at an
     end-of-sequence token, before the first ``stop`` string, or after ``max_new_tokens``.
     cuda_graph: capture the decode step in CUDA graphs (GPU only).
+    offload: KV cache in host memory with a GPU block cache (True or an ``OffloadConfig``; None:
+    only when it does not fit on the GPU; ``docs/offload.md``).
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=stop, ignore_eos=ignore_eos)
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
     events = _stream(model, prompts, params, backend=backend, chat=chat, system=system, chunk_size=chunk_size,
-                     kernel=kernel, progress=progress, cuda_graph=cuda_graph)
+                     kernel=kernel, progress=progress, cuda_graph=cuda_graph, offload=offload)
     if stream:
         return (e.text if single else (e.row, e.text) for e in events if e.text)
     texts = [""] * len(prompts)
@@ -231,6 +234,27 @@ def generate(model: Model, prompt: str | list[str], *, max_new_tokens: int = 256
 
 
 _stream = stream
+
+
+def _make_cache(model: Model, B: int, capacity: int, chunk_size: int, offload: bool | OffloadConfig | None):
+    """The KV cache for B rows of ``capacity`` tokens: on the device, or offloaded to host memory
+    (when asked, or when ``offload`` is None and it does not fit on a GPU). Checked before allocating."""
+    args = model.args
+    workspace = min(chunk_size, capacity) * (4 * args.dim + 3 * args.intermediate_size) * 4 + (256 << 20)
+    shape = dict(n_layers=args.n_layers, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, batch=B,
+                 capacity=capacity, dtype=model.dtype, device=model.device)
+    if not offload:
+        try:
+            plan_kv_cache(**shape, workspace=workspace)
+            return KVCache(args.n_layers, B, capacity, args.n_kv_heads, args.head_dim, dtype=model.dtype,
+                           device=model.device)
+        except CapacityError:
+            if offload is not None or model.device.type != "cuda":
+                raise
+    config = offload if isinstance(offload, OffloadConfig) else OffloadConfig()
+    plan_offload(**shape, layer_configs=model.net.layer_configs, config=config, workspace=workspace)
+    return OffloadKVCache(args.n_layers, B, capacity, args.n_kv_heads, args.head_dim, dtype=model.dtype,
+                          device=model.device, layer_configs=model.net.layer_configs, config=config)
 
 
 def _prefill_row(model: Model, ids: list[int], cache: KVCache, prefix_cache: PrefixCache | None, **kw):

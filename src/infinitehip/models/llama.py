@@ -137,8 +137,10 @@ class Attention(nn.Module):
                 mask, stage = empty_mask(hip, B, n_groups(hip, K), nqb, x.device), hip.n_stages
             elif call.masks is not None and call.masks[self.layer] is not None:
                 mask, stage = call.masks[self.layer], call.refresh_stage
-            out, mask = hip_attention(q, k_all, v_all, config=hip, rope=rope, scale=self.scale,
-                                      cache_seqlens=kv_len, mask=mask, refresh_stage=stage, backend=call.kernel)
+            # An offloaded cache supplies its own hip_attention (reads host memory, a GPU block cache).
+            attend = cache.attention(self.layer) if hasattr(cache, "attention") else hip_attention
+            out, mask = attend(q, k_all, v_all, config=hip, rope=rope, scale=self.scale,
+                               cache_seqlens=kv_len, mask=mask, refresh_stage=stage, backend=call.kernel)
             if call.masks is not None and call.backend == "hip":
                 call.masks[self.layer] = mask
         return self.wo(out.reshape(B, T, H * D))                                # (B, T, C)

@@ -241,6 +241,7 @@ def inspect_checkpoint(path: str | Path, *, device=None, dtype=None) -> dict:
     from safetensors import safe_open
 
     from ..cache.kv import free_memory, kv_bytes
+    from ..cache.offload_kv import OffloadConfig, host_bytes_per_token
 
     path, cfg = read_config(path)
     args = ModelArgs.from_hf(cfg)
@@ -259,4 +260,15 @@ def inspect_checkpoint(path: str | Path, *, device=None, dtype=None) -> dict:
             "heads": f"{args.n_heads} query / {args.n_kv_heads} kv x {args.head_dim}",
             "trained_context": args.trained_context, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "weights_bytes": n_params * elem, "kv_bytes_per_token": per_token, "free_bytes": free,
-            "max_context": max(0, (free - n_params * elem - workspace) // per_token)}
+            "max_context": max(0, (free - n_params * elem - workspace) // per_token),
+            **_offload_capacity(args, dtype, device, free_memory, host_bytes_per_token, OffloadConfig)}
+
+
+def _offload_capacity(args: ModelArgs, dtype, device, free_memory, per_token, OffloadConfig) -> dict:
+    """Longest context per sequence with the KV cache offloaded to host memory (90% of what is
+    available: the OS and the process need the rest), plain and FP8."""
+    host = free_memory(torch.device("cpu"))
+    shape = (args.n_layers, args.n_kv_heads, args.head_dim, dtype)
+    return {"host_free_bytes": host, "offload_useful": torch.device(device).type == "cuda",
+            "max_context_offload": int(0.9 * host // per_token(*shape, OffloadConfig())),
+            "max_context_offload_fp8": int(0.9 * host // per_token(*shape, OffloadConfig(fp8=True)))}

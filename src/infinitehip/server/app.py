@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions, /health."""
+"""OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -6,29 +6,28 @@ import json
 import logging
 import time
 import uuid
-from typing import Iterator, Literal, Protocol
+from typing import Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
-from .scheduler import QueueFull, Scheduler
+from ..engine.sampling import SamplingParams
+from .scheduler import EngineFailure, Job, QueueFull, Runner, Scheduler, Unavailable
 
 log = logging.getLogger("infinitehip.server")
 
 
-class Engine(Protocol):
-    """What the server needs from a loaded model (see ``server.engine.ModelEngine``)."""
+class Engine(Runner, Protocol):
+    """What the server needs from a loaded model (see ``server.engine.ModelEngine``): a tokenizer
+    front and the continuous-batching runner the scheduler drives."""
 
     model_id: str
     max_context: int
 
     def render_chat(self, messages: list[dict]) -> str | list[int]: ...
     def count_tokens(self, prompt: str | list[int]) -> int: ...
-    def stream(self, prompt: str | list[int], *, max_tokens: int, temperature: float, top_p: float,
-               seed: int | None, stop: list[str], cancelled) -> Iterator[tuple[str, int]]:
-        """Yields (text piece, tokens generated so far)."""
 
 
 class APIError(Exception):
@@ -45,6 +44,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)
     stream: bool = False
+    stream_options: dict | None = None      # {"include_usage": true}: a last chunk with usage
 
     @field_validator("stop")
     @classmethod
@@ -70,7 +70,7 @@ class ChatRequest(_Sampling):
 
 def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
     app = FastAPI(title="infinitehip")
-    scheduler = Scheduler(max_queue)
+    scheduler = Scheduler(engine, max_queue)
     app.state.scheduler = scheduler
 
     @app.exception_handler(APIError)
@@ -92,7 +92,18 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        if scheduler.alive:
+            return {"status": "ok"}
+        return JSONResponse(status_code=503, content={"status": "unavailable"})
+
+    @app.get("/metrics")
+    async def metrics():
+        """Queue, batching and context-caching counters (JSON)."""
+        body = {"scheduler": {"alive": scheduler.alive, "outstanding": scheduler.outstanding,
+                              "limit": scheduler.limit, "max_queue": max_queue}}
+        if hasattr(engine, "metrics"):
+            body.update(engine.metrics())
+        return body
 
     @app.get("/v1/models")
     async def models():
@@ -104,7 +115,10 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        prompt = engine.render_chat([m.model_dump() for m in req.messages])
+        try:
+            prompt = engine.render_chat([m.model_dump() for m in req.messages])
+        except ValueError as e:  # e.g. a model without a chat template
+            raise APIError(400, f"{e}; or send the text to /v1/completions", "messages") from None
         return await _serve(req, prompt, "chat.completion", request)
 
     async def _serve(req: _Sampling, prompt: str | list[int], kind: str, request: Request):
@@ -117,59 +131,75 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
                            f"server's capacity of {engine.max_context} tokens; shorten the prompt or lower "
                            "max_tokens", "max_tokens")
         try:
-            job = scheduler.submit(lambda cancelled: engine.stream(
-                prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                seed=req.seed, stop=req.stop, cancelled=cancelled))
+            params = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                    seed=req.seed, stop=tuple(req.stop))
+            job = scheduler.submit(prompt, params, asyncio.get_running_loop())
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
         except QueueFull as e:
             raise APIError(429, f"server busy: {e}; retry later", None, "rate_limit_exceeded") from None
+        except Unavailable as e:
+            raise APIError(503, f"{e}", None, "server_error") from None
         rid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
-            return StreamingResponse(_sse(job, rid, kind, req, request), media_type="text/event-stream")
-        text, n_out = "", 0
+            return StreamingResponse(_sse(job, rid, kind, req, n_prompt, request), media_type="text/event-stream")
+        text, n_out, finish = "", 0, "stop"
         try:
-            for piece, n_out in await asyncio.to_thread(lambda: list(job.results())):
-                text += piece
+            async for e in job.aresults():
+                text, n_out, finish = text + e.text, e.n_generated, e.finish_reason or finish
+                if await request.is_disconnected():  # nobody will read the answer: free the slot
+                    break
         except ValueError as e:  # the engine refused the input (e.g. too long once tokenized)
             raise APIError(400, str(e)) from None
-        finish = "length" if n_out >= req.max_tokens else "stop"
-        return _body(rid, kind, req.model, text, finish, usage=(n_prompt, n_out))
-
-    async def _sse(job, rid, kind, req: _Sampling, request: Request):
-        model, pieces = req.model, job.results()
-        n_out = 0
-        try:
-            while True:
-                item = await asyncio.to_thread(next, pieces, None)
-                if item is None:
-                    break
-                piece, n_out = item
-                yield _event(_body(rid, kind, model, piece, None, chunk=True))
-                if await request.is_disconnected():
-                    job.cancelled.set()
-                    return
-            finish = "length" if n_out >= req.max_tokens else "stop"
-            yield _event(_body(rid, kind, model, "", finish, chunk=True))
-            yield "data: [DONE]\n\n"
-        except Exception:
-            job.cancelled.set()
-            log.exception("stream failed")
-            yield _event({"error": {"message": "internal server error", "type": "server_error"}})
+        except Unavailable as e:
+            raise APIError(503, str(e), None, "server_error") from None
+        except EngineFailure as e:  # already logged by the scheduler, with its traceback
+            raise APIError(500, f"{e}; see the server log", None, "server_error") from None
         finally:
             job.cancelled.set()
+        return _body(rid, kind, req.model, text, finish, usage=(n_prompt, n_out))
 
-    app.router.on_shutdown.append(scheduler.close)
+    async def _sse(job: Job, rid, kind, req: _Sampling, n_prompt: int, request: Request):
+        model, n_out, finish = req.model, 0, "stop"
+        try:
+            async for e in job.aresults():
+                n_out, finish = e.n_generated, e.finish_reason or finish
+                if e.text:
+                    yield _event(_body(rid, kind, model, e.text, None, chunk=True))
+                if await request.is_disconnected():
+                    return
+            yield _event(_body(rid, kind, model, "", finish, chunk=True))
+            if (req.stream_options or {}).get("include_usage"):
+                yield _event(_body(rid, kind, model, None, None, usage=(n_prompt, n_out), chunk=True))
+            yield "data: [DONE]\n\n"
+        except Exception as e:
+            if not isinstance(e, (ValueError, Unavailable, EngineFailure)):
+                log.exception("stream failed")
+            message = str(e) if isinstance(e, (ValueError, Unavailable)) else "internal server error"
+            yield _event({"error": {"message": message, "type": "server_error"}})
+        finally:  # also when the client disconnects: the worker frees the slot at its next round
+            job.cancelled.set()
+
+    app.router.on_shutdown.append(lambda: _shutdown(scheduler, engine))
     return app
 
 
+def _shutdown(scheduler: Scheduler, engine):
+    scheduler.close()
+    if hasattr(engine, "metrics"):
+        log.info("served: %s", json.dumps(engine.metrics()))
+
+
 def _body(rid, kind, model, text, finish, usage=None, chunk=False):
+    """A response or stream chunk in OpenAI's shape; ``text=None``: no choice (a usage-only chunk)."""
     chat = kind.startswith("chat")
-    choice = {"index": 0, "finish_reason": finish}
-    if chat:
-        choice["delta" if chunk else "message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
+    choices = []
+    if text is not None:
+        content = {"role": "assistant", "content": text}
+        choices = [{"index": 0, "finish_reason": finish,
+                    **({("delta" if chunk else "message"): content} if chat else {"text": text})}]
     body = {"id": rid, "object": kind + (".chunk" if chunk and chat else ""), "created": int(time.time()),
-            "model": model, "choices": [choice]}
+            "model": model, "choices": choices}
     if usage is not None:
         body["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1],
                          "total_tokens": usage[0] + usage[1]}

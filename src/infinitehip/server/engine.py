@@ -1,23 +1,26 @@
-"""Adapts a loaded model (``infinitehip.load``) to what the HTTP layer needs."""
+"""Adapts a loaded model (``infinitehip.load``) to what the HTTP layer needs: a tokenizer front
+and a continuous-batching runner (``engine.batch.BatchRunner``) behind it."""
 from __future__ import annotations
 
-from typing import Iterator
-
-from ..engine.generate import stream as generate_stream
+from ..engine.batch import BatchEvent, BatchRunner
+from ..engine.generate import encode_prompt
 from ..engine.prefix_cache import PrefixCache
 from ..engine.sampling import SamplingParams
 
 
 class ModelEngine:
-    """One model, one request at a time (the scheduler's worker is its only caller)."""
+    """One model, ``max_batch`` requests decoding together; only the scheduler's worker thread
+    calls ``add``, ``step``, ``cancel`` and ``abort``."""
 
-    def __init__(self, model, *, model_id: str | None = None, backend: str = "hip",
-                 max_context: int = 131_072, chunk_size: int = 4096, prefix_cache: PrefixCache | None = None):
-        self.model, self.backend, self.chunk_size = model, backend, chunk_size
+    def __init__(self, model, *, model_id: str | None = None, backend: str = "hip", max_context: int = 131_072,
+                 max_batch: int = 8, chunk_size: int = 4096, prefix_cache: PrefixCache | None = None):
+        self.model = model
         self.model_id = model_id or model.name
-        self.max_context = max_context
+        self.max_context, self.max_batch = max_context, max_batch
         # Documents shared by several requests are prefilled once (see engine/prefix_cache.py).
         self.prefix_cache = PrefixCache() if prefix_cache is None else prefix_cache
+        self.runner = BatchRunner(model, max_batch=max_batch, max_context=max_context, backend=backend,
+                                  chunk_size=chunk_size, prefix_cache=self.prefix_cache)
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         """The chat template's token ids (its text already holds the special tokens)."""
@@ -27,17 +30,28 @@ class ModelEngine:
     def count_tokens(self, prompt: str | list[int]) -> int:
         return len(prompt) if isinstance(prompt, list) else len(self.model.tokenizer.encode(prompt))
 
-    def stream(self, prompt: str | list[int], *, max_tokens: int, temperature: float, top_p: float,
-               seed: int | None, stop: list[str], cancelled) -> Iterator[tuple[str, int]]:
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed, stop=tuple(stop))
-        events = generate_stream(self.model, [prompt], params, backend=self.backend, chunk_size=self.chunk_size,
-                                 prefix_cache=self.prefix_cache)
-        try:
-            for e in events:
-                if e.text or e.finished:
-                    yield e.text, e.n_generated
-                if cancelled.is_set():  # the client left: stop decoding, the KV cache is released
-                    return
-        finally:
-            events.close()
+    def add(self, prompt: str | list[int], params: SamplingParams) -> int:
+        return self.runner.add(encode_prompt(self.model, prompt), params)
+
+    def step(self) -> list[BatchEvent]:
+        return self.runner.step()
+
+    def cancel(self, request: int) -> bool:
+        return self.runner.cancel(request)
+
+    def abort(self) -> list[int]:
+        return self.runner.abort()
+
+    @property
+    def has_work(self) -> bool:
+        return self.runner.has_work
+
+    def metrics(self) -> dict:
+        """Batching and context-caching counters (``GET /metrics``)."""
+        p = self.prefix_cache.stats
+        return {"batch": {"max_batch": self.max_batch, "max_context": self.max_context,
+                          "waiting": self.runner.n_waiting, "active": self.runner.n_active,
+                          **self.runner.stats.as_dict()},
+                "context_cache": {"entries": len(self.prefix_cache), "lookups": p.lookups, "hits": p.hits,
+                                  "reused_tokens": p.reused_tokens, "prefilled_tokens": p.prefilled_tokens,
+                                  "prefill_seconds_saved": round(self.runner.stats.prefill_seconds_saved, 6)}}

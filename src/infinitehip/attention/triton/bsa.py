@@ -14,6 +14,11 @@ positions relative to the block's first query p0 (cos/sin computed in registers)
 convention means D is loaded as two halves, each padded to HALF_P. With SPLIT the program writes
 a partial output and its log2-sum-exp for ``decode.combine`` (flash-decoding); otherwise the
 normalized output.
+
+Paged reads (``attention/pages.py``): with PAGED, k/v are a pool of pages shared by all rows and
+key ``idx`` of row b is pool row ``table[b, idx // PAGE] * PAGE + idx % PAGE``; with SCALED, k/v
+are FP8 codes and each loaded row is multiplied by its page's scale for its kv head. Both are
+compile-time switches: the plain path compiles exactly as before.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ def _operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _bsa_kernel(
     q_ptr, k_ptr, v_ptr, starts_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr, attention_scaling, qk_scale,
-    out_ptr, lse_ptr,
+    out_ptr, lse_ptr, table_ptr, ks_ptr, vs_ptr,
     stride_qb, stride_qt, stride_qh,            # q (B, Tq, H, D), unit stride on D
     stride_kb, stride_kt, stride_kh,            # k (B, Tk, K, D)
     stride_vb, stride_vt, stride_vh,            # v (B, Tk, K, D)
@@ -52,12 +57,14 @@ def _bsa_kernel(
     stride_pb,                                  # p0 / w0 (B, NQB)
     stride_ob, stride_ot, stride_oh, stride_os,  # out (B, Tq, H, D) or partials (B, Tq, H, NSPLIT, D)
     stride_lb, stride_lt, stride_lh,            # lse partials (B, Tq, H, NSPLIT), unit stride on NSPLIT
+    stride_tb,                                  # table (B, NB) int32, unit stride on NB
+    stride_ssb, stride_ssp,                     # scales (B, NB, K) float32, unit stride on K
     TQ, NQB, T_TILES, KG,
     TILES_PER_SPLIT: tl.constexpr, SINK: tl.constexpr, C: tl.constexpr, NSEL: tl.constexpr, NSEL_P: tl.constexpr, N_WINDOW: tl.constexpr,
     BQ: tl.constexpr, HPK: tl.constexpr, HEADS_P: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
     ROPE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, PAGED: tl.constexpr, SCALED: tl.constexpr, PAGE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -98,7 +105,7 @@ def _bsa_kernel(
     q2 = tl.load(q_ptr + q_off + HALF, mask=q_mask, other=0.0).to(tl.float32)
     if ROPE:
         q1, q2 = _rotate(q1, q2, t, inv_freq, attention_scaling, FAST)
-    dtype = k_ptr.dtype.element_ty
+    dtype = q_ptr.dtype.element_ty
     q1 = _operand(q1 * qk_scale, dtype, UPCAST)
     q2 = _operand(q2 * qk_scale, dtype, UPCAST)
 
@@ -126,10 +133,18 @@ def _bsa_kernel(
         col_ok = sel_ok | (causal & (idx <= p_max))
         if tl.max(col_ok.to(tl.int32), axis=0) > 0:
             row = tl.where(col_ok, idx, 0).to(tl.int64)      # key row to load (0 when unused)
+            if PAGED:   # logical row -> row of the page pool
+                pg = tl.load(table_ptr + b64 * stride_tb + row // PAGE, mask=col_ok, other=0).to(tl.int64)
+                row = pg * PAGE + row % PAGE
             kv_mask = col_ok[:, None] & d_ok[None, :]
             k_off = row[:, None] * stride_kt + d[None, :]
             k1 = tl.load(k_base + k_off, mask=kv_mask, other=0.0)                   # (BLOCK_N, HALF_P)
             k2 = tl.load(k_base + k_off + HALF, mask=kv_mask, other=0.0)
+            if SCALED:  # FP8 codes times their page's scale (logical pages: no table here)
+                s_off = b64 * stride_ssb + (row // PAGE) * stride_ssp + kvh
+                k_sc = tl.load(ks_ptr + s_off, mask=col_ok, other=1.0)
+                k1 = k1.to(tl.float32) * k_sc[:, None]
+                k2 = k2.to(tl.float32) * k_sc[:, None]
             if ROPE:
                 pos = tl.where(exact | in_win, idx, packed - SINK + s)
                 k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), pos - p0, inv_freq, attention_scaling,
@@ -147,6 +162,10 @@ def _bsa_kernel(
             v_off = row[:, None] * stride_vt + d[None, :]
             v1 = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
             v2 = tl.load(v_base + v_off + HALF, mask=kv_mask, other=0.0)
+            if SCALED:
+                v_sc = tl.load(vs_ptr + s_off, mask=col_ok, other=1.0)
+                v1 = v1.to(tl.float32) * v_sc[:, None]
+                v2 = v2.to(tl.float32) * v_sc[:, None]
             p = _operand(p, dtype, UPCAST)
             v1 = _operand(v1, dtype, UPCAST)
             v2 = _operand(v2, dtype, UPCAST)

@@ -15,6 +15,7 @@ import triton
 
 from ...config import HiPConfig
 from ..mask import Geometry, window_slots
+from ..pages import KVPages
 from ..rope import RoPE
 from .bsa import LOG2E, _bsa_kernel
 from .decode import combine
@@ -36,14 +37,24 @@ def _num_sms(device_index: int) -> int:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, geo: Geometry,
-           config: HiPConfig, rope: RoPE | None, scale: float) -> torch.Tensor:
+           config: HiPConfig, rope: RoPE | None, scale: float, pages: KVPages | None = None) -> torch.Tensor:
     """Triton ``reference.attend``: q (B, Tq, H, D), k/v (B, Tk, K, D), starts (B, G, NQB, NSEL).
 
     Returns (B, Tq, H, D) in q's dtype. ``geo.q_pos`` must be ``geo.p0 + row`` (as ``geometry``
-    builds it); rows past Tq are padding.
+    builds it); rows past Tq are padding. pages: k/v are a page pool read through a block table,
+    or FP8 codes with per-page scales (``attention/pages.py``).
     """
     B, tq, H, D = q.shape
     K = k.shape[2]
+    paged = pages is not None and pages.table is not None
+    scaled = pages is not None and pages.scaled
+    if paged:   # the pool (N, page, K, D) seen as one row of N * page keys that every row reads
+        k, v = k.reshape(1, -1, K, D), v.reshape(1, -1, K, D)
+    table = pages.table.contiguous() if paged else geo.p0
+    k_scale = pages.k_scale if scaled else geo.p0
+    v_scale = pages.v_scale if scaled else geo.p0
+    if scaled and (k_scale.stride() != v_scale.stride() or k_scale.stride(-1) != 1):
+        raise ValueError("k_scale and v_scale must share strides, with unit stride on the kv heads")
     G, nqb, nsel = starts.shape[1], starts.shape[2], starts.shape[3]
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.stride(-1) != 1:
@@ -83,20 +94,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tens
     _bsa_kernel[grid](
         q, k, v, starts, p0, w0, exact, inv_freq,
         float(rope.attention_scaling if rope is not None else 1.0), float(scale) * LOG2E,
-        o, lse,
+        o, lse, table, k_scale, v_scale,
         q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        0 if paged else k.stride(0), k.stride(1), k.stride(2),
+        0 if paged else v.stride(0), v.stride(1), v.stride(2),
         starts.stride(0), starts.stride(1), starts.stride(2),
         p0.stride(0),
         o.stride(0), o.stride(1), o.stride(2), o_split,
         lse.stride(0), lse.stride(1), lse.stride(2),
+        table.stride(0),
+        k_scale.stride(0) if scaled else 0, k_scale.stride(1) if scaled else 0,
         tq, nqb, t_tiles, K // G,
         TILES_PER_SPLIT=per_split, SINK=config.sink, C=c, NSEL=nsel, NSEL_P=max(2, triton.next_power_of_2(nsel)), N_WINDOW=n_window,
         BQ=bq, HPK=hpk, HEADS_P=heads_p, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
         HALF=half, HALF_P=max(16, triton.next_power_of_2(half)), ROPE=rope is not None,
         SPLIT=nsplit > 1, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=not q.is_cuda, FAST=q.is_cuda,
+        PAGED=paged, SCALED=scaled, PAGE=pages.page if pages is not None else 1,
         num_warps=4, num_stages=2,
     )
     if nsplit > 1:

@@ -6,7 +6,9 @@ together: at each level it gathers the two probe keys of every chunk (the middle
 halves), rotates them in registers, scores them against the block's pooled queries (max over
 valid rows and over every query head of the group) and keeps the better half of each chunk.
 
-Mirrors ``reference.score_chunks``; see it for the exact semantics.
+Mirrors ``reference.score_chunks``; see it for the exact semantics. With SCALED the keys are
+FP8 codes and each probe is multiplied by its page's scale (``attention/pages.py``): KV offload
+prunes over the host store in place.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import triton.language as tl
 
 from ...config import HiPConfig
 from ..mask import NEG_SCORE, SENTINEL, Geometry
+from ..pages import KVPages
 from ..rope import RoPE
 
 # Pooled queries are float32; "tf32x3" keeps float32 accuracy at a third of the tf32 rate, so
@@ -61,9 +64,9 @@ def _rotate(x1, x2, rel, inv_freq, attention_scaling, FAST: tl.constexpr):
 
 
 @triton.jit
-def _probe_scores(q_ptr, qv_ptr, k_ptr, probe, probe_ok, exact, rel, inv_freq, attention_scaling, kvh,
-                  stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
-                  R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr, HALF: tl.constexpr,
+def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv_freq, attention_scaling, kvh,
+                  stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp,
+                  SCALED: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr, HALF: tl.constexpr,
                   HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
                   M_TILES: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST: tl.constexpr):
     """Max over the valid pooled rows and the HPK query heads of kv head ``kvh`` of q . k_probe.
@@ -77,6 +80,10 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, probe, probe_ok, exact, rel, inv_freq, a
     k_mask = probe_ok[:, None] & d_ok[None, :]
     k1 = tl.load(k_ptr + k_off, mask=k_mask, other=0.0).to(tl.float32)            # (BLOCK_C, HALF_P)
     k2 = tl.load(k_ptr + k_off + HALF, mask=k_mask, other=0.0).to(tl.float32)
+    if SCALED:   # FP8 codes times their page's scale for this kv head
+        k_sc = tl.load(ks_ptr + (probe.to(tl.int64) // PAGE) * stride_ssp + kvh, mask=probe_ok, other=1.0)
+        k1 = k1 * k_sc[:, None]
+        k2 = k2 * k_sc[:, None]
     if ROPE:
         if exact:
             k1, k2 = _rotate(k1, k2, rel, inv_freq, attention_scaling, FAST)
@@ -106,18 +113,20 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, probe, probe_ok, exact, rel, inv_freq, a
 
 @triton.jit
 def _score_chunks_kernel(
-    q_ptr, qv_ptr, k_ptr, starts_ptr, out_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr, attention_scaling,
+    q_ptr, qv_ptr, k_ptr, ks_ptr, starts_ptr, out_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr, attention_scaling,
     stride_qb, stride_qq, stride_qr, stride_qh,         # qp (B, NQB, R, H, D), unit stride on D
     stride_qvb, stride_qvq, stride_qvr,                 # q_valid (B, NQB, R)
     stride_kb, stride_kt, stride_kh,                    # k (B, Tk, K, D), unit stride on D
     stride_sb, stride_sg, stride_sq, stride_sn,         # starts (B, G, NQB, n)
     stride_ob, stride_og, stride_oq,                    # out (B, G, NQB, n), unit stride on n
     stride_pb,                                          # p0 / w0 (B, NQB), unit stride on NQB
+    stride_ssb, stride_ssp,                             # FP8 scales (B, NB, K), unit stride on K
     G, NQB, N,
     SINK: tl.constexpr, CHUNK: tl.constexpr, LEVELS: tl.constexpr,
     KG: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     M_TILES: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST: tl.constexpr,
+    SCALED: tl.constexpr, PAGE: tl.constexpr,
 ):
     # One program: BLOCK_C chunks of one (batch, group, query block). 1-D grid, tiles fastest.
     pid = tl.program_id(0)
@@ -145,6 +154,7 @@ def _score_chunks_kernel(
         q_base = q_ptr + b.to(tl.int64) * stride_qb + qb * stride_qq
         qv_base = qv_ptr + b * stride_qvb + qb * stride_qvq
         k_base = k_ptr + b.to(tl.int64) * stride_kb
+        ks_base = ks_ptr + b.to(tl.int64) * stride_ssb
         a = tl.where(active, st, 0)
         for level in tl.static_range(LEVELS):
             half = CHUNK >> (level + 1)
@@ -161,12 +171,12 @@ def _score_chunks_kernel(
             for kk in range(KG):
                 kvh = g * KG + kk
                 s_l = tl.maximum(s_l, _probe_scores(
-                    q_base, qv_base, k_base, left, active, exact, rel_l, inv_freq, attention_scaling, kvh,
-                    stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
+                    q_base, qv_base, k_base, ks_base, left, active, exact, rel_l, inv_freq, attention_scaling, kvh,
+                    stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, SCALED, PAGE,
                     R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
                 s_r = tl.maximum(s_r, _probe_scores(
-                    q_base, qv_base, k_base, right, active, exact, rel_r, inv_freq, attention_scaling, kvh,
-                    stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
+                    q_base, qv_base, k_base, ks_base, right, active, exact, rel_r, inv_freq, attention_scaling, kvh,
+                    stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, SCALED, PAGE,
                     R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
             best = tl.maximum(best, tl.maximum(s_l, s_r))
             a = a + tl.where(s_r > s_l, half, 0)     # keep the better half (ties: the left one)
@@ -175,12 +185,17 @@ def _score_chunks_kernel(
 
 
 def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, starts: torch.Tensor, chunk: int,
-                 geo: Geometry, config: HiPConfig, rope: RoPE | None) -> torch.Tensor:
+                 geo: Geometry, config: HiPConfig, rope: RoPE | None, pages: KVPages | None = None) -> torch.Tensor:
     """Triton ``reference.score_chunks``: (B, G, NQB, n) float32 scores, NEG_SCORE if inactive.
 
     qp (B, NQB, R, H, D) float32 pooled rotated queries, q_valid (B, NQB, R) bool,
     k (B, Tk, K, D) un-rotated keys, starts (B, G, NQB, n) int (SENTINEL = no chunk).
+    pages: FP8 codes with per-page scales (a block table is not supported here: pruning reads
+    the logical layout, in place).
     """
+    if pages is not None and pages.table is not None:
+        raise ValueError("score_chunks reads keys in their logical layout; a block table is not supported")
+    scaled = pages is not None and pages.scaled
     B, nqb, R, H, D = qp.shape
     K = k.shape[2]
     G, n = starts.shape[1], starts.shape[3]
@@ -203,20 +218,25 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     exact = geo.exact_prune.to(torch.int8).contiguous()
     inv_freq = (rope.inv_freq if rope is not None else torch.zeros(1, device=k.device)).to(k.device, torch.float32)
     scaling = rope.attention_scaling if rope is not None else 1.0
+    k_scale = pages.k_scale if scaled else p0
+    if scaled and k_scale.stride(-1) != 1:
+        raise ValueError("k_scale must have unit stride on the kv heads")
     grid = (triton.cdiv(n, block_c) * B * G * nqb,)
     _score_chunks_kernel[grid](
-        qp, qv, k, starts, out, p0, w0, exact, inv_freq, float(scaling),
+        qp, qv, k, k_scale, starts, out, p0, w0, exact, inv_freq, float(scaling),
         qp.stride(0), qp.stride(1), qp.stride(2), qp.stride(3),
         qv.stride(0), qv.stride(1), qv.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         starts.stride(0), starts.stride(1), starts.stride(2), starts.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
         p0.stride(0),
+        k_scale.stride(0) if scaled else 0, k_scale.stride(1) if scaled else 0,
         G, nqb, n,
         SINK=config.sink, CHUNK=chunk, LEVELS=chunk.bit_length() - 1,
         KG=K // G, R=R, HPK=hpk, HPK_P=hpk_p, HALF=half, HALF_P=half_p,
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
         DOT_PRECISION=_PRUNE_DOT_PRECISION, FAST=k.is_cuda,
+        SCALED=scaled, PAGE=pages.page if pages is not None else 1,
         num_warps=4,
     )
     return out

@@ -1,0 +1,92 @@
+"""``hip_attention`` over keys and values that do not sit in one device tensor (KV offloading).
+
+The caller supplies a ``KVSource``: the logical K/V (B, Tk, K, D) readable in place by the
+kernels (a zero-copy device alias of host memory, maybe FP8 codes with per-page scales), and,
+for decode, ``fetch`` — make the pages a final mask selects resident in a device page pool and
+return that pool and its block table. The steps are ``hip_attention``'s, in its own helpers:
+prune over the logical keys, then attend either in place (prefill) or through the pool (decode).
+With plain (non-FP8) storage and no fetch this is ``hip_attention`` itself, so results are the
+all-on-device path's, bit for bit; with a fetch the attention kernels read the same values
+through the table, so they are too (tested).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Protocol, Sequence
+
+import torch
+
+from ..config import HiPConfig
+from . import api, reference
+from .mask import HiPMask, geometry
+from .pages import KVPages
+from .rope import RoPE
+
+
+class KVSource(Protocol):
+    def logical(self, tk: int) -> tuple[torch.Tensor, torch.Tensor, KVPages | None]:
+        """k, v (B, Tk, K, D) readable in place on the queries' device; pages: FP8 scales or None."""
+
+    def dense(self, tk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, Tk, K, D) in the compute dtype, for the dense path of short contexts."""
+
+    def fetch(self, starts: torch.Tensor, geo, config: HiPConfig) -> tuple[torch.Tensor, torch.Tensor, KVPages]:
+        """Make resident every page the mask ``starts`` (B, G, NQB, NSEL), the sink and the window
+        read; return the page pools (N, page, K, D) and pages with the block table."""
+
+
+def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: HiPConfig, rope: RoPE | None,
+                        scale: float | None, cache_seqlens: torch.Tensor, mask: HiPMask | None = None,
+                        refresh_stage: int | Sequence[int] = 0, backend: str = "auto",
+                        fetch: bool = False) -> tuple[torch.Tensor, HiPMask | None]:
+    """``hip_attention(q, k, v, ...)`` with k/v the first ``tk`` keys of ``source``.
+
+    q (B, Tq, H, D) un-rotated; cache_seqlens (B,) valid keys per row. ``fetch``: attend through
+    the source's page pool (decode: a few pages per step) instead of reading the logical K/V in
+    place (prefill). Returns (out (B, Tq, H, D), mask or None when attention was dense).
+    """
+    k, v, pages = source.logical(tk)
+    if pages is None and not fetch:
+        return api.hip_attention(q, k, v, config=config, rope=rope, scale=scale, cache_seqlens=cache_seqlens,
+                                 mask=mask, refresh_stage=refresh_stage, backend=backend)
+    B, tq, _, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    kv_len = cache_seqlens.to(device=q.device, dtype=torch.long)
+    if api._use_dense(tk, config):
+        kd, vd = source.dense(tk)
+        return api.dense_attention(q, kd, vd, kv_len, rope, scale), None
+    from_stage, row_stage = api._refresh_rows(refresh_stage, B, config, mask, q.device)
+    if backend == "auto":
+        from .triton import available
+        backend = "triton" if q.is_cuda and available() else "reference"
+    if backend == "triton":
+        from .triton import ops as impl
+    else:
+        impl = reference
+    score = functools.partial(impl.score_chunks, pages=pages)
+    bq = config.block_size_q
+    step = tq if backend == "triton" else max(bq, (api._REFERENCE_SLICE_ELEMENTS // _per_row(q, tk, config)) // bq * bq)
+    outs, masks = [], []
+    for t in range(0, tq, step):        # the reference a few query blocks at a time (bounded memory)
+        qs = q[:, t:t + step]
+        geo = geometry(kv_len - tq + t, qs.shape[1], kv_len, config)
+        m = mask if mask is None or step >= tq else api._slice_mask(mask, t // bq, -(-qs.shape[1] // bq))
+        m, geo = api._prune(qs, k, geo, config, rope, score, m, from_stage, row_stage)
+        kr, vr, pr = source.fetch(m.starts, geo, config) if fetch else (k, v, pages)
+        outs.append(impl.attend(qs, kr, vr, m.starts, geo, config, rope, scale, pages=pr))
+        masks.append(m)
+    if len(masks) == 1:
+        return outs[0], masks[0]
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=2)  # noqa: E731
+    merged = HiPMask(cat([m.starts for m in masks]), tuple(cat(list(s)) for s in zip(*[m.stage_inputs for m in masks])),
+                     None if masks[0].w0 is None else torch.cat([m.w0 for m in masks], dim=1))
+    return torch.cat(outs, dim=1), merged
+
+
+def _per_row(q: torch.Tensor, tk: int, config: HiPConfig) -> int:
+    """Elements the reference materializes per query row (as ``api._reference_sliced`` bounds them)."""
+    B, _, H, D = q.shape
+    attended = config.sink + config.budget + config.window + config.block_size_q
+    probes = 2 * -(-tk // config.chunk_sizes[0])
+    return max(1, B * max(H * attended, probes * (H // config.stage_strides[0] + D)))

@@ -1,0 +1,251 @@
+"""KV-offload benchmark: decode tokens/s, GPU KV memory, block-cache hit rate and bytes moved per
+step, offloaded vs all-on-GPU in the same run.
+
+    python -m infinitehip.bench offload --contexts 262144,1048576,max --out $OUT
+    python -m infinitehip.bench offload --quick --out /tmp/offload      # tiny shapes, runs on CPU
+
+Llama-3-8B shape (32 layers, 32 query / 8 KV heads, d = 128, bf16) with random weights. The
+prompt's KV is random too and is written chunk by chunk through ``cache.update`` (the prefill
+write path) instead of running a multi-minute prefill: the decode timings are real, the text is
+not. ``max``: the longest context the host memory holds (FP8 host storage). Contexts whose
+bf16 host store does not fit are run with FP8. The all-on-GPU path runs where its cache fits.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..cache.kv import KVCache, free_memory
+from ..cache.offload_kv import OffloadConfig, OffloadKVCache, host_bytes_per_token
+from ..config import HiPConfig
+from ..engine.generate import DecodeState, decode_one_token
+from ..models.llama import ModelArgs, Transformer
+from ..models.loader import Model
+from .engine import LLAMA3_8B, random_model
+
+QUICK = dict(architecture="LlamaForCausalLM", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+             head_dim=32, intermediate_size=256, norm_eps=1e-5, max_position_embeddings=512, trained_context=512)
+FILL_CHUNK = 65536
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def quick_model(config: HiPConfig) -> Model:
+    from ..attention import RoPE
+
+    torch.manual_seed(0)
+    args = ModelArgs(**QUICK)
+    net = Transformer(args, RoPE.default(args.head_dim, 10_000.0), config).eval()
+    return Model(net=net, tokenizer=None, args=args, hip=config, path=Path("quick-random"))
+
+
+def fill(model: Model, cache, context: int, device):
+    """Write the same random prompt K/V (seeded per layer and chunk) into ``cache``, chunk by chunk."""
+    a = model.args
+    for layer in range(a.n_layers):
+        for s in range(0, context, FILL_CHUNK):
+            n = min(FILL_CHUNK, context - s)
+            g = torch.Generator(device=device).manual_seed(layer * 100_003 + s // FILL_CHUNK)
+            k = torch.randn(1, n, a.n_kv_heads, a.head_dim, generator=g, device=device, dtype=model.dtype)
+            v = torch.randn(1, n, a.n_kv_heads, a.head_dim, generator=g, device=device, dtype=model.dtype)
+            cache.update(layer, torch.tensor([s], device=device), k, v)
+    _sync()
+
+
+def decode(model: Model, cache, context: int, warm: int, steps: int, device) -> dict:
+    """Greedy decode from position ``context``: ``warm`` steps untimed (a full refresh cycle,
+    kernel compilation), then ``steps`` timed. Returns timings, tokens and block-cache stats."""
+    state = DecodeState("hip")
+    seqlens = torch.tensor([context], device=device)
+    tok = torch.tensor([1], device=device)
+    tokens, miss_steps = [], []
+    caches = getattr(cache, "caches", [])
+
+    def step():
+        nonlocal tok
+        before = sum(c.stats.misses for c in caches)
+        logits = decode_one_token(model, tok, seqlens, cache, state, kv_limit=int(seqlens[0]) + 1)
+        tok = logits.argmax(-1)
+        tokens.append(int(tok[0]))
+        miss_steps.append(sum(c.stats.misses for c in caches) - before)
+        seqlens.add_(1)
+        return logits
+
+    first = step()
+    for _ in range(warm - 1):
+        step()
+    stats0 = [(c.stats.hits, c.stats.misses) for c in caches]
+    _sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync()
+    elapsed = time.perf_counter() - t
+    per_layer = [(c.stats.hits - h, c.stats.misses - m) for c, (h, m) in zip(caches, stats0)]
+    hits, misses = sum(h for h, _ in per_layer), sum(m for _, m in per_layer)
+    return {"tokens_per_s": steps / elapsed, "ms_per_token": 1e3 * elapsed / steps, "tokens": tokens,
+            "first_logits": first.float().cpu(),
+            "hit_rate": hits / max(1, hits + misses) if caches else None,
+            "hit_rate_per_layer": [h / max(1, h + m) for h, m in per_layer] if caches else None,
+            "misses_per_step": miss_steps[-steps:] if caches else None}
+
+
+def prune_bytes_per_step(config: HiPConfig, context: int, n_kv_heads: int, head_dim: int, key_bytes: float) -> float:
+    """Key bytes the pruning stages read from the host store per decode step, amortized over a
+    refresh cycle: stage s scores n_s chunks with 2 probes per level, log2(chunk) levels, per kv head."""
+    cycle = max(config.refresh_intervals)
+    total = 0.0
+    for s, c in enumerate(config.chunk_sizes):
+        n = -(-context // c) if s == 0 else config.stage_budgets[s] // c
+        runs = sum(config.refresh_stage(t) <= s for t in range(1, cycle + 1)) / cycle
+        total += runs * n * 2 * int(math.log2(c)) * n_kv_heads * head_dim * key_bytes
+    return total
+
+
+def bench_context(model: Model, context: int, paths: list[str], a, device, host_free: int) -> list[dict]:
+    args, records, ref = model.args, [], None
+    elem = torch.finfo(model.dtype).bits // 8
+    # What the all-on-GPU path allocates for this run (KVCache rounds capacity up to 256-token blocks).
+    on_gpu_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem * (-(-(context + a.steps + a.warm + 1) // 256) * 256)
+    for path in paths:
+        capacity = context + a.steps + a.warm + 1
+        if path == "on_gpu":
+            if device.type == "cuda" and on_gpu_bytes > 0.9 * free_memory(device):
+                print(f"{context:>9} on_gpu: skipped, {on_gpu_bytes / 2**30:.1f} GiB of KV do not fit", flush=True)
+                continue
+            cache = KVCache(args.n_layers, 1, capacity, args.n_kv_heads, args.head_dim, dtype=model.dtype, device=device)
+            fp8 = False
+        else:
+            fp8 = path == "offload_fp8" or path != "offload_zero_copy" and host_bytes_per_token(args.n_layers, args.n_kv_heads, args.head_dim,
+                                                                model.dtype) * capacity > 0.85 * host_free
+            config = OffloadConfig(page=a.page, fp8=fp8, headroom=a.headroom, decode_cache=path != "offload_zero_copy")
+            cache = OffloadKVCache(args.n_layers, 1, capacity, args.n_kv_heads, args.head_dim, dtype=model.dtype,
+                                   device=device, layer_configs=model.net.layer_configs, config=config)
+        t0 = time.perf_counter()
+        fill(model, cache, context, device)
+        fill_s = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        r = decode(model, cache, context, a.warm, a.steps, device)
+        gpu_kv = cache.nbytes if path == "on_gpu" else cache.gpu_nbytes
+        rec = {"context": context, "path": path, "fp8": fp8, "gpu_kv_bytes": gpu_kv,
+               "gpu_kv_reduction": gpu_kv / on_gpu_bytes, "host_kv_bytes": getattr(cache, "host_nbytes", 0),
+               "fill_s": fill_s, "gpu_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+               **{k: v for k, v in r.items() if k != "first_logits"}}
+        if path == "offload_zero_copy":   # no cache: every attended key crosses PCIe every step
+            attended = model.hip.sink + model.hip.budget + model.hip.window
+            rec["bytes_per_step"] = {"attention_reads_est": 2 * args.n_layers * args.n_kv_heads * args.head_dim
+                                     * elem * attended}
+        elif path != "on_gpu":
+            page_bytes = 2 * a.page * args.n_kv_heads * args.head_dim * elem
+            key_bytes = (1 + 4 / (a.page * args.head_dim)) if fp8 else elem
+            fetch = sum(r["misses_per_step"]) / len(r["misses_per_step"]) * page_bytes
+            prune = args.n_layers * prune_bytes_per_step(model.net.layer_configs[-1], context, args.n_kv_heads,
+                                                         args.head_dim, key_bytes)
+            write = 2 * args.n_layers * args.n_kv_heads * args.head_dim * (1 if fp8 else elem) * (a.page if fp8 else 1)
+            rec["bytes_per_step"] = {"block_fetch_h2d": fetch, "pruning_reads_est": prune, "kv_write_d2h": write,
+                                     "total": fetch + prune + write}
+        if ref is not None:
+            rec["decode_ratio_vs_on_gpu"] = rec["tokens_per_s"] / ref["tokens_per_s"]
+            rec["tokens_identical_to_on_gpu"] = r["tokens"] == ref["tokens"]
+            rec["first_step_logits_max_abs_diff"] = float((r["first_logits"] - ref["first_logits"]).abs().max())
+        else:
+            rec["decode_ratio_vs_on_gpu"] = None
+        if path == "on_gpu":
+            ref = {**rec, "first_logits": r["first_logits"]}
+        records.append(rec)
+        print(f"{context:>9} {path:>11}{' fp8' if fp8 else ''}: {rec['tokens_per_s']:7.2f} tok/s  GPU KV "
+              f"{gpu_kv / 2**30:6.2f} GiB ({100 * rec['gpu_kv_reduction']:.1f}%)  hit rate {rec['hit_rate']}  "
+              f"ratio {rec['decode_ratio_vs_on_gpu']}", flush=True)
+        del cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def longest_context(model: Model, host_free: int, headroom: float = 0.85) -> int:
+    a = model.args
+    per_token = host_bytes_per_token(a.n_layers, a.n_kv_heads, a.head_dim, model.dtype, OffloadConfig(fp8=True))
+    return int(headroom * host_free / per_token) // FILL_CHUNK * FILL_CHUNK
+
+
+def main(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(prog="infinitehip bench offload", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="262144,1048576,max", help="Comma-separated; 'max' = longest that fits.")
+    p.add_argument("--on-gpu-contexts", default="262144", help="Contexts that also run all-on-GPU (same run).")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--warm", type=int, default=32, help="Untimed decode steps (one refresh cycle).")
+    p.add_argument("--steps", type=int, default=64, help="Timed decode steps.")
+    p.add_argument("--page", type=int, default=8)
+    p.add_argument("--headroom", type=float, default=1.5, help="GPU block cache size / one step's working set.")
+    p.add_argument("--quick", action="store_true", help="Tiny shapes (runs on CPU): for tests.")
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    if a.quick:
+        config = HiPConfig.preset("tiny", dense_threshold=0)
+        model, device = quick_model(config), torch.device("cpu")
+        contexts = [int(c) for c in a.contexts.split(",") if c != "max"] if a.contexts != p.get_default("contexts") \
+            else [1024, 2048]
+        on_gpu = set(contexts[:1])
+        a.warm, a.steps = min(a.warm, 16), min(a.steps, 8)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("the offload benchmark needs a CUDA GPU (or --quick)")
+        config = HiPConfig(dense_threshold=0)
+        model, device = random_model(a.layers, config), torch.device("cuda")
+        host_free = free_memory(torch.device("cpu"))
+        contexts = [longest_context(model, host_free) if c == "max" else int(c) for c in a.contexts.split(",")]
+        on_gpu = {int(c) for c in a.on_gpu_contexts.split(",") if c}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    date, records = datetime.date.today().isoformat(), []
+    for context in contexts:
+        same_run = ["offload_fp8", "offload_zero_copy"] if context in on_gpu else []
+        paths = (["on_gpu"] if context in on_gpu else []) + ["offload"] + same_run
+        for r in bench_context(model, context, paths, a, device, free_memory(torch.device("cpu"))):
+            r.update(device=name, date=date, layers=model.args.n_layers,
+                     command="python -m infinitehip.bench offload " + " ".join(argv or []))
+            records.append(r)
+        _save(records, Path(a.out), "offload_quick" if a.quick else "offload_" + name.split()[-1].lower())
+    return records
+
+
+def _save(records: list[dict], out: Path, stem: str):
+    """JSON and plot, rewritten after every context (a run cut short keeps what it measured)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    _plot(records, out / f"{stem}.png")
+
+
+def _plot(records: list[dict], path: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in ("on_gpu", "offload", "offload_fp8", "offload_zero_copy"):
+        rs = [r for r in records if r["path"] == name]
+        if rs:
+            ax1.plot([r["context"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
+            ax2.plot([r["context"] for r in rs], [r["gpu_kv_bytes"] / 2**30 for r in rs], "o-", label=name)
+    for ax, label in ((ax1, "decode tokens/s"), (ax2, "GPU KV memory (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f"KV offload, {records[0]['device']}, {records[0]['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

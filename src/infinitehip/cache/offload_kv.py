@@ -1,0 +1,237 @@
+"""The offloaded KV cache the engine uses: every layer's K/V in host memory, a GPU block cache.
+
+Same interface as ``KVCache`` (``update``, ``select``, ``batch``, ``capacity``), plus
+``attention(layer)``, which the model calls instead of ``hip_attention``:
+
+- **writes** (prefill chunks, decode tokens) go straight to the host store through its device
+  alias (zero-copy: the GPU writes mapped host memory) and invalidate any cached copy of the
+  pages they touch, so no page is ever served stale;
+- **pruning** reads keys from the host store in place (only the probed rows cross PCIe);
+- **prefill attention** reads the selected keys in place too (a chunk's query blocks together
+  select most of the context, so a cache would not bound GPU memory);
+- **decode attention** reads through a block table into a per-layer GPU page pool: after the
+  mask of a step is known, the pages it selects plus the sink and the window are fetched
+  (misses only: least recently used pages are evicted; masks change only at refreshes, so the
+  working set moves slowly).
+
+Pages are ``page`` tokens of every kv head of one row: the unit of the host store, of the FP8
+scales and of the GPU cache. Legend: B batch, T tokens, K kv heads, D head dim, NB pages per row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention.mask import SENTINEL, window_slots
+from ..attention.pages import KVPages
+from ..attention.paged import paged_hip_attention
+from ..attention.stages import n_groups
+from ..config import HiPConfig
+from .offload import BlockCache, HostKVStore
+
+# Calls with at most this many queries (decode) attend through the GPU block cache.
+DECODE_QUERIES = 16
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """page: tokens per page (a power of two; default the paper's final chunk size).
+    fp8: store K/V in host memory as float8 e4m3 with one scale per (page, kv head): half the
+    bytes, not bit-identical (error bound in ``offload.py``).
+    gpu_pages: pages per layer in the GPU block cache; None: ``headroom`` x the most pages one
+    decode step of the batch reads (sink + window + selected chunks).
+    decode_cache: decode attention reads through the GPU block cache (True) or, like prefill,
+    in place from host memory (False: no cache, every attended key crosses PCIe each step)."""
+
+    page: int = 8
+    fp8: bool = False
+    gpu_pages: int | None = None
+    headroom: float = 1.5
+    decode_cache: bool = True
+
+
+def step_pages(config: HiPConfig, n_kv_heads: int, page: int) -> int:
+    """The most distinct pages one decode step of one row reads in one layer."""
+    sink = -(-config.sink // page)
+    window = -(-window_slots(config) // page) + 1
+    return sink + window + n_groups(config, n_kv_heads) * config.n_selected * max(1, config.chunk_size // page)
+
+
+def needed_pages(starts: torch.Tensor, geo, config: HiPConfig, page: int) -> torch.Tensor:
+    """Logical pages the attention of mask ``starts`` (B, G, NQB, NSEL) reads: (B, M) int64, -1 = none.
+
+    The sink, the window of every query block (from its start to its last query) and every
+    page of each selected chunk. Pages nothing valid reads may be included; none is missed.
+    """
+    B, dev = starts.shape[0], starts.device
+    sink = torch.arange(-(-config.sink // page), device=dev).expand(B, -1)
+    wst = geo.w0.clamp(min=config.sink)                                         # (B, NQB)
+    last = geo.q_pos.masked_fill(~geo.q_valid, -1).amax(-1)                      # (B, NQB)
+    win = wst[..., None] // page + torch.arange(-(-window_slots(config) // page) + 1, device=dev)
+    win = torch.where(win <= (last // page)[..., None], win, -1).flatten(1)     # (B, NQB * nw)
+    st = starts.long()
+    sel = st[..., None] // page + torch.arange(max(1, config.chunk_size // page), device=dev)
+    sel = torch.where((st != SENTINEL)[..., None], sel, -1).flatten(1)          # (B, G * NQB * NSEL * per)
+    return torch.cat([sink, win, sel], dim=1)
+
+
+class OffloadKVCache:
+    def __init__(self, n_layers: int, batch: int, capacity: int, n_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype, device: torch.device | str, layer_configs: list[HiPConfig],
+                 config: OffloadConfig = OffloadConfig()):
+        device = torch.device(device)
+        page = config.page
+        nb = -(-capacity // page)
+        self.config, self.page, self.nb, self.capacity = config, page, nb, nb * page
+        self.block_size, self.dtype, self.device = page, dtype, device
+        self.row0, self._batch = 0, batch
+        self.stores = [HostKVStore(batch * nb, page, n_kv_heads, head_dim, dtype, config.fp8, device)
+                       for _ in range(n_layers)]
+        slots = [config.gpu_pages or max(1, int(config.headroom * batch * step_pages(c, n_kv_heads, page)))
+                 for c in layer_configs]
+        self.caches = [BlockCache(s, n, device) for s, n in zip(self.stores, slots)]
+        self.tables = [torch.full((batch, nb), -1, dtype=torch.int32, device=device) for _ in range(n_layers)]
+
+    @property
+    def batch(self) -> int:
+        return self._batch
+
+    @property
+    def host_nbytes(self) -> int:
+        return sum(s.nbytes for s in self.stores)
+
+    @property
+    def gpu_nbytes(self) -> int:
+        """Bytes this cache holds on the device: the page pools and block tables."""
+        return sum(c.k.nbytes + c.v.nbytes for c in self.caches) + sum(t.nbytes for t in self.tables)
+
+    def select(self, rows: slice) -> "OffloadKVCache":
+        """A cache over batch rows ``rows`` that shares this one's storage."""
+        start, stop, _ = rows.indices(self._batch)
+        view = object.__new__(OffloadKVCache)
+        view.__dict__.update(self.__dict__)
+        view.row0, view._batch = self.row0 + start, stop - start
+        return view
+
+    def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, T, K, D) at positions ``start[b] + t`` into the host store; return its
+        logical (B, capacity, K, D) device aliases (FP8 codes when ``config.fp8``)."""
+        B, T = k.shape[:2]
+        store = self.stores[layer]
+        pos = start.to(store.dk.device)[:, None] + torch.arange(T, device=store.dk.device)   # (B, T)
+        rows = self.row0 + torch.arange(B, device=pos.device)[:, None]
+        blocks = rows * self.nb + pos // self.page                                  # (B, T) global pages
+        if store.fp8:   # re-encode the touched pages whole: one scale per page
+            ids, inv = blocks.flatten().unique(return_inverse=True)
+            kp, vp = store.read(ids)                                                # (N, page, K, D)
+            off = (pos % self.page).flatten()
+            kp[inv, off], vp[inv, off] = k.flatten(0, 1).to(kp), v.flatten(0, 1).to(vp)
+            store.write(ids, kp, vp)
+        else:
+            flat = (rows * self.capacity + pos).flatten()                           # (B * T,) token rows
+            store.dk.view(-1, *k.shape[2:])[flat] = k.flatten(0, 1).to(store.dk.device, store.dtype)
+            store.dv.view(-1, *v.shape[2:])[flat] = v.flatten(0, 1).to(store.dv.device, store.dtype)
+            ids = blocks.flatten().unique()
+        self.caches[layer].invalidate(ids)
+        return self._logical(layer)
+
+    def attention(self, layer: int):
+        """``hip_attention`` for this layer (same keywords); k/v arguments give only Tk."""
+        def attend(q, k, v, **kw):
+            fetch = self.config.decode_cache and q.shape[1] <= DECODE_QUERIES
+            return paged_hip_attention(q, _LayerSource(self, layer), k.shape[1], fetch=fetch, **kw)
+        return attend
+
+    def _logical(self, layer: int):
+        s = self.stores[layer]
+        rows = slice(self.row0, self.row0 + self._batch)
+        k = s.dk.view(-1, self.capacity, *s.dk.shape[2:])[rows]                    # (B, capacity, K, D)
+        return k, s.dv.view(-1, self.capacity, *s.dv.shape[2:])[rows]
+
+
+class _LayerSource:
+    """One layer of an ``OffloadKVCache`` as the ``KVSource`` that ``paged_hip_attention`` reads."""
+
+    def __init__(self, cache: OffloadKVCache, layer: int):
+        self.cache, self.layer = cache, layer
+
+    def logical(self, tk: int):
+        c, s = self.cache, self.cache.stores[self.layer]
+        k, v = c._logical(self.layer)
+        if not s.fp8:
+            return k[:, :tk], v[:, :tk], None
+        rows = slice(c.row0, c.row0 + c.batch)
+        scale = lambda x: x.view(-1, c.nb, x.shape[2])[rows]   # noqa: E731  (B, NB, K)
+        return k[:, :tk], v[:, :tk], KVPages(c.page, k_scale=scale(s.dk_scale), v_scale=scale(s.dv_scale))
+
+    def dense(self, tk: int):
+        c, s = self.cache, self.cache.stores[self.layer]
+        if not s.fp8:
+            return self.logical(tk)[:2]
+        n = -(-tk // c.page)
+        ids = ((c.row0 + torch.arange(c.batch))[:, None] * c.nb + torch.arange(n)).flatten()
+        k, v = s.read(ids)                                                           # (B * n, page, K, D)
+        shape = (c.batch, n * c.page, *k.shape[2:])
+        return k.view(shape)[:, :tk], v.view(shape)[:, :tk]
+
+    def fetch(self, starts: torch.Tensor, geo, config: HiPConfig):
+        c = self.cache
+        pages = needed_pages(starts, geo, config, c.page)                            # (B, M)
+        b = torch.arange(c.batch, device=pages.device)[:, None].expand_as(pages)
+        ok = (pages >= 0) & (pages < c.nb)
+        block_cache = c.caches[self.layer]
+        slots = block_cache.fetch(((c.row0 + b) * c.nb + pages)[ok])
+        table = c.tables[self.layer][c.row0:c.row0 + c.batch]
+        table.fill_(-1)
+        table[b[ok], pages[ok]] = slots.to(table.device, torch.int32)
+        return block_cache.k, block_cache.v, KVPages(c.page, table=table)
+
+
+def host_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                         config: OffloadConfig = OffloadConfig()) -> float:
+    """Host-store bytes per token, all layers, K and V (FP8: one byte per element plus the scales)."""
+    if config.fp8:
+        return 2 * n_layers * n_kv_heads * (head_dim + 4 / config.page)
+    return 2 * n_layers * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def gpu_cache_bytes(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, head_dim: int,
+                    dtype: torch.dtype, config: OffloadConfig = OffloadConfig()) -> int:
+    """Device bytes of the block caches (page pools, K and V), tables excluded."""
+    page_bytes = 2 * config.page * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    slots = [config.gpu_pages or max(1, int(config.headroom * batch * step_pages(c, n_kv_heads, config.page)))
+             for c in layer_configs]
+    return sum(slots) * page_bytes
+
+
+def plan_offload(*, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device, layer_configs: list[HiPConfig],
+                 config: OffloadConfig = OffloadConfig(), workspace: int = 0,
+                 free_host: int | None = None, free_gpu: int | None = None) -> tuple[int, int]:
+    """Check, before allocating, that an offloaded cache fits; return (host bytes, device bytes).
+
+    Raises CapacityError with the numbers and the ways out.
+    """
+    from .kv import CapacityError, free_memory
+
+    gib = 1 << 30
+    per_token = host_bytes_per_token(n_layers, n_kv_heads, head_dim, dtype, config)
+    host = int(per_token * batch * capacity)
+    free_host = free_memory(torch.device("cpu")) if free_host is None else free_host
+    if host > free_host:
+        fits = int(free_host // (per_token * batch))
+        hint = "" if config.fp8 else " FP8 host storage (--offload-fp8) halves it;"
+        raise CapacityError(
+            f"the offloaded KV cache for {batch} x {capacity:,} tokens needs {host / gib:.2f} GiB of host memory "
+            f"but only {free_host / gib:.2f} GiB are available; at most ~{fits:,} tokens per sequence fit.{hint} "
+            "or use a shorter prompt, fewer new tokens, or fewer prompts at once.")
+    gpu = gpu_cache_bytes(layer_configs, batch, n_kv_heads, head_dim, dtype, config) + n_layers * batch * capacity // config.page * 4
+    if device.type == "cuda":
+        free_gpu = free_memory(device) if free_gpu is None else free_gpu
+        if gpu + workspace > free_gpu:
+            raise CapacityError(
+                f"the GPU block cache needs {gpu / gib:.2f} GiB (+{workspace / gib:.2f} GiB workspace) but only "
+                f"{free_gpu / gib:.2f} GiB are free on {device}; give it fewer pages (OffloadConfig.gpu_pages), "
+                "a smaller prefill chunk, or fewer prompts at once.")
+    return host, gpu

@@ -1,0 +1,322 @@
+"""Continuous batching: requests come and go while one batched decode step serves them all.
+
+``BatchRunner`` owns a KV cache of ``max_batch`` rows (slots) of ``max_context`` tokens each,
+planned and allocated once. ``add`` queues a request; every ``step``:
+
+1. **prefill**: admits waiting requests into free slots and prefills them, at most
+   ``prefill_budget`` prompt tokens per step, one ``chunk_size`` chunk at a time, in arrival
+   order. A long document is thus prefilled a chunk per step *between* decode steps, so running
+   requests keep streaming (each step adds at most one budget of prefill to their latency) and
+   the prompt is still cut at the same chunk boundaries as a prefill of its own (identical KV).
+   A shared prefix cached in ``PrefixCache`` is copied in instead of prefilled.
+2. **decode**: one forward pass for every slot, each row at its own position; each request
+   samples from its own row with its own ``SamplingParams`` and ``torch.Generator``.
+
+A finished, stopped or cancelled request frees its slot at once for the next one.
+
+Isolation (a request's tokens do not depend on its neighbours): rows never read each other's
+keys; sampling is per row; with the ``hip`` backend each row refreshes its sparse mask on its
+own step count (``DecodeState.admit``), and decode always reads enough keys that attention
+takes the sparse path for every row (see ``_sparse_floor``), so a short row does not switch to
+dense attention only when it happens to be alone. Slots that are free or still prefilling
+ride along in the decode step parked at a position nothing reads yet (their output is discarded).
+
+Legend: B batch (= max_batch), T tokens, V vocabulary.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache.kv import CapacityError, KVCache, plan_kv_cache
+from ..models.llama import BACKENDS
+from ..tokenizer import StreamDecoder
+from .generate import DecodeState, decode_one_token, prefill
+from .prefix_cache import PrefixCache
+from .sampling import SamplingParams, StopChecker, sample
+
+
+@dataclass
+class BatchEvent:
+    """One sampled token of request ``request`` and the text it releases (may be empty)."""
+
+    request: int
+    text: str
+    token: int
+    n_generated: int                     # tokens of output so far (end-of-sequence not counted)
+    finished: bool = False
+    finish_reason: str | None = None     # "stop" (eos or stop string) or "length"
+
+
+@dataclass
+class BatchStats:
+    """Counters for monitoring and tests (``batched_steps`` > 0 proves rows shared a step)."""
+
+    decode_steps: int = 0        # batched forward passes
+    batched_steps: int = 0       # ... of which with more than one request decoding
+    max_decoding: int = 0        # most requests decoding in one step
+    prefill_chunks: int = 0
+    prefilled_tokens: int = 0    # prompt tokens run through the model
+    prefill_seconds: float = 0.0
+    reused_tokens: int = 0       # prompt tokens whose KV came from the prefix cache instead
+    finished: int = 0
+    cancelled: int = 0
+
+    @property
+    def prefill_seconds_saved(self) -> float:
+        """Estimated: reused tokens at this runner's measured prefill speed."""
+        return self.reused_tokens * self.prefill_seconds / max(self.prefilled_tokens, 1)
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "prefill_seconds_saved": round(self.prefill_seconds_saved, 6)}
+
+
+@dataclass
+class _Request:
+    rid: int
+    ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    decoder: StreamDecoder
+    stops: StopChecker
+    slot: int = -1
+    filled: int = 0              # prompt tokens whose KV is in the slot
+    reused: int = 0              # ... of which copied from the prefix cache
+    seqlen: int = 0              # decode: where the next token goes
+    last: int = 0                # decode: the token fed at the next step
+    count: int = 0
+    tokens: torch.Tensor | None = None              # (1, T) the prompt on the device, while prefilling
+    logits: torch.Tensor | None = None              # (1, V) after the last prefill chunk
+    masks: list | None = field(default=None, repr=False)   # hip: the prompt's last-block masks
+
+
+class BatchRunner:
+    """Continuous batching over ``max_batch`` KV-cache slots of ``max_context`` tokens each.
+
+    Not thread-safe: one thread (a server's worker) calls ``add``, ``step``, ``cancel``.
+    """
+
+    def __init__(self, model, *, max_batch: int = 8, max_context: int = 4096, backend: str = "hip",
+                 chunk_size: int = 4096, prefill_budget: int | None = None, kernel: str = "auto",
+                 prefix_cache: PrefixCache | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+        if max_batch < 1 or max_context < 2 or chunk_size < 1:
+            raise ValueError(f"need max_batch >= 1, max_context >= 2, chunk_size >= 1; got {max_batch}, "
+                             f"{max_context}, {chunk_size}")
+        self.model, self.backend, self.kernel = model, backend, kernel
+        self.max_batch, self.max_context, self.chunk_size = max_batch, max_context, chunk_size
+        self.prefill_budget = prefill_budget or chunk_size
+        self.prefix_cache = prefix_cache
+        self.cache = self._allocate()
+        self.state = DecodeState(backend, kernel=kernel)
+        self.stats = BatchStats()
+        self._eos = set(model.tokenizer.eos_token_ids)
+        self._waiting: deque[_Request] = deque()
+        self._prefilling: _Request | None = None
+        self._decoding: dict[int, _Request] = {}           # slot -> request
+        self._free = list(range(max_batch))
+        self._next_id = 0
+
+    def _allocate(self) -> KVCache:
+        """Plan first, so a server that cannot hold its slots fails at start with the numbers."""
+        a, m = self.model.args, self.model
+        workspace = min(self.chunk_size, self.max_context) * (4 * a.dim + 3 * a.intermediate_size) * 4 + (256 << 20)
+        try:
+            plan_kv_cache(n_layers=a.n_layers, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, batch=self.max_batch,
+                          capacity=self.max_context, dtype=m.dtype, device=m.device, workspace=workspace)
+        except CapacityError as e:
+            raise CapacityError(f"{e} For batching: lower max_batch ({self.max_batch}) or max_context "
+                                f"({self.max_context:,}).") from None
+        return KVCache(a.n_layers, self.max_batch, self.max_context, a.n_kv_heads, a.head_dim,
+                       dtype=m.dtype, device=m.device)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add(self, ids: list[int], params: SamplingParams) -> int:
+        """Queue a prompt (token ids); returns the request id that its events carry."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError("empty prompt: give at least one token of text")
+        if len(ids) + params.max_new_tokens > self.max_context:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                             f"capacity of {self.max_context} tokens per request; shorten the prompt or lower "
+                             "max_new_tokens")
+        gen = None
+        if params.seed is not None:  # its own generator: its draws don't depend on its neighbours
+            gen = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        req = _Request(self._next_id, ids, params, gen, StreamDecoder(self.model.tokenizer), StopChecker(params.stop))
+        self._next_id += 1
+        self._waiting.append(req)
+        return req.rid
+
+    def cancel(self, rid: int) -> bool:
+        """Drop a request wherever it is, freeing its slot; False if it is not here (any more)."""
+        for req in self._waiting:
+            if req.rid == rid:
+                self._waiting.remove(req)
+                self.stats.cancelled += 1
+                return True
+        req = self._prefilling if self._prefilling is not None and self._prefilling.rid == rid else None
+        req = req or next((r for r in self._decoding.values() if r.rid == rid), None)
+        if req is None:
+            return False
+        self._release(req)
+        self.stats.cancelled += 1
+        return True
+
+    def abort(self) -> list[int]:
+        """After a failed step: drop every request holding a slot (their KV and masks may be half
+        written) and return their ids; waiting requests stay queued."""
+        held = ([self._prefilling] if self._prefilling is not None else []) + list(self._decoding.values())
+        for req in held:
+            self._release(req)
+        self.state = DecodeState(self.backend, kernel=self.kernel)
+        return [r.rid for r in held]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._decoding)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def n_active(self) -> int:
+        return len(self._decoding) + (self._prefilling is not None)
+
+    # -- one scheduling round ---------------------------------------------------------------
+
+    def step(self) -> list[BatchEvent]:
+        """Prefill up to ``prefill_budget`` prompt tokens, then decode one token for every
+        request that has finished its prefill. Returns the events of this step."""
+        events: list[BatchEvent] = []
+        self._prefill_some(events)
+        if self._decoding:
+            self._decode(events)
+        return events
+
+    def _prefill_some(self, events: list[BatchEvent]):
+        budget = self.prefill_budget
+        while budget > 0:
+            req = self._prefilling or self._admit()
+            if req is None:
+                return
+            budget -= self._prefill_chunk(req)
+            if req.filled == len(req.ids):
+                self._prefilling = None
+                self._start_decoding(req, events)
+
+    def _admit(self) -> _Request | None:
+        """The oldest waiting request, in the lowest free slot, with any cached prefix copied in."""
+        if not self._waiting or not self._free:
+            return None
+        req = self._waiting.popleft()
+        req.slot = min(self._free)
+        self._free.remove(req.slot)
+        if self.prefix_cache is not None:
+            req.reused = req.filled = self.prefix_cache.reuse(req.ids, self._row(req.slot))
+            self.stats.reused_tokens += req.reused
+        self._prefilling = req
+        return req
+
+    def _prefill_chunk(self, req: _Request) -> int:
+        """Prefill the next ``chunk_size`` prompt tokens of ``req``; returns how many."""
+        start, end = req.filled, min(req.filled + self.chunk_size, len(req.ids))
+        if req.tokens is None:  # made once: a long document is prefilled over many steps
+            req.tokens = torch.tensor([req.ids], device=self.model.device)             # (1, T)
+        # hip: the last chunk also returns the prompt's last-query-block masks, which decode
+        # starts from (as engine.stream does), so a request's tokens equal a run of its own.
+        extra = {"masks": []} if self.backend == "hip" and end == len(req.ids) else {}
+        t0 = time.perf_counter()
+        req.logits = prefill(self.model, req.tokens[:, :end], self._row(req.slot), backend=self.backend,
+                             chunk_size=self.chunk_size, kernel=self.kernel, start=start, **extra)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        self.stats.prefill_chunks += 1
+        self.stats.prefilled_tokens += end - start
+        req.filled, req.masks = end, extra.get("masks")
+        if end == len(req.ids):
+            req.tokens = None
+        if end == len(req.ids) and self.prefix_cache is not None:
+            self.prefix_cache.stats.prefilled_tokens += len(req.ids) - req.reused
+            self.prefix_cache.store(req.ids, self._row(req.slot))
+        return end - start
+
+    def _start_decoding(self, req: _Request, events: list[BatchEvent]):
+        """Sample the first token from the prompt's logits; the row joins decode unless done."""
+        tok = int(sample(req.logits, req.params, req.generator)[0])
+        req.logits, req.seqlen = None, len(req.ids)
+        if self._emit(req, tok, events):
+            return
+        self.state.admit(req.slot, self.max_batch, req.masks)   # this row's refresh schedule restarts
+        req.masks = None
+        self._decoding[req.slot] = req
+
+    def _decode(self, events: list[BatchEvent]):
+        B, device = self.max_batch, self.model.device
+        tokens = torch.zeros(B, dtype=torch.long)
+        seqlens = torch.zeros(B, dtype=torch.long)
+        for slot, req in self._decoding.items():
+            tokens[slot], seqlens[slot] = req.last, req.seqlen
+        if self._prefilling is not None:
+            # Parked where its next prefill chunk writes first: the throwaway K/V is overwritten.
+            seqlens[self._prefilling.slot] = self._prefilling.filled
+        kv_limit = max(int(seqlens.max()) + 1, _sparse_floor(self.model, self.backend, self.cache.capacity))
+        logits = decode_one_token(self.model, tokens.to(device), seqlens.to(device), self.cache, self.state,
+                                  kv_limit=kv_limit)                                 # (B, V)
+        n = len(self._decoding)
+        self.stats.decode_steps += 1
+        self.stats.batched_steps += n > 1
+        self.stats.max_decoding = max(self.stats.max_decoding, n)
+        for slot, req in list(self._decoding.items()):
+            req.seqlen += 1
+            self._emit(req, int(sample(logits[slot:slot + 1], req.params, req.generator)[0]), events)
+
+    def _emit(self, req: _Request, tok: int, events: list[BatchEvent]) -> bool:
+        """Turn a sampled token into an event (text held back while a stop string may start);
+        returns True, freeing the slot, when the request is finished."""
+        at_eos = tok in self._eos and not req.params.ignore_eos
+        piece = "" if at_eos else req.stops.push(req.decoder.push(tok))
+        req.count += not at_eos
+        req.last = tok
+        done = at_eos or req.stops.stopped or req.count == req.params.max_new_tokens
+        if not done:
+            events.append(BatchEvent(req.rid, piece, tok, req.count))
+            return False
+        if not req.stops.stopped:
+            piece += req.stops.push(req.decoder.flush()) + req.stops.flush()
+        reason = "stop" if at_eos or req.stops.stopped else "length"
+        events.append(BatchEvent(req.rid, piece, tok, req.count, True, reason))
+        self._release(req)
+        self.stats.finished += 1
+        return True
+
+    def _release(self, req: _Request):
+        if self._prefilling is req:
+            self._prefilling = None
+        self._decoding.pop(req.slot, None)
+        if req.slot >= 0 and req.slot not in self._free:
+            self._free.append(req.slot)
+        req.slot = -1
+
+    def _row(self, slot: int) -> KVCache:
+        return self.cache.select(slice(slot, slot + 1))
+
+
+def _sparse_floor(model, backend: str, capacity: int) -> int:
+    """The fewest keys a decode step reads. hip_attention falls back to dense attention for the
+    whole call when it has at most ``HiPConfig.dense_cutoff`` keys, so with the batch's longest
+    row setting the key count a short row would switch between dense and sparse with its
+    neighbours. Reading at least one key more keeps every row on the sparse path."""
+    if backend == "dense":
+        return 1
+    cutoff = max(cfg.dense_cutoff for cfg in model.net.layer_configs)
+    return min(cutoff + 1, capacity)

@@ -1,0 +1,156 @@
+"""Continuous batching (engine/batch.py): requests joining, leaving and sharing decode steps get
+exactly the tokens a run of their own gives (engine.stream), on a tiny random checkpoint."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from checkpoints import make_checkpoint  # noqa: E402
+
+import infinitehip  # noqa: E402
+from infinitehip.cache import CapacityError  # noqa: E402
+from infinitehip.engine import BatchRunner, PrefixCache, SamplingParams, stream  # noqa: E402
+
+LENGTHS = (5, 40, 170, 300, 12, 90, 260, 420)    # some beyond sink + window (160): hip prunes for real
+ADMIT_AT = (0, 0, 1, 3, 5, 6, 9, 12)              # the step at which each request arrives
+GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return infinitehip.load(make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama"), config="tiny")
+
+
+def prompt(n, seed=None):
+    return torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(seed or n)).tolist()
+
+
+def alone(model, ids, params=GREEDY, backend="hip"):
+    """The reference: the engine's own generation for this one prompt."""
+    return [e.token for e in stream(model, [ids], params, backend=backend, chunk_size=64)]
+
+
+def runner(model, backend="hip", **kw):
+    kw = {"max_batch": 4, "max_context": 512, "chunk_size": 64, **kw}
+    return BatchRunner(model, backend=backend, **kw)
+
+
+def drive(r, arrivals, max_steps=500):
+    """arrivals: {step: [(key, ids, params)]}. Steps until idle; returns {key: [tokens]}, {key: [events]}
+    (requests added before the call are keyed by their request id)."""
+    keys, tokens, events = {}, {}, {}
+    for step in range(max_steps):
+        for key, ids, params in arrivals.get(step, []):
+            keys[r.add(ids, params)] = key
+        for e in r.step():
+            key = keys.get(e.request, e.request)
+            tokens.setdefault(key, []).append(e.token)
+            events.setdefault(key, []).append(e)
+        if not r.has_work and step >= max(arrivals, default=0):
+            return tokens, events
+    raise AssertionError("the runner did not finish")
+
+
+@pytest.mark.parametrize("backend", ["hip", "dense", "streaming"])
+def test_requests_joining_at_different_steps_match_alone(model, backend):
+    prompts = [prompt(n) for n in LENGTHS]
+    arrivals = {}
+    for i, (ids, at) in enumerate(zip(prompts, ADMIT_AT)):
+        arrivals.setdefault(at, []).append((i, ids, GREEDY))
+    r = runner(model, backend)
+    got, _ = drive(r, arrivals)
+    assert [got[i] for i in range(8)] == [alone(model, p, backend=backend) for p in prompts]
+    # 8 requests over 4 slots: they really shared decode steps, and freed slots were reused
+    assert r.stats.batched_steps > 0 and r.stats.max_decoding == 4 and r.stats.finished == 8
+    assert r.n_active == 0 and r.n_free == 4
+
+
+def test_cancel_frees_the_slot_for_a_waiting_request(model):
+    r = runner(model, max_batch=1)
+    first = r.add(prompt(30), SamplingParams(max_new_tokens=100, ignore_eos=True))
+    second = r.add(prompt(50), GREEDY)
+    gone = r.add(prompt(60), GREEDY)
+    for _ in range(3):
+        assert {e.request for e in r.step()} == {first}          # one slot: the others wait
+    assert r.cancel(gone) and r.n_waiting == 1                    # a waiting request just leaves
+    assert r.cancel(first) and not r.cancel(first) and r.n_active == 0
+    tokens = []
+    while r.has_work:
+        events = r.step()
+        assert {e.request for e in events} <= {second}
+        tokens += [e.token for e in events]
+    assert tokens == alone(model, prompt(50)) and r.stats.cancelled == 2
+
+
+def test_seeded_sampling_does_not_depend_on_neighbours(model):
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    neighbours = [(1, prompt(90), SamplingParams(max_new_tokens=12, temperature=1.0, seed=1, ignore_eos=True)),
+                  (2, prompt(20), SamplingParams(max_new_tokens=6, temperature=0.7, ignore_eos=True)),  # unseeded
+                  (3, prompt(200), GREEDY)]
+    got, _ = drive(runner(model), {0: neighbours[:2], 1: [(0, prompt(40), sampled)], 2: neighbours[2:]})
+    want = alone(model, prompt(40), sampled)
+    assert got[0] == want
+    assert want != alone(model, prompt(40)), "sampling at temperature 1 should differ from greedy"
+    got_again, _ = drive(runner(model), {0: [(0, prompt(40), sampled)]})
+    assert got_again[0] == want
+
+
+def test_long_prefill_is_interleaved_with_decoding(model):
+    """A long prompt is prefilled one chunk per step while running requests keep decoding."""
+    r = runner(model, chunk_size=32)
+    running = r.add(prompt(20), SamplingParams(max_new_tokens=40, ignore_eos=True))
+    r.step()
+    long = r.add(prompt(420), GREEDY)
+    steps_until_long_starts = 0
+    while True:
+        events = r.step()
+        steps_until_long_starts += 1
+        assert [e.request for e in events if e.request == running] == [running]   # one token every step
+        first = [e.token for e in events if e.request == long]
+        if first:
+            break
+    assert steps_until_long_starts == -(-420 // 32)                 # one chunk per step
+    tokens, _ = drive(r, {})
+    assert first + tokens[long] == alone(model, prompt(420)) and r.stats.batched_steps > 0
+
+
+def test_stop_strings_and_lengths_are_per_request(model):
+    text = model.tokenizer.decode(alone(model, prompt(70)))
+    stop = text[3:5]
+    with_stop = SamplingParams(max_new_tokens=10, ignore_eos=True, stop=(stop,))
+    _, events = drive(runner(model), {0: [(0, prompt(70), with_stop), (1, prompt(80), GREEDY)]})
+    assert "".join(e.text for e in events[0]) == text[:text.index(stop)]
+    assert events[0][-1].finish_reason == "stop" and events[1][-1].finish_reason == "length"
+    assert [e.token for e in events[1]] == alone(model, prompt(80))
+
+
+def test_shared_document_is_prefilled_once(model):
+    doc = prompt(300, seed=1)
+    cache = PrefixCache(block_tokens=64, min_tokens=64)
+    r = runner(model, prefix_cache=cache)
+    questions = [doc + prompt(9, seed=2), doc + prompt(13, seed=3)]
+    first, _ = drive(r, {0: [(0, questions[0], GREEDY)]})
+    prefilled = r.stats.prefilled_tokens
+    second, _ = drive(r, {0: [(1, questions[1], GREEDY)]})
+    assert [first[0], second[1]] == [alone(model, q) for q in questions]
+    assert cache.stats.hits == 1 and r.stats.reused_tokens == 256           # the document's whole blocks
+    assert r.stats.prefilled_tokens - prefilled == len(questions[1]) - 256
+    assert r.stats.prefill_seconds_saved > 0
+
+
+def test_capacity_is_checked_up_front(model):
+    with pytest.raises(CapacityError, match="lower max_batch"):
+        BatchRunner(model, max_batch=8, max_context=1 << 40)
+    r = runner(model)
+    with pytest.raises(ValueError, match="capacity of 512 tokens"):
+        r.add(prompt(500), SamplingParams(max_new_tokens=20))
+    with pytest.raises(ValueError, match="empty prompt"):
+        r.add([], GREEDY)
+
+
+def test_abort_drops_running_requests_and_keeps_waiting_ones(model):
+    r = runner(model, max_batch=2)
+    ids = [r.add(prompt(n), GREEDY) for n in (10, 20, 30)]
+    r.step()
+    assert sorted(r.abort()) == ids[:2] and r.n_active == 0 and r.n_waiting == 1
+    tokens, _ = drive(r, {})
+    assert tokens == {ids[2]: alone(model, prompt(30))}

@@ -1,0 +1,94 @@
+"""Paged reads (block table into a page pool) and FP8-scaled reads: reference and Triton kernels
+against the plain read of the same values (on CPU through TRITON_INTERPRET=1)."""
+import pytest
+import torch
+
+from infinitehip import HiPConfig, RoPE
+from infinitehip.attention import reference
+from infinitehip.attention.mask import geometry
+from infinitehip.attention.pages import KVPages
+from infinitehip.attention.stages import pool_queries, run_stages
+from infinitehip.cache.offload import fp8_decode, fp8_encode
+
+ops = pytest.importorskip("infinitehip.attention.triton.ops")
+
+TINY = HiPConfig.preset("tiny")
+PAGE = 4
+
+
+def setup(B=2, tq=1, tk=400, H=4, K=2, D=32, lens=(400, 333), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, tq, H, D, generator=g)
+    k, v = torch.randn(B, tk, K, D, generator=g), torch.randn(B, tk, K, D, generator=g)
+    kv_len = torch.tensor(lens)
+    geo = geometry(kv_len - tq, tq, kv_len, TINY)
+    rope = RoPE.default(D)
+    mask = run_stages(q, k, geo, TINY, rope, reference.score_chunks)
+    return q, k, v, geo, rope, mask
+
+
+def scatter_to_pool(x: torch.Tensor, seed=1):
+    """x (B, Tk, K, D) -> a shuffled pool (N, PAGE, K, D) with junk pages, and its table (B, NB)."""
+    B, tk, K, D = x.shape
+    nb = tk // PAGE
+    n = B * nb + 7
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:B * nb].view(B, nb)
+    pool = torch.full((n, PAGE, K, D), 1e4)          # junk: any wrong read shows
+    pool[perm.flatten()] = x.view(B * nb, PAGE, K, D)
+    return pool, perm.to(torch.int32)
+
+
+def test_paged_attend_reads_the_same_values():
+    q, k, v, geo, rope, mask = setup()
+    kp, table = scatter_to_pool(k)
+    vp, _ = scatter_to_pool(v)
+    pages = KVPages(PAGE, table=table)
+    want = reference.attend(q, k, v, mask.starts, geo, TINY, rope, 0.3)
+    got = reference.attend(q, kp, vp, mask.starts, geo, TINY, rope, 0.3, pages=pages)
+    assert torch.equal(got, want)                   # bit for bit: the same values, the same math
+    plain = ops.attend(q, k, v, mask.starts, geo, TINY, rope, 0.3)
+    paged = ops.attend(q, kp, vp, mask.starts, geo, TINY, rope, 0.3, pages=pages)
+    assert torch.equal(paged, plain)
+    torch.testing.assert_close(paged, want, rtol=1e-4, atol=1e-4)
+
+
+def test_paged_attend_prefill_block():
+    q, k, v, geo, rope, mask = setup(B=1, tq=40, lens=(400,))
+    kp, table = scatter_to_pool(k)
+    vp, _ = scatter_to_pool(v)
+    pages = KVPages(PAGE, table=table)
+    plain = ops.attend(q, k, v, mask.starts, geo, TINY, rope, 0.3)
+    assert torch.equal(ops.attend(q, kp, vp, mask.starts, geo, TINY, rope, 0.3, pages=pages), plain)
+
+
+def fp8_layout(x: torch.Tensor):
+    """x (B, Tk, K, D) -> codes (B, Tk, K, D) fp8, scales (B, NB, K), decoded (B, Tk, K, D)."""
+    B, tk, K, D = x.shape
+    codes, scale = fp8_encode(x.view(B * tk // PAGE, PAGE, K, D))
+    decoded = fp8_decode(codes, scale, torch.float32).view(B, tk, K, D)
+    return codes.view(B, tk, K, D), scale.view(B, tk // PAGE, K), decoded
+
+
+def test_fp8_scaled_reads_match_decoded_values():
+    q, k, v, geo, rope, mask = setup()
+    kc, ks, kd = fp8_layout(k)
+    vc, vs, vd = fp8_layout(v)
+    pages = KVPages(PAGE, k_scale=ks, v_scale=vs)
+    want = reference.attend(q, kd, vd, mask.starts, geo, TINY, rope, 0.3)
+    assert torch.equal(reference.attend(q, kc, vc, mask.starts, geo, TINY, rope, 0.3, pages=pages), want)
+    got = ops.attend(q, kc, vc, mask.starts, geo, TINY, rope, 0.3, pages=pages)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    qp, q_valid = pool_queries(q, geo, TINY.stage_strides[1], TINY, rope)
+    starts = mask.stage_inputs[1].long()
+    want = reference.score_chunks(qp, q_valid, kd, starts, TINY.chunk_sizes[1], geo, TINY, rope)
+    ref = reference.score_chunks(qp, q_valid, kc, starts, TINY.chunk_sizes[1], geo, TINY, rope, pages=pages)
+    got = ops.score_chunks(qp, q_valid, kc, starts, TINY.chunk_sizes[1], geo, TINY, rope, pages=pages)
+    assert torch.equal(ref, want)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_pages_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        KVPages(3)
+    with pytest.raises(ValueError, match="together"):
+        KVPages(4, table=torch.zeros(1, 1, dtype=torch.int32), k_scale=torch.ones(1, 1, 1), v_scale=torch.ones(1, 1, 1))
