@@ -1,5 +1,7 @@
 """Paged reads (block table into a page pool) and FP8-scaled reads: reference and Triton kernels
 against the plain read of the same values (on CPU through TRITON_INTERPRET=1)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,7 +12,32 @@ from infinitehip.attention.pages import KVPages
 from infinitehip.attention.stages import pool_queries, run_stages
 from infinitehip.cache.offload import fp8_decode, fp8_encode
 
-ops = pytest.importorskip("infinitehip.attention.triton.ops")
+_ops = pytest.importorskip("infinitehip.attention.triton.ops")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # Triton on the GPU, else the interpreter
+
+
+def _to(x, device):
+    """Tensors, and the tensors inside dataclasses (Geometry, KVPages, HiPMask), on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(t, device) for t in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, (type, HiPConfig)):
+        return dataclasses.replace(x, **{f.name: _to(getattr(x, f.name), device) for f in dataclasses.fields(x)
+                                         if f.init})
+    return x
+
+
+class ops:
+    """The Triton ops, called on DEVICE with CPU inputs; results come back to the CPU."""
+
+    @staticmethod
+    def attend(*args, **kw):
+        return _ops.attend(*_to(list(args), DEVICE), **{k: _to(v, DEVICE) for k, v in kw.items()}).cpu()
+
+    @staticmethod
+    def score_chunks(*args, **kw):
+        return _ops.score_chunks(*_to(list(args), DEVICE), **{k: _to(v, DEVICE) for k, v in kw.items()}).cpu()
 
 TINY = HiPConfig.preset("tiny")
 PAGE = 4
