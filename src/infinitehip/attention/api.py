@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from ..config import HiPConfig
@@ -16,6 +17,7 @@ from .stages import n_groups, run_stages
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKENDS = ("auto", "triton", "reference")
+_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # The reference materializes (B, H, queries, attended keys) scores: bound that per slice.
 _REFERENCE_SLICE_ELEMENTS = 1 << 26
 
@@ -122,8 +124,10 @@ def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, sca
     if kv_len is None and tq == 1:
         # Decode: the query heads of one KV head become the rows of one query block, so SDPA
         # reads the cache in place with its flash kernels (no GQA expansion, no copy).
+        # Not cuDNN: its plans are built per shape, and decode's key count changes every step.
         K = k.shape[1]
-        out = F.scaled_dot_product_attention(q.reshape(B, K, H // K, D), k, v, scale=scale).reshape(B, H, 1, D)
+        with sdpa_kernel(_DECODE_BACKENDS):
+            out = F.scaled_dot_product_attention(q.reshape(B, K, H // K, D), k, v, scale=scale).reshape(B, H, 1, D)
     elif kv_len is None:  # prefill: causal aligned bottom-right, flash / cuDNN eligible (heads-first copies)
         mask = None if tq == tk else causal_lower_right(tq, tk)
         k, v = k.contiguous(), v.contiguous()
