@@ -173,6 +173,15 @@ def test_rows_joining_at_different_steps_decode_as_if_alone(model):
     assert together == alone
 
 
+def test_dense_fallback_below_the_crossover_but_not_for_the_streaming_baseline(ckpt):
+    """Below dense_cutoff hip attends densely (exact); the streaming baseline stays sink + window."""
+    m = infinitehip.load(ckpt, config=HiPConfig.preset("tiny", dense_threshold=4096, model_context_length=4096))
+    tokens = ids(400, seed=8)
+    dense = full_logits(m, tokens)[:, -1]
+    torch.testing.assert_close(full_logits(m, tokens, "hip")[:, -1], dense, atol=1e-4, rtol=0)
+    assert not torch.allclose(full_logits(m, tokens, "streaming")[:, -1], dense, atol=1e-3)
+
+
 def test_batch_of_different_lengths_equals_one_by_one(model):
     prompts = ["hello world", "a needle in a haystack of a million tokens, the quick brown fox", "0 1"]
     params = dict(max_new_tokens=6, ignore_eos=True)

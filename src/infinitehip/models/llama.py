@@ -186,6 +186,8 @@ class Transformer(nn.Module):
         """The HiP config, resolved per layer (dense layers get a larger budget)."""
         self.hip = hip
         self.layer_configs = [hip.for_layer(i, self.args.n_layers) for i in range(self.args.n_layers)]
+        # The streaming baseline is sink + window at every length: no dense fallback below the crossover.
+        self.streaming_configs = [c.replace(dense_threshold=0) for c in self.layer_configs]
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: torch.Tensor, cache, call: AttentionCall | None = None,
@@ -200,8 +202,9 @@ class Transformer(nn.Module):
         if call.backend not in BACKENDS:
             raise ValueError(f"backend={call.backend!r}; choose one of {BACKENDS}")
         x = self.tok_embeddings(tokens)                                         # (B, T, C)
+        configs = self.streaming_configs if call.backend == "streaming" else self.layer_configs
         for layer, block in enumerate(self.layers):
-            x = block(x, start, cache, self.rope, self.layer_configs[layer], call, kv_limit)
+            x = block(x, start, cache, self.rope, configs[layer], call, kv_limit)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
