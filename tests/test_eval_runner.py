@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from infinitehip.cli import app
 from infinitehip.eval.runner import EvalSpec, endpoint_completer, parse_length, run_eval
-from infinitehip.eval.tasks import TokenCounter, make_sample
+from infinitehip.eval.tasks import TokenCounter
 
 FIELDS = {"task", "method", "length", "length_over_trained", "depth", "accuracy", "samples", "model", "device", "date"}
 

@@ -178,10 +178,11 @@ def test_per_row_refresh_equals_separate_calls(backend):
                                  mask=alone[b], refresh_stage=cfg.refresh_stage(step), backend=backend)
             want.append(o)
             want_masks.append(m)
-        placeholder = [m if m is not None else want_masks[b] for b, m in enumerate(alone)]  # ignored: it refreshes from 0
+        if t == 0:   # the batch's mask: each row's own; a row with none gets a placeholder (it refreshes from 0)
+            mask = _cat_masks([m if m is not None else want_masks[b] for b, m in enumerate(alone)])
         qs = torch.cat([q[b:b + 1, phases[b] + t:phases[b] + t + 1] for b in range(3)])
         got, mask = hip_attention(qs, k[:, :int(kv_len.max())], v[:, :int(kv_len.max())], config=cfg, rope=rope,
-                                  cache_seqlens=kv_len, mask=_cat_masks(placeholder) if t == 0 else mask,
+                                  cache_seqlens=kv_len, mask=mask,
                                   refresh_stage=[cfg.refresh_stage(p + t) for p in phases], backend=backend)
         assert len({cfg.refresh_stage(p + t) for p in phases}) > 1 or t > 0
         torch.testing.assert_close(got, torch.cat(want), atol=2e-5, rtol=2e-5)

@@ -159,18 +159,11 @@ def _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, from_stage, ro
         m, geo = _prune(qs, k, geo, config, rope, reference.score_chunks, m, from_stage, row_stage)
         outs.append(reference.attend(qs, k, v, m.starts, geo, config, rope, scale))
         masks.append(m)
-    if len(masks) == 1:
-        return outs[0], masks[0]
-    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=2)  # noqa: E731
-    merged = HiPMask(cat([m.starts for m in masks]), tuple(cat(list(s)) for s in zip(*[m.stage_inputs for m in masks])),
-                     None if masks[0].w0 is None else torch.cat([m.w0 for m in masks], dim=1))
-    return torch.cat(outs, dim=1), merged
+    return torch.cat(outs, dim=1), HiPMask.cat_query_blocks(masks)
 
 
 def _slice_mask(mask: HiPMask, first: int, n: int) -> HiPMask:
-    sl = lambda t: None if t is None else t[:, :, first:first + n]  # noqa: E731
-    w0 = None if mask.w0 is None else mask.w0[:, first:first + n]
-    return HiPMask(sl(mask.starts), tuple(sl(t) for t in mask.stage_inputs), w0)
+    return mask.query_blocks(slice(first, first + n))
 
 
 def _check(q, k, v, config, rope, cache_seqlens, mask, backend) -> str:

@@ -57,7 +57,18 @@ class HiPMask:
 
     def last_query_block(self) -> "HiPMask":
         """The mask of the last query block only (what the next decode step continues from)."""
-        return self._map(lambda t: t[:, -1:] if t.dim() == 2 else t[:, :, -1:])
+        return self.query_blocks(slice(-1, None))
+
+    def query_blocks(self, blocks: slice) -> "HiPMask":
+        """The mask of the query blocks ``blocks`` (a slice of NQB)."""
+        return self._map(lambda t: t[:, blocks] if t.dim() == 2 else t[:, :, blocks])
+
+    @staticmethod
+    def cat_query_blocks(masks: list["HiPMask"]) -> "HiPMask":
+        """Masks of consecutive query-block slices -> one mask (the inverse of ``query_blocks``)."""
+        fields = zip(*(m._tensors() for m in masks))
+        cat = [None if ts[0] is None else torch.cat(ts, dim=ts[0].dim() - 2) for ts in fields]
+        return HiPMask(cat[0], tuple(cat[1:-1]), cat[-1])
 
     def blank(self, batch: int) -> "HiPMask":
         """An all-SENTINEL mask of this one's per-row shape for ``batch`` rows (a placeholder)."""

@@ -76,12 +76,7 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
         kr, vr, pr = source.fetch(m.starts, geo, config) if fetch else (k, v, pages)
         outs.append(impl.attend(qs, kr, vr, m.starts, geo, config, rope, scale, pages=pr))
         masks.append(m)
-    if len(masks) == 1:
-        return outs[0], masks[0]
-    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=2)  # noqa: E731
-    merged = HiPMask(cat([m.starts for m in masks]), tuple(cat(list(s)) for s in zip(*[m.stage_inputs for m in masks])),
-                     None if masks[0].w0 is None else torch.cat([m.w0 for m in masks], dim=1))
-    return torch.cat(outs, dim=1), merged
+    return torch.cat(outs, dim=1), HiPMask.cat_query_blocks(masks)
 
 
 def _per_row(q: torch.Tensor, tk: int, config: HiPConfig) -> int:

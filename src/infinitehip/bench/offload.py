@@ -27,7 +27,7 @@ from ..config import HiPConfig
 from ..engine.generate import DecodeState, decode_one_token
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
-from .engine import LLAMA3_8B, random_model
+from .engine import random_model
 
 QUICK = dict(architecture="LlamaForCausalLM", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
              head_dim=32, intermediate_size=256, norm_eps=1e-5, max_position_embeddings=512, trained_context=512)
