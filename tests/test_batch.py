@@ -154,3 +154,18 @@ def test_abort_drops_running_requests_and_keeps_waiting_ones(model):
     assert sorted(r.abort()) == ids[:2] and r.n_active == 0 and r.n_waiting == 1
     tokens, _ = drive(r, {})
     assert tokens == {ids[2]: alone(model, prompt(30))}
+
+
+def test_offloaded_slots_give_the_same_tokens_and_share_documents(model):
+    """The batch runner on the offloaded KV cache (host store + GPU page cache; on CPU two separate
+    stores exercising the same code): the same tokens as on the device, a shared document reused."""
+    doc = prompt(320, seed=7)
+    asks = [doc + prompt(n, seed=n) for n in (6, 9)] + [prompt(200, seed=3)]
+    arrivals = {0: [(0, asks[0], GREEDY)], 4: [(2, asks[2], GREEDY)], 12: [(1, asks[1], GREEDY)]}
+    on_device, _ = drive(runner(model, prefix_cache=PrefixCache(block_tokens=32, min_tokens=64)), arrivals)
+    cache = PrefixCache(block_tokens=32, min_tokens=64)
+    r = runner(model, offload=True, prefix_cache=cache)
+    assert type(r.cache).__name__ == "OffloadKVCache"
+    offloaded, _ = drive(r, arrivals)
+    assert offloaded == on_device
+    assert cache.stats.reused_tokens >= 288       # the second question read the document from the cache

@@ -192,7 +192,8 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
                                         "each holds a KV-cache slot of --max-context tokens, allocated at start."),
           max_queue: int = typer.Option(64, help="Requests waiting beyond the running ones get 429."),
           device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
-          offload: bool = typer.Option(False, "--offload", help="Keep the KV cache in host memory (KV offload)."),
+          offload: bool = typer.Option(None, "--offload/--no-offload",
+                                       help="Keep the slots' KV cache in host memory (default: only if it does not fit)."),
           context_cache: str = typer.Option(None, "--context-cache",
                                             help="safetensors file of cached document KV: loaded at start, saved at exit."),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
@@ -204,12 +205,8 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
         from .server.app import create_app
         from .server.engine import ModelEngine
 
-        if offload:  # refused, not ignored: a silently dense-on-GPU cache would just run out of memory
-            raise ValueError("offload is not available in this build for the server (continuous batching and the "
-                             "context cache do not run on the offloaded KV cache yet); run without --offload, with "
-                             "a smaller --max-context or --max-batch")
         engine = ModelEngine(load(model_dir, device=device, config=preset), backend=backend, max_context=max_context,
-                             max_batch=max_batch)
+                             max_batch=max_batch, offload=offload)
         if context_cache and Path(context_cache).exists():
             engine.prefix_cache.load(context_cache, device=engine.model.device)
     except ImportError as e:

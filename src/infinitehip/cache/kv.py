@@ -39,12 +39,26 @@ class KVCache:
         return self.k[0].shape[0]
 
     @property
+    def n_layers(self) -> int:
+        return len(self.k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k + self.v)
 
     def select(self, rows: slice) -> "KVCache":
         """A cache over batch rows ``rows`` that shares this one's storage."""
         return KVCache._view([t[rows] for t in self.k], [t[rows] for t in self.v], self.block_size)
+
+    def read_prefix(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row 0's first ``n`` keys and values (n, K, D), copied (for the prefix cache)."""
+        kf = self.k[layer].view(self.batch, self.capacity, *self.k[layer].shape[3:])
+        vf = self.v[layer].view(self.batch, self.capacity, *self.v[layer].shape[3:])
+        return kf[0, :n].clone(), vf[0, :n].clone()
 
     def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, T, K, D) at positions ``start[b] + t``; return (B, capacity, K, D) views.

@@ -98,6 +98,10 @@ class OffloadKVCache:
         return self._batch
 
     @property
+    def n_layers(self) -> int:
+        return len(self.stores)
+
+    @property
     def host_nbytes(self) -> int:
         return sum(s.nbytes for s in self.stores)
 
@@ -135,6 +139,12 @@ class OffloadKVCache:
             ids = blocks.flatten().unique()
         self.caches[layer].invalidate(ids)
         return self._logical(layer)
+
+    def read_prefix(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row 0's first ``n`` keys and values (n, K, D) in the model dtype, copied to host memory
+        (a cached document can be far larger than the GPU)."""
+        k, v = _LayerSource(self.select(slice(0, 1)), layer).dense(n)
+        return k[0].to("cpu", self.dtype, copy=True), v[0].to("cpu", self.dtype, copy=True)
 
     def attention(self, layer: int):
         """``hip_attention`` for this layer (same keywords); k/v arguments give only Tk."""

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache.kv import CapacityError, KVCache, plan_kv_cache
+from ..cache.kv import CapacityError, KVCache
+from ..cache.offload_kv import OffloadConfig, OffloadKVCache
 from ..models.llama import BACKENDS
 from ..tokenizer import StreamDecoder
-from .generate import DecodeState, decode_one_token, prefill
+from .generate import DecodeState, decode_one_token, make_cache, prefill
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, StopChecker, sample
 
@@ -101,7 +102,7 @@ class BatchRunner:
 
     def __init__(self, model, *, max_batch: int = 8, max_context: int = 4096, backend: str = "hip",
                  chunk_size: int = 4096, prefill_budget: int | None = None, kernel: str = "auto",
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, offload: bool | OffloadConfig | None = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         if max_batch < 1 or max_context < 2 or chunk_size < 1:
@@ -111,7 +112,7 @@ class BatchRunner:
         self.max_batch, self.max_context, self.chunk_size = max_batch, max_context, chunk_size
         self.prefill_budget = prefill_budget or chunk_size
         self.prefix_cache = prefix_cache
-        self.cache = self._allocate()
+        self.cache = self._allocate(offload)
         self.state = DecodeState(backend, kernel=kernel)
         self.stats = BatchStats()
         self._eos = set(model.tokenizer.eos_token_ids)
@@ -121,18 +122,14 @@ class BatchRunner:
         self._free = list(range(max_batch))
         self._next_id = 0
 
-    def _allocate(self) -> KVCache:
-        """Plan first, so a server that cannot hold its slots fails at start with the numbers."""
-        a, m = self.model.args, self.model
-        workspace = min(self.chunk_size, self.max_context) * (4 * a.dim + 3 * a.intermediate_size) * 4 + (256 << 20)
+    def _allocate(self, offload: bool | OffloadConfig | None) -> KVCache | OffloadKVCache:
+        """Plan first, so a server that cannot hold its slots fails at start with the numbers.
+        ``offload``: the slots' KV in host memory (True / an OffloadConfig; None: when it does not fit)."""
         try:
-            plan_kv_cache(n_layers=a.n_layers, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, batch=self.max_batch,
-                          capacity=self.max_context, dtype=m.dtype, device=m.device, workspace=workspace)
+            return make_cache(self.model, self.max_batch, self.max_context, self.chunk_size, offload)
         except CapacityError as e:
             raise CapacityError(f"{e} For batching: lower max_batch ({self.max_batch}) or max_context "
                                 f"({self.max_context:,}).") from None
-        return KVCache(a.n_layers, self.max_batch, self.max_context, a.n_kv_heads, a.head_dim,
-                       dtype=m.dtype, device=m.device)
 
     # -- requests ---------------------------------------------------------------------------
 

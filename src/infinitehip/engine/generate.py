@@ -152,9 +152,9 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
         raise ValueError("empty prompt: give at least one token of text")
     B, device, n_new = len(ids), model.device, params.max_new_tokens
     capacity = max(map(len, ids)) + n_new
-    cache = _make_cache(model, B, capacity, chunk_size, offload)
-    if isinstance(cache, OffloadKVCache) and (cuda_graph or prefix_cache is not None):
-        raise ValueError("KV offload runs decode eagerly without a prefix cache: drop cuda_graph / prefix_cache")
+    cache = make_cache(model, B, capacity, chunk_size, offload)
+    if isinstance(cache, OffloadKVCache) and cuda_graph:
+        raise ValueError("KV offload runs decode eagerly: drop cuda_graph (or offload)")
     state = DecodeState(backend, kernel=kernel)
     graph = None
     if cuda_graph:
@@ -236,7 +236,7 @@ def generate(model: Model, prompt: str | list[str], *, max_new_tokens: int = 256
 _stream = stream
 
 
-def _make_cache(model: Model, B: int, capacity: int, chunk_size: int, offload: bool | OffloadConfig | None):
+def make_cache(model: Model, B: int, capacity: int, chunk_size: int, offload: bool | OffloadConfig | None):
     """The KV cache for B rows of ``capacity`` tokens: on the device, or offloaded to host memory
     (when asked, or when ``offload`` is None and it does not fit on a GPU). Checked before allocating."""
     args = model.args

@@ -59,10 +59,9 @@ class PrefixCache:
             return 0
         entry = self._entries[best_key]
         self._entries.move_to_end(best_key)
-        for layer, (k, v) in enumerate(zip(entry.k, entry.v)):
-            kf = cache.k[layer].view(cache.batch, cache.capacity, *k.shape[1:])
-            vf = cache.v[layer].view(cache.batch, cache.capacity, *v.shape[1:])
-            kf[0, :best], vf[0, :best] = k[:best].to(kf), v[:best].to(vf)
+        row0 = torch.zeros(1, dtype=torch.long, device=cache.device)
+        for layer, (k, v) in enumerate(zip(entry.k, entry.v)):   # the cache's own write path (any cache)
+            cache.update(layer, row0, k[None, :best].to(cache.device), v[None, :best].to(cache.device))
         self.stats.hits += 1
         self.stats.reused_tokens += best
         return best
@@ -76,9 +75,8 @@ class PrefixCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        k = [t.view(cache.batch, cache.capacity, *t.shape[3:])[0, :n].clone() for t in cache.k]
-        v = [t.view(cache.batch, cache.capacity, *t.shape[3:])[0, :n].clone() for t in cache.v]
-        self._entries[key] = _Entry(torch.tensor(ids[:n]), k, v)
+        kv = [cache.read_prefix(layer, n) for layer in range(cache.n_layers)]
+        self._entries[key] = _Entry(torch.tensor(ids[:n]), [k for k, _ in kv], [v for _, v in kv])
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 

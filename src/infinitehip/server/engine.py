@@ -13,14 +13,15 @@ class ModelEngine:
     calls ``add``, ``step``, ``cancel`` and ``abort``."""
 
     def __init__(self, model, *, model_id: str | None = None, backend: str = "hip", max_context: int = 131_072,
-                 max_batch: int = 8, chunk_size: int = 4096, prefix_cache: PrefixCache | None = None):
+                 max_batch: int = 8, chunk_size: int = 4096, prefix_cache: PrefixCache | None = None,
+                 offload=False):
         self.model = model
         self.model_id = model_id or model.name
         self.max_context, self.max_batch = max_context, max_batch
         # Documents shared by several requests are prefilled once (see engine/prefix_cache.py).
         self.prefix_cache = PrefixCache() if prefix_cache is None else prefix_cache
         self.runner = BatchRunner(model, max_batch=max_batch, max_context=max_context, backend=backend,
-                                  chunk_size=chunk_size, prefix_cache=self.prefix_cache)
+                                  chunk_size=chunk_size, prefix_cache=self.prefix_cache, offload=offload)
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         """The chat template's token ids (its text already holds the special tokens)."""
