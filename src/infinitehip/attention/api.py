@@ -145,12 +145,8 @@ def _use_dense(tk: int, config: HiPConfig) -> bool:
 
 def _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, from_stage, row_stage):
     """The reference path, a few query blocks at a time so memory stays bounded on long prompts."""
-    B, tq, H, D = q.shape
-    bq = config.block_size_q
-    attended = config.sink + config.budget + config.window + bq
-    probes = 2 * -(-k.shape[1] // config.chunk_sizes[0])                 # stage-0 probes per level
-    per_block = B * max(H * bq * attended, probes * (H * bq // config.stage_strides[0] + k.shape[2] * D))
-    step = max(1, _REFERENCE_SLICE_ELEMENTS // per_block) * bq
+    tq, bq = q.shape[1], config.block_size_q
+    step = reference_slice(q, k.shape[1], k.shape[2], config)
     outs, masks = [], []
     for t in range(0, tq, step):
         qs = q[:, t:t + step]
@@ -160,6 +156,17 @@ def _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, from_stage, ro
         outs.append(reference.attend(qs, k, v, m.starts, geo, config, rope, scale))
         masks.append(m)
     return torch.cat(outs, dim=1), HiPMask.cat_query_blocks(masks)
+
+
+def reference_slice(q: torch.Tensor, tk: int, kv_heads: int, config: HiPConfig) -> int:
+    """Queries per slice of the reference path: it materializes (B, H, queries, attended keys)
+    scores and stage-0 probes, so bound those to ``_REFERENCE_SLICE_ELEMENTS`` per slice."""
+    B, _, H, D = q.shape
+    bq = config.block_size_q
+    attended = config.sink + config.budget + config.window + bq
+    probes = 2 * -(-tk // config.chunk_sizes[0])                         # stage-0 probes per level
+    per_block = B * max(H * bq * attended, probes * (H * bq // config.stage_strides[0] + kv_heads * D))
+    return max(1, _REFERENCE_SLICE_ELEMENTS // per_block) * bq
 
 
 def _slice_mask(mask: HiPMask, first: int, n: int) -> HiPMask:

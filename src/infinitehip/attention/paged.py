@@ -66,7 +66,7 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
         impl = reference
     score = functools.partial(impl.score_chunks, pages=pages)
     bq = config.block_size_q
-    step = tq if backend == "triton" else max(bq, (api._REFERENCE_SLICE_ELEMENTS // _per_row(q, tk, config)) // bq * bq)
+    step = tq if backend == "triton" else api.reference_slice(q, tk, k.shape[2], config)
     outs, masks = [], []
     for t in range(0, tq, step):        # the reference a few query blocks at a time (bounded memory)
         qs = q[:, t:t + step]
@@ -78,10 +78,3 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
         masks.append(m)
     return torch.cat(outs, dim=1), HiPMask.cat_query_blocks(masks)
 
-
-def _per_row(q: torch.Tensor, tk: int, config: HiPConfig) -> int:
-    """Elements the reference materializes per query row (as ``api._reference_sliced`` bounds them)."""
-    B, _, H, D = q.shape
-    attended = config.sink + config.budget + config.window + config.block_size_q
-    probes = 2 * -(-tk // config.chunk_sizes[0])
-    return max(1, B * max(H * attended, probes * (H // config.stage_strides[0] + D)))
