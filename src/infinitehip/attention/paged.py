@@ -77,4 +77,3 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
         outs.append(impl.attend(qs, kr, vr, m.starts, geo, config, rope, scale, pages=pr))
         masks.append(m)
     return torch.cat(outs, dim=1), HiPMask.cat_query_blocks(masks)
-
