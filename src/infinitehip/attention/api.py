@@ -64,15 +64,48 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
               else cache_seqlens.to(device=q.device, dtype=torch.long))
     if _use_dense(tk, config):
         return dense_attention(q, k, v, None if cache_seqlens is None else kv_len, rope, scale), None
+    impl = implementation(backend)
+    return prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend, impl.score_chunks,
+                            lambda qs, m, geo: impl.attend(qs, k, v, m.starts, geo, config, rope, scale))
+
+
+def implementation(backend: str):
+    """The module with ``score_chunks`` and ``attend`` for a resolved backend name."""
     if backend == "triton":
-        from .triton import ops as impl
-    else:
-        impl = reference
-    if backend == "reference":
-        return _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, from_stage, row_stage)
-    geo = geometry(kv_len - tq, tq, kv_len, config)
-    mask, geo = _prune(q, k, geo, config, rope, impl.score_chunks, mask, from_stage, row_stage)
-    return impl.attend(q, k, v, mask.starts, geo, config, rope, scale), mask
+        from .triton import ops
+
+        return ops
+    return reference
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """``"auto"`` -> Triton for CUDA tensors when Triton is available, else the reference."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {_BACKENDS}")
+    if backend == "auto":
+        from .triton import available
+        return "triton" if q.is_cuda and available() else "reference"
+    return backend
+
+
+def prune_and_attend(q, k, kv_len, config, rope, mask, from_stage: int, row_stage, backend: str, score_chunks,
+                     attend) -> tuple[torch.Tensor, HiPMask]:
+    """Prune (rerun from ``from_stage``), then ``attend(queries, mask, geometry)``. The Triton
+    backend takes every query at once; the reference a few query blocks per slice, so its
+    memory stays bounded on long prompts."""
+    tq, bq = q.shape[1], config.block_size_q
+    step = tq if backend == "triton" else _reference_slice(q, k.shape[1], k.shape[2], config)
+    outs, masks = [], []
+    for t in range(0, tq, step):
+        qs = q[:, t:t + step]
+        geo = geometry(kv_len - tq + t, qs.shape[1], kv_len, config)
+        m = mask if mask is None or step >= tq else _slice_mask(mask, t // bq, -(-qs.shape[1] // bq))
+        m, geo = _prune(qs, k, geo, config, rope, score_chunks, m, from_stage, row_stage)
+        outs.append(attend(qs, m, geo))
+        masks.append(m)
+    if len(masks) == 1:
+        return outs[0], masks[0]
+    return torch.cat(outs, dim=1), HiPMask.cat_query_blocks(masks)
 
 
 def _prune(q, k, geo, config, rope, score_chunks, mask, from_stage: int, row_stage):
@@ -143,22 +176,7 @@ def _use_dense(tk: int, config: HiPConfig) -> bool:
     return tk <= config.dense_cutoff
 
 
-def _reference_sliced(q, k, v, kv_len, config, rope, scale, mask, from_stage, row_stage):
-    """The reference path, a few query blocks at a time so memory stays bounded on long prompts."""
-    tq, bq = q.shape[1], config.block_size_q
-    step = reference_slice(q, k.shape[1], k.shape[2], config)
-    outs, masks = [], []
-    for t in range(0, tq, step):
-        qs = q[:, t:t + step]
-        geo = geometry(kv_len - tq + t, qs.shape[1], kv_len, config)
-        m = None if mask is None else _slice_mask(mask, t // bq, -(-qs.shape[1] // bq))
-        m, geo = _prune(qs, k, geo, config, rope, reference.score_chunks, m, from_stage, row_stage)
-        outs.append(reference.attend(qs, k, v, m.starts, geo, config, rope, scale))
-        masks.append(m)
-    return torch.cat(outs, dim=1), HiPMask.cat_query_blocks(masks)
-
-
-def reference_slice(q: torch.Tensor, tk: int, kv_heads: int, config: HiPConfig) -> int:
+def _reference_slice(q: torch.Tensor, tk: int, kv_heads: int, config: HiPConfig) -> int:
     """Queries per slice of the reference path: it materializes (B, H, queries, attended keys)
     scores and stage-0 probes, so bound those to ``_REFERENCE_SLICE_ELEMENTS`` per slice."""
     B, _, H, D = q.shape
@@ -214,9 +232,4 @@ def _check(q, k, v, config, rope, cache_seqlens, mask, backend) -> str:
         if tuple(mask.starts.shape) != (B, G, nqb, config.n_selected):
             raise ValueError(f"mask has shape {tuple(mask.starts.shape)}, expected ({B}, {G}, {nqb}, "
                              f"{config.n_selected}) for this config and input; was it made with another config?")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend={backend!r}; choose one of {_BACKENDS}")
-    if backend == "auto":
-        from .triton import available
-        return "triton" if q.is_cuda and available() else "reference"
-    return backend
+    return resolve_backend(backend, q)

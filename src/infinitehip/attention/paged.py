@@ -18,8 +18,8 @@ from typing import Protocol, Sequence
 import torch
 
 from ..config import HiPConfig
-from . import api, reference
-from .mask import HiPMask, geometry
+from . import api
+from .mask import HiPMask
 from .pages import KVPages
 from .rope import RoPE
 
@@ -57,23 +57,12 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
         kd, vd = source.dense(tk)
         return api.dense_attention(q, kd, vd, kv_len, rope, scale), None
     from_stage, row_stage = api._refresh_rows(refresh_stage, B, config, mask, q.device)
-    if backend == "auto":
-        from .triton import available
-        backend = "triton" if q.is_cuda and available() else "reference"
-    if backend == "triton":
-        from .triton import ops as impl
-    else:
-        impl = reference
-    score = functools.partial(impl.score_chunks, pages=pages)
-    bq = config.block_size_q
-    step = tq if backend == "triton" else api.reference_slice(q, tk, k.shape[2], config)
-    outs, masks = [], []
-    for t in range(0, tq, step):        # the reference a few query blocks at a time (bounded memory)
-        qs = q[:, t:t + step]
-        geo = geometry(kv_len - tq + t, qs.shape[1], kv_len, config)
-        m = mask if mask is None or step >= tq else api._slice_mask(mask, t // bq, -(-qs.shape[1] // bq))
-        m, geo = api._prune(qs, k, geo, config, rope, score, m, from_stage, row_stage)
+    backend = api.resolve_backend(backend, q)
+    impl = api.implementation(backend)
+
+    def attend(qs, m, geo):
         kr, vr, pr = source.fetch(m.starts, geo, config) if fetch else (k, v, pages)
-        outs.append(impl.attend(qs, kr, vr, m.starts, geo, config, rope, scale, pages=pr))
-        masks.append(m)
-    return torch.cat(outs, dim=1), HiPMask.cat_query_blocks(masks)
+        return impl.attend(qs, kr, vr, m.starts, geo, config, rope, scale, pages=pr)
+
+    return api.prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend,
+                                functools.partial(impl.score_chunks, pages=pages), attend)

@@ -2,8 +2,9 @@
 
 Storage is cut into blocks of ``block_size`` tokens, ``(B, n_blocks, block_size, K, D)`` per
 layer, so a block is the unit a later offload tier moves (full cache in pinned host memory, a
-GPU block cache in front). The interface stays two calls: ``update`` writes new K/V and returns
-views of the whole cache; ``select`` narrows to some batch rows (prefill one prompt at a time).
+GPU block cache in front: ``offload_kv.py``). The model uses three calls: ``update`` writes new
+K/V and returns views of the whole cache; ``attention`` is the attention call that reads it;
+``select`` narrows to some batch rows (prefill one prompt at a time).
 Capacity is fixed at allocation, so decode shapes are static (CUDA-graph capturable).
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from ..attention import hip_attention
 
 
 class CapacityError(ValueError):
@@ -59,6 +62,11 @@ class KVCache:
         kf = self.k[layer].view(self.batch, self.capacity, *self.k[layer].shape[3:])
         vf = self.v[layer].view(self.batch, self.capacity, *self.v[layer].shape[3:])
         return kf[0, :n].clone(), vf[0, :n].clone()
+
+    def attention(self, layer: int):
+        """The sparse attention call over this cache: ``hip_attention`` itself (the K/V ``update``
+        returns are plain device tensors)."""
+        return hip_attention
 
     def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, T, K, D) at positions ``start[b] + t``; return (B, capacity, K, D) views.

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import HiPMask, RoPE, dense_attention, empty_mask, hip_attention
+from ..attention import HiPMask, RoPE, dense_attention, empty_mask
 from ..attention.rope import apply_rope
 from ..attention.stages import n_groups
 from ..config import HiPConfig
@@ -137,9 +137,9 @@ class Attention(nn.Module):
                 mask, stage = empty_mask(hip, B, n_groups(hip, K), nqb, x.device), hip.n_stages
             elif call.masks is not None and call.masks[self.layer] is not None:
                 mask, stage = call.masks[self.layer], call.refresh_stage
-            # An offloaded cache supplies its own hip_attention (reads host memory, a GPU block cache).
-            attend = cache.attention(self.layer) if hasattr(cache, "attention") else hip_attention
-            out, mask = attend(q, k_all, v_all, config=hip, rope=rope, scale=self.scale,
+            # The cache supplies the attention call: hip_attention, or the offloaded cache's own
+            # (it reads host memory and a GPU block cache).
+            out, mask = cache.attention(self.layer)(q, k_all, v_all, config=hip, rope=rope, scale=self.scale,
                                cache_seqlens=kv_len, mask=mask, refresh_stage=stage, backend=call.kernel)
             if call.masks is not None and call.backend == "hip":
                 call.masks[self.layer] = mask
