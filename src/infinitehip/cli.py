@@ -60,7 +60,7 @@ def eval_cmd(
     depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Needle depths, 0 = start of the context."),
     endpoint: str = typer.Option(None, help="OpenAI-compatible server URL; evaluates it instead of a local model."),
     out: str = typer.Option("eval_results", help="Folder for eval.json and the PNG plots."),
-    preset: str = typer.Option(None, help="HiPConfig preset (default: tiny for the built-in model, else paper)."),
+    preset: str = typer.Option(None, help="HiPConfig preset (default: the checkpoint's, else paper)."),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
     dtype: str = typer.Option(None, help="float32 | float16 | bfloat16."),
     seed: int = typer.Option(0, help="Seed of the prompts."),
@@ -68,14 +68,12 @@ def eval_cmd(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """RULER-style long-context eval: accuracy per task, length, needle depth and method."""
-    from pathlib import Path as _Path
-
     from .eval.command import eval_command
 
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     try:
         eval_command(model, tasks=split(tasks), lengths=split(lengths), methods=split(methods), samples=samples,
-                     depths=[float(d) for d in split(depths)], endpoint=endpoint, out=_Path(out),
+                     depths=[float(d) for d in split(depths)], endpoint=endpoint, out=Path(out),
                      preset=preset, device=device, dtype=dtype,
                      seed=seed, chunk_size=chunk_size, console=console)
     except (OSError, ValueError, TypeError, ImportError) as e:

@@ -58,6 +58,12 @@ def step_pages(config: HiPConfig, n_kv_heads: int, page: int) -> int:
     return sink + window + n_groups(config, n_kv_heads) * config.n_selected * max(1, config.chunk_size // page)
 
 
+def cache_pages(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, config: OffloadConfig) -> list[int]:
+    """Pages of each layer's GPU block cache: ``gpu_pages``, or ``headroom`` x one step's working set."""
+    return [config.gpu_pages or max(1, int(config.headroom * batch * step_pages(c, n_kv_heads, config.page)))
+            for c in layer_configs]
+
+
 def needed_pages(starts: torch.Tensor, geo, config: HiPConfig, page: int) -> torch.Tensor:
     """Logical pages the attention of mask ``starts`` (B, G, NQB, NSEL) reads: (B, M) int64, -1 = none.
 
@@ -88,8 +94,7 @@ class OffloadKVCache:
         self.row0, self._batch = 0, batch
         self.stores = [HostKVStore(batch * nb, page, n_kv_heads, head_dim, dtype, config.fp8, device)
                        for _ in range(n_layers)]
-        slots = [config.gpu_pages or max(1, int(config.headroom * batch * step_pages(c, n_kv_heads, page)))
-                 for c in layer_configs]
+        slots = cache_pages(layer_configs, batch, n_kv_heads, config)
         self.caches = [BlockCache(s, n, device) for s, n in zip(self.stores, slots)]
         self.tables = [torch.full((batch, nb), -1, dtype=torch.int32, device=device) for _ in range(n_layers)]
 
@@ -210,9 +215,7 @@ def gpu_cache_bytes(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int,
                     dtype: torch.dtype, config: OffloadConfig = OffloadConfig()) -> int:
     """Device bytes of the block caches (page pools, K and V), tables excluded."""
     page_bytes = 2 * config.page * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
-    slots = [config.gpu_pages or max(1, int(config.headroom * batch * step_pages(c, n_kv_heads, config.page)))
-             for c in layer_configs]
-    return sum(slots) * page_bytes
+    return sum(cache_pages(layer_configs, batch, n_kv_heads, config)) * page_bytes
 
 
 def plan_offload(*, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, capacity: int,

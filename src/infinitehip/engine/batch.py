@@ -34,10 +34,9 @@ import torch
 from ..cache.kv import CapacityError, KVCache
 from ..cache.offload_kv import OffloadConfig, OffloadKVCache
 from ..models.llama import BACKENDS
-from ..tokenizer import StreamDecoder
 from .generate import DecodeState, decode_one_token, make_cache, prefill
 from .prefix_cache import PrefixCache
-from .sampling import SamplingParams, StopChecker, sample
+from .sampling import SamplingParams, TextOutput, sample
 
 
 @dataclass
@@ -81,14 +80,12 @@ class _Request:
     ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None
-    decoder: StreamDecoder
-    stops: StopChecker
+    output: TextOutput
     slot: int = -1
     filled: int = 0              # prompt tokens whose KV is in the slot
     reused: int = 0              # ... of which copied from the prefix cache
     seqlen: int = 0              # decode: where the next token goes
     last: int = 0                # decode: the token fed at the next step
-    count: int = 0
     tokens: torch.Tensor | None = None              # (1, T) the prompt on the device, while prefilling
     logits: torch.Tensor | None = None              # (1, V) after the last prefill chunk
     masks: list | None = field(default=None, repr=False)   # hip: the prompt's last-block masks
@@ -113,6 +110,7 @@ class BatchRunner:
         self.prefill_budget = prefill_budget or chunk_size
         self.prefix_cache = prefix_cache
         self.cache = self._allocate(offload)
+        self._kv_floor = _sparse_floor(model, backend, self.cache.capacity)
         self.state = DecodeState(backend, kernel=kernel)
         self.stats = BatchStats()
         self._eos = set(model.tokenizer.eos_token_ids)
@@ -145,7 +143,7 @@ class BatchRunner:
         gen = None
         if params.seed is not None:  # its own generator: its draws don't depend on its neighbours
             gen = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        req = _Request(self._next_id, ids, params, gen, StreamDecoder(self.model.tokenizer), StopChecker(params.stop))
+        req = _Request(self._next_id, ids, params, gen, TextOutput(self.model.tokenizer, params, self._eos))
         self._next_id += 1
         self._waiting.append(req)
         return req.rid
@@ -243,8 +241,7 @@ class BatchRunner:
         if end == len(req.ids):
             req.tokens = None
         if end == len(req.ids) and self.prefix_cache is not None:
-            self.prefix_cache.stats.prefilled_tokens += len(req.ids) - req.reused
-            self.prefix_cache.store(req.ids, self._row(req.slot))
+            self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused)
         return end - start
 
     def _start_decoding(self, req: _Request, events: list[BatchEvent]):
@@ -266,7 +263,7 @@ class BatchRunner:
         if self._prefilling is not None:
             # Parked where its next prefill chunk writes first: the throwaway K/V is overwritten.
             seqlens[self._prefilling.slot] = self._prefilling.filled
-        kv_limit = max(int(seqlens.max()) + 1, _sparse_floor(self.model, self.backend, self.cache.capacity))
+        kv_limit = max(int(seqlens.max()) + 1, self._kv_floor)
         logits = decode_one_token(self.model, tokens.to(device), seqlens.to(device), self.cache, self.state,
                                   kv_limit=kv_limit)                                 # (B, V)
         n = len(self._decoding)
@@ -280,18 +277,11 @@ class BatchRunner:
     def _emit(self, req: _Request, tok: int, events: list[BatchEvent]) -> bool:
         """Turn a sampled token into an event (text held back while a stop string may start);
         returns True, freeing the slot, when the request is finished."""
-        at_eos = tok in self._eos and not req.params.ignore_eos
-        piece = "" if at_eos else req.stops.push(req.decoder.push(tok))
-        req.count += not at_eos
+        piece, reason = req.output.push(tok)
         req.last = tok
-        done = at_eos or req.stops.stopped or req.count == req.params.max_new_tokens
-        if not done:
-            events.append(BatchEvent(req.rid, piece, tok, req.count))
+        events.append(BatchEvent(req.rid, piece, tok, req.output.count, reason is not None, reason))
+        if reason is None:
             return False
-        if not req.stops.stopped:
-            piece += req.stops.push(req.decoder.flush()) + req.stops.flush()
-        reason = "stop" if at_eos or req.stops.stopped else "length"
-        events.append(BatchEvent(req.rid, piece, tok, req.count, True, reason))
         self._release(req)
         self.stats.finished += 1
         return True

@@ -17,9 +17,8 @@ from ..cache.offload_kv import OffloadConfig, OffloadKVCache, plan_offload
 from ..config import HiPConfig
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
-from ..tokenizer import StreamDecoder
 from .prefix_cache import PrefixCache
-from .sampling import SamplingParams, StopChecker, sample
+from .sampling import SamplingParams, TextOutput, sample
 
 
 @dataclass
@@ -171,28 +170,18 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
     gen = None
     if params.seed is not None:
         gen = torch.Generator(device=device).manual_seed(params.seed)
-    eos = set() if params.ignore_eos else set(model.tokenizer.eos_token_ids)
     lengths = [len(x) for x in ids]
     seqlens = torch.tensor(lengths, device=device)
-    decoders = [StreamDecoder(model.tokenizer) for _ in range(B)]
-    stops = [StopChecker(params.stop) for _ in range(B)]
-    done, counts = [False] * B, [0] * B
+    outputs = [TextOutput(model.tokenizer, params, set(model.tokenizer.eos_token_ids)) for _ in range(B)]
+    done = [False] * B
     for step in range(n_new):
         tokens = sample(logits, params, gen)                                       # (B,)
         for b, tok in enumerate(tokens.tolist()):
             if done[b]:
                 continue
-            at_eos = tok in eos
-            piece = "" if at_eos else stops[b].push(decoders[b].push(tok))
-            counts[b] += not at_eos
-            if at_eos or stops[b].stopped or counts[b] == n_new:
-                done[b] = True
-                if not stops[b].stopped:
-                    piece += stops[b].push(decoders[b].flush()) + stops[b].flush()
-                reason = "stop" if at_eos or stops[b].stopped else "length"
-                yield Event(b, piece, tok, counts[b], True, reason)
-            else:
-                yield Event(b, piece, tok, counts[b])
+            piece, reason = outputs[b].push(tok)
+            done[b] = reason is not None
+            yield Event(b, piece, tok, outputs[b].count, done[b], reason)
         if all(done) or step == n_new - 1:
             break
         if graph is not None:
@@ -262,8 +251,7 @@ def _prefill_row(model: Model, ids: list[int], cache: KVCache, prefix_cache: Pre
     start = prefix_cache.reuse(ids, cache) if prefix_cache is not None else 0
     logits = prefill(model, torch.tensor([ids], device=model.device), cache, start=start, **kw)
     if prefix_cache is not None:
-        prefix_cache.stats.prefilled_tokens += len(ids) - start
-        prefix_cache.store(ids, cache)
+        prefix_cache.remember(ids, cache, reused=start)
     return logits
 
 

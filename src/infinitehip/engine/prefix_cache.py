@@ -66,6 +66,12 @@ class PrefixCache:
         self.stats.reused_tokens += best
         return best
 
+    def remember(self, ids: list[int], cache: KVCache, reused: int):
+        """After prefilling ``ids`` (of which ``reused`` came from here): count the tokens
+        prefilled and keep the prompt's KV for later requests."""
+        self.stats.prefilled_tokens += len(ids) - reused
+        self.store(ids, cache)
+
     def store(self, ids: list[int], cache: KVCache):
         """Keep the prompt's KV (row 0 of ``cache``, whole blocks only) if it is long enough."""
         n = len(ids) - len(ids) % self.block_tokens

@@ -1,9 +1,11 @@
-"""Sampling: greedy, temperature, top-k, top-p (nucleus), seeded; and stop strings."""
+"""Sampling: greedy, temperature, top-k, top-p (nucleus), seeded; stop strings; a sequence's text."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from ..tokenizer import StreamDecoder
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,25 @@ class StopChecker:
     def flush(self) -> str:
         out, self.pending = ("" if self.stopped else self.pending), ""
         return out
+
+
+class TextOutput:
+    """One sequence's output: detokenizes sampled tokens (UTF-8 safe), holds back text a stop
+    string may start, and says when generation ends (end-of-sequence, a stop string, the length)."""
+
+    def __init__(self, tokenizer, params: SamplingParams, eos: set[int]):
+        self.decoder, self.stops = StreamDecoder(tokenizer), StopChecker(params.stop)
+        self.eos = set() if params.ignore_eos else eos
+        self.max_new, self.count = params.max_new_tokens, 0
+
+    def push(self, tok: int) -> tuple[str, str | None]:
+        """The text ``tok`` releases, and the finish reason ("stop" / "length") or None.
+        ``count`` is then the tokens of output so far (end-of-sequence not counted)."""
+        at_eos = tok in self.eos
+        piece = "" if at_eos else self.stops.push(self.decoder.push(tok))
+        self.count += not at_eos
+        if not (at_eos or self.stops.stopped or self.count == self.max_new):
+            return piece, None
+        if not self.stops.stopped:
+            piece += self.stops.push(self.decoder.flush()) + self.stops.flush()
+        return piece, "stop" if at_eos or self.stops.stopped else "length"

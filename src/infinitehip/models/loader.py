@@ -135,8 +135,9 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
         device: default "cuda" when available, else "cpu".
         dtype: torch dtype or its name; default the checkpoint's dtype on GPU, float32 on CPU.
         config: a HiPConfig or a preset name; default what the checkpoint recommends under
-            ``"infinitehip": {"preset": ..., <field>: <value>}`` in config.json, else "paper". ``model_context_length`` (None) is filled from the
-            checkpoint's trained context (original_max_position_embeddings when rope-scaled).
+            ``"infinitehip": {"preset": ..., <field>: <value>}`` in config.json, else "paper".
+            ``model_context_length`` (None) is filled from the checkpoint's trained context
+            (original_max_position_embeddings when rope-scaled).
     """
     path, cfg = read_config(path)
     args = ModelArgs.from_hf(cfg)
@@ -241,7 +242,6 @@ def inspect_checkpoint(path: str | Path, *, device=None, dtype=None) -> dict:
     from safetensors import safe_open
 
     from ..cache.kv import free_memory, kv_bytes
-    from ..cache.offload_kv import OffloadConfig, host_bytes_per_token
 
     path, cfg = read_config(path)
     args = ModelArgs.from_hf(cfg)
@@ -261,12 +261,15 @@ def inspect_checkpoint(path: str | Path, *, device=None, dtype=None) -> dict:
             "trained_context": args.trained_context, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "weights_bytes": n_params * elem, "kv_bytes_per_token": per_token, "free_bytes": free,
             "max_context": max(0, (free - n_params * elem - workspace) // per_token),
-            **_offload_capacity(args, dtype, device, free_memory, host_bytes_per_token, OffloadConfig)}
+            **_offload_capacity(args, dtype, device)}
 
 
-def _offload_capacity(args: ModelArgs, dtype, device, free_memory, per_token, OffloadConfig) -> dict:
+def _offload_capacity(args: ModelArgs, dtype, device) -> dict:
     """Longest context per sequence with the KV cache offloaded to host memory (90% of what is
     available: the OS and the process need the rest), plain and FP8."""
+    from ..cache.kv import free_memory
+    from ..cache.offload_kv import OffloadConfig, host_bytes_per_token as per_token
+
     host = free_memory(torch.device("cpu"))
     shape = (args.n_layers, args.n_kv_heads, args.head_dim, dtype)
     return {"host_free_bytes": host, "offload_useful": torch.device(device).type == "cuda",
