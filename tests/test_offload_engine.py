@@ -1,4 +1,4 @@
-"""KV offload through the engine: the same tokens and logits, bit for bit, as the all-on-device
+"""KV offload through the engine (on the CPU, also on a GPU machine): the same tokens and logits, bit for bit, as the all-on-device
 path (on CPU the host store, its device alias and the block-cache pool are still separate
 tensors exercising the same code); FP8 host storage measured against it."""
 import pytest
@@ -19,12 +19,12 @@ CONFIG = HiPConfig.preset("tiny", refresh_intervals=(8, 4, 2))
 
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def model(request):
-    return infinitehip.load("builtin", config=CONFIG, dtype=request.param)
+    return infinitehip.load("builtin", config=CONFIG, dtype=request.param, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def bf16_model():
-    return infinitehip.load("builtin", config=CONFIG, dtype=torch.bfloat16)
+    return infinitehip.load("builtin", config=CONFIG, dtype=torch.bfloat16, device="cpu")
 
 
 def caches(model, batch=1, capacity=PROMPT + STEPS + 1, **offload):
@@ -92,7 +92,7 @@ class FP8RoundTripCache(KVCache):
 
 
 def test_fp8_host_store_equals_fp8_round_trip():
-    model = infinitehip.load("builtin", config=CONFIG, dtype=torch.float32)   # bf16 would round differently
+    model = infinitehip.load("builtin", config=CONFIG, dtype=torch.float32, device="cpu")   # bf16 would round differently
     a = model.args
     on_device, offloaded = caches(model, fp8=True)
     simulated = FP8RoundTripCache(a.n_layers, 1, PROMPT + 4, a.n_kv_heads, a.head_dim, dtype=model.dtype, device="cpu")
