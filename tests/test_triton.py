@@ -9,7 +9,7 @@ import torch
 
 from infinitehip import HiPConfig, RoPE, hip_attention
 from infinitehip.attention import reference
-from infinitehip.attention.mask import SENTINEL, geometry
+from infinitehip.attention.mask import NEG_SCORE, SENTINEL, geometry
 from infinitehip.attention.stages import first_stage_starts, pool_queries, run_stages
 
 ops = pytest.importorskip("infinitehip.attention.triton.ops")
@@ -53,6 +53,22 @@ def test_score_chunks_matches_reference(B, tq, tk, H, K, D, lens, sharing, prune
         got = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
         assert (want > -1e29).any(), "some chunks must be active for the test to mean anything"
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows,n,m", [(3, 37, 8), (2, 300, 128), (4, 64, 64), (5, 16, 32), (1, 1, 4)])
+def test_keep_top_matches_reference(rows, n, m):
+    """Top-m selection in position order: inactive chunks never kept, ties to the earlier chunk,
+    rows shorter than m padded."""
+    g = torch.Generator().manual_seed(n)
+    starts = (torch.arange(n) * 8).expand(rows, n).clone()
+    scores = torch.randn(rows, n, generator=g).round(decimals=1)       # many exact ties
+    scores[:, :1] = NEG_SCORE                                            # inside the sink
+    starts[:, n - n // 4:], scores[:, n - n // 4:] = SENTINEL, NEG_SCORE  # no chunk
+    want = reference.keep_top(starts, scores, m)
+    got = ops.keep_top(starts.to(DEVICE), scores.to(DEVICE), m).cpu()
+    assert torch.equal(got, want)
+    assert want.shape == (rows, m) and (want[:, :-1] <= want[:, 1:]).all()
+    assert (want == SENTINEL).sum() >= rows * max(m - (n - n // 4 - 1), 0)
 
 
 def test_score_chunks_bf16_keys_and_inactive_chunks():

@@ -10,6 +10,7 @@ so the three sets are disjoint and a context of at most sink + window keys is at
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -118,16 +119,21 @@ class Geometry:
 
 
 def geometry(q_pos0: torch.Tensor, tq: int, kv_len: torch.Tensor, config: HiPConfig) -> Geometry:
-    """Query-block geometry for queries at ``q_pos0[b] + t``, t < tq, against ``kv_len[b]`` keys."""
+    """Query-block geometry for queries at ``q_pos0[b] + t``, t < tq, against ``kv_len[b]`` keys.
+
+    Every layer of a decode step runs this, so it launches three or four small kernels: the
+    constant tensors are cached per device (a CUDA graph captures them as static buffers).
+    """
     bq = config.block_size_q
     nqb = -(-tq // bq)
-    t = torch.arange(nqb * bq, device=q_pos0.device).view(nqb, bq)
-    q_pos = q_pos0.long()[:, None, None] + t                      # (B, NQB, bq)
-    q_valid = (t < tq).expand_as(q_pos)
-    p0 = q_pos[:, :, 0]
-    w0 = p0 - config.window + 1
-    return Geometry(p0, w0, q_pos, q_valid, _exact(config.rope_prune, kv_len, config),
-                    _exact(config.rope_attend, kv_len, config))
+    dev = q_pos0.device
+    p0 = q_pos0.long()[:, None] + _arange(nqb, dev, step=bq)         # (B, NQB)
+    q_pos = p0[..., None] + _arange(bq, dev)                          # (B, NQB, bq)
+    q_valid = _valid_rows(tq, nqb, bq, dev).expand_as(q_pos)
+    w0 = p0 - (config.window - 1)
+    rules = {mode: _exact_rule(mode, config) for mode in (config.rope_prune, config.rope_attend)}
+    exact = {rule: _exact(rule, kv_len, config) for rule in set(rules.values())}
+    return Geometry(p0, w0, q_pos, q_valid, exact[rules[config.rope_prune]], exact[rules[config.rope_attend]])
 
 
 def anchor_window(geo: Geometry, mask: HiPMask | None, config: HiPConfig,
@@ -146,9 +152,31 @@ def anchor_window(geo: Geometry, mask: HiPMask | None, config: HiPConfig,
     return Geometry(geo.p0, w0, geo.q_pos, geo.q_valid, geo.exact_prune, geo.exact_attend)
 
 
-def _exact(mode: str, kv_len: torch.Tensor, config: HiPConfig) -> torch.Tensor:
+def _exact_rule(mode: str, config: HiPConfig) -> str:
+    """When a RoPE mode uses exact positions: "always", "within" the trained context, or "never"."""
     if mode == "exact":
-        return torch.ones_like(kv_len, dtype=torch.bool)
-    if mode == "auto" and config.model_context_length is not None:
+        return "always"
+    return "within" if mode == "auto" and config.model_context_length is not None else "never"
+
+
+def _exact(rule: str, kv_len: torch.Tensor, config: HiPConfig) -> torch.Tensor:
+    """(B,) bool, contiguous (kernels index it by row)."""
+    if rule == "within":
         return kv_len <= config.model_context_length
-    return torch.zeros_like(kv_len, dtype=torch.bool)
+    return _constant(rule == "always", kv_len.shape[0], kv_len.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _arange(n: int, device: torch.device, step: int = 1) -> torch.Tensor:
+    return torch.arange(0, n * step, step, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _valid_rows(tq: int, nqb: int, bq: int, device: torch.device) -> torch.Tensor:
+    """(1, NQB, bq) bool: which rows of the padded query blocks are real queries."""
+    return (torch.arange(nqb * bq, device=device) < tq).view(1, nqb, bq)
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(value: bool, n: int, device: torch.device) -> torch.Tensor:
+    return torch.full((n,), value, dtype=torch.bool, device=device)

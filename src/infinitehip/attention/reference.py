@@ -1,7 +1,8 @@
 """InfiniteHiP in plain, vectorized PyTorch: the specification of every kernel, and the CPU path.
 
-Two functions, one per kernel family:
+One function per kernel:
   score_chunks  — hierarchical top-1: a chunk's score is its representative token's score.
+  keep_top      — the best-scoring chunks of each row, in position order.
   attend        — block-sparse attention over sink + selected chunks + sliding window.
 Everything is computed in float32; shapes use B batch, T tokens, H query heads, K kv heads,
 D head dim, G head groups sharing a mask, NQB query blocks.
@@ -81,6 +82,21 @@ def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPC
         a = a + (s[..., 1] > s[..., 0]) * half
         length = half
     return torch.where(active, best, NEG_SCORE)
+
+
+def keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int) -> torch.Tensor:
+    """The ``m`` best-scoring active chunks of each row, in position order: (..., m) int64.
+
+    starts (..., n) ascending per row (SENTINEL last), scores (..., n) float32 (NEG_SCORE =
+    inactive). Ties go to the earlier chunk. Rows with fewer than m active chunks are padded
+    with SENTINEL, so stage widths depend on the config only and masks of rows with different
+    lengths stack into one batch.
+    """
+    n = scores.shape[-1]
+    rank = scores.argsort(dim=-1, descending=True, stable=True)[..., :m]       # (..., min(m, n))
+    chosen = scores.gather(-1, rank) > NEG_SCORE / 2
+    kept = torch.where(chosen, starts.gather(-1, rank), SENTINEL).sort(dim=-1).values
+    return torch.nn.functional.pad(kept, (0, max(m - n, 0)), value=SENTINEL)
 
 
 def slot_indices(starts: torch.Tensor, geo: Geometry, config: HiPConfig):

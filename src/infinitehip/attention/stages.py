@@ -1,8 +1,9 @@
 """The multi-stage pruning driver, shared by every backend.
 
 A backend supplies ``score_chunks`` (hierarchical top-1 representative search, the expensive
-part); selection between stages is plain top-k / sort / split on small tensors, done here with
-torch ops that need no host sync, so a decode step stays CUDA-graph capturable.
+part) and ``keep_top`` (the best chunks of each row, in position order); splitting chunks
+between stages is a few torch ops. Nothing here syncs with the host, so a decode step stays
+CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Protocol
 import torch
 
 from ..config import HiPConfig
-from .mask import NEG_SCORE, RELATIVE_QUERY_DISTANCE, SENTINEL, Geometry, HiPMask
+from . import reference
+from .mask import RELATIVE_QUERY_DISTANCE, SENTINEL, Geometry, HiPMask
 from .rope import RoPE, apply_rope
 
 
@@ -29,22 +31,26 @@ def n_groups(config: HiPConfig, num_kv_heads: int) -> int:
 def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, config: HiPConfig, rope: RoPE | None):
     """Rotate the queries for pruning, then average them in groups of ``stride`` rows per block.
 
-    q: (B, Tq, H, D) -> qp (B, NQB, R, H, D) float32 with R = block_size_q // stride,
-    and q_valid (B, NQB, R) bool (False for groups made only of padding rows).
+    q: (B, Tq, H, D) -> qp (B, NQB, R, H, D) float32 with R = block_size_q // stride (a single
+    query block: ceil(Tq / stride)), and q_valid (B, NQB, R) bool (False for groups made only
+    of padding rows).
     Exact mode rotates each query at its offset from the block start (keys are then rotated at
     their offset too); relative mode rotates every query at a fixed small distance from keys
     that stay unrotated, so a chunk's score depends on its content, not on how far back it is.
     """
     B, tq, H, D = q.shape
     nqb, bq = geo.q_pos.shape[1:]
-    x = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, nqb * bq - tq)).view(B, nqb, bq, H, D)
+    # One query block (decode): pool only its real rows, so kernels never score padding groups.
+    rows = bq if nqb > 1 else -(-tq // stride) * stride
+    q_pos, q_valid = geo.q_pos[..., :rows], geo.q_valid[..., :rows]
+    x = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, nqb * rows - tq)).view(B, nqb, rows, H, D)
     if rope is not None:
-        pos = torch.where(geo.exact_prune[:, None, None], geo.q_pos - geo.p0[..., None], RELATIVE_QUERY_DISTANCE)
-        cos, sin = rope.cos_sin(pos)                                  # (B, NQB, bq, D/2)
+        pos = torch.where(geo.exact_prune[:, None, None], q_pos - geo.p0[..., None], RELATIVE_QUERY_DISTANCE)
+        cos, sin = rope.cos_sin(pos)                                  # (B, NQB, rows, D/2)
         x = apply_rope(x, cos[..., None, :], sin[..., None, :])
-    x = x * geo.q_valid[..., None, None]
-    R = bq // stride
-    count = geo.q_valid.view(B, nqb, R, stride).sum(-1)               # (B, NQB, R)
+    x = x * q_valid[..., None, None]
+    R = rows // stride
+    count = q_valid.reshape(B, nqb, R, stride).sum(-1)                # (B, NQB, R)
     qp = x.view(B, nqb, R, stride, H, D).sum(3) / count.clamp(min=1)[..., None, None]
     return qp, count > 0
 
@@ -55,7 +61,8 @@ def first_stage_starts(tk: int, chunk: int, B: int, G: int, nqb: int, device=Non
 
 
 def run_stages(q, k, geo: Geometry, config: HiPConfig, rope: RoPE | None, score_chunks: ScoreChunks,
-               mask: HiPMask | None = None, from_stage: int = 0, row_stage: torch.Tensor | None = None) -> HiPMask:
+               mask: HiPMask | None = None, from_stage: int = 0, row_stage: torch.Tensor | None = None,
+               keep_top=reference.keep_top) -> HiPMask:
     """Prune from stage ``from_stage`` (reusing ``mask.stage_inputs`` for it) to the final mask.
 
     q: (B, Tq, H, D), k: (B, Tk, K, D), both un-rotated. Returns a new HiPMask.
@@ -84,12 +91,10 @@ def run_stages(q, k, geo: Geometry, config: HiPConfig, rope: RoPE | None, score_
         if stride not in pooled:
             pooled[stride] = pool_queries(q, geo, stride, config, rope)
         scores = score_chunks(*pooled[stride], k, starts, config.chunk_sizes[s], geo, config, rope)
-        kept = _keep_top(starts, scores, config.n_kept(s))
+        kept = keep_top(starts, scores, config.n_kept(s))                 # (B, G, NQB, n_kept) sorted
         if s + 1 < config.n_stages:
             starts = _split(kept, config.chunk_sizes[s], config.chunk_sizes[s + 1])
-    pad = config.n_selected - kept.shape[-1]
-    final = torch.nn.functional.pad(kept, (0, pad), value=SENTINEL) if pad > 0 else kept
-    final = final.to(torch.int32)
+    final = kept.to(torch.int32)
     if keep is not None:
         final = torch.where(keep(config.n_stages), mask.starts, final)
     return HiPMask(final, tuple(inputs), _stage0_anchor(geo, mask, from_stage, row_stage))
@@ -102,16 +107,6 @@ def _stage0_anchor(geo: Geometry, mask: HiPMask | None, from_stage: int, row_sta
     if row_stage is None:
         return mask.w0
     return torch.where(row_stage[:, None] > 0, mask.w0.to(geo.w0), geo.w0)
-
-
-def _keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int) -> torch.Tensor:
-    """The ``m`` best-scoring chunk starts, sorted by position, SENTINEL for inactive ones."""
-    n = scores.shape[-1]
-    top_scores, top = scores.topk(min(m, n), dim=-1)
-    kept = torch.where(top_scores > NEG_SCORE / 2, starts.gather(-1, top), SENTINEL)
-    # Pad to the full budget: stage widths then depend on the config only, not on the context
-    # length, so masks of rows with different lengths stack into one batch.
-    return torch.nn.functional.pad(kept.sort(dim=-1).values, (0, max(m - n, 0)), value=SENTINEL)
 
 
 def _split(starts: torch.Tensor, chunk: int, sub: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The Triton backend: the two operations of ``reference.py``, same signatures, same semantics.
 
   score_chunks  — hierarchical top-1 chunk scores (kernel in ``prune.py``).
+  keep_top      — the best chunks of each row in position order, one launch (``select.py``).
   attend        — block-sparse attention over sink + selected chunks + window: one program per
                   (batch, query rows, kv head) in prefill (``bsa.py``); flash-decoding split-K
                   plus a merge kernel for a few queries (``decode.py``). No host syncs, static
@@ -20,8 +21,9 @@ from ..rope import RoPE
 from .bsa import LOG2E, _bsa_kernel
 from .decode import combine
 from .prune import score_chunks
+from .select import keep_top
 
-__all__ = ["score_chunks", "attend"]
+__all__ = ["score_chunks", "keep_top", "attend"]
 
 # At most this many queries take the split-K (flash-decoding) path.
 DECODE_MAX_QUERIES = 16
@@ -88,7 +90,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tens
         lse = torch.empty(1, 1, 1, 1, device=q.device, dtype=torch.float32)
         o, o_split = out, 0
     p0, w0 = geo.p0.contiguous(), geo.w0.contiguous()
-    exact = geo.exact_attend.to(torch.int8).contiguous()
+    exact = geo.exact_attend.view(torch.int8)                     # (B,) bool bytes
     inv_freq = (rope.inv_freq if rope is not None else torch.zeros(1, device=q.device)).to(q.device, torch.float32)
     grid = (B * nqb * t_tiles, K, nsplit)
     _bsa_kernel[grid](

@@ -211,11 +211,11 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     half = D // 2
     half_p = max(16, triton.next_power_of_2(half))
     block_c = 32 if n >= 32 else 16
-    block_m = min(64, max(16, R * hpk_p))
+    block_m = min(64, max(16, triton.next_power_of_2(R * hpk_p)))
     m_tiles = triton.cdiv(R * hpk_p, block_m)
     p0, w0 = geo.p0.contiguous(), geo.w0.contiguous()
-    qv = q_valid.to(torch.int8)
-    exact = geo.exact_prune.to(torch.int8).contiguous()
+    qv = q_valid.view(torch.int8)                                 # bool bytes, read as int8
+    exact = geo.exact_prune.view(torch.int8)
     inv_freq = (rope.inv_freq if rope is not None else torch.zeros(1, device=k.device)).to(k.device, torch.float32)
     scaling = rope.attention_scaling if rope is not None else 1.0
     k_scale = pages.k_scale if scaled else p0

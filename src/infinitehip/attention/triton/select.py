@@ -1,0 +1,83 @@
+"""Top-k chunk selection in one launch: the Triton ``reference.keep_top``.
+
+torch's topk + gather + sort cost ~60 us per pruning stage in decode (a radix select, a radix
+sort of the winners' scores, a radix sort of their positions and a few elementwise kernels),
+more than the scoring itself. Here one program owns one row: it packs every score with its
+index into one int64 key (an order-preserving integer image of the float in the high half,
+the reversed index in the low half, so ties go to the earlier chunk), takes the top keys with
+a bitonic ``tl.topk``, sorts the winners' indices ascending (``tl.sort``) and gathers their
+starts: position order, no second pass.
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from ..mask import NEG_SCORE, SENTINEL
+
+_SENTINEL = tl.constexpr(SENTINEL)
+# Rows longer than this take the torch path (one program holds the row in registers).
+MAX_ROW = 1 << 15
+
+
+def _ordered(x: float) -> int:
+    """The int32 that ``_ordered_bits`` maps float32 ``x`` to (host side, for thresholds)."""
+    bits = struct.unpack("<i", struct.pack("<f", x))[0]
+    return bits if bits >= 0 else bits ^ 0x7FFFFFFF
+
+
+@triton.jit
+def _ordered_bits(x):
+    """float32 -> int32 with the same order (negative floats: flip the magnitude bits)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _keep_top_kernel(
+    scores_ptr, starts_ptr, out_ptr,
+    stride_s, stride_st, stride_o,          # row strides; unit stride along each row
+    N, M, ACTIVE_ABOVE,
+    N_P: tl.constexpr, K_P: tl.constexpr, PAD_P: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, N_P)
+    s = tl.load(scores_ptr + row * stride_s + i, mask=i < N, other=float("-inf"))
+    key = (_ordered_bits(s).to(tl.int64) << 32) | (N_P - 1 - i).to(tl.int64)
+    top = tl.topk(key, K_P)                                                  # (K_P,) best first
+    rank = tl.arange(0, K_P)
+    chosen = (rank < M) & ((top >> 32).to(tl.int32) > ACTIVE_ABOVE)        # not NEG_SCORE
+    idx = tl.where(chosen, N_P - 1 - (top & 0xFFFFFFFF).to(tl.int32), N_P)  # N_P: not chosen
+    idx = tl.sort(idx)                                                       # position order
+    kept = tl.load(starts_ptr + row * stride_st + idx, mask=idx < N, other=_SENTINEL)
+    tl.store(out_ptr + row * stride_o + rank, kept, mask=rank < M)
+    # Rows shorter than M: the rest of the row is padding.
+    pad = K_P + tl.arange(0, PAD_P)
+    tl.store(out_ptr + row * stride_o + pad, tl.full((PAD_P,), _SENTINEL, tl.int64), mask=pad < M)
+
+
+def keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int) -> torch.Tensor:
+    """Triton ``reference.keep_top``: starts (..., n) int, scores (..., n) float32 -> (..., m) int64."""
+    from .. import reference
+
+    n = scores.shape[-1]
+    if n == 0 or n > MAX_ROW:
+        return reference.keep_top(starts, scores, m)
+    lead = scores.shape[:-1]
+    s2, st2 = scores.reshape(-1, n), starts.reshape(-1, n)
+    if s2.stride(-1) != 1:
+        s2 = s2.contiguous()
+    if st2.stride(-1) != 1 or st2.dtype != torch.int64:
+        st2 = st2.to(torch.int64).contiguous()
+    out = torch.empty(s2.shape[0], m, dtype=torch.int64, device=scores.device)
+    n_p = triton.next_power_of_2(n)
+    k_p = min(triton.next_power_of_2(m), n_p)
+    _keep_top_kernel[(s2.shape[0],)](
+        s2, st2, out, s2.stride(0), st2.stride(0), out.stride(0), n, m, _ordered(NEG_SCORE / 2),
+        N_P=n_p, K_P=k_p, PAD_P=max(1, triton.next_power_of_2(max(m - k_p, 1))),
+        num_warps=max(4, min(16, n_p // 256)),
+    )
+    return out.view(*lead, m)
