@@ -71,6 +71,24 @@ def test_keep_top_matches_reference(rows, n, m):
     assert (want == SENTINEL).sum() >= rows * max(m - (n - n // 4 - 1), 0)
 
 
+@pytest.mark.parametrize("tq,modes,context,anchor", [(1, ("auto", "auto"), 600, False), (3, ("relative", "exact"), None, True),
+                                                      (1, ("exact", "streaming"), None, "rows"), (TINY.block_size_q, ("auto", "auto"), 650, True)])
+def test_block_geometry_matches_reference(tq, modes, context, anchor):
+    cfg = TINY.replace(rope_prune=modes[0], rope_attend=modes[1], model_context_length=context)
+    kv_len = torch.tensor([700, 555, 600], device=DEVICE)
+    mask = rows = None
+    if anchor:
+        mask = reference.block_geometry(kv_len - 5, tq, cfg)   # any HiPMask-like holder of w0 (B, 1)
+        mask.w0 = mask.w0 - torch.tensor([[3], [0], [40]], device=DEVICE)
+        rows = torch.tensor([True, False, True], device=DEVICE) if anchor == "rows" else None
+    want = reference.block_geometry(kv_len, tq, cfg, mask, rows)
+    got = ops.block_geometry(kv_len, tq, cfg, mask, rows)
+    for field in ("p0", "w0", "q_pos", "q_valid", "exact_prune", "exact_attend"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    if anchor:
+        assert not torch.equal(want.w0, (kv_len - tq - cfg.window + 1)[:, None]), "the anchor must matter"
+
+
 def test_score_chunks_bf16_keys_and_inactive_chunks():
     cfg, q, k, _, geo, rope = setup(1, 1, 400, 4, 2, 64, dtype=torch.bfloat16)
     qp, q_valid = pool_queries(q, geo, 2, cfg, rope)

@@ -70,7 +70,8 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
 
 
 def implementation(backend: str):
-    """The module with ``score_chunks``, ``keep_top`` and ``attend`` for a resolved backend name."""
+    """The module with ``score_chunks``, ``keep_top``, ``block_geometry`` and ``attend`` for a
+    resolved backend name."""
     if backend == "triton":
         from .triton import ops
 
@@ -95,27 +96,25 @@ def prune_and_attend(q, k, kv_len, config, rope, mask, from_stage: int, row_stag
     memory stays bounded on long prompts."""
     tq, bq = q.shape[1], config.block_size_q
     step = tq if backend == "triton" else _reference_slice(q, k.shape[1], k.shape[2], config)
-    keep_top = implementation(backend).keep_top
+    impl = implementation(backend)
+    anchor = mask is not None and (from_stage > 0 or row_stage is not None)   # reuse: keep the window
+    rows = None if row_stage is None else row_stage > 0
     outs, masks = [], []
     for t in range(0, tq, step):
         qs = q[:, t:t + step]
-        geo = geometry(kv_len - (tq - t), qs.shape[1], kv_len, config)
         m = mask if mask is None or step >= tq else _slice_mask(mask, t // bq, -(-qs.shape[1] // bq))
-        m, geo = _prune(qs, k, geo, config, rope, score_chunks, keep_top, m, from_stage, row_stage)
+        if step >= tq and tq <= bq:   # one query block (decode): one launch on the Triton backend
+            geo = impl.block_geometry(kv_len, tq, config, m if anchor else None, rows)
+        else:
+            geo = geometry(kv_len - (tq - t), qs.shape[1], kv_len, config)
+            geo = anchor_window(geo, m, config, rows) if anchor else geo
+        if from_stage < config.n_stages:
+            m = run_stages(qs, k, geo, config, rope, score_chunks, m, from_stage, row_stage, impl.keep_top)
         outs.append(attend(qs, m, geo))
         masks.append(m)
     if len(masks) == 1:
         return outs[0], masks[0]
     return torch.cat(outs, dim=1), HiPMask.cat_query_blocks(masks)
-
-
-def _prune(q, k, geo, config, rope, score_chunks, keep_top, mask, from_stage: int, row_stage):
-    """The mask for this call (rerun from ``from_stage``) and the geometry to attend with."""
-    if from_stage > 0 or row_stage is not None:
-        geo = anchor_window(geo, mask, config, None if row_stage is None else row_stage > 0)
-    if from_stage < config.n_stages:
-        mask = run_stages(q, k, geo, config, rope, score_chunks, mask, from_stage, row_stage, keep_top)
-    return mask, geo
 
 
 def _refresh_rows(refresh_stage, B: int, config: HiPConfig, mask: HiPMask | None, device):

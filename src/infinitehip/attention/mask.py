@@ -129,9 +129,9 @@ def geometry(q_pos0: torch.Tensor, tq: int, kv_len: torch.Tensor, config: HiPCon
     dev = q_pos0.device
     p0 = q_pos0.long()[:, None] + _arange(nqb, dev, step=bq)         # (B, NQB)
     q_pos = p0[..., None] + _arange(bq, dev)                          # (B, NQB, bq)
-    q_valid = _valid_rows(tq, nqb, bq, dev).expand_as(q_pos)
+    q_valid = valid_rows(tq, nqb, bq, dev).expand_as(q_pos)
     w0 = p0 - (config.window - 1)
-    rules = {mode: _exact_rule(mode, config) for mode in (config.rope_prune, config.rope_attend)}
+    rules = {mode: exact_rule(mode, config) for mode in (config.rope_prune, config.rope_attend)}
     exact = {rule: _exact(rule, kv_len, config) for rule in set(rules.values())}
     return Geometry(p0, w0, q_pos, q_valid, exact[rules[config.rope_prune]], exact[rules[config.rope_attend]])
 
@@ -152,7 +152,7 @@ def anchor_window(geo: Geometry, mask: HiPMask | None, config: HiPConfig,
     return Geometry(geo.p0, w0, geo.q_pos, geo.q_valid, geo.exact_prune, geo.exact_attend)
 
 
-def _exact_rule(mode: str, config: HiPConfig) -> str:
+def exact_rule(mode: str, config: HiPConfig) -> str:
     """When a RoPE mode uses exact positions: "always", "within" the trained context, or "never"."""
     if mode == "exact":
         return "always"
@@ -172,7 +172,7 @@ def _arange(n: int, device: torch.device, step: int = 1) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _valid_rows(tq: int, nqb: int, bq: int, device: torch.device) -> torch.Tensor:
+def valid_rows(tq: int, nqb: int, bq: int, device: torch.device) -> torch.Tensor:
     """(1, NQB, bq) bool: which rows of the padded query blocks are real queries."""
     return (torch.arange(nqb * bq, device=device) < tq).view(1, nqb, bq)
 

@@ -3,6 +3,7 @@
 One function per kernel:
   score_chunks  — hierarchical top-1: a chunk's score is its representative token's score.
   keep_top      — the best-scoring chunks of each row, in position order.
+  block_geometry — positions of a single query block (decode), window anchored to a mask.
   attend        — block-sparse attention over sink + selected chunks + sliding window.
 Everything is computed in float32; shapes use B batch, T tokens, H query heads, K kv heads,
 D head dim, G head groups sharing a mask, NQB query blocks.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..config import HiPConfig
-from .mask import NEG_SCORE, SENTINEL, Geometry, window_slots
+from .mask import NEG_SCORE, SENTINEL, Geometry, HiPMask, anchor_window, geometry, window_slots
 from .pages import KVPages, physical_rows
 from .rope import RoPE, apply_rope
 
@@ -97,6 +98,14 @@ def keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int) -> torch.Tensor
     chosen = scores.gather(-1, rank) > NEG_SCORE / 2
     kept = torch.where(chosen, starts.gather(-1, rank), SENTINEL).sort(dim=-1).values
     return torch.nn.functional.pad(kept, (0, max(m - n, 0)), value=SENTINEL)
+
+
+def block_geometry(kv_len: torch.Tensor, tq: int, config: HiPConfig, mask: HiPMask | None = None,
+                   rows: torch.Tensor | None = None) -> Geometry:
+    """Geometry of one block of ``tq <= block_size_q`` queries ending at ``kv_len`` (B,), the
+    window anchored to ``mask`` for ``rows`` (``anchor_window``; mask None: not anchored)."""
+    geo = geometry(kv_len - tq, tq, kv_len, config)
+    return geo if mask is None else anchor_window(geo, mask, config, rows)
 
 
 def slot_indices(starts: torch.Tensor, geo: Geometry, config: HiPConfig):

@@ -2,6 +2,7 @@
 
   score_chunks  — hierarchical top-1 chunk scores (kernel in ``prune.py``).
   keep_top      — the best chunks of each row in position order, one launch (``select.py``).
+  block_geometry — a decode block's positions, one launch (``geometry.py``).
   attend        — block-sparse attention over sink + selected chunks + window: one program per
                   (batch, query rows, kv head) in prefill (``bsa.py``); flash-decoding split-K
                   plus a merge kernel for a few queries (``decode.py``). No host syncs, static
@@ -20,10 +21,11 @@ from ..pages import KVPages
 from ..rope import RoPE
 from .bsa import LOG2E, _bsa_kernel
 from .decode import combine
+from .geometry import block_geometry
 from .prune import score_chunks
 from .select import keep_top
 
-__all__ = ["score_chunks", "keep_top", "attend"]
+__all__ = ["score_chunks", "keep_top", "block_geometry", "attend"]
 
 # At most this many queries take the split-K (flash-decoding) path.
 DECODE_MAX_QUERIES = 16

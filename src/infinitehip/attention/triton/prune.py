@@ -185,13 +185,15 @@ def _score_chunks_kernel(
 
 
 def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, starts: torch.Tensor, chunk: int,
-                 geo: Geometry, config: HiPConfig, rope: RoPE | None, pages: KVPages | None = None) -> torch.Tensor:
+                 geo: Geometry, config: HiPConfig, rope: RoPE | None, pages: KVPages | None = None, *,
+                 tuning: dict | None = None) -> torch.Tensor:
     """Triton ``reference.score_chunks``: (B, G, NQB, n) float32 scores, NEG_SCORE if inactive.
 
     qp (B, NQB, R, H, D) float32 pooled rotated queries, q_valid (B, NQB, R) bool,
     k (B, Tk, K, D) un-rotated keys, starts (B, G, NQB, n) int (SENTINEL = no chunk).
     pages: FP8 codes with per-page scales (a block table is not supported here: pruning reads
-    the logical layout, in place).
+    the logical layout, in place). tuning: launch overrides (block_c, block_m, num_warps,
+    precision) for scripts/sweep_prune.py.
     """
     if pages is not None and pages.table is not None:
         raise ValueError("score_chunks reads keys in their logical layout; a block table is not supported")
@@ -210,8 +212,9 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     hpk_p = triton.next_power_of_2(hpk)
     half = D // 2
     half_p = max(16, triton.next_power_of_2(half))
-    block_c = 32 if n >= 32 else 16
-    block_m = min(64, max(16, triton.next_power_of_2(R * hpk_p)))
+    tuning = tuning or {}
+    block_c = tuning.get("block_c", 32 if n >= 32 else 16)
+    block_m = tuning.get("block_m", min(64, max(16, triton.next_power_of_2(R * hpk_p))))
     m_tiles = triton.cdiv(R * hpk_p, block_m)
     p0, w0 = geo.p0.contiguous(), geo.w0.contiguous()
     qv = q_valid.view(torch.int8)                                 # bool bytes, read as int8
@@ -235,8 +238,8 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         SINK=config.sink, CHUNK=chunk, LEVELS=chunk.bit_length() - 1,
         KG=K // G, R=R, HPK=hpk, HPK_P=hpk_p, HALF=half, HALF_P=half_p,
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
-        DOT_PRECISION=_PRUNE_DOT_PRECISION, FAST=k.is_cuda,
+        DOT_PRECISION=tuning.get("precision", _PRUNE_DOT_PRECISION), FAST=k.is_cuda,
         SCALED=scaled, PAGE=pages.page if pages is not None else 1,
-        num_warps=4,
+        num_warps=tuning.get("num_warps", 4),
     )
     return out

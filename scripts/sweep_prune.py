@@ -1,0 +1,70 @@
+"""Launch settings of the pruning kernel (GPU): time ``score_chunks`` per stage over a grid of
+tile sizes, warps and dot precisions, at decode (1 query) and prefill (a 16K-query chunk).
+
+    python scripts/sweep_prune.py --decode 1M --prefill 128K --out sweep_prune.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+import triton.testing
+
+from infinitehip.attention.mask import geometry
+from infinitehip.attention.rope import RoPE
+from infinitehip.attention.stages import first_stage_starts, pool_queries, run_stages
+from infinitehip.attention.triton import ops
+from infinitehip.bench.attention import _ints
+from infinitehip.config import HiPConfig
+
+H, K, D = 32, 8, 128
+GRID = dict(block_c=(16, 32, 64), num_warps=(2, 4, 8), precision=("tf32x3", "tf32", "ieee"))
+
+
+def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict]:
+    q = torch.randn(1, tq, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, tk, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv_len = torch.tensor([tk], device="cuda")
+    geo = geometry(kv_len - tq, tq, kv_len, cfg)
+    mask = run_stages(q, k, geo, cfg, rope, ops.score_chunks, keep_top=ops.keep_top)
+    out = []
+    for s in range(cfg.n_stages):
+        qp, qv = pool_queries(q, geo, cfg.stage_strides[s], cfg, rope)
+        starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
+                  else mask.stage_inputs[s].long())
+        for bc, nw, prec in itertools.product(*GRID.values()):
+            tuning = dict(block_c=bc, num_warps=nw, precision=prec)
+            fn = lambda: ops.score_chunks(qp, qv, k, starts, cfg.chunk_sizes[s], geo, cfg, rope, tuning=tuning)  # noqa: E731
+            try:
+                ms = triton.testing.do_bench(fn, warmup=5, rep=30 if tq > 1 else 50, return_mode="median")
+            except Exception as e:   # a setting that does not compile
+                ms = None
+                print(f"  {tuning}: {str(e).splitlines()[0][:80]}")
+            out.append(dict(tq=tq, tk=tk, stage=s, **tuning, ms=ms))
+            print(out[-1], flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--decode", type=_ints, default=_ints("1M"))
+    p.add_argument("--prefill", type=_ints, default=_ints("128K"))
+    p.add_argument("--chunk", type=int, default=16384)
+    p.add_argument("--out", type=Path, default=Path("sweep_prune.json"))
+    args = p.parse_args()
+    cfg = HiPConfig.preset("paper", dense_threshold=0)
+    rope = RoPE(RoPE.default(D, 500000.0).inv_freq.cuda())
+    g = torch.Generator(device="cuda").manual_seed(0)
+    records = []
+    for tk in args.decode:
+        records += sweep(1, tk, cfg, rope, g)
+    for tk in args.prefill:
+        records += sweep(min(args.chunk, tk), tk, cfg, rope, g)
+    args.out.write_text(json.dumps(records, indent=1))
+
+
+if __name__ == "__main__":
+    main()
