@@ -96,7 +96,9 @@ def test_score_chunks_bf16_keys_and_inactive_chunks():
     starts = torch.tensor([0, 32, 64, 256, 352, 384, SENTINEL], device=DEVICE).expand(1, 2, 1, -1)
     want = reference.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope)
     got = ops.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # 16-bit keys are scored in tf32 on the GPU: queries rounded to 10 mantissa bits.
+    tol = 2e-3 if DEVICE == "cuda" else 1e-4
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert (got[..., 4:] == -1.0e30).all() and (got[..., 1:4] > -1e29).all()
 
 

@@ -87,7 +87,8 @@ def run_stages(q, k, geo: Geometry, config: HiPConfig, rope: RoPE | None, score_
             if keep is not None and s > from_stage:
                 starts = torch.where(keep(s), mask.stage_inputs[s].long(), starts)
             inputs[s] = starts.to(torch.int32)   # stage 0's input is recomputed, never stored
-        stride = config.stage_strides[s]
+        # A single query block pools every stride >= Tq into one group: the same queries.
+        stride = config.stage_strides[s] if nqb > 1 else min(config.stage_strides[s], q.shape[1])
         if stride not in pooled:
             pooled[stride] = pool_queries(q, geo, stride, config, rope)
         scores = score_chunks(*pooled[stride], k, starts, config.chunk_sizes[s], geo, config, rope)

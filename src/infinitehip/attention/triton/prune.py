@@ -21,9 +21,11 @@ from ..mask import NEG_SCORE, SENTINEL, Geometry
 from ..pages import KVPages
 from ..rope import RoPE
 
-# Pooled queries are float32; "tf32x3" keeps float32 accuracy at a third of the tf32 rate, so
-# the kernel takes the same left/right decisions as the float32 reference.
-_PRUNE_DOT_PRECISION = "tf32x3"
+# Dot precision of the probes, by key dtype. 16-bit keys are exact in tf32 and the pooled
+# queries carry 16-bit information, so plain tf32 decides like the float32 reference up to
+# near-ties, at a third of the cost of "tf32x3" (measured on an H100: stage 0 of a 1M-token
+# decode step 367 -> 112 us, scripts/sweep_prune.py). float32 keys keep float32 accuracy.
+_PRUNE_DOT_PRECISION = {torch.float32: "tf32x3"}
 _SENTINEL = tl.constexpr(SENTINEL)
 _NEG_SCORE = tl.constexpr(NEG_SCORE)
 
@@ -238,7 +240,7 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         SINK=config.sink, CHUNK=chunk, LEVELS=chunk.bit_length() - 1,
         KG=K // G, R=R, HPK=hpk, HPK_P=hpk_p, HALF=half, HALF_P=half_p,
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
-        DOT_PRECISION=tuning.get("precision", _PRUNE_DOT_PRECISION), FAST=k.is_cuda,
+        DOT_PRECISION=tuning.get("precision", _PRUNE_DOT_PRECISION.get(k.dtype, "tf32")), FAST=k.is_cuda,
         SCALED=scaled, PAGE=pages.page if pages is not None else 1,
         num_warps=tuning.get("num_warps", 4),
     )
