@@ -1,5 +1,6 @@
-"""Launch settings of the pruning kernel (GPU): time ``score_chunks`` per stage over a grid of
-tile sizes, warps and dot precisions, at decode (1 query) and prefill (a 16K-query chunk).
+"""Launch settings of the kernels (GPU): time ``score_chunks`` per stage over a grid of tile
+sizes, warps and dot precisions, at decode (1 query) and prefill (a 16K-query chunk); and the
+prefill attention kernel over tile rows, warps and pipeline stages.
 
     python scripts/sweep_prune.py --decode 1M --prefill 128K --out sweep_prune.json
 """
@@ -47,6 +48,23 @@ def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict]:
                 print(f"  {tuning}: {str(e).splitlines()[0][:80]}")
             out.append(dict(tq=tq, tk=tk, stage=s, **tuning, ms=ms))
             print(out[-1], flush=True)
+    if tq > 1:
+        out += sweep_attend(q, k, mask, geo, cfg, rope)
+    return out
+
+
+def sweep_attend(q, k, mask, geo, cfg, rope) -> list[dict]:
+    out = []
+    for bm, nw, ns in itertools.product((64, 128), (4, 8), (2, 3)):
+        tuning = dict(block_m=bm, num_warps=nw, num_stages=ns)
+        fn = lambda: ops.attend(q, k, k, mask.starts, geo, cfg, rope, D ** -0.5, tuning=tuning)  # noqa: E731
+        try:
+            ms = triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
+        except Exception as e:
+            ms = None
+            print(f"  {tuning}: {str(e).splitlines()[0][:80]}")
+        out.append(dict(kind="attend", tq=q.shape[1], tk=k.shape[1], **tuning, ms=ms))
+        print(out[-1], flush=True)
     return out
 
 

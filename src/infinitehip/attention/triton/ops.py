@@ -41,13 +41,16 @@ def _num_sms(device_index: int) -> int:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, geo: Geometry,
-           config: HiPConfig, rope: RoPE | None, scale: float, pages: KVPages | None = None) -> torch.Tensor:
+           config: HiPConfig, rope: RoPE | None, scale: float, pages: KVPages | None = None, *,
+           tuning: dict | None = None) -> torch.Tensor:
     """Triton ``reference.attend``: q (B, Tq, H, D), k/v (B, Tk, K, D), starts (B, G, NQB, NSEL).
 
     Returns (B, Tq, H, D) in q's dtype. ``geo.q_pos`` must be ``geo.p0 + row`` (as ``geometry``
     builds it); rows past Tq are padding. pages: k/v are a page pool read through a block table,
-    or FP8 codes with per-page scales (``attention/pages.py``).
+    or FP8 codes with per-page scales (``attention/pages.py``). tuning: prefill launch overrides
+    (block_m, num_warps, num_stages) for scripts/sweep_prune.py.
     """
+    tuning = tuning or {}
     B, tq, H, D = q.shape
     K = k.shape[2]
     paged = pages is not None and pages.table is not None
@@ -79,7 +82,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tens
         per_split = triton.cdiv(n_tiles, max(1, min(n_tiles, want)))
         nsplit = triton.cdiv(n_tiles, per_split)
     else:
-        block_t = min(bq, max(1, PREFILL_BLOCK_M // heads_p))
+        block_t = min(bq, max(1, tuning.get("block_m", PREFILL_BLOCK_M) // heads_p))
         t_tiles = triton.cdiv(min(bq, tq), block_t)
         per_split, nsplit = n_tiles, 1
     block_m = max(16, block_t * heads_p)
@@ -115,7 +118,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tens
         SPLIT=nsplit > 1, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=not q.is_cuda, FAST=q.is_cuda,
         PAGED=paged, SCALED=scaled, PAGE=pages.page if pages is not None else 1,
-        num_warps=4, num_stages=2,
+        num_warps=tuning.get("num_warps", 4), num_stages=tuning.get("num_stages", 2),
     )
     if nsplit > 1:
         combine(part, lse, out)
