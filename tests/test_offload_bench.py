@@ -1,7 +1,12 @@
 """``infinitehip bench offload --quick`` runs on CPU and writes the documented JSON fields."""
 import json
+from argparse import Namespace
+
+import torch
 
 from infinitehip.bench import main
+from infinitehip.bench.offload import FILL_CHUNK, longest_context, quick_model
+from infinitehip.config import HiPConfig
 
 
 def test_bench_offload_quick(tmp_path):
@@ -10,7 +15,7 @@ def test_bench_offload_quick(tmp_path):
     assert (tmp_path / "offload_quick.png").exists()
     for r in records:
         for key in ("context", "gpu_kv_bytes", "gpu_kv_reduction", "tokens_per_s", "decode_ratio_vs_on_gpu",
-                    "hit_rate", "device", "date"):
+                    "hit_rate", "device", "date", "gpu_layers", "host_kv_bytes"):
             assert key in r, key
     offload = [r for r in records if r["path"] == "offload" and r["decode_ratio_vs_on_gpu"] is not None]
     assert offload and all(r["tokens_identical_to_on_gpu"] for r in offload)
@@ -18,3 +23,22 @@ def test_bench_offload_quick(tmp_path):
     assert all(0 < r["hit_rate"] <= 1 and r["bytes_per_step"]["total"] > 0 for r in records
                if r["path"] in ("offload", "offload_fp8"))
     assert [r for r in records if r["path"] == "offload_zero_copy"][0]["tokens_identical_to_on_gpu"]
+    assert all(r["gpu_layers"] == 0 for r in records if r["path"] != "on_gpu")    # the host holds these
+
+
+def test_bench_offload_quick_gpu_layers(tmp_path):
+    """One of the two layers' whole KV on the device: same tokens and logits, less host KV."""
+    main(["offload", "--quick", "--contexts", "1024", "--gpu-layers", "1", "--out", str(tmp_path)])
+    records = {r["path"]: r for r in json.loads((tmp_path / "offload_quick.json").read_text())}
+    off = records["offload"]
+    assert off["gpu_layers"] == 1 and off["tokens_identical_to_on_gpu"] and off["first_step_logits_max_abs_diff"] == 0.0
+    assert 0 < off["host_kv_bytes"] < records["on_gpu"]["gpu_kv_bytes"]
+
+
+def test_longest_context_adds_spare_gpu_memory():
+    model, gib = quick_model(HiPConfig.preset("tiny", dense_threshold=0)), 1 << 30
+    a = Namespace(page=8, headroom=1.5, gpu_layers=0, steps=8, warm=16)
+    host_only = longest_context(model, a, torch.device("cpu"), free_host=gib)
+    a.gpu_layers = None
+    both = longest_context(model, a, torch.device("cpu"), free_host=gib, free_gpu=4 * gib)   # 2 GiB of it workspace
+    assert both % FILL_CHUNK == 0 and both > 1.5 * host_only > 0

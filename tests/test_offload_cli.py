@@ -1,8 +1,9 @@
-"""``infinitehip generate --offload`` / ``--offload-fp8`` and the offload lines of ``infinitehip info``."""
+"""``infinitehip generate --offload`` / ``--offload-fp8`` / ``--offload-gpu-layers`` and the offload
+lines of ``infinitehip info``."""
 from typer.testing import CliRunner
 
 from infinitehip.assets import builtin_model_path
-from infinitehip.cli import app
+from infinitehip.cli import _offload_row, app
 from infinitehip.models.loader import inspect_checkpoint
 
 PROMPT = "the " * 560      # past the built-in model's trained 512 tokens
@@ -16,6 +17,9 @@ def test_generate_offload_flags_give_the_same_text():
     offloaded = runner.invoke(app, base + ["--offload"])
     assert offloaded.exit_code == 0, offloaded.output
     assert offloaded.stdout == plain.stdout
+    mixed = runner.invoke(app, base + ["--offload-gpu-layers", "2"])
+    assert mixed.exit_code == 0, mixed.output
+    assert mixed.stdout == plain.stdout
     fp8 = runner.invoke(app, base + ["--offload-fp8"])
     assert fp8.exit_code == 0, fp8.output
     bad = runner.invoke(app, base + ["--offload", "--cuda-graph"])
@@ -29,3 +33,18 @@ def test_info_reports_offload_capacity():
     assert "longest context, KV offload" in out and "KV offload + FP8" in out and "free host memory" in out
     info = inspect_checkpoint(builtin_model_path())
     assert info["max_context_offload_fp8"] > info["max_context_offload"] > 0
+
+
+def test_info_offload_rows_count_spare_gpu_memory():
+    """On a GPU machine (numbers given: deterministic) the offload rows add whole layers in the GPU
+    memory the weights leave when the host is short, and say how much of each memory."""
+    mib = 1 << 20
+    r = {"offload_useful": True, "dtype": "bfloat16", "device": "cuda", "layers": 6, "weights_bytes": 64 * mib,
+         "free_bytes": 64 * mib + 600 * mib, "host_free_bytes": 64 * mib}
+    row = _offload_row(str(builtin_model_path()), r, fp8=False)
+    assert "layers whole on the GPU" in row and "GiB host" in row and "GiB GPU memory" in row
+    tokens = int(row.split(" tokens")[0].replace(",", ""))
+    host_only = int(0.9 * 64 * mib / (6 * 2 * 2 * 64 * 2))    # bf16: 6 layers x K 2 x D 64, K and V
+    assert tokens > 2 * host_only
+    fp8 = _offload_row(str(builtin_model_path()), r, fp8=True)
+    assert int(fp8.split(" tokens")[0].replace(",", "")) > 1.5 * tokens

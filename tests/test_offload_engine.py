@@ -1,6 +1,7 @@
 """KV offload through the engine (on the CPU, also on a GPU machine): the same tokens and logits, bit for bit, as the all-on-device
 path (on CPU the host store, its device alias and the block-cache pool are still separate
-tensors exercising the same code); FP8 host storage measured against it."""
+tensors exercising the same code), also with some layers' whole store in device memory
+(``gpu_layers``); FP8 host storage measured against it. Planning: where layers go, and errors."""
 import pytest
 import torch
 
@@ -9,7 +10,8 @@ from infinitehip import HiPConfig
 from infinitehip.cache import CapacityError
 from infinitehip.cache.kv import KVCache
 from infinitehip.cache.offload import fp8_decode, fp8_encode
-from infinitehip.cache.offload_kv import OffloadConfig, OffloadKVCache, plan_offload
+from infinitehip.cache.offload_kv import OffloadConfig, OffloadKVCache, longest_offload_context, plan_offload
+from infinitehip.cache.offload_plan import GPU_USE, HOST_USE, layer_bytes_per_token
 from infinitehip.engine import DecodeState, SamplingParams, decode_one_token, prefill, stream
 
 PROMPT = 600      # past the built-in model's trained 512 tokens: sparse attention, adaptive RoPE
@@ -62,6 +64,16 @@ def test_offload_logits_equal_on_device_bit_for_bit(model):
     assert sum(s.hits for s in stats) > sum(s.misses for s in stats) > 0     # the working set is reused
 
 
+def test_mixed_placement_equals_on_device_bit_for_bit(model):
+    """Two layers' whole store in device memory, four offloaded: still the on-device logits."""
+    on_device, mixed = caches(model, gpu_layers=2)
+    assert mixed.gpu_layers == (0, 1)       # dense layer 0 (the largest block cache) first, then by index
+    assert mixed.caches[0] is None and mixed.tables[0] is None and mixed.stores[0].on_device
+    assert not mixed.stores[2].on_device and mixed.caches[2] is not None
+    assert torch.equal(run(model, prompt(), mixed), run(model, prompt(), on_device))
+    assert sum(c.stats.hits for c in mixed.block_caches) > 0 and len(mixed.block_caches) == 4
+
+
 def test_offload_small_pages_and_evictions_stay_exact(bf16_model):
     """Pages smaller than a chunk and a cache just big enough: evictions, still the same logits."""
     model = bf16_model
@@ -77,6 +89,8 @@ def test_generate_offload_batch_same_tokens(bf16_model):
     want = [(e.row, e.token) for e in stream(model, prompts, params, offload=False, chunk_size=256)]
     got = [(e.row, e.token) for e in stream(model, prompts, params, offload=True, chunk_size=256)]
     assert got == want
+    mixed = OffloadConfig(gpu_layers=3)
+    assert [(e.row, e.token) for e in stream(model, prompts, params, offload=mixed, chunk_size=256)] == want
 
 
 class FP8RoundTripCache(KVCache):
@@ -98,6 +112,8 @@ def test_fp8_host_store_equals_fp8_round_trip():
     simulated = FP8RoundTripCache(a.n_layers, 1, PROMPT + 4, a.n_kv_heads, a.head_dim, dtype=model.dtype, device="cpu")
     want, got = run(model, prompt(), on_device, steps=3), run(model, prompt(), offloaded, steps=3)
     assert torch.equal(got, run(model, prompt(), simulated, steps=3))
+    mixed = caches(model, fp8=True, gpu_layers=2)[1]     # FP8 codes in device memory, read in place
+    assert torch.equal(run(model, prompt(), mixed, steps=3), got)
     # The accuracy effect of FP8 K/V on the prompt's logits (measured: docs/offload.md).
     assert (got[0] - want[0]).abs().max() / want[0].abs().max() < 0.15
     assert offloaded.host_nbytes < 0.55 * on_device.nbytes
@@ -112,3 +128,51 @@ def test_offload_errors(bf16_model):
                      free_host=1 << 20)
     with pytest.raises(ValueError, match="cuda_graph"):
         list(stream(model, ["hi"], SamplingParams(max_new_tokens=2), offload=True, cuda_graph=True))
+
+
+def plan(model, capacity, **kw):
+    a = model.args
+    return plan_offload(n_layers=a.n_layers, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, batch=1, capacity=capacity,
+                        dtype=model.dtype, device=torch.device("cpu"), layer_configs=model.net.layer_configs, **kw)
+
+
+def test_auto_placement_uses_the_gpu_only_when_host_memory_is_short(bf16_model):
+    model, n, mib = bf16_model, 4096, 1 << 20
+    layer = n * layer_bytes_per_token(model.args.n_kv_heads, model.args.head_dim, model.dtype)   # 2 MiB
+    roomy = plan(model, n, free_host=100 * mib, free_gpu=100 * mib)
+    assert roomy.gpu_layers == () and roomy.config.gpu_layers == 0 and roomy.host_bytes == 6 * layer
+    short = plan(model, n, free_host=int(3.5 * layer / HOST_USE), free_gpu=12 * mib)   # host: 3 of 6 layers
+    g = len(short.gpu_layers)
+    assert 3 <= g < 6 and short.host_bytes <= 3 * layer and short.gpu_bytes <= GPU_USE * 12 * mib
+    with pytest.raises(CapacityError, match="GPU"):     # as many as fit: one more does not
+        plan(model, n, free_host=int(3.5 * layer / HOST_USE), free_gpu=int(GPU_USE * 12 * mib),
+             config=OffloadConfig(gpu_layers=g + 1))
+    a = model.args
+    cache = OffloadKVCache(a.n_layers, 1, n, a.n_kv_heads, a.head_dim, dtype=model.dtype, device="cpu",
+                           layer_configs=model.net.layer_configs, config=short.config)
+    assert cache.gpu_layers == short.gpu_layers            # the plan's bytes are what is allocated
+    assert (cache.host_nbytes, cache.gpu_nbytes) == (short.host_bytes, short.gpu_bytes)
+
+
+def test_longest_context_uses_host_and_gpu(bf16_model):
+    model, mib = bf16_model, 1 << 20
+    a = model.args
+    kw = dict(n_layers=a.n_layers, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, batch=1, dtype=model.dtype,
+              device=torch.device("cpu"), layer_configs=model.net.layer_configs, free_host=16 * mib, free_gpu=16 * mib)
+    host_only, _ = longest_offload_context(config=OffloadConfig(gpu_layers=0), **kw)
+    n, p = longest_offload_context(**kw)
+    assert n > 1.5 * host_only and p.gpu_layers and p.host_bytes <= HOST_USE * 16 * mib
+    with pytest.raises(CapacityError):
+        plan(model, n + 8, free_host=16 * mib, free_gpu=16 * mib)
+
+
+def test_capacity_errors_name_both_memories(bf16_model):
+    model, mib = bf16_model, 1 << 20
+    with pytest.raises(CapacityError, match=r"host memory.*GPU memory.*tokens per sequence fit.*offload-fp8"):
+        plan(model, 10**6, free_host=mib, free_gpu=mib)
+    with pytest.raises(CapacityError, match="host memory.*offload-gpu-layers"):     # forced to the host
+        plan(model, 10**6, free_host=mib, free_gpu=10**12, config=OffloadConfig(gpu_layers=0))
+    with pytest.raises(CapacityError, match="GPU part.*fewer layers in GPU memory"):
+        plan(model, 10**6, free_host=10**12, free_gpu=mib, config=OffloadConfig(gpu_layers=2))
+    with pytest.raises(ValueError, match="gpu_layers=7 must be between 0 and 6"):
+        plan(model, 1024, config=OffloadConfig(gpu_layers=7))

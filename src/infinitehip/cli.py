@@ -120,11 +120,13 @@ def generate_cmd(
                                  "cache (default: only when it does not fit on the GPU)."),
     offload_fp8: bool = typer.Option(False, "--offload-fp8", help="Offload, storing K/V as FP8 in host memory "
                                      "(half the bytes; not bit-identical)."),
+    offload_gpu_layers: int = typer.Option(None, "--offload-gpu-layers", help="Offload, keeping the whole KV of this "
+                                           "many layers in GPU memory (default: automatic, only when host memory is "
+                                           "short; 0: every layer in host memory)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """Generate text from a prompt, streaming it to stdout."""
     from . import generate, load
-    from .cache.offload_kv import OffloadConfig
 
     try:
         if (prompt is None) == (prompt_file is None):
@@ -136,7 +138,7 @@ def generate_cmd(
         for piece in generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, seed=seed, stop=stop, chat=chat, system=system, backend=backend,
                               chunk_size=chunk_size, progress=True, stream=True, cuda_graph=cuda_graph,
-                              offload=OffloadConfig(fp8=True) if offload_fp8 else offload):
+                              offload=_offload_arg(offload, offload_fp8, offload_gpu_layers)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -167,16 +169,59 @@ def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory
                        ("free memory", f"{r['free_bytes'] / gib:.2f} GiB"),
                        ("longest context that fits", f"{r['max_context']:,} tokens (no offload)"),
                        ("free host memory", f"{r['host_free_bytes'] / gib:.2f} GiB"),
-                       ("longest context, KV offload", _offload_row(r, "max_context_offload")),
-                       ("longest context, KV offload + FP8", _offload_row(r, "max_context_offload_fp8"))]:
+                       ("longest context, KV offload", _offload_row(model_dir, r, fp8=False)),
+                       ("longest context, KV offload + FP8", _offload_row(model_dir, r, fp8=True))]:
         table.add_row(key, str(value))
     console.print(table)
 
 
-def _offload_row(r: dict, key: str) -> str:
+def _offload_arg(offload: bool | None, fp8: bool, gpu_layers: int | None):
+    """``generate``'s offload argument: either option asks for offload with that config."""
+    from .cache.offload_kv import OffloadConfig
+
+    if not fp8 and gpu_layers is None:
+        return offload
+    return OffloadConfig(fp8=fp8, gpu_layers=gpu_layers)
+
+
+def _offload_row(model_dir: str, r: dict, fp8: bool) -> str:
+    """The longest offloaded context: host memory + whole layers in the GPU memory the weights leave."""
+    from .cache.kv import CapacityError
+
+    key = "max_context_offload_fp8" if fp8 else "max_context_offload"
     if not r["offload_useful"]:
         return f"{r[key]:,} tokens (the device is the host here: offload adds nothing)"
-    return f"{r[key]:,} tokens (host memory; GPU: weights + a fixed block cache)"
+    try:
+        n, plan = _offload_capacity(model_dir, r, fp8)
+    except CapacityError as e:
+        return f"none: {e}"
+    gib = 1 << 30
+    where = f"{len(plan.gpu_layers)} of {r['layers']} layers whole on the GPU" if plan.gpu_layers else \
+        "GPU: block caches and tables only"
+    return (f"{n:,} tokens (KV: {plan.host_bytes / gib:.1f} GiB host + {plan.gpu_bytes / gib:.1f} GiB GPU memory; "
+            f"{where})")
+
+
+def _offload_capacity(model_dir: str, r: dict, fp8: bool):
+    """``longest_offload_context`` for ``inspect_checkpoint``'s numbers and the checkpoint's preset."""
+    import torch
+
+    from .cache.offload_kv import OffloadConfig, longest_offload_context
+    from .config import HiPConfig
+    from .models.llama import ModelArgs
+    from .models.loader import read_config
+
+    _, cfg = read_config(model_dir)
+    args, recommended = ModelArgs.from_hf(cfg), dict(cfg.get("infinitehip", {}))
+    hip = HiPConfig.preset(recommended.pop("preset", "paper"), **recommended)
+    # The same prefill workspace inspect_checkpoint's no-offload figure leaves (4,096-token chunks).
+    workspace = 4096 * (4 * args.dim + 3 * args.intermediate_size) * 4 + (256 << 20)
+    return longest_offload_context(
+        n_layers=args.n_layers, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, batch=1,
+        dtype=getattr(torch, r["dtype"]), device=torch.device(r["device"]),
+        layer_configs=[hip.for_layer(i, args.n_layers) for i in range(args.n_layers)],
+        config=OffloadConfig(fp8=fp8), workspace=workspace, free_host=r["host_free_bytes"],
+        free_gpu=max(0, r["free_bytes"] - r["weights_bytes"]))
 
 
 @app.command()

@@ -7,8 +7,11 @@ step, offloaded vs all-on-GPU in the same run.
 Llama-3-8B shape (32 layers, 32 query / 8 KV heads, d = 128, bf16) with random weights. The
 prompt's KV is random too and is written chunk by chunk through ``cache.update`` (the prefill
 write path) instead of running a multi-minute prefill: the decode timings are real, the text is
-not. ``max``: the longest context the host memory holds (FP8 host storage). Contexts whose
-bf16 host store does not fit are run with FP8. The all-on-GPU path runs where its cache fits.
+not. ``max``: the longest context host memory plus the spare GPU memory hold (FP8 storage,
+whole layers in GPU memory: ``OffloadConfig.gpu_layers``, automatic unless ``--gpu-layers``).
+Contexts whose bf16 store does not fit in host memory are run with FP8; each offloaded run
+places its layers like the engine does (``plan_offload``; ``gpu_layers`` in the JSON). The
+all-on-GPU path runs where its cache fits.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 
 from ..cache.kv import KVCache, free_memory
 from ..cache.offload_kv import OffloadConfig, OffloadKVCache, host_bytes_per_token
+from ..cache.offload_plan import HOST_USE, longest_offload_context, plan_offload
 from ..config import HiPConfig
 from ..engine.generate import DecodeState, decode_one_token
 from ..models.llama import ModelArgs, Transformer
@@ -32,6 +36,9 @@ from .engine import random_model
 QUICK = dict(architecture="LlamaForCausalLM", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
              head_dim=32, intermediate_size=256, norm_eps=1e-5, max_position_embeddings=512, trained_context=512)
 FILL_CHUNK = 65536
+# GPU memory the offloaded runs keep free besides the cache: fill's chunk (random K/V, FP8 page
+# re-encoding in float32) and one decode step's activations and pruning temporaries.
+WORKSPACE = 2 << 30
 
 
 def _sync():
@@ -68,7 +75,7 @@ def decode(model: Model, cache, context: int, warm: int, steps: int, device) -> 
     seqlens = torch.tensor([context], device=device)
     tok = torch.tensor([1], device=device)
     tokens, miss_steps = [], []
-    caches = getattr(cache, "caches", [])
+    caches = getattr(cache, "block_caches", [])          # GPU-stored layers have none
 
     def step():
         nonlocal tok
@@ -125,11 +132,11 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
             cache = KVCache(args.n_layers, 1, capacity, args.n_kv_heads, args.head_dim, dtype=model.dtype, device=device)
             fp8 = False
         else:
-            fp8 = path == "offload_fp8" or path != "offload_zero_copy" and host_bytes_per_token(args.n_layers, args.n_kv_heads, args.head_dim,
-                                                                model.dtype) * capacity > 0.85 * host_free
-            config = OffloadConfig(page=a.page, fp8=fp8, headroom=a.headroom, decode_cache=path != "offload_zero_copy")
-            cache = OffloadKVCache(args.n_layers, 1, capacity, args.n_kv_heads, args.head_dim, dtype=model.dtype,
-                                   device=device, layer_configs=model.net.layer_configs, config=config)
+            bf16_host = host_bytes_per_token(args.n_layers, args.n_kv_heads, args.head_dim, model.dtype) * capacity
+            fp8 = path == "offload_fp8" or path != "offload_zero_copy" and bf16_host > HOST_USE * host_free
+            config = OffloadConfig(page=a.page, fp8=fp8, headroom=a.headroom, decode_cache=path != "offload_zero_copy",
+                                   gpu_layers=a.gpu_layers)
+            cache = offload_cache(model, capacity, config, device)
         t0 = time.perf_counter()
         fill(model, cache, context, device)
         fill_s = time.perf_counter() - t0
@@ -137,21 +144,23 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
             torch.cuda.reset_peak_memory_stats()
         r = decode(model, cache, context, a.warm, a.steps, device)
         gpu_kv = cache.nbytes if path == "on_gpu" else cache.gpu_nbytes
-        rec = {"context": context, "path": path, "fp8": fp8, "gpu_kv_bytes": gpu_kv,
+        gpu_layers = args.n_layers if path == "on_gpu" else len(cache.gpu_layers)
+        host_layers = args.n_layers - gpu_layers        # what the PCIe estimates below count
+        rec = {"context": context, "path": path, "fp8": fp8, "gpu_layers": gpu_layers, "gpu_kv_bytes": gpu_kv,
                "gpu_kv_reduction": gpu_kv / on_gpu_bytes, "host_kv_bytes": getattr(cache, "host_nbytes", 0),
                "fill_s": fill_s, "gpu_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
                **{k: v for k, v in r.items() if k != "first_logits"}}
         if path == "offload_zero_copy":   # no cache: every attended key crosses PCIe every step
             attended = model.hip.sink + model.hip.budget + model.hip.window
-            rec["bytes_per_step"] = {"attention_reads_est": 2 * args.n_layers * args.n_kv_heads * args.head_dim
+            rec["bytes_per_step"] = {"attention_reads_est": 2 * host_layers * args.n_kv_heads * args.head_dim
                                      * elem * attended}
         elif path != "on_gpu":
             page_bytes = 2 * a.page * args.n_kv_heads * args.head_dim * elem
             key_bytes = (1 + 4 / (a.page * args.head_dim)) if fp8 else elem
             fetch = sum(r["misses_per_step"]) / len(r["misses_per_step"]) * page_bytes
-            prune = args.n_layers * prune_bytes_per_step(model.net.layer_configs[-1], context, args.n_kv_heads,
+            prune = host_layers * prune_bytes_per_step(model.net.layer_configs[-1], context, args.n_kv_heads,
                                                          args.head_dim, key_bytes)
-            write = 2 * args.n_layers * args.n_kv_heads * args.head_dim * (1 if fp8 else elem) * (a.page if fp8 else 1)
+            write = 2 * host_layers * args.n_kv_heads * args.head_dim * (1 if fp8 else elem) * (a.page if fp8 else 1)
             rec["bytes_per_step"] = {"block_fetch_h2d": fetch, "pruning_reads_est": prune, "kv_write_d2h": write,
                                      "total": fetch + prune + write}
         if ref is not None:
@@ -164,7 +173,8 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
             ref = {**rec, "first_logits": r["first_logits"]}
         records.append(rec)
         print(f"{context:>9} {path:>11}{' fp8' if fp8 else ''}: {rec['tokens_per_s']:7.2f} tok/s  GPU KV "
-              f"{gpu_kv / 2**30:6.2f} GiB ({100 * rec['gpu_kv_reduction']:.1f}%)  hit rate {rec['hit_rate']}  "
+              f"{gpu_kv / 2**30:6.2f} GiB ({100 * rec['gpu_kv_reduction']:.1f}%, {gpu_layers} layers whole)  "
+              f"host KV {rec['host_kv_bytes'] / 2**30:6.2f} GiB  hit rate {rec['hit_rate']}  "
               f"ratio {rec['decode_ratio_vs_on_gpu']}", flush=True)
         del cache
         if device.type == "cuda":
@@ -172,10 +182,25 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
     return records
 
 
-def longest_context(model: Model, host_free: int, headroom: float = 0.85) -> int:
+def offload_cache(model: Model, capacity: int, config: OffloadConfig, device) -> OffloadKVCache:
+    """The offloaded cache the engine would allocate: planned first (layer placement, numbers on failure)."""
     a = model.args
-    per_token = host_bytes_per_token(a.n_layers, a.n_kv_heads, a.head_dim, model.dtype, OffloadConfig(fp8=True))
-    return int(headroom * host_free / per_token) // FILL_CHUNK * FILL_CHUNK
+    plan = plan_offload(n_layers=a.n_layers, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, batch=1, capacity=capacity,
+                        dtype=model.dtype, device=device, layer_configs=model.net.layer_configs, config=config,
+                        workspace=WORKSPACE)
+    return OffloadKVCache(a.n_layers, 1, capacity, a.n_kv_heads, a.head_dim, dtype=model.dtype, device=device,
+                          layer_configs=model.net.layer_configs, config=plan.config)
+
+
+def longest_context(model: Model, a, device, free_host: int | None = None, free_gpu: int | None = None) -> int:
+    """The longest FP8 context (a multiple of the fill chunk) that host + spare GPU memory hold,
+    with room for the decode steps (``plan_offload``'s budgets: the run at it fits)."""
+    m = model.args
+    config = OffloadConfig(page=a.page, fp8=True, headroom=a.headroom, gpu_layers=a.gpu_layers)
+    capacity, _ = longest_offload_context(n_layers=m.n_layers, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, batch=1,
+                                          dtype=model.dtype, device=device, layer_configs=model.net.layer_configs,
+                                          config=config, workspace=WORKSPACE, free_host=free_host, free_gpu=free_gpu)
+    return (capacity - a.steps - a.warm - 1) // FILL_CHUNK * FILL_CHUNK
 
 
 def main(argv: list[str] | None = None):
@@ -188,6 +213,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--steps", type=int, default=64, help="Timed decode steps.")
     p.add_argument("--page", type=int, default=8)
     p.add_argument("--headroom", type=float, default=1.5, help="GPU block cache size / one step's working set.")
+    p.add_argument("--gpu-layers", type=int, default=None, help="Layers whose whole KV stays in GPU memory "
+                   "(default: automatic, only when host memory is short; 0: none).")
     p.add_argument("--quick", action="store_true", help="Tiny shapes (runs on CPU): for tests.")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
@@ -203,12 +230,13 @@ def main(argv: list[str] | None = None):
             raise SystemExit("the offload benchmark needs a CUDA GPU (or --quick)")
         config = HiPConfig(dense_threshold=0)
         model, device = random_model(a.layers, config), torch.device("cuda")
-        host_free = free_memory(torch.device("cpu"))
-        contexts = [longest_context(model, host_free) if c == "max" else int(c) for c in a.contexts.split(",")]
+        contexts = [c if c == "max" else int(c) for c in a.contexts.split(",")]
         on_gpu = {int(c) for c in a.on_gpu_contexts.split(",") if c}
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     date, records = datetime.date.today().isoformat(), []
     for context in contexts:
+        if context == "max":    # measured now, just before its plan: earlier runs' leftovers count
+            context = longest_context(model, a, device)
         same_run = ["offload_fp8", "offload_zero_copy"] if context in on_gpu else []
         paths = (["on_gpu"] if context in on_gpu else []) + ["offload"] + same_run
         for r in bench_context(model, context, paths, a, device, free_memory(torch.device("cpu"))):

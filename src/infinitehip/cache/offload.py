@@ -3,7 +3,8 @@
 The full cache of a layer lives in host memory (pinned when CUDA is present: plain page-locked
 memory, never CUDA managed memory, which can hang the GPU when oversubscribed). The GPU holds a
 fixed number of block slots; the sparse masks change only at refreshes, so the blocks a layer
-needs move slowly and an LRU cache over them hits often.
+needs move slowly and an LRU cache over them hits often. A store can also be allocated whole in
+GPU memory (``on_device``, same format): a layer kept there needs no block cache.
 """
 from __future__ import annotations
 
@@ -71,27 +72,39 @@ def device_alias(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return raw.view(t.dtype).view(t.shape)
 
 
+def _allocate(shape, dtype: torch.dtype, device: torch.device | None, on_device: bool):
+    """(storage, what kernels read and write): one zeroed device tensor twice (``on_device``),
+    or a registered host tensor and its device alias."""
+    if on_device:
+        t = torch.zeros(shape, dtype=dtype, device=device)
+        return t, t
+    t = host_tensor(shape, dtype, device)
+    return t, device_alias(t, device)
+
+
 class HostKVStore:
     """One layer's K and V in host memory, addressed by token block: (num_blocks, block, K, D).
 
     ``device``: the GPU that reads it. Then the store is registered page-locked memory and
     ``dk``/``dv`` (and ``dk_scale``/``dv_scale``) are device aliases of it: reads and writes
     are GPU kernels over mapped host memory, never a CPU-side copy. Without a device (or on
-    CPU) the aliases are the host tensors themselves.
+    CPU) the aliases are the host tensors themselves. ``on_device``: allocate the whole store
+    in ``device`` memory instead (same format; ``k`` and ``dk`` are then the same tensor).
     """
 
     def __init__(self, num_blocks: int, block: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.bfloat16, fp8: bool = False, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.bfloat16, fp8: bool = False, device: torch.device | str | None = None,
+                 on_device: bool = False):
         device = None if device is None else torch.device(device)
         shape = (num_blocks, block, kv_heads, head_dim)
-        self.dtype, self.fp8 = dtype, fp8
-        self.k = host_tensor(shape, FP8 if fp8 else dtype, device)
-        self.v = host_tensor(shape, FP8 if fp8 else dtype, device)
-        self.dk, self.dv = device_alias(self.k, device), device_alias(self.v, device)
+        self.dtype, self.fp8, self.on_device = dtype, fp8, on_device
+        self.k, self.dk = _allocate(shape, FP8 if fp8 else dtype, device, on_device)
+        self.v, self.dv = _allocate(shape, FP8 if fp8 else dtype, device, on_device)
         if fp8:
-            self.k_scale = host_tensor((num_blocks, 1, kv_heads, 1), torch.float32, device).fill_(1.0)
-            self.v_scale = host_tensor((num_blocks, 1, kv_heads, 1), torch.float32, device).fill_(1.0)
-            self.dk_scale, self.dv_scale = device_alias(self.k_scale, device), device_alias(self.v_scale, device)
+            self.k_scale, self.dk_scale = _allocate((num_blocks, 1, kv_heads, 1), torch.float32, device, on_device)
+            self.v_scale, self.dv_scale = _allocate((num_blocks, 1, kv_heads, 1), torch.float32, device, on_device)
+            self.k_scale.fill_(1.0)   # through the storage: the alias shares its bytes
+            self.v_scale.fill_(1.0)
 
     @property
     def nbytes(self) -> int:

@@ -14,54 +14,28 @@ Same interface as ``KVCache`` (``update``, ``select``, ``batch``, ``capacity``),
   (misses only: least recently used pages are evicted; masks change only at refreshes, so the
   working set moves slowly).
 
+``OffloadConfig.gpu_layers`` layers keep their whole store in GPU memory instead (same format,
+placed by ``offload_plan.plan_offload``): everything reads it in place, like the on-device
+cache, so they have no block cache and no table, and the context can use host + spare GPU memory.
+
 Pages are ``page`` tokens of every kv head of one row: the unit of the host store, of the FP8
 scales and of the GPU cache. Legend: B batch, T tokens, K kv heads, D head dim, NB pages per row.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from ..attention.mask import SENTINEL, window_slots
 from ..attention.pages import KVPages
 from ..attention.paged import paged_hip_attention
-from ..attention.stages import n_groups
 from ..config import HiPConfig
 from .offload import BlockCache, HostKVStore
+# The planning half lives in offload_plan; these names stay importable from here.
+from .offload_plan import (OffloadConfig, OffloadPlan, cache_pages, gpu_cache_bytes, gpu_layer_order,  # noqa: F401
+                           host_bytes_per_token, longest_offload_context, plan_offload, step_pages)
 
 # Calls with at most this many queries (decode) attend through the GPU block cache.
 DECODE_QUERIES = 16
-
-
-@dataclass(frozen=True)
-class OffloadConfig:
-    """page: tokens per page (a power of two; default the paper's final chunk size).
-    fp8: store K/V in host memory as float8 e4m3 with one scale per (page, kv head): half the
-    bytes, not bit-identical (error bound in ``offload.py``).
-    gpu_pages: pages per layer in the GPU block cache; None: ``headroom`` x the most pages one
-    decode step of the batch reads (sink + window + selected chunks).
-    decode_cache: decode attention reads through the GPU block cache (True) or, like prefill,
-    in place from host memory (False: no cache, every attended key crosses PCIe each step)."""
-
-    page: int = 8
-    fp8: bool = False
-    gpu_pages: int | None = None
-    headroom: float = 1.5
-    decode_cache: bool = True
-
-
-def step_pages(config: HiPConfig, n_kv_heads: int, page: int) -> int:
-    """The most distinct pages one decode step of one row reads in one layer."""
-    sink = -(-config.sink // page)
-    window = -(-window_slots(config) // page) + 1
-    return sink + window + n_groups(config, n_kv_heads) * config.n_selected * max(1, config.chunk_size // page)
-
-
-def cache_pages(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, config: OffloadConfig) -> list[int]:
-    """Pages of each layer's GPU block cache: ``gpu_pages``, or ``headroom`` x one step's working set."""
-    return [config.gpu_pages or max(1, int(config.headroom * batch * step_pages(c, n_kv_heads, config.page)))
-            for c in layer_configs]
 
 
 def needed_pages(starts: torch.Tensor, geo, config: HiPConfig, page: int) -> torch.Tensor:
@@ -89,14 +63,24 @@ class OffloadKVCache:
         device = torch.device(device)
         page = config.page
         nb = -(-capacity // page)
-        self.config, self.page, self.nb, self.capacity = config, page, nb, nb * page
+        self.page, self.nb, self.capacity = page, nb, nb * page
         self.block_size, self.dtype, self.device = page, dtype, device
         self.row0, self._batch = 0, batch
-        self.stores = [HostKVStore(batch * nb, page, n_kv_heads, head_dim, dtype, config.fp8, device)
-                       for _ in range(n_layers)]
+        if config.gpu_layers is None:   # automatic placement, checked against the memory free now
+            config = plan_offload(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, batch=batch,
+                                  capacity=capacity, dtype=dtype, device=device, layer_configs=layer_configs,
+                                  config=config).config
+        self.config = config
+        on_gpu = set(gpu_layer_order(layer_configs, batch, n_kv_heads, config)[:config.gpu_layers])
+        self.gpu_layers = tuple(sorted(on_gpu))
+        self.stores = [HostKVStore(batch * nb, page, n_kv_heads, head_dim, dtype, config.fp8, device,
+                                   on_device=i in on_gpu) for i in range(n_layers)]
         slots = cache_pages(layer_configs, batch, n_kv_heads, config)
-        self.caches = [BlockCache(s, n, device) for s, n in zip(self.stores, slots)]
-        self.tables = [torch.full((batch, nb), -1, dtype=torch.int32, device=device) for _ in range(n_layers)]
+        # GPU-stored layers are read in place: no block cache (None), no table (None).
+        self.caches = [None if i in on_gpu else BlockCache(s, n, device)
+                       for i, (s, n) in enumerate(zip(self.stores, slots))]
+        self.tables = [None if i in on_gpu else torch.full((batch, nb), -1, dtype=torch.int32, device=device)
+                       for i in range(n_layers)]
 
     @property
     def batch(self) -> int:
@@ -108,12 +92,20 @@ class OffloadKVCache:
 
     @property
     def host_nbytes(self) -> int:
-        return sum(s.nbytes for s in self.stores)
+        """Bytes of the host-stored layers' stores."""
+        return sum(s.nbytes for s in self.stores if not s.on_device)
 
     @property
     def gpu_nbytes(self) -> int:
-        """Bytes this cache holds on the device: the page pools and block tables."""
-        return sum(c.k.nbytes + c.v.nbytes for c in self.caches) + sum(t.nbytes for t in self.tables)
+        """Bytes this cache holds on the device: GPU-stored layers, page pools and block tables."""
+        pools = sum(c.k.nbytes + c.v.nbytes for c in self.caches if c is not None)
+        return pools + sum(t.nbytes for t in self.tables if t is not None) + \
+            sum(s.nbytes for s in self.stores if s.on_device)
+
+    @property
+    def block_caches(self) -> list[BlockCache]:
+        """The host-stored layers' block caches (their stats: hits, misses, evictions)."""
+        return [c for c in self.caches if c is not None]
 
     def select(self, rows: slice) -> "OffloadKVCache":
         """A cache over batch rows ``rows`` that shares this one's storage."""
@@ -124,8 +116,9 @@ class OffloadKVCache:
         return view
 
     def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, T, K, D) at positions ``start[b] + t`` into the host store; return its
-        logical (B, capacity, K, D) device aliases (FP8 codes when ``config.fp8``)."""
+        """Write k, v (B, T, K, D) at positions ``start[b] + t`` into the layer's store (host, or
+        GPU for a GPU-stored layer); return its logical (B, capacity, K, D) device views (FP8 codes
+        when ``config.fp8``)."""
         B, T = k.shape[:2]
         store = self.stores[layer]
         pos = start.to(store.dk.device)[:, None] + torch.arange(T, device=store.dk.device)   # (B, T)
@@ -142,7 +135,8 @@ class OffloadKVCache:
             store.dk.view(-1, *k.shape[2:])[flat] = k.flatten(0, 1).to(store.dk.device, store.dtype)
             store.dv.view(-1, *v.shape[2:])[flat] = v.flatten(0, 1).to(store.dv.device, store.dtype)
             ids = blocks.flatten().unique()
-        self.caches[layer].invalidate(ids)
+        if self.caches[layer] is not None:
+            self.caches[layer].invalidate(ids)
         return self._logical(layer)
 
     def read_prefix(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,8 +147,10 @@ class OffloadKVCache:
 
     def attention(self, layer: int):
         """``hip_attention`` for this layer (same keywords); k/v arguments give only Tk."""
+        cached = self.caches[layer] is not None and self.config.decode_cache
+
         def attend(q, k, v, **kw):
-            fetch = self.config.decode_cache and q.shape[1] <= DECODE_QUERIES
+            fetch = cached and q.shape[1] <= DECODE_QUERIES
             return paged_hip_attention(q, _LayerSource(self, layer), k.shape[1], fetch=fetch, **kw)
         return attend
 
@@ -201,50 +197,3 @@ class _LayerSource:
         table.fill_(-1)
         table[b[ok], pages[ok]] = slots.to(table.device, torch.int32)
         return block_cache.k, block_cache.v, KVPages(c.page, table=table)
-
-
-def host_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                         config: OffloadConfig = OffloadConfig()) -> float:
-    """Host-store bytes per token, all layers, K and V (FP8: one byte per element plus the scales)."""
-    if config.fp8:
-        return 2 * n_layers * n_kv_heads * (head_dim + 4 / config.page)
-    return 2 * n_layers * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
-
-
-def gpu_cache_bytes(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, head_dim: int,
-                    dtype: torch.dtype, config: OffloadConfig = OffloadConfig()) -> int:
-    """Device bytes of the block caches (page pools, K and V), tables excluded."""
-    page_bytes = 2 * config.page * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
-    return sum(cache_pages(layer_configs, batch, n_kv_heads, config)) * page_bytes
-
-
-def plan_offload(*, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device, layer_configs: list[HiPConfig],
-                 config: OffloadConfig = OffloadConfig(), workspace: int = 0,
-                 free_host: int | None = None, free_gpu: int | None = None) -> tuple[int, int]:
-    """Check, before allocating, that an offloaded cache fits; return (host bytes, device bytes).
-
-    Raises CapacityError with the numbers and the ways out.
-    """
-    from .kv import CapacityError, free_memory
-
-    gib = 1 << 30
-    per_token = host_bytes_per_token(n_layers, n_kv_heads, head_dim, dtype, config)
-    host = int(per_token * batch * capacity)
-    free_host = free_memory(torch.device("cpu")) if free_host is None else free_host
-    if host > free_host:
-        fits = int(free_host // (per_token * batch))
-        hint = "" if config.fp8 else " FP8 host storage (--offload-fp8) halves it;"
-        raise CapacityError(
-            f"the offloaded KV cache for {batch} x {capacity:,} tokens needs {host / gib:.2f} GiB of host memory "
-            f"but only {free_host / gib:.2f} GiB are available; at most ~{fits:,} tokens per sequence fit.{hint} "
-            "or use a shorter prompt, fewer new tokens, or fewer prompts at once.")
-    gpu = gpu_cache_bytes(layer_configs, batch, n_kv_heads, head_dim, dtype, config) + n_layers * batch * capacity // config.page * 4
-    if device.type == "cuda":
-        free_gpu = free_memory(device) if free_gpu is None else free_gpu
-        if gpu + workspace > free_gpu:
-            raise CapacityError(
-                f"the GPU block cache needs {gpu / gib:.2f} GiB (+{workspace / gib:.2f} GiB workspace) but only "
-                f"{free_gpu / gib:.2f} GiB are free on {device}; give it fewer pages (OffloadConfig.gpu_pages), "
-                "a smaller prefill chunk, or fewer prompts at once.")
-    return host, gpu

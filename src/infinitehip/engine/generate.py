@@ -241,9 +241,10 @@ def make_cache(model: Model, B: int, capacity: int, chunk_size: int, offload: bo
             if offload is not None or model.device.type != "cuda":
                 raise
     config = offload if isinstance(offload, OffloadConfig) else OffloadConfig()
-    plan_offload(**shape, layer_configs=model.net.layer_configs, config=config, workspace=workspace)
+    # The plan resolves gpu_layers=None (whole layers in spare GPU memory only when host memory is short).
+    plan = plan_offload(**shape, layer_configs=model.net.layer_configs, config=config, workspace=workspace)
     return OffloadKVCache(args.n_layers, B, capacity, args.n_kv_heads, args.head_dim, dtype=model.dtype,
-                          device=model.device, layer_configs=model.net.layer_configs, config=config)
+                          device=model.device, layer_configs=model.net.layer_configs, config=plan.config)
 
 
 def _prefill_row(model: Model, ids: list[int], cache: KVCache, prefix_cache: PrefixCache | None, **kw):

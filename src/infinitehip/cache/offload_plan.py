@@ -1,0 +1,269 @@
+"""Where an offloaded KV cache lives and whether it fits: host memory, spare GPU memory, or both.
+
+Every layer's store has the same format wherever it is (``offload.HostKVStore``: pages of
+``page`` tokens, model dtype or FP8 codes + per-page scales). Host-stored layers sit in
+page-locked host memory behind a small GPU block cache (pool + block table); the
+``OffloadConfig.gpu_layers`` GPU-stored layers keep their whole store in GPU memory and are
+read in place (no pool, no table, no PCIe). So the longest context is bounded by host memory
+plus the GPU memory the weights and the block caches leave, not by host memory alone.
+
+Legend: L layers, g GPU-stored layers, B batch, C capacity (tokens per row, page multiple).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..attention.mask import window_slots
+from ..attention.stages import n_groups
+from ..config import HiPConfig
+from .kv import CapacityError, free_memory
+
+GIB = 1 << 30
+# Of the available host memory the store may take: it is page-locked, and the OS, this process
+# and CUDA's own pinned buffers need the rest (pinning everything gets the process killed).
+HOST_USE = 0.9
+# Of the free GPU memory that automatic placement fills with whole layers, besides the workspace:
+# the allocator's fragmentation and the pruning kernels' temporaries (which grow with the
+# context) need the rest. An explicit ``gpu_layers`` may use all of it.
+GPU_USE = 0.9
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """page: tokens per page (a power of two; default the paper's final chunk size).
+    fp8: store K/V as float8 e4m3 with one scale per (page, kv head): half the bytes, not
+    bit-identical (error bound in ``offload.py``). GPU-stored layers use the same format.
+    gpu_pages: pages per layer in the GPU block cache; None: ``headroom`` x the most pages one
+    decode step of the batch reads (sink + window + selected chunks).
+    decode_cache: decode attention reads through the GPU block cache (True) or, like prefill,
+    in place from host memory (False: no cache, every attended key crosses PCIe each step).
+    gpu_layers: how many layers keep their whole store in GPU memory (read in place, no block
+    cache), taken in ``gpu_layer_order``. None: automatic (``plan_offload``): 0 while host
+    memory holds every layer (the small GPU footprint), else as many as the spare GPU memory
+    holds. 0: every layer in host memory."""
+
+    page: int = 8
+    fp8: bool = False
+    gpu_pages: int | None = None
+    headroom: float = 1.5
+    decode_cache: bool = True
+    gpu_layers: int | None = None
+
+
+def step_pages(config: HiPConfig, n_kv_heads: int, page: int) -> int:
+    """The most distinct pages one decode step of one row reads in one layer."""
+    sink = -(-config.sink // page)
+    window = -(-window_slots(config) // page) + 1
+    return sink + window + n_groups(config, n_kv_heads) * config.n_selected * max(1, config.chunk_size // page)
+
+
+def cache_pages(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, config: OffloadConfig) -> list[int]:
+    """Pages of each layer's GPU block cache: ``gpu_pages``, or ``headroom`` x one step's working set."""
+    return [config.gpu_pages or max(1, int(config.headroom * batch * step_pages(c, n_kv_heads, config.page)))
+            for c in layer_configs]
+
+
+def gpu_layer_order(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, config: OffloadConfig) -> list[int]:
+    """Layers in the order they move to GPU memory: largest block cache first (the dense layers,
+    which read the most pages per step: moving them frees the most pool and PCIe traffic), then
+    by index. ``gpu_layers = g`` puts the first g of this list on the GPU."""
+    pages = cache_pages(layer_configs, batch, n_kv_heads, config)
+    return sorted(range(len(pages)), key=lambda i: -pages[i])
+
+
+def layer_bytes_per_token(n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                          config: OffloadConfig = OffloadConfig()) -> float:
+    """One layer's store bytes per token, K and V (FP8: one byte per element plus the page scales)."""
+    if config.fp8:
+        return 2 * n_kv_heads * (head_dim + 4 / config.page)
+    return 2 * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def host_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                         config: OffloadConfig = OffloadConfig()) -> float:
+    """Store bytes per token, all layers, K and V (the host store when no layer is on the GPU)."""
+    return n_layers * layer_bytes_per_token(n_kv_heads, head_dim, dtype, config)
+
+
+def gpu_cache_bytes(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, head_dim: int,
+                    dtype: torch.dtype, config: OffloadConfig = OffloadConfig()) -> int:
+    """Device bytes of every layer's block cache (page pools, K and V), tables excluded."""
+    page_bytes = 2 * config.page * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    return sum(cache_pages(layer_configs, batch, n_kv_heads, config)) * page_bytes
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """Where each layer's store goes and what it costs, all batch rows."""
+
+    gpu_layers: tuple[int, ...]     # layers whose whole store is in GPU memory
+    host_bytes: int                 # the other layers' stores (page-locked host memory)
+    gpu_bytes: int                  # GPU-stored layers + the host-stored layers' pools and tables
+    config: OffloadConfig           # the config asked for, gpu_layers resolved to a count
+
+
+class _Sizes:
+    """Bytes of each placement of one cache shape: the first g layers of ``order`` on the GPU."""
+
+    def __init__(self, n_layers, n_kv_heads, head_dim, batch, dtype, layer_configs, config):
+        self.L, self.batch, self.page = n_layers, batch, config.page
+        self.order = gpu_layer_order(layer_configs, batch, n_kv_heads, config)
+        # A pool page holds decoded K and V (model dtype) of every kv head.
+        page_bytes = 2 * config.page * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        self.pool = [n * page_bytes for n in cache_pages(layer_configs, batch, n_kv_heads, config)]
+        self.store = batch * layer_bytes_per_token(n_kv_heads, head_dim, dtype, config)   # one layer, per token
+        self.table = batch * 4 / config.page                                              # int32 per page
+
+    def pools(self, g: int) -> int:
+        return sum(self.pool[i] for i in self.order[g:])
+
+    def host(self, g: int, tokens: int) -> int:
+        return int((self.L - g) * self.store * tokens)
+
+    def gpu(self, g: int, tokens: int) -> int:
+        return int(g * self.store * tokens + (self.L - g) * self.table * tokens) + self.pools(g)
+
+    def longest(self, g: int, host_budget: float, gpu_budget: float) -> int:
+        """Most tokens per row (a page multiple) placement g holds within both budgets."""
+        host = host_budget / ((self.L - g) * self.store) if g < self.L else float("inf")
+        per_gpu = g * self.store + (self.L - g) * self.table
+        gpu = (gpu_budget - self.pools(g)) / per_gpu if per_gpu else float("inf")
+        cap = min(host, gpu)
+        if cap == float("inf"):     # every layer on an unchecked device: it is the host (CPU), bound by it
+            cap = host_budget / (self.L * self.store)
+        n = int(max(0.0, cap)) // self.page * self.page
+        while n > 0 and (self.host(g, n) > host_budget or self.gpu(g, n) > gpu_budget):   # float rounding
+            n -= self.page
+        return n
+
+
+@dataclass(frozen=True)
+class _Budgets:
+    free_host: int
+    host: float                 # what the host store may take
+    free_gpu: int | None        # None: no GPU (the device is the host), nothing is checked there
+    gpu: float | None           # the pools and tables of an all-host placement, or an explicit one
+    auto: float | None          # an automatic placement with GPU-stored layers
+
+
+def _budgets(device: torch.device, workspace: int, free_host: int | None, free_gpu: int | None) -> _Budgets:
+    free_host = free_memory(torch.device("cpu")) if free_host is None else free_host
+    if free_gpu is None and device.type != "cuda":
+        return _Budgets(free_host, HOST_USE * free_host, None, None, None)
+    free_gpu = free_memory(device) if free_gpu is None else free_gpu
+    return _Budgets(free_host, HOST_USE * free_host, free_gpu, free_gpu - workspace, GPU_USE * free_gpu - workspace)
+
+
+def plan_offload(*, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device, layer_configs: list[HiPConfig],
+                 config: OffloadConfig = OffloadConfig(), workspace: int = 0,
+                 free_host: int | None = None, free_gpu: int | None = None) -> OffloadPlan:
+    """Check, before allocating, that an offloaded cache fits; place its layers (``gpu_layers``).
+
+    ``free_host`` / ``free_gpu``: available bytes (default: measured now; on a non-CUDA device
+    without ``free_gpu`` only the host is checked and automatic placement keeps every layer
+    there). Raises CapacityError with the numbers and the ways out.
+    """
+    sizes = _Sizes(n_layers, n_kv_heads, head_dim, batch, dtype, layer_configs, config)
+    b = _budgets(torch.device(device), workspace, free_host, free_gpu)
+    tokens = -(-capacity // config.page) * config.page
+    if config.gpu_layers is None:
+        g = _auto_layers(sizes, b, tokens)
+        if g is None:
+            _raise_auto(sizes, b, config, tokens, workspace, torch.device(device))
+    else:
+        g = config.gpu_layers
+        if not 0 <= g <= n_layers:
+            raise ValueError(f"OffloadConfig.gpu_layers={g} must be between 0 and {n_layers} (the model's layers), "
+                             "or None (automatic)")
+        _check_placement(sizes, b, config, g, tokens, workspace, torch.device(device))
+    return OffloadPlan(tuple(sorted(sizes.order[:g])), sizes.host(g, tokens), sizes.gpu(g, tokens),
+                       replace(config, gpu_layers=g))
+
+
+def _auto_layers(sizes: _Sizes, b: _Budgets, tokens: int) -> int | None:
+    """0 when the host holds every layer (and the GPU the block caches); else the most layers the
+    spare GPU memory holds with the rest fitting the host; None when no placement fits."""
+    def fits(g: int) -> bool:
+        gpu_ok = b.gpu is None or sizes.gpu(g, tokens) <= (b.gpu if g == 0 else b.auto)
+        return sizes.host(g, tokens) <= b.host and gpu_ok
+    if fits(0):
+        return 0
+    if b.gpu is None:           # no GPU: nowhere else to put a layer
+        return None
+    return max((g for g in range(1, sizes.L + 1) if fits(g)), default=None)
+
+
+def _check_placement(sizes: _Sizes, b: _Budgets, config: OffloadConfig, g: int, tokens: int, workspace: int,
+                     device: torch.device):
+    """An explicit ``gpu_layers``: each memory must hold its part."""
+    host, gpu = sizes.host(g, tokens), sizes.gpu(g, tokens)
+    if host > b.host:
+        fits = sizes.longest(g, b.host, float("inf"))
+        raise CapacityError(
+            f"the offloaded KV cache for {sizes.batch} x {tokens:,} tokens needs {host / GIB:.2f} GiB of host memory "
+            f"({sizes.L - g} of {sizes.L} layers there) but only {b.host / GIB:.2f} GiB are available "
+            f"({HOST_USE:.0%} of {b.free_host / GIB:.2f} GiB free); at most ~{fits:,} tokens per sequence fit."
+            f"{_fp8_hint(config)} "
+            "keep more layers in GPU memory (OffloadConfig.gpu_layers, --offload-gpu-layers; None picks them), "
+            "or use a shorter prompt, fewer new tokens, or fewer prompts at once.")
+    if b.gpu is not None and gpu > b.gpu:
+        raise CapacityError(
+            f"the GPU part of the offloaded KV cache ({g} layers' whole KV, block caches and tables of the other "
+            f"{sizes.L - g}) needs {gpu / GIB:.2f} GiB (+{workspace / GIB:.2f} GiB workspace) but only "
+            f"{b.free_gpu / GIB:.2f} GiB are free on {device}; "
+            f"{'keep fewer layers in GPU memory (OffloadConfig.gpu_layers), ' if g else ''}"
+            "give the block cache fewer pages (OffloadConfig.gpu_pages), a smaller prefill chunk, "
+            "or fewer prompts at once.")
+
+
+def _raise_auto(sizes: _Sizes, b: _Budgets, config: OffloadConfig, tokens: int, workspace: int, device: torch.device):
+    """No automatic placement fits: say what each memory holds and the longest context that fits."""
+    if sizes.host(0, tokens) <= b.host:     # the host is not the problem: the block caches are
+        _check_placement(sizes, b, config, 0, tokens, workspace, device)
+    need = sizes.host(0, tokens)
+    fits = _longest(sizes, b)
+    if b.gpu is None:
+        gpu = f"no GPU memory ({device} is the host)"
+    else:
+        spare = max(0.0, b.auto - sizes.pools(0))
+        gpu = (f"~{spare / GIB:.2f} GiB of spare GPU memory on {device} ({GPU_USE:.0%} of {b.free_gpu / GIB:.2f} GiB "
+               f"free, less {workspace / GIB:.2f} GiB workspace and the block caches)")
+    raise CapacityError(
+        f"the offloaded KV cache for {sizes.batch} x {tokens:,} tokens needs {need / GIB:.2f} GiB "
+        f"({sizes.L} layers x {need / sizes.L / GIB:.2f} GiB) but host and GPU memory together hold less: "
+        f"{b.host / GIB:.2f} GiB of host memory ({HOST_USE:.0%} of {b.free_host / GIB:.2f} GiB free) and {gpu}; "
+        f"at most ~{fits:,} tokens per sequence fit.{_fp8_hint(config)} "
+        "or use a shorter prompt, fewer new tokens, or fewer prompts at once.")
+
+
+def _fp8_hint(config: OffloadConfig) -> str:
+    return "" if config.fp8 else " FP8 storage (--offload-fp8) halves it;"
+
+
+def _longest(sizes: _Sizes, b: _Budgets, gpu_layers: int | None = None) -> int:
+    """Most tokens per row any allowed placement holds (the one ``gpu_layers`` names, or any)."""
+    def budget(g):
+        return float("inf") if b.gpu is None else (b.gpu if g == 0 or gpu_layers is not None else b.auto)
+    if gpu_layers is not None:
+        return sizes.longest(gpu_layers, b.host, budget(gpu_layers))
+    candidates = range(sizes.L + 1) if b.gpu is not None else [0]
+    return max(sizes.longest(g, b.host, budget(g)) for g in candidates)
+
+
+def longest_offload_context(*, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, dtype: torch.dtype,
+                            device: torch.device, layer_configs: list[HiPConfig],
+                            config: OffloadConfig = OffloadConfig(), workspace: int = 0,
+                            free_host: int | None = None, free_gpu: int | None = None) -> tuple[int, OffloadPlan]:
+    """The longest capacity per row (tokens, a page multiple) an offloaded cache can have here, and
+    ``plan_offload``'s plan for it: host memory plus, when ``config.gpu_layers`` allows
+    (None: automatic), whole layers in the spare GPU memory."""
+    sizes = _Sizes(n_layers, n_kv_heads, head_dim, batch, dtype, layer_configs, config)
+    b = _budgets(torch.device(device), workspace, free_host, free_gpu)
+    n = max(config.page, _longest(sizes, b, config.gpu_layers))
+    plan = plan_offload(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, batch=batch, capacity=n,
+                        dtype=dtype, device=device, layer_configs=layer_configs, config=config,
+                        workspace=workspace, free_host=b.free_host, free_gpu=b.free_gpu)
+    return n, plan
