@@ -1,12 +1,22 @@
-"""CUDA-graph decode gives the same greedy tokens as eager decode, for every backend."""
+"""CUDA-graph decode gives the same greedy tokens as eager decode, for every backend; the dense
+graph (FlashAttention over each row's valid keys) equals eager dense decode in bf16."""
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
 from checkpoints import make_checkpoint
 
 import infinitehip
-from infinitehip.engine import SamplingParams, stream
+from infinitehip.cache import KVCache
+from infinitehip.config import HiPConfig
+from infinitehip.engine import DecodeState, SamplingParams, decode_one_token, prefill, stream
+from infinitehip.models.llama import Step, full_cache_decode
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
 @pytest.mark.parametrize("backend", ["hip", "dense", "streaming"])
 def test_cuda_graph_decode_equals_eager(tmp_path, backend):
     model = infinitehip.load(make_checkpoint(tmp_path, "llama"), config="tiny", dtype="float32")
@@ -21,3 +31,85 @@ def test_cuda_graph_needs_cuda_model(tmp_path):
     model = infinitehip.load(make_checkpoint(tmp_path, "llama"), device="cpu")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         infinitehip.generate(model, "hi", cuda_graph=True, max_new_tokens=2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("lengths", [(3000,), (3000, 1234)])
+def test_dense_graph_decode_equals_eager_dense_bf16(lengths):
+    """Teacher-forced steps, graph vs eager over exactly the written keys (SDPA), same logits
+    within bf16 tolerance; one graph serves every step."""
+    from infinitehip.bench.engine import random_model
+    from infinitehip.engine.cuda_graph import GraphDecoder
+
+    model = random_model(2, HiPConfig(dense_threshold=0))
+    B, steps, a = len(lengths), 12, model.args
+    g = torch.Generator(device="cuda").manual_seed(0)
+    prompts = [torch.randint(0, a.vocab_size, (1, n), device="cuda", generator=g) for n in lengths]
+    caches = []
+    for _ in range(2):
+        cache = KVCache(a.n_layers, B, max(lengths) + steps + 1, a.n_kv_heads, a.head_dim, dtype=torch.bfloat16,
+                        device="cuda")
+        for b, p in enumerate(prompts):
+            prefill(model, p, cache.select(slice(b, b + 1)), backend="dense", chunk_size=1024)
+        caches.append(cache)
+    eager_state, graph_state = DecodeState("dense"), DecodeState("dense")
+    graph = GraphDecoder(model, caches[1], graph_state)
+    tokens = torch.randint(0, a.vocab_size, (steps, B), device="cuda", generator=g)
+    seqlens_e, seqlens_g = torch.tensor(lengths, device="cuda"), torch.tensor(lengths, device="cuda")
+    for t in range(steps):
+        eager = decode_one_token(model, tokens[t], seqlens_e, caches[0], eager_state, kv_limit=max(lengths) + t + 1)
+        replay = graph(tokens[t], seqlens_g)
+        assert (replay - eager).abs().max() <= 0.02 * eager.abs().max(), t
+        seqlens_e += 1
+        seqlens_g += 1
+    assert list(graph.graphs) == [0]
+
+
+def _reference(q, k, v, lens, scale):
+    """Per-row fp32 attention over the first lens[b] keys (GQA by repeating kv heads)."""
+    group = q.shape[2] // k.shape[2]
+    out = []
+    for b, n in enumerate(lens.tolist()):
+        kb, vb = (x[b, :n].float().repeat_interleave(group, 1).transpose(0, 1) for x in (k, v))   # (H, n, D)
+        out.append(F.scaled_dot_product_attention(q[b].float().transpose(0, 1), kb, vb, scale=scale).transpose(0, 1))
+    return torch.stack(out)                                                                       # (B, 1, H, D)
+
+
+@needs_cuda
+def test_flash_full_capacity_decode_reads_each_rows_length_and_replays_in_a_graph():
+    B, cap, H, K, D = 3, 8192, 32, 8, 128
+    q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, cap, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([cap, 5000, 17], device="cuda")
+    cu_q = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+    step = Step(lens - 1, lens, None, None, flash=(cu_q, cu_q * cap, lens.to(torch.int32)))
+    scale = D ** -0.5
+    torch.testing.assert_close(full_cache_decode(q, k, v, step, scale).float(), _reference(q, k, v, lens, scale),
+                               atol=2e-2, rtol=2e-2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        full_cache_decode(q, k, v, step, scale)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = full_cache_decode(q, k, v, step, scale)
+    for new in ([1, 4097, 8000], [cap, cap, cap]):          # lengths change between replays, shapes do not
+        lens.copy_(torch.tensor(new))
+        step.flash[2].copy_(lens)
+        graph.replay()
+        torch.testing.assert_close(out.float(), _reference(q, k, v, lens, scale), atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+def test_engine_bench_records_graph_and_eager_decode(tmp_path):
+    from infinitehip.bench.engine import main
+
+    main(["--contexts", "4096", "--layers", "2", "--decode-steps", "4", "--eager-steps", "2", "--chunk-size", "2048",
+          "--backends", "hip,dense,streaming", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "engine_h100.json").read_text())
+    assert [r["backend"] for r in records] == ["hip", "dense", "streaming"]
+    for r in records:
+        assert r["decode_mode"] == "cuda_graph" and r["floor_ratio"] > 0 and r["decode_ms_per_token_eager"] > 0
+    assert records[1]["kv_read_floor_ms"] > records[1]["weight_floor_ms"]
+    assert records[1]["decode_speedup_vs_dense"] == 1.0

@@ -4,6 +4,11 @@
 
 Llama-3-8B shape (32 layers, 32 query / 8 KV heads, d = 128, bf16) with random weights: the
 timings are real, the text is not (no weights can be downloaded here).
+
+Every backend decodes from CUDA graphs (``decode_ms_per_token``); ``decode_ms_per_token_eager``
+is the same step launched op by op over exactly the written keys. ``floor_ratio``: ms/token over
+the weight-bandwidth floor (every weight read once per token); dense rows also give
+``kv_read_floor_ms``, that floor plus the whole KV cache read once.
 """
 from __future__ import annotations
 
@@ -54,37 +59,58 @@ def _sync_time(fn) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
-def bench_one(model: Model, context: int, backend: str, decode_steps: int, chunk_size: int) -> dict:
+def bench_one(model: Model, context: int, backend: str, decode_steps: int, chunk_size: int,
+              eager_steps: int = 8) -> dict:
+    """Prefill ``context`` random tokens, then time decode: CUDA-graph replay (every backend), and
+    ``eager_steps`` eager steps that read exactly the written keys (0: skip)."""
+    r = _bench(model, context, backend, decode_steps, chunk_size, eager_steps)
+    torch.cuda.empty_cache()   # the KV cache and the graphs' pool went with _bench's frame
+    return r
+
+
+def _bench(model: Model, context: int, backend: str, decode_steps: int, chunk_size: int, eager_steps: int) -> dict:
     args = model.args
-    cache = KVCache(args.n_layers, 1, context + decode_steps + 1, args.n_kv_heads, args.head_dim,
-                    dtype=torch.bfloat16, device="cuda")
+    warm = max(model.hip.refresh_intervals) + 1 if backend == "hip" else 2   # capture every graph kind
+    capacity = context + warm + decode_steps + (eager_steps + 1 if eager_steps else 0)
+    cache = KVCache(args.n_layers, 1, capacity, args.n_kv_heads, args.head_dim, dtype=torch.bfloat16, device="cuda")
     tokens = torch.randint(0, args.vocab_size, (1, context), device="cuda")
     prefill_s, logits = _sync_time(lambda: prefill(model, tokens, cache, backend=backend, chunk_size=chunk_size))
     state = DecodeState(backend)
-    step = GraphDecoder(model, cache, state) if backend != "dense" else None
+    graph = GraphDecoder(model, cache, state)
     seqlens = torch.tensor([context], device="cuda")
-    nxt = logits.argmax(-1)
+    nxt, length = logits.argmax(-1), context
 
-    length = context
-
-    def run(n):
+    def run(n, eager=False):
         nonlocal nxt, length
         for _ in range(n):
-            if step is not None:
-                out = step(nxt, seqlens)
-            else:  # dense: read exactly the written keys, so SDPA takes its flash / cuDNN kernels
+            if eager:  # the slice of the cache that is written: SDPA's flash kernels, launched op by op
                 out = decode_one_token(model, nxt, seqlens, cache, state, kv_limit=length + 1)
+            else:
+                out = graph(nxt, seqlens)
             nxt = out.argmax(-1)
             seqlens.add_(1)
             length += 1
 
-    warm = max(model.hip.refresh_intervals) + 1 if backend != "dense" else 2  # capture every graph kind
     run(warm)
     decode_s, _ = _sync_time(lambda: run(decode_steps))
-    del cache
-    torch.cuda.empty_cache()
-    return {"context": context, "backend": backend, "prefill_s": prefill_s,
-            "decode_tokens_per_s": decode_steps / decode_s, "decode_ms_per_token": 1e3 * decode_s / decode_steps}
+    r = {"context": context, "backend": backend, "prefill_s": prefill_s, "decode_mode": "cuda_graph",
+         "decode_tokens_per_s": decode_steps / decode_s, "decode_ms_per_token": 1e3 * decode_s / decode_steps}
+    if eager_steps:   # after the graphs: eager steps rewrite the mask list the graphs read
+        run(1, eager=True)
+        eager_s, _ = _sync_time(lambda: run(eager_steps, eager=True))
+        r["decode_ms_per_token_eager"] = 1e3 * eager_s / eager_steps
+    return r
+
+
+def add_floors(r: dict, floor_ms: float, args: ModelArgs):
+    """Ratios to the weight-bandwidth floor; for dense also the floor with the whole KV cache
+    read once per token (what any exact attention must read)."""
+    r["floor_ratio"] = round(r["decode_ms_per_token"] / floor_ms, 3)
+    if "decode_ms_per_token_eager" in r:
+        r["floor_ratio_eager"] = round(r["decode_ms_per_token_eager"] / floor_ms, 3)
+    if r["backend"] == "dense":
+        kv_bytes = r["context"] * args.kv_bytes_per_token * 2          # bf16 K and V, all layers
+        r["kv_read_floor_ms"] = round(floor_ms + 1e3 * kv_bytes / HBM_BYTES_PER_S, 2)
 
 
 def main(argv: list[str] | None = None):
@@ -94,6 +120,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--backends", default="hip,dense")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument("--eager-steps", type=int, default=8,
+                   help="Also time this many eager decode steps (no CUDA graph) per run; 0 skips them.")
     p.add_argument("--chunk-size", type=int, default=16384)
     p.add_argument("--skip-dense-prefill-above", type=int, default=1 << 30,
                    help="Skip dense at contexts above this (its prefill is quadratic).")
@@ -106,7 +134,7 @@ def main(argv: list[str] | None = None):
     device, date = torch.cuda.get_device_name(), datetime.date.today().isoformat()
     # Compile the Triton kernels first, so no timed prefill pays for it.
     for backend in a.backends.split(","):
-        bench_one(model, 2 * a.chunk_size, backend, 2, a.chunk_size)
+        bench_one(model, 2 * a.chunk_size, backend, 2, a.chunk_size, eager_steps=2 if a.eager_steps else 0)
     # Every bf16 weight is read once per token, except the embedding table (one row of it).
     read = model.args.n_params() - (0 if model.args.tie_embeddings else model.args.vocab_size * model.args.dim)
     floor_ms = 1e3 * read * 2 / HBM_BYTES_PER_S
@@ -117,12 +145,25 @@ def main(argv: list[str] | None = None):
         for backend in a.backends.split(","):
             if backend == "dense" and context > a.skip_dense_prefill_above:
                 continue
-            r = bench_one(model, context, backend, a.decode_steps, a.chunk_size)
+            r = bench_one(model, context, backend, a.decode_steps, a.chunk_size, a.eager_steps)
             r.update(device=device, date=date, layers=a.layers, weight_floor_ms=round(floor_ms, 2),
                      decode_over_floor=round(r["decode_ms_per_token"] / floor_ms, 2),
                      command="python -m infinitehip.bench engine " + " ".join(argv or []))
+            add_floors(r, floor_ms, model.args)
             records.append(r)
-            print(f"{context:>8} {backend:>6}  prefill {r['prefill_s']:8.2f} s   decode "
-                  f"{r['decode_tokens_per_s']:7.1f} tok/s ({r['decode_ms_per_token']:.2f} ms)", flush=True)
+            _compare_to_dense(records, context)
+            eager = f", eager {r['decode_ms_per_token_eager']:.2f} ms" if "decode_ms_per_token_eager" in r else ""
+            print(f"{context:>8} {backend:>9}  prefill {r['prefill_s']:8.2f} s   decode "
+                  f"{r['decode_tokens_per_s']:7.1f} tok/s ({r['decode_ms_per_token']:.2f} ms, "
+                  f"{r['floor_ratio']:.2f}x floor{eager})", flush=True)
             (out / "engine_h100.json").write_text(json.dumps(records, indent=1))   # after each: a timeout keeps the rest
     return records
+
+
+def _compare_to_dense(records: list[dict], context: int):
+    """Give every record at ``context`` its decode speedup over dense there (both graphed)."""
+    same = [r for r in records if r["context"] == context]
+    dense = next((r for r in same if r["backend"] == "dense"), None)
+    if dense is not None:
+        for r in same:
+            r["decode_speedup_vs_dense"] = round(dense["decode_ms_per_token"] / r["decode_ms_per_token"], 2)

@@ -1,8 +1,11 @@
-"""The decode step captured in CUDA graphs: one graph per refresh stage, replayed each step.
+"""The decode step captured in CUDA graphs, replayed each step.
 
-Shapes are static (the cache is read at full capacity), the attention core has no host syncs,
-and the per-layer masks live in static buffers that each replay updates in place. A step that
-prunes from stage s replays graph s; steps that reuse the mask replay graph ``n_stages``.
+Shapes are static (the cache is read at full capacity, each row's length is data), and no
+backend syncs with the host. ``hip``: one graph per refresh stage; the per-layer masks live in
+static buffers that each replay updates in place. A step that prunes from stage s replays graph
+s; steps that reuse the mask replay graph ``n_stages``. ``dense`` (FlashAttention over each
+row's valid keys, ``models/llama.full_cache_decode``) and ``streaming`` (sink + window, a
+constant empty mask) keep no state between steps: one graph serves every step.
 """
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import torch
 
 from ..attention import HiPMask
 from ..cache.kv import KVCache
-from ..models.llama import AttentionCall
+from ..cache.offload_kv import OffloadKVCache
+from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
 from .generate import DecodeState, decode_one_token
 
@@ -27,6 +31,10 @@ class GraphDecoder:
     def __init__(self, model: Model, cache: KVCache, state: DecodeState):
         if model.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device; the model is on {model.device}")
+        if state.backend not in BACKENDS:
+            raise ValueError(f"backend={state.backend!r}; choose one of {BACKENDS}")
+        if isinstance(cache, OffloadKVCache):  # its block cache fetches pages on the host's schedule
+            raise ValueError("KV offload runs decode eagerly: drop cuda_graph (or offload)")
         B = cache.batch
         self.model, self.cache, self.state = model, cache, state
         self.tokens = torch.zeros(B, dtype=torch.long, device=model.device)
@@ -42,7 +50,7 @@ class GraphDecoder:
             self.masks = [_clone(m) for m in state.masks]
             state.masks = self.masks
             return logits
-        stage = state.refresh_stages(self.model.hip)
+        stage = self._stage()
         if not isinstance(stage, int):  # rows at different refresh phases: no graph for that mix
             return self._eager(tokens, seqlens)
         self.tokens.copy_(tokens)
@@ -53,6 +61,11 @@ class GraphDecoder:
         graph.replay()
         state.steps = [s + 1 for s in state.steps]
         return logits.clone()
+
+    def _stage(self) -> int | list[int]:
+        """The graph this step replays: hip's refresh stage (per row when rows disagree); the
+        other backends ignore the stage, so they share graph 0."""
+        return self.state.refresh_stages(self.model.hip) if self.state.backend == "hip" else 0
 
     def _eager(self, tokens: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
         """One step without a graph; its masks land in the static buffers the graphs read."""

@@ -4,9 +4,14 @@ Attention goes through ``attention/api.py`` only: ``hip`` (InfiniteHiP, default)
 (exact SDPA) or ``streaming`` (sink + sliding window, StreamingLLM). Keys are cached
 un-rotated; the attention call rotates them at the positions adaptive RoPE picks.
 Legend: B batch, T tokens, H query heads, K kv heads, D head dim, C hidden size.
+
+Decode is launch-bound (one token: every kernel is small), so a layer issues few kernels: one
+fused RMSNorm, one q/k/v GEMM, RoPE tables built once per pass (not per layer) and applied to
+q and k together, GEMMs that accumulate straight into the residual stream.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -15,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import HiPMask, RoPE, dense_attention, empty_mask
-from ..attention.rope import apply_rope
 from ..attention.stages import n_groups
 from ..config import HiPConfig
 
@@ -90,6 +94,18 @@ class AttentionCall:
     kernel: str = "auto"                          # hip_attention's backend: auto | triton | reference
 
 
+@dataclass
+class Step:
+    """What every layer of one forward pass shares: made once per pass, not once per layer."""
+
+    start: torch.Tensor                   # (B,) int64, tokens already cached per row
+    kv_len: torch.Tensor                  # (B,) keys per row once this pass is written (start + T)
+    rope: RoPE                            # the model's (hip and streaming rotate inside attention)
+    kv_limit: int | None = None           # read only the first kv_limit cache slots (None: all)
+    rot: tuple[torch.Tensor, torch.Tensor] | None = None   # dense: RoPE cos, signed sin (B, T, 1, D) fp32
+    flash: tuple[torch.Tensor, ...] | None = None          # dense full-capacity decode: cu_q, cu_k, seqused_k
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -97,9 +113,60 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # One fused kernel on CUDA (fp32 math). HF's math, except that in half precision the
+        # result is rounded once (after the weight) instead of twice.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def rotate(x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE (HF rotate_half convention) of x (B, T, heads, D) with ``Step.rot``; fp32 math, x's dtype out.
+
+    x * cos + rotate_half(x) * sin, where rotate_half(x) * sin == roll(x, D/2) * (-sin, sin):
+    five kernels in half precision (``attention.rope.apply_rope``'s cat form takes nine).
+    """
+    cos, sin = rot
+    xf = x.float()
+    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, -1), sin).to(x.dtype)
+
+
+def add_linear(residual: torch.Tensor, linear: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """residual + linear(h), accumulated in place by the GEMM (cuBLAS beta = 1): one kernel, not
+    a GEMM and an add. ``residual`` (B, T, C) must be a contiguous tensor no one else reads."""
+    if linear.bias is not None:
+        return residual + linear(h)
+    residual.view(-1, residual.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), linear.weight.t())
+    return residual
+
+
+def full_cache_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, scale: float) -> torch.Tensor:
+    """Dense attention of one query per row over the cache read at full capacity: static shapes
+    and no host syncs, so a CUDA graph can capture it (each row's length is data, not a shape).
+
+    q (B, 1, H, D), k (B, capacity, K, D), both rotated; v (B, capacity, K, D) -> (B, 1, H, D).
+    Eager decode instead slices the cache to the valid keys, a shape that changes every step.
+    On CUDA in half precision: FlashAttention's varlen entry with ``seqused_k`` (device-side
+    lengths): it reads only each row's valid keys and splits them over the SMs (split-KV, GQA
+    heads packed as query rows), the kernels eager decode gets from SDPA. Not SDPA over the
+    capacity with a mask: flash takes no mask, the kernels that do read the whole capacity, and
+    with GQA SDPA may take its math path, which expands K/V per query head. That masked form is
+    the exact fallback elsewhere (CPU, fp32, no flash, a cache that is not one dense tensor).
+    """
+    if step.flash is None or k.device != q.device or not (k.is_contiguous() and v.is_contiguous()):
+        return dense_attention(q, k, v, step.kv_len, None, scale)     # unwritten tail masked
+    B, cap, K, D = k.shape
+    cu_q, cu_k, used = step.flash
+    out = torch.ops.aten._flash_attention_forward(
+        q[:, 0], k.view(B * cap, K, D), v.view(B * cap, K, D), cu_q, cu_k, 1, cap, 0.0, False, False,
+        scale=scale, seqused_k=used)[0]                                  # (B, H, D)
+    return out[:, None]
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_ok(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether FlashAttention (sm80+, fp16/bf16, D % 8 == 0, D <= 256) runs here."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim % 8 or head_dim > 256:
+        return False
+    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 class Attention(nn.Module):
@@ -113,37 +180,50 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, args.norm_eps) if args.qk_norm else None
         self.scale = 1.0 / math.sqrt(D)
 
-    def forward(self, x, start, cache, rope: RoPE, hip: HiPConfig, call: AttentionCall, kv_limit: int | None):
-        B, T, _ = x.shape
+    def forward(self, x, h, step: Step, cache, hip: HiPConfig, call: AttentionCall):
+        """x + attention(h): x (B, T, C) the residual stream (updated in place), h its norm."""
+        B, T, _ = h.shape
         H, K, D = self.args.n_heads, self.args.n_kv_heads, self.args.head_dim
-        q, k, v = self.wqkv(x).split([H * D, K * D, K * D], dim=-1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
+        qkv = self.wqkv(h).view(B, T, H + 2 * K, D)
+        qk, v = qkv[:, :, :H + K], qkv[:, :, H + K:]                             # (B, T, H + K, D), (B, T, K, D)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if call.backend == "dense":  # a dense engine caches keys rotated at their true positions
-            cos, sin = rope.cos_sin(start[:, None] + torch.arange(T, device=x.device))     # (B, T, D/2)
-            k = apply_rope(k, cos[:, :, None], sin[:, :, None])
-        k_all, v_all = cache.update(self.layer, start, k, v)                    # (B, capacity, K, D)
-        if kv_limit is not None:
-            k_all, v_all = k_all[:, :kv_limit], v_all[:, :kv_limit]
-        kv_len = start + T                                                      # (B,)
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
+        if step.rot is not None:  # dense: q and k rotated together; keys cached at their true positions
+            qk = rotate(qk, step.rot)
+        q, k = qk[:, :, :H], qk[:, :, H:]
+        k_all, v_all = cache.update(self.layer, step.start, k, v)               # (B, capacity, K, D)
         if call.backend == "dense":
-            full = kv_limit is not None and B == 1          # the one row has exactly kv_limit keys
-            out = dense_attention(q, k_all, v_all, None if full else kv_len, rope, self.scale, keys_rotated=True)
+            out = self._dense(q, k_all, v_all, step)
         else:
-            mask, stage = None, 0
-            if call.backend == "streaming":
-                nqb = -(-T // hip.block_size_q)
-                mask, stage = empty_mask(hip, B, n_groups(hip, K), nqb, x.device), hip.n_stages
-            elif call.masks is not None and call.masks[self.layer] is not None:
-                mask, stage = call.masks[self.layer], call.refresh_stage
-            # The cache supplies the attention call: hip_attention, or the offloaded cache's own
-            # (it reads host memory and a GPU block cache).
-            out, mask = cache.attention(self.layer)(q, k_all, v_all, config=hip, rope=rope, scale=self.scale,
-                               cache_seqlens=kv_len, mask=mask, refresh_stage=stage, backend=call.kernel)
-            if call.masks is not None and call.backend == "hip":
-                call.masks[self.layer] = mask
-        return self.wo(out.reshape(B, T, H * D))                                # (B, T, C)
+            out = self._sparse(q, k_all, v_all, step, cache, hip, call)
+        return add_linear(x, self.wo, out.reshape(B, T, H * D))                 # (B, T, C)
+
+    def _dense(self, q, k_all, v_all, step: Step):
+        if step.kv_limit is None and q.shape[1] == 1:
+            return full_cache_decode(q, k_all, v_all, step, self.scale)
+        if step.kv_limit is not None:
+            k_all, v_all = k_all[:, :step.kv_limit], v_all[:, :step.kv_limit]
+        full = step.kv_limit is not None and q.shape[0] == 1      # the one row has exactly kv_limit keys
+        return dense_attention(q, k_all, v_all, None if full else step.kv_len, None, self.scale)
+
+    def _sparse(self, q, k_all, v_all, step: Step, cache, hip: HiPConfig, call: AttentionCall):
+        if step.kv_limit is not None:
+            k_all, v_all = k_all[:, :step.kv_limit], v_all[:, :step.kv_limit]
+        mask, stage = None, 0
+        if call.backend == "streaming":
+            B, T = q.shape[:2]
+            nqb = -(-T // hip.block_size_q)
+            mask, stage = empty_mask(hip, B, n_groups(hip, self.args.n_kv_heads), nqb, q.device), hip.n_stages
+        elif call.masks is not None and call.masks[self.layer] is not None:
+            mask, stage = call.masks[self.layer], call.refresh_stage
+        # The cache supplies the attention call: hip_attention, or the offloaded cache's own
+        # (it reads host memory and a GPU block cache).
+        out, mask = cache.attention(self.layer)(q, k_all, v_all, config=hip, rope=step.rope, scale=self.scale,
+                                                cache_seqlens=step.kv_len, mask=mask, refresh_stage=stage,
+                                                backend=call.kernel)
+        if call.masks is not None and call.backend == "hip":
+            call.masks[self.layer] = mask
+        return out
 
 
 class FeedForward(nn.Module):
@@ -152,9 +232,10 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=args.mlp_bias)  # gate, up fused
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
 
-    def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x, h):
+        """x + ffn(h): x (B, T, C) the residual stream (updated in place), h its norm."""
+        gate, up = self.w13(h).chunk(2, dim=-1)
+        return add_linear(x, self.w2, F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -165,9 +246,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, start, cache, rope, hip, call, kv_limit):
-        x = x + self.attention(self.attention_norm(x), start, cache, rope, hip, call, kv_limit)
-        return x + self.feed_forward(self.ffn_norm(x))
+    def forward(self, x, step: Step, cache, hip: HiPConfig, call: AttentionCall):
+        x = self.attention(x, self.attention_norm(x), step, cache, hip, call)
+        return self.feed_forward(x, self.ffn_norm(x))
 
 
 class Transformer(nn.Module):
@@ -201,10 +282,25 @@ class Transformer(nn.Module):
         call = call or AttentionCall()
         if call.backend not in BACKENDS:
             raise ValueError(f"backend={call.backend!r}; choose one of {BACKENDS}")
+        step = self.step(tokens.shape[1], start, cache, call.backend, kv_limit)
         x = self.tok_embeddings(tokens)                                         # (B, T, C)
         configs = self.streaming_configs if call.backend == "streaming" else self.layer_configs
         for layer, block in enumerate(self.layers):
-            x = block(x, start, cache, self.rope, configs[layer], call, kv_limit)
+            x = block(x, step, cache, configs[layer], call)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
+
+    def step(self, T: int, start: torch.Tensor, cache, backend: str, kv_limit: int | None) -> Step:
+        """The per-pass state every layer reads (a handful of small kernels, once per pass)."""
+        step = Step(start, start + T, self.rope, kv_limit)
+        if backend != "dense":  # hip and streaming rotate inside the attention call
+            return step
+        pos = start[:, None] + torch.arange(T, device=start.device)              # (B, T)
+        cos, sin = self.rope.cos_sin(pos)                                       # (B, T, D/2) fp32
+        step.rot = (torch.cat([cos, cos], -1)[:, :, None], torch.cat([-sin, sin], -1)[:, :, None])
+        weight = self.tok_embeddings.weight
+        if T == 1 and kv_limit is None and _flash_ok(weight.device, weight.dtype, self.args.head_dim):
+            cu_q = torch.arange(start.shape[0] + 1, device=start.device, dtype=torch.int32)  # one query per row
+            step.flash = (cu_q, cu_q * cache.capacity, step.kv_len.to(torch.int32))   # row b's keys at b * capacity
+        return step
