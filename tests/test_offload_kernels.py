@@ -111,7 +111,9 @@ def test_fp8_scaled_reads_match_decoded_values():
     ref = reference.score_chunks(qp, q_valid, kc, starts, TINY.chunk_sizes[1], geo, TINY, rope, pages=pages)
     got = ops.score_chunks(qp, q_valid, kc, starts, TINY.chunk_sizes[1], geo, TINY, rope, pages=pages)
     assert torch.equal(ref, want)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Low-precision keys are scored in tf32 on the GPU (``prune._PRUNE_DOT_PRECISION``).
+    tol = 2e-3 if DEVICE == "cuda" else 1e-4
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_pages_validation():
