@@ -10,7 +10,8 @@ from infinitehip import HiPConfig
 from infinitehip.cache import CapacityError
 from infinitehip.cache.kv import KVCache
 from infinitehip.cache.offload import fp8_decode, fp8_encode
-from infinitehip.cache.offload_kv import OffloadConfig, OffloadKVCache, longest_offload_context, plan_offload
+from infinitehip.cache.offload_kv import OffloadKVCache
+from infinitehip.cache.offload_plan import OffloadConfig, longest_offload_context, plan_offload
 from infinitehip.cache.offload_plan import GPU_USE, HOST_USE, layer_bytes_per_token
 from infinitehip.engine import DecodeState, SamplingParams, decode_one_token, prefill, stream
 

@@ -177,7 +177,7 @@ def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory
 
 def _offload_arg(offload: bool | None, fp8: bool, gpu_layers: int | None):
     """``generate``'s offload argument: either option asks for offload with that config."""
-    from .cache.offload_kv import OffloadConfig
+    from .cache.offload_plan import OffloadConfig
 
     if not fp8 and gpu_layers is None:
         return offload
@@ -206,7 +206,7 @@ def _offload_capacity(model_dir: str, r: dict, fp8: bool):
     """``longest_offload_context`` for ``inspect_checkpoint``'s numbers and the checkpoint's preset."""
     import torch
 
-    from .cache.offload_kv import OffloadConfig, longest_offload_context
+    from .cache.offload_plan import OffloadConfig, longest_offload_context
     from .config import HiPConfig
     from .models.llama import ModelArgs
     from .models.loader import read_config

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from ..cache.kv import KVCache, free_memory
-from ..cache.offload_kv import OffloadConfig, OffloadKVCache, host_bytes_per_token
+from ..cache.offload_kv import OffloadKVCache
+from ..cache.offload_plan import OffloadConfig, host_bytes_per_token
 from ..cache.offload_plan import HOST_USE, longest_offload_context, plan_offload
 from ..config import HiPConfig
 from ..engine.generate import DecodeState, decode_one_token

@@ -30,9 +30,7 @@ from ..attention.pages import KVPages
 from ..attention.paged import paged_hip_attention
 from ..config import HiPConfig
 from .offload import BlockCache, HostKVStore
-# The planning half lives in offload_plan; these names stay importable from here.
-from .offload_plan import (OffloadConfig, OffloadPlan, cache_pages, gpu_cache_bytes, gpu_layer_order,  # noqa: F401
-                           host_bytes_per_token, longest_offload_context, plan_offload, step_pages)
+from .offload_plan import OffloadConfig, cache_pages, gpu_layer_order, plan_offload
 
 # Calls with at most this many queries (decode) attend through the GPU block cache.
 DECODE_QUERIES = 16

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache.kv import CapacityError, KVCache
-from ..cache.offload_kv import OffloadConfig, OffloadKVCache
+from ..cache.offload_kv import OffloadKVCache
+from ..cache.offload_plan import OffloadConfig
 from ..models.llama import BACKENDS
 from .generate import DecodeState, decode_one_token, make_cache, prefill
 from .prefix_cache import PrefixCache

@@ -13,7 +13,8 @@ import torch
 
 from ..attention import HiPMask
 from ..cache.kv import CapacityError, KVCache, plan_kv_cache
-from ..cache.offload_kv import OffloadConfig, OffloadKVCache, plan_offload
+from ..cache.offload_kv import OffloadKVCache
+from ..cache.offload_plan import OffloadConfig, plan_offload
 from ..config import HiPConfig
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model

@@ -268,7 +268,7 @@ def _offload_capacity(args: ModelArgs, dtype, device) -> dict:
     """Longest context per sequence with the KV cache offloaded to host memory (90% of what is
     available: the OS and the process need the rest), plain and FP8."""
     from ..cache.kv import free_memory
-    from ..cache.offload_kv import OffloadConfig, host_bytes_per_token as per_token
+    from ..cache.offload_plan import OffloadConfig, host_bytes_per_token as per_token
 
     host = free_memory(torch.device("cpu"))
     shape = (args.n_layers, args.n_kv_heads, args.head_dim, dtype)
