@@ -9,6 +9,8 @@ Capacity is fixed at allocation, so decode shapes are static (CUDA-graph captura
 """
 from __future__ import annotations
 
+import functools
+
 import os
 
 import torch
@@ -81,11 +83,17 @@ class KVCache:
         if B == 1 and T > 1:  # prefill: one contiguous slice, no index tensor
             s = int(start[0])
             kf[0, s:s + T], vf[0, s:s + T] = k[0], v[0]
-        else:
-            pos = start[:, None] + torch.arange(T, device=k.device)          # (B, T)
-            rows = torch.arange(B, device=k.device)[:, None].expand_as(pos)
-            kf[rows, pos], vf[rows, pos] = k, v
+        else:   # decode: three kernels (one index add, two row copies); runs in every layer
+            flat = (start[:, None] + _row_offsets(B, T, self.capacity, k.device)).flatten()   # (B * T,)
+            kf.view(-1, *k.shape[2:]).index_copy_(0, flat, k.flatten(0, 1))
+            vf.view(-1, *v.shape[2:]).index_copy_(0, flat, v.flatten(0, 1))
         return kf, vf
+
+
+@functools.lru_cache(maxsize=64)
+def _row_offsets(B: int, T: int, capacity: int, device: torch.device) -> torch.Tensor:
+    """(B, T) flat cache row of token t of batch row b, relative to its start: b * capacity + t."""
+    return torch.arange(B, device=device)[:, None] * capacity + torch.arange(T, device=device)
 
 
 def kv_bytes(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
