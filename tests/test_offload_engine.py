@@ -57,17 +57,19 @@ def prompt(n=PROMPT, seed=0):
 
 
 def test_offload_logits_equal_on_device_bit_for_bit(model):
-    on_device, offloaded = caches(model)
+    on_device, in_place = caches(model)
     want = run(model, prompt(), on_device)
-    got = run(model, prompt(), offloaded)
-    assert torch.equal(got, want)
-    stats = [c.stats for c in offloaded.caches]
+    assert in_place.block_caches == [] and in_place.gpu_nbytes < 0.01 * on_device.nbytes   # the default
+    assert torch.equal(run(model, prompt(), in_place), want)
+    _, cached = caches(model, decode_cache=True)
+    assert torch.equal(run(model, prompt(), cached), want)
+    stats = [c.stats for c in cached.caches]
     assert sum(s.hits for s in stats) > sum(s.misses for s in stats) > 0     # the working set is reused
 
 
 def test_mixed_placement_equals_on_device_bit_for_bit(model):
     """Two layers' whole store in device memory, four offloaded: still the on-device logits."""
-    on_device, mixed = caches(model, gpu_layers=2)
+    on_device, mixed = caches(model, gpu_layers=2, decode_cache=True)
     assert mixed.gpu_layers == (0, 1)       # dense layer 0 (the largest block cache) first, then by index
     assert mixed.caches[0] is None and mixed.tables[0] is None and mixed.stores[0].on_device
     assert not mixed.stores[2].on_device and mixed.caches[2] is not None
@@ -78,7 +80,7 @@ def test_mixed_placement_equals_on_device_bit_for_bit(model):
 def test_offload_small_pages_and_evictions_stay_exact(bf16_model):
     """Pages smaller than a chunk and a cache just big enough: evictions, still the same logits."""
     model = bf16_model
-    on_device, offloaded = caches(model, page=2, headroom=1.0)
+    on_device, offloaded = caches(model, page=2, headroom=1.0, decode_cache=True)
     assert torch.equal(run(model, prompt(seed=1), offloaded), run(model, prompt(seed=1), on_device))
     assert sum(c.stats.evictions for c in offloaded.caches) > 0
 

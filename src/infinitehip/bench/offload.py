@@ -134,8 +134,8 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
             fp8 = False
         else:
             bf16_host = host_bytes_per_token(args.n_layers, args.n_kv_heads, args.head_dim, model.dtype) * capacity
-            fp8 = path == "offload_fp8" or path != "offload_zero_copy" and bf16_host > HOST_USE * host_free
-            config = OffloadConfig(page=a.page, fp8=fp8, headroom=a.headroom, decode_cache=path != "offload_zero_copy",
+            fp8 = path == "offload_fp8" or path != "offload_cache" and bf16_host > HOST_USE * host_free
+            config = OffloadConfig(page=a.page, fp8=fp8, headroom=a.headroom, decode_cache=path == "offload_cache",
                                    gpu_layers=a.gpu_layers)
             cache = offload_cache(model, capacity, config, device)
         t0 = time.perf_counter()
@@ -151,16 +151,17 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
                "gpu_kv_reduction": gpu_kv / on_gpu_bytes, "host_kv_bytes": getattr(cache, "host_nbytes", 0),
                "fill_s": fill_s, "gpu_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
                **{k: v for k, v in r.items() if k != "first_logits"}}
-        if path == "offload_zero_copy":   # no cache: every attended key crosses PCIe every step
+        key_bytes = (1 + 4 / (a.page * args.head_dim)) if fp8 else elem
+        prune = host_layers * prune_bytes_per_step(model.net.layer_configs[-1], context, args.n_kv_heads,
+                                                     args.head_dim, key_bytes)
+        if path in ("offload", "offload_fp8"):   # in place: every attended key crosses PCIe every step
             attended = model.hip.sink + model.hip.budget + model.hip.window
-            rec["bytes_per_step"] = {"attention_reads_est": 2 * host_layers * args.n_kv_heads * args.head_dim
-                                     * elem * attended}
-        elif path != "on_gpu":
+            reads = 2 * host_layers * args.n_kv_heads * args.head_dim * key_bytes * attended
+            rec["bytes_per_step"] = {"attention_reads_est": reads, "pruning_reads_est": prune,
+                                     "total": reads + prune}
+        elif path == "offload_cache":
             page_bytes = 2 * a.page * args.n_kv_heads * args.head_dim * elem
-            key_bytes = (1 + 4 / (a.page * args.head_dim)) if fp8 else elem
             fetch = sum(r["misses_per_step"]) / len(r["misses_per_step"]) * page_bytes
-            prune = host_layers * prune_bytes_per_step(model.net.layer_configs[-1], context, args.n_kv_heads,
-                                                         args.head_dim, key_bytes)
             write = 2 * host_layers * args.n_kv_heads * args.head_dim * (1 if fp8 else elem) * (a.page if fp8 else 1)
             rec["bytes_per_step"] = {"block_fetch_h2d": fetch, "pruning_reads_est": prune, "kv_write_d2h": write,
                                      "total": fetch + prune + write}
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None):
     for context in contexts:
         if context == "max":    # measured now, just before its plan: earlier runs' leftovers count
             context = longest_context(model, a, device)
-        same_run = ["offload_fp8", "offload_zero_copy"] if context in on_gpu else []
+        same_run = ["offload_fp8", "offload_cache"] if context in on_gpu else []
         paths = (["on_gpu"] if context in on_gpu else []) + ["offload"] + same_run
         for r in bench_context(model, context, paths, a, device, free_memory(torch.device("cpu"))):
             r.update(device=name, date=date, layers=model.args.n_layers,
@@ -264,7 +265,7 @@ def _plot(records: list[dict], path: Path):
     except ImportError:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("on_gpu", "offload", "offload_fp8", "offload_zero_copy"):
+    for name in ("on_gpu", "offload", "offload_fp8", "offload_cache"):
         rs = [r for r in records if r["path"] == name]
         if rs:
             ax1.plot([r["context"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)

@@ -1,4 +1,4 @@
-"""The offloaded KV cache the engine uses: every layer's K/V in host memory, a GPU block cache.
+"""The offloaded KV cache the engine uses: every layer's K/V in host memory, read in place.
 
 Same interface as ``KVCache`` (``update``, ``select``, ``batch``, ``capacity``), plus
 ``attention(layer)``, which the model calls instead of ``hip_attention``:
@@ -9,10 +9,11 @@ Same interface as ``KVCache`` (``update``, ``select``, ``batch``, ``capacity``),
 - **pruning** reads keys from the host store in place (only the probed rows cross PCIe);
 - **prefill attention** reads the selected keys in place too (a chunk's query blocks together
   select most of the context, so a cache would not bound GPU memory);
-- **decode attention** reads through a block table into a per-layer GPU page pool: after the
-  mask of a step is known, the pages it selects plus the sink and the window are fetched
+- **decode attention** reads in place as well (the default), or, with
+  ``OffloadConfig.decode_cache``, through a block table into a per-layer GPU page pool: after
+  the mask of a step is known, the pages it selects plus the sink and the window are fetched
   (misses only: least recently used pages are evicted; masks change only at refreshes, so the
-  working set moves slowly).
+  working set moves slowly). Reading in place measured faster (``offload_plan.OffloadConfig``).
 
 ``OffloadConfig.gpu_layers`` layers keep their whole store in GPU memory instead (same format,
 placed by ``offload_plan.plan_offload``): everything reads it in place, like the on-device
@@ -74,11 +75,10 @@ class OffloadKVCache:
         self.stores = [HostKVStore(batch * nb, page, n_kv_heads, head_dim, dtype, config.fp8, device,
                                    on_device=i in on_gpu) for i in range(n_layers)]
         slots = cache_pages(layer_configs, batch, n_kv_heads, config)
-        # GPU-stored layers are read in place: no block cache (None), no table (None).
-        self.caches = [None if i in on_gpu else BlockCache(s, n, device)
-                       for i, (s, n) in enumerate(zip(self.stores, slots))]
-        self.tables = [None if i in on_gpu else torch.full((batch, nb), -1, dtype=torch.int32, device=device)
-                       for i in range(n_layers)]
+        # Layers read in place (GPU-stored, or all without decode_cache): no block cache, no table.
+        cached = [config.decode_cache and i not in on_gpu for i in range(n_layers)]
+        self.caches = [BlockCache(s, n, device) if c else None for s, n, c in zip(self.stores, slots, cached)]
+        self.tables = [torch.full((batch, nb), -1, dtype=torch.int32, device=device) if c else None for c in cached]
 
     @property
     def batch(self) -> int:

@@ -37,8 +37,11 @@ class OffloadConfig:
     bit-identical (error bound in ``offload.py``). GPU-stored layers use the same format.
     gpu_pages: pages per layer in the GPU block cache; None: ``headroom`` x the most pages one
     decode step of the batch reads (sink + window + selected chunks).
-    decode_cache: decode attention reads through the GPU block cache (True) or, like prefill,
-    in place from host memory (False: no cache, every attended key crosses PCIe each step).
+    decode_cache: decode attention reads through a GPU block cache of the pages the masks select
+    (True) or, like prefill, in place from host memory (False, the default: no cache and no
+    page pool; every attended key crosses PCIe each step). In place measured 2x faster on an
+    H100 at 256K (0.48x vs 0.25x the on-GPU decode, ``benchmarks/results/offload_h100.json``):
+    the cache's bookkeeping is on the CPU and every refresh brings a miss storm.
     gpu_layers: how many layers keep their whole store in GPU memory (read in place, no block
     cache), taken in ``gpu_layer_order``. None: automatic (``plan_offload``): 0 while host
     memory holds every layer (the small GPU footprint), else as many as the spare GPU memory
@@ -48,7 +51,7 @@ class OffloadConfig:
     fp8: bool = False
     gpu_pages: int | None = None
     headroom: float = 1.5
-    decode_cache: bool = True
+    decode_cache: bool = False
     gpu_layers: int | None = None
 
 
@@ -60,7 +63,10 @@ def step_pages(config: HiPConfig, n_kv_heads: int, page: int) -> int:
 
 
 def cache_pages(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, config: OffloadConfig) -> list[int]:
-    """Pages of each layer's GPU block cache: ``gpu_pages``, or ``headroom`` x one step's working set."""
+    """Pages of each layer's GPU block cache: ``gpu_pages``, or ``headroom`` x one step's working
+    set; none without ``decode_cache``."""
+    if not config.decode_cache:
+        return [0] * len(layer_configs)
     return [config.gpu_pages or max(1, int(config.headroom * batch * step_pages(c, n_kv_heads, config.page)))
             for c in layer_configs]
 
@@ -114,7 +120,7 @@ class _Sizes:
         page_bytes = 2 * config.page * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
         self.pool = [n * page_bytes for n in cache_pages(layer_configs, batch, n_kv_heads, config)]
         self.store = batch * layer_bytes_per_token(n_kv_heads, head_dim, dtype, config)   # one layer, per token
-        self.table = batch * 4 / config.page                                              # int32 per page
+        self.table = batch * 4 / config.page if config.decode_cache else 0                # int32 per page
 
     def pools(self, g: int) -> int:
         return sum(self.pool[i] for i in self.order[g:])
