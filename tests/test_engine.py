@@ -117,19 +117,19 @@ def test_hip_long_context_sparse_runs_and_reuses_masks(model):
     assert not torch.allclose(dense, sparse)   # it really is sparse beyond sink + window
 
 
-def test_decode_continues_from_the_prefill_mask(model):
-    """Step 0 of decode reuses the prompt's last query block mask (pooled prompt queries), and
-    the refresh schedule starts after it."""
+def test_decode_prunes_from_scratch_at_its_first_step(model):
+    """A new row's first decode step runs every pruning stage with its own query (not the
+    prompt's pooled last block), then the refresh schedule counts from there."""
     tokens = ids(400, seed=5)
-    cache, state, masks = new_cache(model), DecodeState("hip"), []
-    logits = prefill(model, tokens, cache, backend="hip", chunk_size=128, masks=masks)
-    assert len(masks) == model.args.n_layers and all(m is not None for m in masks)
-    assert masks[0].starts.shape[:3] == (1, model.args.n_kv_heads, 1)
-    state.admit(0, 1, masks)
-    assert state.steps == [1] and model.hip.refresh_stage(1) == model.hip.n_stages
+    cache, state = new_cache(model), DecodeState("hip")
+    logits = prefill(model, tokens, cache, backend="hip", chunk_size=128)
+    state.admit(0, 1)
+    assert state.steps == [0] and state.refresh_stages(model.hip) == 0
     decode_one_token(model, logits.argmax(-1), torch.tensor([400]), cache, state)
-    assert all(torch.equal(a.starts, b.starts) for a, b in zip(state.masks, masks))
-    assert state.steps == [2]
+    assert state.steps == [1] and all(m is not None for m in state.masks)
+    fresh = DecodeState("hip")   # the same step from an empty state: the same masks
+    decode_one_token(model, logits.argmax(-1), torch.tensor([400]), cache, fresh)
+    assert all(torch.equal(a.starts, b.starts) for a, b in zip(state.masks, fresh.masks))
 
 
 def _greedy_rows(model, prompts, admit_at, n_new, capacity=512):
@@ -141,10 +141,8 @@ def _greedy_rows(model, prompts, admit_at, n_new, capacity=512):
     seqlens, logits, out = torch.zeros(B, dtype=torch.long), [None] * B, [[] for _ in range(B)]
 
     def start_row(b, toks):
-        masks = []
-        logits[b] = prefill(model, toks[None], cache.select(slice(b, b + 1)), backend="hip", chunk_size=128,
-                            masks=masks)[0]
-        state.admit(b, B, masks)
+        logits[b] = prefill(model, toks[None], cache.select(slice(b, b + 1)), backend="hip", chunk_size=128)[0]
+        state.admit(b, B)
         seqlens[b] = len(toks)
 
     for b in range(B):

@@ -12,6 +12,12 @@ whole layers in GPU memory: ``OffloadConfig.gpu_layers``, automatic unless ``--g
 Contexts whose bf16 store does not fit in host memory are run with FP8; each offloaded run
 places its layers like the engine does (``plan_offload``; ``gpu_layers`` in the JSON). The
 all-on-GPU path runs where its cache fits.
+
+On a GPU every path decodes from CUDA graphs (``engine.cuda_graph.GraphDecoder``, the cache read
+at full capacity): the same mode for the on-GPU and the offloaded caches, so
+``decode_ratio_vs_on_gpu`` compares graph with graph. ``--eager`` runs every path op by op
+instead. ``offload_cache`` (``decode_cache=True``: host-side page bookkeeping) cannot be
+captured and always runs eagerly; ``decode_mode`` in the JSON says which mode each record ran.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig, host_bytes_per_token
 from ..cache.offload_plan import HOST_USE, longest_offload_context, plan_offload
 from ..config import HiPConfig
+from ..engine.cuda_graph import GraphDecoder, check_capturable
 from ..engine.generate import DecodeState, decode_one_token
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
@@ -69,23 +76,42 @@ def fill(model: Model, cache, context: int, device):
     _sync()
 
 
-def decode(model: Model, cache, context: int, warm: int, steps: int, device) -> dict:
-    """Greedy decode from position ``context``: ``warm`` steps untimed (a full refresh cycle,
-    kernel compilation), then ``steps`` timed. Returns timings, tokens and block-cache stats."""
+def decode_mode(cache, device, eager: bool) -> str:
+    """"cuda_graph" on a GPU unless ``eager``; "eager" where the cache cannot be captured (the
+    page cache of ``decode_cache=True``)."""
+    if eager or device.type != "cuda":
+        return "eager"
+    try:
+        check_capturable(cache)
+    except ValueError:
+        return "eager"
+    return "cuda_graph"
+
+
+def decode(model: Model, cache, context: int, warm: int, steps: int, device, mode: str = "eager") -> dict:
+    """Greedy decode from position ``context``: ``warm`` steps untimed (a full refresh cycle, so
+    every graph is captured; kernel compilation), then ``steps`` timed. ``mode``: "cuda_graph"
+    replays the step (the cache read at full capacity), "eager" runs it op by op over exactly the
+    written keys. Returns timings, tokens and block-cache stats."""
     state = DecodeState("hip")
     seqlens = torch.tensor([context], device=device)
     tok = torch.tensor([1], device=device)
-    tokens, miss_steps = [], []
+    tokens, miss_steps, length = [], [], context
     caches = getattr(cache, "block_caches", [])          # GPU-stored layers have none
+    graph = GraphDecoder(model, cache, state) if mode == "cuda_graph" else None
 
     def step():
-        nonlocal tok
+        nonlocal tok, length
         before = sum(c.stats.misses for c in caches)
-        logits = decode_one_token(model, tok, seqlens, cache, state, kv_limit=int(seqlens[0]) + 1)
+        if graph is not None:
+            logits = graph(tok, seqlens)
+        else:
+            logits = decode_one_token(model, tok, seqlens, cache, state, kv_limit=length + 1)
         tok = logits.argmax(-1)
-        tokens.append(int(tok[0]))
+        tokens.append(tok)          # kept on the device: no host sync per step
         miss_steps.append(sum(c.stats.misses for c in caches) - before)
         seqlens.add_(1)
+        length += 1
         return logits
 
     first = step()
@@ -100,7 +126,8 @@ def decode(model: Model, cache, context: int, warm: int, steps: int, device) -> 
     elapsed = time.perf_counter() - t
     per_layer = [(c.stats.hits - h, c.stats.misses - m) for c, (h, m) in zip(caches, stats0)]
     hits, misses = sum(h for h, _ in per_layer), sum(m for _, m in per_layer)
-    return {"tokens_per_s": steps / elapsed, "ms_per_token": 1e3 * elapsed / steps, "tokens": tokens,
+    return {"decode_mode": mode, "tokens_per_s": steps / elapsed, "ms_per_token": 1e3 * elapsed / steps,
+            "tokens": torch.cat(tokens).tolist(),
             "first_logits": first.float().cpu(),
             "hit_rate": hits / max(1, hits + misses) if caches else None,
             "hit_rate_per_layer": [h / max(1, h + m) for h, m in per_layer] if caches else None,
@@ -119,13 +146,20 @@ def prune_bytes_per_step(config: HiPConfig, context: int, n_kv_heads: int, head_
     return total
 
 
+def bench_capacity(context: int, a) -> int:
+    """One capacity for every path of a context: room for the decode steps, rounded up to
+    KVCache's 256-token blocks and to the page. Graphs read the cache at full capacity, so the
+    on-GPU and offloaded steps then have the same shapes."""
+    unit = max(256, a.page)
+    return -(-(context + a.steps + a.warm + 1) // unit) * unit
+
+
 def bench_context(model: Model, context: int, paths: list[str], a, device, host_free: int) -> list[dict]:
     args, records, ref = model.args, [], None
     elem = torch.finfo(model.dtype).bits // 8
-    # What the all-on-GPU path allocates for this run (KVCache rounds capacity up to 256-token blocks).
-    on_gpu_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem * (-(-(context + a.steps + a.warm + 1) // 256) * 256)
+    capacity = bench_capacity(context, a)
+    on_gpu_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem * capacity
     for path in paths:
-        capacity = context + a.steps + a.warm + 1
         if path == "on_gpu":
             if device.type == "cuda" and on_gpu_bytes > 0.9 * free_memory(device):
                 print(f"{context:>9} on_gpu: skipped, {on_gpu_bytes / 2**30:.1f} GiB of KV do not fit", flush=True)
@@ -143,7 +177,7 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
         fill_s = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        r = decode(model, cache, context, a.warm, a.steps, device)
+        r = decode(model, cache, context, a.warm, a.steps, device, decode_mode(cache, device, a.eager))
         gpu_kv = cache.nbytes if path == "on_gpu" else cache.gpu_nbytes
         gpu_layers = args.n_layers if path == "on_gpu" else len(cache.gpu_layers)
         host_layers = args.n_layers - gpu_layers        # what the PCIe estimates below count
@@ -174,7 +208,8 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
         if path == "on_gpu":
             ref = {**rec, "first_logits": r["first_logits"]}
         records.append(rec)
-        print(f"{context:>9} {path:>11}{' fp8' if fp8 else ''}: {rec['tokens_per_s']:7.2f} tok/s  GPU KV "
+        print(f"{context:>9} {path:>11}{' fp8' if fp8 else ''}: {rec['tokens_per_s']:7.2f} tok/s "
+              f"({rec['decode_mode']})  GPU KV "
               f"{gpu_kv / 2**30:6.2f} GiB ({100 * rec['gpu_kv_reduction']:.1f}%, {gpu_layers} layers whole)  "
               f"host KV {rec['host_kv_bytes'] / 2**30:6.2f} GiB  hit rate {rec['hit_rate']}  "
               f"ratio {rec['decode_ratio_vs_on_gpu']}", flush=True)
@@ -202,7 +237,7 @@ def longest_context(model: Model, a, device, free_host: int | None = None, free_
     capacity, _ = longest_offload_context(n_layers=m.n_layers, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, batch=1,
                                           dtype=model.dtype, device=device, layer_configs=model.net.layer_configs,
                                           config=config, workspace=WORKSPACE, free_host=free_host, free_gpu=free_gpu)
-    return (capacity - a.steps - a.warm - 1) // FILL_CHUNK * FILL_CHUNK
+    return (capacity - a.steps - a.warm - 1 - max(256, a.page)) // FILL_CHUNK * FILL_CHUNK   # bench_capacity's rounding
 
 
 def main(argv: list[str] | None = None):
@@ -211,12 +246,15 @@ def main(argv: list[str] | None = None):
     p.add_argument("--contexts", default="262144,1048576,max", help="Comma-separated; 'max' = longest that fits.")
     p.add_argument("--on-gpu-contexts", default="262144", help="Contexts that also run all-on-GPU (same run).")
     p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--warm", type=int, default=32, help="Untimed decode steps (one refresh cycle).")
+    p.add_argument("--warm", type=int, default=33, help="Untimed decode steps (at least one refresh cycle + 1 "
+                   "with CUDA graphs: every stage's graph is captured before the timing).")
     p.add_argument("--steps", type=int, default=64, help="Timed decode steps.")
     p.add_argument("--page", type=int, default=8)
     p.add_argument("--headroom", type=float, default=1.5, help="GPU block cache size / one step's working set.")
     p.add_argument("--gpu-layers", type=int, default=None, help="Layers whose whole KV stays in GPU memory "
                    "(default: automatic, only when host memory is short; 0: none).")
+    p.add_argument("--eager", action="store_true", help="Decode op by op on every path (default on a GPU: "
+                   "CUDA graphs wherever the cache allows, the same for on-GPU and offloaded caches).")
     p.add_argument("--quick", action="store_true", help="Tiny shapes (runs on CPU): for tests.")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
@@ -234,6 +272,8 @@ def main(argv: list[str] | None = None):
         model, device = random_model(a.layers, config), torch.device("cuda")
         contexts = [c if c == "max" else int(c) for c in a.contexts.split(",")]
         on_gpu = {int(c) for c in a.on_gpu_contexts.split(",") if c}
+        if not a.eager:   # the timed steps must not capture: every refresh stage's graph first
+            a.warm = max(a.warm, max(config.refresh_intervals) + 1)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     date, records = datetime.date.today().isoformat(), []
     for context in contexts:

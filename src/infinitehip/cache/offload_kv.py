@@ -55,6 +55,19 @@ def needed_pages(starts: torch.Tensor, geo, config: HiPConfig, page: int) -> tor
     return torch.cat([sink, win, sel], dim=1)
 
 
+def touched_pages(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """blocks (B, T): each written token's global page -> (the distinct pages (N,) ascending,
+    each token's index in them (B * T,)).
+
+    One token per row (T == 1, decode) touches B distinct pages in row order (row b's pages are
+    b * NB .. b * NB + NB - 1), so no ``unique``: it would sync with the host and give a
+    data-dependent shape, which a CUDA graph cannot capture. Prefill chunks share pages.
+    """
+    if blocks.shape[1] == 1:
+        return blocks.flatten(), torch.arange(blocks.shape[0], device=blocks.device)
+    return blocks.flatten().unique(return_inverse=True)
+
+
 class OffloadKVCache:
     def __init__(self, n_layers: int, batch: int, capacity: int, n_kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device | str, layer_configs: list[HiPConfig],
@@ -116,25 +129,26 @@ class OffloadKVCache:
     def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, T, K, D) at positions ``start[b] + t`` into the layer's store (host, or
         GPU for a GPU-stored layer); return its logical (B, capacity, K, D) device views (FP8 codes
-        when ``config.fp8``)."""
+        when ``config.fp8``). With T == 1 (decode) and no block cache it runs no host sync and no
+        data-dependent shape: CUDA-graph capturable."""
         B, T = k.shape[:2]
         store = self.stores[layer]
-        pos = start.to(store.dk.device)[:, None] + torch.arange(T, device=store.dk.device)   # (B, T)
-        rows = self.row0 + torch.arange(B, device=pos.device)[:, None]
+        dev = store.dk.device
+        pos = start.to(dev)[:, None] + torch.arange(T, device=dev)                 # (B, T)
+        rows = self.row0 + torch.arange(B, device=dev)[:, None]
         blocks = rows * self.nb + pos // self.page                                  # (B, T) global pages
         if store.fp8:   # re-encode the touched pages whole: one scale per page
-            ids, inv = blocks.flatten().unique(return_inverse=True)
+            ids, inv = touched_pages(blocks)
             kp, vp = store.read(ids)                                                # (N, page, K, D)
             off = (pos % self.page).flatten()
             kp[inv, off], vp[inv, off] = k.flatten(0, 1).to(kp), v.flatten(0, 1).to(vp)
             store.write(ids, kp, vp)
         else:
             flat = (rows * self.capacity + pos).flatten()                           # (B * T,) token rows
-            store.dk.view(-1, *k.shape[2:])[flat] = k.flatten(0, 1).to(store.dk.device, store.dtype)
-            store.dv.view(-1, *v.shape[2:])[flat] = v.flatten(0, 1).to(store.dv.device, store.dtype)
-            ids = blocks.flatten().unique()
-        if self.caches[layer] is not None:
-            self.caches[layer].invalidate(ids)
+            store.dk.view(-1, *k.shape[2:])[flat] = k.flatten(0, 1).to(dev, store.dtype)
+            store.dv.view(-1, *v.shape[2:])[flat] = v.flatten(0, 1).to(dev, store.dtype)
+        if self.caches[layer] is not None:   # decode_cache: host-side bookkeeping, never captured
+            self.caches[layer].invalidate(blocks.flatten().unique())
         return self._logical(layer)
 
     def read_prefix(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +193,8 @@ class _LayerSource:
         if not s.fp8:
             return self.logical(tk)[:2]
         n = -(-tk // c.page)
-        ids = ((c.row0 + torch.arange(c.batch))[:, None] * c.nb + torch.arange(n)).flatten()
+        dev = s.dk.device   # index on the store's device: a host-made index is a copy no graph captures
+        ids = ((c.row0 + torch.arange(c.batch, device=dev))[:, None] * c.nb + torch.arange(n, device=dev)).flatten()
         k, v = s.read(ids)                                                           # (B * n, page, K, D)
         shape = (c.batch, n * c.page, *k.shape[2:])
         return k.view(shape)[:, :tk], v.view(shape)[:, :tk]

@@ -89,7 +89,6 @@ class _Request:
     last: int = 0                # decode: the token fed at the next step
     tokens: torch.Tensor | None = None              # (1, T) the prompt on the device, while prefilling
     logits: torch.Tensor | None = None              # (1, V) after the last prefill chunk
-    masks: list | None = field(default=None, repr=False)   # hip: the prompt's last-block masks
 
 
 class BatchRunner:
@@ -229,16 +228,13 @@ class BatchRunner:
         start, end = req.filled, min(req.filled + self.chunk_size, len(req.ids))
         if req.tokens is None:  # made once: a long document is prefilled over many steps
             req.tokens = torch.tensor([req.ids], device=self.model.device)             # (1, T)
-        # hip: the last chunk also returns the prompt's last-query-block masks, which decode
-        # starts from (as engine.stream does), so a request's tokens equal a run of its own.
-        extra = {"masks": []} if self.backend == "hip" and end == len(req.ids) else {}
         t0 = time.perf_counter()
         req.logits = prefill(self.model, req.tokens[:, :end], self._row(req.slot), backend=self.backend,
-                             chunk_size=self.chunk_size, kernel=self.kernel, start=start, **extra)
+                             chunk_size=self.chunk_size, kernel=self.kernel, start=start)
         self.stats.prefill_seconds += time.perf_counter() - t0
         self.stats.prefill_chunks += 1
         self.stats.prefilled_tokens += end - start
-        req.filled, req.masks = end, extra.get("masks")
+        req.filled = end
         if end == len(req.ids):
             req.tokens = None
         if end == len(req.ids) and self.prefix_cache is not None:
@@ -251,8 +247,7 @@ class BatchRunner:
         req.logits, req.seqlen = None, len(req.ids)
         if self._emit(req, tok, events):
             return
-        self.state.admit(req.slot, self.max_batch, req.masks)   # this row's refresh schedule restarts
-        req.masks = None
+        self.state.admit(req.slot, self.max_batch)   # this row's refresh schedule restarts
         self._decoding[req.slot] = req
 
     def _decode(self, events: list[BatchEvent]):

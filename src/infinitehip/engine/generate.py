@@ -11,7 +11,6 @@ from typing import Iterator
 
 import torch
 
-from ..attention import HiPMask
 from ..cache.kv import CapacityError, KVCache, plan_kv_cache
 from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig, plan_offload
@@ -38,26 +37,15 @@ class DecodeState:
         stages = [hip.refresh_stage(s) for s in self.steps]
         return stages[0] if len(set(stages)) == 1 else stages
 
-    def admit(self, row: int, batch: int, masks: list[HiPMask | None] | None = None):
-        """Start row ``row`` of ``batch`` on a new sequence. ``masks``: its prefill's last-query-block
-        mask per layer (from ``prefill(..., masks=...)``); decode then reuses it as its step-0
-        pruning, whose pooled prompt queries find the needle more reliably than one new token.
-        Without them the row's first step prunes from scratch."""
+    def admit(self, row: int, batch: int):
+        """Start row ``row`` of ``batch`` on a new sequence: its refresh schedule restarts, so its
+        first decode step prunes from scratch with its own query. (Starting from the prompt's
+        last query block instead -- queries pooled over 32-64 prompt rows -- missed the needle
+        that a fresh one-token query finds: passkey at 32x the built-in model's context went from
+        2/6 to 6/6 in scripts/diagnose_builtin.py.)"""
         if not self.steps:
             self.steps = [0] * batch
-        if not self.masks:
-            self.masks = [None] * (len(masks) if masks else 0)
-        usable = bool(masks) and all(m is not None for m in masks) and len(masks) == len(self.masks)
-        self.steps[row] = 1 if usable else 0
-        if usable:
-            self._write_masks(row, batch, masks)
-
-    @torch.inference_mode()  # the masks are made by the model's inference-mode forward
-    def _write_masks(self, row: int, batch: int, masks: list[HiPMask]):
-        for layer, m in enumerate(masks):
-            if self.masks[layer] is None:
-                self.masks[layer] = m.blank(batch)
-            self.masks[layer].write_row(row, m)
+        self.steps[row] = 0
 
 
 @dataclass
@@ -73,14 +61,11 @@ class Event:
 
 
 def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, *, backend: str = "hip", chunk_size: int = 4096,
-            kernel: str = "auto", progress: bool = False, start: int = 0,
-            masks: list | None = None) -> torch.Tensor:
+            kernel: str = "auto", progress: bool = False, start: int = 0) -> torch.Tensor:
     """Run the prompt ``tokens`` (1, T) through the model ``chunk_size`` tokens at a time.
 
     Writes its K/V to ``cache`` (one row) and returns the last token's logits (1, V). The first
     ``start`` tokens' K/V must already be in the cache (a reused prefix); they are not recomputed.
-    ``masks``: a list that receives, per layer, the sparse mask of the prompt's last query block
-    (None where attention was dense), for ``DecodeState.admit``.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -91,16 +76,12 @@ def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, *, backend: str 
     for s in range(start, T, chunk_size):
         e = min(s + chunk_size, T)
         pos = torch.tensor([s], device=tokens.device)
-        if masks is not None and e == T and backend == "hip":
-            call = AttentionCall(backend=backend, kernel=kernel, masks=[None] * model.args.n_layers)
         logits = model.net(tokens[:, s:e], pos, cache, call, kv_limit=e, last_only=True)
         if bar is not None:
             bar.update(e - s)
     if bar is not None:
         bar.set_postfix_str(f"{(T - start) / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
         bar.close()
-    if masks is not None:
-        masks[:] = [None if m is None else m.last_query_block() for m in (call.masks or [])]
     return logits[:, -1]
 
 
@@ -139,7 +120,8 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
 
     Prompts are prefilled one at a time (they may differ in length), then decoded together,
     one token per row per step, each row at its own position. ``cuda_graph``: replay the decode
-    step from CUDA graphs (GPU only; reads the cache at full capacity). ``prefix_cache``: reuse
+    step from CUDA graphs (GPU only; reads the cache at full capacity; an offloaded cache too,
+    except with ``OffloadConfig(decode_cache=True)``). ``prefix_cache``: reuse
     the KV of a cached prompt prefix (a shared document) instead of prefilling it again.
     ``offload``: keep the KV cache in host memory with a GPU block cache (True, or an
     ``OffloadConfig``); None (default) offloads only when the cache does not fit on the GPU.
@@ -153,8 +135,6 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
     B, device, n_new = len(ids), model.device, params.max_new_tokens
     capacity = max(map(len, ids)) + n_new
     cache = make_cache(model, B, capacity, chunk_size, offload)
-    if isinstance(cache, OffloadKVCache) and cuda_graph:
-        raise ValueError("KV offload runs decode eagerly: drop cuda_graph (or offload)")
     state = DecodeState(backend, kernel=kernel)
     graph = None
     if cuda_graph:
@@ -163,10 +143,9 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
         graph = GraphDecoder(model, cache, state)
     rows = []
     for b, x in enumerate(ids):
-        masks = []
         rows.append(_prefill_row(model, x, cache.select(slice(b, b + 1)), prefix_cache, backend=backend,
-                                 chunk_size=chunk_size, kernel=kernel, progress=progress, masks=masks))
-        state.admit(b, B, masks)
+                                 chunk_size=chunk_size, kernel=kernel, progress=progress))
+        state.admit(b, B)
     logits = torch.cat(rows)                                                       # (B, V)
     gen = None
     if params.seed is not None:
