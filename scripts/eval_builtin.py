@@ -23,7 +23,7 @@ from infinitehip.models import load  # noqa: E402
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default=None, help="default: the config the model's config.json recommends")
     p.add_argument("--tasks", default="passkey,niah_single,niah_multikey")
     p.add_argument("--lengths", default="0.875x,4x,32x,128x")
     p.add_argument("--methods", default="hip,dense,streaming")

@@ -2,7 +2,7 @@
 
 Profiles, at Llama-3-8B head shape, one decode step per refresh kind (CUDA graph replay and
 the same step eagerly, so each launch is visible) and one prefill call. Writes the tables
-(sorted by device time) to ``--out``.
+(sorted by device time) to ``--out`` and prints the device kernels per call of each.
 
     python scripts/profile_attention.py --decode 128K,1M --prefill 128K --out profile.txt
 """
@@ -29,7 +29,11 @@ def table(fn, reps: int, title: str) -> str:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    return f"\n===== {title} ({reps} reps)\n" + prof.key_averages().table(sort_by="device_time_total", row_limit=25)
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / reps
+    print(f"{title}: {kernels:g} device kernels per call", flush=True)
+    return (f"\n===== {title} ({reps} reps, {kernels:g} device kernels per call)\n"
+            + events.table(sort_by="device_time_total", row_limit=25))
 
 
 def main() -> None:

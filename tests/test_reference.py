@@ -197,3 +197,19 @@ def test_per_row_refresh_errors():
         hip_attention(q, k, v, config=TINY, refresh_stage=[0, 0, 0], backend="reference")
     with pytest.raises(ValueError, match="reuses a mask"):
         hip_attention(q, k, v, config=TINY, refresh_stage=[0, 1], backend="reference")
+
+
+def test_reference_slices_give_the_one_call_result(monkeypatch):
+    """The reference path attends long prompts a few query blocks at a time (bounded memory);
+    slices of unequal size must give the output and mask of one slice over every query."""
+    from infinitehip.attention import api
+
+    q, k, v = rand_qkv(1, 7 * TINY.block_size_q - 5, 900, 4, 2, 64, seed=4)
+    rope = RoPE.default(64, 10000.0)
+    cfg = TINY.replace(dense_threshold=0)
+    monkeypatch.setattr(api, "_reference_slice", lambda q, *a: q.shape[1])
+    whole, whole_mask = hip_attention(q, k, v, config=cfg, rope=rope, backend="reference")
+    monkeypatch.setattr(api, "_reference_slice", lambda q, *a: 3 * cfg.block_size_q)   # 3 + 3 + 1 blocks
+    sliced, sliced_mask = hip_attention(q, k, v, config=cfg, rope=rope, backend="reference")
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(sliced_mask.starts, whole_mask.starts) and torch.equal(sliced_mask.w0, whole_mask.w0)

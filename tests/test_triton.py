@@ -13,6 +13,7 @@ from infinitehip.attention.mask import NEG_SCORE, SENTINEL, geometry
 from infinitehip.attention.stages import first_stage_starts, pool_queries, run_stages
 
 ops = pytest.importorskip("infinitehip.attention.triton.ops")
+MAX_ROW = pytest.importorskip("infinitehip.attention.triton.select").MAX_ROW
 
 TINY = HiPConfig.preset("tiny")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,7 +56,8 @@ def test_score_chunks_matches_reference(B, tq, tk, H, K, D, lens, sharing, prune
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows,n,m", [(3, 37, 8), (2, 300, 128), (4, 64, 64), (5, 16, 32), (1, 1, 4)])
+@pytest.mark.parametrize("rows,n,m", [(3, 37, 8), (2, 300, 128), (4, 64, 64), (5, 16, 32), (1, 1, 4),
+                                      (1, MAX_ROW, 64), (1, 2 * MAX_ROW + 5, 64)])   # the longest kernel row; torch
 def test_keep_top_matches_reference(rows, n, m):
     """Top-m selection in position order: inactive chunks never kept, ties to the earlier chunk,
     rows shorter than m padded."""

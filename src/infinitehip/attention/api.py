@@ -60,18 +60,23 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
     B, tq, _, D = q.shape
     tk = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if _use_dense(tk, config):
+        lens = None if cache_seqlens is None else cache_seqlens.to(device=q.device, dtype=torch.long)
+        return dense_attention(q, k, v, lens, rope, scale), None
+    if backend == "triton" and from_stage == config.n_stages and tq <= config.block_size_q:
+        # A decode step that reuses its mask: one launch, attention computing its own positions.
+        from .triton import ops
+        return ops.attend_reused(q, k, v, mask, cache_seqlens, config, rope, scale), mask
     kv_len = (torch.full((B,), tk, device=q.device, dtype=torch.long) if cache_seqlens is None
               else cache_seqlens.to(device=q.device, dtype=torch.long))
-    if _use_dense(tk, config):
-        return dense_attention(q, k, v, None if cache_seqlens is None else kv_len, rope, scale), None
     impl = implementation(backend)
     return prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend, impl.score_chunks,
                             lambda qs, m, geo: impl.attend(qs, k, v, m.starts, geo, config, rope, scale))
 
 
 def implementation(backend: str):
-    """The module with ``score_chunks``, ``keep_top``, ``block_geometry`` and ``attend`` for a
-    resolved backend name."""
+    """The module with ``pool_queries``, ``score_chunks``, ``keep_top``, ``block_geometry`` and
+    ``attend`` for a resolved backend name."""
     if backend == "triton":
         from .triton import ops
 
@@ -109,7 +114,8 @@ def prune_and_attend(q, k, kv_len, config, rope, mask, from_stage: int, row_stag
             geo = geometry(kv_len - (tq - t), qs.shape[1], kv_len, config)
             geo = anchor_window(geo, m, config, rows) if anchor else geo
         if from_stage < config.n_stages:
-            m = run_stages(qs, k, geo, config, rope, score_chunks, m, from_stage, row_stage, impl.keep_top)
+            m = run_stages(qs, k, geo, config, rope, score_chunks, m, from_stage, row_stage, impl.keep_top,
+                           impl.pool_queries)
         outs.append(attend(qs, m, geo))
         masks.append(m)
     if len(masks) == 1:

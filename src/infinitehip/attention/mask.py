@@ -56,10 +56,6 @@ class HiPMask:
     def clone(self) -> "HiPMask":
         return self._map(torch.clone)
 
-    def last_query_block(self) -> "HiPMask":
-        """The mask of the last query block only (what the next decode step continues from)."""
-        return self.query_blocks(slice(-1, None))
-
     def query_blocks(self, blocks: slice) -> "HiPMask":
         """The mask of the query blocks ``blocks`` (a slice of NQB)."""
         return self._map(lambda t: t[:, blocks] if t.dim() == 2 else t[:, :, blocks])
@@ -68,19 +64,9 @@ class HiPMask:
     def cat_query_blocks(masks: list["HiPMask"]) -> "HiPMask":
         """Masks of consecutive query-block slices -> one mask (the inverse of ``query_blocks``)."""
         fields = zip(*(m._tensors() for m in masks))
-        cat = [None if ts[0] is None else torch.cat(ts, dim=ts[0].dim() - 2) for ts in fields]
+        # NQB is dim 1 of the window starts (B, NQB) and dim 2 of the chunk lists (B, G, NQB, n).
+        cat = [None if ts[0] is None else torch.cat(ts, dim=1 if ts[0].dim() == 2 else 2) for ts in fields]
         return HiPMask(cat[0], tuple(cat[1:-1]), cat[-1])
-
-    def blank(self, batch: int) -> "HiPMask":
-        """An all-SENTINEL mask of this one's per-row shape for ``batch`` rows (a placeholder)."""
-        return self._map(lambda t: t.new_full((batch, *t.shape[1:]), SENTINEL if t.dtype == torch.int32 else 0))
-
-    def write_row(self, row: int, other: "HiPMask") -> "HiPMask":
-        """Overwrite batch row ``row`` in place with ``other``'s single row."""
-        for mine, theirs in zip(self._tensors(), other._tensors()):
-            if mine is not None:
-                mine[row] = theirs[0]
-        return self
 
     def _tensors(self):
         return (self.starts, *self.stage_inputs, self.w0)

@@ -1,8 +1,10 @@
 """InfiniteHiP in plain, vectorized PyTorch: the specification of every kernel, and the CPU path.
 
 One function per kernel:
+  pool_queries  — the pruning queries: rotated, averaged in groups of rows.
   score_chunks  — hierarchical top-1: a chunk's score is its representative token's score.
-  keep_top      — the best-scoring chunks of each row, in position order.
+  keep_top      — the best-scoring chunks of each row, in position order (split into the next
+                  stage's candidates).
   block_geometry — positions of a single query block (decode), window anchored to a mask.
   attend        — block-sparse attention over sink + selected chunks + sliding window.
 Everything is computed in float32; shapes use B batch, T tokens, H query heads, K kv heads,
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import HiPConfig
-from .mask import NEG_SCORE, SENTINEL, Geometry, HiPMask, anchor_window, geometry, window_slots
+from .mask import NEG_SCORE, RELATIVE_QUERY_DISTANCE, SENTINEL, Geometry, HiPMask, anchor_window, geometry, window_slots
 from .pages import KVPages, physical_rows
 from .rope import RoPE, apply_rope
 
@@ -43,6 +45,33 @@ def gather_kv(x: torch.Tensor, idx: torch.Tensor, groups: int, pages: KVPages | 
     return out.view(*idx.shape, K // groups, D)
 
 
+def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, config: HiPConfig, rope: RoPE | None):
+    """Rotate the queries for pruning, then average them in groups of ``stride`` rows per block.
+
+    q: (B, Tq, H, D) -> qp (B, NQB, R, H, D) float32 with R = block_size_q // stride (a single
+    query block: ceil(Tq / stride)), and q_valid (B, NQB, R) bool (False for groups made only
+    of padding rows).
+    Exact mode rotates each query at its offset from the block start (keys are then rotated at
+    their offset too); relative mode rotates every query at a fixed small distance from keys
+    that stay unrotated, so a chunk's score depends on its content, not on how far back it is.
+    """
+    B, tq, H, D = q.shape
+    nqb, bq = geo.q_pos.shape[1:]
+    # One query block (decode): pool only its real rows, so kernels never score padding groups.
+    rows = bq if nqb > 1 else -(-tq // stride) * stride
+    q_pos, q_valid = geo.q_pos[..., :rows], geo.q_valid[..., :rows]
+    x = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, nqb * rows - tq)).view(B, nqb, rows, H, D)
+    if rope is not None:
+        pos = torch.where(geo.exact_prune[:, None, None], q_pos - geo.p0[..., None], RELATIVE_QUERY_DISTANCE)
+        cos, sin = rope.cos_sin(pos)                                  # (B, NQB, rows, D/2)
+        x = apply_rope(x, cos[..., None, :], sin[..., None, :])
+    x = x * q_valid[..., None, None]
+    R = rows // stride
+    count = q_valid.reshape(B, nqb, R, stride).sum(-1)                # (B, NQB, R)
+    qp = x.view(B, nqb, R, stride, H, D).sum(3) / count.clamp(min=1)[..., None, None]
+    return qp, count > 0
+
+
 def _probe_scores(qp, q_valid, k, probes, geo: Geometry, rope: RoPE | None, pages: KVPages | None = None):
     """Max over pooled query rows and the group's heads of q·k at each probe: (B, G, NQB, M)."""
     B, nqb, R, H, D = qp.shape
@@ -69,6 +98,7 @@ def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPC
     probe seen on the way. Probes are clamped into the chunk's selectable part [lo, hi).
     pages: read k through a block table or as FP8 codes with scales (``pages.py``).
     """
+    starts = starts.long()   # int32 starts: SENTINEL + chunk would wrap
     lo = starts.clamp(min=config.sink)
     hi = torch.minimum(starts + chunk, geo.w0[:, None, :, None])
     active = (starts != SENTINEL) & (lo < hi)
@@ -85,19 +115,29 @@ def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPC
     return torch.where(active, best, NEG_SCORE)
 
 
-def keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int) -> torch.Tensor:
-    """The ``m`` best-scoring active chunks of each row, in position order: (..., m) int64.
+def keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int, split: tuple[int, int] | None = None) -> torch.Tensor:
+    """The ``m`` best-scoring active chunks of each row, in position order: (..., m), starts' dtype.
 
     starts (..., n) ascending per row (SENTINEL last), scores (..., n) float32 (NEG_SCORE =
     inactive). Ties go to the earlier chunk. Rows with fewer than m active chunks are padded
     with SENTINEL, so stage widths depend on the config only and masks of rows with different
     lengths stack into one batch.
+    split: (chunk, sub) — return the next stage's candidates instead: each kept chunk of
+    ``chunk`` tokens cut into chunks of ``sub`` (``split_chunks``), (..., m * chunk // sub).
     """
     n = scores.shape[-1]
     rank = scores.argsort(dim=-1, descending=True, stable=True)[..., :m]       # (..., min(m, n))
     chosen = scores.gather(-1, rank) > NEG_SCORE / 2
     kept = torch.where(chosen, starts.gather(-1, rank), SENTINEL).sort(dim=-1).values
-    return torch.nn.functional.pad(kept, (0, max(m - n, 0)), value=SENTINEL)
+    kept = torch.nn.functional.pad(kept, (0, max(m - n, 0)), value=SENTINEL)
+    return kept if split is None else split_chunks(kept, *split)
+
+
+def split_chunks(starts: torch.Tensor, chunk: int, sub: int) -> torch.Tensor:
+    """Cut each chunk of ``chunk`` tokens into chunks of ``sub``: (..., n) -> (..., n * chunk / sub)."""
+    offsets = torch.arange(0, chunk, sub, device=starts.device)
+    out = torch.where(starts[..., None] == SENTINEL, SENTINEL, starts[..., None] + offsets)
+    return out.flatten(-2).to(starts.dtype)
 
 
 def block_geometry(kv_len: torch.Tensor, tq: int, config: HiPConfig, mask: HiPMask | None = None,

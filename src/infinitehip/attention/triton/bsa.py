@@ -12,8 +12,12 @@ A program owns a tile of BLOCK_M rows = BLOCK_T query rows x HEADS_P query heads
 float32 accumulators, over a range of slot tiles. Keys are rotated on the fly at their RoPE
 positions relative to the block's first query p0 (cos/sin computed in registers); the rotate_half
 convention means D is loaded as two halves, each padded to HALF_P. With SPLIT the program writes
-a partial output and its log2-sum-exp for ``decode.combine`` (flash-decoding); otherwise the
-normalized output.
+a partial output and its log2-sum-exp, and the last split to finish merges them into the output
+(flash-decoding, ``decode.arrive_and_merge``); otherwise it writes the normalized output.
+
+The block's positions (p0, w0, exact RoPE) come from a ``Geometry``'s tensors, or with POSITIONS
+are computed here from the row's length (``geometry.block_positions``: a single decode block),
+so a decode step that reuses its mask is this one launch.
 
 Paged reads (``attention/pages.py``): with PAGED, k/v are a pool of pages shared by all rows and
 key ``idx`` of row b is pool row ``table[b, idx // PAGE] * PAGE + idx % PAGE``; with SCALED, k/v
@@ -26,6 +30,8 @@ import triton
 import triton.language as tl
 
 from ..mask import SENTINEL
+from .decode import arrive_and_merge
+from .geometry import block_positions
 from .prune import _rotate
 
 _SENTINEL = tl.constexpr(SENTINEL)
@@ -48,23 +54,28 @@ def _operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _bsa_kernel(
-    q_ptr, k_ptr, v_ptr, starts_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr, attention_scaling, qk_scale,
-    out_ptr, lse_ptr, table_ptr, ks_ptr, vs_ptr,
+    q_ptr, k_ptr, v_ptr, starts_ptr, p0_ptr, w0_ptr, exact_ptr, kv_len_ptr, anchor_ptr,
+    inv_freq_ptr, attention_scaling, qk_scale,
+    out_ptr, part_ptr, lse_ptr, count_ptr, table_ptr, ks_ptr, vs_ptr,
     stride_qb, stride_qt, stride_qh,            # q (B, Tq, H, D), unit stride on D
     stride_kb, stride_kt, stride_kh,            # k (B, Tk, K, D)
     stride_vb, stride_vt, stride_vh,            # v (B, Tk, K, D)
     stride_sb, stride_sg, stride_sq,            # starts (B, G, NQB, NSEL), unit stride on NSEL
     stride_pb,                                  # p0 / w0 (B, NQB)
-    stride_ob, stride_ot, stride_oh, stride_os,  # out (B, Tq, H, D) or partials (B, Tq, H, NSPLIT, D)
-    stride_lb, stride_lt, stride_lh,            # lse partials (B, Tq, H, NSPLIT), unit stride on NSPLIT
+    stride_ob, stride_ot, stride_oh,            # out (B, Tq, H, D), unit stride on D
+    stride_xb, stride_xt, stride_xh, stride_xs,  # SPLIT: partials (B, Tq, H, NSPLIT, D) float32
+    stride_lb, stride_lt, stride_lh,            # SPLIT: lse (B, Tq, H, NSPLIT), unit stride on NSPLIT
     stride_tb,                                  # table (B, NB) int32, unit stride on NB
     stride_ssb, stride_ssp,                     # scales (B, NB, K) float32, unit stride on K
-    TQ, NQB, T_TILES, KG,
+    TQ, NQB, T_TILES, KG, NSPLIT, TK, CONTEXT,
     TILES_PER_SPLIT: tl.constexpr, SINK: tl.constexpr, C: tl.constexpr, NSEL: tl.constexpr, NSEL_P: tl.constexpr, N_WINDOW: tl.constexpr,
     BQ: tl.constexpr, HPK: tl.constexpr, HEADS_P: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
     ROPE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     FAST: tl.constexpr, PAGED: tl.constexpr, SCALED: tl.constexpr, PAGE: tl.constexpr,
+    NSPLIT_P: tl.constexpr, SPLIT_TILE: tl.constexpr,
+    POSITIONS: tl.constexpr, LENS: tl.constexpr, ANCHOR: tl.constexpr, WINDOW: tl.constexpr,
+    LOWEST: tl.constexpr, PRUNE_RULE: tl.constexpr, ATTEND_RULE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -75,10 +86,14 @@ def _bsa_kernel(
     g = kvh // KG
     b64 = b.to(tl.int64)
 
-    p0 = tl.load(p0_ptr + b * stride_pb + qb)
-    w0 = tl.load(w0_ptr + b * stride_pb + qb)
+    if POSITIONS:   # one decode block (qb = 0): the Triton block_geometry, in registers
+        p0, w0, _, exact = block_positions(b, kv_len_ptr, anchor_ptr, anchor_ptr, TQ, TK, CONTEXT, LENS, ANCHOR,
+                                           False, WINDOW, LOWEST, PRUNE_RULE, ATTEND_RULE)
+    else:
+        p0 = tl.load(p0_ptr + b * stride_pb + qb)
+        w0 = tl.load(w0_ptr + b * stride_pb + qb)
+        exact = tl.load(exact_ptr + b) != 0
     wst = tl.maximum(w0, SINK)                              # first window key
-    exact = tl.load(exact_ptr + b) != 0
     s_row = starts_ptr + b64 * stride_sb + g * stride_sg + qb * stride_sq
     # Streaming positions pack sink + the valid selected chunks just before the window.
     n_valid = tl.sum((tl.load(s_row + tl.arange(0, NSEL_P), mask=tl.arange(0, NSEL_P) < NSEL,
@@ -176,13 +191,27 @@ def _bsa_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o1 = acc1 / l_safe[:, None]
     o2 = acc2 / l_safe[:, None]
-    o_off = (b64 * stride_ob + q_row.to(tl.int64)[:, None] * stride_ot + h[:, None] * stride_oh
-             + split * stride_os + d[None, :])
     if SPLIT:
-        tl.store(out_ptr + o_off, o1, mask=q_mask)
-        tl.store(out_ptr + o_off + HALF, o2, mask=q_mask)
+        x_off = (b64 * stride_xb + q_row.to(tl.int64)[:, None] * stride_xt + h[:, None] * stride_xh
+                 + split * stride_xs + d[None, :])
+        tl.store(part_ptr + x_off, o1, mask=q_mask)
+        tl.store(part_ptr + x_off + HALF, o2, mask=q_mask)
         lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
         tl.store(lse_ptr + b64 * stride_lb + q_row * stride_lt + h * stride_lh + split, lse, mask=row_ok)
+        # Merge rows: the real (query row, head) pairs of this tile, without the padding to 16
+        # rows that tl.dot needed.
+        MERGE_M: tl.constexpr = BLOCK_T * HEADS_P
+        mm = tl.arange(0, MERGE_M)
+        t_m = tt * BLOCK_T + mm // HEADS_P
+        q_row_m = (qb * BQ + t_m).to(tl.int64)
+        h_m = kvh * HPK + mm % HEADS_P
+        ok_m = (t_m < BQ) & (q_row_m < TQ) & (mm % HEADS_P < HPK)
+        arrive_and_merge(count_ptr, pid * tl.num_programs(1) + kvh, part_ptr, lse_ptr, out_ptr,
+                         b64 * stride_xb + q_row_m * stride_xt + h_m * stride_xh,
+                         b64 * stride_lb + q_row_m * stride_lt + h_m * stride_lh,
+                         b64 * stride_ob + q_row_m * stride_ot + h_m * stride_oh,
+                         ok_m, stride_xs, NSPLIT, HALF, HALF_P, MERGE_M, NSPLIT_P, SPLIT_TILE)
     else:
+        o_off = b64 * stride_ob + q_row.to(tl.int64)[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :]
         tl.store(out_ptr + o_off, o1.to(out_ptr.dtype.element_ty), mask=q_mask)
         tl.store(out_ptr + o_off + HALF, o2.to(out_ptr.dtype.element_ty), mask=q_mask)

@@ -1,8 +1,17 @@
-"""Flash-decoding: merge the per-split partial outputs of ``bsa._bsa_kernel`` (SPLIT=True).
+"""Flash-decoding: the split-K partial outputs of ``bsa._bsa_kernel`` merged in the same launch.
 
-Each split of the slot list wrote an output normalized over its own keys and its log2-sum-exp;
-the merge weights split i by 2^(lse_i - max lse). Splits that saw no valid key have lse = -inf
-and weight 0.
+Each split of the slot list writes an output normalized over its own keys and its log2-sum-exp,
+then counts itself in the arrival counter of its (batch row, kv head). The split that arrives
+last merges them all (weight of split i: 2^(lse_i - max lse); a split that saw no valid key has
+lse = -inf and weight 0) and resets the counter to zero. The merge reads the splits in index
+order whichever split arrived last, so results are deterministic.
+
+Why in the same launch: a separate merge kernel cost ~2.7 us plus a ~3 us dependency gap in a
+CUDA graph (H100, 128K keys), a quarter of a decode step that reuses its mask.
+
+The counters live in one zeroed buffer per device that every merge leaves zeroed, so a CUDA
+graph replays without a memset. That assumes the attention launches of one device do not run
+concurrently (one decode stream, as the engine and the benchmarks run them).
 """
 from __future__ import annotations
 
@@ -10,44 +19,75 @@ import torch
 import triton
 import triton.language as tl
 
+# Arrival counters cached per device (int32, 256 KB); a launch that needs more gets its own.
+COUNTER_SLOTS = 1 << 16
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def arrival_counters(n: int, device: torch.device) -> torch.Tensor:
+    """At least ``n`` zeroed int32 counters that the merge leaves zeroed.
+
+    The cached buffer is made outside CUDA graph capture only (during capture nothing runs, so
+    it would hold garbage until the first replay); a capture without an eager call before it
+    gets a fresh buffer, whose zeroing the graph then replays (one memset).
+    """
+    buf = _COUNTERS.get(device)
+    if buf is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        buf = _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    return torch.zeros(n, dtype=torch.int32, device=device)
+
 
 @triton.jit
-def _combine_kernel(
-    part_ptr, lse_ptr, out_ptr,
-    stride_pb, stride_pt, stride_ph, stride_ps,     # partials (B, Tq, H, NSPLIT, D), unit stride on D
-    stride_lb, stride_lt, stride_lh,                # lse (B, Tq, H, NSPLIT), unit stride on NSPLIT
-    stride_ob, stride_ot, stride_oh,                # out (B, Tq, H, D), unit stride on D
-    TQ, H, NSPLIT,
-    D: tl.constexpr, D_P: tl.constexpr, NSPLIT_P: tl.constexpr,
-):
-    # One program per (batch, query, head).
-    pid = tl.program_id(0)
-    h = pid % H
-    t = (pid // H) % TQ
-    b = (pid // (H * TQ)).to(tl.int64)
-    sp = tl.arange(0, NSPLIT_P)
-    d = tl.arange(0, D_P)
-    lse = tl.load(lse_ptr + b * stride_lb + t * stride_lt + h * stride_lh + sp, mask=sp < NSPLIT,
-                  other=float("-inf"))
-    w = tl.math.exp2(lse - tl.max(lse, axis=0))                                      # (NSPLIT_P,)
-    part = tl.load(part_ptr + b * stride_pb + t * stride_pt + h * stride_ph + sp[:, None] * stride_ps
-                   + d[None, :], mask=(sp[:, None] < NSPLIT) & (d[None, :] < D), other=0.0)
-    out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)                      # (D_P,)
-    tl.store(out_ptr + b * stride_ob + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
-             mask=d < D)
+def arrive_and_merge(count_ptr, slot, part_ptr, lse_ptr, out_ptr, part_row, lse_row, out_row, row_ok,
+                     stride_ps, NSPLIT, HALF: tl.constexpr, HALF_P: tl.constexpr, MERGE_M: tl.constexpr,
+                     NSPLIT_P: tl.constexpr, SPLIT_TILE: tl.constexpr):
+    """Count this split in; the last of the NSPLIT splits of counter ``slot`` merges their
+    partials into ``out`` and resets the counter.
+
+    part_row / lse_row / out_row (MERGE_M,) int64: each merged row's split-0 partial offset (in
+    partials (..., NSPLIT, D) float32), split-0 lse offset (unit stride over splits) and output
+    offset (unit stride over D); row_ok (MERGE_M,) masks rows that are not real queries.
+    """
+    # Every thread's partial stores happen before the arrival is counted (the barrier), and the
+    # release/acquire atomic makes them visible to the merging program on another multiprocessor.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + slot, 1, sem="acq_rel", scope="gpu")
+    if arrived == NSPLIT - 1:
+        sp = tl.arange(0, NSPLIT_P)
+        lse = tl.load(lse_ptr + lse_row[:, None] + sp[None, :], mask=row_ok[:, None] & (sp[None, :] < NSPLIT),
+                      other=float("-inf"), cache_modifier=".cg")                      # (MERGE_M, NSPLIT_P)
+        top = tl.max(lse, axis=1)
+        top = tl.where(top > float("-inf"), top, 0.0)
+        d = tl.arange(0, HALF_P)
+        o1 = tl.zeros((MERGE_M, HALF_P), tl.float32)
+        o2 = tl.zeros((MERGE_M, HALF_P), tl.float32)
+        w_sum = tl.zeros((MERGE_M,), tl.float32)
+        # SPLIT_TILE splits per load: one memory round trip per tile, bounded registers. A loop
+        # over the constexpr bound (tiles past NSPLIT load nothing), not unrolled: unrolled, the
+        # compiler hoists every tile's loads and spills.
+        for s0 in range(0, NSPLIT_P, SPLIT_TILE):
+            s = s0 + tl.arange(0, SPLIT_TILE)
+            ok = row_ok[:, None] & (s[None, :] < NSPLIT)                                # (MERGE_M, SPLIT_TILE)
+            w = tl.math.exp2(tl.load(lse_ptr + lse_row[:, None] + s[None, :], mask=ok, other=float("-inf"),
+                                     cache_modifier=".cg") - top[:, None])
+            off = part_row[:, None, None] + s[None, :, None] * stride_ps + d[None, None, :]
+            ld = ok[:, :, None] & (d < HALF)[None, None, :]
+            p1 = tl.load(part_ptr + off, mask=ld, other=0.0, cache_modifier=".cg")     # (MERGE_M, SPLIT_TILE, HALF_P)
+            p2 = tl.load(part_ptr + off + HALF, mask=ld, other=0.0, cache_modifier=".cg")
+            o1 += tl.sum(p1 * w[:, :, None], axis=1)
+            o2 += tl.sum(p2 * w[:, :, None], axis=1)
+            w_sum += tl.sum(w, axis=1)
+        w_sum = tl.where(w_sum > 0, w_sum, 1.0)
+        o_off = out_row[:, None] + d[None, :]
+        o_mask = row_ok[:, None] & (d < HALF)[None, :]
+        tl.store(out_ptr + o_off, (o1 / w_sum[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(out_ptr + o_off + HALF, (o2 / w_sum[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+        tl.atomic_xchg(count_ptr + slot, 0)      # zero again for the next launch (or graph replay)
 
 
-def combine(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """part (B, Tq, H, NSPLIT, D) float32, lse (B, Tq, H, NSPLIT) float32 -> out (B, Tq, H, D)."""
-    B, tq, H, nsplit, D = part.shape
-    assert part.stride(-1) == 1 and lse.stride(-1) == 1 and out.stride(-1) == 1
-    _combine_kernel[(B * tq * H,)](
-        part, lse, out,
-        part.stride(0), part.stride(1), part.stride(2), part.stride(3),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        tq, H, nsplit,
-        D=D, D_P=triton.next_power_of_2(D), NSPLIT_P=max(2, triton.next_power_of_2(nsplit)),
-        num_warps=4 if D >= 128 else 2,
-    )
-    return out
+def split_tile(merge_rows: int, nsplit_p: int, half_p: int) -> int:
+    """Splits merged per load: about 4096 partial elements per half (32 registers a thread at
+    4 warps); a power of two, so it divides ``nsplit_p``."""
+    return max(1, min(nsplit_p, 4096 // (merge_rows * half_p)))

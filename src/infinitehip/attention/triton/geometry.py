@@ -4,6 +4,10 @@ A decode step that reuses its mask is otherwise two kernels of attention plus ei
 torch kernels of positions (``mask.geometry`` and ``mask.anchor_window``) per layer; in a CUDA
 graph each of those costs ~1.2 us of work plus a dependency gap, as much as the attention. One
 program per batch row writes every field of the ``Geometry`` at once.
+
+``block_positions`` is the per-row arithmetic itself, shared with the attention kernel: a decode
+step that reuses its mask computes its positions inside attention (``ops.attend_reused``) and
+launches nothing else.
 """
 from __future__ import annotations
 
@@ -17,6 +21,14 @@ from ..mask import Geometry, HiPMask, exact_rule, valid_rows, window_slots
 _RULES = {"never": 0, "always": 1, "within": 2}
 
 
+def position_constants(config: HiPConfig) -> dict:
+    """The compile-time keywords of ``block_positions`` for one config."""
+    return dict(WINDOW=config.window,
+                LOWEST=config.block_size_q - window_slots(config),   # the window's slots must hold the newest keys
+                PRUNE_RULE=_RULES[exact_rule(config.rope_prune, config)],
+                ATTEND_RULE=_RULES[exact_rule(config.rope_attend, config)])
+
+
 @triton.jit
 def _exact(kv_len, RULE: tl.constexpr, CONTEXT):
     if RULE == 0:
@@ -25,31 +37,50 @@ def _exact(kv_len, RULE: tl.constexpr, CONTEXT):
         out = kv_len >= 0
     else:
         out = kv_len <= CONTEXT
-    return out.to(tl.int8)
+    return out
+
+
+@triton.jit
+def block_positions(b, kv_len_ptr, mask_w0_ptr, rows_ptr, TQ, TK, CONTEXT,
+                    LENS: tl.constexpr, ANCHOR: tl.constexpr, ROWS: tl.constexpr, WINDOW: tl.constexpr,
+                    LOWEST: tl.constexpr, PRUNE_RULE: tl.constexpr, ATTEND_RULE: tl.constexpr):
+    """Row ``b``'s single query block: (p0, w0, exact_prune, exact_attend), int64 / bool scalars.
+
+    kv_len_ptr (B,) valid keys per row (LENS; else every row has TK); mask_w0_ptr (B,) the
+    window start when stage 0 last pruned (ANCHOR); rows_ptr (B,) int8, the rows that keep that
+    anchor (ROWS; else all do).
+    """
+    if LENS:
+        kv_len = tl.load(kv_len_ptr + b).to(tl.int64)
+    else:
+        kv_len = tl.full([], TK, tl.int64)
+    p0 = kv_len - TQ
+    w0 = p0 - (WINDOW - 1)
+    if ANCHOR:   # anchor_window: stay where stage 0 pruned, but keep the newest keys in the slots
+        anchored = tl.maximum(tl.minimum(w0, tl.load(mask_w0_ptr + b).to(tl.int64)), p0 + LOWEST)
+        if ROWS:
+            anchored = tl.where(tl.load(rows_ptr + b) != 0, anchored, w0)
+        w0 = anchored
+    return p0, w0, _exact(kv_len, PRUNE_RULE, CONTEXT), _exact(kv_len, ATTEND_RULE, CONTEXT)
 
 
 @triton.jit
 def _block_geometry_kernel(
     kv_len_ptr, mask_w0_ptr, rows_ptr, p0_ptr, w0_ptr, q_pos_ptr, exact_prune_ptr, exact_attend_ptr,
     TQ, CONTEXT,
-    WINDOW: tl.constexpr, BQ: tl.constexpr, LOWEST: tl.constexpr, ANCHOR: tl.constexpr, ROWS: tl.constexpr,
-    PRUNE_RULE: tl.constexpr, ATTEND_RULE: tl.constexpr,
+    BQ: tl.constexpr, ANCHOR: tl.constexpr, ROWS: tl.constexpr,
+    WINDOW: tl.constexpr, LOWEST: tl.constexpr, PRUNE_RULE: tl.constexpr, ATTEND_RULE: tl.constexpr,
 ):
     b = tl.program_id(0)
-    kv_len = tl.load(kv_len_ptr + b)
-    p0 = kv_len - TQ
-    w0 = p0 - (WINDOW - 1)
-    if ANCHOR:   # anchor_window: stay where stage 0 pruned, but keep the newest keys in the slots
-        anchored = tl.maximum(tl.minimum(w0, tl.load(mask_w0_ptr + b)), p0 + LOWEST)
-        if ROWS:
-            anchored = tl.where(tl.load(rows_ptr + b) != 0, anchored, w0)
-        w0 = anchored
+    p0, w0, exact_prune, exact_attend = block_positions(
+        b, kv_len_ptr, mask_w0_ptr, rows_ptr, TQ, 0, CONTEXT, True, ANCHOR, ROWS,
+        WINDOW, LOWEST, PRUNE_RULE, ATTEND_RULE)
     tl.store(p0_ptr + b, p0)
     tl.store(w0_ptr + b, w0)
     t = tl.arange(0, BQ)
     tl.store(q_pos_ptr + b * BQ + t, p0 + t)
-    tl.store(exact_prune_ptr + b, _exact(kv_len, PRUNE_RULE, CONTEXT))
-    tl.store(exact_attend_ptr + b, _exact(kv_len, ATTEND_RULE, CONTEXT))
+    tl.store(exact_prune_ptr + b, exact_prune.to(tl.int8))
+    tl.store(exact_attend_ptr + b, exact_attend.to(tl.int8))
 
 
 def block_geometry(kv_len: torch.Tensor, tq: int, config: HiPConfig, mask: HiPMask | None = None,
@@ -68,9 +99,7 @@ def block_geometry(kv_len: torch.Tensor, tq: int, config: HiPConfig, mask: HiPMa
     _block_geometry_kernel[(B,)](
         kv_len, mask_w0, row_flags, p0, w0, q_pos, exact[0].view(torch.int8), exact[1].view(torch.int8),
         tq, config.model_context_length or 0,
-        WINDOW=config.window, BQ=bq, LOWEST=bq - window_slots(config), ANCHOR=anchor, ROWS=rows is not None,
-        PRUNE_RULE=_RULES[exact_rule(config.rope_prune, config)],
-        ATTEND_RULE=_RULES[exact_rule(config.rope_attend, config)],
+        BQ=bq, ANCHOR=anchor, ROWS=rows is not None, **position_constants(config),
         num_warps=1,
     )
     return Geometry(p0, w0, q_pos, valid_rows(tq, 1, bq, dev).expand_as(q_pos), exact[0], exact[1])

@@ -6,7 +6,8 @@ more than the scoring itself. Here one program owns one row: it packs every scor
 index into one int64 key (an order-preserving integer image of the float in the high half,
 the reversed index in the low half, so ties go to the earlier chunk), takes the top keys with
 a bitonic ``tl.topk``, sorts the winners' indices ascending (``tl.sort``) and gathers their
-starts: position order, no second pass.
+starts: position order, no second pass. With a split it writes the next stage's candidates
+directly (each kept chunk cut into SPLIT sub-chunks) instead of four more torch kernels.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import triton.language as tl
 from ..mask import NEG_SCORE, SENTINEL
 
 _SENTINEL = tl.constexpr(SENTINEL)
-# Rows longer than this take the torch path (one program holds the row in registers).
-MAX_ROW = 1 << 15
+# Rows longer than this take the torch path: one program holds the row, and the sort's shared
+# memory (16 bytes per padded entry) must fit the SM: 16384 entries asked for 256 KiB on an H100
+# (228 KiB there) and failed to launch in the 128x eval of the built-in model (stage 0 in chunks of 4).
+MAX_ROW = 1 << 13
 
 
 def _ordered(x: float) -> int:
@@ -31,8 +34,9 @@ def _ordered(x: float) -> int:
 
 @triton.jit
 def _ordered_bits(x):
-    """float32 -> int32 with the same order (negative floats: flip the magnitude bits)."""
-    bits = x.to(tl.int32, bitcast=True)
+    """float32 -> int32 with the same order (negative floats: flip the magnitude bits). -0.0 is
+    +0.0 first: they tie in the reference's sort, so the earlier chunk must win."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 
@@ -41,7 +45,7 @@ def _keep_top_kernel(
     scores_ptr, starts_ptr, out_ptr,
     stride_s, stride_st, stride_o,          # row strides; unit stride along each row
     N, M, ACTIVE_ABOVE,
-    N_P: tl.constexpr, K_P: tl.constexpr, PAD_P: tl.constexpr,
+    N_P: tl.constexpr, K_P: tl.constexpr, PAD_P: tl.constexpr, SPLIT: tl.constexpr, SUB: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, N_P)
@@ -52,32 +56,40 @@ def _keep_top_kernel(
     chosen = (rank < M) & ((top >> 32).to(tl.int32) > ACTIVE_ABOVE)        # not NEG_SCORE
     idx = tl.where(chosen, N_P - 1 - (top & 0xFFFFFFFF).to(tl.int32), N_P)  # N_P: not chosen
     idx = tl.sort(idx)                                                       # position order
-    kept = tl.load(starts_ptr + row * stride_st + idx, mask=idx < N, other=_SENTINEL)
-    tl.store(out_ptr + row * stride_o + rank, kept, mask=rank < M)
+    kept = tl.load(starts_ptr + row * stride_st + idx, mask=idx < N, other=_SENTINEL).to(tl.int64)
+    # Kept chunk r becomes out[r * SPLIT + j] = its start + j * SUB (SPLIT = 1: itself).
+    j = tl.arange(0, SPLIT)
+    sub = tl.where(kept[:, None] == _SENTINEL, _SENTINEL, kept[:, None] + j[None, :] * SUB)   # (K_P, SPLIT)
+    o = rank[:, None] * SPLIT + j[None, :]
+    tl.store(out_ptr + row * stride_o + o, sub.to(out_ptr.dtype.element_ty), mask=o < M * SPLIT)
     # Rows shorter than M: the rest of the row is padding.
-    pad = K_P + tl.arange(0, PAD_P)
-    tl.store(out_ptr + row * stride_o + pad, tl.full((PAD_P,), _SENTINEL, tl.int64), mask=pad < M)
+    pad = K_P * SPLIT + tl.arange(0, PAD_P)
+    tl.store(out_ptr + row * stride_o + pad, tl.full((PAD_P,), _SENTINEL, out_ptr.dtype.element_ty),
+             mask=pad < M * SPLIT)
 
 
-def keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int) -> torch.Tensor:
-    """Triton ``reference.keep_top``: starts (..., n) int, scores (..., n) float32 -> (..., m) int64."""
+def keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int, split: tuple[int, int] | None = None) -> torch.Tensor:
+    """Triton ``reference.keep_top``: starts (..., n) int, scores (..., n) float32 -> (..., m) in
+    starts' dtype, or with ``split`` (chunk, sub) the next stage's candidates (..., m * chunk // sub)."""
     from .. import reference
 
     n = scores.shape[-1]
     if n == 0 or n > MAX_ROW:
-        return reference.keep_top(starts, scores, m)
+        return reference.keep_top(starts, scores, m, split)
+    chunk, sub = split or (1, 1)
+    f = chunk // sub
     lead = scores.shape[:-1]
     s2, st2 = scores.reshape(-1, n), starts.reshape(-1, n)
     if s2.stride(-1) != 1:
         s2 = s2.contiguous()
-    if st2.stride(-1) != 1 or st2.dtype != torch.int64:
-        st2 = st2.to(torch.int64).contiguous()
-    out = torch.empty(s2.shape[0], m, dtype=torch.int64, device=scores.device)
+    if st2.stride(-1) != 1:
+        st2 = st2.contiguous()
+    out = torch.empty(s2.shape[0], m * f, dtype=starts.dtype, device=scores.device)
     n_p = triton.next_power_of_2(n)
     k_p = min(triton.next_power_of_2(m), n_p)
     _keep_top_kernel[(s2.shape[0],)](
         s2, st2, out, s2.stride(0), st2.stride(0), out.stride(0), n, m, _ordered(NEG_SCORE / 2),
-        N_P=n_p, K_P=k_p, PAD_P=max(1, triton.next_power_of_2(max(m - k_p, 1))),
+        N_P=n_p, K_P=k_p, PAD_P=max(1, triton.next_power_of_2(max((m - k_p) * f, 1))), SPLIT=f, SUB=sub,
         num_warps=max(4, min(16, n_p // 256)),
     )
-    return out.view(*lead, m)
+    return out.view(*lead, m * f)
