@@ -22,8 +22,10 @@ def test_bench_offload_quick(tmp_path):
     assert all(r["first_step_logits_max_abs_diff"] == 0.0 for r in offload)
     assert all(r["hit_rate"] is None and r["bytes_per_step"]["total"] > 0 for r in records
                if r["path"] in ("offload", "offload_fp8"))                # read in place: no cache
-    cached = [r for r in records if r["path"] == "offload_cache"][0]
-    assert cached["tokens_identical_to_on_gpu"] and 0 < cached["hit_rate"] <= 1
+    for path in ("offload_cache", "offload_gpu_cache"):
+        cached = [r for r in records if r["path"] == path][0]
+        assert cached["tokens_identical_to_on_gpu"] and 0 < cached["hit_rate"] <= 1, path
+        assert cached["first_step_logits_max_abs_diff"] == 0.0 and cached["bytes_per_step"]["total"] > 0
     assert all(r["gpu_layers"] == 0 for r in records if r["path"] != "on_gpu")    # the host holds these
 
 

@@ -65,6 +65,16 @@ def test_offload_logits_equal_on_device_bit_for_bit(model):
     assert sum(s.hits for s in stats) > sum(s.misses for s in stats) > 0     # the working set is reused
 
 
+def test_gpu_page_cache_equals_in_place_bit_for_bit(model):
+    """decode_cache="gpu" (sync-free bookkeeping): the tokens and logits of reading in place."""
+    _, in_place = caches(model)
+    _, gpu = caches(model, decode_cache="gpu")
+    assert torch.equal(run(model, prompt(), gpu), run(model, prompt(), in_place))
+    stats = [c.stats for c in gpu.block_caches]
+    assert len(stats) == 6 and sum(s.hits for s in stats) > sum(s.misses for s in stats) > 0
+    assert gpu.tables == [None] * 6       # the cache's page -> slot map is the block table
+
+
 def test_mixed_placement_equals_on_device_bit_for_bit(model):
     """Two layers' whole store in device memory, four offloaded: still the on-device logits."""
     on_device, mixed = caches(model, gpu_layers=2, decode_cache=True)
@@ -79,8 +89,12 @@ def test_offload_small_pages_and_evictions_stay_exact(bf16_model):
     """Pages smaller than a chunk and a cache just big enough: evictions, still the same logits."""
     model = bf16_model
     on_device, offloaded = caches(model, page=2, headroom=1.0, decode_cache=True)
-    assert torch.equal(run(model, prompt(seed=1), offloaded), run(model, prompt(seed=1), on_device))
+    want = run(model, prompt(seed=1), on_device)
+    assert torch.equal(run(model, prompt(seed=1), offloaded), want)
     assert sum(c.stats.evictions for c in offloaded.caches) > 0
+    _, gpu = caches(model, page=2, headroom=1.0, decode_cache="gpu", gpu_layers=1)
+    assert torch.equal(run(model, prompt(seed=1), gpu), want)
+    assert sum(c.stats.evictions for c in gpu.block_caches) > 0
 
 
 def test_generate_offload_batch_same_tokens(bf16_model):

@@ -12,6 +12,8 @@ from infinitehip.cache.kv import KVCache
 from infinitehip.cache.offload_kv import OffloadKVCache, touched_pages
 from infinitehip.cache.offload_plan import OffloadConfig
 from infinitehip.engine import DecodeState, SamplingParams, decode_one_token, prefill, stream
+from infinitehip.attention.mask import geometry
+from infinitehip.attention.stages import n_groups
 from infinitehip.engine.cuda_graph import check_capturable
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -98,6 +100,24 @@ def test_decode_write_and_reads_are_sync_free(no_host_sync, fp8):
         source.dense(CAP)          # the dense fallback of short contexts (FP8: decodes every page)
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_page_cache_decode_step_is_sync_free(no_host_sync, fp8):
+    """decode_cache="gpu": the decode write (into the store and the resident slot) and the fetch
+    of a step's pages (dedupe, LRU victims, masked copy, table) run without a host sync."""
+    cache = write_and_decode(small_cache(fp8=fp8, decode_cache="gpu"), steps=1)
+    k1 = torch.randn(B, 1, K, D).bfloat16()
+    seqlens = torch.tensor([31, 32, 41])
+    geo = geometry(seqlens - 1, 1, seqlens, CONFIG)
+    G, nsel = n_groups(CONFIG, K), CONFIG.n_selected
+    starts = torch.randint(0, 4, (B, G, 1, nsel), generator=torch.Generator().manual_seed(1)) * 2
+    no_host_sync()
+    for _ in range(2):
+        for layer in range(LAYERS):
+            cache.update(layer, seqlens - 1, k1, k1)
+            pool_k, _, pages = offload_kv._LayerSource(cache, layer).fetch(starts, geo, CONFIG)
+            assert pages.table.shape == (B, CAP // 8) and pool_k.shape[1:] == (8, K, D)
+
+
 def test_full_capacity_decode_equals_on_device():
     """What a graph replays: every step reads the cache at full capacity (kv_limit None)."""
     model = infinitehip.load("builtin", config=CONFIG, dtype=torch.bfloat16, device="cpu")
@@ -122,6 +142,8 @@ def test_which_caches_graphs_capture():
     check_capturable(small_cache())                                   # the default: read in place
     check_capturable(small_cache(fp8=True, gpu_layers=1))
     check_capturable(small_cache(decode_cache=True, gpu_layers=LAYERS))   # no layer has a page cache
+    check_capturable(small_cache(decode_cache="gpu"))                       # GPU-side bookkeeping
+    check_capturable(small_cache(decode_cache="gpu", fp8=True, gpu_layers=1))
     for refused in (small_cache(decode_cache=True), small_cache(decode_cache=True, gpu_layers=1)):
         with pytest.raises(ValueError, match=r"decode_cache=True.*host-side.*decode_cache=False"):
             check_capturable(refused)
@@ -133,11 +155,10 @@ def test_cuda_graph_offload_needs_cuda():
         list(stream(model, ["hi"], SamplingParams(max_new_tokens=2), offload=True, cuda_graph=True))
 
 
-@needs_cuda
-def test_offload_cuda_graph_generate_same_tokens():
-    """bf16, two rows, greedy: offload + CUDA graphs gives the tokens of offload eager and of the
-    on-GPU cache (graph and eager). Capacity 744 + 24 = 768, a multiple of KVCache's 256-token
-    blocks: on-GPU and offloaded graphs read the same shapes. 24 steps cross every refresh stage."""
+def greedy_two_rows():
+    """tokens(offload, cuda_graph) -> the (row, token) events of a 24-step greedy bf16 run of two
+    prompts (744 and 700 tokens: capacity 768, a multiple of KVCache's 256-token blocks, so on-GPU
+    and offloaded graphs read the same shapes; 24 steps cross every refresh stage)."""
     model = infinitehip.load("builtin", config=CONFIG, dtype=torch.bfloat16, device="cuda")
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (744, 700)]
@@ -146,7 +167,13 @@ def test_offload_cuda_graph_generate_same_tokens():
     def tokens(offload, cuda_graph):
         return [(e.row, e.token) for e in stream(model, prompts, params, offload=offload, cuda_graph=cuda_graph,
                                                  chunk_size=256)]
+    return tokens
 
+
+@needs_cuda
+def test_offload_cuda_graph_generate_same_tokens():
+    """Offload + CUDA graphs gives the tokens of offload eager and of the on-GPU cache (graph and eager)."""
+    tokens = greedy_two_rows()
     on_gpu_graph = tokens(False, True)
     assert tokens(True, True) == on_gpu_graph                                   # graph vs graph
     assert tokens(OffloadConfig(gpu_layers=2), True) == on_gpu_graph          # GPU-stored layers too
@@ -156,3 +183,17 @@ def test_offload_cuda_graph_generate_same_tokens():
     assert tokens(fp8, True) == tokens(fp8, False)
     with pytest.raises(ValueError, match="decode_cache=True"):
         tokens(OffloadConfig(decode_cache=True), True)
+
+
+@needs_cuda
+def test_gpu_page_cache_cuda_graph_generate_same_tokens():
+    """decode_cache="gpu" in CUDA graphs: the on-GPU tokens (graph), and its own eager tokens;
+    FP8 (the pool holds decoded pages, so not the in-place FP8 logits): graph gives eager's tokens."""
+    tokens = greedy_two_rows()
+    gpu_cache = OffloadConfig(decode_cache="gpu")
+    want = tokens(False, True)
+    assert tokens(gpu_cache, True) == want
+    assert tokens(gpu_cache, False) == want
+    assert tokens(OffloadConfig(decode_cache="gpu", gpu_layers=2), True) == want
+    fp8 = OffloadConfig(fp8=True, decode_cache="gpu")
+    assert tokens(fp8, True) == tokens(fp8, False)

@@ -17,7 +17,10 @@ On a GPU every path decodes from CUDA graphs (``engine.cuda_graph.GraphDecoder``
 at full capacity): the same mode for the on-GPU and the offloaded caches, so
 ``decode_ratio_vs_on_gpu`` compares graph with graph. ``--eager`` runs every path op by op
 instead. ``offload_cache`` (``decode_cache=True``: host-side page bookkeeping) cannot be
-captured and always runs eagerly; ``decode_mode`` in the JSON says which mode each record ran.
+captured and always runs eagerly; ``offload_gpu_cache`` (``decode_cache="gpu"``: the same page
+cache with its bookkeeping on the GPU) is captured like in place. ``decode_mode`` in the JSON says
+which mode each record ran. The GPU cache's hit rate comes from its device-side counters, read
+before and after the timed steps (not per step: that would sync).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache.gpu_pages import GpuBlockCache
 from ..cache.kv import KVCache, free_memory
 from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig, host_bytes_per_token
@@ -98,18 +102,20 @@ def decode(model: Model, cache, context: int, warm: int, steps: int, device, mod
     tok = torch.tensor([1], device=device)
     tokens, miss_steps, length = [], [], context
     caches = getattr(cache, "block_caches", [])          # GPU-stored layers have none
+    on_gpu = [c for c in caches if isinstance(c, GpuBlockCache)]
+    lru = [c for c in caches if not isinstance(c, GpuBlockCache)]     # per-step misses read on the host
     graph = GraphDecoder(model, cache, state) if mode == "cuda_graph" else None
 
     def step():
         nonlocal tok, length
-        before = sum(c.stats.misses for c in caches)
+        before = sum(c.stats.misses for c in lru)
         if graph is not None:
             logits = graph(tok, seqlens)
         else:
             logits = decode_one_token(model, tok, seqlens, cache, state, kv_limit=length + 1)
         tok = logits.argmax(-1)
         tokens.append(tok)          # kept on the device: no host sync per step
-        miss_steps.append(sum(c.stats.misses for c in caches) - before)
+        miss_steps.append(sum(c.stats.misses for c in lru) - before)
         seqlens.add_(1)
         length += 1
         return logits
@@ -126,6 +132,8 @@ def decode(model: Model, cache, context: int, warm: int, steps: int, device, mod
     elapsed = time.perf_counter() - t
     per_layer = [(c.stats.hits - h, c.stats.misses - m) for c, (h, m) in zip(caches, stats0)]
     hits, misses = sum(h for h, _ in per_layer), sum(m for _, m in per_layer)
+    if on_gpu:                  # no per-step counts: the timed steps' mean
+        miss_steps = [misses / steps] * steps
     return {"decode_mode": mode, "tokens_per_s": steps / elapsed, "ms_per_token": 1e3 * elapsed / steps,
             "tokens": torch.cat(tokens).tolist(),
             "first_logits": first.float().cpu(),
@@ -168,8 +176,9 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
             fp8 = False
         else:
             bf16_host = host_bytes_per_token(args.n_layers, args.n_kv_heads, args.head_dim, model.dtype) * capacity
-            fp8 = path == "offload_fp8" or path != "offload_cache" and bf16_host > HOST_USE * host_free
-            config = OffloadConfig(page=a.page, fp8=fp8, headroom=a.headroom, decode_cache=path == "offload_cache",
+            cached = {"offload_cache": True, "offload_gpu_cache": "gpu"}.get(path, False)
+            fp8 = path == "offload_fp8" or not cached and bf16_host > HOST_USE * host_free
+            config = OffloadConfig(page=a.page, fp8=fp8, headroom=a.headroom, decode_cache=cached,
                                    gpu_layers=a.gpu_layers)
             cache = offload_cache(model, capacity, config, device)
         t0 = time.perf_counter()
@@ -193,7 +202,7 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
             reads = 2 * host_layers * args.n_kv_heads * args.head_dim * key_bytes * attended
             rec["bytes_per_step"] = {"attention_reads_est": reads, "pruning_reads_est": prune,
                                      "total": reads + prune}
-        elif path == "offload_cache":
+        elif path in ("offload_cache", "offload_gpu_cache"):
             page_bytes = 2 * a.page * args.n_kv_heads * args.head_dim * elem
             fetch = sum(r["misses_per_step"]) / len(r["misses_per_step"]) * page_bytes
             write = 2 * host_layers * args.n_kv_heads * args.head_dim * (1 if fp8 else elem) * (a.page if fp8 else 1)
@@ -279,7 +288,7 @@ def main(argv: list[str] | None = None):
     for context in contexts:
         if context == "max":    # measured now, just before its plan: earlier runs' leftovers count
             context = longest_context(model, a, device)
-        same_run = ["offload_fp8", "offload_cache"] if context in on_gpu else []
+        same_run = ["offload_fp8", "offload_cache", "offload_gpu_cache"] if context in on_gpu else []
         paths = (["on_gpu"] if context in on_gpu else []) + ["offload"] + same_run
         for r in bench_context(model, context, paths, a, device, free_memory(torch.device("cpu"))):
             r.update(device=name, date=date, layers=model.args.n_layers,
@@ -305,7 +314,7 @@ def _plot(records: list[dict], path: Path):
     except ImportError:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("on_gpu", "offload", "offload_fp8", "offload_cache"):
+    for name in ("on_gpu", "offload", "offload_fp8", "offload_cache", "offload_gpu_cache"):
         rs = [r for r in records if r["path"] == name]
         if rs:
             ax1.plot([r["context"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)

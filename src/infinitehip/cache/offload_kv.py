@@ -13,7 +13,9 @@ Same interface as ``KVCache`` (``update``, ``select``, ``batch``, ``capacity``),
   ``OffloadConfig.decode_cache``, through a block table into a per-layer GPU page pool: after
   the mask of a step is known, the pages it selects plus the sink and the window are fetched
   (misses only: least recently used pages are evicted; masks change only at refreshes, so the
-  working set moves slowly). Reading in place measured faster (``offload_plan.OffloadConfig``).
+  working set moves slowly). Reading in place measured faster than the CPU-side bookkeeping
+  of ``decode_cache=True`` (``offload_plan.OffloadConfig``); ``decode_cache="gpu"`` keeps the
+  bookkeeping on the GPU (``gpu_pages.GpuBlockCache``: sync-free, captured in CUDA graphs).
 
 ``OffloadConfig.gpu_layers`` layers keep their whole store in GPU memory instead (same format,
 placed by ``offload_plan.plan_offload``): everything reads it in place, like the on-device
@@ -30,7 +32,8 @@ from ..attention.mask import SENTINEL, window_slots
 from ..attention.pages import KVPages
 from ..attention.paged import paged_hip_attention
 from ..config import HiPConfig
-from .offload import BlockCache, HostKVStore
+from .gpu_pages import GpuBlockCache
+from .offload import BlockCache, HostKVStore, fp8_decode, fp8_encode
 from .offload_plan import OffloadConfig, cache_pages, gpu_layer_order, plan_offload
 
 # Calls with at most this many queries (decode) attend through the GPU block cache.
@@ -89,9 +92,12 @@ class OffloadKVCache:
                                    on_device=i in on_gpu) for i in range(n_layers)]
         slots = cache_pages(layer_configs, batch, n_kv_heads, config)
         # Layers read in place (GPU-stored, or all without decode_cache): no block cache, no table.
-        cached = [config.decode_cache and i not in on_gpu for i in range(n_layers)]
-        self.caches = [BlockCache(s, n, device) if c else None for s, n, c in zip(self.stores, slots, cached)]
-        self.tables = [torch.full((batch, nb), -1, dtype=torch.int32, device=device) if c else None for c in cached]
+        cached = [bool(config.decode_cache) and i not in on_gpu for i in range(n_layers)]
+        kind = GpuBlockCache if config.decode_cache == "gpu" else BlockCache
+        self.caches = [kind(s, n, device) if c else None for s, n, c in zip(self.stores, slots, cached)]
+        # The CPU-side cache's block table; a GpuBlockCache's page -> slot map is its own table.
+        self.tables = [torch.full((batch, nb), -1, dtype=torch.int32, device=device) if c and kind is BlockCache
+                       else None for c in cached]
 
     @property
     def batch(self) -> int:
@@ -109,12 +115,13 @@ class OffloadKVCache:
     @property
     def gpu_nbytes(self) -> int:
         """Bytes this cache holds on the device: GPU-stored layers, page pools and block tables."""
-        pools = sum(c.k.nbytes + c.v.nbytes for c in self.caches if c is not None)
+        pools = sum(c.nbytes if isinstance(c, GpuBlockCache) else c.k.nbytes + c.v.nbytes
+                    for c in self.caches if c is not None)
         return pools + sum(t.nbytes for t in self.tables if t is not None) + \
             sum(s.nbytes for s in self.stores if s.on_device)
 
     @property
-    def block_caches(self) -> list[BlockCache]:
+    def block_caches(self) -> list[BlockCache | GpuBlockCache]:
         """The host-stored layers' block caches (their stats: hits, misses, evictions)."""
         return [c for c in self.caches if c is not None]
 
@@ -129,10 +136,10 @@ class OffloadKVCache:
     def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, T, K, D) at positions ``start[b] + t`` into the layer's store (host, or
         GPU for a GPU-stored layer); return its logical (B, capacity, K, D) device views (FP8 codes
-        when ``config.fp8``). With T == 1 (decode) and no block cache it runs no host sync and no
-        data-dependent shape: CUDA-graph capturable."""
+        when ``config.fp8``). With T == 1 (decode) and no CPU-side block cache it runs no host sync
+        and no data-dependent shape: CUDA-graph capturable."""
         B, T = k.shape[:2]
-        store = self.stores[layer]
+        store, cache = self.stores[layer], self.caches[layer]
         dev = store.dk.device
         pos = start.to(dev)[:, None] + torch.arange(T, device=dev)                 # (B, T)
         rows = self.row0 + torch.arange(B, device=dev)[:, None]
@@ -143,12 +150,18 @@ class OffloadKVCache:
             off = (pos % self.page).flatten()
             kp[inv, off], vp[inv, off] = k.flatten(0, 1).to(kp), v.flatten(0, 1).to(vp)
             store.write(ids, kp, vp)
+            if isinstance(cache, GpuBlockCache) and T == 1:   # the slot gets what a re-fetch would give
+                cache.write_pages(ids, fp8_decode(*fp8_encode(kp), kp.dtype), fp8_decode(*fp8_encode(vp), vp.dtype))
         else:
             flat = (rows * self.capacity + pos).flatten()                           # (B * T,) token rows
             store.dk.view(-1, *k.shape[2:])[flat] = k.flatten(0, 1).to(dev, store.dtype)
             store.dv.view(-1, *v.shape[2:])[flat] = v.flatten(0, 1).to(dev, store.dtype)
-        if self.caches[layer] is not None:   # decode_cache: host-side bookkeeping, never captured
-            self.caches[layer].invalidate(blocks.flatten().unique())
+            if isinstance(cache, GpuBlockCache) and T == 1:
+                cache.write_tokens(blocks.flatten(), pos.flatten() % self.page, k.flatten(0, 1), v.flatten(0, 1))
+        if isinstance(cache, GpuBlockCache) and T > 1:      # prefill: not captured, drop the copies
+            cache.invalidate(blocks)
+        elif isinstance(cache, BlockCache):   # decode_cache=True: host-side bookkeeping, never captured
+            cache.invalidate(blocks.flatten().unique())
         return self._logical(layer)
 
     def read_prefix(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,6 +218,10 @@ class _LayerSource:
         b = torch.arange(c.batch, device=pages.device)[:, None].expand_as(pages)
         ok = (pages >= 0) & (pages < c.nb)
         block_cache = c.caches[self.layer]
+        if isinstance(block_cache, GpuBlockCache):   # static shapes: absent entries are -1, not dropped
+            block_cache.fetch(torch.where(ok, (c.row0 + b) * c.nb + pages, -1))
+            table = block_cache.table(c.nb)[c.row0:c.row0 + c.batch]
+            return block_cache.k, block_cache.v, KVPages(c.page, table=table)
         slots = block_cache.fetch(((c.row0 + b) * c.nb + pages)[ok])
         table = c.tables[self.layer][c.row0:c.row0 + c.batch]
         table.fill_(-1)

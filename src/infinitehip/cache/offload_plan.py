@@ -38,10 +38,12 @@ class OffloadConfig:
     gpu_pages: pages per layer in the GPU block cache; None: ``headroom`` x the most pages one
     decode step of the batch reads (sink + window + selected chunks).
     decode_cache: decode attention reads through a GPU block cache of the pages the masks select
-    (True) or, like prefill, in place from host memory (False, the default: no cache and no
-    page pool; every attended key crosses PCIe each step). In place measured 2x faster on an
-    H100 at 256K (0.48x vs 0.25x the on-GPU decode, ``benchmarks/results/offload_h100.json``):
-    the cache's bookkeeping is on the CPU and every refresh brings a miss storm.
+    (True: LRU bookkeeping on the CPU, eager only; "gpu": the same policy as tensor ops on the
+    GPU, ``gpu_pages.GpuBlockCache``, capturable in CUDA graphs) or, like prefill, in place from
+    host memory (False, the default: no cache and no page pool; every attended key crosses PCIe
+    each step). In place measured 2x faster on an H100 at 256K than the CPU-side cache (0.48x vs
+    0.25x the on-GPU decode, ``benchmarks/results/offload_h100.json``): its bookkeeping syncs
+    with the host and every refresh brings a miss storm. "gpu" is not measured on a GPU yet.
     gpu_layers: how many layers keep their whole store in GPU memory (read in place, no block
     cache), taken in ``gpu_layer_order``. None: automatic (``plan_offload``): 0 while host
     memory holds every layer (the small GPU footprint), else as many as the spare GPU memory
@@ -51,8 +53,14 @@ class OffloadConfig:
     fp8: bool = False
     gpu_pages: int | None = None
     headroom: float = 1.5
-    decode_cache: bool = False
+    decode_cache: bool | str = False
     gpu_layers: int | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.decode_cache, bool) or self.decode_cache == "gpu"):
+            raise ValueError(f"OffloadConfig.decode_cache={self.decode_cache!r}: use False (read host memory in "
+                             "place), True (page cache, CPU-side bookkeeping) or \"gpu\" (page cache, GPU-side "
+                             "bookkeeping, capturable in CUDA graphs)")
 
 
 def step_pages(config: HiPConfig, n_kv_heads: int, page: int) -> int:

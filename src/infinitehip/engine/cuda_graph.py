@@ -15,6 +15,7 @@ import torch
 
 from ..attention import HiPMask
 from ..cache.kv import KVCache
+from ..cache.offload import BlockCache
 from ..cache.offload_kv import OffloadKVCache
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
@@ -32,14 +33,16 @@ def check_capturable(cache: KVCache | OffloadKVCache):
 
     An offloaded cache that reads its stores in place (the default ``decode_cache=False``; and
     GPU-stored layers) is: its decode writes and reads are fixed-shape kernels over the store's
-    device alias. A layer with a page cache (``decode_cache=True``) is not: which pages to fetch
-    and where they go is decided on the host from the step's mask (LRU lookups, a host sync per
-    layer per step).
+    device alias. So is the GPU page cache (``decode_cache="gpu"``): its bookkeeping is
+    fixed-shape tensor ops on the GPU. The CPU-side page cache (``decode_cache=True``) is not:
+    which pages to fetch and where they go is decided on the host from the step's mask (LRU
+    lookups, a host sync per layer per step).
     """
-    if isinstance(cache, OffloadKVCache) and cache.block_caches:
+    if isinstance(cache, OffloadKVCache) and any(isinstance(c, BlockCache) for c in cache.block_caches):
         raise ValueError("cuda_graph=True cannot capture KV offload with OffloadConfig(decode_cache=True): its page "
                          "cache does host-side LRU bookkeeping every step. Use the default decode_cache=False "
-                         "(decode reads host memory in place), or drop cuda_graph")
+                         "(decode reads host memory in place), decode_cache=\"gpu\" (the page cache with GPU-side "
+                         "bookkeeping), or drop cuda_graph")
 
 
 class GraphDecoder:

@@ -121,7 +121,7 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
     Prompts are prefilled one at a time (they may differ in length), then decoded together,
     one token per row per step, each row at its own position. ``cuda_graph``: replay the decode
     step from CUDA graphs (GPU only; reads the cache at full capacity; an offloaded cache too,
-    except with ``OffloadConfig(decode_cache=True)``). ``prefix_cache``: reuse
+    except with the CPU-side page cache of ``OffloadConfig(decode_cache=True)``). ``prefix_cache``: reuse
     the KV of a cached prompt prefix (a shared document) instead of prefilling it again.
     ``offload``: keep the KV cache in host memory with a GPU block cache (True, or an
     ``OffloadConfig``); None (default) offloads only when the cache does not fit on the GPU.

@@ -1,0 +1,144 @@
+"""The GPU page cache (``decode_cache="gpu"``, ``gpu_pages.GpuBlockCache``): scripted access
+patterns (hits, misses, LRU evictions, pages needed every call stay, duplicates), no stale page
+after decode writes (bf16, FP8), the masked copy kernel (Triton interpreter on CPU), config."""
+import pytest
+import torch
+
+from infinitehip import HiPConfig
+from infinitehip.attention.triton.page_copy import copy_pages_cuda
+from infinitehip.cache.gpu_pages import GpuBlockCache
+from infinitehip.cache.offload import HostKVStore
+from infinitehip.cache.offload_kv import OffloadKVCache
+from infinitehip.cache.offload_plan import OffloadConfig
+
+CONFIG = HiPConfig.preset("tiny", refresh_intervals=(8, 4, 2))
+
+
+def filled_store(num_blocks=16, fp8=False, dtype=torch.float32):
+    store = HostKVStore(num_blocks, 4, 2, 8, dtype=dtype, fp8=fp8)
+    k = torch.randn(num_blocks, 4, 2, 8)
+    store.write(torch.arange(num_blocks), k, -k)
+    return store, k
+
+
+def counts(cache):
+    return tuple(cache.counts.tolist())
+
+
+def check_coherent(cache: GpuBlockCache):
+    """Every resident page holds what the store would give now; the table agrees with the owners."""
+    held = (cache.owner[:cache.n_slots] >= 0).nonzero().flatten()
+    pages = cache.owner[held]
+    assert torch.equal(cache.slot_of[pages].long(), held)
+    assert int((cache.slot_of[:cache.num_pages] >= 0).sum()) == held.numel()
+    k, v = cache.store.read(pages)
+    assert torch.equal(cache.k[held], k) and torch.equal(cache.v[held], v)
+
+
+def test_hits_misses_evictions_lru():
+    store, k = filled_store()
+    cache = GpuBlockCache(store, n_slots=3)
+    cache.fetch(torch.tensor([0, 1, 2]))                      # 3 misses fill the cache
+    assert counts(cache) == (0, 3, 0)
+    cache.fetch(torch.tensor([1, 2]))                         # 2 hits; page 0 is now the oldest
+    assert counts(cache) == (2, 3, 0)
+    slots = cache.fetch(torch.tensor([3, 1]))                 # 3 misses, evicts 0 (LRU), 1 hits
+    assert counts(cache) == (3, 4, 1) and int(cache.step) == 3
+    assert cache.slot_of[0] == -1 and cache.slot_of[2] >= 0
+    torch.testing.assert_close(cache.k[slots], k[[3, 1]])
+    torch.testing.assert_close(cache.v[slots], -k[[3, 1]])
+    assert cache.stats.hit_rate == pytest.approx(3 / 7)
+    check_coherent(cache)
+
+
+def test_lru_order_and_pages_needed_every_call_stay():
+    """Page 0 (a sink) and page 1 (a window) are needed every call; the others rotate through
+    the 2 remaining slots, each evicting the least recently used."""
+    store, k = filled_store()
+    cache = GpuBlockCache(store, n_slots=4)
+    first = cache.fetch(torch.tensor([0, 1, 2, 3]))
+    for step, new in enumerate(range(4, 12)):
+        slots = cache.fetch(torch.tensor([0, 1, new, -1]))
+        assert torch.equal(slots[:2], first[:2]), "sink and window pages are never evicted"
+        assert slots[3] == -1
+        torch.testing.assert_close(cache.k[slots[:3]], k[[0, 1, new]])
+        if step >= 1:                                      # the page fetched two calls ago is gone
+            assert cache.slot_of[new - 2] == -1 and cache.slot_of[new - 1] >= 0
+    assert counts(cache) == (2 * 8, 4 + 8, 8)
+    check_coherent(cache)
+
+
+def test_duplicates_allocate_one_slot_and_shape():
+    store, k = filled_store()
+    cache = GpuBlockCache(store, n_slots=4)
+    needed = torch.tensor([[5, 5], [6, 5]])
+    slots = cache.fetch(needed)
+    assert slots.shape == (2, 2) and slots[0, 0] == slots[0, 1] == slots[1, 1] != slots[1, 0]
+    assert counts(cache) == (0, 2, 0) and int((cache.owner >= 0).sum()) == 2
+    torch.testing.assert_close(cache.k[slots], k[needed])
+    cache.fetch(torch.tensor([5, 5, 5, 6]))
+    assert counts(cache) == (2, 2, 0)
+
+
+def test_too_wide_a_request_is_a_clear_error():
+    store, _ = filled_store()
+    with pytest.raises(ValueError, match="give it more"):
+        GpuBlockCache(store, n_slots=2).fetch(torch.tensor([0, 1, 1]))
+
+
+def test_invalidated_page_is_fetched_again():
+    store, k = filled_store()
+    cache = GpuBlockCache(store, n_slots=4)
+    cache.fetch(torch.tensor([7, 8]))
+    fresh = torch.full((1, 4, 2, 8), 3.0)
+    store.write(torch.tensor([7]), fresh, fresh)
+    cache.invalidate(torch.tensor([[7, 7]]))
+    slot = cache.fetch(torch.tensor([7, 8]))
+    assert counts(cache) == (1, 3, 0), "the rewritten page is fetched again, the other hits"
+    torch.testing.assert_close(cache.k[slot[0]], fresh[0])
+    check_coherent(cache)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_decode_writes_keep_resident_pages_fresh(fp8):
+    """Decode writes (T = 1) into resident pages, rows mid-page / at a page's end / on a fresh page,
+    also through a ``select`` view; a prefill rewrite (T > 1) invalidates. Never stale."""
+    B, K, D, nb = 3, 2, 8, 8
+    cache = OffloadKVCache(1, B, nb * 8, K, D, dtype=torch.bfloat16, device="cpu", layer_configs=[CONFIG],
+                           config=OffloadConfig(fp8=fp8, decode_cache="gpu"))
+    gpu = cache.caches[0]
+    g = torch.Generator().manual_seed(0)
+    kv = lambda n, t: [torch.randn(n, t, K, D, generator=g).bfloat16() for _ in range(2)]   # noqa: E731
+    cache.update(0, torch.zeros(B, dtype=torch.long), *kv(B, 20))
+    every = torch.arange(B * nb)
+    gpu.fetch(every)
+    starts = torch.tensor([20, 23, 32])
+    for s in range(10):
+        view, first = (cache, 0) if s % 3 else (cache.select(slice(1, 3)), 1)
+        view.update(0, starts[first:] + s, *kv(B - first, 1))
+        check_coherent(gpu)
+        gpu.fetch(every)
+        assert gpu.counts[1] == B * nb, "decode writes never force a re-fetch"
+    cache.update(0, torch.tensor([4, 0, 9]), *kv(B, 6))                       # prefill-like rewrite
+    gpu.fetch(every)
+    check_coherent(gpu)
+    assert gpu.counts[1] > B * nb
+
+
+@pytest.mark.parametrize("dtype,fp8", [(torch.bfloat16, False), (torch.float32, True)])
+def test_masked_copy_kernel_copies_only_misses(dtype, fp8):
+    """The CUDA copy (Triton interpreter here): misses get the decoded page, the rest is untouched.
+    (bf16 FP8 decode is not compared here: the interpreter truncates float32 -> bf16.)"""
+    store, _ = filled_store(fp8=fp8, dtype=dtype)
+    pool = torch.full((5, 4, 2, 8), 7.0, dtype=dtype)
+    copy_pages_cuda(store.dk, store.dk_scale if fp8 else None, pool, torch.tensor([3, 9, 1]),
+                    torch.tensor([0, 2, 4]), torch.tensor([True, False, True]))
+    want, _ = store.read(torch.tensor([3, 1]))
+    assert torch.equal(pool[[0, 4]], want)
+    assert (pool[[1, 2, 3]] == 7.0).all()
+
+
+def test_decode_cache_is_validated():
+    OffloadConfig(decode_cache="gpu")
+    with pytest.raises(ValueError, match=r"decode_cache='cpu'.*\"gpu\""):
+        OffloadConfig(decode_cache="cpu")
