@@ -2,6 +2,7 @@
 import json
 from argparse import Namespace
 
+import pytest
 import torch
 
 from infinitehip.bench import main
@@ -27,6 +28,15 @@ def test_bench_offload_quick(tmp_path):
         assert cached["tokens_identical_to_on_gpu"] and 0 < cached["hit_rate"] <= 1, path
         assert cached["first_step_logits_max_abs_diff"] == 0.0 and cached["bytes_per_step"]["total"] > 0
     assert all(r["gpu_layers"] == 0 for r in records if r["path"] != "on_gpu")    # the host holds these
+
+
+def test_bench_offload_paths_are_selectable(tmp_path):
+    main(["offload", "--quick", "--contexts", "1024", "--paths", "on_gpu,offload_gpu_cache", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "offload_quick.json").read_text())
+    assert [r["path"] for r in records] == ["on_gpu", "offload_gpu_cache"]
+    assert records[1]["tokens_identical_to_on_gpu"]
+    with pytest.raises(SystemExit, match="--paths 'offload,cache'"):
+        main(["offload", "--quick", "--paths", "offload,cache", "--out", str(tmp_path)])
 
 
 def test_bench_offload_quick_gpu_layers(tmp_path):

@@ -162,6 +162,11 @@ def bench_capacity(context: int, a) -> int:
     return -(-(context + a.steps + a.warm + 1) // unit) * unit
 
 
+# Timed in this order; on_gpu first (the others' ratios and token checks refer to it). Beyond the
+# --on-gpu-contexts only "offload" runs (the default path).
+PATHS = ("on_gpu", "offload", "offload_fp8", "offload_cache", "offload_gpu_cache")
+
+
 def bench_context(model: Model, context: int, paths: list[str], a, device, host_free: int) -> list[dict]:
     args, records, ref = model.args, [], None
     elem = torch.finfo(model.dtype).bits // 8
@@ -264,9 +269,14 @@ def main(argv: list[str] | None = None):
                    "(default: automatic, only when host memory is short; 0: none).")
     p.add_argument("--eager", action="store_true", help="Decode op by op on every path (default on a GPU: "
                    "CUDA graphs wherever the cache allows, the same for on-GPU and offloaded caches).")
+    p.add_argument("--paths", default=",".join(PATHS), help="Which paths to time, comma-separated, from "
+                   f"{', '.join(PATHS)} (on_gpu and the same-run paths only at --on-gpu-contexts).")
     p.add_argument("--quick", action="store_true", help="Tiny shapes (runs on CPU): for tests.")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
+    wanted = [x for x in a.paths.split(",") if x]
+    if not wanted or any(x not in PATHS for x in wanted):
+        raise SystemExit(f"--paths {a.paths!r}: choose from {', '.join(PATHS)}")
     if a.quick:
         config = HiPConfig.preset("tiny", dense_threshold=0)
         model, device = quick_model(config), torch.device("cpu")
@@ -288,8 +298,7 @@ def main(argv: list[str] | None = None):
     for context in contexts:
         if context == "max":    # measured now, just before its plan: earlier runs' leftovers count
             context = longest_context(model, a, device)
-        same_run = ["offload_fp8", "offload_cache", "offload_gpu_cache"] if context in on_gpu else []
-        paths = (["on_gpu"] if context in on_gpu else []) + ["offload"] + same_run
+        paths = [x for x in PATHS if x in wanted and (context in on_gpu or x == "offload")]
         for r in bench_context(model, context, paths, a, device, free_memory(torch.device("cpu"))):
             r.update(device=name, date=date, layers=model.args.n_layers,
                      command="python -m infinitehip.bench offload " + " ".join(argv or []))
@@ -314,7 +323,7 @@ def _plot(records: list[dict], path: Path):
     except ImportError:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("on_gpu", "offload", "offload_fp8", "offload_cache", "offload_gpu_cache"):
+    for name in PATHS:
         rs = [r for r in records if r["path"] == name]
         if rs:
             ax1.plot([r["context"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
