@@ -16,7 +16,8 @@ import triton.testing
 
 from infinitehip.attention.mask import geometry
 from infinitehip.attention.rope import RoPE
-from infinitehip.attention.stages import first_stage_starts, pool_queries, run_stages
+from infinitehip.attention.reference import pool_queries
+from infinitehip.attention.stages import first_stage_starts, run_stages
 from infinitehip.attention.triton import ops
 from infinitehip.bench.attention import _ints
 from infinitehip.config import HiPConfig

@@ -9,7 +9,8 @@ from infinitehip import HiPConfig, RoPE
 from infinitehip.attention import reference
 from infinitehip.attention.mask import geometry
 from infinitehip.attention.pages import KVPages
-from infinitehip.attention.stages import pool_queries, run_stages
+from infinitehip.attention.reference import pool_queries
+from infinitehip.attention.stages import run_stages
 from infinitehip.cache.offload import fp8_decode, fp8_encode
 
 _ops = pytest.importorskip("infinitehip.attention.triton.ops")

@@ -10,7 +10,8 @@ import torch
 from infinitehip import HiPConfig, RoPE, hip_attention
 from infinitehip.attention import reference
 from infinitehip.attention.mask import NEG_SCORE, SENTINEL, geometry
-from infinitehip.attention.stages import first_stage_starts, pool_queries, run_stages
+from infinitehip.attention.reference import pool_queries
+from infinitehip.attention.stages import first_stage_starts, run_stages
 
 ops = pytest.importorskip("infinitehip.attention.triton.ops")
 MAX_ROW = pytest.importorskip("infinitehip.attention.triton.select").MAX_ROW

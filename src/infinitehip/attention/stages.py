@@ -21,7 +21,7 @@ from .mask import Geometry, HiPMask
 from .reference import pool_queries
 from .rope import RoPE
 
-__all__ = ["ScoreChunks", "n_groups", "pool_queries", "first_stage_starts", "run_stages"]
+__all__ = ["ScoreChunks", "n_groups", "first_stage_starts", "run_stages"]
 
 
 class ScoreChunks(Protocol):

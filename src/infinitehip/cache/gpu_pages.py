@@ -100,24 +100,27 @@ class GpuBlockCache:
     def write_tokens(self, pages: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Copy tokens just written to the store into the resident copies of their pages:
         pages, offsets (N,), k, v (N, K, D). Static shapes: absent pages write the scratch slot."""
-        slot = self.slot_of[pages].long()
-        row = torch.where(slot >= 0, slot, self.scratch) * self.page + offsets
+        row = self._resident(pages) * self.page + offsets
         self.k.view(-1, *self.k.shape[2:])[row] = k.to(self.k.dtype)
         self.v.view(-1, *self.v.shape[2:])[row] = v.to(self.v.dtype)
 
     def write_pages(self, pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Replace the resident copies of whole pages (N,) by k, v (N, page, K, D) (decoded values)."""
-        slot = self.slot_of[pages].long()
-        dst = torch.where(slot >= 0, slot, self.scratch)
+        dst = self._resident(pages)
         self.k[dst], self.v[dst] = k.to(self.k.dtype), v.to(self.v.dtype)
 
     def invalidate(self, pages: torch.Tensor):
         """Forget the resident copies of ``pages`` (any shape; rewritten in the store by the caller)."""
         pages = pages.reshape(-1).to(self.slot_of.device, torch.long)
-        slot = self.slot_of[pages].long()
-        dst = torch.where(slot >= 0, slot, self.scratch)
+        dst = self._resident(pages)
         self.owner[dst], self.stamp[dst] = -1, -1
         self.slot_of[pages] = -1
+
+    def _resident(self, pages: torch.Tensor) -> torch.Tensor:
+        """The slot holding each of ``pages`` (N,), the scratch slot where a page is absent: a write
+        through it has a static shape and lands nowhere anyone reads."""
+        slot = self.slot_of[pages].long()
+        return torch.where(slot >= 0, slot, self.scratch)
 
 
 def copy_pages(store: HostKVStore, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,

@@ -33,7 +33,7 @@ from ..attention.pages import KVPages
 from ..attention.paged import paged_hip_attention
 from ..config import HiPConfig
 from .gpu_pages import GpuBlockCache
-from .offload import BlockCache, HostKVStore, fp8_decode, fp8_encode
+from .offload import BlockCache, HostKVStore
 from .offload_plan import OffloadConfig, cache_pages, gpu_layer_order, plan_offload
 
 # Calls with at most this many queries (decode) attend through the GPU block cache.
@@ -151,7 +151,7 @@ class OffloadKVCache:
             kp[inv, off], vp[inv, off] = k.flatten(0, 1).to(kp), v.flatten(0, 1).to(vp)
             store.write(ids, kp, vp)
             if isinstance(cache, GpuBlockCache) and T == 1:   # the slot gets what a re-fetch would give
-                cache.write_pages(ids, fp8_decode(*fp8_encode(kp), kp.dtype), fp8_decode(*fp8_encode(vp), vp.dtype))
+                cache.write_pages(ids, *store.read(ids))
         else:
             flat = (rows * self.capacity + pos).flatten()                           # (B * T,) token rows
             store.dk.view(-1, *k.shape[2:])[flat] = k.flatten(0, 1).to(dev, store.dtype)
