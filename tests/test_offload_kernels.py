@@ -122,3 +122,37 @@ def test_pages_validation():
         KVPages(3)
     with pytest.raises(ValueError, match="together"):
         KVPages(4, table=torch.zeros(1, 1, dtype=torch.int32), k_scale=torch.ones(1, 1, 1), v_scale=torch.ones(1, 1, 1))
+
+
+def test_fp8_reuse_step_reads_the_scaled_store_in_one_launch(monkeypatch):
+    """A decode step that reuses its mask over an FP8 store read in place (offload, no page cache)
+    takes ``ops.attend_reused`` with the scales, as the plain store does; same values as the reference."""
+    from infinitehip.attention.paged import paged_hip_attention
+
+    q, k, v, _, rope, mask = setup()
+    kc, ks, kd = fp8_layout(k)
+    vc, vs, vd = fp8_layout(v)
+    kv_len = torch.tensor((400, 333))
+    geo = reference.block_geometry(kv_len, 1, TINY, mask)
+    want = reference.attend(q, kd, vd, mask.starts, geo, TINY, rope, 0.3)
+
+    class Source:   # the store's logical view; a reuse step must neither densify nor fetch
+        pages = KVPages(PAGE, k_scale=ks, v_scale=vs)
+
+        def logical(self, tk):
+            return _to([kc, vc, self.pages], DEVICE)
+
+        def dense(self, tk):
+            raise AssertionError("dense read on a sparse step")
+
+        fetch = dense
+
+    calls, reused = [], _ops.attend_reused
+    monkeypatch.setattr(_ops, "attend_reused", lambda *a, **kw: calls.append(kw["pages"]) or reused(*a, **kw))
+    for backend in ("reference", "triton"):
+        got, m = paged_hip_attention(q.to(DEVICE), Source(), 400, config=TINY, rope=_to(rope, DEVICE), scale=0.3,
+                                     cache_seqlens=kv_len.to(DEVICE), mask=_to(mask, DEVICE),
+                                     refresh_stage=TINY.n_stages, backend=backend)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(m.starts.cpu(), mask.starts)
+    assert len(calls) == 1 and calls[0].scaled      # the Triton step, with the FP8 scales

@@ -63,8 +63,7 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
     if _use_dense(tk, config):
         lens = None if cache_seqlens is None else cache_seqlens.to(device=q.device, dtype=torch.long)
         return dense_attention(q, k, v, lens, rope, scale), None
-    if backend == "triton" and from_stage == config.n_stages and tq <= config.block_size_q:
-        # A decode step that reuses its mask: one launch, attention computing its own positions.
+    if reuses_in_one_launch(backend, from_stage, tq, config):
         from .triton import ops
         return ops.attend_reused(q, k, v, mask, cache_seqlens, config, rope, scale), mask
     kv_len = (torch.full((B,), tk, device=q.device, dtype=torch.long) if cache_seqlens is None
@@ -72,6 +71,12 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
     impl = implementation(backend)
     return prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend, impl.score_chunks,
                             lambda qs, m, geo: impl.attend(qs, k, v, m.starts, geo, config, rope, scale))
+
+
+def reuses_in_one_launch(backend: str, from_stage: int, tq: int, config: HiPConfig) -> bool:
+    """A decode step that reuses its mask on the Triton backend: one launch (``ops.attend_reused``),
+    attention computing its own positions, instead of geometry + attention."""
+    return backend == "triton" and from_stage == config.n_stages and tq <= config.block_size_q
 
 
 def implementation(backend: str):

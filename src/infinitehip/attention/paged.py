@@ -58,6 +58,9 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
         return api.dense_attention(q, kd, vd, kv_len, rope, scale), None
     from_stage, row_stage = api._refresh_rows(refresh_stage, B, config, mask, q.device)
     backend = api.resolve_backend(backend, q)
+    if not fetch and api.reuses_in_one_launch(backend, from_stage, tq, config):   # FP8 read in place
+        from .triton import ops
+        return ops.attend_reused(q, k, v, mask, kv_len, config, rope, scale, pages=pages), mask
     impl = api.implementation(backend)
 
     def attend(qs, m, geo):

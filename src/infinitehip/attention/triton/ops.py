@@ -69,12 +69,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tens
 
 def attend_reused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: HiPMask,
                   cache_seqlens: torch.Tensor | None, config: HiPConfig, rope: RoPE | None,
-                  scale: float, tuning: dict | None = None) -> torch.Tensor:
+                  scale: float, tuning: dict | None = None, pages: KVPages | None = None) -> torch.Tensor:
     """A decode step that reuses ``mask`` as is: ``attend(q, k, v, mask.starts, block_geometry(
     kv_len, Tq, config, mask), ...)`` in one launch, the positions computed inside attention.
 
     q (B, Tq, H, D) with Tq <= block_size_q (one query block); cache_seqlens (B,) valid keys per
-    row, or None when every row has all Tk keys (no length tensor to fill then).
+    row, or None when every row has all Tk keys (no length tensor to fill then); pages: FP8
+    scales of k/v (an offloaded store read in place), or None.
     """
     if q.shape[1] > config.block_size_q:
         raise ValueError(f"attend_reused takes one query block (Tq <= {config.block_size_q}), got Tq={q.shape[1]}")
@@ -84,7 +85,7 @@ def attend_reused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: HiPMa
     positions = dict(p0_ptr=w0, w0_ptr=w0, exact_ptr=w0, stride_pb=0,
                      kv_len_ptr=lens, anchor_ptr=w0, TK=k.shape[1], CONTEXT=config.model_context_length or 0,
                      POSITIONS=True, LENS=cache_seqlens is not None, ANCHOR=anchor, **position_constants(config))
-    return _launch(q, k, v, mask.starts, positions, config, rope, scale, None, tuning or {})
+    return _launch(q, k, v, mask.starts, positions, config, rope, scale, pages, tuning or {})
 
 
 def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | None, scale: float,
