@@ -55,3 +55,14 @@ def test_longest_context_adds_spare_gpu_memory():
     a.gpu_layers = None
     both = longest_context(model, a, torch.device("cpu"), free_host=gib, free_gpu=4 * gib)   # 2 GiB of it workspace
     assert both % FILL_CHUNK == 0 and both > 1.5 * host_only > 0
+
+
+def test_device_slug_and_copy_bandwidth():
+    from infinitehip.bench import copy_bandwidth, device_slug
+
+    assert device_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert device_slug("NVIDIA H200") == "h200"
+    assert device_slug("NVIDIA A100-SXM4-80GB") == "a100"
+    assert device_slug("cpu") == "cpu"
+    bw = copy_bandwidth("cpu", nbytes=1 << 20, repeats=2)
+    assert 1e6 < bw < 1e14       # bytes/s: positive and physical

@@ -27,9 +27,8 @@ from ..engine.cuda_graph import GraphDecoder
 from ..engine.generate import DecodeState, decode_one_token, prefill
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
+from . import copy_bandwidth, device_slug
 
-# The H100's HBM3 bandwidth, about what a device-to-device copy measures (3.0 TB/s read + write).
-HBM_BYTES_PER_S = 3.0e12
 LLAMA3_8B = dict(architecture="LlamaForCausalLM", vocab_size=128_256, dim=4096, n_layers=32, n_heads=32,
                  n_kv_heads=8, head_dim=128, intermediate_size=14_336, norm_eps=1e-5,
                  max_position_embeddings=8192, trained_context=8192)
@@ -102,7 +101,7 @@ def _bench(model: Model, context: int, backend: str, decode_steps: int, chunk_si
     return r
 
 
-def add_floors(r: dict, floor_ms: float, args: ModelArgs):
+def add_floors(r: dict, floor_ms: float, args: ModelArgs, bytes_per_s: float):
     """Ratios to the weight-bandwidth floor; for dense also the floor with the whole KV cache
     read once per token (what any exact attention must read)."""
     r["floor_ratio"] = round(r["decode_ms_per_token"] / floor_ms, 3)
@@ -110,7 +109,7 @@ def add_floors(r: dict, floor_ms: float, args: ModelArgs):
         r["floor_ratio_eager"] = round(r["decode_ms_per_token_eager"] / floor_ms, 3)
     if r["backend"] == "dense":
         kv_bytes = r["context"] * args.kv_bytes_per_token * 2          # bf16 K and V, all layers
-        r["kv_read_floor_ms"] = round(floor_ms + 1e3 * kv_bytes / HBM_BYTES_PER_S, 2)
+        r["kv_read_floor_ms"] = round(floor_ms + 1e3 * kv_bytes / bytes_per_s, 2)
 
 
 def main(argv: list[str] | None = None):
@@ -137,7 +136,8 @@ def main(argv: list[str] | None = None):
         bench_one(model, 2 * a.chunk_size, backend, 2, a.chunk_size, eager_steps=2 if a.eager_steps else 0)
     # Every bf16 weight is read once per token, except the embedding table (one row of it).
     read = model.args.n_params() - (0 if model.args.tie_embeddings else model.args.vocab_size * model.args.dim)
-    floor_ms = 1e3 * read * 2 / HBM_BYTES_PER_S
+    bytes_per_s = copy_bandwidth("cuda")          # measured in this run (H100 80GB HBM3: ~3.0e12)
+    floor_ms = 1e3 * read * 2 / bytes_per_s
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -147,16 +147,17 @@ def main(argv: list[str] | None = None):
                 continue
             r = bench_one(model, context, backend, a.decode_steps, a.chunk_size, a.eager_steps)
             r.update(device=device, date=date, layers=a.layers, weight_floor_ms=round(floor_ms, 2),
+                     copy_bandwidth_gb_per_s=round(bytes_per_s / 1e9),
                      decode_over_floor=round(r["decode_ms_per_token"] / floor_ms, 2),
                      command="python -m infinitehip.bench engine " + " ".join(argv or []))
-            add_floors(r, floor_ms, model.args)
+            add_floors(r, floor_ms, model.args, bytes_per_s)
             records.append(r)
             _compare_to_dense(records, context)
             eager = f", eager {r['decode_ms_per_token_eager']:.2f} ms" if "decode_ms_per_token_eager" in r else ""
             print(f"{context:>8} {backend:>9}  prefill {r['prefill_s']:8.2f} s   decode "
                   f"{r['decode_tokens_per_s']:7.1f} tok/s ({r['decode_ms_per_token']:.2f} ms, "
                   f"{r['floor_ratio']:.2f}x floor{eager})", flush=True)
-            (out / "engine_h100.json").write_text(json.dumps(records, indent=1))   # after each: a timeout keeps the rest
+            (out / f"engine_{device_slug(device)}.json").write_text(json.dumps(records, indent=1))   # after each: a timeout keeps the rest
     return records
 
 

@@ -43,6 +43,7 @@ from ..engine.cuda_graph import GraphDecoder, check_capturable
 from ..engine.generate import DecodeState, decode_one_token
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
+from . import device_slug
 from .engine import random_model
 
 QUICK = dict(architecture="LlamaForCausalLM", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None):
             r.update(device=name, date=date, layers=model.args.n_layers,
                      command="python -m infinitehip.bench offload " + " ".join(argv or []))
             records.append(r)
-        _save(records, Path(a.out), "offload_quick" if a.quick else "offload_" + name.split()[-1].lower())
+        _save(records, Path(a.out), "offload_quick" if a.quick else "offload_" + device_slug(name))
     return records
 
 
