@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device call that checks and measures what a change touched (docs: README "Measured results").
+#
+#   OUT=/tmp/out bash scripts/gpu_session.sh tests offload attention engine
+#
+# Steps run in the order given, each under its own time limit so one slow step cannot take the
+# call's whole 10 minutes; logs and JSON go to $OUT (what the device tool brings back), and the
+# last lines printed are a short summary. Steps:
+#   tests      the GPU tests: Triton kernels, fused decode, offload kernels and caches, engine
+#   offload    bench offload at 256K: all-on-GPU vs in place (bf16, FP8) vs the GPU page cache
+#   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
+#   engine     bench engine at 256K: hip vs dense
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:-$PWD/src}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+summary=()
+
+step() {   # step NAME SECONDS COMMAND...: run, log, remember how it ended
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    summary+=("$name: rc=$rc in $((SECONDS - t0)) s; $(tail -n 1 "$OUT/$name.log")")
+}
+
+for s in "$@"; do
+    case $s in
+        tests) step tests 240 python -m pytest -q -x -rfE tests/test_triton.py tests/test_fused_decode.py \
+                   tests/test_offload_kernels.py tests/test_offload_gpu_cache.py tests/test_offload_graph.py \
+                   tests/test_engine_gpu.py tests/test_engine_decode.py ;;
+        offload) step offload 300 python -m infinitehip.bench offload --contexts 262144 --on-gpu-contexts 262144 \
+                     --paths on_gpu,offload,offload_fp8,offload_gpu_cache --out "$OUT" ;;
+        attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
+                       --chunked "" --out "$OUT/attention.json" ;;
+        engine) step engine 400 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 --out "$OUT" ;;
+        *) echo "unknown step $s (tests, offload, attention, engine)"; exit 2 ;;
+    esac
+done
+printf '%s\n' "${summary[@]}"
