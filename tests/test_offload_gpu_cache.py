@@ -1,17 +1,29 @@
 """The GPU page cache (``decode_cache="gpu"``, ``gpu_pages.GpuBlockCache``): scripted access
-patterns (hits, misses, LRU evictions, pages needed every call stay, duplicates), no stale page
-after decode writes (bf16, FP8), the masked copy kernel (Triton interpreter on CPU), config."""
+patterns (hits, misses, LRU evictions, pages needed every call stay, duplicates) under both
+fetch plans (PyTorch, and the one-launch Triton kernel through the interpreter on CPU), the two
+plans state for state on random traffic, no stale page after decode writes (bf16, FP8), the
+masked copy kernel, config."""
 import pytest
 import torch
 
 from infinitehip import HiPConfig
-from infinitehip.attention.triton.page_copy import copy_pages_cuda
+from infinitehip.attention.triton import page_cache
+from infinitehip.attention.triton.page_cache import copy_pages_cuda
+from infinitehip.cache import gpu_pages
 from infinitehip.cache.gpu_pages import GpuBlockCache
 from infinitehip.cache.offload import HostKVStore
 from infinitehip.cache.offload_kv import OffloadKVCache
 from infinitehip.cache.offload_plan import OffloadConfig
 
 CONFIG = HiPConfig.preset("tiny", refresh_intervals=(8, 4, 2))
+
+
+@pytest.fixture(params=["torch", "triton"])
+def plan(request, monkeypatch):
+    """Run a test under each fetch plan (on CPU ``fetch`` takes ``gpu_pages.plan_fetch``)."""
+    if request.param == "triton":
+        monkeypatch.setattr(gpu_pages, "plan_fetch", page_cache.plan_fetch_cuda)
+    return request.param
 
 
 def filled_store(num_blocks=16, fp8=False, dtype=torch.float32):
@@ -35,7 +47,7 @@ def check_coherent(cache: GpuBlockCache):
     assert torch.equal(cache.k[held], k) and torch.equal(cache.v[held], v)
 
 
-def test_hits_misses_evictions_lru():
+def test_hits_misses_evictions_lru(plan):
     store, k = filled_store()
     cache = GpuBlockCache(store, n_slots=3)
     cache.fetch(torch.tensor([0, 1, 2]))                      # 3 misses fill the cache
@@ -51,7 +63,7 @@ def test_hits_misses_evictions_lru():
     check_coherent(cache)
 
 
-def test_lru_order_and_pages_needed_every_call_stay():
+def test_lru_order_and_pages_needed_every_call_stay(plan):
     """Page 0 (a sink) and page 1 (a window) are needed every call; the others rotate through
     the 2 remaining slots, each evicting the least recently used."""
     store, k = filled_store()
@@ -68,7 +80,7 @@ def test_lru_order_and_pages_needed_every_call_stay():
     check_coherent(cache)
 
 
-def test_duplicates_allocate_one_slot_and_shape():
+def test_duplicates_allocate_one_slot_and_shape(plan):
     store, k = filled_store()
     cache = GpuBlockCache(store, n_slots=4)
     needed = torch.tensor([[5, 5], [6, 5]])
@@ -86,7 +98,7 @@ def test_too_wide_a_request_is_a_clear_error():
         GpuBlockCache(store, n_slots=2).fetch(torch.tensor([0, 1, 1]))
 
 
-def test_invalidated_page_is_fetched_again():
+def test_invalidated_page_is_fetched_again(plan):
     store, k = filled_store()
     cache = GpuBlockCache(store, n_slots=4)
     cache.fetch(torch.tensor([7, 8]))
@@ -100,7 +112,7 @@ def test_invalidated_page_is_fetched_again():
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_decode_writes_keep_resident_pages_fresh(fp8):
+def test_decode_writes_keep_resident_pages_fresh(fp8, plan):
     """Decode writes (T = 1) into resident pages, rows mid-page / at a page's end / on a fresh page,
     also through a ``select`` view; a prefill rewrite (T > 1) invalidates. Never stale."""
     B, K, D, nb = 3, 2, 8, 8
@@ -123,6 +135,34 @@ def test_decode_writes_keep_resident_pages_fresh(fp8):
     gpu.fetch(every)
     check_coherent(gpu)
     assert gpu.counts[1] > B * nb
+
+
+def state(cache):
+    S, P = cache.n_slots, cache.num_pages
+    return [t.clone() for t in (cache.slot_of[:P], cache.owner[:S], cache.stamp[:S], cache.step, cache.counts)]
+
+
+@pytest.mark.parametrize("n_slots,width,seed", [(12, 9, 0), (40, 33, 1), (7, 7, 2)])
+def test_triton_plan_is_the_torch_plan(n_slots, width, seed):
+    """Random traffic (duplicates, -1 entries, invalidations, shifting working sets): both plans
+    leave the same table, owners, stamps and counters and return the same slots and copies."""
+    g = torch.Generator().manual_seed(seed)
+    store, _ = filled_store(num_blocks=64)
+    caches = [GpuBlockCache(store, n_slots), GpuBlockCache(store, n_slots)]
+    for step in range(30):
+        hot = torch.randint(0, 64, (1,), generator=g).item()
+        pages = (hot + torch.randint(-6, 7, (width,), generator=g)).clamp(-1, 63)   # a moving window, repeats
+        pages[torch.rand(width, generator=g) < 0.1] = -1
+        if step % 7 == 6:
+            for c in caches:
+                c.invalidate(pages[:2].clamp(min=0))
+        (src, dst, miss, slots), (src2, dst2, miss2, slots2) = (
+            gpu_pages.plan_fetch(caches[0], pages.clone()), page_cache.plan_fetch_cuda(caches[1], pages.clone()))
+        assert torch.equal(slots, slots2) and torch.equal(miss, miss2.bool())
+        assert torch.equal(dst[miss], dst2[miss]) and torch.equal(src[miss], src2[miss])
+        for a, b in zip(state(caches[0]), state(caches[1])):
+            assert torch.equal(a, b), step
+    assert caches[0].counts[2] > 0, "the traffic evicts"
 
 
 @pytest.mark.parametrize("dtype,fp8", [(torch.bfloat16, False), (torch.float32, True)])

@@ -11,10 +11,11 @@ policy in device tensors with static shapes:
 - one extra *scratch* slot (and table entry) that masked-off writes go to, so every scatter has
   a static shape; nothing ever reads it (victims are taken from the real slots only).
 
-``fetch`` dedupes by sorting (``unique`` would sync and give a data-dependent shape), restamps
-hits, gives the misses the oldest-stamped slots (``topk`` with k = the needed width), clears the
-evicted pages' table entries and copies the missed pages in with one masked kernel: only misses
-cross PCIe. Pages stamped this step are never victims, so the sink and window (needed every
+``fetch`` plans (``plan_fetch``; on CUDA the same plan in one Triton launch,
+``page_cache.plan_fetch_cuda``: bookkeeping of a few thousand entries is launch-bound, and the
+PyTorch form takes ~30 small kernels) — dedupe, restamp the hits, give the misses the
+least recently used slots, clear the evicted pages' table entries — then copies the missed pages
+in with one masked kernel per pool: only misses cross PCIe. Pages stamped this step are never victims, so the sink and window (needed every
 step) stay resident. Writes to the store must go through ``write_tokens`` / ``write_pages``
 (decode: keeps the slot coherent, static shapes) or ``invalidate`` (prefill).
 
@@ -62,40 +63,16 @@ class GpuBlockCache:
     def fetch(self, pages: torch.Tensor) -> torch.Tensor:
         """Slots (shape of ``pages``, -1 where the page is -1) holding the needed global pages."""
         flat = pages.reshape(-1).to(self.slot_of.device, torch.long)            # (M,)
-        m = flat.numel()
-        if m > self.n_slots:     # static: the width, not the distinct count (that would need a sync)
-            raise ValueError(f"{m} pages may be needed at once but the GPU page cache has {self.n_slots} slots; "
-                             "give it more (OffloadConfig.gpu_pages or headroom)")
-        self.step += 1
-        ids = flat.sort().values
-        first = torch.ones_like(ids, dtype=torch.bool)
-        first[1:] = ids[1:] != ids[:-1]                                          # one entry per distinct page
-        want = first & (ids >= 0)
-        slot = self.slot_of[ids.clamp(min=0)].long()
-        hit, miss = want & (slot >= 0), want & (slot < 0)
-        self.stamp[torch.where(hit, slot, self.scratch)] = self.step            # before choosing victims
-        dst = torch.where(miss, self._victims(miss, m), self.scratch)           # (M,)
-        evicted = self.owner[dst]
-        gone = miss & (evicted >= 0)
-        self.slot_of[torch.where(gone, evicted, self.num_pages)] = -1
-        self.owner[dst] = torch.where(miss, ids, -1)
-        self.stamp[dst] = self.step
-        self.slot_of[torch.where(miss, ids, self.num_pages)] = dst.int()
-        copy_pages(self.store, self.k, self.v, ids.clamp(min=0), dst, miss)
-        self.counts += torch.stack([hit.sum(), miss.sum(), gone.sum()])
-        slots = self.slot_of[flat.clamp(min=0)].long()
-        return torch.where(flat >= 0, slots, -1).view(pages.shape)
-
-    def _victims(self, miss: torch.Tensor, m: int) -> torch.Tensor:
-        """The slot each miss takes (M,): the i-th miss the i-th oldest-stamped slot.
-
-        This step's hits carry the newest stamp, and at least as many slots as misses are older
-        (slots >= M >= hits + misses), so the first misses-many of the ascending top-k are free
-        or least recently used slots, never a page this step reads.
-        """
-        rank = (miss.long().cumsum(0) - 1).clamp(min=0)
-        oldest = self.stamp[:self.n_slots].topk(m, largest=False).indices        # (M,) oldest first
-        return oldest[rank]
+        if flat.numel() > self.n_slots:  # static: the width, not the distinct count (that would need a sync)
+            raise ValueError(f"{flat.numel()} pages may be needed at once but the GPU page cache has {self.n_slots} "
+                             "slots; give it more (OffloadConfig.gpu_pages or headroom)")
+        if self.k.device.type == "cuda":       # the same plan in one launch (Triton: CUDA only)
+            from ..attention.triton.page_cache import plan_fetch_cuda as plan
+        else:
+            plan = plan_fetch
+        src, dst, miss, slots = plan(self, flat)
+        copy_pages(self.store, self.k, self.v, src, dst, miss)
+        return slots.view(pages.shape)
 
     def write_tokens(self, pages: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Copy tokens just written to the store into the resident copies of their pages:
@@ -132,10 +109,54 @@ def copy_pages(store: HostKVStore, k: torch.Tensor, v: torch.Tensor, src: torch.
     masked-off ones going to dst's scratch slot (the caller points them there).
     """
     if k.device.type == "cuda":
-        from ..attention.triton.page_copy import copy_pages_cuda   # triton: CUDA only
+        from ..attention.triton.page_cache import copy_pages_cuda   # triton: CUDA only
         copy_pages_cuda(store.dk, store.dk_scale if store.fp8 else None, k, src, dst, do)
         copy_pages_cuda(store.dv, store.dv_scale if store.fp8 else None, v, src, dst, do)
         return
     kp, vp = store.read(src, k.device)
     k[dst], v[dst] = kp, vp
 
+
+
+def plan_fetch(cache: GpuBlockCache, flat: torch.Tensor):
+    """The bookkeeping of ``cache.fetch(flat)`` (M,): update the cache's state for this step and
+    return (src (M,) store pages, dst (M,) slots, miss (M,) bool: copy src -> dst where miss,
+    slots (M,) the slot of each entry, -1 where the page is -1).
+
+    The PyTorch statement of the policy, for any device; ``page_cache.plan_fetch_cuda`` is the
+    same in one Triton launch, state for state (tested):
+
+    - each distinct page counts at its first entry; a resident one is a hit and is restamped
+      first, so this step's pages are never victims;
+    - the misses take the slots of smallest (stamp, slot index): free slots (stamp -1) first,
+      then the least recently used; the r-th miss in entry order takes the r-th of those slots
+      in slot order, and the pages they held leave the table.
+    """
+    M, S, dev = flat.numel(), cache.n_slots, flat.device
+    cache.step += 1
+    order = flat.sort(stable=True).indices                                   # equal pages in entry order
+    head = torch.ones(M, dtype=torch.bool, device=dev)
+    head[1:] = flat[order[1:]] != flat[order[:-1]]
+    first = torch.zeros_like(head).scatter_(0, order, head)                  # (M,) in entry order
+    page = flat.clamp(min=0)
+    slot = cache.slot_of[page].long()
+    want = first & (flat >= 0)
+    hit, miss = want & (slot >= 0), want & (slot < 0)
+    cache.stamp[torch.where(hit, slot, cache.scratch)] = cache.step
+    # Victims: the n_miss smallest keys (stamp, index); at least n_miss slots are older than this step.
+    n_miss = miss.sum()
+    key = cache.stamp[:S] * S + torch.arange(S, device=dev)                  # (S,) distinct, ordered like (stamp, index)
+    kth = key.sort().values.gather(0, (n_miss - 1).clamp(min=0).view(1))
+    victim = (key <= kth) & (n_miss > 0)                                     # (S,) n_miss of them
+    by_rank = torch.zeros(M + 1, dtype=torch.long, device=dev)               # [r] = the r-th victim slot
+    by_rank.scatter_(0, torch.where(victim, victim.cumsum(0) - 1, M), torch.arange(S, device=dev))
+    dst = torch.where(miss, by_rank[(miss.cumsum(0) - 1).clamp(min=0)], cache.scratch)
+    evicted = cache.owner[dst]
+    gone = miss & (evicted >= 0)
+    cache.slot_of[torch.where(gone, evicted, cache.num_pages)] = -1
+    cache.owner[dst] = torch.where(miss, flat, -1)
+    cache.stamp[dst] = cache.step
+    cache.slot_of[torch.where(miss, flat, cache.num_pages)] = dst.int()
+    cache.counts += torch.stack([hit.sum(), n_miss, gone.sum()])
+    slots = torch.where(flat >= 0, cache.slot_of[page].long(), -1)
+    return page, dst, miss, slots

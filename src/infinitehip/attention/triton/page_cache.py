@@ -1,0 +1,125 @@
+"""The GPU page cache's kernels (``cache/gpu_pages.py``): its fetch plan in one launch, and the
+masked copy of the missed pages from the KV store into the pool.
+
+**Plan** (``plan_fetch_cuda``): ``gpu_pages.plan_fetch`` state for state, in one program: a
+few thousand entries are too few to fill a GPU, and in PyTorch the same steps are ~30 launches
+(sorts, scans, gathers, scatters) per layer per decode step. What replaces the sorts:
+
+- dedupe: each absent page's table entry takes the smallest marker ``-(2^30 - entry)`` of its
+  entries (``atomic_min``), so its first entry alone finds its own marker; a resident page's
+  slot stamp is swapped for this step's (``atomic_xchg``), and only the entry that saw the old
+  stamp counts the hit;
+- victims: the n_miss smallest (stamp, slot) keys, found by bisecting the stamp value T with
+  n_miss slots stamped <= T, then the first of those stamped T in slot order; a scan ranks them.
+
+**Copy** (``copy_pages_cuda``): one program per needed entry copies its page only when it is a
+miss: masked loads issue no memory traffic, so hits cost nothing (a torch gather of the needed
+pages would read every one of them over PCIe, its index having a static shape). FP8 stores are
+decoded on the way (code x the page's per-head scale, in float32, then the pool's dtype: what
+``offload.fp8_decode`` computes).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+_MARKER = tl.constexpr(1 << 30)      # > any entry count: markers -(2^30 - i) are below -1
+
+
+@triton.jit
+def _plan_kernel(flat_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_ptr, rank_ptr, dst_ptr, miss_ptr,
+                 slots_ptr, M, S, NUM_PAGES, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    i = tl.arange(0, BLOCK_M)
+    i_ok = i < M
+    page = tl.load(flat_ptr + i, mask=i_ok, other=-1)                             # (BLOCK_M,) int64
+    valid = page >= 0
+    pg = tl.where(valid, page, NUM_PAGES)                                         # NUM_PAGES: the dump entry
+    step = tl.load(step_ptr) + 1
+    tl.store(step_ptr, step)
+    cur = tl.load(slot_of_ptr + pg, mask=valid, other=0)                          # int32, -1 = absent
+    # Dedupe. Absent pages: the first entry's marker wins. Resident: the first swap sees an old stamp.
+    marker = -(_MARKER - i)
+    absent = valid & (cur < 0)
+    tl.atomic_min(slot_of_ptr + pg, marker, mask=absent)
+    old = tl.atomic_xchg(stamp_ptr + cur, step, mask=valid & (cur >= 0))
+    hit = valid & (cur >= 0) & (old != step)
+    tl.debug_barrier()
+    miss = absent & (tl.load(slot_of_ptr + pg, mask=absent, other=0, volatile=True) == marker)
+    n_miss = tl.sum(miss.to(tl.int32), axis=0)
+    # Victims: the n_miss slots of smallest (stamp, index). Bisect the stamp T: n_miss of them <= T.
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < S
+    st = tl.load(stamp_ptr + s, mask=s_ok, other=0, volatile=True)               # hits restamped above
+    lo = tl.full((), -1, tl.int64)
+    hi = step
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        if tl.sum((s_ok & (st <= mid)).to(tl.int32), axis=0) >= n_miss:
+            hi = mid
+        else:
+            lo = mid + 1
+    below = s_ok & (st < lo)
+    at = s_ok & (st == lo)
+    take = n_miss - tl.sum(below.to(tl.int32), axis=0)
+    victim = below | (at & (tl.cumsum(at.to(tl.int32), axis=0) <= take))
+    tl.store(rank_ptr + tl.cumsum(victim.to(tl.int32), axis=0) - 1, s, mask=victim)   # [r] = r-th victim
+    tl.debug_barrier()
+    rank = tl.cumsum(miss.to(tl.int32), axis=0) - 1
+    dst = tl.where(miss, tl.load(rank_ptr + rank, mask=miss, other=0, volatile=True), S)   # S: scratch
+    evicted = tl.load(owner_ptr + dst, mask=miss, other=-1)
+    gone = miss & (evicted >= 0)
+    tl.store(slot_of_ptr + evicted, -1, mask=gone)
+    tl.store(owner_ptr + dst, page, mask=miss)
+    tl.store(stamp_ptr + dst, step, mask=miss)
+    tl.store(slot_of_ptr + pg, dst.to(tl.int32), mask=miss)
+    tl.store(counts_ptr, tl.load(counts_ptr) + tl.sum(hit.to(tl.int64), axis=0))
+    tl.store(counts_ptr + 1, tl.load(counts_ptr + 1) + n_miss)
+    tl.store(counts_ptr + 2, tl.load(counts_ptr + 2) + tl.sum(gone.to(tl.int64), axis=0))
+    tl.store(dst_ptr + i, dst, mask=i_ok)
+    tl.store(miss_ptr + i, miss.to(tl.int8), mask=i_ok)
+    tl.debug_barrier()
+    slots = tl.load(slot_of_ptr + pg, mask=valid, other=-1, volatile=True)
+    tl.store(slots_ptr + i, tl.where(valid, slots, -1).to(tl.int64), mask=i_ok)
+
+
+def plan_fetch_cuda(cache, flat: torch.Tensor):
+    """``gpu_pages.plan_fetch(cache, flat)`` in one launch: the same state and (src, dst, miss, slots),
+    except that src keeps the -1 entries (never copied) and miss is int8."""
+    m, dev = flat.numel(), flat.device
+    dst = torch.empty(m, dtype=torch.long, device=dev)
+    miss = torch.empty(m, dtype=torch.int8, device=dev)
+    slots = torch.empty(m, dtype=torch.long, device=dev)
+    rank = torch.empty(max(m, 1), dtype=torch.long, device=dev)
+    flat = flat.contiguous()
+    _plan_kernel[(1,)](flat, cache.slot_of, cache.owner, cache.stamp, cache.step, cache.counts, rank, dst, miss, slots,
+                       m, cache.n_slots, cache.num_pages, BLOCK_M=triton.next_power_of_2(max(m, 2)),
+                       BLOCK_S=triton.next_power_of_2(max(cache.n_slots, 2)), num_warps=8)
+    return flat, dst, miss, slots       # miss as int8: the copy kernel's mask as is
+
+
+@triton.jit
+def _copy_kernel(src_ptr, scale_ptr, dst_ptr, src_idx_ptr, dst_idx_ptr, do_ptr,
+                 PAGE_ELEMS: tl.constexpr, K: tl.constexpr, D: tl.constexpr,   # src (pages, page, K, D), dst
+                 SCALED: tl.constexpr, BLOCK: tl.constexpr):                   # (slots, page, K, D): contiguous
+    i = tl.program_id(0)
+    do = tl.load(do_ptr + i) != 0
+    src = tl.load(src_idx_ptr + i).to(tl.int64)
+    dst = tl.load(dst_idx_ptr + i).to(tl.int64)
+    for start in range(0, PAGE_ELEMS, BLOCK):
+        e = start + tl.arange(0, BLOCK)
+        m = (e < PAGE_ELEMS) & do
+        x = tl.load(src_ptr + src * PAGE_ELEMS + e, mask=m, other=0.0).to(tl.float32)
+        if SCALED:      # scale (pages, 1, K, 1): one per (page, kv head)
+            x = x * tl.load(scale_ptr + src * K + (e // D) % K, mask=m, other=1.0)
+        tl.store(dst_ptr + dst * PAGE_ELEMS + e, x.to(dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+
+
+def copy_pages_cuda(src: torch.Tensor, scale: torch.Tensor | None, dst: torch.Tensor, src_idx: torch.Tensor,
+                    dst_idx: torch.Tensor, do: torch.Tensor):
+    """dst[dst_idx[i]] = decode(src[src_idx[i]]) where do[i]; indices (M,) on dst's device."""
+    _, page, K, D = src.shape
+    m = src_idx.numel()
+    _copy_kernel[(m,)](src, scale if scale is not None else dst, dst, src_idx, dst_idx, do.to(torch.int8),
+                       page * K * D, K, D, SCALED=scale is not None, BLOCK=BLOCK)
