@@ -167,15 +167,16 @@ def test_triton_plan_is_the_torch_plan(n_slots, width, seed):
 
 @pytest.mark.parametrize("dtype,fp8", [(torch.bfloat16, False), (torch.float32, True)])
 def test_masked_copy_kernel_copies_only_misses(dtype, fp8):
-    """The CUDA copy (Triton interpreter here): misses get the decoded page, the rest is untouched.
-    (bf16 FP8 decode is not compared here: the interpreter truncates float32 -> bf16.)"""
+    """The CUDA copy (Triton interpreter here): misses get the decoded K and V pages, the rest is
+    untouched. (bf16 FP8 decode is not compared here: the interpreter truncates float32 -> bf16.)"""
     store, _ = filled_store(fp8=fp8, dtype=dtype)
-    pool = torch.full((5, 4, 2, 8), 7.0, dtype=dtype)
-    copy_pages_cuda(store.dk, store.dk_scale if fp8 else None, pool, torch.tensor([3, 9, 1]),
-                    torch.tensor([0, 2, 4]), torch.tensor([True, False, True]))
-    want, _ = store.read(torch.tensor([3, 1]))
-    assert torch.equal(pool[[0, 4]], want)
-    assert (pool[[1, 2, 3]] == 7.0).all()
+    k_pool, v_pool = torch.full((5, 4, 2, 8), 7.0, dtype=dtype), torch.full((5, 4, 2, 8), 8.0, dtype=dtype)
+    copy_pages_cuda(store.dk, store.dk_scale if fp8 else None, store.dv, store.dv_scale if fp8 else None,
+                    k_pool, v_pool, torch.tensor([3, 9, -1, 1]), torch.tensor([0, 2, 5, 4]),
+                    torch.tensor([True, False, False, True]))
+    want_k, want_v = store.read(torch.tensor([3, 1]))
+    assert torch.equal(k_pool[[0, 4]], want_k) and torch.equal(v_pool[[0, 4]], want_v)
+    assert (k_pool[[1, 2, 3]] == 7.0).all() and (v_pool[[1, 2, 3]] == 8.0).all()
 
 
 def test_decode_cache_is_validated():

@@ -104,18 +104,17 @@ def copy_pages(store: HostKVStore, k: torch.Tensor, v: torch.Tensor, src: torch.
                do: torch.Tensor):
     """k[dst[i]], v[dst[i]] = the store's page src[i] (decoded) where do[i]; src, dst, do (M,).
 
-    On CUDA one masked Triton kernel per pool: entries with do = False load nothing, so only the
-    misses cross PCIe. Elsewhere (the host is the device) a torch gather of all M pages, with the
-    masked-off ones going to dst's scratch slot (the caller points them there).
+    On CUDA one masked Triton kernel for both pools: entries with do = False load nothing, so
+    only the misses cross PCIe. Elsewhere (the host is the device) a torch gather of all M pages,
+    with the masked-off ones going to dst's scratch slot (the caller points them there).
     """
     if k.device.type == "cuda":
         from ..attention.triton.page_cache import copy_pages_cuda   # triton: CUDA only
-        copy_pages_cuda(store.dk, store.dk_scale if store.fp8 else None, k, src, dst, do)
-        copy_pages_cuda(store.dv, store.dv_scale if store.fp8 else None, v, src, dst, do)
+        scales = (store.dk_scale, store.dv_scale) if store.fp8 else (None, None)
+        copy_pages_cuda(store.dk, scales[0], store.dv, scales[1], k, v, src, dst, do)
         return
-    kp, vp = store.read(src, k.device)
+    kp, vp = store.read(src.clamp(min=0), k.device)
     k[dst], v[dst] = kp, vp
-
 
 
 def plan_fetch(cache: GpuBlockCache, flat: torch.Tensor):

@@ -12,8 +12,8 @@ few thousand entries are too few to fill a GPU, and in PyTorch the same steps ar
 - victims: the n_miss smallest (stamp, slot) keys, found by bisecting the stamp value T with
   n_miss slots stamped <= T, then the first of those stamped T in slot order; a scan ranks them.
 
-**Copy** (``copy_pages_cuda``): one program per needed entry copies its page only when it is a
-miss: masked loads issue no memory traffic, so hits cost nothing (a torch gather of the needed
+**Copy** (``copy_pages_cuda``): one program per needed entry copies its K and V pages only when
+it is a miss: masked loads issue no memory traffic, so hits cost nothing (a torch gather of the needed
 pages would read every one of them over PCIe, its index having a static shape). FP8 stores are
 decoded on the way (code x the page's per-head scale, in float32, then the pool's dtype: what
 ``offload.fp8_decode`` computes).
@@ -100,13 +100,9 @@ def plan_fetch_cuda(cache, flat: torch.Tensor):
 
 
 @triton.jit
-def _copy_kernel(src_ptr, scale_ptr, dst_ptr, src_idx_ptr, dst_idx_ptr, do_ptr,
-                 PAGE_ELEMS: tl.constexpr, K: tl.constexpr, D: tl.constexpr,   # src (pages, page, K, D), dst
-                 SCALED: tl.constexpr, BLOCK: tl.constexpr):                   # (slots, page, K, D): contiguous
-    i = tl.program_id(0)
-    do = tl.load(do_ptr + i) != 0
-    src = tl.load(src_idx_ptr + i).to(tl.int64)
-    dst = tl.load(dst_idx_ptr + i).to(tl.int64)
+def _copy_page(src_ptr, scale_ptr, dst_ptr, src, dst, do, PAGE_ELEMS: tl.constexpr, K: tl.constexpr,
+               D: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr):
+    """dst_ptr's slot dst = decode(src_ptr's page src) if do; (pages, page, K, D) contiguous."""
     for start in range(0, PAGE_ELEMS, BLOCK):
         e = start + tl.arange(0, BLOCK)
         m = (e < PAGE_ELEMS) & do
@@ -116,10 +112,25 @@ def _copy_kernel(src_ptr, scale_ptr, dst_ptr, src_idx_ptr, dst_idx_ptr, do_ptr,
         tl.store(dst_ptr + dst * PAGE_ELEMS + e, x.to(dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
 
 
-def copy_pages_cuda(src: torch.Tensor, scale: torch.Tensor | None, dst: torch.Tensor, src_idx: torch.Tensor,
+@triton.jit
+def _copy_kernel(k_src_ptr, k_scale_ptr, v_src_ptr, v_scale_ptr, k_dst_ptr, v_dst_ptr, src_idx_ptr, dst_idx_ptr,
+                 do_ptr, PAGE_ELEMS: tl.constexpr, K: tl.constexpr, D: tl.constexpr, SCALED: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    i = tl.program_id(0)           # one needed entry: its K and its V page
+    do = tl.load(do_ptr + i) != 0
+    src = tl.load(src_idx_ptr + i).to(tl.int64)
+    dst = tl.load(dst_idx_ptr + i).to(tl.int64)
+    _copy_page(k_src_ptr, k_scale_ptr, k_dst_ptr, src, dst, do, PAGE_ELEMS, K, D, SCALED, BLOCK)
+    _copy_page(v_src_ptr, v_scale_ptr, v_dst_ptr, src, dst, do, PAGE_ELEMS, K, D, SCALED, BLOCK)
+
+
+def copy_pages_cuda(k_src: torch.Tensor, k_scale: torch.Tensor | None, v_src: torch.Tensor,
+                    v_scale: torch.Tensor | None, k_dst: torch.Tensor, v_dst: torch.Tensor, src_idx: torch.Tensor,
                     dst_idx: torch.Tensor, do: torch.Tensor):
-    """dst[dst_idx[i]] = decode(src[src_idx[i]]) where do[i]; indices (M,) on dst's device."""
-    _, page, K, D = src.shape
-    m = src_idx.numel()
-    _copy_kernel[(m,)](src, scale if scale is not None else dst, dst, src_idx, dst_idx, do.to(torch.int8),
-                       page * K * D, K, D, SCALED=scale is not None, BLOCK=BLOCK)
+    """k_dst[dst_idx[i]], v_dst[dst_idx[i]] = decode(k_src / v_src[src_idx[i]]) where do[i], in one
+    launch; indices (M,) on the pools' device; scales None for a store that is not FP8."""
+    _, page, K, D = k_src.shape
+    scaled = k_scale is not None
+    _copy_kernel[(src_idx.numel(),)](k_src, k_scale if scaled else k_dst, v_src, v_scale if scaled else v_dst, k_dst,
+                                     v_dst, src_idx, dst_idx, do.to(torch.int8), page * K * D, K, D, SCALED=scaled,
+                                     BLOCK=BLOCK)
