@@ -80,6 +80,37 @@ def test_paged_attend_reads_the_same_values():
     torch.testing.assert_close(paged, want, rtol=1e-4, atol=1e-4)
 
 
+def scatter_heads_to_pool(x: torch.Tensor, seed=2):
+    """x (B, Tk, K, D) -> a shuffled pool of one-head pages (N, PAGE, 1, D) with junk, and its
+    per-head table (B, NB, K): what the GPU page cache builds."""
+    B, tk, K, D = x.shape
+    nb = tk // PAGE
+    units = x.view(B, nb, PAGE, K, D).permute(0, 1, 3, 2, 4).reshape(B * nb * K, PAGE, 1, D)
+    n = units.shape[0] + 5
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:units.shape[0]]
+    pool = torch.full((n, PAGE, 1, D), 1e4)
+    pool[perm] = units
+    return pool, perm.view(B, nb, K).to(torch.int32)
+
+
+@pytest.mark.parametrize("sharing,tq", [("kv", 1), ("all", 1), ("kv", 40)])
+def test_per_head_table_reads_the_same_values(sharing, tq):
+    """A table with a slot per (page, kv head) into one-head pages: the same values as the plain
+    read, bit for bit in the reference and in the Triton kernel (decode and a prefill block)."""
+    cfg = TINY.replace(head_sharing=sharing)
+    q, k, v, _, rope, _ = setup(B=1 if tq > 1 else 2, tq=tq, lens=(400,) if tq > 1 else (400, 333))
+    kv_len = torch.tensor((400,) if tq > 1 else (400, 333))
+    geo = geometry(kv_len - tq, tq, kv_len, cfg)
+    mask = run_stages(q, k, geo, cfg, rope, reference.score_chunks)
+    kp, table = scatter_heads_to_pool(k)
+    vp, _ = scatter_heads_to_pool(v)
+    pages = KVPages(PAGE, table=table)
+    want = reference.attend(q, k, v, mask.starts, geo, cfg, rope, 0.3)
+    assert torch.equal(reference.attend(q, kp, vp, mask.starts, geo, cfg, rope, 0.3, pages=pages), want)
+    plain = ops.attend(q, k, v, mask.starts, geo, cfg, rope, 0.3)
+    assert torch.equal(ops.attend(q, kp, vp, mask.starts, geo, cfg, rope, 0.3, pages=pages), plain)
+
+
 def test_paged_attend_prefill_block():
     q, k, v, geo, rope, mask = setup(B=1, tq=40, lens=(400,))
     kp, table = scatter_to_pool(k)

@@ -2,16 +2,19 @@
 
 Two independent additions to a plain read, both used by KV offloading (``cache/offload_kv.py``):
 
-- **Block table** (``table``): K/V are a pool of pages ``(N_pages, page, K, D)`` shared by every
-  batch row, and logical position ``p`` of row ``b`` lives at pool row
-  ``table[b, p // page] * page + p % page``. The offload path points the table at the GPU
-  block cache after fetching the pages a mask selects. Entries of pages no valid key reads may
-  hold anything (the kernels never load them).
+- **Block table** (``table``): K/V are a pool of pages shared by every batch row, and logical
+  position ``p`` of row ``b``, kv head ``h``, lives at pool row ``slot * page + p % page`` where
+  ``slot = table[b, p // page, h]``. A table (B, NB, K) gives each kv head its own slot, into a
+  pool ``(N, page, 1, D)`` of one-head pages: a GPU page cache then holds exactly the (page, head)
+  pairs the per-head masks select (an all-heads page would bring 8x more bytes for Llama-3's 8
+  kv heads). A table (B, NB) gives all heads one slot, into a pool ``(N, page, K, D)``. The
+  offload path points the table at its GPU page cache after fetching what a mask selects.
+  Entries of pages no valid key reads may hold anything (the kernels never load them).
 - **FP8 scales** (``k_scale`` / ``v_scale``): K/V are float8_e4m3 codes in the plain logical
   layout and element ``[b, p, h, :]`` is ``code * scale[b, p // page, h]``. The offload path
   reads the host store this way, in place (zero-copy), in pruning and in prefill attention.
 
-A table and scales together are not supported (the GPU block cache holds decoded pages).
+A table and scales together are not supported (the GPU page cache holds decoded pages).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 @dataclass(frozen=True)
 class KVPages:
     page: int                               # tokens per page (a power of two)
-    table: torch.Tensor | None = None       # (B, NB) int32: logical page -> pool page
+    table: torch.Tensor | None = None       # (B, NB) or (B, NB, K) int32: logical page (, kv head) -> pool page
     k_scale: torch.Tensor | None = None     # (B, NB, K) float32 FP8 scales of the keys
     v_scale: torch.Tensor | None = None     # (B, NB, K) float32 FP8 scales of the values
 
@@ -40,11 +43,24 @@ class KVPages:
         return self.k_scale is not None
 
 
-def physical_rows(pages: KVPages, idx: torch.Tensor) -> torch.Tensor:
-    """Pool rows of logical positions idx (B, ...) through the block table (rows of pages that
-    are not resident come out clamped to 0; callers mask those keys)."""
-    B = idx.shape[0]
-    nb = pages.table.shape[1]
-    flat = idx.reshape(B, -1).clamp(min=0)
-    slot = pages.table.long().gather(1, (flat // pages.page).clamp(max=nb - 1))
-    return (slot.clamp(min=0) * pages.page + flat % pages.page).view(idx.shape)
+def table_strides(table: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, page, kv head) strides of a block table; 0 on the heads of a (B, NB) table."""
+    return table.stride(0), table.stride(1), table.stride(2) if table.dim() == 3 else 0
+
+
+def gather_paged(pool: torch.Tensor, idx: torch.Tensor, groups: int, pages: KVPages) -> torch.Tensor:
+    """Rows of the logical K or V at positions idx (B, G, ...) for the kv heads of each group,
+    read from ``pool`` through ``pages.table``: (B, G, ..., K // G, D) float32. Positions are
+    clamped to >= 0, rows of pages that are not resident to slot 0 (callers mask those keys)."""
+    B, nb = idx.shape[0], pages.table.shape[1]
+    N, page, pool_heads, D = pool.shape
+    table = pages.table.long()
+    K = table.shape[2] if table.dim() == 3 else pool_heads
+    table = table if table.dim() == 3 else table[..., None]                     # (B, NB, K or 1)
+    heads = torch.arange(K, device=pool.device).view(1, groups, 1, K // groups)  # (1, G, 1, KG)
+    pos = idx.reshape(B, groups, -1, 1).clamp(min=0)                             # (B, G, n, 1)
+    b = torch.arange(B, device=pool.device).view(B, 1, 1, 1)
+    slot = table[b, (pos // page).clamp(max=nb - 1), heads if table.shape[2] == K else 0]   # (B, G, n, KG)
+    rows = slot.clamp(min=0) * page + pos % page
+    out = pool.reshape(N * page, pool_heads, D)[rows, heads if pool_heads == K else 0].float()
+    return out.view(*idx.shape, K // groups, D)

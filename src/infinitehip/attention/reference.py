@@ -16,7 +16,7 @@ import torch
 
 from ..config import HiPConfig
 from .mask import NEG_SCORE, RELATIVE_QUERY_DISTANCE, SENTINEL, Geometry, HiPMask, anchor_window, geometry, window_slots
-from .pages import KVPages, physical_rows
+from .pages import KVPages, gather_paged
 from .rope import RoPE, apply_rope
 
 
@@ -25,14 +25,13 @@ def gather_kv(x: torch.Tensor, idx: torch.Tensor, groups: int, pages: KVPages | 
     """Rows of x (B, T, K, D) at positions idx (B, G, ...) for the kv heads of each group.
 
     Returns (B, G, ..., K // G, D) float32; positions are clamped into [0, T) (callers mask them).
-    With a block table (``pages.table``), x is a page pool (N, page, K, D) shared by all rows and
-    idx are logical positions; with ``scale`` (B, NB, K), x holds FP8 codes of pages of
+    With a block table (``pages.table``), x is a page pool shared by all rows and idx are logical
+    positions (``pages.gather_paged``); with ``scale`` (B, NB, K), x holds FP8 codes of pages of
     ``pages.page`` tokens (see ``pages.py``).
     """
-    B = idx.shape[0]
     if pages is not None and pages.table is not None:
-        x = x.reshape(1, -1, *x.shape[-2:]).expand(B, -1, -1, -1)       # (B, N * page, K, D)
-        idx = physical_rows(pages, idx)
+        return gather_paged(x, idx, groups, pages)
+    B = idx.shape[0]
     _, T, K, D = x.shape
     xg = x.view(B, T, groups, K // groups, D).transpose(1, 2)           # (B, G, T, KG, D)
     flat = idx.reshape(B, groups, -1).clamp(0, T - 1)
@@ -191,11 +190,12 @@ def attend(q, k, v, starts, geo: Geometry, config: HiPConfig, rope: RoPE | None,
     codes with scales (``pages.py``).
     """
     B, tq, H, D = q.shape
-    K, G = k.shape[2], starts.shape[1]
+    G = starts.shape[1]
     nqb, bq = geo.q_pos.shape[1:]
     idx, pos, valid = slot_indices(starts, geo, config)
     ks, vs = (None, None) if pages is None else (pages.k_scale, pages.v_scale)
     keys, values = gather_kv(k, idx, G, pages, ks), gather_kv(v, idx, G, pages, vs)   # (B, G, NQB, S, KG, D)
+    K = G * keys.shape[-2]
     x = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, nqb * bq - tq)).view(B, nqb, bq, H, D)
     if rope is not None:
         base = geo.p0[..., None]

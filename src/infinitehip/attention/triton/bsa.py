@@ -20,7 +20,8 @@ are computed here from the row's length (``geometry.block_positions``: a single 
 so a decode step that reuses its mask is this one launch.
 
 Paged reads (``attention/pages.py``): with PAGED, k/v are a pool of pages shared by all rows and
-key ``idx`` of row b is pool row ``table[b, idx // PAGE] * PAGE + idx % PAGE``; with SCALED, k/v
+key ``idx`` of row b, kv head h is pool row ``table[b, idx // PAGE, h] * PAGE + idx % PAGE`` (a
+table without a head axis has head stride 0; a pool of one-head pages, head stride 0); with SCALED, k/v
 are FP8 codes and each loaded row is multiplied by its page's scale for its kv head. Both are
 compile-time switches: the plain path compiles exactly as before.
 """
@@ -65,7 +66,7 @@ def _bsa_kernel(
     stride_ob, stride_ot, stride_oh,            # out (B, Tq, H, D), unit stride on D
     stride_xb, stride_xt, stride_xh, stride_xs,  # SPLIT: partials (B, Tq, H, NSPLIT, D) float32
     stride_lb, stride_lt, stride_lh,            # SPLIT: lse (B, Tq, H, NSPLIT), unit stride on NSPLIT
-    stride_tb,                                  # table (B, NB) int32, unit stride on NB
+    stride_tb, stride_tp, stride_th,            # table (B, NB, K or 1) int32
     stride_ssb, stride_ssp,                     # scales (B, NB, K) float32, unit stride on K
     TQ, NQB, T_TILES, KG, NSPLIT, TK, CONTEXT,
     TILES_PER_SPLIT: tl.constexpr, SINK: tl.constexpr, C: tl.constexpr, NSEL: tl.constexpr, NSEL_P: tl.constexpr, N_WINDOW: tl.constexpr,
@@ -149,7 +150,8 @@ def _bsa_kernel(
         if tl.max(col_ok.to(tl.int32), axis=0) > 0:
             row = tl.where(col_ok, idx, 0).to(tl.int64)      # key row to load (0 when unused)
             if PAGED:   # logical row -> row of the page pool
-                pg = tl.load(table_ptr + b64 * stride_tb + row // PAGE, mask=col_ok, other=0).to(tl.int64)
+                pg = tl.load(table_ptr + b64 * stride_tb + (row // PAGE) * stride_tp + kvh * stride_th,
+                             mask=col_ok, other=0).to(tl.int64)
                 row = pg * PAGE + row % PAGE
             kv_mask = col_ok[:, None] & d_ok[None, :]
             k_off = row[:, None] * stride_kt + d[None, :]

@@ -21,7 +21,7 @@ import triton
 
 from ...config import HiPConfig
 from ..mask import Geometry, HiPMask, window_slots
-from ..pages import KVPages
+from ..pages import KVPages, table_strides
 from ..rope import RoPE
 from .bsa import LOG2E, _bsa_kernel
 from .decode import arrival_counters, split_tile
@@ -93,12 +93,14 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
     """The attention kernel; ``positions``: its position arguments (from a Geometry's tensors,
     or computed in the kernel from the row lengths)."""
     B, tq, H, D = q.shape
-    K = k.shape[2]
     paged = pages is not None and pages.table is not None
     scaled = pages is not None and pages.scaled
-    if paged:   # the pool (N, page, K, D) seen as one row of N * page keys that every row reads
-        k, v = k.reshape(1, -1, K, D), v.reshape(1, -1, K, D)
-    table = pages.table.contiguous() if paged else q
+    # kv heads: a per-head table's (its pool holds one-head pages), else the keys'
+    K = pages.table.shape[2] if paged and pages.table.dim() == 3 else k.shape[2]
+    if paged:   # the pool (N, page, K or 1, D) seen as one row of N * page keys that every row reads
+        k, v = k.reshape(1, -1, *k.shape[2:]), v.reshape(1, -1, *v.shape[2:])
+    table = pages.table if paged else q
+    stride_kh, stride_vh = (k.stride(2), v.stride(2)) if k.shape[2] == K else (0, 0)   # one-head pages: 0
     k_scale = pages.k_scale if scaled else q
     v_scale = pages.v_scale if scaled else q
     if scaled and (k_scale.stride() != v_scale.stride() or k_scale.stride(-1) != 1):
@@ -145,13 +147,13 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
         attention_scaling=float(rope.attention_scaling if rope is not None else 1.0), qk_scale=float(scale) * LOG2E,
         out_ptr=out, part_ptr=part, lse_ptr=lse, count_ptr=counts, table_ptr=table, ks_ptr=k_scale, vs_ptr=v_scale,
         stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2),
-        stride_kb=0 if paged else k.stride(0), stride_kt=k.stride(1), stride_kh=k.stride(2),
-        stride_vb=0 if paged else v.stride(0), stride_vt=v.stride(1), stride_vh=v.stride(2),
+        stride_kb=0 if paged else k.stride(0), stride_kt=k.stride(1), stride_kh=stride_kh,
+        stride_vb=0 if paged else v.stride(0), stride_vt=v.stride(1), stride_vh=stride_vh,
         stride_sb=starts.stride(0), stride_sg=starts.stride(1), stride_sq=starts.stride(2),
         stride_ob=out.stride(0), stride_ot=out.stride(1), stride_oh=out.stride(2),
         stride_xb=part.stride(0), stride_xt=part.stride(1), stride_xh=part.stride(2), stride_xs=part.stride(3),
         stride_lb=lse.stride(0), stride_lt=lse.stride(1), stride_lh=lse.stride(2),
-        stride_tb=table.stride(0),
+        **dict(zip(("stride_tb", "stride_tp", "stride_th"), table_strides(table) if paged else (0, 0, 0))),
         stride_ssb=k_scale.stride(0) if scaled else 0, stride_ssp=k_scale.stride(1) if scaled else 0,
         TQ=tq, NQB=nqb, T_TILES=t_tiles, KG=K // G, NSPLIT=nsplit,
         TILES_PER_SPLIT=per_split, SINK=config.sink, C=c, NSEL=nsel, NSEL_P=max(2, triton.next_power_of_2(nsel)),
