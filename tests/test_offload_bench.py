@@ -23,17 +23,18 @@ def test_bench_offload_quick(tmp_path):
     assert all(r["first_step_logits_max_abs_diff"] == 0.0 for r in offload)
     assert all(r["hit_rate"] is None and r["bytes_per_step"]["total"] > 0 for r in records
                if r["path"] in ("offload", "offload_fp8"))                # read in place: no cache
-    for path in ("offload_cache", "offload_gpu_cache"):
+    for path in ("offload_page_cache", "offload_fp8_page_cache"):
         cached = [r for r in records if r["path"] == path][0]
-        assert cached["tokens_identical_to_on_gpu"] and 0 < cached["hit_rate"] <= 1, path
-        assert cached["first_step_logits_max_abs_diff"] == 0.0 and cached["bytes_per_step"]["total"] > 0
+        assert 0 < cached["hit_rate"] <= 1 and cached["bytes_per_step"]["block_fetch_h2d"] > 0, path
+    bf16 = [r for r in records if r["path"] == "offload_page_cache"][0]
+    assert bf16["tokens_identical_to_on_gpu"] and bf16["first_step_logits_max_abs_diff"] == 0.0
     assert all(r["gpu_layers"] == 0 for r in records if r["path"] != "on_gpu")    # the host holds these
 
 
 def test_bench_offload_paths_are_selectable(tmp_path):
-    main(["offload", "--quick", "--contexts", "1024", "--paths", "on_gpu,offload_gpu_cache", "--out", str(tmp_path)])
+    main(["offload", "--quick", "--contexts", "1024", "--paths", "on_gpu,offload_page_cache", "--out", str(tmp_path)])
     records = json.loads((tmp_path / "offload_quick.json").read_text())
-    assert [r["path"] for r in records] == ["on_gpu", "offload_gpu_cache"]
+    assert [r["path"] for r in records] == ["on_gpu", "offload_page_cache"]
     assert records[1]["tokens_identical_to_on_gpu"]
     with pytest.raises(SystemExit, match="--paths 'offload,cache'"):
         main(["offload", "--quick", "--paths", "offload,cache", "--out", str(tmp_path)])

@@ -1,16 +1,16 @@
-"""The GPU page cache (``decode_cache="gpu"``, ``gpu_pages.GpuBlockCache``): scripted access
-patterns (hits, misses, LRU evictions, pages needed every call stay, duplicates) under both
-fetch plans (PyTorch, and the one-launch Triton kernel through the interpreter on CPU), the two
-plans state for state on random traffic, no stale page after decode writes (bf16, FP8), the
-masked copy kernel, config."""
+"""The GPU page cache (``OffloadConfig(decode_cache=True)``, ``gpu_pages.PageCache``): scripted
+access patterns over units (one page of one kv head: hits, misses, LRU evictions, units needed
+every call stay, duplicates) under both fetch plans (PyTorch, and the one-launch Triton kernel
+through the interpreter on CPU), the two plans state for state on random traffic, no stale unit
+after decode writes (bf16, FP8), the masked copy kernel, config."""
 import pytest
 import torch
 
 from infinitehip import HiPConfig
 from infinitehip.attention.triton import page_cache
-from infinitehip.attention.triton.page_cache import copy_pages_cuda
+from infinitehip.attention.triton.page_cache import copy_units_cuda
 from infinitehip.cache import gpu_pages
-from infinitehip.cache.gpu_pages import GpuBlockCache
+from infinitehip.cache.gpu_pages import PageCache
 from infinitehip.cache.offload import HostKVStore
 from infinitehip.cache.offload_kv import OffloadKVCache
 from infinitehip.cache.offload_plan import OffloadConfig
@@ -37,19 +37,26 @@ def counts(cache):
     return tuple(cache.counts.tolist())
 
 
-def check_coherent(cache: GpuBlockCache):
-    """Every resident page holds what the store would give now; the table agrees with the owners."""
+def of_units(x: torch.Tensor, units) -> torch.Tensor:
+    """Pages of x (pages, page, K, D) cut into units: (n, page, 1, D), unit u = page u // K, head u % K."""
+    units = torch.as_tensor(units)
+    K = x.shape[2]
+    return x[units // K, :, units % K][:, :, None]
+
+
+def check_coherent(cache: PageCache):
+    """Every resident unit holds what the store would give now; the table agrees with the owners."""
     held = (cache.owner[:cache.n_slots] >= 0).nonzero().flatten()
-    pages = cache.owner[held]
-    assert torch.equal(cache.slot_of[pages].long(), held)
-    assert int((cache.slot_of[:cache.num_pages] >= 0).sum()) == held.numel()
-    k, v = cache.store.read(pages)
-    assert torch.equal(cache.k[held], k) and torch.equal(cache.v[held], v)
+    units = cache.owner[held]
+    assert torch.equal(cache.slot_of[units].long(), held)
+    assert int((cache.slot_of[:cache.num_units] >= 0).sum()) == held.numel()
+    k, v = cache.store.read(torch.arange(cache.store.k.shape[0]))
+    assert torch.equal(cache.k[held], of_units(k, units)) and torch.equal(cache.v[held], of_units(v, units))
 
 
 def test_hits_misses_evictions_lru(plan):
     store, k = filled_store()
-    cache = GpuBlockCache(store, n_slots=3)
+    cache = PageCache(store, n_slots=3)
     cache.fetch(torch.tensor([0, 1, 2]))                      # 3 misses fill the cache
     assert counts(cache) == (0, 3, 0)
     cache.fetch(torch.tensor([1, 2]))                         # 2 hits; page 0 is now the oldest
@@ -57,8 +64,8 @@ def test_hits_misses_evictions_lru(plan):
     slots = cache.fetch(torch.tensor([3, 1]))                 # 3 misses, evicts 0 (LRU), 1 hits
     assert counts(cache) == (3, 4, 1) and int(cache.step) == 3
     assert cache.slot_of[0] == -1 and cache.slot_of[2] >= 0
-    torch.testing.assert_close(cache.k[slots], k[[3, 1]])
-    torch.testing.assert_close(cache.v[slots], -k[[3, 1]])
+    torch.testing.assert_close(cache.k[slots], of_units(k, [3, 1]))
+    torch.testing.assert_close(cache.v[slots], -of_units(k, [3, 1]))
     assert cache.stats.hit_rate == pytest.approx(3 / 7)
     check_coherent(cache)
 
@@ -67,13 +74,13 @@ def test_lru_order_and_pages_needed_every_call_stay(plan):
     """Page 0 (a sink) and page 1 (a window) are needed every call; the others rotate through
     the 2 remaining slots, each evicting the least recently used."""
     store, k = filled_store()
-    cache = GpuBlockCache(store, n_slots=4)
+    cache = PageCache(store, n_slots=4)
     first = cache.fetch(torch.tensor([0, 1, 2, 3]))
     for step, new in enumerate(range(4, 12)):
         slots = cache.fetch(torch.tensor([0, 1, new, -1]))
         assert torch.equal(slots[:2], first[:2]), "sink and window pages are never evicted"
         assert slots[3] == -1
-        torch.testing.assert_close(cache.k[slots[:3]], k[[0, 1, new]])
+        torch.testing.assert_close(cache.k[slots[:3]], of_units(k, [0, 1, new]))
         if step >= 1:                                      # the page fetched two calls ago is gone
             assert cache.slot_of[new - 2] == -1 and cache.slot_of[new - 1] >= 0
     assert counts(cache) == (2 * 8, 4 + 8, 8)
@@ -82,12 +89,12 @@ def test_lru_order_and_pages_needed_every_call_stay(plan):
 
 def test_duplicates_allocate_one_slot_and_shape(plan):
     store, k = filled_store()
-    cache = GpuBlockCache(store, n_slots=4)
+    cache = PageCache(store, n_slots=4)
     needed = torch.tensor([[5, 5], [6, 5]])
     slots = cache.fetch(needed)
     assert slots.shape == (2, 2) and slots[0, 0] == slots[0, 1] == slots[1, 1] != slots[1, 0]
     assert counts(cache) == (0, 2, 0) and int((cache.owner >= 0).sum()) == 2
-    torch.testing.assert_close(cache.k[slots], k[needed])
+    torch.testing.assert_close(cache.k[slots], of_units(k, needed.flatten()).view(2, 2, 4, 1, 8))
     cache.fetch(torch.tensor([5, 5, 5, 6]))
     assert counts(cache) == (2, 2, 0)
 
@@ -95,34 +102,34 @@ def test_duplicates_allocate_one_slot_and_shape(plan):
 def test_too_wide_a_request_is_a_clear_error():
     store, _ = filled_store()
     with pytest.raises(ValueError, match="give it more"):
-        GpuBlockCache(store, n_slots=2).fetch(torch.tensor([0, 1, 1]))
+        PageCache(store, n_slots=2).fetch(torch.tensor([0, 1, 1]))
 
 
 def test_invalidated_page_is_fetched_again(plan):
     store, k = filled_store()
-    cache = GpuBlockCache(store, n_slots=4)
-    cache.fetch(torch.tensor([7, 8]))
+    cache = PageCache(store, n_slots=4)
+    cache.fetch(torch.tensor([14, 15, 16]))                  # page 7 (both heads), page 8 head 0
     fresh = torch.full((1, 4, 2, 8), 3.0)
     store.write(torch.tensor([7]), fresh, fresh)
-    cache.invalidate(torch.tensor([[7, 7]]))
-    slot = cache.fetch(torch.tensor([7, 8]))
-    assert counts(cache) == (1, 3, 0), "the rewritten page is fetched again, the other hits"
-    torch.testing.assert_close(cache.k[slot[0]], fresh[0])
+    cache.invalidate(torch.tensor([[7, 7]]))                 # a page: both of its units
+    slot = cache.fetch(torch.tensor([15, 16]))
+    assert counts(cache) == (1, 4, 0), "the rewritten page's unit is fetched again, the other hits"
+    torch.testing.assert_close(cache.k[slot[0]], fresh[0, :, :1])
     check_coherent(cache)
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_decode_writes_keep_resident_pages_fresh(fp8, plan):
-    """Decode writes (T = 1) into resident pages, rows mid-page / at a page's end / on a fresh page,
+def test_decode_writes_keep_resident_units_fresh(fp8, plan):
+    """Decode writes (T = 1) into resident units, rows mid-page / at a page's end / on a fresh page,
     also through a ``select`` view; a prefill rewrite (T > 1) invalidates. Never stale."""
     B, K, D, nb = 3, 2, 8, 8
     cache = OffloadKVCache(1, B, nb * 8, K, D, dtype=torch.bfloat16, device="cpu", layer_configs=[CONFIG],
-                           config=OffloadConfig(fp8=fp8, decode_cache="gpu"))
+                           config=OffloadConfig(fp8=fp8, decode_cache=True))
     gpu = cache.caches[0]
     g = torch.Generator().manual_seed(0)
     kv = lambda n, t: [torch.randn(n, t, K, D, generator=g).bfloat16() for _ in range(2)]   # noqa: E731
     cache.update(0, torch.zeros(B, dtype=torch.long), *kv(B, 20))
-    every = torch.arange(B * nb)
+    every = torch.arange(B * nb * K)
     gpu.fetch(every)
     starts = torch.tensor([20, 23, 32])
     for s in range(10):
@@ -130,15 +137,15 @@ def test_decode_writes_keep_resident_pages_fresh(fp8, plan):
         view.update(0, starts[first:] + s, *kv(B - first, 1))
         check_coherent(gpu)
         gpu.fetch(every)
-        assert gpu.counts[1] == B * nb, "decode writes never force a re-fetch"
+        assert gpu.counts[1] == B * nb * K, "decode writes never force a re-fetch"
     cache.update(0, torch.tensor([4, 0, 9]), *kv(B, 6))                       # prefill-like rewrite
     gpu.fetch(every)
     check_coherent(gpu)
-    assert gpu.counts[1] > B * nb
+    assert gpu.counts[1] > B * nb * K
 
 
 def state(cache):
-    S, P = cache.n_slots, cache.num_pages
+    S, P = cache.n_slots, cache.num_units
     return [t.clone() for t in (cache.slot_of[:P], cache.owner[:S], cache.stamp[:S], cache.step, cache.counts)]
 
 
@@ -147,15 +154,15 @@ def test_triton_plan_is_the_torch_plan(n_slots, width, seed):
     """Random traffic (duplicates, -1 entries, invalidations, shifting working sets): both plans
     leave the same table, owners, stamps and counters and return the same slots and copies."""
     g = torch.Generator().manual_seed(seed)
-    store, _ = filled_store(num_blocks=64)
-    caches = [GpuBlockCache(store, n_slots), GpuBlockCache(store, n_slots)]
+    store, _ = filled_store(num_blocks=32)
+    caches = [PageCache(store, n_slots), PageCache(store, n_slots)]
     for step in range(30):
         hot = torch.randint(0, 64, (1,), generator=g).item()
-        pages = (hot + torch.randint(-6, 7, (width,), generator=g)).clamp(-1, 63)   # a moving window, repeats
+        pages = (hot + torch.randint(-6, 7, (width,), generator=g)).clamp(-1, 63)   # units: a moving window, repeats
         pages[torch.rand(width, generator=g) < 0.1] = -1
         if step % 7 == 6:
             for c in caches:
-                c.invalidate(pages[:2].clamp(min=0))
+                c.invalidate(pages[:2].clamp(min=0) // 2)
         (src, dst, miss, slots), (src2, dst2, miss2, slots2) = (
             gpu_pages.plan_fetch(caches[0], pages.clone()), page_cache.plan_fetch_cuda(caches[1], pages.clone()))
         assert torch.equal(slots, slots2) and torch.equal(miss, miss2.bool())
@@ -167,19 +174,19 @@ def test_triton_plan_is_the_torch_plan(n_slots, width, seed):
 
 @pytest.mark.parametrize("dtype,fp8", [(torch.bfloat16, False), (torch.float32, True)])
 def test_masked_copy_kernel_copies_only_misses(dtype, fp8):
-    """The CUDA copy (Triton interpreter here): misses get the decoded K and V pages, the rest is
-    untouched. (bf16 FP8 decode is not compared here: the interpreter truncates float32 -> bf16.)"""
+    """The CUDA copy (Triton interpreter here): misses get their unit's decoded K and V, the rest
+    is untouched. (bf16 FP8 decode is not compared here: the interpreter truncates float32 -> bf16.)"""
     store, _ = filled_store(fp8=fp8, dtype=dtype)
-    k_pool, v_pool = torch.full((5, 4, 2, 8), 7.0, dtype=dtype), torch.full((5, 4, 2, 8), 8.0, dtype=dtype)
-    copy_pages_cuda(store.dk, store.dk_scale if fp8 else None, store.dv, store.dv_scale if fp8 else None,
-                    k_pool, v_pool, torch.tensor([3, 9, -1, 1]), torch.tensor([0, 2, 5, 4]),
+    k_pool, v_pool = torch.full((5, 4, 1, 8), 7.0, dtype=dtype), torch.full((5, 4, 1, 8), 8.0, dtype=dtype)
+    copy_units_cuda(store.dk, store.dk_scale if fp8 else None, store.dv, store.dv_scale if fp8 else None,
+                    k_pool, v_pool, torch.tensor([7, 9, -1, 2]), torch.tensor([0, 2, 5, 4]),
                     torch.tensor([True, False, False, True]))
-    want_k, want_v = store.read(torch.tensor([3, 1]))
-    assert torch.equal(k_pool[[0, 4]], want_k) and torch.equal(v_pool[[0, 4]], want_v)
+    k, v = store.read(torch.arange(16))
+    assert torch.equal(k_pool[[0, 4]], of_units(k, [7, 2])) and torch.equal(v_pool[[0, 4]], of_units(v, [7, 2]))
     assert (k_pool[[1, 2, 3]] == 7.0).all() and (v_pool[[1, 2, 3]] == 8.0).all()
 
 
 def test_decode_cache_is_validated():
-    OffloadConfig(decode_cache="gpu")
-    with pytest.raises(ValueError, match=r"decode_cache='cpu'.*\"gpu\""):
-        OffloadConfig(decode_cache="cpu")
+    OffloadConfig(decode_cache=True)
+    with pytest.raises(ValueError, match=r"decode_cache='gpu'.*False.*True"):
+        OffloadConfig(decode_cache="gpu")

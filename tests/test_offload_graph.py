@@ -1,7 +1,7 @@
 """Offloaded decode in CUDA graphs: the T = 1 store write (no ``unique``, no host sync) leaves the
 same store as the general path, bf16 and FP8; decode over the full capacity (what a graph reads)
-gives the on-device logits; which caches ``GraphDecoder`` captures. The GPU test (skipped without
-CUDA) generates greedily with offload + CUDA graphs and compares with eager and on-GPU."""
+gives the on-device logits; the page cache's decode step is sync-free. The GPU tests (skipped
+without CUDA) generate greedily with offload + CUDA graphs and compare with eager and on-GPU."""
 import pytest
 import torch
 
@@ -14,7 +14,6 @@ from infinitehip.cache.offload_plan import OffloadConfig
 from infinitehip.engine import DecodeState, SamplingParams, decode_one_token, prefill, stream
 from infinitehip.attention.mask import geometry
 from infinitehip.attention.stages import n_groups
-from infinitehip.engine.cuda_graph import check_capturable
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CONFIG = HiPConfig.preset("tiny", refresh_intervals=(8, 4, 2))
@@ -101,10 +100,10 @@ def test_decode_write_and_reads_are_sync_free(no_host_sync, fp8):
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_gpu_page_cache_decode_step_is_sync_free(no_host_sync, fp8):
-    """decode_cache="gpu": the decode write (into the store and the resident slot) and the fetch
-    of a step's pages (dedupe, LRU victims, masked copy, table) run without a host sync."""
-    cache = write_and_decode(small_cache(fp8=fp8, decode_cache="gpu"), steps=1)
+def test_page_cache_decode_step_is_sync_free(no_host_sync, fp8):
+    """decode_cache=True: the decode write (into the store and the resident units) and the fetch
+    of a step's units (dedupe, LRU victims, masked copy, table) run without a host sync."""
+    cache = write_and_decode(small_cache(fp8=fp8, decode_cache=True), steps=1)
     k1 = torch.randn(B, 1, K, D).bfloat16()
     seqlens = torch.tensor([31, 32, 41])
     geo = geometry(seqlens - 1, 1, seqlens, CONFIG)
@@ -115,7 +114,7 @@ def test_gpu_page_cache_decode_step_is_sync_free(no_host_sync, fp8):
         for layer in range(LAYERS):
             cache.update(layer, seqlens - 1, k1, k1)
             pool_k, _, pages = offload_kv._LayerSource(cache, layer).fetch(starts, geo, CONFIG)
-            assert pages.table.shape == (B, CAP // 8) and pool_k.shape[1:] == (8, K, D)
+            assert pages.table.shape == (B, CAP // 8, K) and pool_k.shape[1:] == (8, 1, D)
 
 
 def test_full_capacity_decode_equals_on_device():
@@ -135,18 +134,6 @@ def test_full_capacity_decode_equals_on_device():
             seqlens += 1
         logits.append(torch.cat(out))
     assert torch.equal(logits[0], logits[1])
-
-
-def test_which_caches_graphs_capture():
-    check_capturable(KVCache(LAYERS, B, CAP, K, D, dtype=torch.bfloat16, device="cpu"))
-    check_capturable(small_cache())                                   # the default: read in place
-    check_capturable(small_cache(fp8=True, gpu_layers=1))
-    check_capturable(small_cache(decode_cache=True, gpu_layers=LAYERS))   # no layer has a page cache
-    check_capturable(small_cache(decode_cache="gpu"))                       # GPU-side bookkeeping
-    check_capturable(small_cache(decode_cache="gpu", fp8=True, gpu_layers=1))
-    for refused in (small_cache(decode_cache=True), small_cache(decode_cache=True, gpu_layers=1)):
-        with pytest.raises(ValueError, match=r"decode_cache=True.*host-side.*decode_cache=False"):
-            check_capturable(refused)
 
 
 def test_cuda_graph_offload_needs_cuda():
@@ -181,19 +168,17 @@ def test_offload_cuda_graph_generate_same_tokens():
     assert on_gpu_graph == tokens(False, False)                                # graph vs eager
     fp8 = OffloadConfig(fp8=True)     # bf16: re-encoding the tail page again (graph warm-up) is exact
     assert tokens(fp8, True) == tokens(fp8, False)
-    with pytest.raises(ValueError, match="decode_cache=True"):
-        tokens(OffloadConfig(decode_cache=True), True)
 
 
 @needs_cuda
-def test_gpu_page_cache_cuda_graph_generate_same_tokens():
-    """decode_cache="gpu" in CUDA graphs: the on-GPU tokens (graph), and its own eager tokens;
+def test_page_cache_cuda_graph_generate_same_tokens():
+    """decode_cache=True in CUDA graphs: the on-GPU tokens (graph), and its own eager tokens;
     FP8 (the pool holds decoded pages, so not the in-place FP8 logits): graph gives eager's tokens."""
     tokens = greedy_two_rows()
-    gpu_cache = OffloadConfig(decode_cache="gpu")
+    page_cache = OffloadConfig(decode_cache=True)
     want = tokens(False, True)
-    assert tokens(gpu_cache, True) == want
-    assert tokens(gpu_cache, False) == want
-    assert tokens(OffloadConfig(decode_cache="gpu", gpu_layers=2), True) == want
-    fp8 = OffloadConfig(fp8=True, decode_cache="gpu")
+    assert tokens(page_cache, True) == want
+    assert tokens(page_cache, False) == want
+    assert tokens(OffloadConfig(decode_cache=True, gpu_layers=2), True) == want
+    fp8 = OffloadConfig(fp8=True, decode_cache=True)
     assert tokens(fp8, True) == tokens(fp8, False)

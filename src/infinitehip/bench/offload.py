@@ -16,11 +16,11 @@ all-on-GPU path runs where its cache fits.
 On a GPU every path decodes from CUDA graphs (``engine.cuda_graph.GraphDecoder``, the cache read
 at full capacity): the same mode for the on-GPU and the offloaded caches, so
 ``decode_ratio_vs_on_gpu`` compares graph with graph. ``--eager`` runs every path op by op
-instead. ``offload_cache`` (``decode_cache=True``: host-side page bookkeeping) cannot be
-captured and always runs eagerly; ``offload_gpu_cache`` (``decode_cache="gpu"``: the same page
-cache with its bookkeeping on the GPU) is captured like in place. ``decode_mode`` in the JSON says
-which mode each record ran. The GPU cache's hit rate comes from its device-side counters, read
-before and after the timed steps (not per step: that would sync).
+instead; ``decode_mode`` in the JSON says which mode each record ran. Paths: ``offload`` and
+``offload_fp8`` read the host store in place; ``offload_page_cache`` and
+``offload_fp8_page_cache`` decode through the GPU page cache (``OffloadConfig(decode_cache=True)``),
+whose hit rate comes from its device-side counters, read before and after the timed steps (not
+per step: that would sync), in units of one page of one kv head.
 """
 from __future__ import annotations
 
@@ -33,13 +33,12 @@ from pathlib import Path
 
 import torch
 
-from ..cache.gpu_pages import GpuBlockCache
 from ..cache.kv import KVCache, free_memory
 from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig, host_bytes_per_token
 from ..cache.offload_plan import HOST_USE, longest_offload_context, plan_offload
 from ..config import HiPConfig
-from ..engine.cuda_graph import GraphDecoder, check_capturable
+from ..engine.cuda_graph import GraphDecoder
 from ..engine.generate import DecodeState, decode_one_token
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
@@ -81,42 +80,31 @@ def fill(model: Model, cache, context: int, device):
     _sync()
 
 
-def decode_mode(cache, device, eager: bool) -> str:
-    """"cuda_graph" on a GPU unless ``eager``; "eager" where the cache cannot be captured (the
-    page cache of ``decode_cache=True``)."""
-    if eager or device.type != "cuda":
-        return "eager"
-    try:
-        check_capturable(cache)
-    except ValueError:
-        return "eager"
-    return "cuda_graph"
+def decode_mode(device, eager: bool) -> str:
+    """"cuda_graph" on a GPU unless ``eager`` (every cache can be captured), else "eager"."""
+    return "eager" if eager or device.type != "cuda" else "cuda_graph"
 
 
 def decode(model: Model, cache, context: int, warm: int, steps: int, device, mode: str = "eager") -> dict:
     """Greedy decode from position ``context``: ``warm`` steps untimed (a full refresh cycle, so
     every graph is captured; kernel compilation), then ``steps`` timed. ``mode``: "cuda_graph"
     replays the step (the cache read at full capacity), "eager" runs it op by op over exactly the
-    written keys. Returns timings, tokens and block-cache stats."""
+    written keys. Returns timings, tokens and page-cache stats."""
     state = DecodeState("hip")
     seqlens = torch.tensor([context], device=device)
     tok = torch.tensor([1], device=device)
-    tokens, miss_steps, length = [], [], context
+    tokens, length = [], context
     caches = getattr(cache, "block_caches", [])          # GPU-stored layers have none
-    on_gpu = [c for c in caches if isinstance(c, GpuBlockCache)]
-    lru = [c for c in caches if not isinstance(c, GpuBlockCache)]     # per-step misses read on the host
     graph = GraphDecoder(model, cache, state) if mode == "cuda_graph" else None
 
     def step():
         nonlocal tok, length
-        before = sum(c.stats.misses for c in lru)
         if graph is not None:
             logits = graph(tok, seqlens)
         else:
             logits = decode_one_token(model, tok, seqlens, cache, state, kv_limit=length + 1)
         tok = logits.argmax(-1)
         tokens.append(tok)          # kept on the device: no host sync per step
-        miss_steps.append(sum(c.stats.misses for c in lru) - before)
         seqlens.add_(1)
         length += 1
         return logits
@@ -133,14 +121,12 @@ def decode(model: Model, cache, context: int, warm: int, steps: int, device, mod
     elapsed = time.perf_counter() - t
     per_layer = [(c.stats.hits - h, c.stats.misses - m) for c, (h, m) in zip(caches, stats0)]
     hits, misses = sum(h for h, _ in per_layer), sum(m for _, m in per_layer)
-    if on_gpu:                  # no per-step counts: the timed steps' mean
-        miss_steps = [misses / steps] * steps
     return {"decode_mode": mode, "tokens_per_s": steps / elapsed, "ms_per_token": 1e3 * elapsed / steps,
             "tokens": torch.cat(tokens).tolist(),
             "first_logits": first.float().cpu(),
             "hit_rate": hits / max(1, hits + misses) if caches else None,
             "hit_rate_per_layer": [h / max(1, h + m) for h, m in per_layer] if caches else None,
-            "misses_per_step": miss_steps[-steps:] if caches else None}
+            "misses_per_step": misses / steps if caches else None}       # the timed steps' mean, in units
 
 
 def prune_bytes_per_step(config: HiPConfig, context: int, n_kv_heads: int, head_dim: int, key_bytes: float) -> float:
@@ -155,6 +141,23 @@ def prune_bytes_per_step(config: HiPConfig, context: int, n_kv_heads: int, head_
     return total
 
 
+def pcie_bytes_per_step(model: Model, context: int, path: str, fp8: bool, host_layers: int, r: dict,
+                        page: int) -> dict:
+    """Bytes an offloaded decode step moves over PCIe, by kind (estimates, except measured misses)."""
+    args, elem = model.args, torch.finfo(model.dtype).bits // 8
+    key_bytes = (1 + 4 / (page * args.head_dim)) if fp8 else elem        # FP8: the code + its share of the scale
+    prune = host_layers * prune_bytes_per_step(model.net.layer_configs[-1], context, args.n_kv_heads,
+                                               args.head_dim, key_bytes)
+    if not path.endswith("page_cache"):   # in place: every attended key crosses PCIe every step
+        attended = model.hip.sink + model.hip.budget + model.hip.window
+        reads = 2 * host_layers * args.n_kv_heads * args.head_dim * key_bytes * attended
+        return {"attention_reads_est": reads, "pruning_reads_est": prune, "total": reads + prune}
+    fetch = r["misses_per_step"] * 2 * page * args.head_dim * key_bytes   # a miss: a page of one kv head, K and V
+    write = 2 * host_layers * args.n_kv_heads * args.head_dim * (1 if fp8 else elem) * (page if fp8 else 1)
+    return {"block_fetch_h2d": fetch, "pruning_reads_est": prune, "kv_write_d2h": write,
+            "total": fetch + prune + write}
+
+
 def bench_capacity(context: int, a) -> int:
     """One capacity for every path of a context: room for the decode steps, rounded up to
     KVCache's 256-token blocks and to the page. Graphs read the cache at full capacity, so the
@@ -165,7 +168,7 @@ def bench_capacity(context: int, a) -> int:
 
 # Timed in this order; on_gpu first (the others' ratios and token checks refer to it). Beyond the
 # --on-gpu-contexts only "offload" runs (the default path).
-PATHS = ("on_gpu", "offload", "offload_fp8", "offload_cache", "offload_gpu_cache")
+PATHS = ("on_gpu", "offload", "offload_fp8", "offload_page_cache", "offload_fp8_page_cache")
 
 
 def bench_context(model: Model, context: int, paths: list[str], a, device, host_free: int) -> list[dict]:
@@ -182,8 +185,8 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
             fp8 = False
         else:
             bf16_host = host_bytes_per_token(args.n_layers, args.n_kv_heads, args.head_dim, model.dtype) * capacity
-            cached = {"offload_cache": True, "offload_gpu_cache": "gpu"}.get(path, False)
-            fp8 = path == "offload_fp8" or not cached and bf16_host > HOST_USE * host_free
+            cached = path.endswith("page_cache")
+            fp8 = "fp8" in path or not cached and bf16_host > HOST_USE * host_free
             config = OffloadConfig(page=a.page, fp8=fp8, headroom=a.headroom, decode_cache=cached,
                                    gpu_layers=a.gpu_layers)
             cache = offload_cache(model, capacity, config, device)
@@ -192,7 +195,7 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
         fill_s = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        r = decode(model, cache, context, a.warm, a.steps, device, decode_mode(cache, device, a.eager))
+        r = decode(model, cache, context, a.warm, a.steps, device, decode_mode(device, a.eager))
         gpu_kv = cache.nbytes if path == "on_gpu" else cache.gpu_nbytes
         gpu_layers = args.n_layers if path == "on_gpu" else len(cache.gpu_layers)
         host_layers = args.n_layers - gpu_layers        # what the PCIe estimates below count
@@ -200,20 +203,8 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
                "gpu_kv_reduction": gpu_kv / on_gpu_bytes, "host_kv_bytes": getattr(cache, "host_nbytes", 0),
                "fill_s": fill_s, "gpu_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
                **{k: v for k, v in r.items() if k != "first_logits"}}
-        key_bytes = (1 + 4 / (a.page * args.head_dim)) if fp8 else elem
-        prune = host_layers * prune_bytes_per_step(model.net.layer_configs[-1], context, args.n_kv_heads,
-                                                     args.head_dim, key_bytes)
-        if path in ("offload", "offload_fp8"):   # in place: every attended key crosses PCIe every step
-            attended = model.hip.sink + model.hip.budget + model.hip.window
-            reads = 2 * host_layers * args.n_kv_heads * args.head_dim * key_bytes * attended
-            rec["bytes_per_step"] = {"attention_reads_est": reads, "pruning_reads_est": prune,
-                                     "total": reads + prune}
-        elif path in ("offload_cache", "offload_gpu_cache"):
-            page_bytes = 2 * a.page * args.n_kv_heads * args.head_dim * elem
-            fetch = sum(r["misses_per_step"]) / len(r["misses_per_step"]) * page_bytes
-            write = 2 * host_layers * args.n_kv_heads * args.head_dim * (1 if fp8 else elem) * (a.page if fp8 else 1)
-            rec["bytes_per_step"] = {"block_fetch_h2d": fetch, "pruning_reads_est": prune, "kv_write_d2h": write,
-                                     "total": fetch + prune + write}
+        if path != "on_gpu":
+            rec["bytes_per_step"] = pcie_bytes_per_step(model, context, path, fp8, host_layers, r, a.page)
         if ref is not None:
             rec["decode_ratio_vs_on_gpu"] = rec["tokens_per_s"] / ref["tokens_per_s"]
             rec["tokens_identical_to_on_gpu"] = r["tokens"] == ref["tokens"]
@@ -265,7 +256,7 @@ def main(argv: list[str] | None = None):
                    "with CUDA graphs: every stage's graph is captured before the timing).")
     p.add_argument("--steps", type=int, default=64, help="Timed decode steps.")
     p.add_argument("--page", type=int, default=8)
-    p.add_argument("--headroom", type=float, default=1.5, help="GPU block cache size / one step's working set.")
+    p.add_argument("--headroom", type=float, default=1.5, help="GPU page cache size / one step's working set.")
     p.add_argument("--gpu-layers", type=int, default=None, help="Layers whose whole KV stays in GPU memory "
                    "(default: automatic, only when host memory is short; 0: none).")
     p.add_argument("--eager", action="store_true", help="Decode op by op on every path (default on a GPU: "

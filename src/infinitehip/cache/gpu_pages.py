@@ -1,23 +1,27 @@
-"""A GPU page cache whose bookkeeping is tensor ops on the GPU: capturable in a CUDA graph.
+"""The GPU page cache of offloaded decode: the (page, kv head) pairs the sparse masks select,
+resident in device memory, with bookkeeping that is tensor ops on the device (no host sync, static
+shapes: captured in CUDA graphs with the rest of the decode step).
 
-``offload.BlockCache`` decides on the host which pages to fetch and evict (a host sync per layer
-per step), so a decode step using it cannot be captured. ``GpuBlockCache`` keeps the same LRU
-policy in device tensors with static shapes:
+The unit is one page of one kv head (``page`` tokens x D): each kv head's mask selects its own
+chunks, so caching whole pages (all kv heads) would bring 8x the bytes for Llama-3's 8 kv heads.
+Unit ``u`` of a store is page ``u // K``, head ``u % K``.
 
-- ``slot_of`` (pages + 1,) int32: global page -> slot, -1 = absent. Viewed as (rows, NB) it is
-  the block table the attention kernels read (no separate table to rebuild each step);
-- ``owner`` (slots + 1,): slot -> global page or -1; ``stamp`` (slots + 1,): the step that last
-  used the slot (-1 = free, older than any step); ``step``: a counter advanced per ``fetch``;
+- ``k``, ``v`` (slots + 1, page, 1, D): the pools, decoded pages in the model dtype (the kernels
+  read a table or FP8 scales, not both); zeros, so masked reads stay finite;
+- ``slot_of`` (units + 1,) int32: unit -> slot, -1 = absent. Viewed as (rows, NB, K) it is the
+  block table the attention kernels read (``attention/pages.py``), nothing rebuilt per step;
+- ``owner`` (slots + 1,): slot -> unit or -1; ``stamp`` (slots + 1,): the step that last used
+  the slot (-1 = free, older than any step); ``step``: a counter advanced per ``fetch``;
 - one extra *scratch* slot (and table entry) that masked-off writes go to, so every scatter has
   a static shape; nothing ever reads it (victims are taken from the real slots only).
 
-``fetch`` plans (``plan_fetch``; on CUDA the same plan in one Triton launch,
+``fetch`` = a plan (``plan_fetch``; on CUDA the same plan in one Triton launch,
 ``page_cache.plan_fetch_cuda``: bookkeeping of a few thousand entries is launch-bound, and the
-PyTorch form takes ~30 small kernels) — dedupe, restamp the hits, give the misses the
-least recently used slots, clear the evicted pages' table entries — then copies the missed pages
-in with one masked kernel per pool: only misses cross PCIe. Pages stamped this step are never victims, so the sink and window (needed every
-step) stay resident. Writes to the store must go through ``write_tokens`` / ``write_pages``
-(decode: keeps the slot coherent, static shapes) or ``invalidate`` (prefill).
+PyTorch form takes ~30 small kernels) — dedupe, restamp the hits, give the misses the least
+recently used slots, clear the evicted units' table entries — then one masked copy of the missed
+units: only misses cross PCIe. Units stamped this step are never victims, so the sink and window
+(needed every step) stay resident. Writes to the store must go through ``write_tokens`` /
+``write_pages`` (decode: keeps resident units coherent, static shapes) or ``invalidate`` (prefill).
 
 Legend: M needed entries, N written pages, K kv heads, D head dim.
 """
@@ -28,18 +32,17 @@ import torch
 from .offload import CacheStats, HostKVStore
 
 
-class GpuBlockCache:
-    """``n_slots`` device pages caching pages of one HostKVStore, LRU, sync-free bookkeeping."""
+class PageCache:
+    """``n_slots`` device units (one page of one kv head) caching a HostKVStore, LRU."""
 
     def __init__(self, store: HostKVStore, n_slots: int, device=None):
         num_pages, page, K, D = store.k.shape
-        self.store, self.n_slots, self.num_pages, self.page = store, n_slots, num_pages, page
+        self.store, self.n_slots, self.page, self.heads = store, n_slots, page, K
+        self.num_units = num_pages * K
         self.scratch = n_slots                                                   # the extra slot
-        # Decoded pages in the model dtype (like BlockCache: the kernels read a table or FP8
-        # scales, not both); zeros: masked reads stay finite.
-        self.k = torch.zeros(n_slots + 1, page, K, D, dtype=store.dtype, device=device)
+        self.k = torch.zeros(n_slots + 1, page, 1, D, dtype=store.dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.slot_of = torch.full((num_pages + 1,), -1, dtype=torch.int32, device=device)
+        self.slot_of = torch.full((self.num_units + 1,), -1, dtype=torch.int32, device=device)
         self.owner = torch.full((n_slots + 1,), -1, dtype=torch.long, device=device)
         self.stamp = torch.full((n_slots + 1,), -1, dtype=torch.long, device=device)
         self.step = torch.zeros((), dtype=torch.long, device=device)
@@ -52,93 +55,101 @@ class GpuBlockCache:
 
     @property
     def stats(self) -> CacheStats:
-        """Totals so far (reads the device counters: one host sync; not for the decode loop)."""
+        """Totals so far, in units (reads the device counters: one host sync; not for the decode loop)."""
         hits, misses, evictions = self.counts.tolist()
         return CacheStats(hits, misses, evictions)
 
-    def table(self, nb: int) -> torch.Tensor:
-        """The block table of every row of the store: (rows, NB) int32 view of ``slot_of``."""
-        return self.slot_of[:self.num_pages].view(-1, nb)
+    def units(self, pages: torch.Tensor) -> torch.Tensor:
+        """Every kv head's unit of ``pages`` (...,): (..., K)."""
+        return pages[..., None] * self.heads + torch.arange(self.heads, device=pages.device)
 
-    def fetch(self, pages: torch.Tensor) -> torch.Tensor:
-        """Slots (shape of ``pages``, -1 where the page is -1) holding the needed global pages."""
-        flat = pages.reshape(-1).to(self.slot_of.device, torch.long)            # (M,)
+    def table(self, nb: int) -> torch.Tensor:
+        """The block table of every row of the store: (rows, NB, K) int32 view of ``slot_of``."""
+        return self.slot_of[:self.num_units].view(-1, nb, self.heads)
+
+    def fetch(self, units: torch.Tensor) -> torch.Tensor:
+        """Slots (shape of ``units``, -1 where the unit is -1) holding the needed units."""
+        flat = units.reshape(-1).to(self.slot_of.device, torch.long)            # (M,)
         if flat.numel() > self.n_slots:  # static: the width, not the distinct count (that would need a sync)
-            raise ValueError(f"{flat.numel()} pages may be needed at once but the GPU page cache has {self.n_slots} "
-                             "slots; give it more (OffloadConfig.gpu_pages or headroom)")
+            raise ValueError(f"{flat.numel()} pages of a kv head may be needed at once but the GPU page cache has "
+                             f"{self.n_slots} slots; give it more (OffloadConfig.gpu_pages or headroom)")
         if self.k.device.type == "cuda":       # the same plan in one launch (Triton: CUDA only)
             from ..attention.triton.page_cache import plan_fetch_cuda as plan
         else:
             plan = plan_fetch
         src, dst, miss, slots = plan(self, flat)
-        copy_pages(self.store, self.k, self.v, src, dst, miss)
-        return slots.view(pages.shape)
+        copy_units(self.store, self.k, self.v, src, dst, miss)
+        return slots.view(units.shape)
 
     def write_tokens(self, pages: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Copy tokens just written to the store into the resident copies of their pages:
-        pages, offsets (N,), k, v (N, K, D). Static shapes: absent pages write the scratch slot."""
-        row = self._resident(pages) * self.page + offsets
-        self.k.view(-1, *self.k.shape[2:])[row] = k.to(self.k.dtype)
-        self.v.view(-1, *self.v.shape[2:])[row] = v.to(self.v.dtype)
+        """Copy tokens just written to the store into the resident copies of their units:
+        pages, offsets (N,), k, v (N, K, D). Static shapes: absent units write the scratch slot."""
+        row = (self._resident(self.units(pages)) * self.page + offsets[:, None]).flatten()   # (N * K,)
+        self.k.view(-1, self.k.shape[-1])[row] = k.flatten(0, 1).to(self.k.dtype)
+        self.v.view(-1, self.v.shape[-1])[row] = v.flatten(0, 1).to(self.v.dtype)
 
     def write_pages(self, pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Replace the resident copies of whole pages (N,) by k, v (N, page, K, D) (decoded values)."""
-        dst = self._resident(pages)
-        self.k[dst], self.v[dst] = k.to(self.k.dtype), v.to(self.v.dtype)
+        dst = self._resident(self.units(pages))                                  # (N, K)
+        self.k[dst] = k.transpose(1, 2)[:, :, :, None].to(self.k.dtype)         # (N, K, page, 1, D)
+        self.v[dst] = v.transpose(1, 2)[:, :, :, None].to(self.v.dtype)
 
     def invalidate(self, pages: torch.Tensor):
         """Forget the resident copies of ``pages`` (any shape; rewritten in the store by the caller)."""
-        pages = pages.reshape(-1).to(self.slot_of.device, torch.long)
-        dst = self._resident(pages)
+        units = self.units(pages.reshape(-1).to(self.slot_of.device, torch.long)).flatten()
+        dst = self._resident(units)
         self.owner[dst], self.stamp[dst] = -1, -1
-        self.slot_of[pages] = -1
+        self.slot_of[units] = -1
 
-    def _resident(self, pages: torch.Tensor) -> torch.Tensor:
-        """The slot holding each of ``pages`` (N,), the scratch slot where a page is absent: a write
-        through it has a static shape and lands nowhere anyone reads."""
-        slot = self.slot_of[pages].long()
+    def _resident(self, units: torch.Tensor) -> torch.Tensor:
+        """The slot holding each of ``units`` (any shape), the scratch slot where a unit is absent:
+        a write through it has a static shape and lands nowhere anyone reads."""
+        slot = self.slot_of[units].long()
         return torch.where(slot >= 0, slot, self.scratch)
 
 
-def copy_pages(store: HostKVStore, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+def copy_units(store: HostKVStore, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
                do: torch.Tensor):
-    """k[dst[i]], v[dst[i]] = the store's page src[i] (decoded) where do[i]; src, dst, do (M,).
+    """k[dst[i]], v[dst[i]] = the store's unit src[i] (decoded) where do[i]; src, dst, do (M,).
 
     On CUDA one masked Triton kernel for both pools: entries with do = False load nothing, so
-    only the misses cross PCIe. Elsewhere (the host is the device) a torch gather of all M pages,
-    with the masked-off ones going to dst's scratch slot (the caller points them there).
+    only the misses cross PCIe. Elsewhere (the host is the device) a torch gather of all M
+    units, with the masked-off ones going to dst's scratch slot (the caller points them there).
     """
     if k.device.type == "cuda":
-        from ..attention.triton.page_cache import copy_pages_cuda   # triton: CUDA only
+        from ..attention.triton.page_cache import copy_units_cuda   # triton: CUDA only
         scales = (store.dk_scale, store.dv_scale) if store.fp8 else (None, None)
-        copy_pages_cuda(store.dk, scales[0], store.dv, scales[1], k, v, src, dst, do)
+        copy_units_cuda(store.dk, scales[0], store.dv, scales[1], k, v, src, dst, do)
         return
-    kp, vp = store.read(src.clamp(min=0), k.device)
-    k[dst], v[dst] = kp, vp
+    src = src.clamp(min=0)
+    K = store.k.shape[2]
+    kp, vp = store.read(src // K, k.device)                                     # (M, page, K, D)
+    head = (src % K).to(k.device)[:, None, None, None].expand(-1, kp.shape[1], 1, kp.shape[3])
+    k[dst], v[dst] = kp.gather(2, head), vp.gather(2, head)
 
 
-def plan_fetch(cache: GpuBlockCache, flat: torch.Tensor):
+def plan_fetch(cache: PageCache, flat: torch.Tensor):
     """The bookkeeping of ``cache.fetch(flat)`` (M,): update the cache's state for this step and
-    return (src (M,) store pages, dst (M,) slots, miss (M,) bool: copy src -> dst where miss,
-    slots (M,) the slot of each entry, -1 where the page is -1).
+    return (src (M,) store units, dst (M,) slots, miss (M,) bool: copy src -> dst where miss,
+    slots (M,) the slot of each entry, -1 where the unit is -1).
 
     The PyTorch statement of the policy, for any device; ``page_cache.plan_fetch_cuda`` is the
     same in one Triton launch, state for state (tested):
 
-    - each distinct page counts at its first entry; a resident one is a hit and is restamped
-      first, so this step's pages are never victims;
+    - each distinct unit counts at its first entry; a resident one is a hit and is restamped
+      first, so this step's units are never victims;
     - the misses take the slots of smallest (stamp, slot index): free slots (stamp -1) first,
       then the least recently used; the r-th miss in entry order takes the r-th of those slots
-      in slot order, and the pages they held leave the table.
+      in slot order, and the units they held leave the table.
     """
     M, S, dev = flat.numel(), cache.n_slots, flat.device
     cache.step += 1
-    order = flat.sort(stable=True).indices                                   # equal pages in entry order
+    order = flat.sort(stable=True).indices                                   # equal units in entry order
     head = torch.ones(M, dtype=torch.bool, device=dev)
     head[1:] = flat[order[1:]] != flat[order[:-1]]
     first = torch.zeros_like(head).scatter_(0, order, head)                  # (M,) in entry order
-    page = flat.clamp(min=0)
-    slot = cache.slot_of[page].long()
+    unit = flat.clamp(min=0)
+    slot = cache.slot_of[unit].long()
     want = first & (flat >= 0)
     hit, miss = want & (slot >= 0), want & (slot < 0)
     cache.stamp[torch.where(hit, slot, cache.scratch)] = cache.step
@@ -152,10 +163,10 @@ def plan_fetch(cache: GpuBlockCache, flat: torch.Tensor):
     dst = torch.where(miss, by_rank[(miss.cumsum(0) - 1).clamp(min=0)], cache.scratch)
     evicted = cache.owner[dst]
     gone = miss & (evicted >= 0)
-    cache.slot_of[torch.where(gone, evicted, cache.num_pages)] = -1
+    cache.slot_of[torch.where(gone, evicted, cache.num_units)] = -1
     cache.owner[dst] = torch.where(miss, flat, -1)
     cache.stamp[dst] = cache.step
-    cache.slot_of[torch.where(miss, flat, cache.num_pages)] = dst.int()
+    cache.slot_of[torch.where(miss, flat, cache.num_units)] = dst.int()
     cache.counts += torch.stack([hit.sum(), n_miss, gone.sum()])
-    slots = torch.where(flat >= 0, cache.slot_of[page].long(), -1)
-    return page, dst, miss, slots
+    slots = torch.where(flat >= 0, cache.slot_of[unit].long(), -1)
+    return unit, dst, miss, slots

@@ -2,7 +2,7 @@
 
 Storage is cut into blocks of ``block_size`` tokens, ``(B, n_blocks, block_size, K, D)`` per
 layer, so a block is the unit a later offload tier moves (full cache in pinned host memory, a
-GPU block cache in front: ``offload_kv.py``). The model uses three calls: ``update`` writes new
+optional GPU page cache in front: ``offload_kv.py``). The model uses three calls: ``update`` writes new
 K/V and returns views of the whole cache; ``attention`` is the attention call that reads it;
 ``select`` narrows to some batch rows (prefill one prompt at a time).
 Capacity is fixed at allocation, so decode shapes are static (CUDA-graph capturable).

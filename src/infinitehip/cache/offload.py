@@ -1,10 +1,10 @@
-"""KV offloading building blocks: a host KV store (optionally FP8) and a GPU block cache.
+"""KV offloading building block: the host KV store (optionally FP8).
 
 The full cache of a layer lives in host memory (pinned when CUDA is present: plain page-locked
-memory, never CUDA managed memory, which can hang the GPU when oversubscribed). The GPU holds a
-fixed number of block slots; the sparse masks change only at refreshes, so the blocks a layer
-needs move slowly and an LRU cache over them hits often. A store can also be allocated whole in
-GPU memory (``on_device``, same format): a layer kept there needs no block cache.
+memory, never CUDA managed memory, which can hang the GPU when oversubscribed), read in place by
+the kernels through a device alias, or through the GPU page cache (``gpu_pages.py``). A store can
+also be allocated whole in GPU memory (``on_device``, same format): a layer kept there is read
+in place like the on-device cache.
 """
 from __future__ import annotations
 
@@ -144,67 +144,3 @@ class CacheStats:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 1.0
-
-
-class BlockCache:
-    """A fixed number of device slots caching blocks of one HostKVStore, least recently used out.
-
-    ``fetch(blocks)`` returns the slot of each requested block, copying misses in; a write to
-    the store must go through ``write`` so no slot ever serves a stale block.
-    """
-
-    def __init__(self, store: HostKVStore, n_slots: int, device=None):
-        self.store, self.n_slots = store, n_slots
-        _, block, K, D = store.k.shape
-        self.k = torch.zeros(n_slots, block, K, D, dtype=store.dtype, device=device)   # finite: masked reads
-        self.v = torch.zeros_like(self.k)
-        self.slot_of = torch.full((store.k.shape[0],), -1, dtype=torch.long)   # block -> slot
-        self.block_of = torch.full((n_slots,), -1, dtype=torch.long)            # slot -> block
-        self.last_use = torch.zeros(n_slots, dtype=torch.long)
-        self.clock = 0
-        self.stats = CacheStats()
-
-    def fetch(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Slots (same shape as ``blocks``) holding the requested blocks, loading misses."""
-        wanted, inverse = blocks.cpu().long().unique(return_inverse=True)
-        if wanted.numel() > self.n_slots:
-            raise ValueError(f"{wanted.numel()} distinct blocks requested at once but the cache has "
-                             f"{self.n_slots} slots; give the block cache more slots")
-        self.clock += 1
-        slots = self.slot_of[wanted]
-        hit = slots >= 0
-        self.stats.hits += int(hit.sum())
-        self.last_use[slots[hit]] = self.clock
-        missing = wanted[~hit]
-        if missing.numel():
-            self.stats.misses += missing.numel()
-            victims = self._victims(missing.numel())
-            self.stats.evictions += int((self.block_of[victims] >= 0).sum())
-            self._drop(victims)
-            k, v = self.store.read(missing, self.k.device)
-            self.k[victims.to(self.k.device)], self.v[victims.to(self.k.device)] = k, v
-            self.slot_of[missing], self.block_of[victims] = victims, missing
-            self.last_use[victims] = self.clock
-            slots = self.slot_of[wanted]
-        return slots[inverse].view(blocks.shape)
-
-    def write(self, blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write through to the store and drop any cached copy of those blocks."""
-        self.store.write(blocks, k, v)
-        self.invalidate(blocks)
-
-    def invalidate(self, blocks: torch.Tensor):
-        """Forget the cached copies of ``blocks`` (rewritten in the store by the caller)."""
-        cached = self.slot_of[blocks.cpu().long()]
-        self._drop(cached[cached >= 0])
-
-    def _victims(self, n: int) -> torch.Tensor:
-        """The n least recently used slots (free slots count as never used); never this step's hits."""
-        age = torch.where(self.block_of < 0, -1, self.last_use)
-        age = torch.where(self.last_use == self.clock, torch.iinfo(torch.long).max, age)
-        return age.topk(n, largest=False).indices
-
-    def _drop(self, slots: torch.Tensor):
-        held = self.block_of[slots]
-        self.slot_of[held[held >= 0]] = -1
-        self.block_of[slots] = -1

@@ -10,12 +10,11 @@ Same interface as ``KVCache`` (``update``, ``select``, ``batch``, ``capacity``),
 - **prefill attention** reads the selected keys in place too (a chunk's query blocks together
   select most of the context, so a cache would not bound GPU memory);
 - **decode attention** reads in place as well (the default), or, with
-  ``OffloadConfig.decode_cache``, through a block table into a per-layer GPU page pool: after
-  the mask of a step is known, the pages it selects plus the sink and the window are fetched
-  (misses only: least recently used pages are evicted; masks change only at refreshes, so the
-  working set moves slowly). Reading in place measured faster than the CPU-side bookkeeping
-  of ``decode_cache=True`` (``offload_plan.OffloadConfig``); ``decode_cache="gpu"`` keeps the
-  bookkeeping on the GPU (``gpu_pages.GpuBlockCache``: sync-free, captured in CUDA graphs).
+  ``OffloadConfig.decode_cache``, through a GPU page cache (``gpu_pages.PageCache``): after the
+  mask of a step is known, the (page, kv head) units it selects plus the sink and the window are
+  fetched (misses only: least recently used units are evicted; masks change only at refreshes,
+  so the working set moves slowly) and attention reads them through the cache's block table.
+  The bookkeeping is tensor ops on the device: no host sync, captured in CUDA graphs.
 
 ``OffloadConfig.gpu_layers`` layers keep their whole store in GPU memory instead (same format,
 placed by ``offload_plan.plan_offload``): everything reads it in place, like the on-device
@@ -32,30 +31,37 @@ from ..attention.mask import SENTINEL, window_slots
 from ..attention.pages import KVPages
 from ..attention.paged import paged_hip_attention
 from ..config import HiPConfig
-from .gpu_pages import GpuBlockCache
-from .offload import BlockCache, HostKVStore
-from .offload_plan import OffloadConfig, cache_pages, gpu_layer_order, plan_offload
+from .gpu_pages import PageCache
+from .offload import HostKVStore
+from .offload_plan import OffloadConfig, cache_slots, gpu_layer_order, plan_offload
 
-# Calls with at most this many queries (decode) attend through the GPU block cache.
+# Calls with at most this many queries (decode) attend through the GPU page cache.
 DECODE_QUERIES = 16
 
 
-def needed_pages(starts: torch.Tensor, geo, config: HiPConfig, page: int) -> torch.Tensor:
-    """Logical pages the attention of mask ``starts`` (B, G, NQB, NSEL) reads: (B, M) int64, -1 = none.
+def needed_units(starts: torch.Tensor, geo, config: HiPConfig, page: int, K: int) -> torch.Tensor:
+    """What the attention of mask ``starts`` (B, G, NQB, NSEL) reads, as (page, kv head) units
+    ``page * K + head`` of each row: (B, M) int64, -1 = none.
 
-    The sink, the window of every query block (from its start to its last query) and every
-    page of each selected chunk. Pages nothing valid reads may be included; none is missed.
+    Every head's sink pages and window pages (from each query block's window start to its last
+    query), and each group's selected chunks for the heads of the group. Units nothing valid
+    reads may be included; none is missed.
     """
-    B, dev = starts.shape[0], starts.device
-    sink = torch.arange(-(-config.sink // page), device=dev).expand(B, -1)
-    wst = geo.w0.clamp(min=config.sink)                                         # (B, NQB)
-    last = geo.q_pos.masked_fill(~geo.q_valid, -1).amax(-1)                      # (B, NQB)
+    B, G = starts.shape[:2]
+    dev = starts.device
+    heads = torch.arange(K, device=dev)
+    sink = torch.arange(-(-config.sink // page), device=dev)[:, None] * K + heads            # (ns, K)
+    wst = geo.w0.clamp(min=config.sink)                                                      # (B, NQB)
+    last = geo.q_pos.masked_fill(~geo.q_valid, -1).amax(-1)                                  # (B, NQB)
     win = wst[..., None] // page + torch.arange(-(-window_slots(config) // page) + 1, device=dev)
-    win = torch.where(win <= (last // page)[..., None], win, -1).flatten(1)     # (B, NQB * nw)
+    win = torch.where(win <= (last // page)[..., None], win, -1)[..., None]                  # (B, NQB, nw, 1)
     st = starts.long()
     sel = st[..., None] // page + torch.arange(max(1, config.chunk_size // page), device=dev)
-    sel = torch.where((st != SENTINEL)[..., None], sel, -1).flatten(1)          # (B, G * NQB * NSEL * per)
-    return torch.cat([sink, win, sel], dim=1)
+    sel = torch.where((st != SENTINEL)[..., None], sel, -1)[..., None]                       # (B, G, NQB, NSEL, per, 1)
+    group_heads = heads.view(G, 1, 1, 1, K // G)                                             # a group's kv heads
+    return torch.cat([sink.flatten().expand(B, -1),
+                      torch.where(win >= 0, win * K + heads, -1).flatten(1),
+                      torch.where(sel >= 0, sel * K + group_heads, -1).flatten(1)], dim=1)
 
 
 def touched_pages(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,14 +96,10 @@ class OffloadKVCache:
         self.gpu_layers = tuple(sorted(on_gpu))
         self.stores = [HostKVStore(batch * nb, page, n_kv_heads, head_dim, dtype, config.fp8, device,
                                    on_device=i in on_gpu) for i in range(n_layers)]
-        slots = cache_pages(layer_configs, batch, n_kv_heads, config)
-        # Layers read in place (GPU-stored, or all without decode_cache): no block cache, no table.
-        cached = [bool(config.decode_cache) and i not in on_gpu for i in range(n_layers)]
-        kind = GpuBlockCache if config.decode_cache == "gpu" else BlockCache
-        self.caches = [kind(s, n, device) if c else None for s, n, c in zip(self.stores, slots, cached)]
-        # The CPU-side cache's block table; a GpuBlockCache's page -> slot map is its own table.
-        self.tables = [torch.full((batch, nb), -1, dtype=torch.int32, device=device) if c and kind is BlockCache
-                       else None for c in cached]
+        slots = cache_slots(layer_configs, batch, n_kv_heads, config)
+        # Layers read in place (GPU-stored, or all without decode_cache) have no page cache.
+        self.caches = [PageCache(s, n, device) if config.decode_cache and i not in on_gpu else None
+                       for i, (s, n) in enumerate(zip(self.stores, slots))]
 
     @property
     def batch(self) -> int:
@@ -114,15 +116,12 @@ class OffloadKVCache:
 
     @property
     def gpu_nbytes(self) -> int:
-        """Bytes this cache holds on the device: GPU-stored layers, page pools and block tables."""
-        pools = sum(c.nbytes if isinstance(c, GpuBlockCache) else c.k.nbytes + c.v.nbytes
-                    for c in self.caches if c is not None)
-        return pools + sum(t.nbytes for t in self.tables if t is not None) + \
-            sum(s.nbytes for s in self.stores if s.on_device)
+        """Bytes this cache holds on the device: GPU-stored layers, page caches (pools, tables)."""
+        return sum(c.nbytes for c in self.caches if c is not None) + sum(s.nbytes for s in self.stores if s.on_device)
 
     @property
-    def block_caches(self) -> list[BlockCache | GpuBlockCache]:
-        """The host-stored layers' block caches (their stats: hits, misses, evictions)."""
+    def block_caches(self) -> list[PageCache]:
+        """The host-stored layers' page caches (their stats: hits, misses, evictions)."""
         return [c for c in self.caches if c is not None]
 
     def select(self, rows: slice) -> "OffloadKVCache":
@@ -136,8 +135,8 @@ class OffloadKVCache:
     def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, T, K, D) at positions ``start[b] + t`` into the layer's store (host, or
         GPU for a GPU-stored layer); return its logical (B, capacity, K, D) device views (FP8 codes
-        when ``config.fp8``). With T == 1 (decode) and no CPU-side block cache it runs no host sync
-        and no data-dependent shape: CUDA-graph capturable."""
+        when ``config.fp8``). With T == 1 (decode) it runs no host sync and no data-dependent
+        shape: CUDA-graph capturable."""
         B, T = k.shape[:2]
         store, cache = self.stores[layer], self.caches[layer]
         dev = store.dk.device
@@ -150,18 +149,16 @@ class OffloadKVCache:
             off = (pos % self.page).flatten()
             kp[inv, off], vp[inv, off] = k.flatten(0, 1).to(kp), v.flatten(0, 1).to(vp)
             store.write(ids, kp, vp)
-            if isinstance(cache, GpuBlockCache) and T == 1:   # the slot gets what a re-fetch would give
+            if cache is not None and T == 1:   # the slots get what a re-fetch would give
                 cache.write_pages(ids, *store.read(ids))
         else:
             flat = (rows * self.capacity + pos).flatten()                           # (B * T,) token rows
             store.dk.view(-1, *k.shape[2:])[flat] = k.flatten(0, 1).to(dev, store.dtype)
             store.dv.view(-1, *v.shape[2:])[flat] = v.flatten(0, 1).to(dev, store.dtype)
-            if isinstance(cache, GpuBlockCache) and T == 1:
+            if cache is not None and T == 1:
                 cache.write_tokens(blocks.flatten(), pos.flatten() % self.page, k.flatten(0, 1), v.flatten(0, 1))
-        if isinstance(cache, GpuBlockCache) and T > 1:      # prefill: not captured, drop the copies
+        if cache is not None and T > 1:      # prefill: not captured, drop the copies
             cache.invalidate(blocks)
-        elif isinstance(cache, BlockCache):   # decode_cache=True: host-side bookkeeping, never captured
-            cache.invalidate(blocks.flatten().unique())
         return self._logical(layer)
 
     def read_prefix(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,17 +210,11 @@ class _LayerSource:
         return k.view(shape)[:, :tk], v.view(shape)[:, :tk]
 
     def fetch(self, starts: torch.Tensor, geo, config: HiPConfig):
-        c = self.cache
-        pages = needed_pages(starts, geo, config, c.page)                            # (B, M)
-        b = torch.arange(c.batch, device=pages.device)[:, None].expand_as(pages)
-        ok = (pages >= 0) & (pages < c.nb)
-        block_cache = c.caches[self.layer]
-        if isinstance(block_cache, GpuBlockCache):   # static shapes: absent entries are -1, not dropped
-            block_cache.fetch(torch.where(ok, (c.row0 + b) * c.nb + pages, -1))
-            table = block_cache.table(c.nb)[c.row0:c.row0 + c.batch]
-            return block_cache.k, block_cache.v, KVPages(c.page, table=table)
-        slots = block_cache.fetch(((c.row0 + b) * c.nb + pages)[ok])
-        table = c.tables[self.layer][c.row0:c.row0 + c.batch]
-        table.fill_(-1)
-        table[b[ok], pages[ok]] = slots.to(table.device, torch.int32)
-        return block_cache.k, block_cache.v, KVPages(c.page, table=table)
+        c, K = self.cache, self.cache.stores[self.layer].k.shape[2]
+        units = needed_units(starts, geo, config, c.page, K)                         # (B, M)
+        row = c.row0 + torch.arange(c.batch, device=units.device)[:, None]
+        ok = (units >= 0) & (units < c.nb * K)          # static shapes: absent entries are -1, not dropped
+        cache = c.caches[self.layer]
+        cache.fetch(torch.where(ok, row * c.nb * K + units, -1))
+        table = cache.table(c.nb)[c.row0:c.row0 + c.batch]                           # (B, NB, K)
+        return cache.k, cache.v, KVPages(c.page, table=table)

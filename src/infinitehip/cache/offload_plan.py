@@ -2,7 +2,7 @@
 
 Every layer's store has the same format wherever it is (``offload.HostKVStore``: pages of
 ``page`` tokens, model dtype or FP8 codes + per-page scales). Host-stored layers sit in
-page-locked host memory behind a small GPU block cache (pool + block table); the
+page-locked host memory (read in place, or behind a small GPU page cache: pools + table); the
 ``OffloadConfig.gpu_layers`` GPU-stored layers keep their whole store in GPU memory and are
 read in place (no pool, no table, no PCIe). So the longest context is bounded by host memory
 plus the GPU memory the weights and the block caches leave, not by host memory alone.
@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..attention.mask import window_slots
-from ..attention.stages import n_groups
 from ..config import HiPConfig
 from .kv import CapacityError, free_memory
 
@@ -35,15 +34,12 @@ class OffloadConfig:
     """page: tokens per page (a power of two; default the paper's final chunk size).
     fp8: store K/V as float8 e4m3 with one scale per (page, kv head): half the bytes, not
     bit-identical (error bound in ``offload.py``). GPU-stored layers use the same format.
-    gpu_pages: pages per layer in the GPU block cache; None: ``headroom`` x the most pages one
-    decode step of the batch reads (sink + window + selected chunks).
-    decode_cache: decode attention reads through a GPU block cache of the pages the masks select
-    (True: LRU bookkeeping on the CPU, eager only; "gpu": the same policy as tensor ops on the
-    GPU, ``gpu_pages.GpuBlockCache``, capturable in CUDA graphs) or, like prefill, in place from
-    host memory (False, the default: no cache and no page pool; every attended key crosses PCIe
-    each step). In place measured 2x faster on an H100 at 256K than the CPU-side cache (0.48x vs
-    0.25x the on-GPU decode, ``benchmarks/results/offload_h100.json``): its bookkeeping syncs
-    with the host and every refresh brings a miss storm. "gpu" is not measured on a GPU yet.
+    gpu_pages: slots per layer in the GPU page cache (a slot = one page of one kv head); None:
+    ``headroom`` x the most units one decode step of the batch reads (sink + window + selected chunks).
+    decode_cache: decode attention reads through a GPU page cache of the (page, kv head) units the
+    masks select (True: ``gpu_pages.PageCache``, LRU bookkeeping as tensor ops on the GPU, captured
+    in CUDA graphs) or, like prefill, in place from host memory (False, the default: no cache;
+    every attended key crosses PCIe each step).
     gpu_layers: how many layers keep their whole store in GPU memory (read in place, no block
     cache), taken in ``gpu_layer_order``. None: automatic (``plan_offload``): 0 while host
     memory holds every layer (the small GPU footprint), else as many as the spare GPU memory
@@ -53,38 +49,43 @@ class OffloadConfig:
     fp8: bool = False
     gpu_pages: int | None = None
     headroom: float = 1.5
-    decode_cache: bool | str = False
+    decode_cache: bool = False
     gpu_layers: int | None = None
 
     def __post_init__(self):
-        if not (isinstance(self.decode_cache, bool) or self.decode_cache == "gpu"):
-            raise ValueError(f"OffloadConfig.decode_cache={self.decode_cache!r}: use False (read host memory in "
-                             "place), True (page cache, CPU-side bookkeeping) or \"gpu\" (page cache, GPU-side "
-                             "bookkeeping, capturable in CUDA graphs)")
+        if not isinstance(self.decode_cache, bool):
+            raise ValueError(f"OffloadConfig.decode_cache={self.decode_cache!r}: use False (decode reads host memory "
+                             "in place) or True (through a GPU page cache of the selected pages)")
 
 
-def step_pages(config: HiPConfig, n_kv_heads: int, page: int) -> int:
-    """The most distinct pages one decode step of one row reads in one layer."""
+def step_units(config: HiPConfig, n_kv_heads: int, page: int) -> int:
+    """The most (page, kv head) units one decode step of one row reads in one layer: every head's
+    sink and window pages, and the selected chunks' pages of each head."""
     sink = -(-config.sink // page)
     window = -(-window_slots(config) // page) + 1
-    return sink + window + n_groups(config, n_kv_heads) * config.n_selected * max(1, config.chunk_size // page)
+    return n_kv_heads * (sink + window + config.n_selected * max(1, config.chunk_size // page))
 
 
-def cache_pages(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, config: OffloadConfig) -> list[int]:
-    """Pages of each layer's GPU block cache: ``gpu_pages``, or ``headroom`` x one step's working
+def cache_slots(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, config: OffloadConfig) -> list[int]:
+    """Slots of each layer's GPU page cache: ``gpu_pages``, or ``headroom`` x one step's working
     set; none without ``decode_cache``."""
     if not config.decode_cache:
         return [0] * len(layer_configs)
-    return [config.gpu_pages or max(1, int(config.headroom * batch * step_pages(c, n_kv_heads, config.page)))
+    return [config.gpu_pages or max(1, int(config.headroom * batch * step_units(c, n_kv_heads, config.page)))
             for c in layer_configs]
+
+
+def slot_bytes(head_dim: int, dtype: torch.dtype, config: OffloadConfig) -> int:
+    """Device bytes of one page cache slot: a page of one kv head, decoded K and V (model dtype)."""
+    return 2 * config.page * head_dim * torch.finfo(dtype).bits // 8
 
 
 def gpu_layer_order(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, config: OffloadConfig) -> list[int]:
     """Layers in the order they move to GPU memory: largest block cache first (the dense layers,
     which read the most pages per step: moving them frees the most pool and PCIe traffic), then
     by index. ``gpu_layers = g`` puts the first g of this list on the GPU."""
-    pages = cache_pages(layer_configs, batch, n_kv_heads, config)
-    return sorted(range(len(pages)), key=lambda i: -pages[i])
+    slots = cache_slots(layer_configs, batch, n_kv_heads, config)
+    return sorted(range(len(slots)), key=lambda i: -slots[i])
 
 
 def layer_bytes_per_token(n_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -103,9 +104,8 @@ def host_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: t
 
 def gpu_cache_bytes(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, head_dim: int,
                     dtype: torch.dtype, config: OffloadConfig = OffloadConfig()) -> int:
-    """Device bytes of every layer's block cache (page pools, K and V), tables excluded."""
-    page_bytes = 2 * config.page * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
-    return sum(cache_pages(layer_configs, batch, n_kv_heads, config)) * page_bytes
+    """Device bytes of every layer's page cache (pools, K and V), tables excluded."""
+    return sum(cache_slots(layer_configs, batch, n_kv_heads, config)) * slot_bytes(head_dim, dtype, config)
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,10 @@ class _Sizes:
     def __init__(self, n_layers, n_kv_heads, head_dim, batch, dtype, layer_configs, config):
         self.L, self.batch, self.page = n_layers, batch, config.page
         self.order = gpu_layer_order(layer_configs, batch, n_kv_heads, config)
-        # A pool page holds decoded K and V (model dtype) of every kv head.
-        page_bytes = 2 * config.page * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
-        self.pool = [n * page_bytes for n in cache_pages(layer_configs, batch, n_kv_heads, config)]
+        unit = slot_bytes(head_dim, dtype, config)
+        self.pool = [n * unit for n in cache_slots(layer_configs, batch, n_kv_heads, config)]
         self.store = batch * layer_bytes_per_token(n_kv_heads, head_dim, dtype, config)   # one layer, per token
-        self.table = batch * 4 / config.page if config.decode_cache else 0                # int32 per page
+        self.table = batch * 4 * n_kv_heads / config.page if config.decode_cache else 0   # int32 per (page, head)
 
     def pools(self, g: int) -> int:
         return sum(self.pool[i] for i in self.order[g:])

@@ -1,9 +1,9 @@
 """The decode step captured in CUDA graphs, replayed each step.
 
 Shapes are static (the cache is read at full capacity, each row's length is data), and no
-backend syncs with the host. The cache is on the device, or offloaded and read in place (a
-zero-copy device alias of host memory: the graph's kernels read and write it over PCIe;
-``check_capturable``). ``hip``: one graph per refresh stage; the per-layer masks live in
+backend syncs with the host. The cache is on the device, or offloaded: read in place (a
+zero-copy device alias of host memory: the graph's kernels read and write it over PCIe) or
+through its GPU page cache (bookkeeping as fixed-shape tensor ops on the device). ``hip``: one graph per refresh stage; the per-layer masks live in
 static buffers that each replay updates in place. A step that prunes from stage s replays graph
 s; steps that reuse the mask replay graph ``n_stages``. ``dense`` (FlashAttention over each
 row's valid keys, ``models/llama.full_cache_decode``) and ``streaming`` (sink + window, a
@@ -15,8 +15,6 @@ import torch
 
 from ..attention import HiPMask
 from ..cache.kv import KVCache
-from ..cache.offload import BlockCache
-from ..cache.offload_kv import OffloadKVCache
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
 from .generate import DecodeState, decode_one_token
@@ -28,23 +26,6 @@ def _clone(mask: HiPMask | None) -> HiPMask | None:
     return mask.clone()
 
 
-def check_capturable(cache: KVCache | OffloadKVCache):
-    """Raise ValueError when a decode step over ``cache`` cannot be captured in a CUDA graph.
-
-    An offloaded cache that reads its stores in place (the default ``decode_cache=False``; and
-    GPU-stored layers) is: its decode writes and reads are fixed-shape kernels over the store's
-    device alias. So is the GPU page cache (``decode_cache="gpu"``): its bookkeeping is
-    fixed-shape tensor ops on the GPU. The CPU-side page cache (``decode_cache=True``) is not:
-    which pages to fetch and where they go is decided on the host from the step's mask (LRU
-    lookups, a host sync per layer per step).
-    """
-    if isinstance(cache, OffloadKVCache) and any(isinstance(c, BlockCache) for c in cache.block_caches):
-        raise ValueError("cuda_graph=True cannot capture KV offload with OffloadConfig(decode_cache=True): its page "
-                         "cache does host-side LRU bookkeeping every step. Use the default decode_cache=False "
-                         "(decode reads host memory in place), decode_cache=\"gpu\" (the page cache with GPU-side "
-                         "bookkeeping), or drop cuda_graph")
-
-
 class GraphDecoder:
     """Drop-in for ``decode_one_token`` on CUDA: ``decoder(tokens (B,), seqlens (B,)) -> (B, V)``."""
 
@@ -53,7 +34,6 @@ class GraphDecoder:
             raise ValueError(f"cuda_graph=True needs a CUDA device; the model is on {model.device}")
         if state.backend not in BACKENDS:
             raise ValueError(f"backend={state.backend!r}; choose one of {BACKENDS}")
-        check_capturable(cache)
         B = cache.batch
         self.model, self.cache, self.state = model, cache, state
         self.tokens = torch.zeros(B, dtype=torch.long, device=model.device)

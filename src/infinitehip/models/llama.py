@@ -217,7 +217,7 @@ class Attention(nn.Module):
         elif call.masks is not None and call.masks[self.layer] is not None:
             mask, stage = call.masks[self.layer], call.refresh_stage
         # The cache supplies the attention call: hip_attention, or the offloaded cache's own
-        # (it reads host memory and a GPU block cache).
+        # (it reads host memory, maybe through a GPU page cache).
         out, mask = cache.attention(self.layer)(q, k_all, v_all, config=hip, rope=step.rope, scale=self.scale,
                                                 cache_seqlens=step.kv_len, mask=mask, refresh_stage=stage,
                                                 backend=call.kernel)

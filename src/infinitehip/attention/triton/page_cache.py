@@ -1,22 +1,23 @@
 """The GPU page cache's kernels (``cache/gpu_pages.py``): its fetch plan in one launch, and the
-masked copy of the missed pages from the KV store into the pool.
+masked copy of the missed units (one page of one kv head) from the KV store into the pools.
 
 **Plan** (``plan_fetch_cuda``): ``gpu_pages.plan_fetch`` state for state, in one program: a
 few thousand entries are too few to fill a GPU, and in PyTorch the same steps are ~30 launches
 (sorts, scans, gathers, scatters) per layer per decode step. What replaces the sorts:
 
-- dedupe: each absent page's table entry takes the smallest marker ``-(2^30 - entry)`` of its
-  entries (``atomic_min``), so its first entry alone finds its own marker; a resident page's
+- dedupe: each absent unit's table entry takes the smallest marker ``-(2^30 - entry)`` of its
+  entries (``atomic_min``), so its first entry alone finds its own marker; a resident unit's
   slot stamp is swapped for this step's (``atomic_xchg``), and only the entry that saw the old
   stamp counts the hit;
 - victims: the n_miss smallest (stamp, slot) keys, found by bisecting the stamp value T with
   n_miss slots stamped <= T, then the first of those stamped T in slot order; a scan ranks them.
 
-**Copy** (``copy_pages_cuda``): one program per needed entry copies its K and V pages only when
-it is a miss: masked loads issue no memory traffic, so hits cost nothing (a torch gather of the needed
-pages would read every one of them over PCIe, its index having a static shape). FP8 stores are
-decoded on the way (code x the page's per-head scale, in float32, then the pool's dtype: what
-``offload.fp8_decode`` computes).
+**Copy** (``copy_units_cuda``): one program per needed entry copies its unit's K and V only when
+it is a miss: masked loads issue no memory traffic, so hits cost nothing (a torch gather of the
+needed units would read every one of them over PCIe, its index having a static shape). A unit is
+``page`` rows of D contiguous elements, K * D apart in the store. FP8 stores are decoded on the
+way (code x the unit's scale, in float32, then the pool's dtype: what ``offload.fp8_decode``
+computes).
 """
 from __future__ import annotations
 
@@ -30,12 +31,12 @@ _MARKER = tl.constexpr(1 << 30)      # > any entry count: markers -(2^30 - i) ar
 
 @triton.jit
 def _plan_kernel(flat_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_ptr, rank_ptr, dst_ptr, miss_ptr,
-                 slots_ptr, M, S, NUM_PAGES, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+                 slots_ptr, M, S, NUM_UNITS, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
     i = tl.arange(0, BLOCK_M)
     i_ok = i < M
     page = tl.load(flat_ptr + i, mask=i_ok, other=-1)                             # (BLOCK_M,) int64
     valid = page >= 0
-    pg = tl.where(valid, page, NUM_PAGES)                                         # NUM_PAGES: the dump entry
+    pg = tl.where(valid, page, NUM_UNITS)                                         # NUM_UNITS: the dump entry
     step = tl.load(step_ptr) + 1
     tl.store(step_ptr, step)
     cur = tl.load(slot_of_ptr + pg, mask=valid, other=0)                          # int32, -1 = absent
@@ -94,43 +95,46 @@ def plan_fetch_cuda(cache, flat: torch.Tensor):
     rank = torch.empty(max(m, 1), dtype=torch.long, device=dev)
     flat = flat.contiguous()
     _plan_kernel[(1,)](flat, cache.slot_of, cache.owner, cache.stamp, cache.step, cache.counts, rank, dst, miss, slots,
-                       m, cache.n_slots, cache.num_pages, BLOCK_M=triton.next_power_of_2(max(m, 2)),
-                       BLOCK_S=triton.next_power_of_2(max(cache.n_slots, 2)), num_warps=8)
+                       m, cache.n_slots, cache.num_units, BLOCK_M=triton.next_power_of_2(max(m, 2)),
+                       BLOCK_S=triton.next_power_of_2(max(cache.n_slots, 2)), num_warps=16)
     return flat, dst, miss, slots       # miss as int8: the copy kernel's mask as is
 
 
 @triton.jit
-def _copy_page(src_ptr, scale_ptr, dst_ptr, src, dst, do, PAGE_ELEMS: tl.constexpr, K: tl.constexpr,
-               D: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr):
-    """dst_ptr's slot dst = decode(src_ptr's page src) if do; (pages, page, K, D) contiguous."""
-    for start in range(0, PAGE_ELEMS, BLOCK):
+def _copy_unit(src_ptr, scale_ptr, dst_ptr, unit, dst, do, PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
+               SCALED: tl.constexpr, BLOCK: tl.constexpr):
+    """dst_ptr's slot dst (page, 1, D) = decode(unit of src_ptr (pages, page, K, D)) if do."""
+    p = unit // K
+    h = unit % K
+    for start in range(0, PAGE * D, BLOCK):
         e = start + tl.arange(0, BLOCK)
-        m = (e < PAGE_ELEMS) & do
-        x = tl.load(src_ptr + src * PAGE_ELEMS + e, mask=m, other=0.0).to(tl.float32)
+        m = (e < PAGE * D) & do
+        x = tl.load(src_ptr + (p * PAGE + e // D) * (K * D) + h * D + e % D, mask=m, other=0.0).to(tl.float32)
         if SCALED:      # scale (pages, 1, K, 1): one per (page, kv head)
-            x = x * tl.load(scale_ptr + src * K + (e // D) % K, mask=m, other=1.0)
-        tl.store(dst_ptr + dst * PAGE_ELEMS + e, x.to(dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+            x = x * tl.load(scale_ptr + p * K + h, mask=do, other=1.0)
+        tl.store(dst_ptr + dst * (PAGE * D) + e, x.to(dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
 
 
 @triton.jit
 def _copy_kernel(k_src_ptr, k_scale_ptr, v_src_ptr, v_scale_ptr, k_dst_ptr, v_dst_ptr, src_idx_ptr, dst_idx_ptr,
-                 do_ptr, PAGE_ELEMS: tl.constexpr, K: tl.constexpr, D: tl.constexpr, SCALED: tl.constexpr,
+                 do_ptr, PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, SCALED: tl.constexpr,
                  BLOCK: tl.constexpr):
-    i = tl.program_id(0)           # one needed entry: its K and its V page
+    i = tl.program_id(0)           # one needed entry: its unit's K and V
     do = tl.load(do_ptr + i) != 0
-    src = tl.load(src_idx_ptr + i).to(tl.int64)
+    unit = tl.load(src_idx_ptr + i).to(tl.int64)
     dst = tl.load(dst_idx_ptr + i).to(tl.int64)
-    _copy_page(k_src_ptr, k_scale_ptr, k_dst_ptr, src, dst, do, PAGE_ELEMS, K, D, SCALED, BLOCK)
-    _copy_page(v_src_ptr, v_scale_ptr, v_dst_ptr, src, dst, do, PAGE_ELEMS, K, D, SCALED, BLOCK)
+    _copy_unit(k_src_ptr, k_scale_ptr, k_dst_ptr, unit, dst, do, PAGE, K, D, SCALED, BLOCK)
+    _copy_unit(v_src_ptr, v_scale_ptr, v_dst_ptr, unit, dst, do, PAGE, K, D, SCALED, BLOCK)
 
 
-def copy_pages_cuda(k_src: torch.Tensor, k_scale: torch.Tensor | None, v_src: torch.Tensor,
+def copy_units_cuda(k_src: torch.Tensor, k_scale: torch.Tensor | None, v_src: torch.Tensor,
                     v_scale: torch.Tensor | None, k_dst: torch.Tensor, v_dst: torch.Tensor, src_idx: torch.Tensor,
                     dst_idx: torch.Tensor, do: torch.Tensor):
-    """k_dst[dst_idx[i]], v_dst[dst_idx[i]] = decode(k_src / v_src[src_idx[i]]) where do[i], in one
-    launch; indices (M,) on the pools' device; scales None for a store that is not FP8."""
+    """k_dst[dst_idx[i]], v_dst[dst_idx[i]] = decode(unit src_idx[i] of k_src / v_src) where do[i], in
+    one launch. Stores (pages, page, K, D) contiguous, pools (slots, page, 1, D); indices (M,) on
+    the pools' device; scales None for a store that is not FP8."""
     _, page, K, D = k_src.shape
     scaled = k_scale is not None
     _copy_kernel[(src_idx.numel(),)](k_src, k_scale if scaled else k_dst, v_src, v_scale if scaled else v_dst, k_dst,
-                                     v_dst, src_idx, dst_idx, do.to(torch.int8), page * K * D, K, D, SCALED=scaled,
-                                     BLOCK=BLOCK)
+                                     v_dst, src_idx, dst_idx, do.to(torch.int8), page, K, D, SCALED=scaled,
+                                     BLOCK=min(BLOCK, triton.next_power_of_2(page * D)))
