@@ -10,6 +10,7 @@
 #   offload    bench offload at 256K: all-on-GPU vs in place (bf16, FP8) vs the GPU page cache
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
 #   engine     bench engine at 256K: hip vs dense
+#   sweep      scripts/sweep_prune.py: pruning launch settings (dense small-chunk scoring too), decode and prefill 128K
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -36,7 +37,8 @@ for s in "$@"; do
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
                        --chunked "" --out "$OUT/attention.json" ;;
         engine) step engine 400 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 --out "$OUT" ;;
-        *) echo "unknown step $s (tests, offload, attention, engine)"; exit 2 ;;
+        sweep) step sweep 400 python scripts/sweep_prune.py --decode 128K --prefill 128K --out "$OUT/sweep_prune.json" ;;
+        *) echo "unknown step $s (tests, offload, attention, engine, sweep)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"

@@ -1,5 +1,6 @@
 """Launch settings of the kernels (GPU): time ``score_chunks`` per stage over a grid of tile
-sizes, warps and dot precisions, at decode (1 query) and prefill (a 16K-query chunk); and the
+sizes, warps, dot precisions and, for small chunks, dense scoring (every token at once instead
+of per-level probe gathers), at decode (1 query) and prefill (a 16K-query chunk); and the
 prefill attention kernel over tile rows, warps and pipeline stages.
 
     python scripts/sweep_prune.py --decode 1M --prefill 128K --out sweep_prune.json
@@ -25,7 +26,7 @@ from infinitehip.config import HiPConfig
 H, K, D = 32, 8, 128
 # Measured 2026-11-25 (H100, decode 1M stage 0): tf32 3.3x faster than tf32x3, ieee slowest;
 # 32 chunks x 4 warps best of block_c 16/32 x warps 2/4/8. Each setting compiles once (~5 s).
-GRID = dict(block_c=(32, 64), num_warps=(4, 8), precision=("tf32",))
+GRID = dict(block_c=(16, 32, 64), num_warps=(4, 8), precision=("tf32",), dense=(False, True))
 
 
 def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict]:
@@ -39,8 +40,10 @@ def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict]:
         qp, qv = pool_queries(q, geo, cfg.stage_strides[s], cfg, rope)
         starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
                   else mask.stage_inputs[s].long())
-        for bc, nw, prec in itertools.product(*GRID.values()):
-            tuning = dict(block_c=bc, num_warps=nw, precision=prec)
+        for bc, nw, prec, dense in itertools.product(*GRID.values()):
+            if dense and cfg.chunk_sizes[s] > 16:    # every token scored: for small chunks only
+                continue
+            tuning = dict(block_c=bc, num_warps=nw, precision=prec, dense=dense)
             fn = lambda: ops.score_chunks(qp, qv, k, starts, cfg.chunk_sizes[s], geo, cfg, rope, tuning=tuning)  # noqa: E731
             try:
                 ms = triton.testing.do_bench(fn, warmup=5, rep=30 if tq > 1 else 50, return_mode="median")

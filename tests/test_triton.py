@@ -55,6 +55,10 @@ def test_score_chunks_matches_reference(B, tq, tk, H, K, D, lens, sharing, prune
         got = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
         assert (want > -1e29).any(), "some chunks must be active for the test to mean anything"
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        if cfg.chunk_sizes[s] <= 16:   # every token scored first (a tuning switch): the same scores
+            dense = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope,
+                                     tuning=dict(dense=True, block_c=16))
+            torch.testing.assert_close(dense, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rows,n,m", [(3, 37, 8), (2, 300, 128), (4, 64, 64), (5, 16, 32), (1, 1, 4),
@@ -98,11 +102,12 @@ def test_score_chunks_bf16_keys_and_inactive_chunks():
     # Chunks inside the window, past the end, or SENTINEL must score NEG_SCORE.
     starts = torch.tensor([0, 32, 64, 256, 352, 384, SENTINEL], device=DEVICE).expand(1, 2, 1, -1)
     want = reference.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope)
-    got = ops.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope)
     # 16-bit keys are scored in tf32 on the GPU: queries rounded to 10 mantissa bits.
     tol = 2e-3 if DEVICE == "cuda" else 1e-4
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    assert (got[..., 4:] == -1.0e30).all() and (got[..., 1:4] > -1e29).all()
+    for tuning in (None, dict(dense=True, block_c=16)):     # probes gathered per level / all tokens at once
+        got = ops.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope, tuning=tuning)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        assert (got[..., 4:] == -1.0e30).all() and (got[..., 1:4] > -1e29).all()
 
 
 def _rel_err(x, ref):

@@ -6,6 +6,12 @@ together: at each level it gathers the two probe keys of every chunk (the middle
 halves), rotates them in registers, scores them against the block's pooled queries (max over
 valid rows and over every query head of the group) and keeps the better half of each chunk.
 
+With DENSE (a tuning switch for small chunks, ``scripts/sweep_prune.py``) a program instead
+scores every token of its chunks in one pass — one contiguous load and one matrix product per
+query tile instead of 2 x log2(chunk) gathers and products — and walks the levels over those
+scores: the same probes and decisions from the same dot products, at chunk / (2 log2 chunk)
+times the arithmetic (4/3 for 8-token chunks).
+
 Mirrors ``reference.score_chunks``; see it for the exact semantics. With SCALED the keys are
 FP8 codes and each probe is multiplied by its page's scale (``attention/pages.py``): KV offload
 prunes over the host store in place.
@@ -114,6 +120,31 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv
 
 
 @triton.jit
+def _level_scores(q_base, qv_base, k_base, ks_base, left, right, active, exact, p0, inv_freq, attention_scaling, g,
+                  stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, KG: tl.constexpr,
+                  SCALED: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr,
+                  HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                  M_TILES: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST: tl.constexpr):
+    """One level's two probes of each chunk, gathered and scored: (s_left, s_right) (BLOCK_C,) each."""
+    # Exact pruning rotates probes at their offset from the block start; relative at 0.
+    rel_l = tl.where(exact, left - p0, 0)
+    rel_r = tl.where(exact, right - p0, 0)
+    s_l = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+    s_r = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+    for kk in range(KG):
+        kvh = g * KG + kk
+        s_l = tl.maximum(s_l, _probe_scores(
+            q_base, qv_base, k_base, ks_base, left, active, exact, rel_l, inv_freq, attention_scaling, kvh,
+            stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, SCALED, PAGE,
+            R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
+        s_r = tl.maximum(s_r, _probe_scores(
+            q_base, qv_base, k_base, ks_base, right, active, exact, rel_r, inv_freq, attention_scaling, kvh,
+            stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, SCALED, PAGE,
+            R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
+    return s_l, s_r
+
+
+@triton.jit
 def _score_chunks_kernel(
     q_ptr, qv_ptr, k_ptr, ks_ptr, starts_ptr, out_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr, attention_scaling,
     stride_qb, stride_qq, stride_qr, stride_qh,         # qp (B, NQB, R, H, D), unit stride on D
@@ -128,7 +159,7 @@ def _score_chunks_kernel(
     KG: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     M_TILES: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST: tl.constexpr,
-    SCALED: tl.constexpr, PAGE: tl.constexpr,
+    SCALED: tl.constexpr, PAGE: tl.constexpr, DENSE: tl.constexpr,
 ):
     # One program: BLOCK_C chunks of one (batch, group, query block). 1-D grid, tiles fastest.
     pid = tl.program_id(0)
@@ -158,6 +189,18 @@ def _score_chunks_kernel(
         k_base = k_ptr + b.to(tl.int64) * stride_kb
         ks_base = ks_ptr + b.to(tl.int64) * stride_ssb
         a = tl.where(active, st, 0)
+        if DENSE:   # every token's score first: (BLOCK_C, CHUNK), max over rows and the group's heads
+            pos = a[:, None] + tl.arange(0, CHUNK)[None, :]
+            ok = tl.reshape(active[:, None] & (pos >= lo[:, None]) & (pos < hi[:, None]), (BLOCK_C * CHUNK,))
+            flat = tl.where(ok, tl.reshape(pos, (BLOCK_C * CHUNK,)), 0)
+            rel = tl.where(exact, flat - p0, 0)
+            s_all = tl.full((BLOCK_C * CHUNK,), float("-inf"), tl.float32)
+            for kk in range(KG):
+                s_all = tl.maximum(s_all, _probe_scores(
+                    q_base, qv_base, k_base, ks_base, flat, ok, exact, rel, inv_freq, attention_scaling, g * KG + kk,
+                    stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, SCALED, PAGE,
+                    R, HPK, HPK_P, HALF, HALF_P, BLOCK_C * CHUNK, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
+            s_all = tl.reshape(s_all, (BLOCK_C, CHUNK))
         for level in tl.static_range(LEVELS):
             half = CHUNK >> (level + 1)
             # Probe the middle of each half, clamped into the chunk's selectable part [lo, hi).
@@ -165,21 +208,14 @@ def _score_chunks_kernel(
             right = tl.maximum(tl.minimum(a + half + half // 2, hi - 1), lo)
             left = tl.where(active, left, 0)
             right = tl.where(active, right, 0)
-            # Exact pruning rotates probes at their offset from the block start; relative at 0.
-            rel_l = tl.where(exact, left - p0, 0)
-            rel_r = tl.where(exact, right - p0, 0)
-            s_l = tl.full((BLOCK_C,), float("-inf"), tl.float32)
-            s_r = tl.full((BLOCK_C,), float("-inf"), tl.float32)
-            for kk in range(KG):
-                kvh = g * KG + kk
-                s_l = tl.maximum(s_l, _probe_scores(
-                    q_base, qv_base, k_base, ks_base, left, active, exact, rel_l, inv_freq, attention_scaling, kvh,
-                    stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, SCALED, PAGE,
-                    R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
-                s_r = tl.maximum(s_r, _probe_scores(
-                    q_base, qv_base, k_base, ks_base, right, active, exact, rel_r, inv_freq, attention_scaling, kvh,
-                    stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, SCALED, PAGE,
-                    R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
+            if DENSE:   # the probes' scores, picked from the chunk's row
+                s_l = tl.max(tl.where(pos == left[:, None], s_all, float("-inf")), axis=1)
+                s_r = tl.max(tl.where(pos == right[:, None], s_all, float("-inf")), axis=1)
+            else:
+                s_l, s_r = _level_scores(q_base, qv_base, k_base, ks_base, left, right, active, exact, p0, inv_freq,
+                                         attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
+                                         stride_ssp, KG, SCALED, PAGE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M,
+                                         M_TILES, ROPE, DOT_PRECISION, FAST)
             best = tl.maximum(best, tl.maximum(s_l, s_r))
             a = a + tl.where(s_r > s_l, half, 0)     # keep the better half (ties: the left one)
     out = tl.where(active, best, _NEG_SCORE)
@@ -195,7 +231,7 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     k (B, Tk, K, D) un-rotated keys, starts (B, G, NQB, n) int (SENTINEL = no chunk).
     pages: FP8 codes with per-page scales (a block table is not supported here: pruning reads
     the logical layout, in place). tuning: launch overrides (block_c, block_m, num_warps,
-    precision) for scripts/sweep_prune.py.
+    precision, dense) for scripts/sweep_prune.py.
     """
     if pages is not None and pages.table is not None:
         raise ValueError("score_chunks reads keys in their logical layout; a block table is not supported")
@@ -241,7 +277,7 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         KG=K // G, R=R, HPK=hpk, HPK_P=hpk_p, HALF=half, HALF_P=half_p,
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
         DOT_PRECISION=tuning.get("precision", _PRUNE_DOT_PRECISION.get(k.dtype, "tf32")), FAST=k.is_cuda,
-        SCALED=scaled, PAGE=pages.page if pages is not None else 1,
+        SCALED=scaled, PAGE=pages.page if pages is not None else 1, DENSE=tuning.get("dense", False),
         num_warps=tuning.get("num_warps", 4),
     )
     return out
