@@ -176,3 +176,24 @@ def test_decode_layer_kernel_budget(backend, budget, monkeypatch):
     gate/up GEMMs, o and down GEMMs accumulating into the residual, SiLU, the gate product, and
     for dense the joint q/k RoPE (5). Before the folds: dense 42, hip 25."""
     assert kernels_per_layer(backend, monkeypatch) <= budget
+
+
+@pytest.mark.parametrize("offloaded", [False, True], ids=["on_device", "offload"])
+def test_decode_cache_write_is_two_kernels_per_layer(offloaded):
+    """Where a decode step writes is planned once per forward pass (``plan_write``, the same for
+    every layer); each layer's write is then two row copies (K and V), on the device or into the
+    host store (bf16, read in place). Without the plan: 3 and 12."""
+    from infinitehip.cache.offload_kv import OffloadKVCache
+
+    K, D = ARGS.n_kv_heads, ARGS.head_dim
+    kw = dict(dtype=torch.bfloat16, device="cpu")
+    cache = (OffloadKVCache(2, 2, 256, K, D, layer_configs=[HiPConfig.preset("tiny")] * 2, **kw) if offloaded
+             else KVCache(2, 2, 256, K, D, **kw))
+    start = torch.tensor([40, 97])
+    plan = cache.plan_write(start, 1)
+    k, v = torch.randn(2, 1, K, D).bfloat16(), torch.randn(2, 1, K, D).bfloat16()
+    mode = KernelCount()
+    with mode:
+        kf, vf = cache.update(1, start, k, v, plan=plan)
+    assert mode.n == 2
+    assert torch.equal(kf[[0, 1], start], k[:, 0]) and torch.equal(vf[[0, 1], start], v[:, 0])

@@ -102,8 +102,8 @@ class FP8RoundTripCache(KVCache):
     """An on-device cache whose pages go through the FP8 round trip on every write: what an FP8
     host store should give, computed without any offload code."""
 
-    def update(self, layer, start, k, v):
-        kf, vf = super().update(layer, start, k, v)
+    def update(self, layer, start, k, v, plan=None):
+        kf, vf = super().update(layer, start, k, v, plan)
         for t in (kf, vf):
             pages = t.view(-1, 8, *t.shape[2:])                          # (B * capacity / 8, 8, K, D)
             pages.copy_(fp8_decode(*fp8_encode(pages), t.dtype))

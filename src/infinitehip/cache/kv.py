@@ -10,7 +10,6 @@ Capacity is fixed at allocation, so decode shapes are static (CUDA-graph captura
 from __future__ import annotations
 
 import functools
-
 import os
 
 import torch
@@ -70,21 +69,31 @@ class KVCache:
         returns are plain device tensors)."""
         return hip_attention
 
-    def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def plan_write(self, start: torch.Tensor, T: int) -> torch.Tensor | None:
+        """Where ``update`` writes T tokens per row at ``start`` (B,): the flat cache rows (B * T,),
+        the same for every layer, so a forward pass computes them once; None for one row's
+        prefill (a contiguous slice, no index)."""
+        B = start.shape[0]
+        if B == 1 and T > 1:
+            return None
+        return (start[:, None] + _row_offsets(B, T, self.capacity, start.device)).flatten()
+
+    def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan=None):
         """Write k, v (B, T, K, D) at positions ``start[b] + t``; return (B, capacity, K, D) views.
 
-        start: (B,) int64 on the cache's device. Positions must be < capacity (the engine plans
-        capacity before prefill; an index past it is a bug, not a user error).
+        start: (B,) int64 on the cache's device; plan: ``plan_write(start, T)`` when the caller
+        made it already. Positions must be < capacity (the engine plans capacity before prefill;
+        an index past it is a bug, not a user error).
         """
         B, T = k.shape[:2]
         ks, vs = self.k[layer], self.v[layer]
         kf = ks.view(B, self.capacity, *ks.shape[3:])                       # (B, capacity, K, D)
         vf = vs.view(B, self.capacity, *vs.shape[3:])
-        if B == 1 and T > 1:  # prefill: one contiguous slice, no index tensor
+        flat = plan if plan is not None else self.plan_write(start, T)
+        if flat is None:  # prefill of one row: one contiguous slice
             s = int(start[0])
             kf[0, s:s + T], vf[0, s:s + T] = k[0], v[0]
-        else:   # decode: three kernels (one index add, two row copies); runs in every layer
-            flat = (start[:, None] + _row_offsets(B, T, self.capacity, k.device)).flatten()   # (B * T,)
+        else:   # decode: two row copies per layer (the index is made once per pass)
             kf.view(-1, *k.shape[2:]).index_copy_(0, flat, k.flatten(0, 1))
             vf.view(-1, *v.shape[2:]).index_copy_(0, flat, v.flatten(0, 1))
         return kf, vf

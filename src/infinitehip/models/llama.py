@@ -102,6 +102,7 @@ class Step:
     kv_len: torch.Tensor                  # (B,) keys per row once this pass is written (start + T)
     rope: RoPE                            # the model's (hip and streaming rotate inside attention)
     kv_limit: int | None = None           # read only the first kv_limit cache slots (None: all)
+    write: object = None                  # the cache's plan_write(start, T): where every layer writes
     rot: tuple[torch.Tensor, torch.Tensor] | None = None   # dense: RoPE cos, signed sin (B, T, 1, D) fp32
     flash: tuple[torch.Tensor, ...] | None = None          # dense full-capacity decode: cu_q, cu_k, seqused_k
 
@@ -191,7 +192,7 @@ class Attention(nn.Module):
         if step.rot is not None:  # dense: q and k rotated together; keys cached at their true positions
             qk = rotate(qk, step.rot)
         q, k = qk[:, :, :H], qk[:, :, H:]
-        k_all, v_all = cache.update(self.layer, step.start, k, v)               # (B, capacity, K, D)
+        k_all, v_all = cache.update(self.layer, step.start, k, v, plan=step.write)   # (B, capacity, K, D)
         if call.backend == "dense":
             out = self._dense(q, k_all, v_all, step)
         else:
@@ -293,7 +294,7 @@ class Transformer(nn.Module):
 
     def step(self, T: int, start: torch.Tensor, cache, backend: str, kv_limit: int | None) -> Step:
         """The per-pass state every layer reads (a handful of small kernels, once per pass)."""
-        step = Step(start, start + T, self.rope, kv_limit)
+        step = Step(start, start + T, self.rope, kv_limit, cache.plan_write(start, T))
         if backend != "dense":  # hip and streaming rotate inside the attention call
             return step
         pos = start[:, None] + torch.arange(T, device=start.device)              # (B, T)
