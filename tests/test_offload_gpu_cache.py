@@ -2,7 +2,8 @@
 access patterns over units (one page of one kv head: hits, misses, LRU evictions, units needed
 every call stay, duplicates) under both fetch plans (PyTorch, and the one-launch Triton kernel
 through the interpreter on CPU), the two plans state for state on random traffic, no stale unit
-after decode writes (bf16, FP8), the masked copy kernel, config."""
+after decode writes (bf16, FP8), the masked copy kernel, the one-launch FP8 decode write against
+the PyTorch re-encode, config. The Triton kernels run on the GPU where there is one."""
 import pytest
 import torch
 
@@ -16,18 +17,23 @@ from infinitehip.cache.offload_kv import OffloadKVCache
 from infinitehip.cache.offload_plan import OffloadConfig
 
 CONFIG = HiPConfig.preset("tiny", refresh_intervals=(8, 4, 2))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"    # where the Triton kernels run (else interpreted)
 
 
 @pytest.fixture(params=["torch", "triton"])
 def plan(request, monkeypatch):
-    """Run a test under each fetch plan (on CPU ``fetch`` takes ``gpu_pages.plan_fetch``)."""
+    """Run a test under each fetch plan (on CPU ``fetch`` takes ``gpu_pages.plan_fetch``; on a GPU
+    machine these CPU caches keep the PyTorch plan, and the Triton one runs on the GPU below)."""
+    if request.param == "triton" and DEVICE == "cuda":
+        pytest.skip("the Triton plan over CPU tensors needs the interpreter")
     if request.param == "triton":
         monkeypatch.setattr(gpu_pages, "plan_fetch", page_cache.plan_fetch_cuda)
     return request.param
 
 
-def filled_store(num_blocks=16, fp8=False, dtype=torch.float32):
-    store = HostKVStore(num_blocks, 4, 2, 8, dtype=dtype, fp8=fp8)
+def filled_store(num_blocks=16, fp8=False, dtype=torch.float32, device=None):
+    """A store of random pages (host memory; its device alias on ``device``), and its keys."""
+    store = HostKVStore(num_blocks, 4, 2, 8, dtype=dtype, fp8=fp8, device=device)
     k = torch.randn(num_blocks, 4, 2, 8)
     store.write(torch.arange(num_blocks), k, -k)
     return store, k
@@ -154,8 +160,8 @@ def test_triton_plan_is_the_torch_plan(n_slots, width, seed):
     """Random traffic (duplicates, -1 entries, invalidations, shifting working sets): both plans
     leave the same table, owners, stamps and counters and return the same slots and copies."""
     g = torch.Generator().manual_seed(seed)
-    store, _ = filled_store(num_blocks=32)
-    caches = [PageCache(store, n_slots), PageCache(store, n_slots)]
+    store, _ = filled_store(num_blocks=32, device=DEVICE)
+    caches = [PageCache(store, n_slots, DEVICE), PageCache(store, n_slots, DEVICE)]
     for step in range(30):
         hot = torch.randint(0, 64, (1,), generator=g).item()
         pages = (hot + torch.randint(-6, 7, (width,), generator=g)).clamp(-1, 63)   # units: a moving window, repeats
@@ -163,6 +169,7 @@ def test_triton_plan_is_the_torch_plan(n_slots, width, seed):
         if step % 7 == 6:
             for c in caches:
                 c.invalidate(pages[:2].clamp(min=0) // 2)
+        pages = pages.to(DEVICE)
         (src, dst, miss, slots), (src2, dst2, miss2, slots2) = (
             gpu_pages.plan_fetch(caches[0], pages.clone()), page_cache.plan_fetch_cuda(caches[1], pages.clone()))
         assert torch.equal(slots, slots2) and torch.equal(miss, miss2.bool())
@@ -176,12 +183,13 @@ def test_triton_plan_is_the_torch_plan(n_slots, width, seed):
 def test_masked_copy_kernel_copies_only_misses(dtype, fp8):
     """The CUDA copy (Triton interpreter here): misses get their unit's decoded K and V, the rest
     is untouched. (bf16 FP8 decode is not compared here: the interpreter truncates float32 -> bf16.)"""
-    store, _ = filled_store(fp8=fp8, dtype=dtype)
-    k_pool, v_pool = torch.full((5, 4, 1, 8), 7.0, dtype=dtype), torch.full((5, 4, 1, 8), 8.0, dtype=dtype)
+    store, _ = filled_store(fp8=fp8, dtype=dtype, device=DEVICE)
+    k_pool = torch.full((5, 4, 1, 8), 7.0, dtype=dtype, device=DEVICE)
+    v_pool = torch.full((5, 4, 1, 8), 8.0, dtype=dtype, device=DEVICE)
+    index = lambda *x: torch.tensor(x, device=DEVICE)   # noqa: E731
     copy_units_cuda(store.dk, store.dk_scale if fp8 else None, store.dv, store.dv_scale if fp8 else None,
-                    k_pool, v_pool, torch.tensor([7, 9, -1, 2]), torch.tensor([0, 2, 5, 4]),
-                    torch.tensor([True, False, False, True]))
-    k, v = store.read(torch.arange(16))
+                    k_pool, v_pool, index(7, 9, -1, 2), index(0, 2, 5, 4), index(True, False, False, True))
+    k, v = store.read(torch.arange(16), DEVICE)
     assert torch.equal(k_pool[[0, 4]], of_units(k, [7, 2])) and torch.equal(v_pool[[0, 4]], of_units(v, [7, 2]))
     assert (k_pool[[1, 2, 3]] == 7.0).all() and (v_pool[[1, 2, 3]] == 8.0).all()
 
@@ -190,3 +198,48 @@ def test_decode_cache_is_validated():
     OffloadConfig(decode_cache=True)
     with pytest.raises(ValueError, match=r"decode_cache='gpu'.*False.*True"):
         OffloadConfig(decode_cache="gpu")
+
+
+def same_fp8(want: torch.Tensor, got: torch.Tensor) -> bool:
+    """Equal FP8 codes; under the Triton interpreter also where its float32 -> e4m3 cast loses the
+    carry into the next binade (-127.9 gives -64 instead of -128; the GPU's cvt rounds right)."""
+    if DEVICE == "cuda":
+        return torch.equal(want.view(torch.uint8), got.view(torch.uint8))
+    w, g = want.float(), got.float()
+    carry = (w == 2 * g) & (w.abs().log2() == w.abs().log2().round())
+    return bool(((w == g) | carry).all())
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["store", "store+page_cache"])
+def test_fp8_decode_write_kernel_is_the_torch_path(cached):
+    """The one-launch FP8 decode write (float32, so that the interpreter's bf16 truncation cannot
+    differ) leaves the store's codes and scales as the PyTorch re-encode does, and the resident
+    units decoding them: rows mid-page, at a page's end and on a fresh page; both start each step
+    from the same state."""
+    from infinitehip.attention.triton.fp8_write import write_tokens_fp8
+
+    B, K, D, nb = 3, 2, 8, 8
+    g = torch.Generator().manual_seed(5)
+    caches = [OffloadKVCache(1, B, nb * 8, K, D, dtype=torch.float32, device=device, layer_configs=[CONFIG],
+                             config=OffloadConfig(fp8=True, decode_cache=cached)) for device in ("cpu", DEVICE)]
+    prompt = torch.randn(B, 20, K, D, generator=g) * 3
+    caches[0].update(0, torch.zeros(B, dtype=torch.long), prompt, -prompt)
+    if cached:
+        caches[0].caches[0].fetch(torch.arange(B * nb * K)[::2])                  # half the units resident
+    starts = torch.tensor([20, 23, 32])
+    want, got = caches[0].stores[0], caches[1].stores[0]
+    for s in range(3):
+        for name in ("dk", "dv", "dk_scale", "dv_scale"):
+            getattr(got, name).copy_(getattr(want, name))
+        if cached:
+            for name in ("k", "v", "slot_of", "owner", "stamp"):
+                getattr(caches[1].caches[0], name).copy_(getattr(caches[0].caches[0], name))
+        k, v = torch.randn(B, 1, K, D, generator=g) * (s + 1), torch.randn(B, 1, K, D, generator=g)
+        caches[0].update(0, starts + s, k, v)                                          # PyTorch path (CPU)
+        w = caches[1].plan_write((starts + s).to(DEVICE), 1)
+        write_tokens_fp8(got, caches[1].caches[0], w.pages, w.offsets, k[:, 0].to(DEVICE), v[:, 0].to(DEVICE))
+        assert same_fp8(want.dk, got.dk.cpu()) and same_fp8(want.dv, got.dv.cpu())
+        assert torch.equal(want.dk_scale, got.dk_scale.cpu()) and torch.equal(want.dv_scale, got.dv_scale.cpu())
+        if cached:   # every resident unit holds its store page decoded, in both
+            check_coherent(caches[0].caches[0])
+            check_coherent(caches[1].caches[0])
