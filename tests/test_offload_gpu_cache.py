@@ -210,18 +210,19 @@ def same_fp8(want: torch.Tensor, got: torch.Tensor) -> bool:
     return bool(((w == g) | carry).all())
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["plain", "fp8"])
 @pytest.mark.parametrize("cached", [False, True], ids=["store", "store+page_cache"])
-def test_fp8_decode_write_kernel_is_the_torch_path(cached):
-    """The one-launch FP8 decode write (float32, so that the interpreter's bf16 truncation cannot
-    differ) leaves the store's codes and scales as the PyTorch re-encode does, and the resident
-    units decoding them: rows mid-page, at a page's end and on a fresh page; both start each step
-    from the same state."""
-    from infinitehip.attention.triton.fp8_write import write_tokens_fp8
+def test_decode_write_kernel_is_the_torch_path(cached, fp8):
+    """The one-launch decode write (float32, so that the interpreter's bf16 truncation cannot
+    differ) leaves the store as the PyTorch path does (FP8: the re-encode's codes and scales), and
+    the resident units holding it: rows mid-page, at a page's end and on a fresh page; both start
+    each step from the same state."""
+    from infinitehip.attention.triton.kv_write import write_decode_tokens
 
     B, K, D, nb = 3, 2, 8, 8
     g = torch.Generator().manual_seed(5)
     caches = [OffloadKVCache(1, B, nb * 8, K, D, dtype=torch.float32, device=device, layer_configs=[CONFIG],
-                             config=OffloadConfig(fp8=True, decode_cache=cached)) for device in ("cpu", DEVICE)]
+                             config=OffloadConfig(fp8=fp8, decode_cache=cached)) for device in ("cpu", DEVICE)]
     prompt = torch.randn(B, 20, K, D, generator=g) * 3
     caches[0].update(0, torch.zeros(B, dtype=torch.long), prompt, -prompt)
     if cached:
@@ -229,7 +230,7 @@ def test_fp8_decode_write_kernel_is_the_torch_path(cached):
     starts = torch.tensor([20, 23, 32])
     want, got = caches[0].stores[0], caches[1].stores[0]
     for s in range(3):
-        for name in ("dk", "dv", "dk_scale", "dv_scale"):
+        for name in ("dk", "dv", "dk_scale", "dv_scale") if fp8 else ("dk", "dv"):
             getattr(got, name).copy_(getattr(want, name))
         if cached:
             for name in ("k", "v", "slot_of", "owner", "stamp"):
@@ -237,9 +238,12 @@ def test_fp8_decode_write_kernel_is_the_torch_path(cached):
         k, v = torch.randn(B, 1, K, D, generator=g) * (s + 1), torch.randn(B, 1, K, D, generator=g)
         caches[0].update(0, starts + s, k, v)                                          # PyTorch path (CPU)
         w = caches[1].plan_write((starts + s).to(DEVICE), 1)
-        write_tokens_fp8(got, caches[1].caches[0], w.pages, w.offsets, k[:, 0].to(DEVICE), v[:, 0].to(DEVICE))
-        assert same_fp8(want.dk, got.dk.cpu()) and same_fp8(want.dv, got.dv.cpu())
-        assert torch.equal(want.dk_scale, got.dk_scale.cpu()) and torch.equal(want.dv_scale, got.dv_scale.cpu())
+        write_decode_tokens(got, caches[1].caches[0], w.pages, w.offsets, k[:, 0].to(DEVICE), v[:, 0].to(DEVICE))
+        if fp8:
+            assert same_fp8(want.dk, got.dk.cpu()) and same_fp8(want.dv, got.dv.cpu())
+            assert torch.equal(want.dk_scale, got.dk_scale.cpu()) and torch.equal(want.dv_scale, got.dv_scale.cpu())
+        else:
+            assert torch.equal(want.dk, got.dk.cpu()) and torch.equal(want.dv, got.dv.cpu())
         if cached:   # every resident unit holds its store page decoded, in both
             check_coherent(caches[0].caches[0])
             check_coherent(caches[1].caches[0])

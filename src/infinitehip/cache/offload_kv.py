@@ -163,9 +163,9 @@ class OffloadKVCache:
         store, cache = self.stores[layer], self.caches[layer]
         w = plan if plan is not None else self.plan_write(start, T)
         k, v = k.flatten(0, 1), v.flatten(0, 1)                                      # (B * T, K, D)
-        if store.fp8 and T == 1 and store.dk.is_cuda:   # decode: the re-encode below in one launch
-            from ..attention.triton.fp8_write import write_tokens_fp8   # triton: CUDA only
-            write_tokens_fp8(store, cache, w.pages, w.offsets, k, v)
+        if T == 1 and store.dk.is_cuda:   # decode: what follows, in one launch
+            from ..attention.triton.kv_write import write_decode_tokens   # triton: CUDA only
+            write_decode_tokens(store, cache, w.pages, w.offsets, k, v)
         elif store.fp8:   # re-encode the touched pages whole: one scale per page
             kp, vp = store.read(w.ids)                                              # (N, page, K, D)
             kp[w.inv, w.offsets], vp[w.inv, w.offsets] = k.to(kp), v.to(vp)

@@ -1,0 +1,90 @@
+"""A decode step's tokens written into an offloaded KV store in one launch (``OffloadKVCache.update``,
+T = 1), with the resident copies in its GPU page cache kept coherent.
+
+One program per (row, kv head), K and V. A plain store gets the token's row, and the unit's
+resident copy its row. An FP8 page has one scale per kv head, so writing a token re-encodes its
+page: decode the page, put the token in, take the new absolute maximum, encode again, and the
+resident copy gets the whole page decoded. In PyTorch that is ~30 small kernels per layer per
+step (gathers, decode, scatter, amax, encode, scatters), ~50 with a page cache (12 for a plain
+store with one).
+
+Bit for bit the PyTorch path (``offload.fp8_encode`` / ``fp8_decode``): values pass through the
+store's dtype where it rounds them, divisions are IEEE (``div_rn``), the cast to e4m3 rounds to
+nearest even (tested under the interpreter, in float32).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_FP8_MAX = tl.constexpr(448.0)
+_TINY = tl.constexpr(1.1754943508222875e-38)      # float32's smallest normal: the scale's floor
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _rewrite(codes_ptr, scale_ptr, new_ptr, pool_ptr, page, off, h, slot,
+             PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, DTYPE: tl.constexpr):
+    """Page ``page`` of kv head h, with token ``off`` replaced by new_ptr's D values, re-encoded;
+    its decoded values into pool slot ``slot`` when slot >= 0."""
+    t = tl.arange(0, PAGE)[:, None]
+    d = tl.arange(0, D_P)[None, :]
+    m = (d < D) & (t < PAGE)
+    at = (page * PAGE + t) * (K * D) + h * D + d                               # (PAGE, D_P)
+    x = tl.load(codes_ptr + at, mask=m, other=0.0).to(tl.float32) * tl.load(scale_ptr + page * K + h)
+    x = x.to(DTYPE).to(tl.float32)                                             # decoded into the store dtype
+    new = tl.load(new_ptr + h * D + d, mask=d < D, other=0.0).to(DTYPE).to(tl.float32)
+    x = tl.where(t == off, new, x)
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(tl.abs(x), axis=1), axis=0), _FP8_MAX), _TINY)
+    codes = tl.math.div_rn(x, scale).to(tl.float8e4nv)
+    tl.store(codes_ptr + at, codes, mask=m)
+    tl.store(scale_ptr + page * K + h, scale)
+    if slot >= 0:
+        decoded = (codes.to(tl.float32) * scale).to(pool_ptr.dtype.element_ty)
+        tl.store(pool_ptr + slot * (PAGE * D) + t * D + d, decoded, mask=m)
+
+
+@triton.jit
+def _put_row(x_ptr, new_ptr, pool_ptr, page, off, h, slot, PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
+             D_P: tl.constexpr):
+    """A plain store's row (page, off, kv head h) = new_ptr's D values; the unit's copy too."""
+    d = tl.arange(0, D_P)
+    new = tl.load(new_ptr + h * D + d, mask=d < D)
+    tl.store(x_ptr + (page * PAGE + off) * (K * D) + h * D + d, new.to(x_ptr.dtype.element_ty), mask=d < D)
+    if slot >= 0:
+        tl.store(pool_ptr + slot * (PAGE * D) + off * D + d, new.to(pool_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
+def _write_kernel(k_store, k_scale, v_store, v_scale, k_new, v_new, k_pool, v_pool, slot_of_ptr, pages_ptr, offsets_ptr,
+                  PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, DTYPE: tl.constexpr,
+                  FP8: tl.constexpr, CACHED: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    page = tl.load(pages_ptr + b).to(tl.int64)
+    off = tl.load(offsets_ptr + b)
+    slot = tl.full((), -1, tl.int64)
+    if CACHED:
+        slot = tl.load(slot_of_ptr + page * K + h).to(tl.int64)
+    row = (b * K).to(tl.int64) * D
+    if FP8:
+        _rewrite(k_store, k_scale, k_new + row, k_pool, page, off, h, slot, PAGE, K, D, D_P, DTYPE)
+        _rewrite(v_store, v_scale, v_new + row, v_pool, page, off, h, slot, PAGE, K, D, D_P, DTYPE)
+    else:
+        _put_row(k_store, k_new + row, k_pool, page, off, h, slot, PAGE, K, D, D_P)
+        _put_row(v_store, v_new + row, v_pool, page, off, h, slot, PAGE, K, D, D_P)
+
+
+def write_decode_tokens(store, cache, pages: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """One decode token per row into a ``HostKVStore`` (its device alias; plain or FP8), and into
+    the resident units of ``cache`` (a ``PageCache`` or None): pages, offsets (B,) each row's
+    global page and slot in it; k, v (B, K, D)."""
+    _, page, K, D = store.dk.shape
+    cached = cache is not None
+    k, v = k.contiguous(), v.contiguous()
+    scales = (store.dk_scale, store.dv_scale) if store.fp8 else (k, v)
+    _write_kernel[(k.shape[0], K)](
+        store.dk, scales[0], store.dv, scales[1], k, v, cache.k if cached else k, cache.v if cached else v,
+        cache.slot_of if cached else pages, pages, offsets, PAGE=page, K=K, D=D, D_P=triton.next_power_of_2(D),
+        DTYPE=_TL_DTYPE[store.dtype], FP8=store.fp8, CACHED=cached)
