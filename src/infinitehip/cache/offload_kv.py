@@ -4,8 +4,9 @@ Same interface as ``KVCache`` (``update``, ``select``, ``batch``, ``capacity``),
 ``attention(layer)``, which the model calls instead of ``hip_attention``:
 
 - **writes** (prefill chunks, decode tokens) go straight to the host store through its device
-  alias (zero-copy: the GPU writes mapped host memory) and invalidate any cached copy of the
-  pages they touch, so no page is ever served stale;
+  alias (zero-copy: the GPU writes mapped host memory); a decode token also rewrites the page
+  cache's resident copies (one launch on CUDA, ``triton/kv_write.py``) and a prefill chunk drops
+  them, so nothing is ever served stale;
 - **pruning** reads keys from the host store in place (only the probed rows cross PCIe);
 - **prefill attention** reads the selected keys in place too (a chunk's query blocks together
   select most of the context, so a cache would not bound GPU memory);
@@ -18,10 +19,11 @@ Same interface as ``KVCache`` (``update``, ``select``, ``batch``, ``capacity``),
 
 ``OffloadConfig.gpu_layers`` layers keep their whole store in GPU memory instead (same format,
 placed by ``offload_plan.plan_offload``): everything reads it in place, like the on-device
-cache, so they have no block cache and no table, and the context can use host + spare GPU memory.
+cache, so they have no page cache, and the context can use host + spare GPU memory.
 
-Pages are ``page`` tokens of every kv head of one row: the unit of the host store, of the FP8
-scales and of the GPU cache. Legend: B batch, T tokens, K kv heads, D head dim, NB pages per row.
+Pages are ``page`` tokens of every kv head of one row: the unit of the host store and of the
+FP8 scales; the page cache holds one kv head of a page. Legend: B batch, T tokens, K kv heads,
+D head dim, NB pages per row.
 """
 from __future__ import annotations
 
