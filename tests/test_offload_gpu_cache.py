@@ -247,3 +247,31 @@ def test_decode_write_kernel_is_the_torch_path(cached, fp8):
         if cached:   # every resident unit holds its store page decoded, in both
             check_coherent(caches[0].caches[0])
             check_coherent(caches[1].caches[0])
+
+
+@pytest.mark.parametrize("sharing,tq,limit", [("kv", 1, True), ("all", 1, True), ("kv", 40, False)])
+def test_needed_units_kernel_is_the_torch_statement(sharing, tq, limit):
+    """The one-launch needed units (sink, window and selected (page, kv head) units of a mask, as
+    the store's global ids) equal ``needed_units``, entry for entry: decode and two query blocks,
+    sentinel chunks, pages past the row's end."""
+    from infinitehip.attention.mask import SENTINEL, geometry
+    from infinitehip.attention.stages import n_groups
+    from infinitehip.cache.offload_kv import needed_units
+
+    cfg, K, page = CONFIG.replace(head_sharing=sharing), 4, 4
+    kv_len = torch.tensor([700, 333])
+    geo = geometry(kv_len - tq, tq, kv_len, cfg)
+    G, nqb = n_groups(cfg, K), geo.p0.shape[1]
+    g = torch.Generator().manual_seed(7)
+    starts = torch.randint(0, 90, (2, G, nqb, cfg.n_selected), generator=g) * cfg.chunk_size
+    starts[torch.rand(starts.shape, generator=g) < 0.2] = SENTINEL
+    kw = dict(row0=3, nb=100) if limit else {}      # row 0's window lies past page 100: cut
+    want = needed_units(starts, geo, cfg, page, K, **kw)
+    dev = lambda x: x.to(DEVICE)   # noqa: E731
+    geo_d = type(geo)(**{f: dev(getattr(geo, f)) for f in geo.__dataclass_fields__})
+    got = page_cache.needed_units_cuda(dev(starts), geo_d, cfg, page, K, **kw).cpu()
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert (want == -1).any() and (want >= 0).any()
+    if limit:
+        assert want.max() < (3 + 2) * 100 * K and want[want >= 0].min() >= 3 * 100 * K
+        assert (needed_units(starts, geo, cfg, page, K) >= 100 * K).any(), "the limit must cut something"

@@ -43,18 +43,21 @@ from .offload_plan import OffloadConfig, cache_slots, gpu_layer_order, plan_offl
 DECODE_QUERIES = 16
 
 
-def needed_units(starts: torch.Tensor, geo, config: HiPConfig, page: int, K: int) -> torch.Tensor:
-    """What the attention of mask ``starts`` (B, G, NQB, NSEL) reads, as (page, kv head) units
-    ``page * K + head`` of each row: (B, M) int64, -1 = none.
+def needed_units(starts: torch.Tensor, geo, config: HiPConfig, page: int, K: int, row0: int = 0,
+                 nb: int | None = None) -> torch.Tensor:
+    """What the attention of mask ``starts`` (B, G, NQB, NSEL) reads, as the store's global
+    (page, kv head) units ``((row0 + b) * nb + page) * K + head``: (B, M) int64, -1 = none
+    (also pages past a row's ``nb``; ``nb`` None: no limit, row0 ignored: units within the row).
 
-    Every head's sink pages and window pages (from each query block's window start to its last
-    query), and each group's selected chunks for the heads of the group. Units nothing valid
-    reads may be included; none is missed.
+    Every head's sink pages, window pages (from each query block's window start to its last
+    query) and each group's selected chunks for the heads of the group, in that order. Units
+    nothing valid reads may be included; none is missed. ``page_cache.needed_units_cuda`` is the
+    same in one launch.
     """
     B, G = starts.shape[:2]
     dev = starts.device
     heads = torch.arange(K, device=dev)
-    sink = torch.arange(-(-config.sink // page), device=dev)[:, None] * K + heads            # (ns, K)
+    sink = torch.arange(-(-config.sink // page), device=dev)[:, None].expand(B, -1, 1)       # (B, ns, 1)
     wst = geo.w0.clamp(min=config.sink)                                                      # (B, NQB)
     last = geo.q_pos.masked_fill(~geo.q_valid, -1).amax(-1)                                  # (B, NQB)
     win = wst[..., None] // page + torch.arange(-(-window_slots(config) // page) + 1, device=dev)
@@ -63,9 +66,14 @@ def needed_units(starts: torch.Tensor, geo, config: HiPConfig, page: int, K: int
     sel = st[..., None] // page + torch.arange(max(1, config.chunk_size // page), device=dev)
     sel = torch.where((st != SENTINEL)[..., None], sel, -1)[..., None]                       # (B, G, NQB, NSEL, per, 1)
     group_heads = heads.view(G, 1, 1, 1, K // G)                                             # a group's kv heads
-    return torch.cat([sink.flatten().expand(B, -1),
-                      torch.where(win >= 0, win * K + heads, -1).flatten(1),
-                      torch.where(sel >= 0, sel * K + group_heads, -1).flatten(1)], dim=1)
+    pages = torch.cat([sink.expand(-1, -1, K).flatten(1), win.expand(*win.shape[:-1], K).flatten(1),
+                       sel.expand(*sel.shape[:-1], K // G).flatten(1)], dim=1)               # (B, M)
+    head = torch.cat([heads.repeat(sink.shape[1]), heads.repeat(win[0].numel()),
+                      group_heads.expand(*sel.shape[1:-1], K // G).flatten()]).expand(B, -1)
+    if nb is None:
+        return torch.where(pages >= 0, pages * K + head, -1)
+    row = row0 + torch.arange(B, device=dev)[:, None]
+    return torch.where((pages >= 0) & (pages < nb), (row * nb + pages) * K + head, -1)
 
 
 def touched_pages(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,10 +241,11 @@ class _LayerSource:
 
     def fetch(self, starts: torch.Tensor, geo, config: HiPConfig):
         c, K = self.cache, self.cache.stores[self.layer].k.shape[2]
-        units = needed_units(starts, geo, config, c.page, K)                         # (B, M)
-        row = c.row0 + torch.arange(c.batch, device=units.device)[:, None]
-        ok = (units >= 0) & (units < c.nb * K)          # static shapes: absent entries are -1, not dropped
+        if starts.is_cuda:       # the same units in one launch (Triton: CUDA only)
+            from ..attention.triton.page_cache import needed_units_cuda as needed
+        else:
+            needed = needed_units
         cache = c.caches[self.layer]
-        cache.fetch(torch.where(ok, row * c.nb * K + units, -1))
+        cache.fetch(needed(starts, geo, config, c.page, K, c.row0, c.nb))   # static shapes: absent are -1
         table = cache.table(c.nb)[c.row0:c.row0 + c.batch]                           # (B, NB, K)
         return cache.k, cache.v, KVPages(c.page, table=table)

@@ -25,8 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..mask import SENTINEL, window_slots
+
 BLOCK = 1024
 _MARKER = tl.constexpr(1 << 30)      # > any entry count: markers -(2^30 - i) are below -1
+_SENTINEL_I = tl.constexpr(SENTINEL)
 
 
 @triton.jit
@@ -138,3 +141,64 @@ def copy_units_cuda(k_src: torch.Tensor, k_scale: torch.Tensor | None, v_src: to
     _copy_kernel[(src_idx.numel(),)](k_src, k_scale if scaled else k_dst, v_src, v_scale if scaled else v_dst, k_dst,
                                      v_dst, src_idx, dst_idx, do.to(torch.int8), page, K, D, SCALED=scaled,
                                      BLOCK=min(BLOCK, triton.next_power_of_2(page * D)))
+
+
+@triton.jit
+def _unit(page, h, ok, row, nb, K: tl.constexpr, LIMIT: tl.constexpr):
+    """The store's global unit of (page, kv head h) of row ``row``, -1 where not ok."""
+    if LIMIT:
+        return tl.where(ok & (page >= 0) & (page < nb), (row * nb + page) * K + h, -1)
+    return tl.where(ok & (page >= 0), page * K + h, -1)
+
+
+@triton.jit
+def _needed_kernel(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out_ptr, row0, nb,
+                   stride_sb, stride_sg, stride_sq,                 # starts (B, G, NQB, NSEL), unit stride on NSEL
+                   SINK: tl.constexpr, PAGE: tl.constexpr, K: tl.constexpr, KG: tl.constexpr, NQB: tl.constexpr,
+                   BQ: tl.constexpr, NSEL: tl.constexpr, PER: tl.constexpr, NS: tl.constexpr, NW: tl.constexpr,
+                   N_SEL: tl.constexpr, M: tl.constexpr, LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    row = (row0 + b).to(tl.int64)
+    out = out_ptr + b.to(tl.int64) * M
+    for start in range(0, NS * K, BLOCK):                          # every head's sink pages
+        e = start + tl.arange(0, BLOCK)
+        tl.store(out + e, _unit((e // K).to(tl.int64), e % K, e >= 0, row, nb, K, LIMIT), mask=e < NS * K)
+    r = tl.arange(0, BQ)
+    for qb in tl.static_range(NQB):                                 # every head's window pages, per block
+        q_pos = tl.load(qpos_ptr + (b * NQB + qb) * BQ + r)
+        valid = tl.load(qvalid_ptr + (b * NQB + qb) * BQ + r) != 0
+        last = tl.max(tl.where(valid, q_pos, -1), axis=0)
+        last_page = tl.where(last >= 0, last // PAGE, -1)
+        first = tl.maximum(tl.load(w0_ptr + b * NQB + qb), SINK) // PAGE
+        for start in range(0, NW * K, BLOCK):
+            e = start + tl.arange(0, BLOCK)
+            page = first + e // K
+            unit = _unit(page, e % K, page <= last_page, row, nb, K, LIMIT)
+            tl.store(out + NS * K + qb * NW * K + e, unit, mask=e < NW * K)
+    for start in range(0, N_SEL, BLOCK):                            # each group's chunks, its heads
+        e = start + tl.arange(0, BLOCK)
+        kk = e % KG
+        p = (e // KG) % PER
+        n = (e // (KG * PER)) % NSEL
+        qb = (e // (KG * PER * NSEL)) % NQB
+        g = e // (KG * PER * NSEL * NQB)
+        st = tl.load(starts_ptr + b.to(tl.int64) * stride_sb + g * stride_sg + qb * stride_sq + n,
+                     mask=e < N_SEL, other=_SENTINEL_I).to(tl.int64)
+        unit = _unit(tl.where(st >= 0, st // PAGE, 0) + p, g * KG + kk, st != _SENTINEL_I, row, nb, K, LIMIT)
+        tl.store(out + NS * K + NQB * NW * K + e, unit, mask=e < N_SEL)
+
+
+def needed_units_cuda(starts: torch.Tensor, geo, config, page: int, K: int, row0: int = 0, nb: int | None = None):
+    """``offload_kv.needed_units`` in one launch: the same (B, M) units, in the same order."""
+    B, G, nqb, nsel = starts.shape
+    per = max(1, config.chunk_size // page)
+    ns, nw = -(-config.sink // page), -(-window_slots(config) // page) + 1
+    n_sel = G * nqb * nsel * per * (K // G)
+    m = ns * K + nqb * nw * K + n_sel
+    out = torch.empty(B, m, dtype=torch.long, device=starts.device)
+    starts = starts if starts.stride(-1) == 1 else starts.contiguous()
+    _needed_kernel[(B,)](starts, geo.w0.contiguous(), geo.q_pos.contiguous(), geo.q_valid.contiguous().view(torch.int8),
+                         out, row0, nb or 0, starts.stride(0), starts.stride(1), starts.stride(2),
+                         SINK=config.sink, PAGE=page, K=K, KG=K // G, NQB=nqb, BQ=geo.q_pos.shape[-1], NSEL=nsel,
+                         PER=per, NS=ns, NW=nw, N_SEL=n_sel, M=m, LIMIT=nb is not None, BLOCK=1024)
+    return out
