@@ -146,9 +146,13 @@ def copy_units_cuda(k_src: torch.Tensor, k_scale: torch.Tensor | None, v_src: to
 @triton.jit
 def _unit(page, h, ok, row, nb, K: tl.constexpr, LIMIT: tl.constexpr):
     """The store's global unit of (page, kv head h) of row ``row``, -1 where not ok."""
+    inside = ok & (page >= 0)
     if LIMIT:
-        return tl.where(ok & (page >= 0) & (page < nb), (row * nb + page) * K + h, -1)
-    return tl.where(ok & (page >= 0), page * K + h, -1)
+        inside = inside & (page < nb)
+        unit = (row * nb + page) * K + h
+    else:
+        unit = page * K + h
+    return tl.where(inside, unit, -1)
 
 
 @triton.jit
