@@ -57,22 +57,22 @@ def prompt(n=PROMPT, seed=0):
 def test_offload_logits_equal_on_device_bit_for_bit(model):
     on_device, in_place = caches(model)
     want = run(model, prompt(), on_device)
-    assert in_place.block_caches == [] and in_place.gpu_nbytes < 0.01 * on_device.nbytes   # the default
+    assert in_place.page_caches == [] and in_place.gpu_nbytes < 0.01 * on_device.nbytes   # the default
     assert torch.equal(run(model, prompt(), in_place), want)
     _, cached = caches(model, decode_cache=True)
     assert torch.equal(run(model, prompt(), cached), want)
-    stats = [c.stats for c in cached.block_caches]
+    stats = [c.stats for c in cached.page_caches]
     assert len(stats) == 6 and sum(s.hits for s in stats) > sum(s.misses for s in stats) > 0   # reused
 
 
 def test_mixed_placement_equals_on_device_bit_for_bit(model):
     """Two layers' whole store in device memory, four offloaded: still the on-device logits."""
     on_device, mixed = caches(model, gpu_layers=2, decode_cache=True)
-    assert mixed.gpu_layers == (0, 1)       # dense layer 0 (the largest block cache) first, then by index
+    assert mixed.gpu_layers == (0, 1)       # dense layer 0 (the largest page cache) first, then by index
     assert mixed.caches[0] is None and mixed.stores[0].on_device
     assert not mixed.stores[2].on_device and mixed.caches[2] is not None
     assert torch.equal(run(model, prompt(), mixed), run(model, prompt(), on_device))
-    assert sum(c.stats.hits for c in mixed.block_caches) > 0 and len(mixed.block_caches) == 4
+    assert sum(c.stats.hits for c in mixed.page_caches) > 0 and len(mixed.page_caches) == 4
 
 
 def test_offload_small_pages_and_evictions_stay_exact(bf16_model):
@@ -81,10 +81,10 @@ def test_offload_small_pages_and_evictions_stay_exact(bf16_model):
     on_device, offloaded = caches(model, page=2, headroom=1.0, decode_cache=True)
     want = run(model, prompt(seed=1), on_device)
     assert torch.equal(run(model, prompt(seed=1), offloaded), want)
-    assert sum(c.stats.evictions for c in offloaded.block_caches) > 0
+    assert sum(c.stats.evictions for c in offloaded.page_caches) > 0
     _, mixed = caches(model, page=2, headroom=1.0, decode_cache=True, gpu_layers=1)
     assert torch.equal(run(model, prompt(seed=1), mixed), want)
-    assert sum(c.stats.evictions for c in mixed.block_caches) > 0
+    assert sum(c.stats.evictions for c in mixed.page_caches) > 0
 
 
 def test_generate_offload_batch_same_tokens(bf16_model):

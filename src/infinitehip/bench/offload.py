@@ -94,7 +94,7 @@ def decode(model: Model, cache, context: int, warm: int, steps: int, device, mod
     seqlens = torch.tensor([context], device=device)
     tok = torch.tensor([1], device=device)
     tokens, length = [], context
-    caches = getattr(cache, "block_caches", [])          # GPU-stored layers have none
+    caches = getattr(cache, "page_caches", [])          # GPU-stored layers have none
     graph = GraphDecoder(model, cache, state) if mode == "cuda_graph" else None
 
     def step():

@@ -142,7 +142,7 @@ class OffloadKVCache:
         return sum(c.nbytes for c in self.caches if c is not None) + sum(s.nbytes for s in self.stores if s.on_device)
 
     @property
-    def block_caches(self) -> list[PageCache]:
+    def page_caches(self) -> list[PageCache]:
         """The host-stored layers' page caches (their stats: hits, misses, evictions)."""
         return [c for c in self.caches if c is not None]
 

@@ -5,7 +5,7 @@ Every layer's store has the same format wherever it is (``offload.HostKVStore``:
 page-locked host memory (read in place, or behind a small GPU page cache: pools + table); the
 ``OffloadConfig.gpu_layers`` GPU-stored layers keep their whole store in GPU memory and are
 read in place (no pool, no table, no PCIe). So the longest context is bounded by host memory
-plus the GPU memory the weights and the block caches leave, not by host memory alone.
+plus the GPU memory the weights and the page caches leave, not by host memory alone.
 
 Legend: L layers, g GPU-stored layers, B batch, C capacity (tokens per row, page multiple).
 """
@@ -81,7 +81,7 @@ def slot_bytes(head_dim: int, dtype: torch.dtype, config: OffloadConfig) -> int:
 
 
 def gpu_layer_order(layer_configs: list[HiPConfig], batch: int, n_kv_heads: int, config: OffloadConfig) -> list[int]:
-    """Layers in the order they move to GPU memory: largest block cache first (the dense layers,
+    """Layers in the order they move to GPU memory: largest page cache first (the dense layers,
     which read the most pages per step: moving them frees the most pool and PCIe traffic), then
     by index. ``gpu_layers = g`` puts the first g of this list on the GPU."""
     slots = cache_slots(layer_configs, batch, n_kv_heads, config)
@@ -197,7 +197,7 @@ def plan_offload(*, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, c
 
 
 def _auto_layers(sizes: _Sizes, b: _Budgets, tokens: int) -> int | None:
-    """0 when the host holds every layer (and the GPU the block caches); else the most layers the
+    """0 when the host holds every layer (and the GPU the page caches); else the most layers the
     spare GPU memory holds with the rest fitting the host; None when no placement fits."""
     def fits(g: int) -> bool:
         gpu_ok = b.gpu is None or sizes.gpu(g, tokens) <= (b.gpu if g == 0 else b.auto)
@@ -224,17 +224,17 @@ def _check_placement(sizes: _Sizes, b: _Budgets, config: OffloadConfig, g: int, 
             "or use a shorter prompt, fewer new tokens, or fewer prompts at once.")
     if b.gpu is not None and gpu > b.gpu:
         raise CapacityError(
-            f"the GPU part of the offloaded KV cache ({g} layers' whole KV, block caches and tables of the other "
+            f"the GPU part of the offloaded KV cache ({g} layers' whole KV, page caches of the other "
             f"{sizes.L - g}) needs {gpu / GIB:.2f} GiB (+{workspace / GIB:.2f} GiB workspace) but only "
             f"{b.free_gpu / GIB:.2f} GiB are free on {device}; "
             f"{'keep fewer layers in GPU memory (OffloadConfig.gpu_layers), ' if g else ''}"
-            "give the block cache fewer pages (OffloadConfig.gpu_pages), a smaller prefill chunk, "
+            "give the page cache fewer slots (OffloadConfig.gpu_pages), a smaller prefill chunk, "
             "or fewer prompts at once.")
 
 
 def _raise_auto(sizes: _Sizes, b: _Budgets, config: OffloadConfig, tokens: int, workspace: int, device: torch.device):
     """No automatic placement fits: say what each memory holds and the longest context that fits."""
-    if sizes.host(0, tokens) <= b.host:     # the host is not the problem: the block caches are
+    if sizes.host(0, tokens) <= b.host:     # the host is not the problem: the page caches are
         _check_placement(sizes, b, config, 0, tokens, workspace, device)
     need = sizes.host(0, tokens)
     fits = _longest(sizes, b)
@@ -243,7 +243,7 @@ def _raise_auto(sizes: _Sizes, b: _Budgets, config: OffloadConfig, tokens: int, 
     else:
         spare = max(0.0, b.auto - sizes.pools(0))
         gpu = (f"~{spare / GIB:.2f} GiB of spare GPU memory on {device} ({GPU_USE:.0%} of {b.free_gpu / GIB:.2f} GiB "
-               f"free, less {workspace / GIB:.2f} GiB workspace and the block caches)")
+               f"free, less {workspace / GIB:.2f} GiB workspace and the page caches)")
     raise CapacityError(
         f"the offloaded KV cache for {sizes.batch} x {tokens:,} tokens needs {need / GIB:.2f} GiB "
         f"({sizes.L} layers x {need / sizes.L / GIB:.2f} GiB) but host and GPU memory together hold less: "
