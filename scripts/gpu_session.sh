@@ -4,8 +4,9 @@
 #   OUT=/tmp/out bash scripts/gpu_session.sh tests offload attention engine
 #
 # Steps run in the order given, each under its own time limit so one slow step cannot take the
-# call's whole 10 minutes; logs and JSON go to $OUT (what the device tool brings back), and the
-# last lines printed are a short summary. Steps:
+# call's whole 10 minutes (the limits add up to more: give one call at most ~560 s of steps, e.g.
+# "tests offload" then "attention sweep" then "engine"); logs and JSON go to $OUT (what the device
+# tool brings back), and the last lines printed are a short summary. Steps:
 #   tests      the GPU tests: Triton kernels, fused decode, offload kernels and caches, engine
 #   offload    bench offload at 256K: all-on-GPU vs in place (bf16, FP8) vs the GPU page cache
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
@@ -32,7 +33,7 @@ for s in "$@"; do
         tests) step tests 240 python -m pytest -q -x -rfE tests/test_triton.py tests/test_fused_decode.py \
                    tests/test_offload_kernels.py tests/test_offload_gpu_cache.py tests/test_offload_graph.py \
                    tests/test_engine_gpu.py tests/test_engine_decode.py ;;
-        offload) step offload 300 python -m infinitehip.bench offload --contexts 262144 --on-gpu-contexts 262144 \
+        offload) step offload 330 python -m infinitehip.bench offload --contexts 262144 --on-gpu-contexts 262144 \
                      --paths on_gpu,offload,offload_fp8,offload_page_cache,offload_fp8_page_cache --out "$OUT" ;;
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
                        --chunked "" --out "$OUT/attention.json" ;;
