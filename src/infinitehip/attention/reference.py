@@ -71,18 +71,28 @@ def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, config: HiPConfig,
     return qp, count > 0
 
 
+def _known_all(mask: torch.Tensor) -> bool:
+    """Whether every element of a bool tensor is True, when that is free to know: on the CPU
+    (read in place, no kernel: the reference is the CPU path, and skips work by it); elsewhere
+    False, so the caller takes its general branch and never syncs with the device."""
+    return mask.device.type == "cpu" and bool(mask.numpy().all())
+
+
 def _probe_scores(qp, q_valid, k, probes, geo: Geometry, rope: RoPE | None, pages: KVPages | None = None):
     """Max over pooled query rows and the group's heads of q·k at each probe: (B, G, NQB, M)."""
     B, nqb, R, H, D = qp.shape
     G, K = probes.shape[1], k.shape[2]
     keys = gather_kv(k, probes, G, pages, None if pages is None else pages.k_scale)   # (B, G, NQB, M, KG, D)
-    if rope is not None:
+    if rope is not None and _known_all(~geo.exact_prune):   # relative everywhere: a rotation by 0
+        keys = keys * rope.attention_scaling
+    elif rope is not None:
         pos = torch.where(geo.exact_prune[:, None, None, None], probes - geo.p0[:, None, :, None], 0)
         cos, sin = rope.cos_sin(pos)
         keys = apply_rope(keys, cos[..., None, :], sin[..., None, :])
     q = qp.view(B, nqb, R, G, K // G, H // K, D)
     s = torch.einsum("bqrgkjd,bgqmkd->bgqmrkj", q, keys)
-    s = s.masked_fill(~q_valid[:, None, :, None, :, None, None], float("-inf"))
+    if not _known_all(q_valid):   # padding rows (a ragged last block) score nothing
+        s = s.masked_fill(~q_valid[:, None, :, None, :, None, None], float("-inf"))
     return s.amax(dim=(-3, -2, -1))
 
 
