@@ -30,7 +30,7 @@ class DemoResult:
 
 
 def default_context() -> int:
-    """32x the trained context on a CPU (45 s for all three methods on two cores, hip 26 s of it,
+    """32x the trained context on a CPU (32 s for all three methods on two cores, hip 16 s of it,
     since the reference skips identity rotations: inside the 90 s budget), 128x on a GPU."""
     import torch
 

@@ -84,7 +84,7 @@ def _probe_scores(qp, q_valid, k, probes, geo: Geometry, rope: RoPE | None, page
     G, K = probes.shape[1], k.shape[2]
     keys = gather_kv(k, probes, G, pages, None if pages is None else pages.k_scale)   # (B, G, NQB, M, KG, D)
     if rope is not None and _known_all(~geo.exact_prune):   # relative everywhere: a rotation by 0
-        keys = keys * rope.attention_scaling
+        keys = keys if rope.attention_scaling == 1.0 else keys * rope.attention_scaling
     elif rope is not None:
         pos = torch.where(geo.exact_prune[:, None, None, None], probes - geo.p0[:, None, :, None], 0)
         cos, sin = rope.cos_sin(pos)
