@@ -213,3 +213,33 @@ def test_reference_slices_give_the_one_call_result(monkeypatch):
     sliced, sliced_mask = hip_attention(q, k, v, config=cfg, rope=rope, backend="reference")
     torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
     assert torch.equal(sliced_mask.starts, whole_mask.starts) and torch.equal(sliced_mask.w0, whole_mask.w0)
+
+
+@pytest.mark.parametrize("chunk,tq,fp8", [(4, 70, False), (2, 1, False), (8, 40, True)])
+def test_token_scores_give_the_probe_scores(chunk, tq, fp8, monkeypatch):
+    """Small chunks over all keys with relative pruning: scoring every key once and picking the
+    probes (``_token_scores``) gives the probe-by-probe scores (plain and FP8-scaled keys, a
+    ragged last query block, decode)."""
+    from infinitehip.attention.pages import KVPages
+    from infinitehip.attention.stages import first_stage_starts
+    from infinitehip.cache.offload import fp8_encode
+
+    cfg = HiPConfig.preset("tiny", rope_prune="relative", chunk_sizes=(chunk, 2), stage_budgets=(None, 128),
+                           stage_strides=(2, 1), refresh_intervals=(8, 4))
+    g = torch.Generator().manual_seed(chunk)
+    B, tk, H, K, D = 2, 512, 4, 2, 32
+    q, k = torch.randn(B, tq, H, D, generator=g), torch.randn(B, tk, K, D, generator=g)
+    pages = None
+    if fp8:
+        codes, scale = fp8_encode(k.view(B * tk // 8, 8, K, D))
+        k, pages = codes.view(B, tk, K, D), KVPages(8, k_scale=scale.view(B, tk // 8, K), v_scale=scale.view(B, tk // 8, K))
+    kv_len = torch.tensor([tk, 400])
+    geo = geometry(kv_len - tq, tq, kv_len, cfg)
+    rope = RoPE(RoPE.default(D).inv_freq, 1.25)
+    qp, q_valid = reference.pool_queries(q, geo, cfg.stage_strides[0], cfg, rope)
+    starts = first_stage_starts(tk, chunk, B, K, geo.p0.shape[1], "cpu")
+    dense = reference.score_chunks(qp, q_valid, k, starts, chunk, geo, cfg, rope, pages)
+    monkeypatch.setattr(reference, "DENSE_CHUNK", 0)                    # probe by probe
+    probed = reference.score_chunks(qp, q_valid, k, starts, chunk, geo, cfg, rope, pages)
+    assert (probed > -1e29).sum() > 100
+    torch.testing.assert_close(dense, probed, rtol=1e-5, atol=1e-5)

@@ -30,8 +30,8 @@ class DemoResult:
 
 
 def default_context() -> int:
-    """32x the trained context on a CPU (32 s for all three methods on two cores, hip 16 s of it,
-    since the reference skips identity rotations: inside the 90 s budget), 128x on a GPU."""
+    """32x the trained context on a CPU (~25 s for all three methods on two cores, hip ~8 s of
+    it: inside the 90 s budget), 128x on a GPU."""
     import torch
 
     return 65_536 if torch.cuda.is_available() else 16_384

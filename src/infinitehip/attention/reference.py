@@ -71,11 +71,36 @@ def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, config: HiPConfig,
     return qp, count > 0
 
 
+# Chunks up to this size are scored by scoring every key (``_token_scores``) when they cover
+# the keys: 2 log2(c) probes of c tokens is half of them or more for c <= 16.
+DENSE_CHUNK = 16
+
+
 def _known_all(mask: torch.Tensor) -> bool:
     """Whether every element of a bool tensor is True, when that is free to know: on the CPU
     (read in place, no kernel: the reference is the CPU path, and skips work by it); elsewhere
     False, so the caller takes its general branch and never syncs with the device."""
     return mask.device.type == "cpu" and bool(mask.numpy().all())
+
+
+def _token_scores(qp, q_valid, k, groups: int, rope: RoPE | None, pages: KVPages | None) -> torch.Tensor:
+    """Max over pooled query rows and the group's heads of q·k for every key, unrotated (relative
+    pruning: a rotation by 0): (B, G, NQB, Tk). What ``_probe_scores`` gives at any probe.
+    pages: FP8 codes with per-page scales (decoded as ``gather_kv`` does)."""
+    B, nqb, R, H, D = qp.shape
+    K = k.shape[2]
+    KG, J = K // groups, H // K
+    keys = k.float()
+    if pages is not None and pages.scaled:
+        keys = keys * pages.k_scale.repeat_interleave(pages.page, dim=1)[:, :keys.shape[1], :, None]
+    keys = keys.view(B, -1, groups, KG, D).permute(0, 2, 3, 4, 1)              # (B, G, KG, D, Tk)
+    if rope is not None and rope.attention_scaling != 1.0:
+        keys = keys * rope.attention_scaling
+    q = qp.view(B, nqb, R, groups, KG, J, D).permute(0, 3, 4, 1, 2, 5, 6).reshape(B, groups, KG, -1, D)
+    s = (q @ keys).view(B, groups, KG, nqb, R, J, -1)                          # (B, G, KG, NQB, R, J, Tk)
+    if not _known_all(q_valid):
+        s = s.masked_fill(~q_valid[:, None, None, :, :, None, None], float("-inf"))
+    return s.amax(dim=(2, 4, 5))
 
 
 def _probe_scores(qp, q_valid, k, probes, geo: Geometry, rope: RoPE | None, pages: KVPages | None = None):
@@ -113,11 +138,19 @@ def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPC
     active = (starts != SENTINEL) & (lo < hi)
     a, length = starts, chunk
     best = torch.full(starts.shape, float("-inf"), device=k.device)
+    # Small chunks over (nearly) all keys, unrotated: probes are half the keys or more, so score
+    # every key at once (one matrix product, no gather) and pick the probes' scores from it.
+    tokens = (chunk <= DENSE_CHUNK and starts.shape[-1] * chunk * 2 >= k.shape[1]
+              and (pages is None or pages.table is None) and (rope is None or _known_all(~geo.exact_prune)))
+    scores = _token_scores(qp, q_valid, k, starts.shape[1], rope, pages) if tokens else None
     while length > 1:
         half = length // 2
         probes = torch.stack([a + half // 2, a + half + half // 2], dim=-1)    # (B, G, NQB, n, 2)
         probes = torch.maximum(torch.minimum(probes, hi[..., None] - 1), lo[..., None])
-        s = _probe_scores(qp, q_valid, k, probes.flatten(-2), geo, rope, pages).view(probes.shape)
+        if scores is not None:
+            s = scores.gather(-1, probes.flatten(-2).clamp(0, k.shape[1] - 1)).view(probes.shape)
+        else:
+            s = _probe_scores(qp, q_valid, k, probes.flatten(-2), geo, rope, pages).view(probes.shape)
         best = torch.maximum(best, s.amax(-1))
         a = a + (s[..., 1] > s[..., 0]) * half
         length = half
