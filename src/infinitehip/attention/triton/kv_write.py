@@ -5,7 +5,7 @@ One program per (row, kv head), K and V. A plain store gets the token's row, and
 resident copy its row. An FP8 page has one scale per kv head, so writing a token re-encodes its
 page: decode the page, put the token in, take the new absolute maximum, encode again, and the
 resident copy gets the whole page decoded. In PyTorch that is ~30 small kernels per layer per
-step (gathers, decode, scatter, amax, encode, scatters), ~50 with a page cache (12 for a plain
+step (gathers, decode, scatter, amax, encode, scatters), ~50 with a page cache (14 for a plain
 store with one).
 
 Bit for bit the PyTorch path (``offload.fp8_encode`` / ``fp8_decode``): values pass through the
