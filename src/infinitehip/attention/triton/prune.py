@@ -120,28 +120,19 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv
 
 
 @triton.jit
-def _level_scores(q_base, qv_base, k_base, ks_base, left, right, active, exact, p0, inv_freq, attention_scaling, g,
+def _group_scores(q_base, qv_base, k_base, ks_base, probe, probe_ok, exact, rel, inv_freq, attention_scaling, g,
                   stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, KG: tl.constexpr,
                   SCALED: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr,
-                  HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                  HALF: tl.constexpr, HALF_P: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
                   M_TILES: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST: tl.constexpr):
-    """One level's two probes of each chunk, gathered and scored: (s_left, s_right) (BLOCK_C,) each."""
-    # Exact pruning rotates probes at their offset from the block start; relative at 0.
-    rel_l = tl.where(exact, left - p0, 0)
-    rel_r = tl.where(exact, right - p0, 0)
-    s_l = tl.full((BLOCK_C,), float("-inf"), tl.float32)
-    s_r = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+    """``_probe_scores`` of the N keys ``probe`` (rotated at ``rel``), max over the KG kv heads of group g."""
+    s = tl.full((N,), float("-inf"), tl.float32)
     for kk in range(KG):
-        kvh = g * KG + kk
-        s_l = tl.maximum(s_l, _probe_scores(
-            q_base, qv_base, k_base, ks_base, left, active, exact, rel_l, inv_freq, attention_scaling, kvh,
+        s = tl.maximum(s, _probe_scores(
+            q_base, qv_base, k_base, ks_base, probe, probe_ok, exact, rel, inv_freq, attention_scaling, g * KG + kk,
             stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, SCALED, PAGE,
-            R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
-        s_r = tl.maximum(s_r, _probe_scores(
-            q_base, qv_base, k_base, ks_base, right, active, exact, rel_r, inv_freq, attention_scaling, kvh,
-            stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, SCALED, PAGE,
-            R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
-    return s_l, s_r
+            R, HPK, HPK_P, HALF, HALF_P, N, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
+    return s
 
 
 @triton.jit
@@ -193,14 +184,11 @@ def _score_chunks_kernel(
             pos = a[:, None] + tl.arange(0, CHUNK)[None, :]
             ok = tl.reshape(active[:, None] & (pos >= lo[:, None]) & (pos < hi[:, None]), (BLOCK_C * CHUNK,))
             flat = tl.where(ok, tl.reshape(pos, (BLOCK_C * CHUNK,)), 0)
-            rel = tl.where(exact, flat - p0, 0)
-            s_all = tl.full((BLOCK_C * CHUNK,), float("-inf"), tl.float32)
-            for kk in range(KG):
-                s_all = tl.maximum(s_all, _probe_scores(
-                    q_base, qv_base, k_base, ks_base, flat, ok, exact, rel, inv_freq, attention_scaling, g * KG + kk,
-                    stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, SCALED, PAGE,
-                    R, HPK, HPK_P, HALF, HALF_P, BLOCK_C * CHUNK, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
-            s_all = tl.reshape(s_all, (BLOCK_C, CHUNK))
+            s_all = tl.reshape(_group_scores(
+                q_base, qv_base, k_base, ks_base, flat, ok, exact, tl.where(exact, flat - p0, 0), inv_freq,
+                attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, KG, SCALED,
+                PAGE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C * CHUNK, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST),
+                (BLOCK_C, CHUNK))
         for level in tl.static_range(LEVELS):
             half = CHUNK >> (level + 1)
             # Probe the middle of each half, clamped into the chunk's selectable part [lo, hi).
@@ -211,11 +199,17 @@ def _score_chunks_kernel(
             if DENSE:   # the probes' scores, picked from the chunk's row
                 s_l = tl.max(tl.where(pos == left[:, None], s_all, float("-inf")), axis=1)
                 s_r = tl.max(tl.where(pos == right[:, None], s_all, float("-inf")), axis=1)
-            else:
-                s_l, s_r = _level_scores(q_base, qv_base, k_base, ks_base, left, right, active, exact, p0, inv_freq,
-                                         attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
-                                         stride_ssp, KG, SCALED, PAGE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M,
-                                         M_TILES, ROPE, DOT_PRECISION, FAST)
+            else:   # gathered. Exact pruning rotates probes at their offset from the block start; relative at 0.
+                rel_l = tl.where(exact, left - p0, 0)
+                rel_r = tl.where(exact, right - p0, 0)
+                s_l = _group_scores(q_base, qv_base, k_base, ks_base, left, active, exact, rel_l, inv_freq,
+                                    attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
+                                    stride_ssp, KG, SCALED, PAGE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M,
+                                    M_TILES, ROPE, DOT_PRECISION, FAST)
+                s_r = _group_scores(q_base, qv_base, k_base, ks_base, right, active, exact, rel_r, inv_freq,
+                                    attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
+                                    stride_ssp, KG, SCALED, PAGE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M,
+                                    M_TILES, ROPE, DOT_PRECISION, FAST)
             best = tl.maximum(best, tl.maximum(s_l, s_r))
             a = a + tl.where(s_r > s_l, half, 0)     # keep the better half (ties: the left one)
     out = tl.where(active, best, _NEG_SCORE)
