@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None):
             print(f"{context:>8} {backend:>9}  prefill {r['prefill_s']:8.2f} s   decode "
                   f"{r['decode_tokens_per_s']:7.1f} tok/s ({r['decode_ms_per_token']:.2f} ms, "
                   f"{r['floor_ratio']:.2f}x floor{eager})", flush=True)
-            (out / f"engine_{device_slug(device)}.json").write_text(json.dumps(records, indent=1))   # after each: a timeout keeps the rest
+            # After each record: a run cut short keeps what it measured.
+            (out / f"engine_{device_slug(device)}.json").write_text(json.dumps(records, indent=1))
     return records
 
 

@@ -155,7 +155,7 @@ def plan_fetch(cache: PageCache, flat: torch.Tensor):
     cache.stamp[torch.where(hit, slot, cache.scratch)] = cache.step
     # Victims: the n_miss smallest keys (stamp, index); at least n_miss slots are older than this step.
     n_miss = miss.sum()
-    key = cache.stamp[:S] * S + torch.arange(S, device=dev)                  # (S,) distinct, ordered like (stamp, index)
+    key = cache.stamp[:S] * S + torch.arange(S, device=dev)                  # (S,) ordered like (stamp, index)
     kth = key.sort().values.gather(0, (n_miss - 1).clamp(min=0).view(1))
     victim = (key <= kth) & (n_miss > 0)                                     # (S,) n_miss of them
     by_rank = torch.zeros(M + 1, dtype=torch.long, device=dev)               # [r] = the r-th victim slot

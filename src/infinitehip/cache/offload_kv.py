@@ -57,7 +57,7 @@ def needed_units(starts: torch.Tensor, geo, config: HiPConfig, page: int, K: int
     B, G = starts.shape[:2]
     dev = starts.device
     heads = torch.arange(K, device=dev)
-    sink = torch.arange(-(-config.sink // page), device=dev)[:, None].expand(B, -1, 1)       # (B, ns, 1)
+    sink = torch.arange(-(-config.sink // page), device=dev)[:, None] * K + heads            # (ns, K)
     wst = geo.w0.clamp(min=config.sink)                                                      # (B, NQB)
     last = geo.q_pos.masked_fill(~geo.q_valid, -1).amax(-1)                                  # (B, NQB)
     win = wst[..., None] // page + torch.arange(-(-window_slots(config) // page) + 1, device=dev)
@@ -66,14 +66,13 @@ def needed_units(starts: torch.Tensor, geo, config: HiPConfig, page: int, K: int
     sel = st[..., None] // page + torch.arange(max(1, config.chunk_size // page), device=dev)
     sel = torch.where((st != SENTINEL)[..., None], sel, -1)[..., None]                       # (B, G, NQB, NSEL, per, 1)
     group_heads = heads.view(G, 1, 1, 1, K // G)                                             # a group's kv heads
-    pages = torch.cat([sink.expand(-1, -1, K).flatten(1), win.expand(*win.shape[:-1], K).flatten(1),
-                       sel.expand(*sel.shape[:-1], K // G).flatten(1)], dim=1)               # (B, M)
-    head = torch.cat([heads.repeat(sink.shape[1]), heads.repeat(win[0].numel()),
-                      group_heads.expand(*sel.shape[1:-1], K // G).flatten()]).expand(B, -1)
+    units = torch.cat([sink.flatten().expand(B, -1),
+                       torch.where(win >= 0, win * K + heads, -1).flatten(1),
+                       torch.where(sel >= 0, sel * K + group_heads, -1).flatten(1)], dim=1)  # (B, M), within the row
     if nb is None:
-        return torch.where(pages >= 0, pages * K + head, -1)
+        return units
     row = row0 + torch.arange(B, device=dev)[:, None]
-    return torch.where((pages >= 0) & (pages < nb), (row * nb + pages) * K + head, -1)
+    return torch.where((units >= 0) & (units < nb * K), row * nb * K + units, -1)
 
 
 def touched_pages(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
