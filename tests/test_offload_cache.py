@@ -1,14 +1,9 @@
 """The host KV store: FP8 error bound and round trips (the GPU page cache: test_offload_gpu_cache.py)."""
 import torch
 
-from infinitehip.cache.offload import FP8_MAX, FP8_REL_ERROR, HostKVStore, fp8_decode, fp8_encode
+from infinitehip.cache.offload import FP8_MAX, FP8_REL_ERROR, fp8_decode, fp8_encode
 
-
-def filled_store(num_blocks=16, fp8=False, dtype=torch.float32):
-    store = HostKVStore(num_blocks, 4, 2, 8, dtype=dtype, fp8=fp8)
-    k = torch.randn(num_blocks, 4, 2, 8)
-    store.write(torch.arange(num_blocks), k, -k)
-    return store, k
+from test_offload_gpu_cache import filled_store   # the same random store
 
 
 def test_fp8_round_trip_within_documented_bound():

@@ -2,8 +2,8 @@
 access patterns over units (one page of one kv head: hits, misses, LRU evictions, units needed
 every call stay, duplicates) under both fetch plans (PyTorch, and the one-launch Triton kernel
 through the interpreter on CPU), the two plans state for state on random traffic, no stale unit
-after decode writes (bf16, FP8), the masked copy kernel, the one-launch FP8 decode write against
-the PyTorch re-encode, config. The Triton kernels run on the GPU where there is one."""
+after decode writes (bf16, FP8), the masked copy kernel, the one-launch decode write (plain, and
+FP8 against the PyTorch re-encode), config. The Triton kernels run on the GPU where there is one."""
 import pytest
 import torch
 

@@ -204,5 +204,5 @@ def needed_units_cuda(starts: torch.Tensor, geo, config, page: int, K: int, row0
     _needed_kernel[(B,)](starts, geo.w0.contiguous(), geo.q_pos.contiguous(), geo.q_valid.contiguous().view(torch.int8),
                          out, row0, nb or 0, starts.stride(0), starts.stride(1), starts.stride(2),
                          SINK=config.sink, PAGE=page, K=K, KG=K // G, NQB=nqb, BQ=geo.q_pos.shape[-1], NSEL=nsel,
-                         PER=per, NS=ns, NW=nw, N_SEL=n_sel, M=m, LIMIT=nb is not None, BLOCK=1024)
+                         PER=per, NS=ns, NW=nw, N_SEL=n_sel, M=m, LIMIT=nb is not None, BLOCK=BLOCK)
     return out
