@@ -30,7 +30,7 @@ step() {   # step NAME SECONDS COMMAND...: run, log, remember how it ended
 
 for s in "$@"; do
     case $s in
-        tests) step tests 240 python -m pytest -q -x -rfE tests/test_triton.py tests/test_fused_decode.py \
+        tests) step tests 240 python -m pytest -q --maxfail=4 -rfE tests/test_triton.py tests/test_fused_decode.py \
                    tests/test_offload_kernels.py tests/test_offload_gpu_cache.py tests/test_offload_graph.py \
                    tests/test_engine_gpu.py tests/test_engine_decode.py ;;
         offload) step offload 330 python -m infinitehip.bench offload --contexts 262144 --on-gpu-contexts 262144 \

@@ -184,10 +184,13 @@ def test_decode_cache_write_is_two_kernels_per_layer(offloaded):
     every layer); each layer's write is then two row copies (K and V), on the device or into the
     host store (bf16, read in place). Without the plan: 3 and 12."""
     from infinitehip.cache.offload_kv import OffloadKVCache
+    from infinitehip.cache.offload_plan import OffloadConfig
 
     K, D = ARGS.n_kv_heads, ARGS.head_dim
     kw = dict(dtype=torch.bfloat16, device="cpu")
-    cache = (OffloadKVCache(2, 2, 256, K, D, layer_configs=[HiPConfig.preset("tiny")] * 2, **kw) if offloaded
+    in_place = OffloadConfig(decode_cache=False)
+    cache = (OffloadKVCache(2, 2, 256, K, D, layer_configs=[HiPConfig.preset("tiny")] * 2, config=in_place, **kw)
+             if offloaded
              else KVCache(2, 2, 256, K, D, **kw))
     start = torch.tensor([40, 97])
     plan = cache.plan_write(start, 1)

@@ -55,12 +55,12 @@ def prompt(n=PROMPT, seed=0):
 
 
 def test_offload_logits_equal_on_device_bit_for_bit(model):
-    on_device, in_place = caches(model)
+    on_device, cached = caches(model)                       # the default: through the page cache
     want = run(model, prompt(), on_device)
-    assert in_place.page_caches == [] and in_place.gpu_nbytes < 0.01 * on_device.nbytes   # the default
-    assert torch.equal(run(model, prompt(), in_place), want)
-    _, cached = caches(model, decode_cache=True)
     assert torch.equal(run(model, prompt(), cached), want)
+    _, in_place = caches(model, decode_cache=False)
+    assert in_place.page_caches == [] and in_place.gpu_nbytes < 0.01 * on_device.nbytes
+    assert torch.equal(run(model, prompt(), in_place), want)
     stats = [c.stats for c in cached.page_caches]
     assert len(stats) == 6 and sum(s.hits for s in stats) > sum(s.misses for s in stats) > 0   # reused
 

@@ -155,16 +155,18 @@ def state(cache):
     return [t.clone() for t in (cache.slot_of[:P], cache.owner[:S], cache.stamp[:S], cache.step, cache.counts)]
 
 
-@pytest.mark.parametrize("n_slots,width,seed", [(12, 9, 0), (40, 33, 1), (7, 7, 2)])
-def test_triton_plan_is_the_torch_plan(n_slots, width, seed):
+@pytest.mark.parametrize("n_slots,width,num_blocks,seed", [(12, 9, 32, 0), (40, 33, 32, 1), (7, 7, 32, 2),
+                                                           (5004, 3336, 4096, 3)])   # Llama-3-8B's at 256K
+def test_triton_plan_is_the_torch_plan(n_slots, width, num_blocks, seed):
     """Random traffic (duplicates, -1 entries, invalidations, shifting working sets): both plans
     leave the same table, owners, stamps and counters and return the same slots and copies."""
     g = torch.Generator().manual_seed(seed)
-    store, _ = filled_store(num_blocks=32, device=DEVICE)
+    store, _ = filled_store(num_blocks=num_blocks, device=DEVICE)
     caches = [PageCache(store, n_slots, DEVICE), PageCache(store, n_slots, DEVICE)]
+    units, spread = 2 * num_blocks, max(6, width // 2)
     for step in range(30):
-        hot = torch.randint(0, 64, (1,), generator=g).item()
-        pages = (hot + torch.randint(-6, 7, (width,), generator=g)).clamp(-1, 63)   # units: a moving window, repeats
+        hot = torch.randint(0, units, (1,), generator=g).item()
+        pages = (hot + torch.randint(-spread, spread + 1, (width,), generator=g)).clamp(-1, units - 1)   # repeats
         pages[torch.rand(width, generator=g) < 0.1] = -1
         if step % 7 == 6:
             for c in caches:

@@ -163,7 +163,7 @@ def plan_fetch(cache: PageCache, flat: torch.Tensor):
     dst = torch.where(miss, by_rank[(miss.cumsum(0) - 1).clamp(min=0)], cache.scratch)
     evicted = cache.owner[dst]
     gone = miss & (evicted >= 0)
-    cache.slot_of[torch.where(gone, evicted, cache.num_units)] = -1
+    cache.slot_of.index_fill_(0, torch.where(gone, evicted, cache.num_units), -1)   # a scalar fill: capturable
     cache.owner[dst] = torch.where(miss, flat, -1)
     cache.stamp[dst] = cache.step
     cache.slot_of[torch.where(miss, flat, cache.num_units)] = dst.int()

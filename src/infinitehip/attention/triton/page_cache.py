@@ -40,8 +40,10 @@ def _plan_kernel(flat_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_p
     page = tl.load(flat_ptr + i, mask=i_ok, other=-1)                             # (BLOCK_M,) int64
     valid = page >= 0
     pg = tl.where(valid, page, NUM_UNITS)                                         # NUM_UNITS: the dump entry
+    # Every thread holds these scalars: they are stored back only after a barrier, else a warp
+    # that runs late would read a value another warp already advanced (step twice, counts twice).
     step = tl.load(step_ptr) + 1
-    tl.store(step_ptr, step)
+    n_hit, n_missed, n_gone = tl.load(counts_ptr), tl.load(counts_ptr + 1), tl.load(counts_ptr + 2)
     cur = tl.load(slot_of_ptr + pg, mask=valid, other=0)                          # int32, -1 = absent
     # Dedupe. Absent pages: the first entry's marker wins. Resident: the first swap sees an old stamp.
     marker = -(_MARKER - i)
@@ -78,9 +80,10 @@ def _plan_kernel(flat_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_p
     tl.store(owner_ptr + dst, page, mask=miss)
     tl.store(stamp_ptr + dst, step, mask=miss)
     tl.store(slot_of_ptr + pg, dst.to(tl.int32), mask=miss)
-    tl.store(counts_ptr, tl.load(counts_ptr) + tl.sum(hit.to(tl.int64), axis=0))
-    tl.store(counts_ptr + 1, tl.load(counts_ptr + 1) + n_miss)
-    tl.store(counts_ptr + 2, tl.load(counts_ptr + 2) + tl.sum(gone.to(tl.int64), axis=0))
+    tl.store(step_ptr, step)
+    tl.store(counts_ptr, n_hit + tl.sum(hit.to(tl.int64), axis=0))
+    tl.store(counts_ptr + 1, n_missed + n_miss)
+    tl.store(counts_ptr + 2, n_gone + tl.sum(gone.to(tl.int64), axis=0))
     tl.store(dst_ptr + i, dst, mask=i_ok)
     tl.store(miss_ptr + i, miss.to(tl.int8), mask=i_ok)
     tl.debug_barrier()
@@ -184,9 +187,9 @@ def _needed_kernel(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out_ptr, row0, nb,
         kk = e % KG
         p = (e // KG) % PER
         n = (e // (KG * PER)) % NSEL
-        qb = (e // (KG * PER * NSEL)) % NQB
+        qi = (e // (KG * PER * NSEL)) % NQB                          # not `qb`: the loop above made it a constexpr
         g = e // (KG * PER * NSEL * NQB)
-        st = tl.load(starts_ptr + b.to(tl.int64) * stride_sb + g * stride_sg + qb * stride_sq + n,
+        st = tl.load(starts_ptr + b.to(tl.int64) * stride_sb + g * stride_sg + qi * stride_sq + n,
                      mask=e < N_SEL, other=_SENTINEL_I).to(tl.int64)
         unit = _unit(tl.where(st >= 0, st // PAGE, 0) + p, g * KG + kk, st != _SENTINEL_I, row, nb, K, LIMIT)
         tl.store(out + NS * K + NQB * NW * K + e, unit, mask=e < N_SEL)
