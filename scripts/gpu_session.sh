@@ -34,7 +34,7 @@ for s in "$@"; do
                    tests/test_offload_kernels.py tests/test_offload_gpu_cache.py tests/test_offload_graph.py \
                    tests/test_engine_gpu.py tests/test_engine_decode.py ;;
         offload) step offload 330 python -m infinitehip.bench offload --contexts 262144 --on-gpu-contexts 262144 \
-                     --paths on_gpu,offload,offload_fp8,offload_page_cache,offload_fp8_page_cache --out "$OUT" ;;
+                     --paths on_gpu,offload,offload_fp8,offload_page_cache,offload_fp8_page_cache --profile 32 --out "$OUT" ;;
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
                        --chunked "" --out "$OUT/attention.json" ;;
         engine) step engine 400 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 --out "$OUT" ;;

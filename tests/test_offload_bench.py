@@ -32,10 +32,15 @@ def test_bench_offload_quick(tmp_path):
 
 
 def test_bench_offload_paths_are_selectable(tmp_path):
-    main(["offload", "--quick", "--contexts", "1024", "--paths", "on_gpu,offload_page_cache", "--out", str(tmp_path)])
+    main(["offload", "--quick", "--contexts", "1024", "--paths", "on_gpu,offload_page_cache", "--profile", "2",
+          "--out", str(tmp_path)])
     records = json.loads((tmp_path / "offload_quick.json").read_text())
     assert [r["path"] for r in records] == ["on_gpu", "offload_page_cache"]
     assert records[1]["tokens_identical_to_on_gpu"]
+    for r in records:       # where the step's time goes: the total first, then the costliest kernels
+        total, *top = r["profile_per_step"]
+        assert total["kernel"] == "all" and total["us"] >= sum(k["us"] for k in top) > 0
+        assert top == sorted(top, key=lambda k: -k["us"]) and all(k["calls"] > 0 for k in top)
     with pytest.raises(SystemExit, match="--paths 'offload,cache'"):
         main(["offload", "--quick", "--paths", "offload,cache", "--out", str(tmp_path)])
 
@@ -51,7 +56,7 @@ def test_bench_offload_quick_gpu_layers(tmp_path):
 
 def test_longest_context_adds_spare_gpu_memory():
     model, gib = quick_model(HiPConfig.preset("tiny", dense_threshold=0)), 1 << 30
-    a = Namespace(page=8, headroom=1.5, gpu_layers=0, steps=8, warm=16)
+    a = Namespace(page=8, headroom=1.5, gpu_layers=0, steps=8, warm=16, profile=0)
     host_only = longest_context(model, a, torch.device("cpu"), free_host=gib)
     a.gpu_layers = None
     both = longest_context(model, a, torch.device("cpu"), free_host=gib, free_gpu=4 * gib)   # 2 GiB of it workspace

@@ -47,3 +47,23 @@ def copy_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
             torch.cuda.synchronize(src.device)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best
+
+
+def kernel_profile(fn, reps: int, top: int = 15) -> list[dict]:
+    """Where the time of ``fn`` goes, per call: torch.profiler over ``reps`` calls, kernels (CUDA
+    graph replays included) or, on CPU, operators by self time. The ``top`` entries by time, each
+    {"kernel", "calls", "us"} per call, after an "all" row that sums every entry."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    rows = [(e.key, e.count / reps, (e.device_time_total if cuda else e.self_cpu_time_total) / reps)
+            for e in prof.key_averages() if e.device_type == kind]
+    rows.sort(key=lambda r: -r[2])
+    total = {"kernel": "all", "calls": sum(r[1] for r in rows), "us": sum(r[2] for r in rows)}
+    return [total] + [{"kernel": k, "calls": c, "us": t} for k, c, t in rows[:top]]

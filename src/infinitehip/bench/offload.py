@@ -42,7 +42,7 @@ from ..engine.cuda_graph import GraphDecoder
 from ..engine.generate import DecodeState, decode_one_token
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
-from . import device_slug
+from . import device_slug, kernel_profile
 from .engine import random_model
 
 QUICK = dict(architecture="LlamaForCausalLM", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -85,11 +85,13 @@ def decode_mode(device, eager: bool) -> str:
     return "eager" if eager or device.type != "cuda" else "cuda_graph"
 
 
-def decode(model: Model, cache, context: int, warm: int, steps: int, device, mode: str = "eager") -> dict:
+def decode(model: Model, cache, context: int, warm: int, steps: int, device, mode: str = "eager",
+           profile: int = 0) -> dict:
     """Greedy decode from position ``context``: ``warm`` steps untimed (a full refresh cycle, so
-    every graph is captured; kernel compilation), then ``steps`` timed. ``mode``: "cuda_graph"
+    every graph is captured; kernel compilation), then ``steps`` timed, then ``profile`` more
+    steps under torch.profiler (device time per step by kernel; 0: none). ``mode``: "cuda_graph"
     replays the step (the cache read at full capacity), "eager" runs it op by op over exactly the
-    written keys. Returns timings, tokens and page-cache stats."""
+    written keys. Returns timings, tokens, page-cache stats and the profile."""
     state = DecodeState("hip")
     seqlens = torch.tensor([context], device=device)
     tok = torch.tensor([1], device=device)
@@ -121,8 +123,10 @@ def decode(model: Model, cache, context: int, warm: int, steps: int, device, mod
     elapsed = time.perf_counter() - t
     per_layer = [(c.stats.hits - h, c.stats.misses - m) for c, (h, m) in zip(caches, stats0)]
     hits, misses = sum(h for h, _ in per_layer), sum(m for _, m in per_layer)
+    timed_tokens = torch.cat(tokens).tolist()        # before the profiled steps append theirs
+    kernels = kernel_profile(step, profile) if profile else None
     return {"decode_mode": mode, "tokens_per_s": steps / elapsed, "ms_per_token": 1e3 * elapsed / steps,
-            "tokens": torch.cat(tokens).tolist(),
+            "tokens": timed_tokens, "profile_per_step": kernels,
             "first_logits": first.float().cpu(),
             "hit_rate": hits / max(1, hits + misses) if caches else None,
             "hit_rate_per_layer": [h / max(1, h + m) for h, m in per_layer] if caches else None,
@@ -163,7 +167,7 @@ def bench_capacity(context: int, a) -> int:
     KVCache's 256-token blocks and to the page. Graphs read the cache at full capacity, so the
     on-GPU and offloaded steps then have the same shapes."""
     unit = max(256, a.page)
-    return -(-(context + a.steps + a.warm + 1) // unit) * unit
+    return -(-(context + a.steps + a.warm + a.profile + 1) // unit) * unit
 
 
 # Timed in this order; on_gpu first (the others' ratios and token checks refer to it). Beyond the
@@ -195,7 +199,7 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
         fill_s = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        r = decode(model, cache, context, a.warm, a.steps, device, decode_mode(device, a.eager))
+        r = decode(model, cache, context, a.warm, a.steps, device, decode_mode(device, a.eager), a.profile)
         gpu_kv = cache.nbytes if path == "on_gpu" else cache.gpu_nbytes
         gpu_layers = args.n_layers if path == "on_gpu" else len(cache.gpu_layers)
         host_layers = args.n_layers - gpu_layers        # what the PCIe estimates below count
@@ -219,6 +223,8 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
               f"{gpu_kv / 2**30:6.2f} GiB ({100 * rec['gpu_kv_reduction']:.1f}%, {gpu_layers} layers whole)  "
               f"host KV {rec['host_kv_bytes'] / 2**30:6.2f} GiB  hit rate {rec['hit_rate']}  "
               f"ratio {rec['decode_ratio_vs_on_gpu']}", flush=True)
+        for k in (rec["profile_per_step"] or [])[:8]:
+            print(f"{'':>12}{k['us']:9.1f} us/step {k['calls']:6.1f} calls  {k['kernel'][:90]}", flush=True)
         del cache
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -243,7 +249,8 @@ def longest_context(model: Model, a, device, free_host: int | None = None, free_
     capacity, _ = longest_offload_context(n_layers=m.n_layers, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, batch=1,
                                           dtype=model.dtype, device=device, layer_configs=model.net.layer_configs,
                                           config=config, workspace=WORKSPACE, free_host=free_host, free_gpu=free_gpu)
-    return (capacity - a.steps - a.warm - 1 - max(256, a.page)) // FILL_CHUNK * FILL_CHUNK   # bench_capacity's rounding
+    steps = a.steps + a.warm + a.profile + 1
+    return (capacity - steps - max(256, a.page)) // FILL_CHUNK * FILL_CHUNK   # bench_capacity's rounding
 
 
 def main(argv: list[str] | None = None):
@@ -255,6 +262,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--warm", type=int, default=33, help="Untimed decode steps (at least one refresh cycle + 1 "
                    "with CUDA graphs: every stage's graph is captured before the timing).")
     p.add_argument("--steps", type=int, default=64, help="Timed decode steps.")
+    p.add_argument("--profile", type=int, default=0, help="Decode steps profiled after the timed ones "
+                   "(device time per step by kernel, in the JSON as profile_per_step; a refresh cycle: 32).")
     p.add_argument("--page", type=int, default=8)
     p.add_argument("--headroom", type=float, default=1.5, help="GPU page cache size / one step's working set.")
     p.add_argument("--gpu-layers", type=int, default=None, help="Layers whose whole KV stays in GPU memory "
