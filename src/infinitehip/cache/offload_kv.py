@@ -1,4 +1,4 @@
-"""The offloaded KV cache the engine uses: every layer's K/V in host memory, read in place.
+"""The offloaded KV cache the engine uses: every layer's K/V in host memory.
 
 Same interface as ``KVCache`` (``update``, ``select``, ``batch``, ``capacity``), plus
 ``attention(layer)``, which the model calls instead of ``hip_attention``:
@@ -10,8 +10,8 @@ Same interface as ``KVCache`` (``update``, ``select``, ``batch``, ``capacity``),
 - **pruning** reads keys from the host store in place (only the probed rows cross PCIe);
 - **prefill attention** reads the selected keys in place too (a chunk's query blocks together
   select most of the context, so a cache would not bound GPU memory);
-- **decode attention** reads in place as well (the default), or, with
-  ``OffloadConfig.decode_cache``, through a GPU page cache (``gpu_pages.PageCache``): after the
+- **decode attention** reads through a GPU page cache (``gpu_pages.PageCache``; the default,
+  ``OffloadConfig.decode_cache``; False reads in place like prefill): after the
   mask of a step is known, the (page, kv head) units it selects plus the sink and the window are
   fetched (misses only: least recently used units are evicted; masks change only at refreshes,
   so the working set moves slowly) and attention reads them through the cache's block table.
