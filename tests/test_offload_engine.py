@@ -179,3 +179,27 @@ def test_capacity_errors_name_both_memories(bf16_model):
         plan(model, 10**6, free_host=10**12, free_gpu=mib, config=OffloadConfig(gpu_layers=2))
     with pytest.raises(ValueError, match="gpu_layers=7 must be between 0 and 6"):
         plan(model, 1024, config=OffloadConfig(gpu_layers=7))
+
+
+def test_reused_masks_plan_nothing_until_a_page_opens(bf16_model, monkeypatch):
+    """A decode step that reuses its mask asks the page cache for no unit (every unit it reads is
+    still resident) unless its token opens a page, the window's newest unit: still the on-device
+    logits. A joining row's prefill through a row view reads in place (its plan could evict units
+    of rows that skip theirs)."""
+    from infinitehip.cache import offload_kv
+
+    needed, runs = offload_kv.needed_units, []
+
+    def spy(*args, run=None, **kw):
+        runs.append("fresh" if run is None else ("opens a page" if bool(run) else "skipped"))
+        return needed(*args, run=run, **kw)
+
+    monkeypatch.setattr(offload_kv, "needed_units", spy)
+    model, tokens = bf16_model, prompt(PROMPT + 1)       # decode positions 601..609: pages of 4 open at 604, 608
+    on_device, cached = caches(model, capacity=PROMPT + STEPS + 2, page=4)
+    assert torch.equal(run(model, tokens, cached), run(model, tokens, on_device))
+    assert set(runs) == {"fresh", "opens a page", "skipped"}
+    runs.clear()
+    view = cached.select(slice(0, 1))
+    prefill(model, tokens[:, :PROMPT + 1], view, chunk_size=PROMPT - 3)    # a last chunk of 4 queries
+    assert view.is_view and not cached.is_view and runs == []

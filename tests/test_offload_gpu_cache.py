@@ -168,6 +168,8 @@ def test_triton_plan_is_the_torch_plan(n_slots, width, num_blocks, seed):
         hot = torch.randint(0, units, (1,), generator=g).item()
         pages = (hot + torch.randint(-spread, spread + 1, (width,), generator=g)).clamp(-1, units - 1)   # repeats
         pages[torch.rand(width, generator=g) < 0.1] = -1
+        if step % 9 == 8:
+            pages[:] = -1                                       # a skipped plan (``fetch(run=False)``)
         if step % 7 == 6:
             for c in caches:
                 c.invalidate(pages[:2].clamp(min=0) // 2)
@@ -277,3 +279,9 @@ def test_needed_units_kernel_is_the_torch_statement(sharing, tq, limit):
     if limit:
         assert want.max() < (3 + 2) * 100 * K and want[want >= 0].min() >= 3 * 100 * K
         assert (needed_units(starts, geo, cfg, page, K) >= 100 * K).any(), "the limit must cut something"
+    for run in (True, False):       # a reused mask whose token does (not) open a page
+        flag = torch.tensor(run)
+        want_run = needed_units(starts, geo, cfg, page, K, run=flag, **kw)
+        assert torch.equal(want_run, want if run else torch.full_like(want, -1))
+        got = page_cache.needed_units_cuda(dev(starts), geo_d, cfg, page, K, run=dev(flag), **kw).cpu()
+        assert torch.equal(got, want_run)

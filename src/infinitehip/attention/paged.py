@@ -31,9 +31,11 @@ class KVSource(Protocol):
     def dense(self, tk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, Tk, K, D) in the compute dtype, for the dense path of short contexts."""
 
-    def fetch(self, starts: torch.Tensor, geo, config: HiPConfig) -> tuple[torch.Tensor, torch.Tensor, KVPages]:
+    def fetch(self, starts: torch.Tensor, geo, config: HiPConfig,
+              fresh: bool = True) -> tuple[torch.Tensor, torch.Tensor, KVPages]:
         """Make resident every page the mask ``starts`` (B, G, NQB, NSEL), the sink and the window
-        read; return the page pools (N, page, K, D) and pages with the block table."""
+        read; return the page pools (N, page, K, D) and pages with the block table. ``fresh``:
+        the mask was (partly) recomputed this step; False: it is the one of the previous fetch."""
 
 
 def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: HiPConfig, rope: RoPE | None,
@@ -64,7 +66,7 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
     impl = api.implementation(backend)
 
     def attend(qs, m, geo):
-        kr, vr, pr = source.fetch(m.starts, geo, config) if fetch else (k, v, pages)
+        kr, vr, pr = source.fetch(m.starts, geo, config, from_stage < config.n_stages) if fetch else (k, v, pages)
         return impl.attend(qs, kr, vr, m.starts, geo, config, rope, scale, pages=pr)
 
     return api.prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend,

@@ -44,10 +44,11 @@ DECODE_QUERIES = 16
 
 
 def needed_units(starts: torch.Tensor, geo, config: HiPConfig, page: int, K: int, row0: int = 0,
-                 nb: int | None = None) -> torch.Tensor:
+                 nb: int | None = None, run: torch.Tensor | None = None) -> torch.Tensor:
     """What the attention of mask ``starts`` (B, G, NQB, NSEL) reads, as the store's global
     (page, kv head) units ``((row0 + b) * nb + page) * K + head``: (B, M) int64, -1 = none
     (also pages past a row's ``nb``; ``nb`` None: no limit, row0 ignored: units within the row).
+    ``run``: a 0-dim bool tensor; False gives no unit at all (-1 everywhere: nothing to fetch).
 
     Every head's sink pages, window pages (from each query block's window start to its last
     query) and each group's selected chunks for the heads of the group, in that order. Units
@@ -69,6 +70,8 @@ def needed_units(starts: torch.Tensor, geo, config: HiPConfig, page: int, K: int
     units = torch.cat([sink.flatten().expand(B, -1),
                        torch.where(win >= 0, win * K + heads, -1).flatten(1),
                        torch.where(sel >= 0, sel * K + group_heads, -1).flatten(1)], dim=1)  # (B, M), within the row
+    if run is not None:
+        units = torch.where(run, units, -1)
     if nb is None:
         return units
     row = row0 + torch.arange(B, device=dev)[:, None]
@@ -96,6 +99,7 @@ class _Writes(NamedTuple):
     rows: torch.Tensor            # (B * T,) its row in a store's token view
     ids: torch.Tensor | None      # FP8: (N,) the distinct touched pages, ascending (re-encoded whole)
     inv: torch.Tensor | None      # FP8: (B * T,) each token's index in ids
+    opens: torch.Tensor | None    # decode: () bool, some row's token opens a page
 
 
 class OffloadKVCache:
@@ -108,6 +112,7 @@ class OffloadKVCache:
         self.page, self.nb, self.capacity = page, nb, nb * page
         self.block_size, self.dtype, self.device = page, dtype, device
         self.row0, self._batch = 0, batch
+        self.is_view, self._opens = False, None     # select(): some rows of a cache that owns the rest
         if config.gpu_layers is None:   # automatic placement, checked against the memory free now
             config = plan_offload(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, batch=batch,
                                   capacity=capacity, dtype=dtype, device=device, layer_configs=layer_configs,
@@ -150,7 +155,7 @@ class OffloadKVCache:
         start, stop, _ = rows.indices(self._batch)
         view = object.__new__(OffloadKVCache)
         view.__dict__.update(self.__dict__)
-        view.row0, view._batch = self.row0 + start, stop - start
+        view.row0, view._batch, view.is_view = self.row0 + start, stop - start, True
         return view
 
     def plan_write(self, start: torch.Tensor, T: int) -> "_Writes":
@@ -161,7 +166,9 @@ class OffloadKVCache:
         rows = self.row0 + torch.arange(B, device=dev)[:, None]
         pages = rows * self.nb + pos // self.page                                   # (B, T) global pages
         ids, inv = touched_pages(pages) if self.config.fp8 else (None, None)
-        return _Writes(pages.flatten(), (pos % self.page).flatten(), (rows * self.capacity + pos).flatten(), ids, inv)
+        offsets = (pos % self.page).flatten()
+        opens = (offsets == 0).any() if T == 1 else None
+        return _Writes(pages.flatten(), offsets, (rows * self.capacity + pos).flatten(), ids, inv, opens)
 
     def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: "_Writes" = None):
         """Write k, v (B, T, K, D) at positions ``start[b] + t`` into the layer's store (host, or
@@ -171,6 +178,7 @@ class OffloadKVCache:
         T = k.shape[1]
         store, cache = self.stores[layer], self.caches[layer]
         w = plan if plan is not None else self.plan_write(start, T)
+        self._opens = w.opens        # the pass's: read by the page-cache fetch of its attention
         k, v = k.flatten(0, 1), v.flatten(0, 1)                                      # (B * T, K, D)
         if T == 1 and store.dk.is_cuda:   # decode: what follows, in one launch
             from ..attention.triton.kv_write import write_decode_tokens   # triton: CUDA only
@@ -201,7 +209,9 @@ class OffloadKVCache:
         cached = self.caches[layer] is not None and self.config.decode_cache
 
         def attend(q, k, v, **kw):
-            fetch = cached and q.shape[1] <= DECODE_QUERIES
+            # Not through a view of some rows (a joining row's prefill): its plan could evict the
+            # units of rows that reuse their masks, which plan only when a page opens.
+            fetch = cached and q.shape[1] <= DECODE_QUERIES and not self.is_view
             return paged_hip_attention(q, _LayerSource(self, layer), k.shape[1], fetch=fetch, **kw)
         return attend
 
@@ -238,13 +248,16 @@ class _LayerSource:
         shape = (c.batch, n * c.page, *k.shape[2:])
         return k.view(shape)[:, :tk], v.view(shape)[:, :tk]
 
-    def fetch(self, starts: torch.Tensor, geo, config: HiPConfig):
+    def fetch(self, starts: torch.Tensor, geo, config: HiPConfig, fresh: bool = True):
         c, K = self.cache, self.cache.stores[self.layer].k.shape[2]
         if starts.is_cuda:       # the same units in one launch (Triton: CUDA only)
             from ..attention.triton.page_cache import needed_units_cuda as needed
         else:
             needed = needed_units
         cache = c.caches[self.layer]
-        cache.fetch(needed(starts, geo, config, c.page, K, c.row0, c.nb))   # static shapes: absent are -1
+        # A mask reused since the last fetch needs one new unit per head only when this step's token
+        # opens a page (the window's newest); else everything it reads is resident: plan nothing.
+        run = None if fresh else c._opens
+        cache.fetch(needed(starts, geo, config, c.page, K, c.row0, c.nb, run=run))   # static shapes: absent are -1
         table = cache.table(c.nb)[c.row0:c.row0 + c.batch]                           # (B, NB, K)
         return cache.k, cache.v, KVPages(c.page, table=table)

@@ -59,7 +59,7 @@ def _plan_kernel(flat_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_p
     s_ok = s < S
     st = tl.load(stamp_ptr + s, mask=s_ok, other=0, volatile=True)               # hits restamped above
     lo = tl.full((), -1, tl.int64)
-    hi = step
+    hi = tl.where(n_miss > 0, step, lo)                                           # no miss: nothing to bisect
     while lo < hi:
         mid = lo + (hi - lo) // 2
         if tl.sum((s_ok & (st <= mid)).to(tl.int32), axis=0) >= n_miss:
@@ -159,17 +159,21 @@ def _unit(page, h, ok, row, nb, K: tl.constexpr, LIMIT: tl.constexpr):
 
 
 @triton.jit
-def _needed_kernel(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out_ptr, row0, nb,
+def _needed_kernel(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, run_ptr, out_ptr, row0, nb,
                    stride_sb, stride_sg, stride_sq,                 # starts (B, G, NQB, NSEL), unit stride on NSEL
                    SINK: tl.constexpr, PAGE: tl.constexpr, K: tl.constexpr, KG: tl.constexpr, NQB: tl.constexpr,
                    BQ: tl.constexpr, NSEL: tl.constexpr, PER: tl.constexpr, NS: tl.constexpr, NW: tl.constexpr,
-                   N_SEL: tl.constexpr, M: tl.constexpr, LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+                   N_SEL: tl.constexpr, M: tl.constexpr, LIMIT: tl.constexpr, RUN: tl.constexpr,
+                   BLOCK: tl.constexpr):
     b = tl.program_id(0)
     row = (row0 + b).to(tl.int64)
     out = out_ptr + b.to(tl.int64) * M
+    go = tl.full((), 1, tl.int1)
+    if RUN:                                                          # False: no unit at all
+        go = tl.load(run_ptr) != 0
     for start in range(0, NS * K, BLOCK):                          # every head's sink pages
         e = start + tl.arange(0, BLOCK)
-        tl.store(out + e, _unit((e // K).to(tl.int64), e % K, e >= 0, row, nb, K, LIMIT), mask=e < NS * K)
+        tl.store(out + e, _unit((e // K).to(tl.int64), e % K, go & (e >= 0), row, nb, K, LIMIT), mask=e < NS * K)
     r = tl.arange(0, BQ)
     for qb in tl.static_range(NQB):                                 # every head's window pages, per block
         q_pos = tl.load(qpos_ptr + (b * NQB + qb) * BQ + r)
@@ -180,7 +184,7 @@ def _needed_kernel(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out_ptr, row0, nb,
         for start in range(0, NW * K, BLOCK):
             e = start + tl.arange(0, BLOCK)
             page = first + e // K
-            unit = _unit(page, e % K, page <= last_page, row, nb, K, LIMIT)
+            unit = _unit(page, e % K, go & (page <= last_page), row, nb, K, LIMIT)
             tl.store(out + NS * K + qb * NW * K + e, unit, mask=e < NW * K)
     for start in range(0, N_SEL, BLOCK):                            # each group's chunks, its heads
         e = start + tl.arange(0, BLOCK)
@@ -191,11 +195,12 @@ def _needed_kernel(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out_ptr, row0, nb,
         g = e // (KG * PER * NSEL * NQB)
         st = tl.load(starts_ptr + b.to(tl.int64) * stride_sb + g * stride_sg + qi * stride_sq + n,
                      mask=e < N_SEL, other=_SENTINEL_I).to(tl.int64)
-        unit = _unit(tl.where(st >= 0, st // PAGE, 0) + p, g * KG + kk, st != _SENTINEL_I, row, nb, K, LIMIT)
+        unit = _unit(tl.where(st >= 0, st // PAGE, 0) + p, g * KG + kk, go & (st != _SENTINEL_I), row, nb, K, LIMIT)
         tl.store(out + NS * K + NQB * NW * K + e, unit, mask=e < N_SEL)
 
 
-def needed_units_cuda(starts: torch.Tensor, geo, config, page: int, K: int, row0: int = 0, nb: int | None = None):
+def needed_units_cuda(starts: torch.Tensor, geo, config, page: int, K: int, row0: int = 0, nb: int | None = None,
+                      run: torch.Tensor | None = None):
     """``offload_kv.needed_units`` in one launch: the same (B, M) units, in the same order."""
     B, G, nqb, nsel = starts.shape
     per = max(1, config.chunk_size // page)
@@ -204,8 +209,11 @@ def needed_units_cuda(starts: torch.Tensor, geo, config, page: int, K: int, row0
     m = ns * K + nqb * nw * K + n_sel
     out = torch.empty(B, m, dtype=torch.long, device=starts.device)
     starts = starts if starts.stride(-1) == 1 else starts.contiguous()
-    _needed_kernel[(B,)](starts, geo.w0.contiguous(), geo.q_pos.contiguous(), geo.q_valid.contiguous().view(torch.int8),
-                         out, row0, nb or 0, starts.stride(0), starts.stride(1), starts.stride(2),
+    q_valid = geo.q_valid.contiguous().view(torch.int8)
+    _needed_kernel[(B,)](starts, geo.w0.contiguous(), geo.q_pos.contiguous(), q_valid,
+                         q_valid if run is None else run.view(torch.int8), out, row0, nb or 0,
+                         starts.stride(0), starts.stride(1), starts.stride(2),
                          SINK=config.sink, PAGE=page, K=K, KG=K // G, NQB=nqb, BQ=geo.q_pos.shape[-1], NSEL=nsel,
-                         PER=per, NS=ns, NW=nw, N_SEL=n_sel, M=m, LIMIT=nb is not None, BLOCK=BLOCK)
+                         PER=per, NS=ns, NW=nw, N_SEL=n_sel, M=m, LIMIT=nb is not None, RUN=run is not None,
+                         BLOCK=BLOCK)
     return out
