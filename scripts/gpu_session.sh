@@ -8,7 +8,7 @@
 # "tests offload" then "attention sweep" then "engine"); logs and JSON go to $OUT (what the device
 # tool brings back), and the last lines printed are a short summary. Steps:
 #   tests      the GPU tests: Triton kernels, fused decode, offload kernels and caches, engine
-#   offload    bench offload at 256K: all-on-GPU vs in place (bf16, FP8) vs the GPU page cache
+#   offload    bench offload at 256K: all-on-GPU vs in place (bf16, FP8) vs the GPU page cache; 1M: the default
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
 #   engine     bench engine at 256K: hip vs dense
 #   sweep      scripts/sweep_prune.py: pruning launch settings (dense small-chunk scoring too), decode and prefill 128K
@@ -33,7 +33,7 @@ for s in "$@"; do
         tests) step tests 240 python -m pytest -q --maxfail=4 -rfE tests/test_triton.py tests/test_fused_decode.py \
                    tests/test_offload_kernels.py tests/test_offload_gpu_cache.py tests/test_offload_graph.py \
                    tests/test_engine_gpu.py tests/test_engine_decode.py ;;
-        offload) step offload 330 python -m infinitehip.bench offload --contexts 262144 --on-gpu-contexts 262144 \
+        offload) step offload 380 python -m infinitehip.bench offload --contexts 262144,1048576 --on-gpu-contexts 262144 \
                      --paths on_gpu,offload,offload_fp8,offload_page_cache,offload_fp8_page_cache --profile 32 --out "$OUT" ;;
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
                        --chunked "" --out "$OUT/attention.json" ;;

@@ -29,6 +29,7 @@ def test_bench_offload_quick(tmp_path):
     bf16 = [r for r in records if r["path"] == "offload_page_cache"][0]
     assert bf16["tokens_identical_to_on_gpu"] and bf16["first_step_logits_max_abs_diff"] == 0.0
     assert all(r["gpu_layers"] == 0 for r in records if r["path"] != "on_gpu")    # the host holds these
+    assert [r["path"] for r in records if r["context"] == 2048] == ["offload_page_cache"]   # past on-GPU: the default
 
 
 def test_bench_offload_paths_are_selectable(tmp_path):
