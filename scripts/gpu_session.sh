@@ -33,8 +33,9 @@ for s in "$@"; do
         tests) step tests 240 python -m pytest -q --maxfail=4 -rfE tests/test_triton.py tests/test_fused_decode.py \
                    tests/test_offload_kernels.py tests/test_offload_gpu_cache.py tests/test_offload_graph.py \
                    tests/test_engine_gpu.py tests/test_engine_decode.py ;;
-        offload) step offload 380 python -m infinitehip.bench offload --contexts 262144,1048576 --on-gpu-contexts 262144 \
-                     --paths on_gpu,offload,offload_fp8,offload_page_cache,offload_fp8_page_cache --profile 32 --out "$OUT" ;;
+        offload) step offload 380 python -m infinitehip.bench offload --contexts 262144,1048576 \
+                     --on-gpu-contexts 262144 --profile 32 --out "$OUT" \
+                     --paths on_gpu,offload,offload_fp8,offload_page_cache,offload_fp8_page_cache ;;
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
                        --chunked "" --out "$OUT/attention.json" ;;
         engine) step engine 400 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 --out "$OUT" ;;
