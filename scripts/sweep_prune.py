@@ -17,7 +17,7 @@ import triton.testing
 
 from infinitehip.attention.mask import geometry
 from infinitehip.attention.rope import RoPE
-from infinitehip.attention.reference import pool_queries
+from infinitehip.attention.reference import DENSE_CHUNK, pool_queries
 from infinitehip.attention.stages import first_stage_starts, run_stages
 from infinitehip.attention.triton import ops
 from infinitehip.bench.attention import _ints
@@ -41,7 +41,7 @@ def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict]:
         starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
                   else mask.stage_inputs[s].long())
         for bc, nw, prec, dense in itertools.product(*GRID.values()):
-            if dense and cfg.chunk_sizes[s] > 16:    # every token scored: for small chunks only
+            if dense and cfg.chunk_sizes[s] > DENSE_CHUNK:    # every token scored: for small chunks only
                 continue
             tuning = dict(block_c=bc, num_warps=nw, precision=prec, dense=dense)
             fn = lambda: ops.score_chunks(qp, qv, k, starts, cfg.chunk_sizes[s], geo, cfg, rope, tuning=tuning)  # noqa: E731

@@ -116,8 +116,8 @@ def generate_cmd(
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
     dtype: str = typer.Option(None, help="float32 | float16 | bfloat16."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay the decode step from CUDA graphs (GPU)."),
-    offload: bool = typer.Option(None, "--offload/--no-offload", help="KV cache in host memory, read in place "
-                                 "(default: only when it does not fit on the GPU)."),
+    offload: bool = typer.Option(None, "--offload/--no-offload", help="KV cache in host memory behind a GPU "
+                                 "page cache (default: only when it does not fit on the GPU)."),
     offload_fp8: bool = typer.Option(False, "--offload-fp8", help="Offload, storing K/V as FP8 in host memory "
                                      "(half the bytes; not bit-identical)."),
     offload_gpu_layers: int = typer.Option(None, "--offload-gpu-layers", help="Offload, keeping the whole KV of this "

@@ -167,7 +167,7 @@ class OffloadKVCache:
         pages = rows * self.nb + pos // self.page                                   # (B, T) global pages
         ids, inv = touched_pages(pages) if self.config.fp8 else (None, None)
         offsets = (pos % self.page).flatten()
-        opens = (offsets == 0).any() if T == 1 else None
+        opens = (offsets == 0).any() if T == 1 and self.page_caches else None   # only a page cache reads it
         return _Writes(pages.flatten(), offsets, (rows * self.capacity + pos).flatten(), ids, inv, opens)
 
     def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: "_Writes" = None):
@@ -206,7 +206,7 @@ class OffloadKVCache:
 
     def attention(self, layer: int):
         """``hip_attention`` for this layer (same keywords); k/v arguments give only Tk."""
-        cached = self.caches[layer] is not None and self.config.decode_cache
+        cached = self.caches[layer] is not None      # host-stored, with decode_cache
 
         def attend(q, k, v, **kw):
             # Not through a view of some rows (a joining row's prefill): its plan could evict the

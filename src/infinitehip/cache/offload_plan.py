@@ -41,7 +41,7 @@ class OffloadConfig:
     GPU, captured in CUDA graphs; 1.9x the tokens/s of reading in place at 256K in bf16, 1.4x in
     FP8, measured) or, like prefill, in place from host memory (False: no pools; every attended
     key crosses PCIe each step).
-    gpu_layers: how many layers keep their whole store in GPU memory (read in place, no block
+    gpu_layers: how many layers keep their whole store in GPU memory (read in place, no page
     cache), taken in ``gpu_layer_order``. None: automatic (``plan_offload``): 0 while host
     memory holds every layer (the small GPU footprint), else as many as the spare GPU memory
     holds. 0: every layer in host memory."""

@@ -3,11 +3,12 @@
 Shapes are static (the cache is read at full capacity, each row's length is data), and no
 backend syncs with the host. The cache is on the device, or offloaded: read in place (a
 zero-copy device alias of host memory: the graph's kernels read and write it over PCIe) or
-through its GPU page cache (bookkeeping as fixed-shape tensor ops on the device). ``hip``: one graph per refresh stage; the per-layer masks live in
-static buffers that each replay updates in place. A step that prunes from stage s replays graph
-s; steps that reuse the mask replay graph ``n_stages``. ``dense`` (FlashAttention over each
-row's valid keys, ``models/llama.full_cache_decode``) and ``streaming`` (sink + window, a
-constant empty mask) keep no state between steps: one graph serves every step.
+through its GPU page cache (bookkeeping as fixed-shape tensor ops on the device). ``hip``: one
+graph per refresh stage; the per-layer masks live in static buffers that each replay updates in
+place. A step that prunes from stage s replays graph s; steps that reuse the mask replay graph
+``n_stages``. ``dense`` (FlashAttention over each row's valid keys,
+``models/llama.full_cache_decode``) and ``streaming`` (sink + window, a constant empty mask) keep
+no state between steps: one graph serves every step.
 """
 from __future__ import annotations
 

@@ -121,9 +121,9 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
     Prompts are prefilled one at a time (they may differ in length), then decoded together,
     one token per row per step, each row at its own position. ``cuda_graph``: replay the decode
     step from CUDA graphs (GPU only; reads the cache at full capacity; an offloaded cache too).
-    ``prefix_cache``: reuse
-    the KV of a cached prompt prefix (a shared document) instead of prefilling it again.
-    ``offload``: keep the KV cache in host memory (True, or an ``OffloadConfig``); None (default) offloads only when the cache does not fit on the GPU.
+    ``prefix_cache``: reuse the KV of a cached prompt prefix (a shared document) instead of
+    prefilling it again. ``offload``: keep the KV cache in host memory behind a GPU page cache
+    (True, or an ``OffloadConfig``); None (default) offloads only when it does not fit on the GPU.
     """
     params = params or SamplingParams()
     if backend not in BACKENDS:
@@ -184,7 +184,7 @@ def generate(model: Model, prompt: str | list[str], *, max_new_tokens: int = 256
     Greedy unless ``temperature > 0``; ``seed`` makes sampling reproducible; generation ends at an
     end-of-sequence token, before the first ``stop`` string, or after ``max_new_tokens``.
     cuda_graph: capture the decode step in CUDA graphs (GPU only).
-    offload: KV cache in host memory (True or an ``OffloadConfig``, e.g. with a GPU page cache; None:
+    offload: KV cache in host memory behind a GPU page cache (True or an ``OffloadConfig``; None:
     only when it does not fit on the GPU; ``docs/offload.md``).
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
