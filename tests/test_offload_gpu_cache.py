@@ -39,6 +39,12 @@ def filled_store(num_blocks=16, fp8=False, dtype=torch.float32, device=None):
     return store, k
 
 
+def fetch(cache: PageCache, units: torch.Tensor) -> torch.Tensor:
+    """Fetch, then the slots holding the units."""
+    cache.fetch(units)
+    return cache.slots(units)
+
+
 def counts(cache):
     return tuple(cache.counts.tolist())
 
@@ -67,7 +73,7 @@ def test_hits_misses_evictions_lru(plan):
     assert counts(cache) == (0, 3, 0)
     cache.fetch(torch.tensor([1, 2]))                         # 2 hits; page 0 is now the oldest
     assert counts(cache) == (2, 3, 0)
-    slots = cache.fetch(torch.tensor([3, 1]))                 # 3 misses, evicts 0 (LRU), 1 hits
+    slots = fetch(cache, torch.tensor([3, 1]))                 # 3 misses, evicts 0 (LRU), 1 hits
     assert counts(cache) == (3, 4, 1) and int(cache.step) == 3
     assert cache.slot_of[0] == -1 and cache.slot_of[2] >= 0
     torch.testing.assert_close(cache.k[slots], of_units(k, [3, 1]))
@@ -81,9 +87,9 @@ def test_lru_order_and_pages_needed_every_call_stay(plan):
     the 2 remaining slots, each evicting the least recently used."""
     store, k = filled_store()
     cache = PageCache(store, n_slots=4)
-    first = cache.fetch(torch.tensor([0, 1, 2, 3]))
+    first = fetch(cache, torch.tensor([0, 1, 2, 3]))
     for step, new in enumerate(range(4, 12)):
-        slots = cache.fetch(torch.tensor([0, 1, new, -1]))
+        slots = fetch(cache, torch.tensor([0, 1, new, -1]))
         assert torch.equal(slots[:2], first[:2]), "sink and window pages are never evicted"
         assert slots[3] == -1
         torch.testing.assert_close(cache.k[slots[:3]], of_units(k, [0, 1, new]))
@@ -97,7 +103,7 @@ def test_duplicates_allocate_one_slot_and_shape(plan):
     store, k = filled_store()
     cache = PageCache(store, n_slots=4)
     needed = torch.tensor([[5, 5], [6, 5]])
-    slots = cache.fetch(needed)
+    slots = fetch(cache, needed)
     assert slots.shape == (2, 2) and slots[0, 0] == slots[0, 1] == slots[1, 1] != slots[1, 0]
     assert counts(cache) == (0, 2, 0) and int((cache.owner >= 0).sum()) == 2
     torch.testing.assert_close(cache.k[slots], of_units(k, needed.flatten()).view(2, 2, 4, 1, 8))
@@ -118,7 +124,7 @@ def test_invalidated_page_is_fetched_again(plan):
     fresh = torch.full((1, 4, 2, 8), 3.0)
     store.write(torch.tensor([7]), fresh, fresh)
     cache.invalidate(torch.tensor([[7, 7]]))                 # a page: both of its units
-    slot = cache.fetch(torch.tensor([15, 16]))
+    slot = fetch(cache, torch.tensor([15, 16]))
     assert counts(cache) == (1, 4, 0), "the rewritten page's unit is fetched again, the other hits"
     torch.testing.assert_close(cache.k[slot[0]], fresh[0, :, :1])
     check_coherent(cache)
@@ -174,25 +180,29 @@ def test_triton_plan_is_the_torch_plan(n_slots, width, num_blocks, seed):
             for c in caches:
                 c.invalidate(pages[:2].clamp(min=0) // 2)
         pages = pages.to(DEVICE)
-        (src, dst, miss, slots), (src2, dst2, miss2, slots2) = (
+        order = list(dict.fromkeys(u for u in pages.tolist() if u >= 0))         # distinct, first-entry order
+        absent = [u for u in order if int(caches[0].slot_of[u]) < 0]
+        (src, dst, n), (src2, dst2, n2) = (
             gpu_pages.plan_fetch(caches[0], pages.clone()), page_cache.plan_fetch_cuda(caches[1], pages.clone()))
-        assert torch.equal(slots, slots2) and torch.equal(miss, miss2.bool())
-        assert torch.equal(dst[miss], dst2[miss]) and torch.equal(src[miss], src2[miss])
+        n = int(n)
+        assert n == int(n2) and src[:n].tolist() == absent, "the copies: the absent units, in entry order"
+        assert torch.equal(src[:n], src2[:n]) and torch.equal(dst[:n], dst2[:n])
+        assert torch.equal(caches[0].slots(src[:n]), dst[:n])
         for a, b in zip(state(caches[0]), state(caches[1])):
             assert torch.equal(a, b), step
     assert caches[0].counts[2] > 0, "the traffic evicts"
 
 
 @pytest.mark.parametrize("dtype,fp8", [(torch.bfloat16, False), (torch.float32, True)])
-def test_masked_copy_kernel_copies_only_misses(dtype, fp8):
-    """The CUDA copy (Triton interpreter here): misses get their unit's decoded K and V, the rest
-    is untouched. (bf16 FP8 decode is not compared here: the interpreter truncates float32 -> bf16.)"""
+def test_copy_kernel_copies_the_first_n(dtype, fp8):
+    """The CUDA copy (Triton interpreter here): the first n listed units get their decoded K and V, the
+    rest is untouched. (bf16 FP8 decode is not compared here: the interpreter truncates float32 -> bf16.)"""
     store, _ = filled_store(fp8=fp8, dtype=dtype, device=DEVICE)
     k_pool = torch.full((5, 4, 1, 8), 7.0, dtype=dtype, device=DEVICE)
     v_pool = torch.full((5, 4, 1, 8), 8.0, dtype=dtype, device=DEVICE)
     index = lambda *x: torch.tensor(x, device=DEVICE)   # noqa: E731
     copy_units_cuda(store.dk, store.dk_scale if fp8 else None, store.dv, store.dv_scale if fp8 else None,
-                    k_pool, v_pool, index(7, 9, -1, 2), index(0, 2, 5, 4), index(True, False, False, True))
+                    k_pool, v_pool, index(7, 2, 9, -1), index(0, 4, 2, 5), index(2).int())   # 2 copies of 4
     k, v = store.read(torch.arange(16), DEVICE)
     assert torch.equal(k_pool[[0, 4]], of_units(k, [7, 2])) and torch.equal(v_pool[[0, 4]], of_units(v, [7, 2]))
     assert (k_pool[[1, 2, 3]] == 7.0).all() and (v_pool[[1, 2, 3]] == 8.0).all()

@@ -67,8 +67,8 @@ class PageCache:
         """The block table of every row of the store: (rows, NB, K) int32 view of ``slot_of``."""
         return self.slot_of[:self.num_units].view(-1, nb, self.heads)
 
-    def fetch(self, units: torch.Tensor) -> torch.Tensor:
-        """Slots (shape of ``units``, -1 where the unit is -1) holding the needed units."""
+    def fetch(self, units: torch.Tensor):
+        """Make the needed ``units`` (any shape, -1 = none) resident; ``slots`` then finds them."""
         flat = units.reshape(-1).to(self.slot_of.device, torch.long)            # (M,)
         if flat.numel() > self.n_slots:  # static: the width, not the distinct count (that would need a sync)
             raise ValueError(f"{flat.numel()} pages of a kv head may be needed at once but the GPU page cache has "
@@ -77,9 +77,11 @@ class PageCache:
             from ..attention.triton.page_cache import plan_fetch_cuda as plan
         else:
             plan = plan_fetch
-        src, dst, miss, slots = plan(self, flat)
-        copy_units(self.store, self.k, self.v, src, dst, miss)
-        return slots.view(units.shape)
+        copy_units(self.store, self.k, self.v, *plan(self, flat))
+
+    def slots(self, units: torch.Tensor) -> torch.Tensor:
+        """The slot of each of ``units`` (any shape), -1 where absent or where the unit is -1."""
+        return torch.where(units >= 0, self.slot_of[units.clamp(min=0)].long(), -1)
 
     def write_tokens(self, pages: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Copy tokens just written to the store into the resident copies of their units:
@@ -109,19 +111,20 @@ class PageCache:
 
 
 def copy_units(store: HostKVStore, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-               do: torch.Tensor):
-    """k[dst[i]], v[dst[i]] = the store's unit src[i] (decoded) where do[i]; src, dst, do (M,).
+               n: torch.Tensor):
+    """k[dst[i]], v[dst[i]] = the store's unit src[i] (decoded) for i < n[0]: a plan's copies.
 
-    On CUDA one masked Triton kernel for both pools: entries with do = False load nothing, so
-    only the misses cross PCIe. Elsewhere (the host is the device) a torch gather of all M
-    units, with the masked-off ones going to dst's scratch slot (the caller points them there).
+    On CUDA one Triton kernel for both pools: programs past n load nothing, so only the misses
+    cross PCIe. Elsewhere (the host is the device) a torch gather of all M units, the entries
+    past n going to the scratch slot (the pools' last).
     """
     if k.device.type == "cuda":
         from ..attention.triton.page_cache import copy_units_cuda   # triton: CUDA only
         scales = (store.dk_scale, store.dv_scale) if store.fp8 else (None, None)
-        copy_units_cuda(store.dk, scales[0], store.dv, scales[1], k, v, src, dst, do)
+        copy_units_cuda(store.dk, scales[0], store.dv, scales[1], k, v, src, dst, n)
         return
-    src = src.clamp(min=0)
+    live = torch.arange(src.numel(), device=src.device) < n                    # static shapes, no sync
+    src, dst = torch.where(live, src, 0).clamp(min=0), torch.where(live, dst, k.shape[0] - 1)
     K = store.k.shape[2]
     kp, vp = store.read(src // K, k.device)                                     # (M, page, K, D)
     head = (src % K).to(k.device)[:, None, None, None].expand(-1, kp.shape[1], 1, kp.shape[3])
@@ -130,8 +133,8 @@ def copy_units(store: HostKVStore, k: torch.Tensor, v: torch.Tensor, src: torch.
 
 def plan_fetch(cache: PageCache, flat: torch.Tensor):
     """The bookkeeping of ``cache.fetch(flat)`` (M,): update the cache's state for this step and
-    return (src (M,) store units, dst (M,) slots, miss (M,) bool: copy src -> dst where miss,
-    slots (M,) the slot of each entry, -1 where the unit is -1).
+    return its copies (src (M,) store units, dst (M,) slots, n (1,)): the first n entries are the
+    misses in entry order (src -> dst); the rest mean nothing.
 
     The PyTorch statement of the policy, for any device; ``page_cache.plan_fetch_cuda`` is the
     same in one Triton launch, state for state (tested):
@@ -168,5 +171,6 @@ def plan_fetch(cache: PageCache, flat: torch.Tensor):
     cache.stamp[dst] = cache.step
     cache.slot_of[torch.where(miss, flat, cache.num_units)] = dst.int()
     cache.counts += torch.stack([hit.sum(), n_miss, gone.sum()])
-    slots = torch.where(flat >= 0, cache.slot_of[unit].long(), -1)
-    return unit, dst, miss, slots
+    rank = torch.where(miss, miss.cumsum(0) - 1, M)                           # the copies, compact
+    src = torch.full((M + 1,), -1, dtype=torch.long, device=dev).scatter_(0, rank, flat)[:M]
+    return src, dst.new_empty(M + 1).scatter_(0, rank, dst)[:M], n_miss.view(1)

@@ -3,7 +3,8 @@ masked copy of the missed units (one page of one kv head) from the KV store into
 
 **Plan** (``plan_fetch_cuda``): ``gpu_pages.plan_fetch`` state for state, in one program: a
 few thousand entries are too few to fill a GPU, and in PyTorch the same steps are ~30 launches
-(sorts, scans, gathers, scatters) per layer per decode step. What replaces the sorts:
+(sorts, scans, gathers, scatters) per layer per decode step. A skipped plan (every entry -1: a
+decode step that reuses its mask and opens no page) only advances the step. What replaces the sorts:
 
 - dedupe: each absent unit's table entry takes the smallest marker ``-(2^30 - entry)`` of its
   entries (``atomic_min``), so its first entry alone finds its own marker; a resident unit's
@@ -12,9 +13,10 @@ few thousand entries are too few to fill a GPU, and in PyTorch the same steps ar
 - victims: the n_miss smallest (stamp, slot) keys, found by bisecting the stamp value T with
   n_miss slots stamped <= T, then the first of those stamped T in slot order; a scan ranks them.
 
-**Copy** (``copy_units_cuda``): one program per needed entry copies its unit's K and V only when
-it is a miss: masked loads issue no memory traffic, so hits cost nothing (a torch gather of the
-needed units would read every one of them over PCIe, its index having a static shape). A unit is
+**Copy** (``copy_units_cuda``): the plan lists its misses compactly with their count on the
+device; one program per possible copy copies its unit's K and V when its index is below that
+count: masked loads issue no memory traffic, so hits cost nothing (a torch gather of the needed
+units would read every one of them over PCIe, its index having a static shape). A unit is
 ``page`` rows of D contiguous elements, K * D apart in the store. FP8 stores are decoded on the
 way (code x the unit's scale, in float32, then the pool's dtype: what ``offload.fp8_decode``
 computes).
@@ -33,16 +35,30 @@ _SENTINEL_I = tl.constexpr(SENTINEL)
 
 
 @triton.jit
-def _plan_kernel(flat_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_ptr, rank_ptr, dst_ptr, miss_ptr,
-                 slots_ptr, M, S, NUM_UNITS, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+def _plan_kernel(flat_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_ptr, rank_ptr, src_ptr, dst_ptr,
+                 n_ptr, M, S, NUM_UNITS, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
     i = tl.arange(0, BLOCK_M)
-    i_ok = i < M
-    page = tl.load(flat_ptr + i, mask=i_ok, other=-1)                             # (BLOCK_M,) int64
+    page = tl.load(flat_ptr + i, mask=i < M, other=-1)                             # (BLOCK_M,) int64
     valid = page >= 0
-    pg = tl.where(valid, page, NUM_UNITS)                                         # NUM_UNITS: the dump entry
     # Every thread holds these scalars: they are stored back only after a barrier, else a warp
     # that runs late would read a value another warp already advanced (step twice, counts twice).
     step = tl.load(step_ptr) + 1
+    n_miss = tl.full((), 0, tl.int32)
+    if tl.max(page, axis=0) >= 0:      # else a skipped plan (all -1): only the step advances
+        n_miss = _plan(page, valid, step, slot_of_ptr, owner_ptr, stamp_ptr, counts_ptr, rank_ptr, src_ptr,
+                       dst_ptr, S, NUM_UNITS, BLOCK_M, BLOCK_S)
+    tl.debug_barrier()
+    tl.store(step_ptr, step)
+    tl.store(n_ptr, n_miss)
+
+
+@triton.jit
+def _plan(page, valid, step, slot_of_ptr, owner_ptr, stamp_ptr, counts_ptr, rank_ptr, src_ptr, dst_ptr, S, NUM_UNITS,
+          BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The plan of entries ``page`` (BLOCK_M,): state updated, the misses' (unit, slot) written
+    in entry order to src/dst; returns their count."""
+    i = tl.arange(0, BLOCK_M)
+    pg = tl.where(valid, page, NUM_UNITS)                                         # NUM_UNITS: the dump entry
     n_hit, n_missed, n_gone = tl.load(counts_ptr), tl.load(counts_ptr + 1), tl.load(counts_ptr + 2)
     cur = tl.load(slot_of_ptr + pg, mask=valid, other=0)                          # int32, -1 = absent
     # Dedupe. Absent pages: the first entry's marker wins. Resident: the first swap sees an old stamp.
@@ -80,30 +96,27 @@ def _plan_kernel(flat_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_p
     tl.store(owner_ptr + dst, page, mask=miss)
     tl.store(stamp_ptr + dst, step, mask=miss)
     tl.store(slot_of_ptr + pg, dst.to(tl.int32), mask=miss)
-    tl.store(step_ptr, step)
+    tl.store(src_ptr + rank, page, mask=miss)                                     # the copies, compact
+    tl.store(dst_ptr + rank, dst, mask=miss)
+    tl.debug_barrier()
     tl.store(counts_ptr, n_hit + tl.sum(hit.to(tl.int64), axis=0))
     tl.store(counts_ptr + 1, n_missed + n_miss)
     tl.store(counts_ptr + 2, n_gone + tl.sum(gone.to(tl.int64), axis=0))
-    tl.store(dst_ptr + i, dst, mask=i_ok)
-    tl.store(miss_ptr + i, miss.to(tl.int8), mask=i_ok)
-    tl.debug_barrier()
-    slots = tl.load(slot_of_ptr + pg, mask=valid, other=-1, volatile=True)
-    tl.store(slots_ptr + i, tl.where(valid, slots, -1).to(tl.int64), mask=i_ok)
+    return n_miss
 
 
 def plan_fetch_cuda(cache, flat: torch.Tensor):
-    """``gpu_pages.plan_fetch(cache, flat)`` in one launch: the same state and (src, dst, miss, slots),
-    except that src keeps the -1 entries (never copied) and miss is int8."""
+    """``gpu_pages.plan_fetch(cache, flat)`` in one launch: the same state and copies (src, dst, n),
+    except that src and dst past the n copies are left unwritten."""
     m, dev = flat.numel(), flat.device
+    src = torch.empty(m, dtype=torch.long, device=dev)
     dst = torch.empty(m, dtype=torch.long, device=dev)
-    miss = torch.empty(m, dtype=torch.int8, device=dev)
-    slots = torch.empty(m, dtype=torch.long, device=dev)
+    n = torch.empty(1, dtype=torch.int32, device=dev)
     rank = torch.empty(max(m, 1), dtype=torch.long, device=dev)
-    flat = flat.contiguous()
-    _plan_kernel[(1,)](flat, cache.slot_of, cache.owner, cache.stamp, cache.step, cache.counts, rank, dst, miss, slots,
-                       m, cache.n_slots, cache.num_units, BLOCK_M=triton.next_power_of_2(max(m, 2)),
+    _plan_kernel[(1,)](flat.contiguous(), cache.slot_of, cache.owner, cache.stamp, cache.step, cache.counts, rank, src,
+                       dst, n, m, cache.n_slots, cache.num_units, BLOCK_M=triton.next_power_of_2(max(m, 2)),
                        BLOCK_S=triton.next_power_of_2(max(cache.n_slots, 2)), num_warps=16)
-    return flat, dst, miss, slots       # miss as int8: the copy kernel's mask as is
+    return src, dst, n
 
 
 @triton.jit
@@ -123,26 +136,27 @@ def _copy_unit(src_ptr, scale_ptr, dst_ptr, unit, dst, do, PAGE: tl.constexpr, K
 
 @triton.jit
 def _copy_kernel(k_src_ptr, k_scale_ptr, v_src_ptr, v_scale_ptr, k_dst_ptr, v_dst_ptr, src_idx_ptr, dst_idx_ptr,
-                 do_ptr, PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, SCALED: tl.constexpr,
+                 n_ptr, PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, SCALED: tl.constexpr,
                  BLOCK: tl.constexpr):
-    i = tl.program_id(0)           # one needed entry: its unit's K and V
-    do = tl.load(do_ptr + i) != 0
-    unit = tl.load(src_idx_ptr + i).to(tl.int64)
-    dst = tl.load(dst_idx_ptr + i).to(tl.int64)
+    i = tl.program_id(0)           # copy i of the plan's n: its unit's K and V
+    do = i < tl.load(n_ptr)
+    unit = tl.load(src_idx_ptr + i, mask=do, other=0).to(tl.int64)
+    dst = tl.load(dst_idx_ptr + i, mask=do, other=0).to(tl.int64)
     _copy_unit(k_src_ptr, k_scale_ptr, k_dst_ptr, unit, dst, do, PAGE, K, D, SCALED, BLOCK)
     _copy_unit(v_src_ptr, v_scale_ptr, v_dst_ptr, unit, dst, do, PAGE, K, D, SCALED, BLOCK)
 
 
 def copy_units_cuda(k_src: torch.Tensor, k_scale: torch.Tensor | None, v_src: torch.Tensor,
                     v_scale: torch.Tensor | None, k_dst: torch.Tensor, v_dst: torch.Tensor, src_idx: torch.Tensor,
-                    dst_idx: torch.Tensor, do: torch.Tensor):
-    """k_dst[dst_idx[i]], v_dst[dst_idx[i]] = decode(unit src_idx[i] of k_src / v_src) where do[i], in
-    one launch. Stores (pages, page, K, D) contiguous, pools (slots, page, 1, D); indices (M,) on
-    the pools' device; scales None for a store that is not FP8."""
+                    dst_idx: torch.Tensor, n: torch.Tensor):
+    """k_dst[dst_idx[i]], v_dst[dst_idx[i]] = decode(unit src_idx[i] of k_src / v_src) for i < n[0],
+    in one launch (one program per possible copy: those past n load nothing). Stores (pages,
+    page, K, D) contiguous, pools (slots, page, 1, D); indices (M,) and n (1,) on the pools'
+    device; scales None for a store that is not FP8."""
     _, page, K, D = k_src.shape
     scaled = k_scale is not None
     _copy_kernel[(src_idx.numel(),)](k_src, k_scale if scaled else k_dst, v_src, v_scale if scaled else v_dst, k_dst,
-                                     v_dst, src_idx, dst_idx, do.to(torch.int8), page, K, D, SCALED=scaled,
+                                     v_dst, src_idx, dst_idx, n, page, K, D, SCALED=scaled,
                                      BLOCK=min(BLOCK, triton.next_power_of_2(page * D)))
 
 
