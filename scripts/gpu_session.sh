@@ -7,11 +7,13 @@
 # call's whole 10 minutes (the limits add up to more: give one call at most ~560 s of steps, e.g.
 # "tests offload" then "attention sweep" then "engine"); logs and JSON go to $OUT (what the device
 # tool brings back), and the last lines printed are a short summary. Steps:
-#   tests      the GPU tests: Triton kernels, fused decode, offload kernels and caches, engine
+#   tests      the GPU tests: Triton kernels, fused decode, offload kernels and caches, engine (or $TEST_FILES)
 #   offload    bench offload at 256K: all-on-GPU vs in place (bf16, FP8) vs the GPU page cache; 1M: the default
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
 #   engine     bench engine at 256K: hip vs dense
 #   sweep      scripts/sweep_prune.py: pruning launch settings (dense small-chunk scoring too), decode and prefill 128K
+#   reuse      scripts/sweep_prune.py --reuse 128K: the mask-reuse decode step's launch settings
+#   ncu        Nsight Compute on that step's kernel (default settings, 2 launches), where the machine allows it
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -30,9 +32,9 @@ step() {   # step NAME SECONDS COMMAND...: run, log, remember how it ended
 
 for s in "$@"; do
     case $s in
-        tests) step tests 240 python -m pytest -q --maxfail=4 -rfE tests/test_triton.py tests/test_fused_decode.py \
-                   tests/test_offload_kernels.py tests/test_offload_gpu_cache.py tests/test_offload_graph.py \
-                   tests/test_engine_gpu.py tests/test_engine_decode.py ;;
+        tests) step tests 240 python -m pytest -q --maxfail=4 -rfE ${TEST_FILES:-tests/test_triton.py \
+                   tests/test_fused_decode.py tests/test_offload_kernels.py tests/test_offload_gpu_cache.py \
+                   tests/test_offload_graph.py tests/test_engine_gpu.py tests/test_engine_decode.py} ;;
         offload) step offload 380 python -m infinitehip.bench offload --contexts 262144,1048576 \
                      --on-gpu-contexts 262144 --profile 32 --out "$OUT" \
                      --paths on_gpu,offload,offload_fp8,offload_page_cache,offload_fp8_page_cache ;;
@@ -40,7 +42,12 @@ for s in "$@"; do
                        --chunked "" --out "$OUT/attention.json" ;;
         engine) step engine 400 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 --out "$OUT" ;;
         sweep) step sweep 400 python scripts/sweep_prune.py --decode 128K --prefill 128K --out "$OUT/sweep_prune.json" ;;
-        *) echo "unknown step $s (tests, offload, attention, engine, sweep)"; exit 2 ;;
+        reuse) step reuse 200 python scripts/sweep_prune.py --reuse 128K --decode "" --prefill "" \
+                   --out "$OUT/sweep_reuse.json" ;;
+        ncu) step ncu 150 ncu --clock-control none -k regex:_bsa_kernel -c 2 --section SpeedOfLight \
+                 --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+                 python scripts/sweep_prune.py --reuse 128K --reuse-limit 1 --decode "" --prefill "" --out /tmp/ncu.json ;;
+        *) echo "unknown step $s (tests, offload, attention, engine, sweep, reuse, ncu)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"

@@ -72,15 +72,16 @@ def sweep_attend(q, k, mask, geo, cfg, rope) -> list[dict]:
     return out
 
 
-def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict]:
-    """A decode step that reuses its mask (one launch): tiles, warps and split count."""
+def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None) -> list[dict]:
+    """A decode step that reuses its mask (one launch): tiles, warps, split count, V loaded with K."""
     q = torch.randn(1, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, tk, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
     kv_len = torch.tensor([tk], device="cuda")
     mask = run_stages(q, k, geometry(kv_len - 1, 1, kv_len, cfg), cfg, rope, ops.score_chunks, keep_top=ops.keep_top)
     out = []
-    for bn, nw, pps in itertools.product((32, 64), (2, 4, 8), (1, 2, 4)):
-        tuning = dict(block_n=bn, num_warps=nw, programs_per_sm=pps)
+    grid = itertools.product((64, 32), (2, 4), (4, 2), (False, True))   # the defaults first
+    for bn, nw, pps, early in itertools.islice(grid, limit):
+        tuning = dict(block_n=bn, num_warps=nw, programs_per_sm=pps, early_v=early)
         fn = lambda: ops.attend_reused(q, k, k, mask, kv_len, cfg, rope, D ** -0.5, tuning=tuning)  # noqa: E731
         try:
             graph = torch.cuda.CUDAGraph()   # timed as a graph replay, as the engine runs it
@@ -102,6 +103,7 @@ def main() -> None:
     p.add_argument("--prefill", type=_ints, default=_ints("128K"))
     p.add_argument("--chunk", type=int, default=16384)
     p.add_argument("--reuse", type=_ints, default=_ints(""), help="contexts for the mask-reuse decode sweep")
+    p.add_argument("--reuse-limit", type=int, default=None, help="time only the first N reuse settings (profilers)")
     p.add_argument("--out", type=Path, default=Path("sweep_prune.json"))
     args = p.parse_args()
     cfg = HiPConfig.preset("paper", dense_threshold=0)
@@ -109,7 +111,7 @@ def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     records = []
     for tk in args.reuse:
-        records += sweep_reuse(tk, cfg, rope, g)
+        records += sweep_reuse(tk, cfg, rope, g, args.reuse_limit)
     for tk in args.decode:
         records += sweep(1, tk, cfg, rope, g)
     for tk in args.prefill:
