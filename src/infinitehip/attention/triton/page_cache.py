@@ -120,18 +120,13 @@ def plan_fetch_cuda(cache, flat: torch.Tensor):
 
 
 @triton.jit
-def _copy_unit(src_ptr, scale_ptr, dst_ptr, unit, dst, do, PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
-               SCALED: tl.constexpr, BLOCK: tl.constexpr):
-    """dst_ptr's slot dst (page, 1, D) = decode(unit of src_ptr (pages, page, K, D)) if do."""
-    p = unit // K
-    h = unit % K
-    for start in range(0, PAGE * D, BLOCK):
-        e = start + tl.arange(0, BLOCK)
-        m = (e < PAGE * D) & do
-        x = tl.load(src_ptr + (p * PAGE + e // D) * (K * D) + h * D + e % D, mask=m, other=0.0).to(tl.float32)
-        if SCALED:      # scale (pages, 1, K, 1): one per (page, kv head)
-            x = x * tl.load(scale_ptr + p * K + h, mask=do, other=1.0)
-        tl.store(dst_ptr + dst * (PAGE * D) + e, x.to(dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+def _load_unit(src_ptr, scale_ptr, p, h, e, m, do, PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
+               SCALED: tl.constexpr):
+    """Elements e (flat over (page, D)) of page p, kv head h of src_ptr (pages, page, K, D), decoded, float32."""
+    x = tl.load(src_ptr + (p * PAGE + e // D) * (K * D) + h * D + e % D, mask=m, other=0.0).to(tl.float32)
+    if SCALED:      # scale (pages, 1, K, 1): one per (page, kv head)
+        x = x * tl.load(scale_ptr + p * K + h, mask=do, other=1.0)
+    return x
 
 
 @triton.jit
@@ -142,8 +137,17 @@ def _copy_kernel(k_src_ptr, k_scale_ptr, v_src_ptr, v_scale_ptr, k_dst_ptr, v_ds
     do = i < tl.load(n_ptr)
     unit = tl.load(src_idx_ptr + i, mask=do, other=0).to(tl.int64)
     dst = tl.load(dst_idx_ptr + i, mask=do, other=0).to(tl.int64)
-    _copy_unit(k_src_ptr, k_scale_ptr, k_dst_ptr, unit, dst, do, PAGE, K, D, SCALED, BLOCK)
-    _copy_unit(v_src_ptr, v_scale_ptr, v_dst_ptr, unit, dst, do, PAGE, K, D, SCALED, BLOCK)
+    p = unit // K
+    h = unit % K
+    for start in range(0, PAGE * D, BLOCK):
+        e = start + tl.arange(0, BLOCK)
+        m = (e < PAGE * D) & do
+        # Both loads before either store: two PCIe round trips in flight, not one after the other.
+        k = _load_unit(k_src_ptr, k_scale_ptr, p, h, e, m, do, PAGE, K, D, SCALED)
+        v = _load_unit(v_src_ptr, v_scale_ptr, p, h, e, m, do, PAGE, K, D, SCALED)
+        out = dst * (PAGE * D) + e
+        tl.store(k_dst_ptr + out, k.to(k_dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+        tl.store(v_dst_ptr + out, v.to(v_dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
 
 
 def copy_units_cuda(k_src: torch.Tensor, k_scale: torch.Tensor | None, v_src: torch.Tensor,
