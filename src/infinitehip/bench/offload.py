@@ -150,7 +150,7 @@ def pcie_bytes_per_step(model: Model, context: int, path: str, fp8: bool, host_l
                         page: int) -> dict:
     """Bytes an offloaded decode step moves over PCIe, by kind (estimates, except measured misses)."""
     args, elem = model.args, torch.finfo(model.dtype).bits // 8
-    key_bytes = (1 + 4 / (page * args.head_dim)) if fp8 else elem        # FP8: the code + its share of the scale
+    key_bytes = 1 if fp8 else elem        # FP8: the code (scales are in device memory)
     prune = host_layers * prune_bytes_per_step(model.net.layer_configs[-1], context, args.n_kv_heads,
                                                args.head_dim, key_bytes)
     if not path.endswith("page_cache"):   # in place: every attended key crosses PCIe every step

@@ -138,12 +138,12 @@ class OffloadKVCache:
     @property
     def host_nbytes(self) -> int:
         """Bytes of the host-stored layers' stores."""
-        return sum(s.nbytes for s in self.stores if not s.on_device)
+        return sum(s.host_nbytes for s in self.stores)
 
     @property
     def gpu_nbytes(self) -> int:
-        """Bytes this cache holds on the device: GPU-stored layers, page caches (pools, tables)."""
-        return sum(c.nbytes for c in self.caches if c is not None) + sum(s.nbytes for s in self.stores if s.on_device)
+        """Bytes this cache holds on the device: GPU-stored layers, page caches (pools, tables), FP8 scales."""
+        return sum(c.nbytes for c in self.caches if c is not None) + sum(s.device_nbytes for s in self.stores)
 
     @property
     def page_caches(self) -> list[PageCache]:

@@ -126,21 +126,24 @@ class _Sizes:
         self.pool = [cache_bytes(n, head_dim, dtype, config) for n in cache_slots(layer_configs, batch, n_kv_heads,
                                                                                    config)]
         self.store = batch * layer_bytes_per_token(n_kv_heads, head_dim, dtype, config)   # one layer, per token
-        self.table = batch * 4 * n_kv_heads / config.page if config.decode_cache else 0   # int32 per (page, head)
+        # A host-stored layer keeps on the GPU its table (int32 per (page, kv head)) and FP8 scales
+        # (K and V: float32 per (page, kv head)); its codes are the rest of ``store``.
+        self.table = batch * 4 * n_kv_heads / config.page if config.decode_cache else 0
+        self.scales = batch * 2 * 4 * n_kv_heads / config.page if config.fp8 else 0
 
     def pools(self, g: int) -> int:
         return sum(self.pool[i] for i in self.order[g:])
 
     def host(self, g: int, tokens: int) -> int:
-        return int((self.L - g) * self.store * tokens)
+        return int((self.L - g) * (self.store - self.scales) * tokens)
 
     def gpu(self, g: int, tokens: int) -> int:
-        return int(g * self.store * tokens + (self.L - g) * self.table * tokens) + self.pools(g)
+        return int(g * self.store * tokens + (self.L - g) * (self.table + self.scales) * tokens) + self.pools(g)
 
     def longest(self, g: int, host_budget: float, gpu_budget: float) -> int:
         """Most tokens per row (a page multiple) placement g holds within both budgets."""
-        host = host_budget / ((self.L - g) * self.store) if g < self.L else float("inf")
-        per_gpu = g * self.store + (self.L - g) * self.table
+        host = host_budget / ((self.L - g) * (self.store - self.scales)) if g < self.L else float("inf")
+        per_gpu = g * self.store + (self.L - g) * (self.table + self.scales)
         gpu = (gpu_budget - self.pools(g)) / per_gpu if per_gpu else float("inf")
         cap = min(host, gpu)
         if cap == float("inf"):     # every layer on an unchecked device: it is the host (CPU), bound by it
