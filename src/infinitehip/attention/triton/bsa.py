@@ -76,7 +76,7 @@ def _bsa_kernel(
     FAST: tl.constexpr, PAGED: tl.constexpr, SCALED: tl.constexpr, PAGE: tl.constexpr,
     NSPLIT_P: tl.constexpr, SPLIT_TILE: tl.constexpr,
     POSITIONS: tl.constexpr, LENS: tl.constexpr, ANCHOR: tl.constexpr, WINDOW: tl.constexpr,
-    LOWEST: tl.constexpr, PRUNE_RULE: tl.constexpr, ATTEND_RULE: tl.constexpr, EARLY_V: tl.constexpr,
+    LOWEST: tl.constexpr, PRUNE_RULE: tl.constexpr, ATTEND_RULE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -162,10 +162,6 @@ def _bsa_kernel(
                 k_sc = tl.load(ks_ptr + s_off, mask=col_ok, other=1.0)
                 k1 = k1.to(tl.float32) * k_sc[:, None]
                 k2 = k2.to(tl.float32) * k_sc[:, None]
-            v_off = row[:, None] * stride_vt + d[None, :]
-            if EARLY_V:   # decode: a tile or two per program, latency-bound: V's loads in flight with K's
-                v1 = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
-                v2 = tl.load(v_base + v_off + HALF, mask=kv_mask, other=0.0)
             if ROPE:
                 pos = tl.where(exact | in_win, idx, packed - SINK + s)
                 k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), pos - p0, inv_freq, attention_scaling,
@@ -180,9 +176,9 @@ def _bsa_kernel(
             p = tl.math.exp2(qk - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if not EARLY_V:
-                v1 = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
-                v2 = tl.load(v_base + v_off + HALF, mask=kv_mask, other=0.0)
+            v_off = row[:, None] * stride_vt + d[None, :]
+            v1 = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
+            v2 = tl.load(v_base + v_off + HALF, mask=kv_mask, other=0.0)
             if SCALED:
                 v_sc = tl.load(vs_ptr + s_off, mask=col_ok, other=1.0)
                 v1 = v1.to(tl.float32) * v_sc[:, None]
