@@ -159,11 +159,14 @@ def test_attend_ignores_unwritten_cache():
     torch.testing.assert_close(ops.attend(q, k2, v2, starts, geo, cfg, rope, 0.125), out)
 
 
-@pytest.mark.parametrize("sharing,modes", [("kv", ("relative", "streaming")), ("all", ("exact", "exact"))])
-def test_hip_attention_triton_matches_reference(sharing, modes):
+@pytest.mark.parametrize("sharing,modes,scaling", [
+    ("kv", ("relative", "streaming"), 1.0), ("all", ("exact", "exact"), 1.0),
+    ("kv", ("exact", "streaming"), 1.25), ("kv", ("relative", "exact"), 1.25),   # YaRN-like: the kernels
+])                                                                               # compile the scale in
+def test_hip_attention_triton_matches_reference(sharing, modes, scaling):
     q, k, v = rand_qkv(1, 33, 900, 8, 2, 64, seed=11)
     cfg = TINY.replace(head_sharing=sharing, rope_prune=modes[0], rope_attend=modes[1])
-    rope = RoPE.default(64)
+    rope = RoPE(RoPE.default(64).inv_freq.to(DEVICE), attention_scaling=scaling)
     want, m_ref = hip_attention(q, k, v, config=cfg, rope=rope, backend="reference")
     got, m_tri = hip_attention(q, k, v, config=cfg, rope=rope, backend="triton")
     assert torch.equal(m_tri.starts, m_ref.starts), "the kernels must select the same chunks"

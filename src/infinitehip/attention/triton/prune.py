@@ -63,16 +63,18 @@ def _cos_sin(angle, FAST: tl.constexpr):
 
 
 @triton.jit
-def _rotate(x1, x2, rel, inv_freq, attention_scaling, FAST: tl.constexpr):
-    """RoPE (rotate_half convention) of rows x = [x1 | x2] at positions rel: (N, HALF_P) each."""
+def _rotate(x1, x2, rel, inv_freq, attention_scaling: tl.constexpr, FAST: tl.constexpr):
+    """RoPE (rotate_half convention) of rows x = [x1 | x2] at positions rel: (N, HALF_P) each.
+    attention_scaling is a compile-time constant: 1.0 (most RoPE types) costs no multiply."""
     cos, sin = _cos_sin(rel.to(tl.float32)[:, None] * inv_freq[None, :], FAST)
-    cos = cos * attention_scaling
-    sin = sin * attention_scaling
+    if attention_scaling != 1.0:
+        cos = cos * attention_scaling
+        sin = sin * attention_scaling
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
 @triton.jit
-def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv_freq, attention_scaling, kvh,
+def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv_freq, attention_scaling: tl.constexpr, kvh,
                   stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp,
                   SCALED: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr, HALF: tl.constexpr,
                   HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -95,7 +97,7 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv
     if ROPE:
         if exact:
             k1, k2 = _rotate(k1, k2, rel, inv_freq, attention_scaling, FAST)
-        else:   # relative mode: every probe at position 0, a rotation by zero
+        elif attention_scaling != 1.0:   # relative mode: every probe at position 0, a rotation by zero
             k1 = k1 * attention_scaling
             k2 = k2 * attention_scaling
     best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
@@ -120,7 +122,7 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv
 
 
 @triton.jit
-def _group_scores(q_base, qv_base, k_base, ks_base, probe, probe_ok, exact, rel, inv_freq, attention_scaling, g,
+def _group_scores(q_base, qv_base, k_base, ks_base, probe, probe_ok, exact, rel, inv_freq, attention_scaling: tl.constexpr, g,
                   stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, KG: tl.constexpr,
                   SCALED: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr,
                   HALF: tl.constexpr, HALF_P: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -137,7 +139,7 @@ def _group_scores(q_base, qv_base, k_base, ks_base, probe, probe_ok, exact, rel,
 
 @triton.jit
 def _score_chunks_kernel(
-    q_ptr, qv_ptr, k_ptr, ks_ptr, starts_ptr, out_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr, attention_scaling,
+    q_ptr, qv_ptr, k_ptr, ks_ptr, starts_ptr, out_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr, attention_scaling: tl.constexpr,
     stride_qb, stride_qq, stride_qr, stride_qh,         # qp (B, NQB, R, H, D), unit stride on D
     stride_qvb, stride_qvq, stride_qvr,                 # q_valid (B, NQB, R)
     stride_kb, stride_kt, stride_kh,                    # k (B, Tk, K, D), unit stride on D
