@@ -5,8 +5,8 @@
 #
 # Steps run in the order given, each under its own time limit so one slow step cannot take the
 # call's whole 10 minutes (the limits add up to more: give one call at most ~560 s of steps, e.g.
-# "tests offload" then "attention sweep" then "engine"); logs and JSON go to $OUT (what the device
-# tool brings back), and the last lines printed are a short summary. Steps:
+# "tests offload" then "attention sweep" then "engine"); JSON and plots go to $OUT (what the device
+# tool brings back), the logs to $OUT/logs.tgz, and the last lines printed are a short summary. Steps:
 #   tests      the GPU tests: Triton kernels, fused decode, offload kernels and caches, engine (or $TEST_FILES)
 #   offload    bench offload at 256K: all-on-GPU vs in place (bf16, FP8) vs the GPU page cache; 1M: the default
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
@@ -51,3 +51,5 @@ for s in "$@"; do
     esac
 done
 printf '%s\n' "${summary[@]}"
+# The device tool brings back a handful of files: the logs travel as one archive.
+(cd "$OUT" && shopt -s nullglob && tar czf logs.tgz device.txt ./*.log && rm -f device.txt ./*.log)
