@@ -3,8 +3,9 @@
 One launch scores every (batch, head group, query block, chunk) in parallel. A program owns
 ``BLOCK_C`` chunks of one (batch, group, query block) and walks their log2(chunk) levels
 together: at each level it gathers the two probe keys of every chunk (the middles of both
-halves), rotates them in registers, scores them against the block's pooled queries (max over
-valid rows and over every query head of the group) and keeps the better half of each chunk.
+halves) in one load, rotates them in registers, scores them against the block's pooled queries
+(max over valid rows and over every query head of the group; each query tile is loaded once
+for both halves) and keeps the better half of each chunk.
 
 With DENSE (a tuning switch for small chunks, ``scripts/sweep_prune.py``) a program instead
 scores every token of its chunks in one pass — one contiguous load and one matrix product per
@@ -201,17 +202,16 @@ def _score_chunks_kernel(
             if DENSE:   # the probes' scores, picked from the chunk's row
                 s_l = tl.max(tl.where(pos == left[:, None], s_all, float("-inf")), axis=1)
                 s_r = tl.max(tl.where(pos == right[:, None], s_all, float("-inf")), axis=1)
-            else:   # gathered. Exact pruning rotates probes at their offset from the block start; relative at 0.
-                rel_l = tl.where(exact, left - p0, 0)
-                rel_r = tl.where(exact, right - p0, 0)
-                s_l = _group_scores(q_base, qv_base, k_base, ks_base, left, active, exact, rel_l, inv_freq,
-                                    attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
-                                    stride_ssp, KG, SCALED, PAGE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M,
-                                    M_TILES, ROPE, DOT_PRECISION, FAST)
-                s_r = _group_scores(q_base, qv_base, k_base, ks_base, right, active, exact, rel_r, inv_freq,
-                                    attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
-                                    stride_ssp, KG, SCALED, PAGE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M,
-                                    M_TILES, ROPE, DOT_PRECISION, FAST)
+            else:   # gathered, both halves' probes at once (interleaved): each query tile loaded once
+                pair = tl.reshape(tl.join(left, right), (2 * BLOCK_C,))
+                pair_ok = tl.reshape(tl.join(active.to(tl.int32), active.to(tl.int32)), (2 * BLOCK_C,)) != 0
+                # Exact pruning rotates probes at their offset from the block start; relative at 0.
+                s_pair = _group_scores(q_base, qv_base, k_base, ks_base, pair, pair_ok, exact,
+                                       tl.where(exact, pair - p0, 0), inv_freq, attention_scaling, g, stride_qr,
+                                       stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, KG, SCALED, PAGE, R,
+                                       HPK, HPK_P, HALF, HALF_P, 2 * BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION,
+                                       FAST)
+                s_l, s_r = tl.split(tl.reshape(s_pair, (BLOCK_C, 2)))
             best = tl.maximum(best, tl.maximum(s_l, s_r))
             a = a + tl.where(s_r > s_l, half, 0)     # keep the better half (ties: the left one)
     out = tl.where(active, best, _NEG_SCORE)
