@@ -7,7 +7,8 @@
 # call's whole 10 minutes (the limits add up to more: give one call at most ~560 s of steps, e.g.
 # "tests offload" then "attention sweep" then "engine"); JSON and plots go to $OUT (what the device
 # tool brings back), the logs to $OUT/logs.tgz, and the last lines printed are a short summary. Steps:
-#   tests      the GPU tests: Triton kernels, fused decode, offload kernels and caches, engine (or $TEST_FILES)
+#   tests      the GPU tests: Triton kernels, fused decode, offload kernels and caches, engine (or $TEST_FILES);
+#              on a fresh machine compiling them takes 4-6 minutes: give the whole set a call of its own
 #   offload    bench offload at 256K: all-on-GPU vs in place (bf16, FP8) vs the GPU page cache; 1M: the default
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
 #   engine     bench engine at 256K: hip vs dense
@@ -32,7 +33,7 @@ step() {   # step NAME SECONDS COMMAND...: run, log, remember how it ended
 
 for s in "$@"; do
     case $s in
-        tests) step tests 240 python -m pytest -q --maxfail=4 -rfE ${TEST_FILES:-tests/test_triton.py \
+        tests) step tests 420 python -m pytest -q --maxfail=4 -rfE ${TEST_FILES:-tests/test_triton.py \
                    tests/test_fused_decode.py tests/test_offload_kernels.py tests/test_offload_gpu_cache.py \
                    tests/test_offload_graph.py tests/test_engine_gpu.py tests/test_engine_decode.py} ;;
         offload) step offload 380 python -m infinitehip.bench offload --contexts 262144,1048576 \
