@@ -5,7 +5,7 @@
 #
 # Steps run in the order given, each under its own time limit so one slow step cannot take the
 # call's whole 10 minutes (the limits add up to more: give one call at most ~560 s of steps, e.g.
-# "tests offload" then "attention sweep" then "engine"); JSON and plots go to $OUT (what the device
+# "tests" then "offload attention" then "engine"); JSON and plots go to $OUT (what the device
 # tool brings back), the logs to $OUT/logs.tgz, and the last lines printed are a short summary. Steps:
 #   tests      the GPU tests: Triton kernels, fused decode, offload kernels and caches, engine (or $TEST_FILES);
 #              on a fresh machine compiling them takes 4-6 minutes: give the whole set a call of its own

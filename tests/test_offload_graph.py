@@ -43,7 +43,7 @@ def write_and_decode(cache, steps=12):
 def store_bytes(cache):
     out = []
     for s in cache.stores:
-        out += [s.k, s.v] + ([s.k_scale, s.v_scale] if s.fp8 else [])
+        out += [s.k, s.v] + ([s.dk_scale, s.dv_scale] if s.fp8 else [])
     return [t.view(torch.uint8) for t in out]
 
 

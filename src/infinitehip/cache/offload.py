@@ -88,8 +88,8 @@ class HostKVStore:
     ``device``: the GPU that reads it. Then the store is registered page-locked memory and
     ``dk``/``dv`` are device aliases of it: reads and writes are GPU kernels over mapped host
     memory, never a CPU-side copy. FP8 scales (one float per page and kv head) live in device
-    memory: a probe over PCIe then reads its key's bytes alone, not a 4-byte scale as well, in a
-    transfer of its own (``dk_scale`` is ``k_scale``). Without a device (or on
+    memory (``dk_scale``/``dv_scale``, no host copy): a probe over PCIe then reads its key's bytes
+    alone, not a 4-byte scale as well, in a transfer of its own. Without a device (or on
     CPU) the aliases are the host tensors themselves. ``on_device``: allocate the whole store
     in ``device`` memory instead (same format; ``k`` and ``dk`` are then the same tensor).
     """
@@ -103,8 +103,8 @@ class HostKVStore:
         self.k, self.dk = _allocate(shape, FP8 if fp8 else dtype, device, on_device)
         self.v, self.dv = _allocate(shape, FP8 if fp8 else dtype, device, on_device)
         if fp8:   # in device memory always: 1/32 of the codes' bytes (D = 128), read with every probe
-            self.k_scale = self.dk_scale = torch.ones((num_blocks, 1, kv_heads, 1), dtype=torch.float32, device=device)
-            self.v_scale = self.dv_scale = torch.ones_like(self.k_scale)
+            self.dk_scale = torch.ones((num_blocks, 1, kv_heads, 1), dtype=torch.float32, device=device)
+            self.dv_scale = torch.ones_like(self.dk_scale)
 
     @property
     def nbytes(self) -> int:
@@ -118,7 +118,7 @@ class HostKVStore:
     @property
     def device_nbytes(self) -> int:
         """Bytes in device memory: the FP8 scales, and the codes too for a store on the device."""
-        scales = 2 * self.k_scale.nbytes if self.fp8 else 0
+        scales = 2 * self.dk_scale.nbytes if self.fp8 else 0
         return scales + (self.k.nbytes + self.v.nbytes if self.on_device else 0)
 
     def write(self, blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

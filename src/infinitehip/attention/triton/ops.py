@@ -100,6 +100,7 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
     if paged:   # the pool (N, page, K or 1, D) seen as one row of N * page keys that every row reads
         k, v = k.reshape(1, -1, *k.shape[2:]), v.reshape(1, -1, *v.shape[2:])
     table = pages.table if paged else q
+    tb, tp, th = table_strides(table) if paged else (0, 0, 0)
     stride_kh, stride_vh = (k.stride(2), v.stride(2)) if k.shape[2] == K else (0, 0)   # one-head pages: 0
     k_scale = pages.k_scale if scaled else q
     v_scale = pages.v_scale if scaled else q
@@ -153,7 +154,7 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
         stride_ob=out.stride(0), stride_ot=out.stride(1), stride_oh=out.stride(2),
         stride_xb=part.stride(0), stride_xt=part.stride(1), stride_xh=part.stride(2), stride_xs=part.stride(3),
         stride_lb=lse.stride(0), stride_lt=lse.stride(1), stride_lh=lse.stride(2),
-        **dict(zip(("stride_tb", "stride_tp", "stride_th"), table_strides(table) if paged else (0, 0, 0))),
+        stride_tb=tb, stride_tp=tp, stride_th=th,
         stride_ssb=k_scale.stride(0) if scaled else 0, stride_ssp=k_scale.stride(1) if scaled else 0,
         TQ=tq, NQB=nqb, T_TILES=t_tiles, KG=K // G, NSPLIT=nsplit,
         TILES_PER_SPLIT=per_split, SINK=config.sink, C=c, NSEL=nsel, NSEL_P=max(2, triton.next_power_of_2(nsel)),
