@@ -161,8 +161,8 @@ def test_attend_ignores_unwritten_cache():
 
 @pytest.mark.parametrize("sharing,modes,scaling", [
     ("kv", ("relative", "streaming"), 1.0), ("all", ("exact", "exact"), 1.0),
-    ("kv", ("exact", "streaming"), 1.25), ("kv", ("relative", "exact"), 1.25),   # YaRN-like scale
-])
+    ("kv", ("exact", "streaming"), 1.25), ("kv", ("relative", "exact"), 1.25),   # YaRN-like: the kernels
+])                                                                               # compile the scale in
 def test_hip_attention_triton_matches_reference(sharing, modes, scaling):
     q, k, v = rand_qkv(1, 33, 900, 8, 2, 64, seed=11)
     cfg = TINY.replace(head_sharing=sharing, rope_prune=modes[0], rope_attend=modes[1])

@@ -5,6 +5,9 @@ Llama-3-8B head shape: 32 query / 8 kv heads, head_dim 128, bf16, batch 1, ``pap
                   per refresh kind (none / stage 2 / stage 1 / full) weighted by how often
                   ``config.refresh_stage(step)`` picks it in a cycle
   decode_refresh  the full-refresh step alone (all pruning stages + attention)
+  (both decode kinds also ``*_in_graph``: --layers calls, one per layer with its own query and
+  its own keys, captured one after another in one graph and timed per call, dense likewise:
+  the cost inside a model's decode graph, where a call has no graph launch of its own)
   prefill         one call of T queries against T keys; and chunked prefill of a long prompt
                   (chunks of C queries against the growing cache), extrapolated from a few chunks
 Times are medians of ``triton.testing.do_bench`` (which flushes L2 before every repetition).
@@ -75,27 +78,60 @@ def dense_prefill_ms(q, k, v, backend: str, rep_ms: float = 200.0) -> float | No
     return _dense_ms(fn, backend, "prefill", rep_ms)
 
 
+# Tokens between consecutive layers' views of the shared buffers in the in-graph decode timing:
+# no two layers' sink or window keys share memory, so one layer's reads never warm the next's.
+LAYER_SHIFT = 8 * K_
+
+
+def in_graph_ms(calls: list) -> float:
+    """Time per call of ``calls`` captured one after another in one CUDA graph (L2 flushed
+    before each replay, as for every timing here)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    ms = _bench(graph.replay) / len(calls)
+    del graph
+    return ms
+
+
 def hip_decode_ms(q, k, v, cfg: HiPConfig, rope: RoPE) -> dict[str, float]:
     """Median time of one CUDA-graph-captured decode step per refresh kind (0..n_stages)."""
     _, mask = hip_attention(q, k, v, config=cfg, rope=rope, backend="triton")
-    times = {}
-    for stage in range(cfg.n_stages + 1):
-        def step():
-            return hip_attention(q, k, v, config=cfg, rope=rope, mask=mask, refresh_stage=stage, backend="triton")
+    return {stage: in_graph_ms([lambda s=stage: hip_attention(q, k, v, config=cfg, rope=rope, mask=mask,
+                                                              refresh_stage=s, backend="triton")])
+            for stage in range(cfg.n_stages + 1)}
 
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        graph.replay()
-        times[stage] = _bench(graph.replay)
-        del graph
-    return times
+
+def decode_in_graph(qs, layers, cfg: HiPConfig, rope: RoPE) -> tuple[dict[int, float], float | None]:
+    """Per-layer decode times inside a graph of len(layers) layers: hip per refresh kind, and
+    dense cuDNN (None where it cannot be captured). qs: a (1, 1, H, D) query per layer; layers:
+    heads-first (k, v) per layer."""
+    masks = [hip_attention(q, k.transpose(1, 2), v.transpose(1, 2), config=cfg, rope=rope, backend="triton")[1]
+             for q, (k, v) in zip(qs, layers)]
+    hip = {}
+    for stage in range(cfg.n_stages + 1):
+        hip[stage] = in_graph_ms([
+            lambda q=q, k=k, v=v, m=m, s=stage: hip_attention(q, k.transpose(1, 2), v.transpose(1, 2), config=cfg,
+                                                              rope=rope, mask=m, refresh_stage=s, backend="triton")
+            for q, (k, v), m in zip(qs, layers, masks)])
+    try:
+        with _sdpa("cudnn"):
+            dense = in_graph_ms([lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q.transpose(1, 2), k, v,
+                                                                                      enable_gqa=True)
+                                 for q, (k, v) in zip(qs, layers)])
+    except Exception as e:   # a backend that cannot run or be captured at this shape
+        print(f"  dense decode in graph: {str(e).splitlines()[0][:100]}")
+        dense = None
+    return hip, dense
 
 
 def amortized(cfg: HiPConfig, times: dict[int, float]) -> tuple[float, dict[int, int]]:
@@ -121,7 +157,9 @@ def record(kind, context, dense_ms, hip_ms, meta, **extra):
     r["speedup_vs_fastest_dense"] = None if fastest is None or not hip_ms else fastest / hip_ms
     sp = "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
     dn = "-" if dense_ms is None else f"{dense_ms:.3f}"
-    print(f"{kind:15s} {context:>9d} dense {dn:>10s} ms  hip {hip_ms:.3f} ms  {sp}", flush=True)
+    g = "" if r.get("speedup_in_graph") is None else (f"  in a graph: dense {r['dense_in_graph_ms']:.3f} ms  "
+                                                      f"hip {r['hip_in_graph_ms']:.3f} ms  {r['speedup_in_graph']:.1f}x")
+    print(f"{kind:15s} {context:>9d} dense {dn:>10s} ms  hip {hip_ms:.3f} ms  {sp}{g}", flush=True)
     return r
 
 
@@ -132,7 +170,8 @@ def run(args) -> list[dict]:
     cfg = HiPConfig.preset(args.preset, dense_threshold=0)   # time the sparse path at every context
     rope = RoPE(RoPE.default(D, 500000.0).inv_freq.cuda())   # on the device: graphs capture no copies
     g = torch.Generator(device="cuda").manual_seed(0)
-    t_max = max(args.decode + args.prefill + args.chunked)
+    shift = LAYER_SHIFT * (args.layers - 1) if args.decode else 0
+    t_max = max(args.decode + args.prefill + args.chunked) + shift
     # Caches heads-first (1, K, T, D), the layout dense kernels want; hip reads the (1, T, K, D) view.
     kc = torch.randn(1, K, t_max, D, device="cuda", dtype=DTYPE, generator=g)
     vc = torch.randn(1, K, t_max, D, device="cuda", dtype=DTYPE, generator=g)
@@ -145,9 +184,20 @@ def run(args) -> list[dict]:
         amort, counts = amortized(cfg, times)
         extra = dict(dense_cudnn_ms=dense["cudnn"], dense_flash_ms=dense["flash"],
                      step_ms={str(s): times[s] for s in times}, steps_per_cycle={str(s): n for s, n in counts.items()})
+        if args.layers > 1:
+            qs = [torch.randn(1, 1, H, D, device="cuda", dtype=DTYPE, generator=g) for _ in range(args.layers)]
+            views = [(kc[:, :, i * LAYER_SHIFT:i * LAYER_SHIFT + t], vc[:, :, i * LAYER_SHIFT:i * LAYER_SHIFT + t])
+                     for i in range(args.layers)]
+            in_graph, dense_in_graph = decode_in_graph(qs, views, cfg, rope)
+            extra.update(layers_in_graph=args.layers, dense_in_graph_ms=dense_in_graph,
+                         step_ms_in_graph={str(s): in_graph[s] for s in in_graph})
         base = dense["cudnn"] if dense["cudnn"] is not None else dense["flash"]
-        out.append(record("decode", t, base, amort, meta, **extra))
-        out.append(record("decode_refresh", t, base, times[0], meta, **extra))
+        for kind, hip in (("decode", amort), ("decode_refresh", times[0])):
+            if args.layers > 1:
+                hip_g = amortized(cfg, in_graph)[0] if kind == "decode" else in_graph[0]
+                extra.update(hip_in_graph_ms=hip_g,
+                             speedup_in_graph=None if dense_in_graph is None else dense_in_graph / hip_g)
+            out.append(record(kind, t, base, hip, meta, **extra))
     for t in args.prefill:
         q = torch.randn(1, t, H, D, device="cuda", dtype=DTYPE, generator=g)
         k, v = kc[:, :, :t], vc[:, :, :t]
@@ -239,6 +289,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--prefill", type=_ints, default=_ints("8K,16K,32K,64K,128K"), help="one-call prefill contexts")
     p.add_argument("--chunked", type=_ints, default=_ints("1M"), help="chunked-prefill prompt lengths")
     p.add_argument("--chunk", type=int, default=16 * K_, help="queries per prefill chunk")
+    p.add_argument("--layers", type=int, default=8,
+                   help="decode is also timed per call inside a graph of this many layers' calls (1: not)")
     p.add_argument("--preset", default="paper")
     p.add_argument("--out", type=Path, default=Path("attention.json"), help="JSON path (the PNG goes beside it)")
     args = p.parse_args(argv)

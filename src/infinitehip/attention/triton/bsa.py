@@ -56,7 +56,7 @@ def _operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _bsa_kernel(
     q_ptr, k_ptr, v_ptr, starts_ptr, p0_ptr, w0_ptr, exact_ptr, kv_len_ptr, anchor_ptr,
-    inv_freq_ptr, attention_scaling, qk_scale,
+    inv_freq_ptr, attention_scaling: tl.constexpr, qk_scale,
     out_ptr, part_ptr, lse_ptr, count_ptr, table_ptr, ks_ptr, vs_ptr,
     stride_qb, stride_qt, stride_qh,            # q (B, Tq, H, D), unit stride on D
     stride_kb, stride_kt, stride_kh,            # k (B, Tk, K, D)
@@ -76,7 +76,7 @@ def _bsa_kernel(
     FAST: tl.constexpr, PAGED: tl.constexpr, SCALED: tl.constexpr, PAGE: tl.constexpr,
     NSPLIT_P: tl.constexpr, SPLIT_TILE: tl.constexpr,
     POSITIONS: tl.constexpr, LENS: tl.constexpr, ANCHOR: tl.constexpr, WINDOW: tl.constexpr,
-    LOWEST: tl.constexpr, PRUNE_RULE: tl.constexpr, ATTEND_RULE: tl.constexpr,
+    LOWEST: tl.constexpr, PRUNE_RULE: tl.constexpr, ATTEND_RULE: tl.constexpr, Q_AT_P0: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -120,7 +120,12 @@ def _bsa_kernel(
     q1 = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32)              # (BLOCK_M, HALF_P)
     q2 = tl.load(q_ptr + q_off + HALF, mask=q_mask, other=0.0).to(tl.float32)
     if ROPE:
-        q1, q2 = _rotate(q1, q2, t, inv_freq, attention_scaling, FAST)
+        if Q_AT_P0:   # one query, at p0 itself (decode): its rotation is by zero
+            if attention_scaling != 1.0:
+                q1 = q1 * attention_scaling
+                q2 = q2 * attention_scaling
+        else:
+            q1, q2 = _rotate(q1, q2, t, inv_freq, attention_scaling, FAST)
     dtype = q_ptr.dtype.element_ty
     q1 = _operand(q1 * qk_scale, dtype, UPCAST)
     q2 = _operand(q2 * qk_scale, dtype, UPCAST)

@@ -164,7 +164,7 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
         UPCAST=not q.is_cuda, FAST=q.is_cuda,
         PAGED=paged, SCALED=scaled, PAGE=pages.page if pages is not None else 1,
         NSPLIT_P=nsplit_p, SPLIT_TILE=split_tile(block_t * heads_p, nsplit_p, half_p),
-        **positions,
+        **positions, Q_AT_P0=tq == 1,
         num_warps=tuning.get("num_warps", 4), num_stages=tuning.get("num_stages", 2),
     )
     return out

@@ -21,7 +21,7 @@ from .prune import _rotate
 
 @triton.jit
 def _pool_kernel(
-    q_ptr, exact_ptr, inv_freq_ptr, attention_scaling, qp_ptr, valid_ptr,
+    q_ptr, exact_ptr, inv_freq_ptr, attention_scaling: tl.constexpr, qp_ptr, valid_ptr,
     stride_qb, stride_qt, stride_qh,                # q (B, Tq, H, D), unit stride on D
     stride_pb, stride_pq, stride_pr, stride_ph,     # qp (B, NQB, R, H, D) float32, unit stride on D
     stride_vb, stride_vq,                           # valid (B, NQB, R) int8, unit stride on R

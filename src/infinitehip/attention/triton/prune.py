@@ -3,8 +3,9 @@
 One launch scores every (batch, head group, query block, chunk) in parallel. A program owns
 ``BLOCK_C`` chunks of one (batch, group, query block) and walks their log2(chunk) levels
 together: at each level it gathers the two probe keys of every chunk (the middles of both
-halves), rotates them in registers, scores them against the block's pooled queries (max over
-valid rows and over every query head of the group) and keeps the better half of each chunk.
+halves) in one load, rotates them in registers, scores them against the block's pooled queries
+(max over valid rows and over every query head of the group; each query tile is loaded once
+for both halves) and keeps the better half of each chunk.
 
 With DENSE (a tuning switch for small chunks, ``scripts/sweep_prune.py``) a program instead
 scores every token of its chunks in one pass — one contiguous load and one matrix product per
@@ -63,16 +64,18 @@ def _cos_sin(angle, FAST: tl.constexpr):
 
 
 @triton.jit
-def _rotate(x1, x2, rel, inv_freq, attention_scaling, FAST: tl.constexpr):
-    """RoPE (rotate_half convention) of rows x = [x1 | x2] at positions rel: (N, HALF_P) each."""
+def _rotate(x1, x2, rel, inv_freq, attention_scaling: tl.constexpr, FAST: tl.constexpr):
+    """RoPE (rotate_half convention) of rows x = [x1 | x2] at positions rel: (N, HALF_P) each.
+    attention_scaling is a compile-time constant: 1.0 (most RoPE types) costs no multiply."""
     cos, sin = _cos_sin(rel.to(tl.float32)[:, None] * inv_freq[None, :], FAST)
-    cos = cos * attention_scaling
-    sin = sin * attention_scaling
+    if attention_scaling != 1.0:
+        cos = cos * attention_scaling
+        sin = sin * attention_scaling
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
 @triton.jit
-def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv_freq, attention_scaling, kvh,
+def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv_freq, attention_scaling: tl.constexpr, kvh,
                   stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp,
                   SCALED: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr, HALF: tl.constexpr,
                   HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -95,7 +98,7 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv
     if ROPE:
         if exact:
             k1, k2 = _rotate(k1, k2, rel, inv_freq, attention_scaling, FAST)
-        else:   # relative mode: every probe at position 0, a rotation by zero
+        elif attention_scaling != 1.0:   # relative mode: every probe at position 0, a rotation by zero
             k1 = k1 * attention_scaling
             k2 = k2 * attention_scaling
     best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
@@ -120,7 +123,7 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv
 
 
 @triton.jit
-def _group_scores(q_base, qv_base, k_base, ks_base, probe, probe_ok, exact, rel, inv_freq, attention_scaling, g,
+def _group_scores(q_base, qv_base, k_base, ks_base, probe, probe_ok, exact, rel, inv_freq, attention_scaling: tl.constexpr, g,
                   stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, KG: tl.constexpr,
                   SCALED: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr,
                   HALF: tl.constexpr, HALF_P: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -137,7 +140,7 @@ def _group_scores(q_base, qv_base, k_base, ks_base, probe, probe_ok, exact, rel,
 
 @triton.jit
 def _score_chunks_kernel(
-    q_ptr, qv_ptr, k_ptr, ks_ptr, starts_ptr, out_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr, attention_scaling,
+    q_ptr, qv_ptr, k_ptr, ks_ptr, starts_ptr, out_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr, attention_scaling: tl.constexpr,
     stride_qb, stride_qq, stride_qr, stride_qh,         # qp (B, NQB, R, H, D), unit stride on D
     stride_qvb, stride_qvq, stride_qvr,                 # q_valid (B, NQB, R)
     stride_kb, stride_kt, stride_kh,                    # k (B, Tk, K, D), unit stride on D
@@ -199,17 +202,16 @@ def _score_chunks_kernel(
             if DENSE:   # the probes' scores, picked from the chunk's row
                 s_l = tl.max(tl.where(pos == left[:, None], s_all, float("-inf")), axis=1)
                 s_r = tl.max(tl.where(pos == right[:, None], s_all, float("-inf")), axis=1)
-            else:   # gathered. Exact pruning rotates probes at their offset from the block start; relative at 0.
-                rel_l = tl.where(exact, left - p0, 0)
-                rel_r = tl.where(exact, right - p0, 0)
-                s_l = _group_scores(q_base, qv_base, k_base, ks_base, left, active, exact, rel_l, inv_freq,
-                                    attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
-                                    stride_ssp, KG, SCALED, PAGE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M,
-                                    M_TILES, ROPE, DOT_PRECISION, FAST)
-                s_r = _group_scores(q_base, qv_base, k_base, ks_base, right, active, exact, rel_r, inv_freq,
-                                    attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh,
-                                    stride_ssp, KG, SCALED, PAGE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C, BLOCK_M,
-                                    M_TILES, ROPE, DOT_PRECISION, FAST)
+            else:   # gathered, both halves' probes at once (interleaved): each query tile loaded once
+                pair = tl.reshape(tl.join(left, right), (2 * BLOCK_C,))
+                pair_ok = tl.reshape(tl.join(active.to(tl.int32), active.to(tl.int32)), (2 * BLOCK_C,)) != 0
+                # Exact pruning rotates probes at their offset from the block start; relative at 0.
+                s_pair = _group_scores(q_base, qv_base, k_base, ks_base, pair, pair_ok, exact,
+                                       tl.where(exact, pair - p0, 0), inv_freq, attention_scaling, g, stride_qr,
+                                       stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, KG, SCALED, PAGE, R,
+                                       HPK, HPK_P, HALF, HALF_P, 2 * BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION,
+                                       FAST)
+                s_l, s_r = tl.split(tl.reshape(s_pair, (BLOCK_C, 2)))
             best = tl.maximum(best, tl.maximum(s_l, s_r))
             a = a + tl.where(s_r > s_l, half, 0)     # keep the better half (ties: the left one)
     out = tl.where(active, best, _NEG_SCORE)

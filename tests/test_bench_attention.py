@@ -1,0 +1,28 @@
+"""The attention bench's in-graph decode timing (its CUDA parts replaced: this checks the wiring):
+every layer's call attends with its own query, keys and mask, at the refresh kind being timed."""
+import contextlib
+
+import torch
+
+from infinitehip import HiPConfig, RoPE, hip_attention
+from infinitehip.bench import attention as bench
+
+
+def test_decode_in_graph_times_each_layer_with_its_own_inputs(monkeypatch):
+    timed = []
+    monkeypatch.setattr(bench, "in_graph_ms", lambda calls: timed.append([c() for c in calls]) or 1.0)
+    monkeypatch.setattr(bench, "_sdpa", lambda name: contextlib.nullcontext())
+    cfg, rope = HiPConfig.preset("tiny", dense_threshold=0), RoPE.default(64)
+    g = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(1, 2, 900, 64, generator=g), torch.randn(1, 2, 900, 64, generator=g)
+    qs = [torch.randn(1, 1, 8, 64, generator=g) for _ in range(3)]
+    layers = [(kc[:, :, 100 * i:100 * i + 600], vc[:, :, 100 * i:100 * i + 600]) for i in range(3)]
+    hip, dense = bench.decode_in_graph(qs, layers, cfg, rope)
+    assert sorted(hip) == list(range(cfg.n_stages + 1)) and dense == 1.0
+    assert len(timed) == cfg.n_stages + 2 and all(len(t) == 3 for t in timed)
+    for i, (q, (k, v)) in enumerate(zip(qs, layers)):   # the full-refresh graph: what each layer alone gives
+        want, _ = hip_attention(q, k.transpose(1, 2), v.transpose(1, 2), config=cfg, rope=rope, backend="triton")
+        torch.testing.assert_close(timed[0][i][0], want)
+        dense_want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=True)
+        torch.testing.assert_close(timed[-1][i], dense_want)
+    assert not torch.equal(timed[0][0][0], timed[0][1][0]), "layers differ"
