@@ -15,6 +15,7 @@
 #   sweep      scripts/sweep_prune.py: pruning launch settings (dense small-chunk scoring too), decode and prefill 128K
 #   reuse      scripts/sweep_prune.py --reuse 128K: the mask-reuse decode step's launch settings
 #   ncu        Nsight Compute on that step's kernel (default settings, 2 launches), where the machine allows it
+#   ncu_prune  Nsight Compute on the pruning kernel, its three stages for a 16K-query prefill chunk at 128K
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -35,7 +36,7 @@ for s in "$@"; do
     case $s in
         tests) step tests 420 python -m pytest -q --maxfail=4 -rfE ${TEST_FILES:-tests/test_triton.py \
                    tests/test_fused_decode.py tests/test_offload_kernels.py tests/test_offload_gpu_cache.py \
-                   tests/test_offload_graph.py tests/test_engine_gpu.py tests/test_engine_decode.py} ;;
+                   tests/test_offload_graph.py tests/test_engine_gpu.py tests/test_engine_decode.py tests/test_fused.py} ;;
         offload) step offload 380 python -m infinitehip.bench offload --contexts 262144,1048576 \
                      --on-gpu-contexts 262144 --profile 32 --out "$OUT" \
                      --paths on_gpu,offload,offload_fp8,offload_page_cache,offload_fp8_page_cache ;;
@@ -48,7 +49,11 @@ for s in "$@"; do
         ncu) step ncu 150 ncu --clock-control none -k regex:_bsa_kernel -c 2 --section SpeedOfLight \
                  --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
                  python scripts/sweep_prune.py --reuse 128K --reuse-limit 1 --decode "" --prefill "" --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, attention, engine, sweep, reuse, ncu)"; exit 2 ;;
+        ncu_prune) step ncu_prune 200 ncu --clock-control none -k regex:_score_chunks_kernel -c 3 \
+                       --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+                       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+                       python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
+        *) echo "unknown step $s (tests, offload, attention, engine, sweep, reuse, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"

@@ -26,10 +26,13 @@ from infinitehip.config import HiPConfig
 H, K, D = 32, 8, 128
 # Measured 2026-11-25 (H100, decode 1M stage 0): tf32 3.3x faster than tf32x3, ieee slowest;
 # 32 chunks x 4 warps best of block_c 16/32 x warps 2/4/8. Each setting compiles once (~5 s).
-GRID = dict(block_c=(16, 32, 64), num_warps=(4, 8), precision=("tf32",), dense=(False, True))
+# Measured 2026-11-29 (H200, sweep_prune_h200.json): 4 warps best everywhere in prefill, 16 chunks
+# never best; bf16 operands (16-bit q tiles) are a candidate for the query-tile-bound prefill stages.
+GRID = dict(block_c=(32, 64), num_warps=(4,), precision=("tf32", "bf16"), dense=(False, True))
 
 
-def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict]:
+def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None) -> list[dict]:
+    """score_chunks per stage over GRID (its first ``limit`` settings), then the prefill attend grid."""
     q = torch.randn(1, tq, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, tk, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
     kv_len = torch.tensor([tk], device="cuda")
@@ -40,7 +43,7 @@ def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict]:
         qp, qv = pool_queries(q, geo, cfg.stage_strides[s], cfg, rope)
         starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
                   else mask.stage_inputs[s].long())
-        for bc, nw, prec, dense in itertools.product(*GRID.values()):
+        for bc, nw, prec, dense in itertools.islice(itertools.product(*GRID.values()), limit):
             if dense and cfg.chunk_sizes[s] > DENSE_CHUNK:    # every token scored: for small chunks only
                 continue
             tuning = dict(block_c=bc, num_warps=nw, precision=prec, dense=dense)
@@ -52,7 +55,7 @@ def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict]:
                 print(f"  {tuning}: {str(e).splitlines()[0][:80]}")
             out.append(dict(tq=tq, tk=tk, stage=s, **tuning, ms=ms))
             print(out[-1], flush=True)
-    if tq > 1:
+    if tq > 1 and limit is None:
         out += sweep_attend(q, k, mask, geo, cfg, rope)
     return out
 
@@ -106,6 +109,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=16384)
     p.add_argument("--reuse", type=_ints, default=_ints(""), help="contexts for the mask-reuse decode sweep")
     p.add_argument("--reuse-limit", type=int, default=None, help="time only the first N reuse settings (profilers)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="time only the first N pruning settings per stage, no attend sweep (profilers)")
     p.add_argument("--out", type=Path, default=Path("sweep_prune.json"))
     args = p.parse_args()
     cfg = HiPConfig.preset("paper", dense_threshold=0)
@@ -115,9 +120,9 @@ def main() -> None:
     for tk in args.reuse:
         records += sweep_reuse(tk, cfg, rope, g, args.reuse_limit)
     for tk in args.decode:
-        records += sweep(1, tk, cfg, rope, g)
+        records += sweep(1, tk, cfg, rope, g, args.limit)
     for tk in args.prefill:
-        records += sweep(min(args.chunk, tk), tk, cfg, rope, g)
+        records += sweep(min(args.chunk, tk), tk, cfg, rope, g, args.limit)
     args.out.write_text(json.dumps(records, indent=1))
 
 

@@ -32,6 +32,7 @@ from ..rope import RoPE
 # queries carry 16-bit information, so plain tf32 decides like the float32 reference up to
 # near-ties, at a third of the cost of "tf32x3" (measured on an H100: stage 0 of a 1M-token
 # decode step 367 -> 112 us, scripts/sweep_prune.py). float32 keys keep float32 accuracy.
+# "bf16" (operands rounded to bfloat16, float32 sums) is a tuning option of the sweep.
 _PRUNE_DOT_PRECISION = {torch.float32: "tf32x3"}
 _SENTINEL = tl.constexpr(SENTINEL)
 _NEG_SCORE = tl.constexpr(NEG_SCORE)
@@ -75,6 +76,15 @@ def _rotate(x1, x2, rel, inv_freq, attention_scaling: tl.constexpr, FAST: tl.con
 
 
 @triton.jit
+def _bf16(x, FAST: tl.constexpr):
+    """x rounded to bfloat16: the tensor-core operand on the GPU; the interpreter's bfloat16 dot
+    is unreliable, so there the rounded values stay float32 (their products are exact either way)."""
+    if FAST:
+        return x.to(tl.bfloat16)
+    return x.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
 def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv_freq, attention_scaling: tl.constexpr, kvh,
                   stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp,
                   SCALED: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr, HALF: tl.constexpr,
@@ -101,6 +111,9 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv
         elif attention_scaling != 1.0:   # relative mode: every probe at position 0, a rotation by zero
             k1 = k1 * attention_scaling
             k2 = k2 * attention_scaling
+    if DOT_PRECISION == "bf16":   # 16-bit operands, float32 accumulation (a tuning option)
+        k1 = _bf16(k1, FAST)
+        k2 = _bf16(k2, FAST)
     best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
     # Rows m = r * HPK_P + j (pooled row r, head j of the kv head). Row tiles without a valid
     # row are skipped: in decode only the first pooled row is real.
@@ -115,8 +128,12 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv
             q_mask = row_ok[:, None] & d_ok[None, :]
             q1 = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)                    # (BLOCK_M, HALF_P)
             q2 = tl.load(q_ptr + q_off + HALF, mask=q_mask, other=0.0)
-            s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-            s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)          # (BLOCK_M, BLOCK_C)
+            if DOT_PRECISION == "bf16":
+                s = tl.dot(_bf16(q1, FAST), tl.trans(k1), input_precision="ieee")
+                s += tl.dot(_bf16(q2, FAST), tl.trans(k2), input_precision="ieee")  # (BLOCK_M, BLOCK_C)
+            else:
+                s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+                s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)      # (BLOCK_M, BLOCK_C)
             s = tl.where(row_ok[:, None], s, float("-inf"))
             best = tl.maximum(best, tl.max(s, axis=0))
     return best
