@@ -115,6 +115,8 @@ def _rel_err(x, ref):
     return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+RUN8 = dict(chunk_sizes=(32, 8), stage_budgets=(None, 256), stage_strides=(2, 1), refresh_intervals=(8, 4))
+
 # (B, Tq, Tk, H, K, D, lens, overrides)
 ATTEND_CASES = [
     (1, 70, 517, 4, 4, 64, None, dict(rope_attend="exact")),                  # 3 query blocks, GQA 1
@@ -122,6 +124,9 @@ ATTEND_CASES = [
     (1, 3, 450, 8, 1, 96, None, dict(head_sharing="all")),                    # GQA 8, d 96
     (1, 40, 170, 4, 1, 64, None, dict()),                                     # Tk just above sink+window
     (1, 20, 100, 4, 2, 64, None, dict()),                                     # Tk < sink+window
+    # 8-token chunks: keys rotated in runs of 8 (angle addition), exact and streaming positions
+    (2, 1, 900, 8, 2, 64, [900, 611], dict(RUN8, rope_attend="streaming")),
+    (1, 70, 800, 4, 2, 128, None, dict(RUN8, rope_attend="exact")),
 ]
 
 

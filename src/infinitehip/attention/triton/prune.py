@@ -76,12 +76,38 @@ def _rotate(x1, x2, rel, inv_freq, attention_scaling: tl.constexpr, FAST: tl.con
 
 
 @triton.jit
+def _offset_cos_sin(inv_freq, RUN: tl.constexpr, FAST: tl.constexpr):
+    """cos and sin of o * inv_freq for o < RUN: (RUN, HALF_P) each, for ``_rotate_runs``."""
+    return _cos_sin(tl.arange(0, RUN).to(tl.float32)[:, None] * inv_freq[None, :], FAST)
+
+
+@triton.jit
+def _rotate_runs(x1, x2, rel, inv_freq, cos_o, sin_o, attention_scaling: tl.constexpr, RUN: tl.constexpr,
+                 FAST: tl.constexpr):
+    """``_rotate`` of N rows whose positions ``rel`` (N,) run in steps of one through each aligned
+    group of RUN rows: cos/sin of each group's first position only, the rest by angle addition
+    with the offsets' (``_offset_cos_sin``), RUN times fewer evaluations. x1, x2 (N, HALF_P)."""
+    N: tl.constexpr = x1.shape[0]
+    HALF_P: tl.constexpr = x1.shape[1]
+    o = tl.arange(0, N) % RUN
+    first = tl.max(tl.reshape(rel - o, (N // RUN, RUN)), axis=1)          # (N / RUN,) equal within a group
+    cos_f, sin_f = _cos_sin(first.to(tl.float32)[:, None] * inv_freq[None, :], FAST)
+    cos = tl.reshape(cos_f[:, None, :] * cos_o[None, :, :] - sin_f[:, None, :] * sin_o[None, :, :], (N, HALF_P))
+    sin = tl.reshape(sin_f[:, None, :] * cos_o[None, :, :] + cos_f[:, None, :] * sin_o[None, :, :], (N, HALF_P))
+    if attention_scaling != 1.0:
+        cos = cos * attention_scaling
+        sin = sin * attention_scaling
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
 def _bf16(x, FAST: tl.constexpr):
     """x rounded to bfloat16: the tensor-core operand on the GPU; the interpreter's bfloat16 dot
     is unreliable, so there the rounded values stay float32 (their products are exact either way)."""
-    if FAST:
-        return x.to(tl.bfloat16)
-    return x.to(tl.bfloat16).to(tl.float32)
+    y = x.to(tl.bfloat16)
+    if not FAST:
+        y = y.to(tl.float32)
+    return y
 
 
 @triton.jit
@@ -264,9 +290,12 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     half = D // 2
     half_p = max(16, triton.next_power_of_2(half))
     tuning = tuning or {}
-    block_c = tuning.get("block_c", 32 if n >= 32 else 16)
     block_m = tuning.get("block_m", min(64, max(16, triton.next_power_of_2(R * hpk_p))))
     m_tiles = triton.cdiv(R * hpk_p, block_m)
+    # Probes per program: a level reloads every query tile, so several tiles (prefill's last stage,
+    # stride 1: 256 rows) want more probes per load. H200, 16K queries at 128K (sweep_prune_h200.json):
+    # that stage 9.8 -> 6.8 ms with 64 chunks; one tile (stages 0-1) is faster with 32 (4.4 vs 7.4 ms).
+    block_c = tuning.get("block_c", 64 if m_tiles > 1 and n >= 64 else 32 if n >= 32 else 16)
     p0, w0 = geo.p0.contiguous(), geo.w0.contiguous()
     qv = q_valid.view(torch.int8)                                 # bool bytes, read as int8
     exact = geo.exact_prune.view(torch.int8)
