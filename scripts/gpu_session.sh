@@ -44,7 +44,7 @@ for s in "$@"; do
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
                        --chunked "" --out "$OUT/attention.json" ;;
         engine) step engine 400 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 --out "$OUT" ;;
-        sweep) step sweep 400 python scripts/sweep_prune.py --decode ${SWEEP_DECODE-128K} --prefill 128K \
+        sweep) step sweep 400 python scripts/sweep_prune.py --decode "${SWEEP_DECODE-128K}" --prefill 128K \
                  --out "$OUT/sweep_prune.json" ;;
         reuse) step reuse 200 python scripts/sweep_prune.py --reuse 128K --decode "" --prefill "" \
                    --out "$OUT/sweep_reuse.json" ;;

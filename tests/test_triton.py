@@ -124,7 +124,7 @@ ATTEND_CASES = [
     (1, 3, 450, 8, 1, 96, None, dict(head_sharing="all")),                    # GQA 8, d 96
     (1, 40, 170, 4, 1, 64, None, dict()),                                     # Tk just above sink+window
     (1, 20, 100, 4, 2, 64, None, dict()),                                     # Tk < sink+window
-    # 8-token chunks: keys rotated in runs of 8 (angle addition), exact and streaming positions
+    # 8-token chunks (the paper's), exact and streaming positions
     (2, 1, 900, 8, 2, 64, [900, 611], dict(RUN8, rope_attend="streaming")),
     (1, 70, 800, 4, 2, 128, None, dict(RUN8, rope_attend="exact")),
 ]

@@ -33,7 +33,7 @@ import triton.language as tl
 from ..mask import SENTINEL
 from .decode import arrive_and_merge
 from .geometry import block_positions
-from .prune import _offset_cos_sin, _rotate, _rotate_runs
+from .prune import _rotate
 
 _SENTINEL = tl.constexpr(SENTINEL)
 # exp(x) = exp2(x * log2(e)): the softmax scale is folded into q together with log2(e).
@@ -77,7 +77,6 @@ def _bsa_kernel(
     NSPLIT_P: tl.constexpr, SPLIT_TILE: tl.constexpr,
     POSITIONS: tl.constexpr, LENS: tl.constexpr, ANCHOR: tl.constexpr, WINDOW: tl.constexpr,
     LOWEST: tl.constexpr, PRUNE_RULE: tl.constexpr, ATTEND_RULE: tl.constexpr, Q_AT_P0: tl.constexpr,
-    RUN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -131,9 +130,6 @@ def _bsa_kernel(
     q1 = _operand(q1 * qk_scale, dtype, UPCAST)
     q2 = _operand(q2 * qk_scale, dtype, UPCAST)
 
-    if ROPE and RUN > 1:   # keys come in runs of consecutive positions: rotated by angle addition
-        cos_o, sin_o = _offset_cos_sin(inv_freq, RUN, FAST)
-
     m_i = tl.full((BLOCK_M,), _M_INIT, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc1 = tl.zeros((BLOCK_M, HALF_P), tl.float32)
@@ -173,12 +169,8 @@ def _bsa_kernel(
                 k2 = k2.to(tl.float32) * k_sc[:, None]
             if ROPE:
                 pos = tl.where(exact | in_win, idx, packed - SINK + s)
-                if RUN > 1:
-                    k1, k2 = _rotate_runs(k1.to(tl.float32), k2.to(tl.float32), pos - p0, inv_freq, cos_o, sin_o,
-                                          attention_scaling, RUN, FAST)
-                else:
-                    k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), pos - p0, inv_freq, attention_scaling,
-                                     FAST)
+                k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), pos - p0, inv_freq, attention_scaling,
+                                 FAST)
             k1 = _operand(k1, dtype, UPCAST)
             k2 = _operand(k2, dtype, UPCAST)
             qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)

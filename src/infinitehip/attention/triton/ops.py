@@ -88,16 +88,6 @@ def attend_reused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: HiPMa
     return _launch(q, k, v, mask.starts, positions, config, rope, scale, pages, tuning or {})
 
 
-def position_runs(config: HiPConfig, block_n: int, most: int = 8) -> int:
-    """Length of the aligned runs of consecutive key positions in the slot list (at most ``most``):
-    sink, window and, in streaming order, the selected chunks run in steps of one; with exact
-    positions a selected chunk does, so a run divides the chunk size, the sink and the tile."""
-    run = most
-    while run > 1 and (config.chunk_size % run or config.sink % run or block_n % run):
-        run //= 2
-    return run
-
-
 def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | None, scale: float,
             pages: KVPages | None, tuning: dict) -> torch.Tensor:
     """The attention kernel; ``positions``: its position arguments (from a Geometry's tensors,
@@ -174,7 +164,7 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
         UPCAST=not q.is_cuda, FAST=q.is_cuda,
         PAGED=paged, SCALED=scaled, PAGE=pages.page if pages is not None else 1,
         NSPLIT_P=nsplit_p, SPLIT_TILE=split_tile(block_t * heads_p, nsplit_p, half_p),
-        **positions, Q_AT_P0=tq == 1, RUN=tuning.get("run", position_runs(config, block_n)),
+        **positions, Q_AT_P0=tq == 1,
         num_warps=tuning.get("num_warps", 4), num_stages=tuning.get("num_stages", 2),
     )
     return out

@@ -76,31 +76,6 @@ def _rotate(x1, x2, rel, inv_freq, attention_scaling: tl.constexpr, FAST: tl.con
 
 
 @triton.jit
-def _offset_cos_sin(inv_freq, RUN: tl.constexpr, FAST: tl.constexpr):
-    """cos and sin of o * inv_freq for o < RUN: (RUN, HALF_P) each, for ``_rotate_runs``."""
-    return _cos_sin(tl.arange(0, RUN).to(tl.float32)[:, None] * inv_freq[None, :], FAST)
-
-
-@triton.jit
-def _rotate_runs(x1, x2, rel, inv_freq, cos_o, sin_o, attention_scaling: tl.constexpr, RUN: tl.constexpr,
-                 FAST: tl.constexpr):
-    """``_rotate`` of N rows whose positions ``rel`` (N,) run in steps of one through each aligned
-    group of RUN rows: cos/sin of each group's first position only, the rest by angle addition
-    with the offsets' (``_offset_cos_sin``), RUN times fewer evaluations. x1, x2 (N, HALF_P)."""
-    N: tl.constexpr = x1.shape[0]
-    HALF_P: tl.constexpr = x1.shape[1]
-    o = tl.arange(0, N) % RUN
-    first = tl.max(tl.reshape(rel - o, (N // RUN, RUN)), axis=1)          # (N / RUN,) equal within a group
-    cos_f, sin_f = _cos_sin(first.to(tl.float32)[:, None] * inv_freq[None, :], FAST)
-    cos = tl.reshape(cos_f[:, None, :] * cos_o[None, :, :] - sin_f[:, None, :] * sin_o[None, :, :], (N, HALF_P))
-    sin = tl.reshape(sin_f[:, None, :] * cos_o[None, :, :] + cos_f[:, None, :] * sin_o[None, :, :], (N, HALF_P))
-    if attention_scaling != 1.0:
-        cos = cos * attention_scaling
-        sin = sin * attention_scaling
-    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
-
-
-@triton.jit
 def _bf16(x, FAST: tl.constexpr):
     """x rounded to bfloat16: the tensor-core operand on the GPU; the interpreter's bfloat16 dot
     is unreliable, so there the rounded values stay float32 (their products are exact either way)."""
