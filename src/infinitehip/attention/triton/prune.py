@@ -28,12 +28,14 @@ from ..mask import NEG_SCORE, SENTINEL, Geometry
 from ..pages import KVPages
 from ..rope import RoPE
 
-# Dot precision of the probes, by key dtype. 16-bit keys are exact in tf32 and the pooled
-# queries carry 16-bit information, so plain tf32 decides like the float32 reference up to
-# near-ties, at a third of the cost of "tf32x3" (measured on an H100: stage 0 of a 1M-token
-# decode step 367 -> 112 us, scripts/sweep_prune.py). float32 keys keep float32 accuracy.
-# "bf16" (operands rounded to bfloat16, float32 sums) is a tuning option of the sweep.
-_PRUNE_DOT_PRECISION = {torch.float32: "tf32x3"}
+# Dot precision of the probes, by key dtype. bfloat16 keys: the rotated probes and pooled queries
+# rounded to bfloat16, float32 sums (tensor cores at 16-bit rate, half the shared-memory bytes of
+# float32 tiles): a 16K-query prefill chunk at 128K, stages 0/1/2 4.4/5.4/6.8 -> 3.4/4.5/5.5 ms on
+# an H200 (scripts/sweep_prune.py, sweep_prune_paired_h200.json); scores then match the float32
+# reference to ~1e-2 relative, so near-ties may decide differently. Other 16-bit keys (fp16, whose
+# values bfloat16 would round) and FP8 codes: tf32, exact for them, queries rounded to 10 bits
+# (3.3x faster than "tf32x3" on an H100, decode 1M stage 0). float32 keys keep float32 accuracy.
+_PRUNE_DOT_PRECISION = {torch.float32: "tf32x3", torch.bfloat16: "bf16"}
 _SENTINEL = tl.constexpr(SENTINEL)
 _NEG_SCORE = tl.constexpr(NEG_SCORE)
 
@@ -112,7 +114,7 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv
         elif attention_scaling != 1.0:   # relative mode: every probe at position 0, a rotation by zero
             k1 = k1 * attention_scaling
             k2 = k2 * attention_scaling
-    if DOT_PRECISION == "bf16":   # 16-bit operands, float32 accumulation (a tuning option)
+    if DOT_PRECISION == "bf16":   # 16-bit operands, float32 accumulation
         k1 = _bf16(k1, FAST)
         k2 = _bf16(k2, FAST)
     best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
@@ -268,8 +270,9 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     block_m = tuning.get("block_m", min(64, max(16, triton.next_power_of_2(R * hpk_p))))
     m_tiles = triton.cdiv(R * hpk_p, block_m)
     # Probes per program: a level reloads every query tile, so several tiles (prefill's last stage,
-    # stride 1: 256 rows) want more probes per load. H200, 16K queries at 128K (sweep_prune_h200.json):
-    # that stage 9.8 -> 6.8 ms with 64 chunks; one tile (stages 0-1) is faster with 32 (4.4 vs 7.4 ms).
+    # stride 1: 256 rows) want more probes per load. H200, 16K queries at 128K, tf32
+    # (sweep_prune_paired_h200.json): that stage 9.8 -> 6.8 ms with 64 chunks; one tile (stages
+    # 0-1) is faster with 32 (4.4 vs 7.6 ms).
     block_c = tuning.get("block_c", 64 if m_tiles > 1 and n >= 64 else 32 if n >= 32 else 16)
     p0, w0 = geo.p0.contiguous(), geo.w0.contiguous()
     qv = q_valid.view(torch.int8)                                 # bool bytes, read as int8
