@@ -156,6 +156,16 @@ def test_attend_bf16_error_is_within_reference_rounding(tq, rope_attend):
     assert _rel_err(got, exact) < 2e-2
 
 
+def test_decode_merge_over_many_splits():
+    """Split-K decode with more splits than one merge load takes (40 splits, 16 per load): the
+    online merge across loads, rows with different lengths."""
+    cfg, q, k, v, geo, rope = setup(2, 1, 1200, 8, 2, 128, lens=[1200, 700], window=512)
+    starts = run_stages(q, k, geo, cfg, rope, reference.score_chunks).starts
+    want = reference.attend(q, k, v, starts, geo, cfg, rope, 128 ** -0.5)
+    got = ops.attend(q, k, v, starts, geo, cfg, rope, 128 ** -0.5, tuning=dict(block_n=16, programs_per_sm=64))
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
 def test_attend_ignores_unwritten_cache():
     cfg, q, k, v, geo, rope = setup(2, 1, 640, 4, 2, 64, lens=[640, 400])
     starts = run_stages(q, k, geo, cfg, rope, reference.score_chunks).starts
