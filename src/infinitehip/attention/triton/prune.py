@@ -13,7 +13,8 @@ query tile instead of 2 x log2(chunk) gathers and products — and walks the lev
 scores: the same probes and decisions from the same dot products, at chunk / (2 log2 chunk)
 times the arithmetic (4/3 for 8-token chunks).
 
-Mirrors ``reference.score_chunks``; see it for the exact semantics. With SCALED the keys are
+Mirrors ``reference.score_chunks``; see it for the exact semantics (bfloat16 keys are scored
+with bfloat16 operands: ``_PRUNE_DOT_PRECISION``). With SCALED the keys are
 FP8 codes and each probe is multiplied by its page's scale (``attention/pages.py``): KV offload
 prunes over the host store in place.
 """
@@ -131,7 +132,7 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv
             q_mask = row_ok[:, None] & d_ok[None, :]
             q1 = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)                    # (BLOCK_M, HALF_P)
             q2 = tl.load(q_ptr + q_off + HALF, mask=q_mask, other=0.0)
-            if DOT_PRECISION == "bf16":
+            if DOT_PRECISION == "bf16":   # "ieee": the interpreter's rounded float32 operands, exactly
                 s = tl.dot(_bf16(q1, FAST), tl.trans(k1), input_precision="ieee")
                 s += tl.dot(_bf16(q2, FAST), tl.trans(k2), input_precision="ieee")  # (BLOCK_M, BLOCK_C)
             else:
