@@ -163,7 +163,8 @@ def plan_fetch(cache: PageCache, flat: torch.Tensor):
     victim = (key <= kth) & (n_miss > 0)                                     # (S,) n_miss of them
     by_rank = torch.zeros(M + 1, dtype=torch.long, device=dev)               # [r] = the r-th victim slot
     by_rank.scatter_(0, torch.where(victim, victim.cumsum(0) - 1, M), torch.arange(S, device=dev))
-    dst = torch.where(miss, by_rank[(miss.cumsum(0) - 1).clamp(min=0)], cache.scratch)
+    miss_rank = miss.cumsum(0) - 1                                           # (M,) the r of the r-th miss
+    dst = torch.where(miss, by_rank[miss_rank.clamp(min=0)], cache.scratch)
     evicted = cache.owner[dst]
     gone = miss & (evicted >= 0)
     cache.slot_of.index_fill_(0, torch.where(gone, evicted, cache.num_units), -1)   # a scalar fill: capturable
@@ -171,6 +172,6 @@ def plan_fetch(cache: PageCache, flat: torch.Tensor):
     cache.stamp[dst] = cache.step
     cache.slot_of[torch.where(miss, flat, cache.num_units)] = dst.int()
     cache.counts += torch.stack([hit.sum(), n_miss, gone.sum()])
-    rank = torch.where(miss, miss.cumsum(0) - 1, M)                           # the copies, compact
+    rank = torch.where(miss, miss_rank, M)                                    # the copies, compact
     src = torch.full((M + 1,), -1, dtype=torch.long, device=dev).scatter_(0, rank, flat)[:M]
     return src, dst.new_empty(M + 1).scatter_(0, rank, dst)[:M], n_miss.view(1)
