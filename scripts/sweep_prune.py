@@ -27,7 +27,8 @@ H, K, D = 32, 8, 128
 # Measured 2026-11-25 (H100, decode 1M stage 0): tf32 3.3x faster than tf32x3, ieee slowest;
 # 32 chunks x 4 warps best of block_c 16/32 x warps 2/4/8. Each setting compiles once (~5 s).
 # Measured 2026-11-29 (H200, sweep_prune_h200.json): 4 warps best everywhere in prefill, 16 chunks
-# never best; bf16 operands (16-bit q tiles) are a candidate for the query-tile-bound prefill stages.
+# never best; then (sweep_prune_paired_h200.json) bf16 operands best in every prefill stage, now the
+# default for bfloat16 keys.
 GRID = dict(block_c=(32, 64), num_warps=(4,), precision=("tf32", "bf16"), dense=(False, True))
 
 
