@@ -27,9 +27,11 @@ H, K, D = 32, 8, 128
 # Measured 2026-11-25 (H100, decode 1M stage 0): tf32 3.3x faster than tf32x3, ieee slowest;
 # 32 chunks x 4 warps best of block_c 16/32 x warps 2/4/8. Each setting compiles once (~5 s).
 # Measured 2026-11-29 (H200, sweep_prune_h200.json): 4 warps best everywhere in prefill, 16 chunks
-# never best; then (sweep_prune_paired_h200.json) bf16 operands best in every prefill stage, now the
-# default for bfloat16 keys.
-GRID = dict(block_c=(32, 64), num_warps=(4,), precision=("tf32", "bf16"), dense=(False, True))
+# never best; bf16 operands (16-bit q tiles) are a candidate for the query-tile-bound prefill stages.
+# Measured 2026-11-29 (H200, sweep_prune_paired_h200.json): bf16 operands best in every prefill stage
+# (4.4/5.4/6.8 -> 3.4/4.5/5.5 ms), dense scoring never. Next: fewer registers (query tiles of 32
+# rows) and bfloat16 pooled queries in memory (q16).
+GRID = dict(block_c=(32, 64), block_m=(64, 32), precision=("bf16",), q16=(False, True))
 
 
 def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None) -> list[dict]:
@@ -44,10 +46,10 @@ def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = N
         qp, qv = pool_queries(q, geo, cfg.stage_strides[s], cfg, rope)
         starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
                   else mask.stage_inputs[s].long())
-        for bc, nw, prec, dense in itertools.islice(itertools.product(*GRID.values()), limit):
-            if dense and cfg.chunk_sizes[s] > DENSE_CHUNK:    # every token scored: for small chunks only
+        for values in itertools.islice(itertools.product(*GRID.values()), limit):
+            tuning = dict(zip(GRID, values))
+            if tuning.get("dense") and cfg.chunk_sizes[s] > DENSE_CHUNK:    # every token scored: small chunks only
                 continue
-            tuning = dict(block_c=bc, num_warps=nw, precision=prec, dense=dense)
             fn = lambda: ops.score_chunks(qp, qv, k, starts, cfg.chunk_sizes[s], geo, cfg, rope, tuning=tuning)  # noqa: E731
             try:
                 ms = triton.testing.do_bench(fn, warmup=5, rep=30 if tq > 1 else 50, return_mode="median")

@@ -74,6 +74,7 @@ def _calls():
     qp, qv = pool_queries(q, geo, 1, cfg, rope)
     starts = first_stage_starts(900, 32, 1, 2, qp.shape[1])
     ops.score_chunks(qp, qv, k, starts, 32, geo, cfg, rope, tuning=dict(precision="bf16"))
+    ops.score_chunks(qp, qv, k, starts, 32, geo, cfg, rope, tuning=dict(q16=True))
     x = torch.randn(3, 4096, dtype=torch.bfloat16)
     rms_norm_triton(x, torch.ones(4096, dtype=torch.bfloat16), 1e-5)
     silu_mul_triton(x)

@@ -104,7 +104,8 @@ def test_score_chunks_bf16_keys_and_inactive_chunks():
     want = reference.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope)
     # bfloat16 keys are scored with bfloat16 operands: pooled queries and rotated probes rounded
     # to 8 mantissa bits (2^-9 relative each), float32 sums; tf32 (the tuning option): 11 bits.
-    for tuning, tol in ((None, 2e-2), (dict(dense=True, block_c=16), 2e-2), (dict(precision="tf32"), 2e-3)):
+    for tuning, tol in ((None, 2e-2), (dict(dense=True, block_c=16), 2e-2), (dict(precision="tf32"), 2e-3),
+                        (dict(q16=True), 2e-2)):                  # pooled queries stored in bfloat16
         got = ops.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope, tuning=tuning)  # per level / all at once
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
         assert (got[..., 4:] == -1.0e30).all() and (got[..., 1:4] > -1e29).all()

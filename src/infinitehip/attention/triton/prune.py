@@ -248,7 +248,7 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     k (B, Tk, K, D) un-rotated keys, starts (B, G, NQB, n) int (SENTINEL = no chunk).
     pages: FP8 codes with per-page scales (a block table is not supported here: pruning reads
     the logical layout, in place). tuning: launch overrides (block_c, block_m, num_warps,
-    precision, dense) for scripts/sweep_prune.py.
+    precision, dense, q16) for scripts/sweep_prune.py.
     """
     if pages is not None and pages.table is not None:
         raise ValueError("score_chunks reads keys in their logical layout; a block table is not supported")
@@ -258,6 +258,12 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     G, n = starts.shape[1], starts.shape[3]
     if qp.dtype != torch.float32 or qp.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("score_chunks needs float32 pooled queries and keys with unit stride on D")
+    tuning = tuning or {}
+    precision = tuning.get("precision", _PRUNE_DOT_PRECISION.get(k.dtype, "tf32"))
+    if tuning.get("q16"):   # the pooled queries stored in bfloat16: half the bytes of every query tile
+        if precision != "bf16":
+            raise ValueError("tuning q16 (bfloat16 pooled queries) needs precision='bf16'")
+        qp = qp.to(torch.bfloat16)
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"chunk={chunk} must be a power of two >= 2")
     out = torch.empty(B, G, nqb, n, device=k.device, dtype=torch.float32)
@@ -267,7 +273,6 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     hpk_p = triton.next_power_of_2(hpk)
     half = D // 2
     half_p = max(16, triton.next_power_of_2(half))
-    tuning = tuning or {}
     block_m = tuning.get("block_m", min(64, max(16, triton.next_power_of_2(R * hpk_p))))
     m_tiles = triton.cdiv(R * hpk_p, block_m)
     # Probes per program: a level reloads every query tile, so several tiles (prefill's last stage,
@@ -297,7 +302,7 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         SINK=config.sink, CHUNK=chunk, LEVELS=chunk.bit_length() - 1,
         KG=K // G, R=R, HPK=hpk, HPK_P=hpk_p, HALF=half, HALF_P=half_p,
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
-        DOT_PRECISION=tuning.get("precision", _PRUNE_DOT_PRECISION.get(k.dtype, "tf32")), FAST=k.is_cuda,
+        DOT_PRECISION=precision, FAST=k.is_cuda,
         SCALED=scaled, PAGE=pages.page if pages is not None else 1, DENSE=tuning.get("dense", False),
         num_warps=tuning.get("num_warps", 4),
     )
