@@ -75,6 +75,10 @@ def _calls():
     starts = first_stage_starts(900, 32, 1, 2, qp.shape[1])
     ops.score_chunks(qp, qv, k, starts, 32, geo, cfg, rope, tuning=dict(precision="bf16"))
     ops.score_chunks(qp, qv, k, starts, 32, geo, cfg, rope, tuning=dict(q16=True))
+    from infinitehip.attention.triton.kv_write import write_rows
+    qkv = torch.randn(2, 12, 128, dtype=torch.bfloat16)
+    write_rows(torch.zeros(9, 2, 128, dtype=torch.bfloat16), torch.zeros(9, 2, 128, dtype=torch.bfloat16),
+               torch.tensor([1, 5]), qkv[:, 8:10], qkv[:, 10:])
     x = torch.randn(3, 4096, dtype=torch.bfloat16)
     rms_norm_triton(x, torch.ones(4096, dtype=torch.bfloat16), 1e-5)
     silu_mul_triton(x)

@@ -39,3 +39,23 @@ def test_silu_mul_is_silu_times_up(shape, dtype):
     assert got.shape == want.shape and got.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 2 * ulps(dtype)
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("B,T", [(2, 1), (1, 3)])
+def test_write_rows_is_two_index_copies(B, T):
+    """The decode cache write (one launch for K and V) from slices of a fused q/k/v output."""
+    from infinitehip.attention.triton.kv_write import write_rows
+
+    H, K, D, cap = 4, 2, 80, 16
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, T, H + 2 * K, D, generator=g).to(DEVICE, torch.bfloat16)
+    k, v = qkv[:, :, H:H + K].flatten(0, 1), qkv[:, :, H + K:].flatten(0, 1)       # (B*T, K, D), strided
+    rows = torch.tensor([3, 9, 12][:B * T], device=DEVICE)
+    want_k, want_v = (torch.randn(B * cap, K, D, generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
+    got_k, got_v = want_k.clone(), want_v.clone()
+    want_k.index_copy_(0, rows, k)
+    want_v.index_copy_(0, rows, v)
+    write_rows(got_k, got_v, rows, k, v)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    with pytest.raises(ValueError, match="contiguous"):
+        write_rows(got_k, got_v, rows, k.transpose(1, 2), v)

@@ -93,7 +93,10 @@ class KVCache:
         if flat is None:  # prefill of one row: one contiguous slice
             s = int(start[0])
             kf[0, s:s + T], vf[0, s:s + T] = k[0], v[0]
-        else:   # decode: two row copies per layer (the index is made once per pass)
+        elif k.is_cuda:   # decode: K and V rows in one launch (the index is made once per pass)
+            from ..attention.triton.kv_write import write_rows   # triton: CUDA only here
+            write_rows(kf.view(-1, *k.shape[2:]), vf.view(-1, *v.shape[2:]), flat, k.flatten(0, 1), v.flatten(0, 1))
+        else:
             kf.view(-1, *k.shape[2:]).index_copy_(0, flat, k.flatten(0, 1))
             vf.view(-1, *v.shape[2:]).index_copy_(0, flat, v.flatten(0, 1))
         return kf, vf

@@ -1,5 +1,7 @@
-"""A decode step's tokens written into an offloaded KV store in one launch (``OffloadKVCache.update``,
-T = 1), with the resident copies in its GPU page cache kept coherent.
+"""A decode step's tokens written into the KV cache in one launch: the plain cache's K and V rows
+(``write_rows``, ``KVCache.update``: one launch instead of two ``index_copy_``), and an offloaded
+KV store (``OffloadKVCache.update``, T = 1) with the resident copies in its GPU page cache kept
+coherent.
 
 One program per (row, kv head), K and V. A plain store gets the token's row, and the unit's
 resident copy its row. An FP8 page has one scale per kv head, so writing a token re-encodes its
@@ -88,3 +90,29 @@ def write_decode_tokens(store, cache, pages: torch.Tensor, offsets: torch.Tensor
         store.dk, scales[0], store.dv, scales[1], k, v, cache.k if cached else k, cache.v if cached else v,
         cache.slot_of if cached else pages, pages, offsets, PAGE=page, K=K, D=D, D_P=triton.next_power_of_2(D),
         DTYPE=_TL_DTYPE[store.dtype], FP8=store.fp8, CACHED=cached)
+
+
+@triton.jit
+def _rows_kernel(kc_ptr, vc_ptr, k_ptr, v_ptr, rows_ptr, stride_k, stride_v, N: tl.constexpr, N_P: tl.constexpr):
+    """Token i's K and V (N = K * D values each) into cache row rows[i] of both caches."""
+    i = tl.program_id(0)
+    row = tl.load(rows_ptr + i).to(tl.int64)
+    c = tl.arange(0, N_P)
+    ok = c < N
+    src = i.to(tl.int64)
+    tl.store(kc_ptr + row * N + c, tl.load(k_ptr + src * stride_k + c, mask=ok), mask=ok)
+    tl.store(vc_ptr + row * N + c, tl.load(v_ptr + src * stride_v + c, mask=ok), mask=ok)
+
+
+def write_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """k_cache[rows[i]] = k[i] and v_cache[rows[i]] = v[i], one launch: caches (R, K, D) contiguous,
+    k, v (n, K, D) with each token's K * D values contiguous (a slice of the fused q/k/v output),
+    rows (n,) int64. ``index_copy_`` twice, in one kernel."""
+    n, K, D = k.shape
+    for name, x in (("k", k), ("v", v)):
+        if x.stride(2) != 1 or x.stride(1) != D:
+            raise ValueError(f"write_rows needs each token's {name} values contiguous, got strides {x.stride()}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("write_rows needs contiguous caches")
+    _rows_kernel[(n,)](k_cache, v_cache, k, v, rows, k.stride(0), v.stride(0), N=K * D,
+                       N_P=triton.next_power_of_2(K * D), num_warps=4)
