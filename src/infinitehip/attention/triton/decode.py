@@ -55,30 +55,31 @@ def arrive_and_merge(count_ptr, slot, part_ptr, lse_ptr, out_ptr, part_row, lse_
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr + slot, 1, sem="acq_rel", scope="gpu")
     if arrived == NSPLIT - 1:
-        sp = tl.arange(0, NSPLIT_P)
-        lse = tl.load(lse_ptr + lse_row[:, None] + sp[None, :], mask=row_ok[:, None] & (sp[None, :] < NSPLIT),
-                      other=float("-inf"), cache_modifier=".cg")                      # (MERGE_M, NSPLIT_P)
-        top = tl.max(lse, axis=1)
-        top = tl.where(top > float("-inf"), top, 0.0)
         d = tl.arange(0, HALF_P)
         o1 = tl.zeros((MERGE_M, HALF_P), tl.float32)
         o2 = tl.zeros((MERGE_M, HALF_P), tl.float32)
         w_sum = tl.zeros((MERGE_M,), tl.float32)
-        # SPLIT_TILE splits per load: one memory round trip per tile, bounded registers. A loop
-        # over the constexpr bound (tiles past NSPLIT load nothing), not unrolled: unrolled, the
-        # compiler hoists every tile's loads and spills.
+        top = tl.full((MERGE_M,), float("-inf"), tl.float32)
+        # SPLIT_TILE splits per load, merged online (a running max of the lse, the sums rescaled when
+        # it grows): one memory round trip per tile and no pass over the lse first. A loop over the
+        # constexpr bound (tiles past NSPLIT load nothing), not unrolled: unrolled, the compiler
+        # hoists every tile's loads and spills.
         for s0 in range(0, NSPLIT_P, SPLIT_TILE):
             s = s0 + tl.arange(0, SPLIT_TILE)
             ok = row_ok[:, None] & (s[None, :] < NSPLIT)                                # (MERGE_M, SPLIT_TILE)
-            w = tl.math.exp2(tl.load(lse_ptr + lse_row[:, None] + s[None, :], mask=ok, other=float("-inf"),
-                                     cache_modifier=".cg") - top[:, None])
+            lse = tl.load(lse_ptr + lse_row[:, None] + s[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
             off = part_row[:, None, None] + s[None, :, None] * stride_ps + d[None, None, :]
             ld = ok[:, :, None] & (d < HALF)[None, None, :]
             p1 = tl.load(part_ptr + off, mask=ld, other=0.0, cache_modifier=".cg")     # (MERGE_M, SPLIT_TILE, HALF_P)
             p2 = tl.load(part_ptr + off + HALF, mask=ld, other=0.0, cache_modifier=".cg")
-            o1 += tl.sum(p1 * w[:, :, None], axis=1)
-            o2 += tl.sum(p2 * w[:, :, None], axis=1)
-            w_sum += tl.sum(w, axis=1)
+            new_top = tl.maximum(top, tl.max(lse, axis=1))
+            ref = tl.where(new_top > float("-inf"), new_top, 0.0)    # no split with a key yet: weights 0
+            scale = tl.math.exp2(tl.where(top > float("-inf"), top, ref) - ref)
+            w = tl.math.exp2(lse - ref[:, None])
+            o1 = o1 * scale[:, None] + tl.sum(p1 * w[:, :, None], axis=1)
+            o2 = o2 * scale[:, None] + tl.sum(p2 * w[:, :, None], axis=1)
+            w_sum = w_sum * scale + tl.sum(w, axis=1)
+            top = new_top
         w_sum = tl.where(w_sum > 0, w_sum, 1.0)
         o_off = out_row[:, None] + d[None, :]
         o_mask = row_ok[:, None] & (d < HALF)[None, :]
