@@ -70,6 +70,9 @@ def _calls():
         _, mask = hip_attention(q[:, -1:], k, v, config=cfg, rope=rope, mask=mask, refresh_stage=stage,
                                 backend="triton")
     kv_len = torch.tensor([900])
+    from infinitehip.attention.triton import slots                                       # the slot-buffer decode
+    buf = slots.build_slots(k, v, mask, kv_len, cfg, rope)
+    slots.attend_slots(q[:, -1:], buf, mask, kv_len, cfg, rope, 0.125)
     geo = geometry(kv_len - 70, 70, kv_len, cfg)
     qp, qv = pool_queries(q, geo, 1, cfg, rope)
     starts = first_stage_starts(900, 32, 1, 2, qp.shape[1])
