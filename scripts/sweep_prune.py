@@ -96,11 +96,11 @@ def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None
         print(out[-1], flush=True)
     # The slot-buffer prototype (attention/triton/slots.py): its step, and its build (once per refresh).
     buf = slots.build_slots(k, k, mask, kv_len, cfg, rope)
-    diff = (slots.attend_slots(q, buf, mask, kv_len, cfg, rope, D ** -0.5).float()
+    diff = (slots.attend_slots(q, k, k, buf, mask, kv_len, cfg, rope, D ** -0.5).float()
             - ops.attend_reused(q, k, k, mask, kv_len, cfg, rope, D ** -0.5).float()).abs().max().item()
     out.append(dict(kind="slots_vs_reuse_max_abs_diff", tq=1, tk=tk, value=diff))
     print(out[-1], flush=True)
-    for kind, fn in (("slots_attend", lambda: slots.attend_slots(q, buf, mask, kv_len, cfg, rope, D ** -0.5)),
+    for kind, fn in (("slots_attend", lambda: slots.attend_slots(q, k, k, buf, mask, kv_len, cfg, rope, D ** -0.5)),
                      ("slots_build", lambda: slots.build_slots(k, k, mask, kv_len, cfg, rope))):
         out.append(dict(kind=kind, tq=1, tk=tk, ms=_graph_ms(fn, kind)))
         print(out[-1], flush=True)

@@ -1,47 +1,49 @@
-"""Decode over a slot buffer — a prototype for cheaper mask-reuse steps (docs/algorithm.md,
-"Where a reuse step's time goes"), timed against ``ops.attend_reused`` by
-``scripts/sweep_prune.py --reuse``; not wired into the engine yet.
+"""Decode over a slot buffer: the keys of a reused mask gathered in slot order and rotated once,
+at the mask's refresh (docs/algorithm.md, "Where a reuse step's time goes"). ``hip_attention``
+takes this path for one-query decode steps on the GPU; ``scripts/sweep_prune.py --reuse`` times
+it against ``ops.attend_reused``, the gather-and-rotate step it replaces.
 
 A reuse step of ``ops.attend_reused`` gathers its keys through the mask and rotates each one
 (cos/sin per key and frequency) every step, although between refreshes every slot's key and
 position are fixed and only the query moves. As (R(a) q) . (R(b) k) = q . R(b - a) k, a refresh
-can instead write its keys once, in slot order and rotated at p - p_ref (p_ref: the query's
-position then), and a step rotates its one query at p0 - p_ref and reads the slots contiguously:
-no gather, no per-key trig.
+writes its keys once, in slot order and rotated at p - p_ref (p_ref: the query's position then),
+and a step rotates its one query at p0 - p_ref and reads the slots contiguously: no gather, no
+per-key trig. The one key a step adds (its own, at p0) goes into its window slot in the same
+launch: the program whose tile holds that slot reads it from the cache, rotates it, uses it and
+stores it for the steps after.
 
-  build_slots(k, v, mask, kv_len, config, rope) -> Slots      one launch, at a refresh
-  append_slots(slots, k_new, v_new, kv_len, mask, config, rope)  a decoded token into its window slot
-  attend_slots(q, slots, mask, kv_len, config, rope, scale)  one decode step, one launch
+  build_slots(k, v, mask, kv_len, config, rope, out=None) -> Slots   one launch, at a refresh
+  attend_slots(q, k, v, slots, mask, kv_len, config, rope, scale)    one launch per reuse step
 
 Plain caches (B, Tk, K, D), one query per row (Tq = 1). Window slots are causal per step; the
-sink's and selected slots' validity is fixed at the build (``Slots.ok``).
+sink's and selected slots' validity is fixed at the build (``Slots.ok``). A row whose RoPE mode
+changes between refreshes (crossing the trained context with "auto") rotates the difference into
+its sink and selected keys, the one case where a reuse step still rotates keys.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ...config import HiPConfig
-from ..mask import HiPMask, window_slots
-from ..rope import RoPE, apply_rope
+from ..mask import HiPMask, Slots, window_slots
+from ..rope import RoPE
 from .bsa import LOG2E, _operand, packed_start, slot_keys
 from .decode import arrival_counters, arrive_and_merge, split_tile
-from .geometry import block_positions, position_constants
+from .geometry import _exact, block_positions, position_constants
 from .ops import DECODE_TUNING, _num_sms
 from .prune import _rotate
 
 
-@dataclass
-class Slots:
-    """k, v (B, S, K, D): the slot list's keys (rotated at p - p_ref) and values; ok (B, K,
-    SINK + NSEL * C) int8: which sink and selected slots hold a key; p_ref (B,) int64."""
-    k: torch.Tensor
-    v: torch.Tensor
-    ok: torch.Tensor
-    p_ref: torch.Tensor
+@triton.jit
+def _decode_block(b, kv_len_ptr, anchor_ptr, TK, CONTEXT, SINK: tl.constexpr, LENS: tl.constexpr,
+                  ANCHOR: tl.constexpr, WINDOW: tl.constexpr, LOWEST: tl.constexpr, PRUNE_RULE: tl.constexpr,
+                  ATTEND_RULE: tl.constexpr):
+    """Row b's one-query block: p0, w0, the first window key, exact attention positions."""
+    p0, w0, _, exact = block_positions(b, kv_len_ptr, anchor_ptr, anchor_ptr, 1, TK, CONTEXT, LENS, ANCHOR, False,
+                                       WINDOW, LOWEST, PRUNE_RULE, ATTEND_RULE)
+    return p0, w0, tl.maximum(w0, SINK), exact
 
 
 @triton.jit
@@ -61,9 +63,8 @@ def _build_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     b64 = b.to(tl.int64)
-    p0, w0, _, exact = block_positions(b, kv_len_ptr, anchor_ptr, anchor_ptr, 1, TK, CONTEXT, LENS, ANCHOR, False,
-                                       WINDOW, LOWEST, PRUNE_RULE, ATTEND_RULE)
-    wst = tl.maximum(w0, SINK)
+    p0, w0, wst, exact = _decode_block(b, kv_len_ptr, anchor_ptr, TK, CONTEXT, SINK, LENS, ANCHOR, WINDOW, LOWEST,
+                                       PRUNE_RULE, ATTEND_RULE)
     s_row = starts_ptr + b64 * stride_sb + (kvh // KG) * stride_sg
     s = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     idx, sel_ok, causal, in_win = slot_keys(s, s_row, w0, wst, SINK, C, NSEL, N_WINDOW)
@@ -96,16 +97,18 @@ def _build_kernel(
 
 @triton.jit
 def _attend_kernel(
-    q_ptr, kb_ptr, vb_ptr, ok_ptr, pref_ptr, kv_len_ptr, anchor_ptr, inv_freq_ptr, attention_scaling: tl.constexpr,
-    qk_scale, out_ptr, part_ptr, lse_ptr, count_ptr,
+    q_ptr, k_ptr, v_ptr, kb_ptr, vb_ptr, ok_ptr, pref_ptr, starts_ptr, kv_len_ptr, anchor_ptr, inv_freq_ptr,
+    attention_scaling: tl.constexpr, qk_scale, out_ptr, part_ptr, lse_ptr, count_ptr,
     stride_qb, stride_qh,                          # q (B, 1, H, D)
+    stride_sb, stride_sg, KG,                      # starts (B, G, 1, NSEL)
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,   # the cache k, v (B, Tk, K, D)
     stride_xb, stride_xt, stride_xh,               # kb, vb (B, S, K, D)
     stride_ob, stride_oh,                          # ok (B, K, SEL_END)
     stride_yb, stride_yh,                          # out (B, 1, H, D)
     stride_pb, stride_ph, stride_ps,               # SPLIT: partials (B, 1, H, NSPLIT, D)
     stride_lb, stride_lh,                          # SPLIT: lse (B, 1, H, NSPLIT)
     NSPLIT, TK, CONTEXT,
-    TILES_PER_SPLIT: tl.constexpr, SINK: tl.constexpr, C: tl.constexpr, NSEL: tl.constexpr,
+    TILES_PER_SPLIT: tl.constexpr, SINK: tl.constexpr, C: tl.constexpr, NSEL: tl.constexpr, NSEL_P: tl.constexpr,
     N_WINDOW: tl.constexpr, HPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, FAST: tl.constexpr, LENS: tl.constexpr, ANCHOR: tl.constexpr, WINDOW: tl.constexpr,
@@ -116,10 +119,18 @@ def _attend_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     b64 = b.to(tl.int64)
-    p0, w0, _, _ = block_positions(b, kv_len_ptr, anchor_ptr, anchor_ptr, 1, TK, CONTEXT, LENS, ANCHOR, False,
-                                   WINDOW, LOWEST, PRUNE_RULE, ATTEND_RULE)
-    wst = tl.maximum(w0, SINK)
+    p0, w0, wst, exact = _decode_block(b, kv_len_ptr, anchor_ptr, TK, CONTEXT, SINK, LENS, ANCHOR, WINDOW, LOWEST,
+                                       PRUNE_RULE, ATTEND_RULE)
     SEL_END: tl.constexpr = SINK + NSEL * C
+    p_ref = tl.load(pref_ptr + b)
+    # A row that crossed the trained context since the build ("auto" RoPE) moved its sink and
+    # selected keys from exact to streaming positions: those slots get the difference rotated in.
+    moved = exact != _exact(p_ref + 1, ATTEND_RULE, CONTEXT)
+    s_row = starts_ptr + b64 * stride_sb + (kvh // KG) * stride_sg
+    packed = p0 * 0
+    if ROPE:
+        if moved:
+            packed = packed_start(s_row, wst, C, NSEL, NSEL_P)
 
     j = tl.arange(0, BLOCK_M)                      # rows: the query heads of kv head kvh
     row_ok = j < HPK
@@ -130,10 +141,20 @@ def _attend_kernel(
     q_mask = row_ok[:, None] & d_ok[None, :]
     q1 = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_ptr + q_off + HALF, mask=q_mask, other=0.0).to(tl.float32)
+    rel = p0 - p_ref
     if ROPE:   # the keys sit at p - p_ref: the query at p0 - p_ref
         inv_freq = tl.load(inv_freq_ptr + d, mask=d_ok, other=0.0)
-        rel = tl.zeros((BLOCK_M,), tl.int64) + (p0 - tl.load(pref_ptr + b))
-        q1, q2 = _rotate(q1, q2, rel, inv_freq, attention_scaling, FAST)
+        q1, q2 = _rotate(q1, q2, tl.zeros((BLOCK_M,), tl.int64) + rel, inv_freq, attention_scaling, FAST)
+    # This step's own key (at p0): its window slot, filled from the cache by the tile that holds it.
+    s_new = SEL_END + (p0 - wst)
+    n_off = b64 * stride_kb + p0 * stride_kt + kvh.to(tl.int64) * stride_kh + d
+    kn1 = tl.load(k_ptr + n_off, mask=d_ok, other=0.0).to(tl.float32)[None, :]                 # (1, HALF_P)
+    kn2 = tl.load(k_ptr + n_off + HALF, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    if ROPE:
+        kn1, kn2 = _rotate(kn1, kn2, tl.zeros((1,), tl.int64) + rel, inv_freq, attention_scaling, FAST)
+    vn_off = b64 * stride_vb + p0 * stride_vt + kvh.to(tl.int64) * stride_vh + d
+    vn1 = tl.load(v_ptr + vn_off, mask=d_ok, other=0.0)[None, :]
+    vn2 = tl.load(v_ptr + vn_off + HALF, mask=d_ok, other=0.0)[None, :]
     dtype = q_ptr.dtype.element_ty
     q1 = _operand(q1 * qk_scale, dtype, UPCAST)
     q2 = _operand(q2 * qk_scale, dtype, UPCAST)
@@ -151,10 +172,33 @@ def _attend_kernel(
         if tl.max(col_ok.to(tl.int32), axis=0) > 0:
             x_off = x_base + s.to(tl.int64)[:, None] * stride_xt + d[None, :]
             kv_mask = col_ok[:, None] & d_ok[None, :]
-            k1 = _operand(tl.load(kb_ptr + x_off, mask=kv_mask, other=0.0), dtype, UPCAST)
-            k2 = _operand(tl.load(kb_ptr + x_off + HALF, mask=kv_mask, other=0.0), dtype, UPCAST)
-            v1 = _operand(tl.load(vb_ptr + x_off, mask=kv_mask, other=0.0), dtype, UPCAST)
-            v2 = _operand(tl.load(vb_ptr + x_off + HALF, mask=kv_mask, other=0.0), dtype, UPCAST)
+            k1 = tl.load(kb_ptr + x_off, mask=kv_mask, other=0.0)
+            k2 = tl.load(kb_ptr + x_off + HALF, mask=kv_mask, other=0.0)
+            v1 = tl.load(vb_ptr + x_off, mask=kv_mask, other=0.0)
+            v2 = tl.load(vb_ptr + x_off + HALF, mask=kv_mask, other=0.0)
+            new = (s == s_new)[:, None]
+            if tl.max(new.to(tl.int32)) > 0:   # the tile with this step's key: from registers, then stored
+                kn1s, kn2s = kn1.to(k1.dtype), kn2.to(k1.dtype)
+                k1 = tl.where(new, kn1s, k1)
+                k2 = tl.where(new, kn2s, k2)
+                v1 = tl.where(new, vn1, v1)
+                v2 = tl.where(new, vn2, v2)
+                st = new & d_ok[None, :]
+                tl.store(kb_ptr + x_off, k1, mask=st)
+                tl.store(kb_ptr + x_off + HALF, k2, mask=st)
+                tl.store(vb_ptr + x_off, v1, mask=st)
+                tl.store(vb_ptr + x_off + HALF, v2, mask=st)
+            if ROPE:
+                if moved:   # rotate in (position now) - (position at the build); window keys: 0
+                    idx, _sel_ok, _causal, in_win = slot_keys(s, s_row, w0, wst, SINK, C, NSEL, N_WINDOW)
+                    stream = packed - SINK + s
+                    delta = tl.where(in_win, 0, tl.where(exact, idx, stream) - tl.where(exact, stream, idx))
+                    r1, r2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), delta, inv_freq, 1.0, FAST)
+                    k1, k2 = r1.to(k1.dtype), r2.to(k2.dtype)
+            k1 = _operand(k1, dtype, UPCAST)
+            k2 = _operand(k2, dtype, UPCAST)
+            v1 = _operand(v1, dtype, UPCAST)
+            v2 = _operand(v2, dtype, UPCAST)
             qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
             qk += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)            # (BLOCK_M, BLOCK_N)
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
@@ -185,6 +229,12 @@ def _attend_kernel(
         tl.store(out_ptr + o_off + HALF, (acc2 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
+def usable(q: torch.Tensor, k: torch.Tensor, config: HiPConfig) -> bool:
+    """Whether a decode call (Triton backend) can read a slot buffer: one query per row, keys
+    with unit stride on head_dim."""
+    return q.shape[1] == 1 and k.stride(-1) == 1
+
+
 def _geometry_args(mask: HiPMask, kv_len: torch.Tensor, config: HiPConfig) -> dict:
     anchor = mask.w0 is not None
     return dict(kv_len_ptr=kv_len, anchor_ptr=mask.w0.contiguous() if anchor else kv_len, CONTEXT=config.model_context_length or 0,
@@ -199,18 +249,22 @@ def _check(k: torch.Tensor, mask: HiPMask, config: HiPConfig):
 
 
 def build_slots(k: torch.Tensor, v: torch.Tensor, mask: HiPMask, kv_len: torch.Tensor, config: HiPConfig,
-                rope: RoPE | None) -> Slots:
+                rope: RoPE | None, out: Slots | None = None) -> Slots:
     """The slot list of ``mask`` for a decode step at kv_len (B,) (its query at kv_len - 1):
-    keys rotated at p - p_ref (p_ref = kv_len - 1), values, the fixed slots' validity."""
+    keys rotated at p - p_ref (p_ref = kv_len - 1), values, the fixed slots' validity; written
+    into ``out`` when given (the static buffers of a CUDA graph)."""
     _check(k, mask, config)
     B, tk, K, D = k.shape
     G, nsel = mask.starts.shape[1], mask.starts.shape[3]
     sel_end = config.sink + nsel * config.chunk_size
     S = sel_end + window_slots(config)
-    kb = torch.empty(B, S, K, D, dtype=k.dtype, device=k.device)
-    vb = torch.empty_like(kb)
-    ok = torch.empty(B, K, sel_end, dtype=torch.int8, device=k.device)
-    p_ref = torch.empty(B, dtype=torch.int64, device=k.device)
+    if out is not None and out.k.shape == (B, S, K, D) and out.k.dtype == k.dtype:
+        kb, vb, ok, p_ref = out.k, out.v, out.ok, out.p_ref
+    else:
+        kb = torch.empty(B, S, K, D, dtype=k.dtype, device=k.device)
+        vb = torch.empty_like(kb)
+        ok = torch.empty(B, K, sel_end, dtype=torch.int8, device=k.device)
+        p_ref = torch.empty(B, dtype=torch.int64, device=k.device)
     kv_len = kv_len.to(k.device).long().contiguous()
     starts = mask.starts.contiguous()
     inv_freq = (rope.inv_freq if rope is not None else torch.zeros(1)).to(k.device, torch.float32)
@@ -231,27 +285,12 @@ def build_slots(k: torch.Tensor, v: torch.Tensor, mask: HiPMask, kv_len: torch.T
     return Slots(kb, vb, ok, p_ref)
 
 
-def append_slots(slots: Slots, k_new: torch.Tensor, v_new: torch.Tensor, kv_len: torch.Tensor, mask: HiPMask,
-                 config: HiPConfig, rope: RoPE | None):
-    """Put each row's newest key (at kv_len - 1) and value, k_new / v_new (B, K, D), into its
-    window slot, the key rotated at p - p_ref (PyTorch: the prototype's write, not graph-fused)."""
-    from .. import reference
-
-    geo = reference.block_geometry(kv_len, 1, config, mask)
-    p = kv_len.long() - 1
-    slot = config.sink + mask.starts.shape[3] * config.chunk_size + (p - geo.w0[:, 0].clamp(min=config.sink))
-    if rope is not None:
-        cos, sin = rope.cos_sin((p - slots.p_ref)[:, None])                          # (B, 1, D/2)
-        k_new = apply_rope(k_new, cos, sin)
-    rows = torch.arange(k_new.shape[0], device=k_new.device)
-    slots.k[rows, slot] = k_new.to(slots.k.dtype)
-    slots.v[rows, slot] = v_new.to(slots.v.dtype)
-
-
-def attend_slots(q: torch.Tensor, slots: Slots, mask: HiPMask, kv_len: torch.Tensor, config: HiPConfig,
-                 rope: RoPE | None, scale: float, tuning: dict | None = None) -> torch.Tensor:
+def attend_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: Slots, mask: HiPMask,
+                 kv_len: torch.Tensor, config: HiPConfig, rope: RoPE | None, scale: float,
+                 tuning: dict | None = None) -> torch.Tensor:
     """One decode step over ``slots`` (built for ``mask``): q (B, 1, H, D) -> (B, 1, H, D);
-    ``ops.attend_reused`` up to rounding, without gathers or per-key rotation."""
+    ``ops.attend_reused`` up to rounding, without gathers or per-key rotation. k, v: the cache,
+    whose key and value at kv_len - 1 (this step's) go into their window slot."""
     B, tq, H, D = q.shape
     if tq != 1:
         raise ValueError(f"attend_slots takes one query per row, got Tq={tq}")
@@ -275,18 +314,23 @@ def attend_slots(q: torch.Tensor, slots: Slots, mask: HiPMask, kv_len: torch.Ten
         part = lse = counts = torch.empty(1, 1, 1, 1, 1, device=q.device, dtype=torch.float32)
     kv_len = kv_len.to(q.device).long().contiguous()
     inv_freq = (rope.inv_freq if rope is not None else torch.zeros(1)).to(q.device, torch.float32)
+    starts = mask.starts.contiguous()
     _attend_kernel[(B, K, nsplit)](
-        q, slots.k, slots.v, slots.ok, slots.p_ref, inv_freq_ptr=inv_freq,
+        q, k, v, slots.k, slots.v, slots.ok, slots.p_ref, starts, inv_freq_ptr=inv_freq,
         attention_scaling=float(rope.attention_scaling if rope else 1.0), qk_scale=float(scale) * LOG2E,
         out_ptr=out, part_ptr=part, lse_ptr=lse, count_ptr=counts,
         stride_qb=q.stride(0), stride_qh=q.stride(2),
+        stride_sb=starts.stride(0), stride_sg=starts.stride(1), KG=K // starts.shape[1],
+        stride_kb=k.stride(0), stride_kt=k.stride(1), stride_kh=k.stride(2),
+        stride_vb=v.stride(0), stride_vt=v.stride(1), stride_vh=v.stride(2),
         stride_xb=slots.k.stride(0), stride_xt=slots.k.stride(1), stride_xh=slots.k.stride(2),
         stride_ob=slots.ok.stride(0), stride_oh=slots.ok.stride(1),
         stride_yb=out.stride(0), stride_yh=out.stride(2),
         stride_pb=part.stride(0), stride_ph=part.stride(2), stride_ps=part.stride(3),
         stride_lb=lse.stride(0), stride_lh=lse.stride(2),
         NSPLIT=nsplit, TK=0, TILES_PER_SPLIT=per_split, SINK=config.sink, C=config.chunk_size,
-        NSEL=mask.starts.shape[3], N_WINDOW=window_slots(config), HPK=hpk, BLOCK_M=block_m, BLOCK_N=block_n,
+        NSEL=mask.starts.shape[3], NSEL_P=max(2, triton.next_power_of_2(mask.starts.shape[3])),
+        N_WINDOW=window_slots(config), HPK=hpk, BLOCK_M=block_m, BLOCK_N=block_n,
         HALF=half, HALF_P=half_p, ROPE=rope is not None, SPLIT=nsplit > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=not q.is_cuda, FAST=q.is_cuda,
         NSPLIT_P=nsplit_p, SPLIT_TILE=split_tile(block_m, nsplit_p, half_p),
