@@ -147,14 +147,16 @@ def _attend_kernel(
         q1, q2 = _rotate(q1, q2, tl.zeros((BLOCK_M,), tl.int64) + rel, inv_freq, attention_scaling, FAST)
     # This step's own key (at p0): its window slot, filled from the cache by the tile that holds it.
     s_new = SEL_END + (p0 - wst)
+    first = split * TILES_PER_SPLIT * BLOCK_N
+    mine = d_ok & (s_new >= first) & (s_new < first + TILES_PER_SPLIT * BLOCK_N)    # only its split reads it
     n_off = b64 * stride_kb + p0 * stride_kt + kvh.to(tl.int64) * stride_kh + d
-    kn1 = tl.load(k_ptr + n_off, mask=d_ok, other=0.0).to(tl.float32)[None, :]                 # (1, HALF_P)
-    kn2 = tl.load(k_ptr + n_off + HALF, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    kn1 = tl.load(k_ptr + n_off, mask=mine, other=0.0).to(tl.float32)[None, :]                 # (1, HALF_P)
+    kn2 = tl.load(k_ptr + n_off + HALF, mask=mine, other=0.0).to(tl.float32)[None, :]
     if ROPE:
         kn1, kn2 = _rotate(kn1, kn2, tl.zeros((1,), tl.int64) + rel, inv_freq, attention_scaling, FAST)
     vn_off = b64 * stride_vb + p0 * stride_vt + kvh.to(tl.int64) * stride_vh + d
-    vn1 = tl.load(v_ptr + vn_off, mask=d_ok, other=0.0)[None, :]
-    vn2 = tl.load(v_ptr + vn_off + HALF, mask=d_ok, other=0.0)[None, :]
+    vn1 = tl.load(v_ptr + vn_off, mask=mine, other=0.0)[None, :]
+    vn2 = tl.load(v_ptr + vn_off + HALF, mask=mine, other=0.0)[None, :]
     dtype = q_ptr.dtype.element_ty
     q1 = _operand(q1 * qk_scale, dtype, UPCAST)
     q2 = _operand(q2 * qk_scale, dtype, UPCAST)
