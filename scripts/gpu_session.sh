@@ -37,8 +37,7 @@ for s in "$@"; do
     case $s in
         tests) step tests 420 python -m pytest -q --maxfail=4 -rfE ${TEST_FILES:-tests/test_triton.py \
                    tests/test_fused_decode.py tests/test_offload_kernels.py tests/test_offload_gpu_cache.py \
-                   tests/test_offload_graph.py tests/test_engine_gpu.py tests/test_engine_decode.py tests/test_fused.py \
-                   tests/test_slots.py} ;;
+                   tests/test_offload_graph.py tests/test_engine_gpu.py tests/test_engine_decode.py tests/test_fused.py} ;;
         offload) step offload 380 python -m infinitehip.bench offload --contexts 262144,1048576 \
                      --on-gpu-contexts 262144 --profile 32 --out "$OUT" \
                      --paths on_gpu,offload,offload_fp8,offload_page_cache,offload_fp8_page_cache ;;

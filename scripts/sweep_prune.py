@@ -19,7 +19,7 @@ from infinitehip.attention.mask import geometry
 from infinitehip.attention.rope import RoPE
 from infinitehip.attention.reference import DENSE_CHUNK, pool_queries
 from infinitehip.attention.stages import first_stage_starts, run_stages
-from infinitehip.attention.triton import ops, slots
+from infinitehip.attention.triton import ops
 from infinitehip.bench.attention import _ints
 from infinitehip.config import HiPConfig
 
@@ -91,33 +91,19 @@ def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None
     grid = itertools.product((64, 32), (2, 4), (4, 2))   # the defaults first
     for bn, nw, pps in itertools.islice(grid, limit):
         tuning = dict(block_n=bn, num_warps=nw, programs_per_sm=pps)
-        ms = _graph_ms(lambda: ops.attend_reused(q, k, k, mask, kv_len, cfg, rope, D ** -0.5, tuning=tuning), tuning)
+        fn = lambda: ops.attend_reused(q, k, k, mask, kv_len, cfg, rope, D ** -0.5, tuning=tuning)  # noqa: E731
+        try:
+            graph = torch.cuda.CUDAGraph()   # timed as a graph replay, as the engine runs it
+            fn()
+            with torch.cuda.graph(graph):
+                fn()
+            ms = triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+        except Exception as e:
+            ms = None
+            print(f"  {tuning}: {str(e).splitlines()[0][:80]}")
         out.append(dict(kind="reuse", tq=1, tk=tk, **tuning, ms=ms))
         print(out[-1], flush=True)
-    # The slot-buffer prototype (attention/triton/slots.py): its step, and its build (once per refresh).
-    buf = slots.build_slots(k, k, mask, kv_len, cfg, rope)
-    diff = (slots.attend_slots(q, k, k, buf, mask, kv_len, cfg, rope, D ** -0.5).float()
-            - ops.attend_reused(q, k, k, mask, kv_len, cfg, rope, D ** -0.5).float()).abs().max().item()
-    out.append(dict(kind="slots_vs_reuse_max_abs_diff", tq=1, tk=tk, value=diff))
-    print(out[-1], flush=True)
-    for kind, fn in (("slots_attend", lambda: slots.attend_slots(q, k, k, buf, mask, kv_len, cfg, rope, D ** -0.5)),
-                     ("slots_build", lambda: slots.build_slots(k, k, mask, kv_len, cfg, rope))):
-        out.append(dict(kind=kind, tq=1, tk=tk, ms=_graph_ms(fn, kind)))
-        print(out[-1], flush=True)
     return out
-
-
-def _graph_ms(fn, what) -> float | None:
-    """Median ms of ``fn`` replayed as a CUDA graph, as the engine runs decode (None: it failed)."""
-    try:
-        graph = torch.cuda.CUDAGraph()
-        fn()
-        with torch.cuda.graph(graph):
-            fn()
-        return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
-    except Exception as e:
-        print(f"  {what}: {str(e).splitlines()[0][:80]}")
-        return None
 
 
 def main() -> None:

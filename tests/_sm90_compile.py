@@ -52,8 +52,7 @@ def _compile(kernel: JITFunction, bound: dict) -> str:
 
 
 def _calls():
-    """The launches of a prefill, a decode refresh (slots built) and reuse (read), the gather-and-rotate
-    reuse step, bf16 probes, the model's fused steps, the cache write."""
+    """The launches of a prefill, a decode refresh and reuse, bf16 probes, the model's fused steps."""
     from infinitehip import HiPConfig, RoPE, hip_attention
     from infinitehip.attention.mask import geometry
     from infinitehip.attention.reference import pool_queries
@@ -71,7 +70,6 @@ def _calls():
         _, mask = hip_attention(q[:, -1:], k, v, config=cfg, rope=rope, mask=mask, refresh_stage=stage,
                                 backend="triton")
     kv_len = torch.tensor([900])
-    ops.attend_reused(q[:, -1:], k, v, mask, kv_len, cfg, rope, 0.125)    # the step without slots (offload)
     geo = geometry(kv_len - 70, 70, kv_len, cfg)
     qp, qv = pool_queries(q, geo, 1, cfg, rope)
     starts = first_stage_starts(900, 32, 1, 2, qp.shape[1])

@@ -63,24 +63,14 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
     if _use_dense(tk, config):
         lens = None if cache_seqlens is None else cache_seqlens.to(device=q.device, dtype=torch.long)
         return dense_attention(q, k, v, lens, rope, scale), None
-    kv_len = (torch.full((B,), tk, device=q.device, dtype=torch.long) if cache_seqlens is None
-              else cache_seqlens.to(device=q.device, dtype=torch.long))
     if reuses_in_one_launch(backend, from_stage, tq, config):
-        if mask.slots is not None:   # the keys gathered and rotated at the refresh (triton/slots.py)
-            from .triton import slots
-            return slots.attend_slots(q, k, v, mask.slots, mask, kv_len, config, rope, scale), mask
         from .triton import ops
         return ops.attend_reused(q, k, v, mask, cache_seqlens, config, rope, scale), mask
+    kv_len = (torch.full((B,), tk, device=q.device, dtype=torch.long) if cache_seqlens is None
+              else cache_seqlens.to(device=q.device, dtype=torch.long))
     impl = implementation(backend)
-    out, new_mask = prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend,
-                                     impl.score_chunks, lambda qs, m, geo: impl.attend(qs, k, v, m.starts, geo, config,
-                                                                                       rope, scale))
-    if backend == "triton":
-        from .triton import slots
-        if slots.usable(q, k, config):   # a decode refresh: the slots its reuse steps will read
-            new_mask.slots = slots.build_slots(k, v, new_mask, kv_len, config, rope,
-                                               out=mask.slots if mask is not None else None)
-    return out, new_mask
+    return prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend, impl.score_chunks,
+                            lambda qs, m, geo: impl.attend(qs, k, v, m.starts, geo, config, rope, scale))
 
 
 def reuses_in_one_launch(backend: str, from_stage: int, tq: int, config: HiPConfig) -> bool:

@@ -42,7 +42,6 @@ class HiPMask:
     starts: torch.Tensor
     stage_inputs: tuple[torch.Tensor, ...]
     w0: torch.Tensor | None = None
-    slots: "Slots | None" = None    # decode on the GPU: the attended keys, gathered and rotated once
 
     def copy_(self, other: "HiPMask") -> "HiPMask":
         """Overwrite in place (static buffers for CUDA graphs)."""
@@ -52,14 +51,10 @@ class HiPMask:
                 mine.copy_(theirs)
         if self.w0 is not None:
             self.w0.copy_(other.w0)
-        if self.slots is not None and other.slots is not None:
-            self.slots.copy_(other.slots)
         return self
 
     def clone(self) -> "HiPMask":
-        m = self._map(torch.clone)
-        m.slots = None if self.slots is None else self.slots.clone()
-        return m
+        return self._map(torch.clone)
 
     def query_blocks(self, blocks: slice) -> "HiPMask":
         """The mask of the query blocks ``blocks`` (a slice of NQB)."""
@@ -79,29 +74,6 @@ class HiPMask:
     def _map(self, fn) -> "HiPMask":
         f = lambda t: None if t is None else fn(t)  # noqa: E731
         return HiPMask(f(self.starts), tuple(f(t) for t in self.stage_inputs), f(self.w0))
-
-
-@dataclass
-class Slots:
-    """A decode mask's slot list, materialized at its refresh (``triton/slots.py``): k, v (B, S,
-    K, D) each slot's key rotated at p - p_ref and its value; ok (B, K, sink + budget) int8, which
-    sink and selected slots hold a key; p_ref (B,) int64, the query position of the build."""
-    k: torch.Tensor
-    v: torch.Tensor
-    ok: torch.Tensor
-    p_ref: torch.Tensor
-
-    def _fields(self):
-        return (self.k, self.v, self.ok, self.p_ref)
-
-    def copy_(self, other: "Slots") -> "Slots":
-        for mine, theirs in zip(self._fields(), other._fields()):
-            if mine.data_ptr() != theirs.data_ptr():     # built in place already: nothing to copy
-                mine.copy_(theirs)
-        return self
-
-    def clone(self) -> "Slots":
-        return Slots(*(t.clone() for t in self._fields()))
 
 
 def window_slots(config: HiPConfig) -> int:

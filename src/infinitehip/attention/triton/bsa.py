@@ -54,32 +54,6 @@ def _operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def packed_start(s_row, wst, C: tl.constexpr, NSEL: tl.constexpr, NSEL_P: tl.constexpr):
-    """Streaming positions pack the sink and the valid selected chunks just before the window
-    start ``wst``: the position the sink's first key takes."""
-    n_valid = tl.sum((tl.load(s_row + tl.arange(0, NSEL_P), mask=tl.arange(0, NSEL_P) < NSEL,
-                              other=_SENTINEL) != _SENTINEL).to(tl.int64), axis=0)
-    return wst - n_valid * C
-
-
-@triton.jit
-def slot_keys(s, s_row, w0, wst, SINK: tl.constexpr, C: tl.constexpr, NSEL: tl.constexpr, N_WINDOW: tl.constexpr):
-    """Slots ``s`` (BLOCK_N,) of the slot list -> (idx, sel_ok, causal, in_win): the key each
-    reads, whether it is a valid selected key, whether it is a sink or window key (valid for rows
-    at positions >= idx), whether it is a window key."""
-    SEL_END: tl.constexpr = SINK + NSEL * C
-    in_sink = s < SINK
-    in_sel = (s >= SINK) & (s < SEL_END)
-    in_win = (s >= SEL_END) & (s < SEL_END + N_WINDOW)
-    u = tl.where(in_sel, s - SINK, 0)
-    st = tl.load(s_row + u // C, mask=in_sel, other=_SENTINEL).to(tl.int64)
-    sel_idx = st + u % C
-    idx = tl.where(in_sink, s, tl.where(in_sel, sel_idx, wst + (s - SEL_END)))
-    sel_ok = in_sel & (st != _SENTINEL) & (sel_idx >= SINK) & (sel_idx < w0)
-    return idx, sel_ok, in_sink | in_win, in_win
-
-
-@triton.jit
 def _bsa_kernel(
     q_ptr, k_ptr, v_ptr, starts_ptr, p0_ptr, w0_ptr, exact_ptr, kv_len_ptr, anchor_ptr,
     inv_freq_ptr, attention_scaling: tl.constexpr, qk_scale,
@@ -122,7 +96,10 @@ def _bsa_kernel(
         exact = tl.load(exact_ptr + b) != 0
     wst = tl.maximum(w0, SINK)                              # first window key
     s_row = starts_ptr + b64 * stride_sb + g * stride_sg + qb * stride_sq
-    packed = packed_start(s_row, wst, C, NSEL, NSEL_P)
+    # Streaming positions pack sink + the valid selected chunks just before the window.
+    n_valid = tl.sum((tl.load(s_row + tl.arange(0, NSEL_P), mask=tl.arange(0, NSEL_P) < NSEL,
+                              other=_SENTINEL) != _SENTINEL).to(tl.int64), axis=0)
+    packed = wst - n_valid * C
 
     # Rows: m = t * HEADS_P + j -> query row t of the block, head j of the kv head's group.
     m = tl.arange(0, BLOCK_M)
@@ -160,10 +137,20 @@ def _bsa_kernel(
 
     k_base = k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+    SEL_END: tl.constexpr = SINK + NSEL * C
+    S: tl.constexpr = SEL_END + N_WINDOW
     for i in range(TILES_PER_SPLIT):
         # (BLOCK_N,) slots; a tile past the end (last split) has no valid column and is skipped.
         s = (split * TILES_PER_SPLIT + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        idx, sel_ok, causal, in_win = slot_keys(s, s_row, w0, wst, SINK, C, NSEL, N_WINDOW)
+        in_sink = s < SINK
+        in_sel = (s >= SINK) & (s < SEL_END)
+        in_win = (s >= SEL_END) & (s < S)
+        u = tl.where(in_sel, s - SINK, 0)
+        st = tl.load(s_row + u // C, mask=in_sel, other=_SENTINEL).to(tl.int64)
+        sel_idx = st + u % C
+        idx = tl.where(in_sink, s, tl.where(in_sel, sel_idx, wst + (s - SEL_END)))
+        sel_ok = in_sel & (st != _SENTINEL) & (sel_idx >= SINK) & (sel_idx < w0)
+        causal = in_sink | in_win                           # valid for rows at positions >= idx
         col_ok = sel_ok | (causal & (idx <= p_max))
         if tl.max(col_ok.to(tl.int32), axis=0) > 0:
             row = tl.where(col_ok, idx, 0).to(tl.int64)      # key row to load (0 when unused)
