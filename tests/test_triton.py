@@ -111,6 +111,28 @@ def test_score_chunks_bf16_keys_and_inactive_chunks():
         assert (got[..., 4:] == -1.0e30).all() and (got[..., 1:4] > -1e29).all()
 
 
+def test_score_chunks_launch_defaults():
+    """bfloat16 pooled queries (q16) and 32-row tiles for prefill's pooled stages, 64 chunks a
+    program for its 256-row last stage; decode (one query block) and float32 operands keep float32
+    pooled queries (no cast launch in a refresh)."""
+    from infinitehip.attention.triton.prune import _launch_defaults
+    assert _launch_defaults(64, 4096, "bf16", True) == dict(q16=True, block_m=32, block_c=32, num_warps=4)
+    assert _launch_defaults(256, 1024, "bf16", True) == dict(q16=True, block_m=64, block_c=64, num_warps=4)
+    assert _launch_defaults(4, 4096, "bf16", False) == dict(q16=False, block_m=16, block_c=32, num_warps=4)
+    assert _launch_defaults(32, 4096, "bf16", False) == dict(q16=False, block_m=32, block_c=32, num_warps=4)
+    assert _launch_defaults(64, 4096, "tf32", True) == dict(q16=False, block_m=64, block_c=32, num_warps=4)
+    assert _launch_defaults(256, 1024, "tf32x3", True) == dict(q16=False, block_m=64, block_c=64, num_warps=4)
+    cfg, q, k, _, geo, rope = setup(1, 1, 400, 4, 2, 64, dtype=torch.bfloat16)
+    qp, q_valid = pool_queries(q, geo, 2, cfg, rope)
+    starts = torch.tensor([0, 32, 64], device=DEVICE).expand(1, 2, 1, -1)
+    with pytest.raises(ValueError, match="q16"):
+        ops.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope, tuning=dict(q16=True, precision="tf32"))
+    if DEVICE == "cuda":   # both round the pooled queries to nearest bfloat16: the same scores
+        a, b = (ops.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope, tuning=dict(q16=x, block_m=32))
+                for x in (True, False))
+        assert torch.equal(a, b)
+
+
 def _rel_err(x, ref):
     return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
 

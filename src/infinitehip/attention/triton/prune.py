@@ -258,9 +258,11 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     G, n = starts.shape[1], starts.shape[3]
     if qp.dtype != torch.float32 or qp.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("score_chunks needs float32 pooled queries and keys with unit stride on D")
-    tuning = tuning or {}
-    precision = tuning.get("precision", _PRUNE_DOT_PRECISION.get(k.dtype, "tf32"))
-    if tuning.get("q16"):   # the pooled queries stored in bfloat16: half the bytes of every query tile
+    hpk = H // K
+    hpk_p = triton.next_power_of_2(hpk)
+    precision = (tuning or {}).get("precision", _PRUNE_DOT_PRECISION.get(k.dtype, "tf32"))
+    tuning = {**_launch_defaults(R * hpk_p, n, precision, prefill=nqb > 1), **(tuning or {})}
+    if tuning["q16"]:   # the pooled queries stored in bfloat16: half the bytes of every query tile
         if precision != "bf16":
             raise ValueError("tuning q16 (bfloat16 pooled queries) needs precision='bf16'")
         qp = qp.to(torch.bfloat16)
@@ -269,17 +271,10 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     out = torch.empty(B, G, nqb, n, device=k.device, dtype=torch.float32)
     if n == 0:
         return out
-    hpk = H // K
-    hpk_p = triton.next_power_of_2(hpk)
     half = D // 2
     half_p = max(16, triton.next_power_of_2(half))
-    block_m = tuning.get("block_m", min(64, max(16, triton.next_power_of_2(R * hpk_p))))
+    block_m, block_c = tuning["block_m"], tuning["block_c"]
     m_tiles = triton.cdiv(R * hpk_p, block_m)
-    # Probes per program: a level reloads every query tile, so several tiles (prefill's last stage,
-    # stride 1: 256 rows) want more probes per load. H200, 16K queries at 128K, tf32
-    # (sweep_prune_paired_h200.json): that stage 9.8 -> 6.8 ms with 64 chunks; one tile (stages
-    # 0-1) is faster with 32 (4.4 vs 7.6 ms).
-    block_c = tuning.get("block_c", 64 if m_tiles > 1 and n >= 64 else 32 if n >= 32 else 16)
     p0, w0 = geo.p0.contiguous(), geo.w0.contiguous()
     qv = q_valid.view(torch.int8)                                 # bool bytes, read as int8
     exact = geo.exact_prune.view(torch.int8)
@@ -304,6 +299,31 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
         DOT_PRECISION=precision, FAST=k.is_cuda,
         SCALED=scaled, PAGE=pages.page if pages is not None else 1, DENSE=tuning.get("dense", False),
-        num_warps=tuning.get("num_warps", 4),
+        num_warps=tuning["num_warps"],
     )
     return out
+
+
+def _launch_defaults(rows: int, n: int, precision: str, prefill: bool) -> dict:
+    """Launch settings of ``score_chunks`` for ``rows`` query rows (pooled rows x the kv head's
+    query heads, padded) and ``n`` chunks (``prefill``: several query blocks), measured with
+    ``scripts/sweep_prune.py`` on an H200 (16K queries against 128K keys, sweep_prune_q16_h200.json).
+
+    A level reloads every query tile per set of probes, and the kernel is bound by on-chip
+    memory at 12.5% occupancy (247 registers a thread, Nsight Compute), so with bfloat16 operands
+    the pooled queries are stored in bfloat16 (q16: half the tile bytes) and prefill's pooled
+    stages (64 rows) take 32-row tiles: stage 0 3.4 -> 2.1 ms, stage 1 4.5 -> 2.7 ms. Prefill's last
+    stage (stride 1: 256 rows, several tiles) wants more probes per tile load: 64 chunks a program,
+    5.5 -> 4.6 ms with q16. Decode (one query block) keeps float32 pooled queries: its few rows
+    are one small tile, and the cast would be a launch more in every refresh.
+    float32 operands (tf32 for FP8 codes, tf32x3 for float32 keys) keep the settings they were
+    measured with: 64-row tiles, 64 chunks where there are several tiles.
+    """
+    q16 = precision == "bf16" and prefill
+    if q16:
+        block_m, wide = (32, False) if rows <= 64 else (64, True)
+    else:
+        block_m = min(64, max(16, triton.next_power_of_2(rows)))
+        wide = rows > block_m
+    block_c = 64 if wide and n >= 64 else 32 if n >= 32 else 16
+    return dict(q16=q16, block_m=block_m, block_c=block_c, num_warps=4)
