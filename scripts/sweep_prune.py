@@ -30,8 +30,9 @@ H, K, D = 32, 8, 128
 # never best; bf16 operands (16-bit q tiles) are a candidate for the query-tile-bound prefill stages.
 # Measured 2026-11-29 (H200, sweep_prune_paired_h200.json): bf16 operands best in every prefill stage
 # (4.4/5.4/6.8 -> 3.4/4.5/5.5 ms), dense scoring never; Nsight Compute: 247 registers a thread,
-# 12.5% occupancy. Next: fewer registers a thread (query tiles of 32 rows; 8 warps) and bfloat16
-# pooled queries in memory (q16). The defaults first.
+# 12.5% occupancy. Measured 2026-11-29 (H200, sweep_prune_q16_h200.json, this grid): bfloat16 pooled
+# queries (q16) best in every stage, 32-row tiles in the pooled stages, 8 warps never best: stages
+# 3.4/4.5/5.5 -> 2.1/2.7/4.6 ms, now prune._launch_defaults. The old defaults first.
 GRID = dict(block_c=(32, 64), block_m=(64, 32), num_warps=(4, 8), precision=("bf16",), q16=(False, True))
 
 
