@@ -44,6 +44,8 @@ def test_preset_overrides_and_unknown_name():
     (dict(rope_prune="streaming"), "rope_prune"),
     (dict(rope_attend="relative"), "rope_attend"),
     (dict(model_context_length=0), "model_context_length"),
+    (dict(stage0_levels=0), "stage0_levels"),
+    (dict(stage0_levels=9), "stage0_levels"),        # 256-key chunks have 8 levels
 ])
 def test_invalid_values_name_the_field(changes, field):
     with pytest.raises(ValueError, match=rf"HiPConfig\.{field}="):

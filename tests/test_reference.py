@@ -118,6 +118,29 @@ def test_refresh_reruns_only_named_stages():
     assert (m1.starts == SENTINEL).all()
 
 
+def test_stage0_levels_probes_fixed_positions_only():
+    """Stopped after 2 levels, stage 0 probes a 32-key chunk at offsets 8, 24 (level 0) and
+    4, 12, 20, 28 (level 1) only: keys elsewhere in the chunks cannot change its mask, the full
+    descent's can. Full depth as a number is the default (None)."""
+    q, k, v = rand_qkv(1, 1, 3000, 4, 2, 64, seed=6)
+    rope = RoPE.default(64)
+    fixed = torch.zeros(3000, dtype=torch.bool)
+    for offset in (4, 8, 12, 20, 24, 28):
+        fixed[offset::32] = True
+    k2 = torch.where(fixed[None, :, None, None], k, torch.randn(k.shape, generator=torch.Generator().manual_seed(7)))
+
+    def stage1_input(cfg, keys):
+        _, mask = hip_attention(q, keys, v, config=cfg, rope=rope, backend="reference")
+        return mask.stage_inputs[1]
+    capped = TINY.replace(stage0_levels=2)
+    assert torch.equal(stage1_input(capped, k), stage1_input(capped, k2))
+    assert not torch.equal(stage1_input(TINY, k), stage1_input(TINY, k2))
+    full = TINY.replace(stage0_levels=5)
+    _, m_none = hip_attention(q, k, v, config=TINY, rope=rope, backend="reference")
+    _, m_full = hip_attention(q, k, v, config=full, rope=rope, backend="reference")
+    assert torch.equal(m_none.starts, m_full.starts)
+
+
 def test_mask_granularity_and_order():
     q, k, v = rand_qkv(1, 64, 2000, 4, 2, 64, seed=5)
     _, mask = hip_attention(q, k, v, config=TINY, rope=RoPE.default(64), backend="reference")

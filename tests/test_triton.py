@@ -55,6 +55,11 @@ def test_score_chunks_matches_reference(B, tq, tk, H, K, D, lens, sharing, prune
         got = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
         assert (want > -1e29).any(), "some chunks must be active for the test to mean anything"
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        if s == 0:   # the descent stopped early (stage0_levels): the same capped scores
+            want2 = reference.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope, levels=2)
+            got2 = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope, levels=2)
+            torch.testing.assert_close(got2, want2, rtol=1e-4, atol=1e-4)
+            assert not torch.equal(want2, want), "stopping early must change some scores"
         if cfg.chunk_sizes[s] <= 16:   # every token scored first (a tuning switch): the same scores
             dense = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope,
                                      tuning=dict(dense=True, block_c=16))

@@ -38,6 +38,9 @@ class HiPConfig:
     # The first layers attend broadly: they get a larger budget (negative indices count from the end).
     dense_layers: tuple[int, ...] = (0, 1, 2, 3, -1)
     dense_layer_budget: int = 4096
+    # Stage 0's hierarchical top-1 stops after this many levels (None: down to one token). Then
+    # every probe of stage 0 is at a fixed position, which an offloaded cache can keep on the GPU.
+    stage0_levels: int | None = None
     # Decode: stage s is rerun every refresh_intervals[s] steps; in between the mask is reused.
     refresh_intervals: tuple[int, ...] = (32, 16, 8)
     # "kv": one mask per KV head (its query heads share it); "all": one mask for every head.
@@ -157,6 +160,9 @@ class HiPConfig:
                 fail(field, b, f"must be a multiple of the last chunk size {self.chunk_size}")
             if last_in is not None and b > last_in:
                 fail(field, b, f"must be <= the last stage's budget {last_in}")
+        lv, depth = self.stage0_levels, self.chunk_sizes[0].bit_length() - 1
+        if lv is not None and (not isinstance(lv, int) or not 1 <= lv <= depth):
+            fail("stage0_levels", lv, f"must be None or an integer in [1, {depth}] (log2 of chunk_sizes[0])")
         for st in self.stage_strides:
             if not isinstance(st, int) or st < 1 or self.block_size_q % st:
                 fail("stage_strides", self.stage_strides, f"each must divide block_size_q={self.block_size_q}")

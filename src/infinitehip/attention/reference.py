@@ -122,7 +122,7 @@ def _probe_scores(qp, q_valid, k, probes, geo: Geometry, rope: RoPE | None, page
 
 
 def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPConfig, rope: RoPE | None,
-                 pages: KVPages | None = None):
+                 pages: KVPages | None = None, levels: int | None = None):
     """Hierarchical top-1 over chunks ``[starts, starts + chunk)`` of the selectable range.
 
     qp (B, NQB, R, H, D) float32 pooled rotated queries, q_valid (B, NQB, R),
@@ -131,6 +131,7 @@ def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPC
     half. After log2(chunk) levels one token is left: the representative. The score is the best
     probe seen on the way. Probes are clamped into the chunk's selectable part [lo, hi).
     pages: read k through a block table or as FP8 codes with scales (``pages.py``).
+    levels: stop the descent after this many levels (None: down to one token).
     """
     starts = starts.long()   # int32 starts: SENTINEL + chunk would wrap
     lo = starts.clamp(min=config.sink)
@@ -143,7 +144,8 @@ def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPC
     tokens = (chunk <= DENSE_CHUNK and starts.shape[-1] * chunk * 2 >= k.shape[1]
               and (pages is None or pages.table is None) and (rope is None or _known_all(~geo.exact_prune)))
     scores = _token_scores(qp, q_valid, k, starts.shape[1], rope, pages) if tokens else None
-    while length > 1:
+    depth = chunk.bit_length() - 1 if levels is None else min(levels, chunk.bit_length() - 1)
+    for _ in range(depth):
         half = length // 2
         probes = torch.stack([a + half // 2, a + half + half // 2], dim=-1)    # (B, G, NQB, n, 2)
         probes = torch.maximum(torch.minimum(probes, hi[..., None] - 1), lo[..., None])

@@ -26,8 +26,10 @@ __all__ = ["ScoreChunks", "n_groups", "first_stage_starts", "run_stages"]
 
 class ScoreChunks(Protocol):
     def __call__(self, qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, starts: torch.Tensor,
-                 chunk: int, geo: Geometry, config: HiPConfig, rope: RoPE | None) -> torch.Tensor:
-        """Scores (B, G, NQB, n) float32 of chunks ``[starts, starts + chunk)`` (NEG_SCORE if inactive)."""
+                 chunk: int, geo: Geometry, config: HiPConfig, rope: RoPE | None, *,
+                 levels: int | None = None) -> torch.Tensor:
+        """Scores (B, G, NQB, n) float32 of chunks ``[starts, starts + chunk)`` (NEG_SCORE if inactive),
+        the hierarchical top-1 stopped after ``levels`` levels (None: down to one token)."""
 
 
 def n_groups(config: HiPConfig, num_kv_heads: int) -> int:
@@ -80,7 +82,8 @@ def run_stages(q, k, geo: Geometry, config: HiPConfig, rope: RoPE | None, score_
         stride = config.stage_strides[s] if nqb > 1 else min(config.stage_strides[s], q.shape[1])
         if stride not in pooled:
             pooled[stride] = pool(q, geo, stride, config, rope)
-        scores = score_chunks(*pooled[stride], k, starts, config.chunk_sizes[s], geo, config, rope)
+        scores = score_chunks(*pooled[stride], k, starts, config.chunk_sizes[s], geo, config, rope,
+                              levels=config.stage0_levels if s == 0 else None)
         last = s + 1 == config.n_stages
         split = None if last else (config.chunk_sizes[s], config.chunk_sizes[s + 1])
         starts = keep_top(starts, scores, config.n_kept(s), split)   # sorted; the next stage's candidates

@@ -241,13 +241,14 @@ def _score_chunks_kernel(
 
 def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, starts: torch.Tensor, chunk: int,
                  geo: Geometry, config: HiPConfig, rope: RoPE | None, pages: KVPages | None = None, *,
-                 tuning: dict | None = None) -> torch.Tensor:
+                 levels: int | None = None, tuning: dict | None = None) -> torch.Tensor:
     """Triton ``reference.score_chunks``: (B, G, NQB, n) float32 scores, NEG_SCORE if inactive.
 
     qp (B, NQB, R, H, D) float32 pooled rotated queries, q_valid (B, NQB, R) bool,
     k (B, Tk, K, D) un-rotated keys, starts (B, G, NQB, n) int (SENTINEL = no chunk).
     pages: FP8 codes with per-page scales (a block table is not supported here: pruning reads
-    the logical layout, in place). tuning: launch overrides (block_c, block_m, num_warps,
+    the logical layout, in place). levels: stop the descent after this many levels (None: down to
+    one token). tuning: launch overrides (block_c, block_m, num_warps,
     precision, dense, q16) for scripts/sweep_prune.py.
     """
     if pages is not None and pages.table is not None:
@@ -294,7 +295,7 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         p0.stride(0),
         k_scale.stride(0) if scaled else 0, k_scale.stride(1) if scaled else 0,
         G, nqb, n,
-        SINK=config.sink, CHUNK=chunk, LEVELS=chunk.bit_length() - 1,
+        SINK=config.sink, CHUNK=chunk, LEVELS=min(chunk.bit_length() - 1, levels or chunk),
         KG=K // G, R=R, HPK=hpk, HPK_P=hpk_p, HALF=half, HALF_P=half_p,
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
         DOT_PRECISION=precision, FAST=k.is_cuda,
