@@ -295,7 +295,7 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         p0.stride(0),
         k_scale.stride(0) if scaled else 0, k_scale.stride(1) if scaled else 0,
         G, nqb, n,
-        SINK=config.sink, CHUNK=chunk, LEVELS=min(chunk.bit_length() - 1, levels or chunk),
+        SINK=config.sink, CHUNK=chunk, LEVELS=min(chunk.bit_length() - 1, chunk if levels is None else levels),
         KG=K // G, R=R, HPK=hpk, HPK_P=hpk_p, HALF=half, HALF_P=half_p,
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
         DOT_PRECISION=precision, FAST=k.is_cuda,
