@@ -166,8 +166,10 @@ def record(kind, context, dense_ms, hip_ms, meta, **extra):
 def run(args) -> list[dict]:
     dev = torch.cuda.get_device_name()
     meta = dict(device=dev, date=datetime.date.today().isoformat(), command="python -m infinitehip.bench attention "
-                + " ".join(args.argv), dtype="bfloat16", heads=f"{H}q/{K}kv", head_dim=D, preset=args.preset)
-    cfg = HiPConfig.preset(args.preset, dense_threshold=0)   # time the sparse path at every context
+                + " ".join(args.argv), dtype="bfloat16", heads=f"{H}q/{K}kv", head_dim=D, preset=args.preset,
+                stage0_levels=args.stage0_levels)
+    # dense_threshold 0: time the sparse path at every context.
+    cfg = HiPConfig.preset(args.preset, dense_threshold=0, stage0_levels=args.stage0_levels)
     rope = RoPE(RoPE.default(D, 500000.0).inv_freq.cuda())   # on the device: graphs capture no copies
     g = torch.Generator(device="cuda").manual_seed(0)
     shift = LAYER_SHIFT * (args.layers - 1) if args.decode else 0
@@ -292,6 +294,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--layers", type=int, default=8,
                    help="decode is also timed per call inside a graph of this many layers' calls (1: not)")
     p.add_argument("--preset", default="paper")
+    p.add_argument("--stage0-levels", type=int, default=None,
+                   help="HiPConfig.stage0_levels: stop stage 0's descent after this many levels")
     p.add_argument("--out", type=Path, default=Path("attention.json"), help="JSON path (the PNG goes beside it)")
     args = p.parse_args(argv)
     args.argv = argv
