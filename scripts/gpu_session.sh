@@ -10,6 +10,7 @@
 #   tests      the GPU tests: Triton kernels, fused decode, offload kernels and caches, engine (or $TEST_FILES);
 #              on a fresh machine compiling them takes 4-6 minutes: give the whole set a call of its own
 #   offload    bench offload at 256K: all-on-GPU vs in place (bf16, FP8) vs the GPU page cache; 1M: the default
+#   offload_s0 bench offload at 1M (the default path) with HiPConfig.stage0_levels=3: 3/8 of stage 0's probe bytes
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
 #   stage0     bench attention with HiPConfig.stage0_levels=3 (stage 0 stopped at 32-key pieces): decode 1M, prefill 128K
 #   engine     bench engine at 256K: hip vs dense
@@ -42,6 +43,8 @@ for s in "$@"; do
         offload) step offload 380 python -m infinitehip.bench offload --contexts 262144,1048576 \
                      --on-gpu-contexts 262144 --profile 32 --out "$OUT" \
                      --paths on_gpu,offload,offload_fp8,offload_page_cache,offload_fp8_page_cache ;;
+        offload_s0) step offload_s0 300 python -m infinitehip.bench offload --contexts 1048576 --stage0-levels 3 \
+                        --profile 32 --out "$OUT/stage0" ;;
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
                        --chunked "" --out "$OUT/attention.json" ;;
         stage0) step stage0 300 python -m infinitehip.bench attention --decode 1M --prefill 128K --chunked "" \
@@ -58,7 +61,7 @@ for s in "$@"; do
                        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
                        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                        python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, attention, stage0, engine, sweep, reuse, ncu, ncu_prune)"; exit 2 ;;
+        *) echo "unknown step $s (tests, offload, offload_s0, attention, stage0, engine, sweep, reuse, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infinitehip.bench import main
-from infinitehip.bench.offload import FILL_CHUNK, longest_context, quick_model
+from infinitehip.bench.offload import FILL_CHUNK, longest_context, prune_bytes_per_step, quick_model
 from infinitehip.config import HiPConfig
 
 
@@ -73,3 +73,26 @@ def test_device_slug_and_copy_bandwidth():
     assert device_slug("cpu") == "cpu"
     bw = copy_bandwidth("cpu", nbytes=1 << 20, repeats=2)
     assert 1e6 < bw < 1e14       # bytes/s: positive and physical
+
+
+def test_prune_bytes_per_step_counts_probe_levels():
+    """Paper preset at 1M keys, 8 kv heads of 128 bf16 dims: stage 0 4 MiB per step per layer
+    (4,096 chunks x 16 probes, every 32 steps), stages 1-2 1.25 + 1.5 MiB; stage 0 stopped after
+    3 of its 8 levels reads 3/8 of its bytes."""
+    mib = 1 << 20
+    full = prune_bytes_per_step(HiPConfig(), 1 << 20, 8, 128, 2)
+    assert full == 6.75 * mib
+    assert prune_bytes_per_step(HiPConfig(stage0_levels=3), 1 << 20, 8, 128, 2) == full - 4 * mib * 5 / 8
+
+
+def test_bench_offload_stage0_levels(tmp_path):
+    """--stage0-levels: offload still gives the on-GPU tokens, and reads fewer pruning bytes."""
+    runs = {}
+    for levels in (None, 2):
+        extra = [] if levels is None else ["--stage0-levels", str(levels)]
+        main(["offload", "--quick", "--contexts", "2048", "--paths", "on_gpu,offload", *extra, "--out", str(tmp_path)])
+        runs[levels] = json.loads((tmp_path / "offload_quick.json").read_text())
+    capped = runs[2]
+    assert [r["stage0_levels"] for r in capped] == [2, 2] and capped[1]["tokens_identical_to_on_gpu"]
+    prune = [r[1]["bytes_per_step"]["pruning_reads_est"] for r in (runs[None], capped)]
+    assert prune[1] < prune[0]

@@ -136,13 +136,15 @@ def decode(model: Model, cache, context: int, warm: int, steps: int, device, mod
 
 def prune_bytes_per_step(config: HiPConfig, context: int, n_kv_heads: int, head_dim: int, key_bytes: float) -> float:
     """Key bytes the pruning stages read from the host store per decode step, amortized over a
-    refresh cycle: stage s scores n_s chunks with 2 probes per level, log2(chunk) levels, per kv head."""
+    refresh cycle: stage s scores n_s chunks with 2 probes per level, log2(chunk) levels (stage 0:
+    ``stage0_levels`` where set), per kv head."""
     cycle = max(config.refresh_intervals)
     total = 0.0
     for s, c in enumerate(config.chunk_sizes):
         n = -(-context // c) if s == 0 else config.stage_budgets[s] // c
+        levels = int(math.log2(c)) if s or config.stage0_levels is None else config.stage0_levels
         runs = sum(config.refresh_stage(t) <= s for t in range(1, cycle + 1)) / cycle
-        total += runs * n * 2 * int(math.log2(c)) * n_kv_heads * head_dim * key_bytes
+        total += runs * n * 2 * levels * n_kv_heads * head_dim * key_bytes
     return total
 
 
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None):
                    "CUDA graphs wherever the cache allows, the same for on-GPU and offloaded caches).")
     p.add_argument("--paths", default=",".join(PATHS), help="Which paths to time, comma-separated, from "
                    f"{', '.join(PATHS)} (on_gpu and the same-run paths only at --on-gpu-contexts).")
+    p.add_argument("--stage0-levels", type=int, default=None, help="HiPConfig.stage0_levels: stop stage 0's "
+                   "descent after this many levels (fewer stage-0 probe bytes over PCIe).")
     p.add_argument("--quick", action="store_true", help="Tiny shapes (runs on CPU): for tests.")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None):
     if not wanted or any(x not in PATHS for x in wanted):
         raise SystemExit(f"--paths {a.paths!r}: choose from {', '.join(PATHS)}")
     if a.quick:
-        config = HiPConfig.preset("tiny", dense_threshold=0)
+        config = HiPConfig.preset("tiny", dense_threshold=0, stage0_levels=a.stage0_levels)
         model, device = quick_model(config), torch.device("cpu")
         contexts = [int(c) for c in a.contexts.split(",") if c != "max"] if a.contexts != p.get_default("contexts") \
             else [1024, 2048]
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None):
     else:
         if not torch.cuda.is_available():
             raise SystemExit("the offload benchmark needs a CUDA GPU (or --quick)")
-        config = HiPConfig(dense_threshold=0)
+        config = HiPConfig(dense_threshold=0, stage0_levels=a.stage0_levels)
         model, device = random_model(a.layers, config), torch.device("cuda")
         contexts = [c if c == "max" else int(c) for c in a.contexts.split(",")]
         on_gpu = {int(c) for c in a.on_gpu_contexts.split(",") if c}
@@ -303,7 +307,7 @@ def main(argv: list[str] | None = None):
             context = longest_context(model, a, device)
         paths = [x for x in PATHS if x in wanted and (context in on_gpu or x == DEFAULT_PATH)]
         for r in bench_context(model, context, paths, a, device, free_memory(torch.device("cpu"))):
-            r.update(device=name, date=date, layers=model.args.n_layers,
+            r.update(device=name, date=date, layers=model.args.n_layers, stage0_levels=a.stage0_levels,
                      command="python -m infinitehip.bench offload " + " ".join(argv or []))
             records.append(r)
         _save(records, Path(a.out), "offload_quick" if a.quick else "offload_" + device_slug(name))
