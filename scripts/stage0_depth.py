@@ -35,9 +35,10 @@ def main() -> None:
     path = resolve_model_path("builtin")
     base = load(path, device="cpu", config=None if a.preset == "builtin" else a.preset)
     trained, depth = base.args.trained_context, base.hip.chunk_sizes[0].bit_length() - 1
-    # The same prompts through each depth: one model per HiPConfig.stage0_levels.
-    completers = {f"hip_stage0_{n}_levels": engine_completer(load(path, device="cpu", config=base.hip.replace(
-        stage0_levels=n)), "hip") for n in [depth] + [int(x) for x in a.levels.split(",")]}
+    # The same prompts through each depth: the full descent, then one model per stage0_levels.
+    completers = {f"hip_stage0_{depth}_levels": engine_completer(base, "hip"), **{
+        f"hip_stage0_{n}_levels": engine_completer(load(path, device="cpu", config=base.hip.replace(stage0_levels=n)),
+                                                   "hip") for n in map(int, a.levels.split(","))}}
     spec = EvalSpec(tuple(a.tasks.split(",")), (int(float(a.length.rstrip("x")) * trained),), tuple(completers),
                     samples=a.samples)
     counter = TokenCounter(lambda s: base.tokenizer.encode(s, add_special_tokens=False))

@@ -67,3 +67,9 @@ def test_dense_layers_get_larger_budget():
     assert cfg.for_layer(0, 32).budget == 4096
     assert cfg.for_layer(31, 32).budget == 4096
     assert cfg.for_layer(10, 32).budget == 2048
+
+
+def test_probe_levels():
+    """log2 of each stage's chunk; stage0_levels caps stage 0 only."""
+    assert [HiPConfig().probe_levels(s) for s in range(3)] == [8, 5, 3]
+    assert [HiPConfig(stage0_levels=3).probe_levels(s) for s in range(3)] == [3, 5, 3]

@@ -90,6 +90,12 @@ class HiPConfig:
         tokens = self.budget if stage == self.n_stages - 1 else self.stage_budgets[stage + 1]
         return tokens // self.chunk_sizes[stage]
 
+    def probe_levels(self, stage: int) -> int:
+        """Levels of stage ``stage``'s hierarchical top-1: log2 of its chunk (down to one token),
+        for stage 0 at most ``stage0_levels``."""
+        full = self.chunk_sizes[stage].bit_length() - 1
+        return full if stage or self.stage0_levels is None else min(full, self.stage0_levels)
+
     def for_layer(self, layer: int, num_layers: int) -> "HiPConfig":
         """The config of one layer: dense layers get ``dense_layer_budget``."""
         dense = {i % num_layers for i in self.dense_layers}

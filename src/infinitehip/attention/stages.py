@@ -83,7 +83,7 @@ def run_stages(q, k, geo: Geometry, config: HiPConfig, rope: RoPE | None, score_
         if stride not in pooled:
             pooled[stride] = pool(q, geo, stride, config, rope)
         scores = score_chunks(*pooled[stride], k, starts, config.chunk_sizes[s], geo, config, rope,
-                              levels=config.stage0_levels if s == 0 else None)
+                              levels=config.probe_levels(s))
         last = s + 1 == config.n_stages
         split = None if last else (config.chunk_sizes[s], config.chunk_sizes[s + 1])
         starts = keep_top(starts, scores, config.n_kept(s), split)   # sorted; the next stage's candidates

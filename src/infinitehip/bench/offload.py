@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import time
 from pathlib import Path
 
@@ -136,15 +135,13 @@ def decode(model: Model, cache, context: int, warm: int, steps: int, device, mod
 
 def prune_bytes_per_step(config: HiPConfig, context: int, n_kv_heads: int, head_dim: int, key_bytes: float) -> float:
     """Key bytes the pruning stages read from the host store per decode step, amortized over a
-    refresh cycle: stage s scores n_s chunks with 2 probes per level, log2(chunk) levels (stage 0:
-    ``stage0_levels`` where set), per kv head."""
+    refresh cycle: stage s scores n_s chunks with 2 probes per level (``config.probe_levels``), per kv head."""
     cycle = max(config.refresh_intervals)
     total = 0.0
     for s, c in enumerate(config.chunk_sizes):
         n = -(-context // c) if s == 0 else config.stage_budgets[s] // c
-        levels = int(math.log2(c)) if s or config.stage0_levels is None else config.stage0_levels
         runs = sum(config.refresh_stage(t) <= s for t in range(1, cycle + 1)) / cycle
-        total += runs * n * 2 * levels * n_kv_heads * head_dim * key_bytes
+        total += runs * n * 2 * config.probe_levels(s) * n_kv_heads * head_dim * key_bytes
     return total
 
 
