@@ -16,7 +16,7 @@
 #   engine     bench engine at 256K: hip vs dense
 #   sweep      scripts/sweep_prune.py: pruning launch settings (dense small-chunk scoring too), decode and prefill 128K
 #              (SWEEP_DECODE="" skips decode)
-#   reuse      scripts/sweep_prune.py --reuse 128K: the mask-reuse decode step's launch settings
+#   reuse      scripts/sweep_prune.py --reuse 128K: the mask-reuse decode step's launch settings, the selection kernel's warps
 #   ncu        Nsight Compute on that step's kernel (default settings, 2 launches), where the machine allows it
 #   ncu_prune  Nsight Compute on the pruning kernel, its three stages for a 16K-query prefill chunk at 128K
 set -uo pipefail
@@ -52,7 +52,7 @@ for s in "$@"; do
         engine) step engine 400 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 --out "$OUT" ;;
         sweep) step sweep 400 python scripts/sweep_prune.py --decode "${SWEEP_DECODE-128K}" --prefill 128K \
                  --out "$OUT/sweep_prune.json" ;;
-        reuse) step reuse 200 python scripts/sweep_prune.py --reuse 128K --decode "" --prefill "" \
+        reuse) step reuse 300 python scripts/sweep_prune.py --reuse 128K --decode "" --prefill "" \
                    --out "$OUT/sweep_reuse.json" ;;
         ncu) step ncu 150 ncu --clock-control none -k regex:_bsa_kernel -c 2 --section SpeedOfLight \
                  --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \

@@ -80,6 +80,16 @@ def sweep_attend(q, k, mask, geo, cfg, rope) -> list[dict]:
     return out
 
 
+def time_graph(fn) -> float:
+    """Median ms of ``fn`` replayed as a CUDA graph, as the engine runs decode (a Python launch of
+    a Triton kernel takes longer than these kernels run)."""
+    graph = torch.cuda.CUDAGraph()
+    fn()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+
+
 def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None) -> list[dict]:
     """A decode step that reuses its mask (one launch): tiles, warps and split count."""
     q = torch.randn(1, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -89,21 +99,47 @@ def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None
     out = []
     # Measured 2026-11-29 (H200, sweep_reuse_h200.json): the defaults (64, 2, 4) 17.4 us, best of the
     # grid; issuing V's loads with K's (a variant since removed) changed nothing (17.8 us).
-    grid = itertools.product((64, 32), (2, 4), (4, 2))   # the defaults first
+    # Next: Nsight Compute saw 0.55 waves of 2-warp programs, one 64-key tile each (53 splits at
+    # 128K) and a last-arriving program merging all of them: larger tiles (fewer splits to merge)
+    # and more programs per SM are in the grid.
+    grid = itertools.product((64, 32, 128), (2, 4), (4, 2, 8))   # the defaults first
     for bn, nw, pps in itertools.islice(grid, limit):
         tuning = dict(block_n=bn, num_warps=nw, programs_per_sm=pps)
         fn = lambda: ops.attend_reused(q, k, k, mask, kv_len, cfg, rope, D ** -0.5, tuning=tuning)  # noqa: E731
         try:
-            graph = torch.cuda.CUDAGraph()   # timed as a graph replay, as the engine runs it
-            fn()
-            with torch.cuda.graph(graph):
-                fn()
-            ms = triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+            ms = time_graph(fn)
         except Exception as e:
             ms = None
             print(f"  {tuning}: {str(e).splitlines()[0][:80]}")
         out.append(dict(kind="reuse", tq=1, tk=tk, **tuning, ms=ms))
         print(out[-1], flush=True)
+    return out
+
+
+def sweep_keep_top(tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict]:
+    """The selection kernel of a decode refresh, per stage: warps per row (one program a row;
+    ~10 us a call in the engine's profile at 256K, as long as the scoring)."""
+    q = torch.randn(1, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, tk, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv_len = torch.tensor([tk], device="cuda")
+    geo = geometry(kv_len - 1, 1, kv_len, cfg)
+    mask = run_stages(q, k, geo, cfg, rope, ops.score_chunks, keep_top=ops.keep_top)
+    out = []
+    for s in range(cfg.n_stages):
+        starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
+                  else mask.stage_inputs[s])
+        qp, qv = pool_queries(q, geo, 1, cfg, rope)   # one decode query: every stride pools it alone
+        scores = ops.score_chunks(qp, qv, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
+        split = None if s + 1 == cfg.n_stages else (cfg.chunk_sizes[s], cfg.chunk_sizes[s + 1])
+        for nw in (4, 2, 8, 16):   # the default (4 for rows of up to 1024) first
+            fn = lambda: ops.keep_top(starts, scores, cfg.n_kept(s), split, tuning=dict(num_warps=nw))  # noqa: E731
+            try:
+                ms = time_graph(fn)
+            except Exception as e:
+                ms = None
+                print(f"  num_warps={nw}: {str(e).splitlines()[0][:80]}")
+            out.append(dict(kind="keep_top", tq=1, tk=tk, stage=s, n=scores.shape[-1], num_warps=nw, ms=ms))
+            print(out[-1], flush=True)
     return out
 
 
@@ -124,6 +160,8 @@ def main() -> None:
     records = []
     for tk in args.reuse:
         records += sweep_reuse(tk, cfg, rope, g, args.reuse_limit)
+        if args.reuse_limit is None:
+            records += sweep_keep_top(tk, cfg, rope, g)
     for tk in args.decode:
         records += sweep(1, tk, cfg, rope, g, args.limit)
     for tk in args.prefill:

@@ -52,6 +52,9 @@ def test_keep_top_split_matches_reference(n, m, split, dtype):
     got = ops.keep_top(starts.to(DEVICE), scores.to(DEVICE), m, split).cpu()
     assert got.dtype == dtype and want.shape == (3, m * split[0] // split[1])
     assert torch.equal(got, want)
+    for warps in (2, 16):   # the sweep's launch overrides select the same chunks
+        got = ops.keep_top(starts.to(DEVICE), scores.to(DEVICE), m, split, tuning=dict(num_warps=warps)).cpu()
+        assert torch.equal(got, want)
 
 
 def _reused_setup(B, tq, tk, H, K, D, dtype=torch.float32, lens=None, anchor=True, **overrides):

@@ -68,9 +68,11 @@ def _keep_top_kernel(
              mask=pad < M * SPLIT)
 
 
-def keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int, split: tuple[int, int] | None = None) -> torch.Tensor:
+def keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int, split: tuple[int, int] | None = None, *,
+             tuning: dict | None = None) -> torch.Tensor:
     """Triton ``reference.keep_top``: starts (..., n) int, scores (..., n) float32 -> (..., m) in
-    starts' dtype, or with ``split`` (chunk, sub) the next stage's candidates (..., m * chunk // sub)."""
+    starts' dtype, or with ``split`` (chunk, sub) the next stage's candidates (..., m * chunk // sub).
+    tuning: launch overrides (num_warps) for scripts/sweep_prune.py."""
     from .. import reference
 
     n = scores.shape[-1]
@@ -90,6 +92,6 @@ def keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int, split: tuple[in
     _keep_top_kernel[(s2.shape[0],)](
         s2, st2, out, s2.stride(0), st2.stride(0), out.stride(0), n, m, _ordered(NEG_SCORE / 2),
         N_P=n_p, K_P=k_p, PAD_P=max(1, triton.next_power_of_2(max((m - k_p) * f, 1))), SPLIT=f, SUB=sub,
-        num_warps=max(4, min(16, n_p // 256)),
+        num_warps=(tuning or {}).get("num_warps", max(4, min(16, n_p // 256))),
     )
     return out.view(*lead, m * f)
