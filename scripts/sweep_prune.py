@@ -116,29 +116,33 @@ def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None
     return out
 
 
-def sweep_keep_top(tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict]:
-    """The selection kernel of a decode refresh, per stage: warps per row (one program a row;
-    ~10 us a call in the engine's profile at 256K, as long as the scoring)."""
-    q = torch.randn(1, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+def sweep_keep_top(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict]:
+    """The selection kernel per stage (one program per row; in decode ~10 us a call in the
+    engine's profile at 256K, as long as the scoring): bitonic top-k vs radix select, by warps."""
+    q = torch.randn(1, tq, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, tk, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
     kv_len = torch.tensor([tk], device="cuda")
-    geo = geometry(kv_len - 1, 1, kv_len, cfg)
+    geo = geometry(kv_len - tq, tq, kv_len, cfg)
     mask = run_stages(q, k, geo, cfg, rope, ops.score_chunks, keep_top=ops.keep_top)
     out = []
     for s in range(cfg.n_stages):
         starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
                   else mask.stage_inputs[s])
-        qp, qv = pool_queries(q, geo, 1, cfg, rope)   # one decode query: every stride pools it alone
+        qp, qv = pool_queries(q, geo, cfg.stage_strides[s] if tq > 1 else 1, cfg, rope)
         scores = ops.score_chunks(qp, qv, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
         split = None if s + 1 == cfg.n_stages else (cfg.chunk_sizes[s], cfg.chunk_sizes[s + 1])
-        for nw in (4, 2, 8, 16):   # the default (4 for rows of up to 1024) first
-            fn = lambda: ops.keep_top(starts, scores, cfg.n_kept(s), split, tuning=dict(num_warps=nw))  # noqa: E731
+        want = ops.keep_top(starts, scores, cfg.n_kept(s), split)
+        for radix, nw in itertools.product((False, True), (4, 2, 8, 16)):   # the default first
+            tuning = dict(radix=radix, num_warps=nw)
+            fn = lambda: ops.keep_top(starts, scores, cfg.n_kept(s), split, tuning=tuning)  # noqa: E731
             try:
+                same = bool(torch.equal(fn(), want))          # every variant selects the same chunks
                 ms = time_graph(fn)
             except Exception as e:
-                ms = None
-                print(f"  num_warps={nw}: {str(e).splitlines()[0][:80]}")
-            out.append(dict(kind="keep_top", tq=1, tk=tk, stage=s, n=scores.shape[-1], num_warps=nw, ms=ms))
+                ms = same = None
+                print(f"  {tuning}: {str(e).splitlines()[0][:80]}")
+            out.append(dict(kind="keep_top", tq=tq, tk=tk, stage=s, n=scores.shape[-1], **tuning, ms=ms,
+                            same=same))
             print(out[-1], flush=True)
     return out
 
@@ -161,11 +165,13 @@ def main() -> None:
     for tk in args.reuse:
         records += sweep_reuse(tk, cfg, rope, g, args.reuse_limit)
         if args.reuse_limit is None:
-            records += sweep_keep_top(tk, cfg, rope, g)
+            records += sweep_keep_top(1, tk, cfg, rope, g)
     for tk in args.decode:
         records += sweep(1, tk, cfg, rope, g, args.limit)
     for tk in args.prefill:
         records += sweep(min(args.chunk, tk), tk, cfg, rope, g, args.limit)
+        if args.limit is None:
+            records += sweep_keep_top(min(args.chunk, tk), tk, cfg, rope, g)
     args.out.write_text(json.dumps(records, indent=1))
 
 

@@ -74,7 +74,8 @@ def _calls():
     qp, qv = pool_queries(q, geo, 1, cfg, rope)
     starts = first_stage_starts(900, 32, 1, 2, qp.shape[1])
     ops.score_chunks(qp, qv, k, starts, 32, geo, cfg, rope, levels=2, tuning=dict(precision="bf16"))
-    ops.score_chunks(qp, qv, k, starts, 32, geo, cfg, rope, tuning=dict(q16=True))
+    scores = ops.score_chunks(qp, qv, k, starts, 32, geo, cfg, rope, tuning=dict(q16=True))
+    ops.keep_top(starts, scores, 8, (32, 8), tuning=dict(radix=True))
     from infinitehip.attention.triton.kv_write import write_rows
     qkv = torch.randn(2, 12, 128, dtype=torch.bfloat16)
     write_rows(torch.zeros(9, 2, 128, dtype=torch.bfloat16), torch.zeros(9, 2, 128, dtype=torch.bfloat16),

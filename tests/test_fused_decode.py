@@ -52,9 +52,28 @@ def test_keep_top_split_matches_reference(n, m, split, dtype):
     got = ops.keep_top(starts.to(DEVICE), scores.to(DEVICE), m, split).cpu()
     assert got.dtype == dtype and want.shape == (3, m * split[0] // split[1])
     assert torch.equal(got, want)
-    for warps in (2, 16):   # the sweep's launch overrides select the same chunks
-        got = ops.keep_top(starts.to(DEVICE), scores.to(DEVICE), m, split, tuning=dict(num_warps=warps)).cpu()
-        assert torch.equal(got, want)
+    # The sweep's launch overrides and the radix-select variant select the same chunks.
+    for tuning in (dict(num_warps=2), dict(num_warps=16), dict(radix=True)):
+        got = ops.keep_top(starts.to(DEVICE), scores.to(DEVICE), m, split, tuning=tuning).cpu()
+        assert torch.equal(got, want), tuning
+
+
+@pytest.mark.parametrize("m", [1, 7, 64, 200])
+def test_keep_top_radix_orders_every_float(m):
+    """The radix select over the scores' bytes: signs, +-0.0 ties (the earlier chunk wins),
+    -inf, exponents far apart, inactive (NEG_SCORE) entries, every row the reference's choice."""
+    g = torch.Generator().manual_seed(m)
+    n = 150
+    scores = torch.randn(4, n, generator=g) * torch.logspace(-30, 30, n)[torch.randperm(n, generator=g)]
+    scores[0, ::3] = 0.0
+    scores[0, 1::3] = -0.0
+    scores[1, :40] = float("-inf")
+    scores[2] = NEG_SCORE                                        # nothing active
+    scores[3, 10:20] = scores[3, 9]                              # a run of exact ties
+    starts = (torch.arange(n) * 4).expand(4, n).contiguous()
+    want = reference.keep_top(starts, scores, m, (4, 2))
+    got = ops.keep_top(starts.to(DEVICE), scores.to(DEVICE), m, (4, 2), tuning=dict(radix=True)).cpu()
+    assert torch.equal(got, want)
 
 
 def _reused_setup(B, tq, tk, H, K, D, dtype=torch.float32, lens=None, anchor=True, **overrides):
