@@ -54,7 +54,9 @@ def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = N
                 continue
             fn = lambda: ops.score_chunks(qp, qv, k, starts, cfg.chunk_sizes[s], geo, cfg, rope, tuning=tuning)  # noqa: E731
             try:
-                ms = triton.testing.do_bench(fn, warmup=5, rep=30 if tq > 1 else 50, return_mode="median")
+                # A decode stage runs for microseconds, less than a Python launch takes: as a graph.
+                ms = time_graph(fn) if tq == 1 else triton.testing.do_bench(fn, warmup=5, rep=30,
+                                                                            return_mode="median")
             except Exception as e:   # a setting that does not compile
                 ms = None
                 print(f"  {tuning}: {str(e).splitlines()[0][:80]}")
