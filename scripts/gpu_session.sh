@@ -11,6 +11,7 @@
 #              on a fresh machine compiling them takes 4-6 minutes: give the whole set a call of its own
 #   offload    bench offload at 256K: all-on-GPU vs in place (bf16, FP8) vs the GPU page cache; 1M: the default
 #   offload_s0 bench offload at 1M (the default path) with HiPConfig.stage0_levels=3: 3/8 of stage 0's probe bytes
+#   offload_probe  bench offload at 1M without the GPU probe copy, with it (and 256K on the GPU), with it + stage0_levels=3
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
 #   stage0     bench attention with HiPConfig.stage0_levels=3 (stage 0 stopped at 32-key pieces): decode 1M, prefill 128K
 #   engine     bench engine at 256K: hip vs dense
@@ -20,7 +21,7 @@
 #   ncu        Nsight Compute on that step's kernel (default settings, 2 launches), where the machine allows it
 #   ncu_prune  Nsight Compute on the pruning kernel, its three stages for a 16K-query prefill chunk at 128K
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
+export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-$PWD/src}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
@@ -45,6 +46,12 @@ for s in "$@"; do
                      --paths on_gpu,offload,offload_fp8,offload_page_cache,offload_fp8_page_cache ;;
         offload_s0) step offload_s0 300 python -m infinitehip.bench offload --contexts 1048576 --stage0-levels 3 \
                         --profile 32 --out "$OUT/stage0" ;;
+        offload_probe) step offload_probe 420 bash -c 'set -e
+                           b="python -m infinitehip.bench offload --profile 32"
+                           $b --contexts 1048576 --on-gpu-contexts "" --probe-stride 0 --out "$OUT/probe0"
+                           $b --contexts 262144,1048576 --on-gpu-contexts 262144 --paths on_gpu,offload_fp8_page_cache \
+                              --out "$OUT/probe16"
+                           $b --contexts 1048576 --on-gpu-contexts "" --stage0-levels 3 --out "$OUT/probe16_s0"' ;;
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
                        --chunked "" --out "$OUT/attention.json" ;;
         stage0) step stage0 300 python -m infinitehip.bench attention --decode 1M --prefill 128K --chunked "" \
@@ -61,7 +68,7 @@ for s in "$@"; do
                        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
                        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                        python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, offload_s0, attention, stage0, engine, sweep, reuse, ncu, ncu_prune)"; exit 2 ;;
+        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, attention, stage0, engine, sweep, reuse, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"

@@ -76,7 +76,14 @@ def _calls():
     ops.score_chunks(qp, qv, k, starts, 32, geo, cfg, rope, levels=2, tuning=dict(precision="bf16"))
     scores = ops.score_chunks(qp, qv, k, starts, 32, geo, cfg, rope, tuning=dict(q16=True))
     ops.keep_top(starts, scores, 8, (32, 8), tuning=dict(radix=True))
-    from infinitehip.attention.triton.kv_write import write_rows
+    from infinitehip.attention.pages import KVPages                                      # offload's probe copy
+    ops.score_chunks(qp, qv, k, starts, 32, geo, cfg, rope, levels=2,
+                     pages=KVPages(8, probes=k[:, ::16].contiguous(), probe_stride=16))
+    from infinitehip.attention.triton.kv_write import write_decode_tokens, write_rows
+    from infinitehip.cache.offload import HostKVStore
+    for fp8 in (False, True):                                                            # offload decode write
+        store = HostKVStore(8, 8, 2, 128, torch.bfloat16, fp8=fp8, probe_stride=16)
+        write_decode_tokens(store, None, torch.tensor([3]), torch.tensor([0]), k[:, 0], v[:, 0])
     qkv = torch.randn(2, 12, 128, dtype=torch.bfloat16)
     write_rows(torch.zeros(9, 2, 128, dtype=torch.bfloat16), torch.zeros(9, 2, 128, dtype=torch.bfloat16),
                torch.tensor([1, 5]), qkv[:, 8:10], qkv[:, 10:])

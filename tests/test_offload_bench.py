@@ -57,7 +57,7 @@ def test_bench_offload_quick_gpu_layers(tmp_path):
 
 def test_longest_context_adds_spare_gpu_memory():
     model, gib = quick_model(HiPConfig.preset("tiny", dense_threshold=0)), 1 << 30
-    a = Namespace(page=8, headroom=1.5, gpu_layers=0, steps=8, warm=16, profile=0)
+    a = Namespace(page=8, headroom=1.5, gpu_layers=0, steps=8, warm=16, profile=0, probe_stride=16)
     host_only = longest_context(model, a, torch.device("cpu"), free_host=gib)
     a.gpu_layers = None
     both = longest_context(model, a, torch.device("cpu"), free_host=gib, free_gpu=4 * gib)   # 2 GiB of it workspace
@@ -83,6 +83,10 @@ def test_prune_bytes_per_step_counts_probe_levels():
     full = prune_bytes_per_step(HiPConfig(), 1 << 20, 8, 128, 2)
     assert full == 6.75 * mib
     assert prune_bytes_per_step(HiPConfig(stage0_levels=3), 1 << 20, 8, 128, 2) == full - 4 * mib * 5 / 8
+    # A GPU copy of every 16th key serves stage 0's first 3 levels (multiples of 64, 32, 16), no other.
+    assert prune_bytes_per_step(HiPConfig(), 1 << 20, 8, 128, 2, probe_stride=16) == full - 4 * mib * 3 / 8
+    assert prune_bytes_per_step(HiPConfig(stage0_levels=3), 1 << 20, 8, 128, 2, probe_stride=16) == full - 4 * mib
+    assert prune_bytes_per_step(HiPConfig(), 1 << 20, 8, 128, 2, probe_stride=8) == full - 4 * mib / 2 - 1.25 * mib / 5
 
 
 def test_bench_offload_stage0_levels(tmp_path):

@@ -244,7 +244,7 @@ def test_decode_write_kernel_is_the_torch_path(cached, fp8):
     starts = torch.tensor([20, 23, 32])
     want, got = caches[0].stores[0], caches[1].stores[0]
     for s in range(3):
-        for name in ("dk", "dv", "dk_scale", "dv_scale") if fp8 else ("dk", "dv"):
+        for name in ("dk", "dv", "dk_probe", "dk_scale", "dv_scale") if fp8 else ("dk", "dv", "dk_probe"):
             getattr(got, name).copy_(getattr(want, name))
         if cached:
             for name in ("k", "v", "slot_of", "owner", "stamp"):
@@ -258,6 +258,9 @@ def test_decode_write_kernel_is_the_torch_path(cached, fp8):
             assert torch.equal(want.dk_scale, got.dk_scale.cpu()) and torch.equal(want.dv_scale, got.dv_scale.cpu())
         else:
             assert torch.equal(want.dk, got.dk.cpu()) and torch.equal(want.dv, got.dv.cpu())
+        for store in (want, got):   # the probe copy: the keys at every multiple of its stride, both paths
+            keys = store.dk.view(-1, K, D)[::store.probe_stride].cpu()
+            assert (same_fp8 if fp8 else torch.equal)(keys, store.dk_probe.cpu())
         if cached:   # every resident unit holds its store page decoded, in both
             check_coherent(caches[0].caches[0])
             check_coherent(caches[1].caches[0])

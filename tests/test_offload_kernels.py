@@ -10,7 +10,7 @@ from infinitehip.attention import reference
 from infinitehip.attention.mask import geometry
 from infinitehip.attention.pages import KVPages
 from infinitehip.attention.reference import pool_queries
-from infinitehip.attention.stages import run_stages
+from infinitehip.attention.stages import first_stage_starts, run_stages
 from infinitehip.cache.offload import fp8_decode, fp8_encode
 
 _ops = pytest.importorskip("infinitehip.attention.triton.ops")
@@ -148,11 +148,46 @@ def test_fp8_scaled_reads_match_decoded_values():
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_probe_copy_serves_the_keys_at_its_stride(fp8):
+    """With a probe copy, the pruning kernel reads keys at multiples of the stride from it and every
+    other key from the store: the store's rows there can hold anything (junk here) and the scores
+    are those of the real keys; without the copy the junk shows."""
+    q, k, v, geo, rope, mask = setup(tk=400)
+    stride = TINY.chunk_sizes[0] // 4            # stage 0's first level probes its odd multiples
+    pages = None
+    if fp8:
+        k, ks, _ = fp8_layout(k)
+        pages = KVPages(PAGE, k_scale=ks, v_scale=ks)
+    junk = k.clone()
+    junk[:, ::stride] = torch.full_like(junk[:, ::stride], 100.0, dtype=torch.float32).to(k.dtype)
+    copy = k[:, ::stride].contiguous()                                          # (B, ceil(Tk / stride), K, D)
+    with_copy = dataclasses.replace(pages or KVPages(1), probes=copy, probe_stride=stride)
+    qp, q_valid = pool_queries(q, geo, TINY.stage_strides[0], TINY, rope)
+    starts = first_stage_starts(k.shape[1], TINY.chunk_sizes[0], 2, 2, 1)
+    for levels in (1, None):
+        want = ops.score_chunks(qp, q_valid, k, starts, TINY.chunk_sizes[0], geo, TINY, rope, pages=pages,
+                                levels=levels)
+        got = ops.score_chunks(qp, q_valid, junk, starts, TINY.chunk_sizes[0], geo, TINY, rope, pages=with_copy,
+                               levels=levels)
+        assert torch.equal(got, want)
+        spoiled = ops.score_chunks(qp, q_valid, junk, starts, TINY.chunk_sizes[0], geo, TINY, rope, pages=pages,
+                                   levels=levels)
+        assert not torch.equal(spoiled, want)
+    short = dataclasses.replace(with_copy, probes=copy[:, :-1])
+    with pytest.raises(ValueError, match="probe copy"):
+        ops.score_chunks(qp, q_valid, junk, starts, TINY.chunk_sizes[0], geo, TINY, rope, pages=short)
+
+
 def test_pages_validation():
     with pytest.raises(ValueError, match="power of two"):
         KVPages(3)
     with pytest.raises(ValueError, match="together"):
         KVPages(4, table=torch.zeros(1, 1, dtype=torch.int32), k_scale=torch.ones(1, 1, 1), v_scale=torch.ones(1, 1, 1))
+    with pytest.raises(ValueError, match="probe_stride"):
+        KVPages(4, probes=torch.zeros(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="power of two"):
+        KVPages(4, probes=torch.zeros(1, 1, 1, 1), probe_stride=12)
 
 
 def test_fp8_reuse_step_reads_the_scaled_store_in_one_launch(monkeypatch):

@@ -13,6 +13,10 @@ Two independent additions to a plain read, both used by KV offloading (``cache/o
 - **FP8 scales** (``k_scale`` / ``v_scale``): K/V are float8_e4m3 codes in the plain logical
   layout and element ``[b, p, h, :]`` is ``code * scale[b, p // page, h]``. The offload path
   reads the host store this way, in place (zero-copy), in pruning and in prefill attention.
+- **Probe copy** (``probes``, pruning only): every key at a position that is a multiple of
+  ``probe_stride``, K only, in the store's format, in device memory: ``probes[b, p // stride, h]``
+  is key ``[b, p, h]``. The pruning kernel reads those probes from it instead of over PCIe (the
+  first pruning stage's first levels probe exactly there: ``cache/offload.py``).
 
 A table and scales together are not supported (the GPU page cache holds decoded pages).
 """
@@ -29,6 +33,8 @@ class KVPages:
     table: torch.Tensor | None = None       # (B, NB) or (B, NB, K) int32: logical page (, kv head) -> pool page
     k_scale: torch.Tensor | None = None     # (B, NB, K) float32 FP8 scales of the keys
     v_scale: torch.Tensor | None = None     # (B, NB, K) float32 FP8 scales of the values
+    probes: torch.Tensor | None = None      # (B, ceil(Tk / probe_stride), K, D): keys at multiples of the stride
+    probe_stride: int = 0
 
     def __post_init__(self):
         if self.page < 1 or self.page & (self.page - 1):
@@ -37,6 +43,10 @@ class KVPages:
             raise ValueError("a block table and FP8 scales together are not supported: decode pages into the pool")
         if (self.k_scale is None) != (self.v_scale is None):
             raise ValueError("give both k_scale and v_scale, or neither")
+        if (self.probes is None) != (self.probe_stride == 0):
+            raise ValueError("give probes together with a probe_stride > 0, or neither")
+        if self.probe_stride & (self.probe_stride - 1):
+            raise ValueError(f"probe_stride={self.probe_stride} must be a power of two")
 
     @property
     def scaled(self) -> bool:

@@ -133,25 +133,29 @@ def decode(model: Model, cache, context: int, warm: int, steps: int, device, mod
             "misses_per_step": misses / steps if caches else None}       # the timed steps' mean, in units
 
 
-def prune_bytes_per_step(config: HiPConfig, context: int, n_kv_heads: int, head_dim: int, key_bytes: float) -> float:
+def prune_bytes_per_step(config: HiPConfig, context: int, n_kv_heads: int, head_dim: int, key_bytes: float,
+                         probe_stride: int = 0) -> float:
     """Key bytes the pruning stages read from the host store per decode step, amortized over a
-    refresh cycle: stage s scores n_s chunks with 2 probes per level (``config.probe_levels``), per kv head."""
+    refresh cycle: stage s scores n_s chunks with 2 probes per level (``config.probe_levels``), per
+    kv head. Level l of a chunk c probes the middles of its halves: multiples of c / 2^(l+2) (chunks
+    start at multiples of c), which the GPU probe copy (``probe_stride``) serves when it divides them."""
     cycle = max(config.refresh_intervals)
     total = 0.0
     for s, c in enumerate(config.chunk_sizes):
         n = -(-context // c) if s == 0 else config.stage_budgets[s] // c
         runs = sum(config.refresh_stage(t) <= s for t in range(1, cycle + 1)) / cycle
-        total += runs * n * 2 * config.probe_levels(s) * n_kv_heads * head_dim * key_bytes
+        levels = sum(not probe_stride or (c >> (lv + 2)) < probe_stride for lv in range(config.probe_levels(s)))
+        total += runs * n * 2 * levels * n_kv_heads * head_dim * key_bytes
     return total
 
 
 def pcie_bytes_per_step(model: Model, context: int, path: str, fp8: bool, host_layers: int, r: dict,
-                        page: int) -> dict:
+                        page: int, probe_stride: int = 0) -> dict:
     """Bytes an offloaded decode step moves over PCIe, by kind (estimates, except measured misses)."""
     args, elem = model.args, torch.finfo(model.dtype).bits // 8
     key_bytes = 1 if fp8 else elem        # FP8: the code (scales are in device memory)
     prune = host_layers * prune_bytes_per_step(model.net.layer_configs[-1], context, args.n_kv_heads,
-                                               args.head_dim, key_bytes)
+                                               args.head_dim, key_bytes, probe_stride)
     if not path.endswith("page_cache"):   # in place: every attended key crosses PCIe every step
         attended = model.hip.sink + model.hip.budget + model.hip.window
         reads = 2 * host_layers * args.n_kv_heads * args.head_dim * key_bytes * attended
@@ -193,7 +197,7 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
             cached = path.endswith("page_cache")
             fp8 = "fp8" in path or bf16_host > HOST_USE * host_free
             config = OffloadConfig(page=a.page, fp8=fp8, headroom=a.headroom, decode_cache=cached,
-                                   gpu_layers=a.gpu_layers)
+                                   gpu_layers=a.gpu_layers, probe_stride=a.probe_stride)
             cache = offload_cache(model, capacity, config, device)
         t0 = time.perf_counter()
         fill(model, cache, context, device)
@@ -209,7 +213,8 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
                "fill_s": fill_s, "gpu_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
                **{k: v for k, v in r.items() if k != "first_logits"}}
         if path != "on_gpu":
-            rec["bytes_per_step"] = pcie_bytes_per_step(model, context, path, fp8, host_layers, r, a.page)
+            rec["bytes_per_step"] = pcie_bytes_per_step(model, context, path, fp8, host_layers, r, a.page,
+                                                        a.probe_stride)
         if ref is not None:
             rec["decode_ratio_vs_on_gpu"] = rec["tokens_per_s"] / ref["tokens_per_s"]
             rec["tokens_identical_to_on_gpu"] = r["tokens"] == ref["tokens"]
@@ -246,7 +251,8 @@ def longest_context(model: Model, a, device, free_host: int | None = None, free_
     """The longest FP8 context (a multiple of the fill chunk) that host + spare GPU memory hold,
     with room for the decode steps (``plan_offload``'s budgets: the run at it fits)."""
     m = model.args
-    config = OffloadConfig(page=a.page, fp8=True, headroom=a.headroom, gpu_layers=a.gpu_layers)
+    config = OffloadConfig(page=a.page, fp8=True, headroom=a.headroom, gpu_layers=a.gpu_layers,
+                           probe_stride=a.probe_stride)
     capacity, _ = longest_offload_context(n_layers=m.n_layers, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, batch=1,
                                           dtype=model.dtype, device=device, layer_configs=model.net.layer_configs,
                                           config=config, workspace=WORKSPACE, free_host=free_host, free_gpu=free_gpu)
@@ -275,6 +281,8 @@ def main(argv: list[str] | None = None):
                    f"{', '.join(PATHS)} (on_gpu and the same-run paths only at --on-gpu-contexts).")
     p.add_argument("--stage0-levels", type=int, default=None, help="HiPConfig.stage0_levels: stop stage 0's "
                    "descent after this many levels (fewer stage-0 probe bytes over PCIe).")
+    p.add_argument("--probe-stride", type=int, default=OffloadConfig.probe_stride, help="OffloadConfig.probe_stride: "
+                   "keys at its multiples also kept on the GPU for pruning (0: none, every probe over PCIe).")
     p.add_argument("--quick", action="store_true", help="Tiny shapes (runs on CPU): for tests.")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
@@ -305,6 +313,7 @@ def main(argv: list[str] | None = None):
         paths = [x for x in PATHS if x in wanted and (context in on_gpu or x == DEFAULT_PATH)]
         for r in bench_context(model, context, paths, a, device, free_memory(torch.device("cpu"))):
             r.update(device=name, date=date, layers=model.args.n_layers, stage0_levels=a.stage0_levels,
+                     probe_stride=a.probe_stride,
                      command="python -m infinitehip.bench offload " + " ".join(argv or []))
             records.append(r)
         _save(records, Path(a.out), "offload_quick" if a.quick else "offload_" + device_slug(name))

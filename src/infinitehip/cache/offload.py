@@ -92,11 +92,18 @@ class HostKVStore:
     alone, not a 4-byte scale as well, in a transfer of its own. Without a device (or on
     CPU) the aliases are the host tensors themselves. ``on_device``: allocate the whole store
     in ``device`` memory instead (same format; ``k`` and ``dk`` are then the same tensor).
+
+    ``probe_stride`` s > 0 (a host store): ``dk_probe`` (ceil(num_blocks * block / s), K, D) in
+    device memory holds the key codes at every global token position that is a multiple of s
+    (row g // s), which the pruning kernel reads instead of host memory (``attention/pages.py``):
+    the first pruning stage's first levels probe only there (the middles of a 256-key chunk's
+    halves, quarters and eighths are multiples of 16), and with ``HiPConfig.stage0_levels`` every
+    probe of that stage does. Every write keeps it current (``sync_probes``).
     """
 
     def __init__(self, num_blocks: int, block: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.bfloat16, fp8: bool = False, device: torch.device | str | None = None,
-                 on_device: bool = False):
+                 on_device: bool = False, probe_stride: int = 0):
         device = None if device is None else torch.device(device)
         shape = (num_blocks, block, kv_heads, head_dim)
         self.dtype, self.fp8, self.on_device = dtype, fp8, on_device
@@ -105,6 +112,11 @@ class HostKVStore:
         if fp8:   # in device memory always: 1/32 of the codes' bytes (D = 128), read with every probe
             self.dk_scale = torch.ones((num_blocks, 1, kv_heads, 1), dtype=torch.float32, device=device)
             self.dv_scale = torch.ones_like(self.dk_scale)
+        self.probe_stride = 0 if on_device else probe_stride
+        self.dk_probe = None
+        if self.probe_stride:
+            rows = -(-num_blocks * block // self.probe_stride)
+            self.dk_probe = torch.zeros((rows, kv_heads, head_dim), dtype=self.dk.dtype, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -119,7 +131,8 @@ class HostKVStore:
     def device_nbytes(self) -> int:
         """Bytes in device memory: the FP8 scales, and the codes too for a store on the device."""
         scales = 2 * self.dk_scale.nbytes if self.fp8 else 0
-        return scales + (self.k.nbytes + self.v.nbytes if self.on_device else 0)
+        probes = self.dk_probe.nbytes if self.dk_probe is not None else 0
+        return scales + probes + (self.k.nbytes + self.v.nbytes if self.on_device else 0)
 
     def write(self, blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store whole blocks: blocks (N,) int64, k/v (N, block, K, D) (through the device alias)."""
@@ -131,7 +144,20 @@ class HostKVStore:
             self.dv[blocks], self.dv_scale[blocks] = vc.to(dev), vs.to(dev)
         else:
             self.dk[blocks], self.dv[blocks] = k.to(self.dk.device, self.dtype), v.to(self.dk.device, self.dtype)
+        self.sync_probes(blocks)
 
+    def sync_probes(self, blocks: torch.Tensor):
+        """Copy into ``dk_probe`` the store's keys at the probe positions of ``blocks`` (N,), after
+        they were written. Static shapes (no host sync): a block shorter than the stride
+        contributes the last probe position at or before its start, which may lie in an earlier
+        block and is then rewritten with the value it has."""
+        if self.dk_probe is None:
+            return
+        s, block = self.probe_stride, self.dk.shape[1]
+        dev = self.dk_probe.device
+        pos = blocks.to(dev)[:, None] * block + torch.arange(0, max(block, s), s, device=dev)   # (N, n)
+        pos = (pos // s * s).flatten()
+        self.dk_probe[pos // s] = self.dk.view(-1, *self.dk.shape[2:])[pos.to(self.dk.device)].to(dev)
     def read(self, blocks: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks (N,) -> k, v (N, block, K, D) in the store's compute dtype, on ``device``.
 

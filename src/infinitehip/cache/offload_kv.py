@@ -107,8 +107,8 @@ class OffloadKVCache:
                  dtype: torch.dtype, device: torch.device | str, layer_configs: list[HiPConfig],
                  config: OffloadConfig = OffloadConfig()):
         device = torch.device(device)
-        page = config.page
-        nb = -(-capacity // page)
+        page, unit = config.page, config.capacity_unit
+        nb = -(-capacity // unit) * unit // page
         self.page, self.nb, self.capacity = page, nb, nb * page
         self.block_size, self.dtype, self.device = page, dtype, device
         self.row0, self._batch = 0, batch
@@ -121,7 +121,7 @@ class OffloadKVCache:
         on_gpu = set(gpu_layer_order(layer_configs, batch, n_kv_heads, config)[:config.gpu_layers])
         self.gpu_layers = tuple(sorted(on_gpu))
         self.stores = [HostKVStore(batch * nb, page, n_kv_heads, head_dim, dtype, config.fp8, device,
-                                   on_device=i in on_gpu) for i in range(n_layers)]
+                                   on_device=i in on_gpu, probe_stride=config.probe_stride) for i in range(n_layers)]
         slots = cache_slots(layer_configs, batch, n_kv_heads, config)
         # Layers read in place (GPU-stored, or all without decode_cache) have no page cache.
         self.caches = [PageCache(s, n, device) if config.decode_cache and i not in on_gpu else None
@@ -192,6 +192,7 @@ class OffloadKVCache:
         else:
             store.dk.view(-1, *k.shape[1:])[w.rows] = k.to(store.dk.device, store.dtype)
             store.dv.view(-1, *v.shape[1:])[w.rows] = v.to(store.dk.device, store.dtype)
+            store.sync_probes(w.pages)
             if cache is not None and T == 1:
                 cache.write_tokens(w.pages, w.offsets, k, v)
         if cache is not None and T > 1:      # prefill: not captured, drop the copies
@@ -231,11 +232,15 @@ class _LayerSource:
     def logical(self, tk: int):
         c, s = self.cache, self.cache.stores[self.layer]
         k, v = c._logical(self.layer)
-        if not s.fp8:
-            return k[:, :tk], v[:, :tk], None
         rows = slice(c.row0, c.row0 + c.batch)
-        scale = lambda x: x.view(-1, c.nb, x.shape[2])[rows]   # noqa: E731  (B, NB, K)
-        return k[:, :tk], v[:, :tk], KVPages(c.page, k_scale=scale(s.dk_scale), v_scale=scale(s.dv_scale))
+        pages = {}
+        if s.dk_probe is not None:     # (B, capacity / stride, K, D): rows of a capacity that the stride divides
+            pages.update(probes=s.dk_probe.view(-1, c.capacity // s.probe_stride, *s.dk_probe.shape[1:])[rows],
+                         probe_stride=s.probe_stride)
+        if s.fp8:
+            scale = lambda x: x.view(-1, c.nb, x.shape[2])[rows]   # noqa: E731  (B, NB, K)
+            pages.update(k_scale=scale(s.dk_scale), v_scale=scale(s.dv_scale))
+        return k[:, :tk], v[:, :tk], KVPages(c.page, **pages) if pages else None
 
     def dense(self, tk: int):
         c, s = self.cache, self.cache.stores[self.layer]

@@ -7,7 +7,8 @@ page-locked host memory (read in place, or behind a small GPU page cache: pools 
 read in place (no pool, no table, no PCIe). So the longest context is bounded by host memory
 plus the GPU memory the weights and the page caches leave, not by host memory alone.
 
-Legend: L layers, g GPU-stored layers, B batch, C capacity (tokens per row, page multiple).
+Legend: L layers, g GPU-stored layers, B batch, C capacity (tokens per row, a multiple of
+``OffloadConfig.capacity_unit``).
 """
 from __future__ import annotations
 
@@ -44,7 +45,11 @@ class OffloadConfig:
     gpu_layers: how many layers keep their whole store in GPU memory (read in place, no page
     cache), taken in ``gpu_layer_order``. None: automatic (``plan_offload``): 0 while host
     memory holds every layer (the small GPU footprint), else as many as the spare GPU memory
-    holds. 0: every layer in host memory."""
+    holds. 0: every layer in host memory.
+    probe_stride: a host-stored layer also keeps in GPU memory its keys at every ``probe_stride``-th
+    position (K only, store format: 1/(2 x stride) of the store's bytes), which pruning reads
+    there instead of over PCIe: the first stage's first three levels probe only multiples of 16
+    (all its levels with ``HiPConfig.stage0_levels = 3``). 0: none."""
 
     page: int = 8
     fp8: bool = False
@@ -52,11 +57,22 @@ class OffloadConfig:
     headroom: float = 1.5
     decode_cache: bool = True
     gpu_layers: int | None = None
+    probe_stride: int = 16
 
     def __post_init__(self):
         if not isinstance(self.decode_cache, bool):
             raise ValueError(f"OffloadConfig.decode_cache={self.decode_cache!r}: use False (decode reads host memory "
                              "in place) or True (through a GPU page cache of the selected pages)")
+        s = self.probe_stride
+        if not isinstance(s, int) or s < 0 or s & (s - 1):
+            raise ValueError(f"OffloadConfig.probe_stride={s!r} must be 0 (no GPU copy of probe keys) or a power of "
+                             "two (keys at its multiples kept on the GPU for pruning; 16 serves stage 0's first "
+                             "three levels)")
+
+    @property
+    def capacity_unit(self) -> int:
+        """Tokens per row are a multiple of this: whole pages, and whole probe strides."""
+        return max(self.page, self.probe_stride)
 
 
 def step_units(config: HiPConfig, n_kv_heads: int, page: int) -> int:
@@ -121,15 +137,18 @@ class _Sizes:
     """Bytes of each placement of one cache shape: the first g layers of ``order`` on the GPU."""
 
     def __init__(self, n_layers, n_kv_heads, head_dim, batch, dtype, layer_configs, config):
-        self.L, self.batch, self.page = n_layers, batch, config.page
+        self.L, self.batch, self.page = n_layers, batch, config.capacity_unit
         self.order = gpu_layer_order(layer_configs, batch, n_kv_heads, config)
         self.pool = [cache_bytes(n, head_dim, dtype, config) for n in cache_slots(layer_configs, batch, n_kv_heads,
                                                                                    config)]
         self.store = batch * layer_bytes_per_token(n_kv_heads, head_dim, dtype, config)   # one layer, per token
-        # A host-stored layer keeps on the GPU its table (int32 per (page, kv head)) and FP8 scales
+        # A host-stored layer keeps on the GPU its table (int32 per (page, kv head)), FP8 scales
         # (K and V: float32 per (page, kv head)); its codes are the rest of ``store``.
         self.table = batch * 4 * n_kv_heads / config.page if config.decode_cache else 0
         self.scales = batch * 2 * 4 * n_kv_heads / config.page if config.fp8 else 0
+        # and its probe copy: keys (codes) at every probe_stride-th token, K only. Per token, GPU:
+        probes = (self.store - self.scales) / 2 / config.probe_stride if config.probe_stride else 0
+        self.on_gpu = self.table + self.scales + probes
 
     def pools(self, g: int) -> int:
         return sum(self.pool[i] for i in self.order[g:])
@@ -138,12 +157,12 @@ class _Sizes:
         return int((self.L - g) * (self.store - self.scales) * tokens)
 
     def gpu(self, g: int, tokens: int) -> int:
-        return int(g * self.store * tokens + (self.L - g) * (self.table + self.scales) * tokens) + self.pools(g)
+        return int(g * self.store * tokens + (self.L - g) * self.on_gpu * tokens) + self.pools(g)
 
     def longest(self, g: int, host_budget: float, gpu_budget: float) -> int:
-        """Most tokens per row (a page multiple) placement g holds within both budgets."""
+        """Most tokens per row (a multiple of the capacity unit) placement g holds within both budgets."""
         host = host_budget / ((self.L - g) * (self.store - self.scales)) if g < self.L else float("inf")
-        per_gpu = g * self.store + (self.L - g) * (self.table + self.scales)
+        per_gpu = g * self.store + (self.L - g) * self.on_gpu
         gpu = (gpu_budget - self.pools(g)) / per_gpu if per_gpu else float("inf")
         cap = min(host, gpu)
         if cap == float("inf"):     # every layer on an unchecked device: it is the host (CPU), bound by it
@@ -183,7 +202,7 @@ def plan_offload(*, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, c
     """
     sizes = _Sizes(n_layers, n_kv_heads, head_dim, batch, dtype, layer_configs, config)
     b = _budgets(torch.device(device), workspace, free_host, free_gpu)
-    tokens = -(-capacity // config.page) * config.page
+    tokens = -(-capacity // config.capacity_unit) * config.capacity_unit
     if config.gpu_layers is None:
         g = _auto_layers(sizes, b, tokens)
         if g is None:
@@ -277,7 +296,7 @@ def longest_offload_context(*, n_layers: int, n_kv_heads: int, head_dim: int, ba
     (None: automatic), whole layers in the spare GPU memory."""
     sizes = _Sizes(n_layers, n_kv_heads, head_dim, batch, dtype, layer_configs, config)
     b = _budgets(torch.device(device), workspace, free_host, free_gpu)
-    n = max(config.page, _longest(sizes, b, config.gpu_layers))
+    n = max(config.capacity_unit, _longest(sizes, b, config.gpu_layers))
     plan = plan_offload(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, batch=batch, capacity=n,
                         dtype=dtype, device=device, layer_configs=layer_configs, config=config,
                         workspace=workspace, free_host=b.free_host, free_gpu=b.free_gpu)

@@ -4,9 +4,10 @@ KV store (``OffloadKVCache.update``, T = 1) with the resident copies in its GPU 
 coherent.
 
 One program per (row, kv head), K and V. A plain store gets the token's row, and the unit's
-resident copy its row. An FP8 page has one scale per kv head, so writing a token re-encodes its
+resident copy its row, and the store's probe copy its key when the token is at a multiple of the
+probe stride. An FP8 page has one scale per kv head, so writing a token re-encodes its
 page: decode the page, put the token in, take the new absolute maximum, encode again, and the
-resident copy gets the whole page decoded. In PyTorch that is ~30 small kernels per layer per
+resident copy gets the whole page decoded (the probe copy: the page's codes at the stride's multiples). In PyTorch that is ~30 small kernels per layer per
 step (gathers, decode, scatter, amax, encode, scatters), ~50 with a page cache (14 for a plain
 store with one).
 
@@ -26,10 +27,12 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 
 @triton.jit
-def _rewrite(codes_ptr, scale_ptr, new_ptr, pool_ptr, page, off, h, slot,
-             PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, DTYPE: tl.constexpr):
+def _rewrite(codes_ptr, scale_ptr, new_ptr, pool_ptr, probe_ptr, page, off, h, slot,
+             PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, DTYPE: tl.constexpr,
+             STRIDE: tl.constexpr):
     """Page ``page`` of kv head h, with token ``off`` replaced by new_ptr's D values, re-encoded;
-    its decoded values into pool slot ``slot`` when slot >= 0."""
+    its decoded values into pool slot ``slot`` when slot >= 0; with STRIDE, the new codes of its
+    tokens at multiples of STRIDE into the probe copy too."""
     t = tl.arange(0, PAGE)[:, None]
     d = tl.arange(0, D_P)[None, :]
     m = (d < D) & (t < PAGE)
@@ -42,26 +45,34 @@ def _rewrite(codes_ptr, scale_ptr, new_ptr, pool_ptr, page, off, h, slot,
     codes = tl.math.div_rn(x, scale).to(tl.float8e4nv)
     tl.store(codes_ptr + at, codes, mask=m)
     tl.store(scale_ptr + page * K + h, scale)
+    if STRIDE > 0:
+        g = page * PAGE + t                                                    # (PAGE, 1) global token
+        tl.store(probe_ptr + (g // STRIDE) * (K * D) + h * D + d, codes, mask=m & (g % STRIDE == 0))
     if slot >= 0:
         decoded = (codes.to(tl.float32) * scale).to(pool_ptr.dtype.element_ty)
         tl.store(pool_ptr + slot * (PAGE * D) + t * D + d, decoded, mask=m)
 
 
 @triton.jit
-def _put_row(x_ptr, new_ptr, pool_ptr, page, off, h, slot, PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
-             D_P: tl.constexpr):
-    """A plain store's row (page, off, kv head h) = new_ptr's D values; the unit's copy too."""
+def _put_row(x_ptr, new_ptr, pool_ptr, probe_ptr, page, off, h, slot, PAGE: tl.constexpr, K: tl.constexpr,
+             D: tl.constexpr, D_P: tl.constexpr, STRIDE: tl.constexpr):
+    """A plain store's row (page, off, kv head h) = new_ptr's D values; the unit's copy too, and
+    with STRIDE the probe copy's row when the token is at a multiple of it."""
     d = tl.arange(0, D_P)
     new = tl.load(new_ptr + h * D + d, mask=d < D)
-    tl.store(x_ptr + (page * PAGE + off) * (K * D) + h * D + d, new.to(x_ptr.dtype.element_ty), mask=d < D)
+    g = page * PAGE + off
+    tl.store(x_ptr + g * (K * D) + h * D + d, new.to(x_ptr.dtype.element_ty), mask=d < D)
+    if STRIDE > 0:
+        tl.store(probe_ptr + (g // STRIDE) * (K * D) + h * D + d, new.to(x_ptr.dtype.element_ty),
+                 mask=(d < D) & (g % STRIDE == 0))
     if slot >= 0:
         tl.store(pool_ptr + slot * (PAGE * D) + off * D + d, new.to(pool_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
-def _write_kernel(k_store, k_scale, v_store, v_scale, k_new, v_new, k_pool, v_pool, slot_of_ptr, pages_ptr, offsets_ptr,
-                  PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, DTYPE: tl.constexpr,
-                  FP8: tl.constexpr, CACHED: tl.constexpr):
+def _write_kernel(k_store, k_scale, v_store, v_scale, k_new, v_new, k_pool, v_pool, k_probe, slot_of_ptr, pages_ptr,
+                  offsets_ptr, PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+                  DTYPE: tl.constexpr, FP8: tl.constexpr, CACHED: tl.constexpr, STRIDE: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     page = tl.load(pages_ptr + b).to(tl.int64)
@@ -71,25 +82,26 @@ def _write_kernel(k_store, k_scale, v_store, v_scale, k_new, v_new, k_pool, v_po
         slot = tl.load(slot_of_ptr + page * K + h).to(tl.int64)
     row = (b * K).to(tl.int64) * D
     if FP8:
-        _rewrite(k_store, k_scale, k_new + row, k_pool, page, off, h, slot, PAGE, K, D, D_P, DTYPE)
-        _rewrite(v_store, v_scale, v_new + row, v_pool, page, off, h, slot, PAGE, K, D, D_P, DTYPE)
+        _rewrite(k_store, k_scale, k_new + row, k_pool, k_probe, page, off, h, slot, PAGE, K, D, D_P, DTYPE, STRIDE)
+        _rewrite(v_store, v_scale, v_new + row, v_pool, v_pool, page, off, h, slot, PAGE, K, D, D_P, DTYPE, 0)
     else:
-        _put_row(k_store, k_new + row, k_pool, page, off, h, slot, PAGE, K, D, D_P)
-        _put_row(v_store, v_new + row, v_pool, page, off, h, slot, PAGE, K, D, D_P)
+        _put_row(k_store, k_new + row, k_pool, k_probe, page, off, h, slot, PAGE, K, D, D_P, STRIDE)
+        _put_row(v_store, v_new + row, v_pool, v_pool, page, off, h, slot, PAGE, K, D, D_P, 0)
 
 
 def write_decode_tokens(store, cache, pages: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """One decode token per row into a ``HostKVStore`` (its device alias; plain or FP8), and into
-    the resident units of ``cache`` (a ``PageCache`` or None): pages, offsets (B,) each row's
-    global page and slot in it; k, v (B, K, D)."""
+    """One decode token per row into a ``HostKVStore`` (its device alias; plain or FP8; its probe
+    copy), and into the resident units of ``cache`` (a ``PageCache`` or None): pages, offsets (B,)
+    each row's global page and slot in it; k, v (B, K, D)."""
     _, page, K, D = store.dk.shape
     cached = cache is not None
     k, v = k.contiguous(), v.contiguous()
     scales = (store.dk_scale, store.dv_scale) if store.fp8 else (k, v)
     _write_kernel[(k.shape[0], K)](
         store.dk, scales[0], store.dv, scales[1], k, v, cache.k if cached else k, cache.v if cached else v,
-        cache.slot_of if cached else pages, pages, offsets, PAGE=page, K=K, D=D, D_P=triton.next_power_of_2(D),
-        DTYPE=_TL_DTYPE[store.dtype], FP8=store.fp8, CACHED=cached)
+        store.dk_probe if store.dk_probe is not None else k, cache.slot_of if cached else pages, pages, offsets,
+        PAGE=page, K=K, D=D, D_P=triton.next_power_of_2(D), DTYPE=_TL_DTYPE[store.dtype], FP8=store.fp8,
+        CACHED=cached, STRIDE=store.probe_stride)
 
 
 @triton.jit

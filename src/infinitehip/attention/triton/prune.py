@@ -89,9 +89,35 @@ def _bf16(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv_freq, attention_scaling: tl.constexpr, kvh,
-                  stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp,
-                  SCALED: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr, HALF: tl.constexpr,
+def _load_probes(k_ptr, kp_ptr, probe, probe_ok, kvh, stride_kt, stride_kh, stride_pt, stride_ph,
+                 HALF: tl.constexpr, HALF_P: tl.constexpr, PROBE_STRIDE: tl.constexpr):
+    """The probe keys (BLOCK_C, HALF_P) x 2: both halves of D, loaded separately for rotate_half.
+    With PROBE_STRIDE, keys at its multiples come from the device copy kp (a masked-off lane of a
+    load moves no bytes, so the host store is read for the other probes only). 64-bit offsets."""
+    d = tl.arange(0, HALF_P)
+    d_ok = d < HALF
+    k_off = probe.to(tl.int64)[:, None] * stride_kt + kvh.to(tl.int64) * stride_kh + d[None, :]
+    k_mask = probe_ok[:, None] & d_ok[None, :]
+    if PROBE_STRIDE > 0:
+        near = probe_ok & (probe % PROBE_STRIDE == 0)
+        p_off = (probe // PROBE_STRIDE).to(tl.int64)[:, None] * stride_pt + kvh.to(tl.int64) * stride_ph + d[None, :]
+        p_mask = near[:, None] & d_ok[None, :]
+        far = k_mask & ~p_mask
+        k1 = tl.where(p_mask, tl.load(kp_ptr + p_off, mask=p_mask, other=0.0), tl.load(k_ptr + k_off, mask=far, other=0.0))
+        k2 = tl.where(p_mask, tl.load(kp_ptr + p_off + HALF, mask=p_mask, other=0.0),
+                      tl.load(k_ptr + k_off + HALF, mask=far, other=0.0))
+    else:
+        k1 = tl.load(k_ptr + k_off, mask=k_mask, other=0.0)
+        k2 = tl.load(k_ptr + k_off + HALF, mask=k_mask, other=0.0)
+    return k1.to(tl.float32), k2.to(tl.float32)
+
+
+@triton.jit
+def _probe_scores(q_ptr, qv_ptr, k_ptr, kp_ptr, ks_ptr, probe, probe_ok, exact, rel, inv_freq,
+                  attention_scaling: tl.constexpr, kvh,
+                  stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_pt, stride_ph, stride_ssp,
+                  SCALED: tl.constexpr, PAGE: tl.constexpr, PROBE_STRIDE: tl.constexpr, R: tl.constexpr,
+                  HPK: tl.constexpr, HPK_P: tl.constexpr, HALF: tl.constexpr,
                   HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
                   M_TILES: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST: tl.constexpr):
     """Max over the valid pooled rows and the HPK query heads of kv head ``kvh`` of q . k_probe.
@@ -100,11 +126,8 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv
     """
     d = tl.arange(0, HALF_P)
     d_ok = d < HALF
-    # The probe keys: both halves of D, loaded separately for rotate_half. 64-bit offsets.
-    k_off = probe.to(tl.int64)[:, None] * stride_kt + kvh.to(tl.int64) * stride_kh + d[None, :]
-    k_mask = probe_ok[:, None] & d_ok[None, :]
-    k1 = tl.load(k_ptr + k_off, mask=k_mask, other=0.0).to(tl.float32)            # (BLOCK_C, HALF_P)
-    k2 = tl.load(k_ptr + k_off + HALF, mask=k_mask, other=0.0).to(tl.float32)
+    k1, k2 = _load_probes(k_ptr, kp_ptr, probe, probe_ok, kvh, stride_kt, stride_kh, stride_pt, stride_ph,
+                          HALF, HALF_P, PROBE_STRIDE)                              # (BLOCK_C, HALF_P)
     if SCALED:   # FP8 codes times their page's scale for this kv head
         k_sc = tl.load(ks_ptr + (probe.to(tl.int64) // PAGE) * stride_ssp + kvh, mask=probe_ok, other=1.0)
         k1 = k1 * k_sc[:, None]
@@ -144,37 +167,41 @@ def _probe_scores(q_ptr, qv_ptr, k_ptr, ks_ptr, probe, probe_ok, exact, rel, inv
 
 
 @triton.jit
-def _group_scores(q_base, qv_base, k_base, ks_base, probe, probe_ok, exact, rel, inv_freq, attention_scaling: tl.constexpr, g,
-                  stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, KG: tl.constexpr,
-                  SCALED: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr,
+def _group_scores(q_base, qv_base, k_base, kp_base, ks_base, probe, probe_ok, exact, rel, inv_freq,
+                  attention_scaling: tl.constexpr, g,
+                  stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_pt, stride_ph, stride_ssp,
+                  KG: tl.constexpr, SCALED: tl.constexpr, PAGE: tl.constexpr, PROBE_STRIDE: tl.constexpr,
+                  R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr,
                   HALF: tl.constexpr, HALF_P: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
                   M_TILES: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST: tl.constexpr):
     """``_probe_scores`` of the N keys ``probe`` (rotated at ``rel``), max over the KG kv heads of group g."""
     s = tl.full((N,), float("-inf"), tl.float32)
     for kk in range(KG):
         s = tl.maximum(s, _probe_scores(
-            q_base, qv_base, k_base, ks_base, probe, probe_ok, exact, rel, inv_freq, attention_scaling, g * KG + kk,
-            stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, SCALED, PAGE,
-            R, HPK, HPK_P, HALF, HALF_P, N, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
+            q_base, qv_base, k_base, kp_base, ks_base, probe, probe_ok, exact, rel, inv_freq, attention_scaling,
+            g * KG + kk, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_pt, stride_ph, stride_ssp,
+            SCALED, PAGE, PROBE_STRIDE, R, HPK, HPK_P, HALF, HALF_P, N, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST))
     return s
 
 
 @triton.jit
 def _score_chunks_kernel(
-    q_ptr, qv_ptr, k_ptr, ks_ptr, starts_ptr, out_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr, attention_scaling: tl.constexpr,
+    q_ptr, qv_ptr, k_ptr, kp_ptr, ks_ptr, starts_ptr, out_ptr, p0_ptr, w0_ptr, exact_ptr, inv_freq_ptr,
+    attention_scaling: tl.constexpr,
     stride_qb, stride_qq, stride_qr, stride_qh,         # qp (B, NQB, R, H, D), unit stride on D
     stride_qvb, stride_qvq, stride_qvr,                 # q_valid (B, NQB, R)
     stride_kb, stride_kt, stride_kh,                    # k (B, Tk, K, D), unit stride on D
+    stride_pb, stride_pt, stride_ph,                    # PROBE_STRIDE: probe copy (B, Tk / stride, K, D)
     stride_sb, stride_sg, stride_sq, stride_sn,         # starts (B, G, NQB, n)
     stride_ob, stride_og, stride_oq,                    # out (B, G, NQB, n), unit stride on n
-    stride_pb,                                          # p0 / w0 (B, NQB), unit stride on NQB
+    stride_gb,                                          # p0 / w0 (B, NQB), unit stride on NQB
     stride_ssb, stride_ssp,                             # FP8 scales (B, NB, K), unit stride on K
     G, NQB, N,
     SINK: tl.constexpr, CHUNK: tl.constexpr, LEVELS: tl.constexpr,
     KG: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     M_TILES: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST: tl.constexpr,
-    SCALED: tl.constexpr, PAGE: tl.constexpr, DENSE: tl.constexpr,
+    SCALED: tl.constexpr, PAGE: tl.constexpr, PROBE_STRIDE: tl.constexpr, DENSE: tl.constexpr,
 ):
     # One program: BLOCK_C chunks of one (batch, group, query block). 1-D grid, tiles fastest.
     pid = tl.program_id(0)
@@ -189,8 +216,8 @@ def _score_chunks_kernel(
     c_ok = c < N
     st = tl.load(starts_ptr + b.to(tl.int64) * stride_sb + g * stride_sg + qb * stride_sq + c * stride_sn,
                  mask=c_ok, other=_SENTINEL).to(tl.int64)
-    p0 = tl.load(p0_ptr + b * stride_pb + qb)
-    w0 = tl.load(w0_ptr + b * stride_pb + qb)
+    p0 = tl.load(p0_ptr + b * stride_gb + qb)
+    w0 = tl.load(w0_ptr + b * stride_gb + qb)
     lo = tl.maximum(st, SINK)
     hi = tl.minimum(st + CHUNK, w0)
     active = c_ok & (st != _SENTINEL) & (lo < hi)
@@ -202,6 +229,7 @@ def _score_chunks_kernel(
         q_base = q_ptr + b.to(tl.int64) * stride_qb + qb * stride_qq
         qv_base = qv_ptr + b * stride_qvb + qb * stride_qvq
         k_base = k_ptr + b.to(tl.int64) * stride_kb
+        kp_base = kp_ptr + b.to(tl.int64) * stride_pb
         ks_base = ks_ptr + b.to(tl.int64) * stride_ssb
         a = tl.where(active, st, 0)
         if DENSE:   # every token's score first: (BLOCK_C, CHUNK), max over rows and the group's heads
@@ -209,10 +237,10 @@ def _score_chunks_kernel(
             ok = tl.reshape(active[:, None] & (pos >= lo[:, None]) & (pos < hi[:, None]), (BLOCK_C * CHUNK,))
             flat = tl.where(ok, tl.reshape(pos, (BLOCK_C * CHUNK,)), 0)
             s_all = tl.reshape(_group_scores(
-                q_base, qv_base, k_base, ks_base, flat, ok, exact, tl.where(exact, flat - p0, 0), inv_freq,
-                attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, KG, SCALED,
-                PAGE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C * CHUNK, BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST),
-                (BLOCK_C, CHUNK))
+                q_base, qv_base, k_base, kp_base, ks_base, flat, ok, exact, tl.where(exact, flat - p0, 0), inv_freq,
+                attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_pt, stride_ph,
+                stride_ssp, KG, SCALED, PAGE, PROBE_STRIDE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C * CHUNK, BLOCK_M,
+                M_TILES, ROPE, DOT_PRECISION, FAST), (BLOCK_C, CHUNK))
         for level in tl.static_range(LEVELS):
             half = CHUNK >> (level + 1)
             # Probe the middle of each half, clamped into the chunk's selectable part [lo, hi).
@@ -227,11 +255,11 @@ def _score_chunks_kernel(
                 pair = tl.reshape(tl.join(left, right), (2 * BLOCK_C,))
                 pair_ok = tl.reshape(tl.join(active.to(tl.int32), active.to(tl.int32)), (2 * BLOCK_C,)) != 0
                 # Exact pruning rotates probes at their offset from the block start; relative at 0.
-                s_pair = _group_scores(q_base, qv_base, k_base, ks_base, pair, pair_ok, exact,
+                s_pair = _group_scores(q_base, qv_base, k_base, kp_base, ks_base, pair, pair_ok, exact,
                                        tl.where(exact, pair - p0, 0), inv_freq, attention_scaling, g, stride_qr,
-                                       stride_qh, stride_qvr, stride_kt, stride_kh, stride_ssp, KG, SCALED, PAGE, R,
-                                       HPK, HPK_P, HALF, HALF_P, 2 * BLOCK_C, BLOCK_M, M_TILES, ROPE, DOT_PRECISION,
-                                       FAST)
+                                       stride_qh, stride_qvr, stride_kt, stride_kh, stride_pt, stride_ph, stride_ssp,
+                                       KG, SCALED, PAGE, PROBE_STRIDE, R, HPK, HPK_P, HALF, HALF_P, 2 * BLOCK_C,
+                                       BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST)
                 s_l, s_r = tl.split(tl.reshape(s_pair, (BLOCK_C, 2)))
             best = tl.maximum(best, tl.maximum(s_l, s_r))
             a = a + tl.where(s_r > s_l, half, 0)     # keep the better half (ties: the left one)
@@ -284,12 +312,19 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     k_scale = pages.k_scale if scaled else p0
     if scaled and k_scale.stride(-1) != 1:
         raise ValueError("k_scale must have unit stride on the kv heads")
+    stride = pages.probe_stride if pages is not None else 0
+    kp = pages.probes if stride else k
+    if stride and (kp.dtype != k.dtype or kp.shape[0] != B or kp.shape[1] * stride < k.shape[1]
+                   or kp.shape[2:] != k.shape[2:] or kp.stride(-1) != 1):
+        raise ValueError(f"the probe copy {tuple(kp.shape)} {kp.dtype} must hold the keys {tuple(k.shape)} {k.dtype} "
+                         f"at every multiple of {stride} (B, ceil(Tk / {stride}), K, D), unit stride on D")
     grid = (triton.cdiv(n, block_c) * B * G * nqb,)
     _score_chunks_kernel[grid](
-        qp, qv, k, k_scale, starts, out, p0, w0, exact, inv_freq, float(scaling),
+        qp, qv, k, kp, k_scale, starts, out, p0, w0, exact, inv_freq, float(scaling),
         qp.stride(0), qp.stride(1), qp.stride(2), qp.stride(3),
         qv.stride(0), qv.stride(1), qv.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
+        kp.stride(0), kp.stride(1), kp.stride(2),
         starts.stride(0), starts.stride(1), starts.stride(2), starts.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
         p0.stride(0),
@@ -299,7 +334,8 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         KG=K // G, R=R, HPK=hpk, HPK_P=hpk_p, HALF=half, HALF_P=half_p,
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
         DOT_PRECISION=precision, FAST=k.is_cuda,
-        SCALED=scaled, PAGE=pages.page if pages is not None else 1, DENSE=tuning.get("dense", False),
+        SCALED=scaled, PAGE=pages.page if pages is not None else 1, PROBE_STRIDE=stride,
+        DENSE=tuning.get("dense", False),
         num_warps=tuning["num_warps"],
     )
     return out
