@@ -11,7 +11,8 @@
 #              on a fresh machine compiling them takes 4-6 minutes: give the whole set a call of its own
 #   offload    bench offload at 256K: all-on-GPU vs in place (bf16, FP8) vs the GPU page cache; 1M: the default
 #   offload_s0 bench offload at 1M (the default path) with HiPConfig.stage0_levels=3: 3/8 of stage 0's probe bytes
-#   offload_probe  bench offload at 1M without the GPU probe copy, with it (and 256K on the GPU), with it + stage0_levels=3
+#   offload_probe  bench offload: 256K on the GPU and offloaded, 1M with the GPU probe copy (the default), with it +
+#              stage0_levels=3, without it
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
 #   stage0     bench attention with HiPConfig.stage0_levels=3 (stage 0 stopped at 32-key pieces): decode 1M, prefill 128K
 #   engine     bench engine at 256K: hip vs dense
@@ -48,10 +49,10 @@ for s in "$@"; do
                         --profile 32 --out "$OUT/stage0" ;;
         offload_probe) step offload_probe 420 bash -c 'set -e
                            b="python -m infinitehip.bench offload --profile 32"
-                           $b --contexts 1048576 --on-gpu-contexts "" --probe-stride 0 --out "$OUT/probe0"
-                           $b --contexts 262144,1048576 --on-gpu-contexts 262144 --paths on_gpu,offload_fp8_page_cache \
+                           $b --contexts 262144,1048576 --on-gpu-contexts 262144 --paths on_gpu,offload_page_cache \
                               --out "$OUT/probe16"
-                           $b --contexts 1048576 --on-gpu-contexts "" --stage0-levels 3 --out "$OUT/probe16_s0"' ;;
+                           $b --contexts 1048576 --on-gpu-contexts "" --stage0-levels 3 --out "$OUT/probe16_s0"
+                           $b --contexts 1048576 --on-gpu-contexts "" --probe-stride 0 --out "$OUT/probe0"' ;;
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
                        --chunked "" --out "$OUT/attention.json" ;;
         stage0) step stage0 300 python -m infinitehip.bench attention --decode 1M --prefill 128K --chunked "" \

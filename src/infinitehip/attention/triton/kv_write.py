@@ -6,10 +6,11 @@ coherent.
 One program per (row, kv head), K and V. A plain store gets the token's row, and the unit's
 resident copy its row, and the store's probe copy its key when the token is at a multiple of the
 probe stride. An FP8 page has one scale per kv head, so writing a token re-encodes its
-page: decode the page, put the token in, take the new absolute maximum, encode again, and the
-resident copy gets the whole page decoded (the probe copy: the page's codes at the stride's multiples). In PyTorch that is ~30 small kernels per layer per
-step (gathers, decode, scatter, amax, encode, scatters), ~50 with a page cache (14 for a plain
-store with one).
+page: decode the page (from its resident copy in the page cache when it has one: no PCIe read),
+put the token in, take the new absolute maximum, encode again, and the resident copy gets the
+whole page decoded (the probe copy: the page's codes at the stride's multiples). In PyTorch that
+is ~30 small kernels per layer per step (gathers, decode, scatter, amax, encode, scatters), ~50
+with a page cache (14 for a plain store with one).
 
 Bit for bit the PyTorch path (``offload.fp8_encode`` / ``fp8_decode``): values pass through the
 store's dtype where it rounds them, divisions are IEEE (``div_rn``), the cast to e4m3 rounds to
@@ -37,8 +38,13 @@ def _rewrite(codes_ptr, scale_ptr, new_ptr, pool_ptr, probe_ptr, page, off, h, s
     d = tl.arange(0, D_P)[None, :]
     m = (d < D) & (t < PAGE)
     at = (page * PAGE + t) * (K * D) + h * D + d                               # (PAGE, D_P)
-    x = tl.load(codes_ptr + at, mask=m, other=0.0).to(tl.float32) * tl.load(scale_ptr + page * K + h)
-    x = x.to(DTYPE).to(tl.float32)                                             # decoded into the store dtype
+    # The page decoded into the store dtype: from the unit's resident copy when it has one (GPU
+    # memory, the same values: the pool holds exactly this decode), else from the codes (PCIe).
+    pool_at = slot * (PAGE * D) + t * D + d
+    resident = m & (slot >= 0)
+    x = tl.load(codes_ptr + at, mask=m & (slot < 0), other=0.0).to(tl.float32) * tl.load(scale_ptr + page * K + h)
+    x = tl.where(resident, tl.load(pool_ptr + pool_at, mask=resident, other=0.0).to(tl.float32),
+                 x.to(DTYPE).to(tl.float32))
     new = tl.load(new_ptr + h * D + d, mask=d < D, other=0.0).to(DTYPE).to(tl.float32)
     x = tl.where(t == off, new, x)
     scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(tl.abs(x), axis=1), axis=0), _FP8_MAX), _TINY)
@@ -50,7 +56,7 @@ def _rewrite(codes_ptr, scale_ptr, new_ptr, pool_ptr, probe_ptr, page, off, h, s
         tl.store(probe_ptr + (g // STRIDE) * (K * D) + h * D + d, codes, mask=m & (g % STRIDE == 0))
     if slot >= 0:
         decoded = (codes.to(tl.float32) * scale).to(pool_ptr.dtype.element_ty)
-        tl.store(pool_ptr + slot * (PAGE * D) + t * D + d, decoded, mask=m)
+        tl.store(pool_ptr + pool_at, decoded, mask=m)
 
 
 @triton.jit
