@@ -40,7 +40,7 @@ def test_pool_queries_matches_reference(tq, stride, modes, dtype):
 
 
 @pytest.mark.parametrize("n,m,split,dtype", [(37, 8, (32, 8), torch.int32), (300, 128, (4, 2), torch.int64),
-                                             (5, 16, (8, 1), torch.int32)])
+                                             (5, 16, (8, 1), torch.int32), (1030, 256, (32, 8), torch.int32)])
 def test_keep_top_split_matches_reference(n, m, split, dtype):
     """Selection and the next stage's candidates in one launch; rows shorter than m padded."""
     g = torch.Generator().manual_seed(n)
@@ -53,7 +53,7 @@ def test_keep_top_split_matches_reference(n, m, split, dtype):
     assert got.dtype == dtype and want.shape == (3, m * split[0] // split[1])
     assert torch.equal(got, want)
     # The sweep's launch overrides and the radix-select variant select the same chunks.
-    for tuning in (dict(num_warps=2), dict(num_warps=16), dict(radix=True)):
+    for tuning in (dict(num_warps=2), dict(num_warps=16), dict(radix=True), dict(radix=False)):
         got = ops.keep_top(starts.to(DEVICE), scores.to(DEVICE), m, split, tuning=tuning).cpu()
         assert torch.equal(got, want), tuning
 
