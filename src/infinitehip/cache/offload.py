@@ -93,12 +93,13 @@ class HostKVStore:
     CPU) the aliases are the host tensors themselves. ``on_device``: allocate the whole store
     in ``device`` memory instead (same format; ``k`` and ``dk`` are then the same tensor).
 
-    ``probe_stride`` s > 0 (a host store): ``dk_probe`` (ceil(num_blocks * block / s), K, D) in
-    device memory holds the key codes at every global token position that is a multiple of s
+    ``probe_stride`` s > 0 (a host store): ``dk_probe`` (ceil(num_blocks * block / s) + 1, K, D)
+    in device memory holds the key codes at every global token position that is a multiple of s
     (row g // s), which the pruning kernel reads instead of host memory (``attention/pages.py``):
     the first pruning stage's first levels probe only there (the middles of a 256-key chunk's
     halves, quarters and eighths are multiples of 16), and with ``HiPConfig.stage0_levels`` every
-    probe of that stage does. Every write keeps it current (``sync_probes``).
+    probe of that stage does. Every write keeps it current (``sync_probes``, ``probe_rows``); its
+    last row is a dump that static-shape writes of the other tokens land in, never read.
     """
 
     def __init__(self, num_blocks: int, block: int, kv_heads: int, head_dim: int,
@@ -116,7 +117,7 @@ class HostKVStore:
         self.dk_probe = None
         if self.probe_stride:
             rows = -(-num_blocks * block // self.probe_stride)
-            self.dk_probe = torch.zeros((rows, kv_heads, head_dim), dtype=self.dk.dtype, device=device)
+            self.dk_probe = torch.zeros((rows + 1, kv_heads, head_dim), dtype=self.dk.dtype, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -145,6 +146,12 @@ class HostKVStore:
         else:
             self.dk[blocks], self.dv[blocks] = k.to(self.dk.device, self.dtype), v.to(self.dk.device, self.dtype)
         self.sync_probes(blocks)
+
+    def probe_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The probe-copy row of each global token row (any shape): its row where the token is at
+        a multiple of the stride, else the dump row."""
+        s = self.probe_stride
+        return torch.where(tokens % s == 0, tokens // s, self.dk_probe.shape[0] - 1)
 
     def sync_probes(self, blocks: torch.Tensor):
         """Copy into ``dk_probe`` the store's keys at the probe positions of ``blocks`` (N,), after

@@ -100,6 +100,7 @@ class _Writes(NamedTuple):
     ids: torch.Tensor | None      # FP8: (N,) the distinct touched pages, ascending (re-encoded whole)
     inv: torch.Tensor | None      # FP8: (B * T,) each token's index in ids
     opens: torch.Tensor | None    # decode: () bool, some row's token opens a page
+    probe_rows: torch.Tensor | None   # (B * T,) each token's row in a store's probe copy (or its dump row)
 
 
 class OffloadKVCache:
@@ -168,7 +169,10 @@ class OffloadKVCache:
         ids, inv = touched_pages(pages) if self.config.fp8 else (None, None)
         offsets = (pos % self.page).flatten()
         opens = (offsets == 0).any() if T == 1 and self.page_caches else None   # only a page cache reads it
-        return _Writes(pages.flatten(), offsets, (rows * self.capacity + pos).flatten(), ids, inv, opens)
+        tokens = (rows * self.capacity + pos).flatten()
+        probed = [s for s in self.stores if s.dk_probe is not None]
+        probe_rows = probed[0].probe_rows(tokens) if probed else None   # every host store: the same rows
+        return _Writes(pages.flatten(), offsets, tokens, ids, inv, opens, probe_rows)
 
     def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: "_Writes" = None):
         """Write k, v (B, T, K, D) at positions ``start[b] + t`` into the layer's store (host, or
@@ -192,7 +196,8 @@ class OffloadKVCache:
         else:
             store.dk.view(-1, *k.shape[1:])[w.rows] = k.to(store.dk.device, store.dtype)
             store.dv.view(-1, *v.shape[1:])[w.rows] = v.to(store.dk.device, store.dtype)
-            store.sync_probes(w.pages)
+            if store.dk_probe is not None:
+                store.dk_probe[w.probe_rows] = k.to(store.dk_probe)
             if cache is not None and T == 1:
                 cache.write_tokens(w.pages, w.offsets, k, v)
         if cache is not None and T > 1:      # prefill: not captured, drop the copies
@@ -235,7 +240,7 @@ class _LayerSource:
         rows = slice(c.row0, c.row0 + c.batch)
         pages = {}
         if s.dk_probe is not None:     # (B, capacity / stride, K, D): rows of a capacity that the stride divides
-            pages.update(probes=s.dk_probe.view(-1, c.capacity // s.probe_stride, *s.dk_probe.shape[1:])[rows],
+            pages.update(probes=s.dk_probe[:-1].view(-1, c.capacity // s.probe_stride, *s.dk_probe.shape[1:])[rows],
                          probe_stride=s.probe_stride)
         if s.fp8:
             scale = lambda x: x.view(-1, c.nb, x.shape[2])[rows]   # noqa: E731  (B, NB, K)

@@ -139,8 +139,10 @@ class _Sizes:
     def __init__(self, n_layers, n_kv_heads, head_dim, batch, dtype, layer_configs, config):
         self.L, self.batch, self.page = n_layers, batch, config.capacity_unit
         self.order = gpu_layer_order(layer_configs, batch, n_kv_heads, config)
-        self.pool = [cache_bytes(n, head_dim, dtype, config) for n in cache_slots(layer_configs, batch, n_kv_heads,
-                                                                                   config)]
+        # Per host-stored layer, fixed: its page cache, and its probe copy's dump row.
+        dump = n_kv_heads * head_dim * (1 if config.fp8 else torch.finfo(dtype).bits // 8) if config.probe_stride else 0
+        self.pool = [cache_bytes(n, head_dim, dtype, config) + dump
+                     for n in cache_slots(layer_configs, batch, n_kv_heads, config)]
         self.store = batch * layer_bytes_per_token(n_kv_heads, head_dim, dtype, config)   # one layer, per token
         # A host-stored layer keeps on the GPU its table (int32 per (page, kv head)), FP8 scales
         # (K and V: float32 per (page, kv head)); its codes are the rest of ``store``.
