@@ -36,13 +36,18 @@ H, K, D = 32, 8, 128
 GRID = dict(block_c=(32, 64), block_m=(64, 32), num_warps=(4, 8), precision=("bf16",), q16=(False, True))
 
 
-def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None) -> list[dict]:
-    """score_chunks per stage over GRID (its first ``limit`` settings), then the prefill attend grid."""
+def _inputs(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g):
+    """Random bf16 queries (1, tq) and keys (1, tk) at Llama-3-8B's head shape, their geometry and mask."""
     q = torch.randn(1, tq, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, tk, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
     kv_len = torch.tensor([tk], device="cuda")
     geo = geometry(kv_len - tq, tq, kv_len, cfg)
-    mask = run_stages(q, k, geo, cfg, rope, ops.score_chunks, keep_top=ops.keep_top)
+    return q, k, geo, run_stages(q, k, geo, cfg, rope, ops.score_chunks, keep_top=ops.keep_top)
+
+
+def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None) -> list[dict]:
+    """score_chunks per stage over GRID (its first ``limit`` settings), then the prefill attend grid."""
+    q, k, geo, mask = _inputs(tq, tk, cfg, rope, g)
     out = []
     for s in range(cfg.n_stages):
         qp, qv = pool_queries(q, geo, cfg.stage_strides[s], cfg, rope)
@@ -124,11 +129,7 @@ def sweep_keep_top(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict
     engine's profile at 256K, as long as the scoring): bitonic top-k vs radix select, by warps.
     Measured 2026-11-29 (H200, sweep_keep_top_h200.json): radix best from 1,024 candidates (decode
     11.6 vs 12.7 us, prefill 58 vs 95 us at 4 warps), bitonic from 512 (8.4 vs 9.9 us): the default."""
-    q = torch.randn(1, tq, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, tk, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    kv_len = torch.tensor([tk], device="cuda")
-    geo = geometry(kv_len - tq, tq, kv_len, cfg)
-    mask = run_stages(q, k, geo, cfg, rope, ops.score_chunks, keep_top=ops.keep_top)
+    q, k, geo, mask = _inputs(tq, tk, cfg, rope, g)
     out = []
     for s in range(cfg.n_stages):
         starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
