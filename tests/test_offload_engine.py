@@ -89,6 +89,19 @@ def test_offload_small_pages_and_evictions_stay_exact(bf16_model):
     assert sum(c.stats.evictions for c in mixed.page_caches) > 0
 
 
+@pytest.mark.parametrize("page,stride,fp8", [(2, 16, False), (32, 16, False), (8, 8, True), (32, 16, True)])
+def test_probe_copy_follows_the_store(bf16_model, page, stride, fp8):
+    """After a prefill and decode steps, each host store's GPU probe copy holds its keys at every
+    multiple of the stride (pages shorter and longer than the stride; FP8 pages re-encoded)."""
+    _, offloaded = caches(bf16_model, page=page, probe_stride=stride, fp8=fp8)
+    run(bf16_model, prompt(seed=4), offloaded, steps=5)
+    for store in offloaded.stores:
+        keys = store.dk.view(-1, *store.dk.shape[2:])[::stride]
+        assert store.dk_probe.shape[0] == keys.shape[0] + 1                       # + the dump row
+        assert torch.equal(store.dk_probe[:-1].view(torch.uint8), keys.view(torch.uint8))
+        assert keys.float().abs().sum() > 0
+
+
 def test_generate_offload_batch_same_tokens(bf16_model):
     model = bf16_model
     prompts = [prompt(560, seed=2)[0].tolist(), prompt(600, seed=3)[0].tolist()]

@@ -214,6 +214,13 @@ def test_decode_cache_is_validated():
         OffloadConfig(decode_cache="gpu")
 
 
+def test_probe_stride_is_validated():
+    assert OffloadConfig(probe_stride=0).capacity_unit == 8 and OffloadConfig(page=4).capacity_unit == 16
+    for bad in (12, -16, 16.0):
+        with pytest.raises(ValueError, match=r"probe_stride=.*power of two"):
+            OffloadConfig(probe_stride=bad)
+
+
 def same_fp8(want: torch.Tensor, got: torch.Tensor) -> bool:
     """Equal FP8 codes; under the Triton interpreter also where its float32 -> e4m3 cast loses the
     carry into the next binade (-127.9 gives -64 instead of -128; the GPU's cvt rounds right)."""
