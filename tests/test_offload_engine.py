@@ -93,8 +93,9 @@ def test_offload_small_pages_and_evictions_stay_exact(bf16_model):
 def test_probe_copy_follows_the_store(bf16_model, page, stride, fp8):
     """After a prefill and decode steps, each host store's GPU probe copy holds its keys at every
     multiple of the stride (pages shorter and longer than the stride; FP8 pages re-encoded)."""
-    _, offloaded = caches(bf16_model, page=page, probe_stride=stride, fp8=fp8)
-    run(bf16_model, prompt(seed=4), offloaded, steps=5)
+    _, offloaded = caches(bf16_model, batch=2, page=page, probe_stride=stride, fp8=fp8)
+    for row in (1, 0):           # each row through a view of it (its store rows start at row * capacity)
+        run(bf16_model, prompt(seed=4 + row), offloaded.select(slice(row, row + 1)), steps=5)
     for store in offloaded.stores:
         keys = store.dk.view(-1, *store.dk.shape[2:])[::stride]
         assert store.dk_probe.shape[0] == keys.shape[0] + 1                       # + the dump row
