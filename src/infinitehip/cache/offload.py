@@ -165,6 +165,7 @@ class HostKVStore:
         pos = blocks.to(dev)[:, None] * block + torch.arange(0, max(block, s), s, device=dev)   # (N, n)
         pos = (pos // s * s).flatten()
         self.dk_probe[pos // s] = self.dk.view(-1, *self.dk.shape[2:])[pos.to(self.dk.device)].to(dev)
+
     def read(self, blocks: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks (N,) -> k, v (N, block, K, D) in the store's compute dtype, on ``device``.
 

@@ -137,7 +137,7 @@ class _Sizes:
     """Bytes of each placement of one cache shape: the first g layers of ``order`` on the GPU."""
 
     def __init__(self, n_layers, n_kv_heads, head_dim, batch, dtype, layer_configs, config):
-        self.L, self.batch, self.page = n_layers, batch, config.capacity_unit
+        self.L, self.batch, self.unit = n_layers, batch, config.capacity_unit
         self.order = gpu_layer_order(layer_configs, batch, n_kv_heads, config)
         # Per host-stored layer, fixed: its page cache, and its probe copy's dump row.
         dump = n_kv_heads * head_dim * (1 if config.fp8 else torch.finfo(dtype).bits // 8) if config.probe_stride else 0
@@ -169,9 +169,9 @@ class _Sizes:
         cap = min(host, gpu)
         if cap == float("inf"):     # every layer on an unchecked device: it is the host (CPU), bound by it
             cap = host_budget / (self.L * self.store)
-        n = int(max(0.0, cap)) // self.page * self.page
+        n = int(max(0.0, cap)) // self.unit * self.unit
         while n > 0 and (self.host(g, n) > host_budget or self.gpu(g, n) > gpu_budget):   # float rounding
-            n -= self.page
+            n -= self.unit
         return n
 
 

@@ -16,7 +16,8 @@ times the arithmetic (4/3 for 8-token chunks).
 Mirrors ``reference.score_chunks``; see it for the exact semantics (bfloat16 keys are scored
 with bfloat16 operands: ``_PRUNE_DOT_PRECISION``). With SCALED the keys are
 FP8 codes and each probe is multiplied by its page's scale (``attention/pages.py``): KV offload
-prunes over the host store in place.
+prunes over the host store in place; with PROBE_STRIDE a probe at a multiple of it is read from
+the store's GPU probe copy instead (the other probes still from the host).
 """
 from __future__ import annotations
 
@@ -274,8 +275,8 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
 
     qp (B, NQB, R, H, D) float32 pooled rotated queries, q_valid (B, NQB, R) bool,
     k (B, Tk, K, D) un-rotated keys, starts (B, G, NQB, n) int (SENTINEL = no chunk).
-    pages: FP8 codes with per-page scales (a block table is not supported here: pruning reads
-    the logical layout, in place). levels: stop the descent after this many levels (None: down to
+    pages: FP8 codes with per-page scales and / or a probe copy (a block table is not supported
+    here: pruning reads the logical layout, in place). levels: stop the descent after this many levels (None: down to
     one token). tuning: launch overrides (block_c, block_m, num_warps,
     precision, dense, q16) for scripts/sweep_prune.py.
     """
