@@ -73,3 +73,17 @@ def test_probe_levels():
     """log2 of each stage's chunk; stage0_levels caps stage 0 only."""
     assert [HiPConfig().probe_levels(s) for s in range(3)] == [8, 5, 3]
     assert [HiPConfig(stage0_levels=3).probe_levels(s) for s in range(3)] == [3, 5, 3]
+
+
+def test_parse_overrides_reads_literals_and_names_bad_fields():
+    from infinitehip.config import parse_overrides
+
+    got = parse_overrides(["stage0_levels=3", "chunk_sizes=(256, 32, 8)", "model_context_length=None",
+                           "rope_prune=exact", "dense_layers = (0, 1)"])
+    assert got == dict(stage0_levels=3, chunk_sizes=(256, 32, 8), model_context_length=None, rope_prune="exact",
+                       dense_layers=(0, 1))
+    assert HiPConfig().replace(**got).stage0_levels == 3
+    with pytest.raises(ValueError, match=r"no field 'budgt'.*budget"):
+        parse_overrides(["budgt=4096"])
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        parse_overrides(["budget"])

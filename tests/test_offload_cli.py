@@ -31,6 +31,19 @@ def test_generate_offload_flags_give_the_same_text():
         assert graph.stdout == plain.stdout
 
 
+def test_generate_hip_overrides():
+    """--hip FIELD=VALUE changes the preset's config (stage 0 stopped after 2 levels: it still
+    runs); a bad field or value is a one-line error naming it."""
+    runner = CliRunner()
+    base = ["generate", "builtin", "--prompt", PROMPT, "-n", "3", "--preset", "tiny", "--chunk-size", "256"]
+    ok = runner.invoke(app, base + ["--hip", "stage0_levels=2", "--offload"])
+    assert ok.exit_code == 0, ok.output
+    for bad, message in ((["--hip", "levels=2"], "no field 'levels'"), (["--hip", "stage0_levels=0"], "stage0_levels"),
+                         (["--hip", "budget"], "FIELD=VALUE")):
+        r = runner.invoke(app, base + bad)
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+
+
 def test_info_reports_offload_capacity():
     r = CliRunner().invoke(app, ["info", "builtin"])
     assert r.exit_code == 0, r.output

@@ -14,6 +14,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 
 
+HIP_HELP = ("Override a HiPConfig field of the preset, FIELD=VALUE (repeatable), e.g. --hip stage0_levels=3 "
+            "--hip budget=4096.")
+
+
 @app.command()
 def demo(context: int = typer.Option(None, help="Prompt tokens (default: 16,384 = 32x the trained context "
                                      "on CPU, 65,536 = 128x on GPU)."),
@@ -61,6 +65,7 @@ def eval_cmd(
     endpoint: str = typer.Option(None, help="OpenAI-compatible server URL; evaluates it instead of a local model."),
     out: str = typer.Option("eval_results", help="Folder for eval.json and the PNG plots."),
     preset: str = typer.Option(None, help="HiPConfig preset (default: the checkpoint's, else paper)."),
+    hip: list[str] = typer.Option([], "--hip", help=HIP_HELP),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
     dtype: str = typer.Option(None, help="float32 | float16 | bfloat16."),
     seed: int = typer.Option(0, help="Seed of the prompts."),
@@ -75,7 +80,7 @@ def eval_cmd(
         eval_command(model, tasks=split(tasks), lengths=split(lengths), methods=split(methods), samples=samples,
                      depths=[float(d) for d in split(depths)], endpoint=endpoint, out=Path(out),
                      preset=preset, device=device, dtype=dtype,
-                     seed=seed, chunk_size=chunk_size, console=console)
+                     seed=seed, chunk_size=chunk_size, console=console, hip=hip)
     except (OSError, ValueError, TypeError, ImportError) as e:
         _fail(e, debug)
 
@@ -86,6 +91,12 @@ def bench(ctx: typer.Context):
     from .bench import main as bench_main
 
     bench_main(list(ctx.args))
+
+
+def _hip_config(model_dir: str, preset: str | None, hip: list[str]):
+    from .models.loader import config_with_overrides
+
+    return config_with_overrides(model_dir, preset, hip)
 
 
 def _fail(e: Exception, debug: bool):
@@ -107,6 +118,7 @@ def generate_cmd(
     backend: str = typer.Option("hip", help="Attention: hip | dense | streaming."),
     preset: str = typer.Option(None, help="HiPConfig preset: paper | fast | accurate | tiny "
                                                "(default: the checkpoint's, else paper)."),
+    hip: list[str] = typer.Option([], "--hip", help=HIP_HELP),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
@@ -134,7 +146,7 @@ def generate_cmd(
         if prompt_file is not None:
             with open(prompt_file, encoding="utf-8") as f:
                 prompt = f.read()
-        model = load(model_dir, device=device, dtype=dtype, config=preset)
+        model = load(model_dir, device=device, dtype=dtype, config=_hip_config(model_dir, preset, hip))
         for piece in generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, seed=seed, stop=stop, chat=chat, system=system, backend=backend,
                               chunk_size=chunk_size, progress=True, stream=True, cuda_graph=cuda_graph,
@@ -207,13 +219,11 @@ def _offload_capacity(model_dir: str, r: dict, fp8: bool):
     import torch
 
     from .cache.offload_plan import OffloadConfig, longest_offload_context
-    from .config import HiPConfig
     from .models.llama import ModelArgs
-    from .models.loader import read_config
+    from .models.loader import read_config, recommended_config
 
     _, cfg = read_config(model_dir)
-    args, recommended = ModelArgs.from_hf(cfg), dict(cfg.get("infinitehip", {}))
-    hip = HiPConfig.preset(recommended.pop("preset", "paper"), **recommended)
+    args, hip = ModelArgs.from_hf(cfg), recommended_config(cfg)
     # The same prefill workspace inspect_checkpoint's no-offload figure leaves (4,096-token chunks).
     workspace = 4096 * (4 * args.dim + 3 * args.intermediate_size) * 4 + (256 << 20)
     return longest_offload_context(
@@ -228,6 +238,7 @@ def _offload_capacity(model_dir: str, r: dict, fp8: bool):
 def serve(model_dir: str = typer.Argument("builtin", help="Model directory (default: the built-in model)."),
           host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
           preset: str = typer.Option(None, help="HiPConfig preset (default: the checkpoint's, else paper)."),
+          hip: list[str] = typer.Option([], "--hip", help=HIP_HELP),
           backend: str = typer.Option("hip", help="Attention: hip | dense | streaming."),
           max_context: int = typer.Option(32_768, help="Longest prompt + completion accepted, in tokens (per "
                                           "request; --max-batch slots of it are allocated at start)."),
@@ -248,7 +259,8 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
         from .server.app import create_app
         from .server.engine import ModelEngine
 
-        engine = ModelEngine(load(model_dir, device=device, config=preset), backend=backend, max_context=max_context,
+        engine = ModelEngine(load(model_dir, device=device, config=_hip_config(model_dir, preset, hip)),
+                             backend=backend, max_context=max_context,
                              max_batch=max_batch, offload=offload)
         if context_cache and Path(context_cache).exists():
             engine.prefix_cache.load(context_cache, device=engine.model.device)

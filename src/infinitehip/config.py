@@ -1,8 +1,10 @@
 """HiPConfig: every knob of InfiniteHiP attention in one frozen, validated dataclass."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass
+from typing import Sequence
 
 _ROPE_PRUNE_MODES = ("auto", "exact", "relative")
 _ROPE_ATTEND_MODES = ("auto", "exact", "streaming")
@@ -205,3 +207,23 @@ PRESETS: dict[str, HiPConfig] = {
                       dense_layers=(0,), dense_layer_budget=128, refresh_intervals=(16, 8, 4),
                       dense_threshold=0),
 }
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``FIELD=VALUE`` strings (the CLI's ``--hip``) -> HiPConfig field overrides. Values are
+    Python literals (``3``, ``None``, ``(256, 32, 8)``, ``'exact'``) or bare words (``exact``);
+    the config validates them when it is made."""
+    fields = [f.name for f in dataclasses.fields(HiPConfig)]
+    out = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        name = name.strip()
+        if not eq or not text.strip():
+            raise ValueError(f"--hip {item!r}: write FIELD=VALUE, e.g. --hip stage0_levels=3")
+        if name not in fields:
+            raise ValueError(f"--hip {item!r}: HiPConfig has no field {name!r}; its fields: {', '.join(fields)}")
+        try:
+            out[name] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            out[name] = text.strip()      # a bare word: a mode name
+    return out

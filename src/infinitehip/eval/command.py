@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,7 +27,8 @@ def _trained_context(model_dir: str) -> int | None:
 
 def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: list[str], samples: int,
                  depths: list[float], endpoint: str | None, out: Path, preset: str, device: str | None,
-                 dtype: str | None, seed: int, chunk_size: int, console: Console) -> list[dict]:
+                 dtype: str | None, seed: int, chunk_size: int, console: Console,
+                 hip: Sequence[str] = ()) -> list[dict]:
     model_dir = resolve_model_path(model)
     trained = _trained_context(model_dir)
     spec = EvalSpec(tuple(tasks), tuple(parse_length(x, trained) for x in lengths), tuple(methods),
@@ -41,7 +43,9 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
     else:
         from ..models import load
 
-        loaded = load(model_dir, device=device, dtype=dtype, config=preset)
+        from ..models.loader import config_with_overrides
+
+        loaded = load(model_dir, device=device, dtype=dtype, config=config_with_overrides(model_dir, preset, hip))
         tok = loaded.tokenizer
         completers = {m: engine_completer(loaded, m, chunk_size) for m in methods}
         dev = device_name(loaded)
@@ -57,7 +61,7 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
     _print_table(records, trained, console)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "eval.json"
-    meta = {"spec": {**spec.__dict__, "preset": preset, "trained_context": trained},
+    meta = {"spec": {**spec.__dict__, "preset": preset, "hip": list(hip), "trained_context": trained},
             "seconds": round(time.perf_counter() - t0, 1)}
     json_path.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
     written = [json_path]

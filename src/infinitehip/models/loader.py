@@ -9,12 +9,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from ..attention import RoPE
 from ..assets import resolve_model_path
-from ..config import HiPConfig
+from ..config import HiPConfig, parse_overrides
 from ..tokenizer import Tokenizer
 from .llama import ModelArgs, Transformer
 
@@ -126,6 +127,23 @@ def resolve_device_dtype(device, dtype, cfg: dict) -> tuple[torch.device, torch.
     return device, dtype
 
 
+def recommended_config(cfg: dict) -> HiPConfig:
+    """The HiPConfig a checkpoint's config.json recommends: ``"infinitehip": {"preset": ...,
+    <field>: <value>}``, else the paper preset."""
+    recommended = dict(cfg.get("infinitehip", {}))
+    return HiPConfig.preset(recommended.pop("preset", "paper"), **recommended)
+
+
+def config_with_overrides(path: str | Path, preset: str | None, overrides: Sequence[str]) -> str | HiPConfig | None:
+    """What ``load``'s ``config`` gets from the CLI's --preset and --hip FIELD=VALUE items: the
+    preset (or the checkpoint's recommendation) with the overrides, validated; the preset itself
+    when there are none."""
+    if not overrides:
+        return preset
+    base = HiPConfig.preset(preset) if preset else recommended_config(read_config(path)[1])
+    return base.replace(**parse_overrides(overrides))
+
+
 def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig | None = None) -> Model:
     """Load an HF checkpoint directory (Llama / Mistral / Qwen2 / Qwen3) for InfiniteHiP inference.
 
@@ -142,9 +160,8 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
     path, cfg = read_config(path)
     args = ModelArgs.from_hf(cfg)
     device, dtype = resolve_device_dtype(device, dtype, cfg)
-    if config is None:  # the checkpoint's recommendation: {"infinitehip": {"preset": ..., field: value}}
-        recommended = dict(cfg.get("infinitehip", {}))
-        config = HiPConfig.preset(recommended.pop("preset", "paper"), **recommended)
+    if config is None:
+        config = recommended_config(cfg)
     hip = HiPConfig.preset(config) if isinstance(config, str) else config
     if not isinstance(hip, HiPConfig):
         raise TypeError(f"config must be a preset name or a HiPConfig, got {type(config).__name__}")
