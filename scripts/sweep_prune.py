@@ -101,9 +101,12 @@ def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None
     """A decode step that reuses its mask (one launch): tiles, warps and split count."""
     q = torch.randn(1, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, tk, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, tk, K, D, device="cuda", dtype=torch.bfloat16, generator=g)
     kv_len = torch.tensor([tk], device="cuda")
     mask = run_stages(q, k, geometry(kv_len - 1, 1, kv_len, cfg), cfg, rope, ops.score_chunks, keep_top=ops.keep_top)
     out = []
+    # Until 2026-11-30 this sweep passed k as the values too: V's loads then hit what K's brought
+    # into L2, ~2 us faster than the bench's step with its own values (17.0 vs 19.0 us at 128K).
     # Measured 2026-11-29 (H200, sweep_reuse_h200.json): the defaults (64, 2, 4) 17.4 us, best of the
     # grid; issuing V's loads with K's (a variant since removed) changed nothing (17.8 us).
     # Nsight Compute saw 0.55 waves of 2-warp programs, one 64-key tile each (53 splits at 128K)
@@ -113,7 +116,7 @@ def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None
     grid = itertools.product((64, 32, 128), (2, 4), (4, 2, 8))   # the defaults first
     for bn, nw, pps in itertools.islice(grid, limit):
         tuning = dict(block_n=bn, num_warps=nw, programs_per_sm=pps)
-        fn = lambda: ops.attend_reused(q, k, k, mask, kv_len, cfg, rope, D ** -0.5, tuning=tuning)  # noqa: E731
+        fn = lambda: ops.attend_reused(q, k, v, mask, kv_len, cfg, rope, D ** -0.5, tuning=tuning)  # noqa: E731
         try:
             ms = time_graph(fn)
         except Exception as e:
