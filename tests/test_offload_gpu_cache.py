@@ -231,19 +231,21 @@ def same_fp8(want: torch.Tensor, got: torch.Tensor) -> bool:
     return bool(((w == g) | carry).all())
 
 
+@pytest.mark.parametrize("page", [8, 32])       # pages shorter and longer than the probe stride (16)
 @pytest.mark.parametrize("fp8", [False, True], ids=["plain", "fp8"])
 @pytest.mark.parametrize("cached", [False, True], ids=["store", "store+page_cache"])
-def test_decode_write_kernel_is_the_torch_path(cached, fp8):
+def test_decode_write_kernel_is_the_torch_path(cached, fp8, page):
     """The one-launch decode write (float32, so that the interpreter's bf16 truncation cannot
     differ) leaves the store as the PyTorch path does (FP8: the re-encode's codes and scales), and
     the resident units holding it: rows mid-page, at a page's end and on a fresh page; both start
     each step from the same state."""
     from infinitehip.attention.triton.kv_write import write_decode_tokens
 
-    B, K, D, nb = 3, 2, 8, 8
+    B, K, D, nb = 3, 2, 8, 64 // page
     g = torch.Generator().manual_seed(5)
-    caches = [OffloadKVCache(1, B, nb * 8, K, D, dtype=torch.float32, device=device, layer_configs=[CONFIG],
-                             config=OffloadConfig(fp8=fp8, decode_cache=cached)) for device in ("cpu", DEVICE)]
+    caches = [OffloadKVCache(1, B, nb * page, K, D, dtype=torch.float32, device=device, layer_configs=[CONFIG],
+                             config=OffloadConfig(page=page, fp8=fp8, decode_cache=cached))
+              for device in ("cpu", DEVICE)]
     prompt = torch.randn(B, 20, K, D, generator=g) * 3
     caches[0].update(0, torch.zeros(B, dtype=torch.long), prompt, -prompt)
     if cached:
