@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..config import HiPConfig
-from .mask import NEG_SCORE, RELATIVE_QUERY_DISTANCE, SENTINEL, Geometry, HiPMask, anchor_window, geometry, window_slots
+from .mask import (NEG_SCORE, RELATIVE_QUERY_DISTANCE, SENTINEL, Geometry, HiPMask, anchor_window, descent_levels,
+                   geometry, window_slots)
 from .pages import KVPages, gather_paged
 from .rope import RoPE, apply_rope
 
@@ -144,8 +145,7 @@ def score_chunks(qp, q_valid, k, starts, chunk: int, geo: Geometry, config: HiPC
     tokens = (chunk <= DENSE_CHUNK and starts.shape[-1] * chunk * 2 >= k.shape[1]
               and (pages is None or pages.table is None) and (rope is None or _known_all(~geo.exact_prune)))
     scores = _token_scores(qp, q_valid, k, starts.shape[1], rope, pages) if tokens else None
-    depth = chunk.bit_length() - 1 if levels is None else min(levels, chunk.bit_length() - 1)
-    for _ in range(depth):
+    for _ in range(descent_levels(chunk, levels)):
         half = length // 2
         probes = torch.stack([a + half // 2, a + half + half // 2], dim=-1)    # (B, G, NQB, n, 2)
         probes = torch.maximum(torch.minimum(probes, hi[..., None] - 1), lo[..., None])

@@ -170,8 +170,11 @@ class OffloadKVCache:
         offsets = (pos % self.page).flatten()
         opens = (offsets == 0).any() if T == 1 and self.page_caches else None   # only a page cache reads it
         tokens = (rows * self.capacity + pos).flatten()
-        probed = [s for s in self.stores if s.dk_probe is not None]
-        probe_rows = probed[0].probe_rows(tokens) if probed else None   # every host store: the same rows
+        # The probe-copy rows, where the torch path writes (a CUDA decode step writes in one kernel
+        # that finds them itself); every host store has the same rows.
+        probed = next((s for s in self.stores if s.dk_probe is not None), None)
+        torch_path = T > 1 or dev.type != "cuda"
+        probe_rows = probed.probe_rows(tokens) if probed is not None and torch_path else None
         return _Writes(pages.flatten(), offsets, tokens, ids, inv, opens, probe_rows)
 
     def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: "_Writes" = None):

@@ -41,9 +41,7 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
         completers = {"endpoint": endpoint_completer(endpoint, model)}
         dev = f"endpoint {endpoint}"
     else:
-        from ..models import load
-
-        from ..models.loader import config_with_overrides
+        from ..models.loader import config_with_overrides, load
 
         loaded = load(model_dir, device=device, dtype=dtype, config=config_with_overrides(model_dir, preset, hip))
         tok = loaded.tokenizer

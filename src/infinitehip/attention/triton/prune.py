@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ...config import HiPConfig
-from ..mask import NEG_SCORE, SENTINEL, Geometry
+from ..mask import NEG_SCORE, SENTINEL, Geometry, descent_levels
 from ..pages import KVPages
 from ..rope import RoPE
 
@@ -276,8 +276,8 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     qp (B, NQB, R, H, D) float32 pooled rotated queries, q_valid (B, NQB, R) bool,
     k (B, Tk, K, D) un-rotated keys, starts (B, G, NQB, n) int (SENTINEL = no chunk).
     pages: FP8 codes with per-page scales and / or a probe copy (a block table is not supported
-    here: pruning reads the logical layout, in place). levels: stop the descent after this many levels (None: down to
-    one token). tuning: launch overrides (block_c, block_m, num_warps,
+    here: pruning reads the logical layout, in place). levels: stop the descent after this many
+    levels (None: down to one token). tuning: launch overrides (block_c, block_m, num_warps,
     precision, dense, q16) for scripts/sweep_prune.py.
     """
     if pages is not None and pages.table is not None:
@@ -331,7 +331,7 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         p0.stride(0),
         k_scale.stride(0) if scaled else 0, k_scale.stride(1) if scaled else 0,
         G, nqb, n,
-        SINK=config.sink, CHUNK=chunk, LEVELS=min(chunk.bit_length() - 1, chunk if levels is None else levels),
+        SINK=config.sink, CHUNK=chunk, LEVELS=descent_levels(chunk, levels),
         KG=K // G, R=R, HPK=hpk, HPK_P=hpk_p, HALF=half, HALF_P=half_p,
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
         DOT_PRECISION=precision, FAST=k.is_cuda,
