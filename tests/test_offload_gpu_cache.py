@@ -174,16 +174,19 @@ def test_triton_plan_is_the_torch_plan(n_slots, width, num_blocks, seed):
         hot = torch.randint(0, units, (1,), generator=g).item()
         pages = (hot + torch.randint(-spread, spread + 1, (width,), generator=g)).clamp(-1, units - 1)   # repeats
         pages[torch.rand(width, generator=g) < 0.1] = -1
+        run = None
         if step % 9 == 8:
-            pages[:] = -1                                       # a skipped plan (``fetch(run=False)``)
+            pages[:] = -1                                       # a skipped plan: every entry -1
+        if step % 11 == 10:
+            run = torch.tensor(False, device=DEVICE)           # or run False: the entries are not read
         if step % 7 == 6:
             for c in caches:
                 c.invalidate(pages[:2].clamp(min=0) // 2)
         pages = pages.to(DEVICE)
         order = list(dict.fromkeys(u for u in pages.tolist() if u >= 0))         # distinct, first-entry order
-        absent = [u for u in order if int(caches[0].slot_of[u]) < 0]
-        (src, dst, n), (src2, dst2, n2) = (
-            gpu_pages.plan_fetch(caches[0], pages.clone()), page_cache.plan_fetch_cuda(caches[1], pages.clone()))
+        absent = [u for u in order if int(caches[0].slot_of[u]) < 0] if run is None else []
+        (src, dst, n), (src2, dst2, n2) = (gpu_pages.plan_fetch(caches[0], pages.clone(), run),
+                                           page_cache.plan_fetch_cuda(caches[1], pages.clone(), run))
         n = int(n)
         assert n == int(n2) and src[:n].tolist() == absent, "the copies: the absent units, in entry order"
         assert torch.equal(src[:n], src2[:n]) and torch.equal(dst[:n], dst2[:n])
@@ -193,19 +196,23 @@ def test_triton_plan_is_the_torch_plan(n_slots, width, num_blocks, seed):
     assert caches[0].counts[2] > 0, "the traffic evicts"
 
 
+@pytest.mark.parametrize("programs", [None, 1, 2])
 @pytest.mark.parametrize("dtype,fp8", [(torch.bfloat16, False), (torch.float32, True)])
-def test_copy_kernel_copies_the_first_n(dtype, fp8):
+def test_copy_kernel_copies_the_first_n(dtype, fp8, programs):
     """The CUDA copy (Triton interpreter here): the first n listed units get their decoded K and V, the
-    rest is untouched. (bf16 FP8 decode is not compared here: the interpreter truncates float32 -> bf16.)"""
+    rest is untouched, however many programs share the copies. (bf16 FP8 decode is not compared
+    here: the interpreter truncates float32 -> bf16.)"""
     store, _ = filled_store(fp8=fp8, dtype=dtype, device=DEVICE)
-    k_pool = torch.full((5, 4, 1, 8), 7.0, dtype=dtype, device=DEVICE)
-    v_pool = torch.full((5, 4, 1, 8), 8.0, dtype=dtype, device=DEVICE)
+    k_pool = torch.full((6, 4, 1, 8), 7.0, dtype=dtype, device=DEVICE)
+    v_pool = torch.full((6, 4, 1, 8), 8.0, dtype=dtype, device=DEVICE)
     index = lambda *x: torch.tensor(x, device=DEVICE)   # noqa: E731
     copy_units_cuda(store.dk, store.dk_scale if fp8 else None, store.dv, store.dv_scale if fp8 else None,
-                    k_pool, v_pool, index(7, 2, 9, -1), index(0, 4, 2, 5), index(2).int())   # 2 copies of 4
+                    k_pool, v_pool, index(7, 2, 11, 9, -1), index(0, 4, 3, 2, 5), index(3).int(),
+                    programs=programs)                                                  # 3 copies of 5
     k, v = store.read(torch.arange(16), DEVICE)
-    assert torch.equal(k_pool[[0, 4]], of_units(k, [7, 2])) and torch.equal(v_pool[[0, 4]], of_units(v, [7, 2]))
-    assert (k_pool[[1, 2, 3]] == 7.0).all() and (v_pool[[1, 2, 3]] == 8.0).all()
+    assert torch.equal(k_pool[[0, 4, 3]], of_units(k, [7, 2, 11]))
+    assert torch.equal(v_pool[[0, 4, 3]], of_units(v, [7, 2, 11]))
+    assert (k_pool[[1, 2, 5]] == 7.0).all() and (v_pool[[1, 2, 5]] == 8.0).all()
 
 
 def test_decode_cache_is_validated():
@@ -305,5 +312,6 @@ def test_needed_units_kernel_is_the_torch_statement(sharing, tq, limit):
         flag = torch.tensor(run)
         want_run = needed_units(starts, geo, cfg, page, K, run=flag, **kw)
         assert torch.equal(want_run, want if run else torch.full_like(want, -1))
-        got = page_cache.needed_units_cuda(dev(starts), geo_d, cfg, page, K, run=dev(flag), **kw).cpu()
-        assert torch.equal(got, want_run)
+        if run:   # with run False the kernel writes nothing: the plan reads none of it (fetch(units, run))
+            got = page_cache.needed_units_cuda(dev(starts), geo_d, cfg, page, K, run=dev(flag), **kw).cpu()
+            assert torch.equal(got, want_run)

@@ -271,6 +271,6 @@ class _LayerSource:
         # A mask reused since the last fetch needs one new unit per head only when this step's token
         # opens a page (the window's newest); else everything it reads is resident: plan nothing.
         run = None if fresh else c._opens
-        cache.fetch(needed(starts, geo, config, c.page, K, c.row0, c.nb, run=run))   # static shapes: absent are -1
+        cache.fetch(needed(starts, geo, config, c.page, K, c.row0, c.nb, run=run), run)   # static shapes: absent are -1
         table = cache.table(c.nb)[c.row0:c.row0 + c.batch]                           # (B, NB, K)
         return cache.k, cache.v, KVPages(c.page, table=table)

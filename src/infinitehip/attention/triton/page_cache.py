@@ -4,7 +4,8 @@ masked copy of the missed units (one page of one kv head) from the KV store into
 **Plan** (``plan_fetch_cuda``): ``gpu_pages.plan_fetch`` state for state, in one program: a
 few thousand entries are too few to fill a GPU, and in PyTorch the same steps are ~30 launches
 (sorts, scans, gathers, scatters) per layer per decode step. A skipped plan (every entry -1: a
-decode step that reuses its mask and opens no page) only advances the step. What replaces the sorts:
+decode step that reuses its mask and opens no page, ``run`` False: its entries are not even
+read) only advances the step. What replaces the sorts:
 
 - dedupe: each absent unit's table entry takes the smallest marker ``-(2^30 - entry)`` of its
   entries (``atomic_min``), so its first entry alone finds its own marker; a resident unit's
@@ -14,14 +15,16 @@ decode step that reuses its mask and opens no page) only advances the step. What
   n_miss slots stamped <= T, then the first of those stamped T in slot order; a scan ranks them.
 
 **Copy** (``copy_units_cuda``): the plan lists its misses compactly with their count on the
-device; one program per possible copy copies its unit's K and V when its index is below that
-count: masked loads issue no memory traffic, so hits cost nothing (a torch gather of the needed
+device; a few programs per multiprocessor loop over the copies below that count (a step without
+misses costs one launch of programs that each read the count), so hits cost nothing (a torch gather of the needed
 units would read every one of them over PCIe, its index having a static shape). A unit is
 ``page`` rows of D contiguous elements, K * D apart in the store. FP8 stores are decoded on the
 way (code x the unit's scale, in float32, then the pool's dtype: what ``offload.fp8_decode``
 computes).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -30,23 +33,34 @@ import triton.language as tl
 from ..mask import SENTINEL, window_slots
 
 BLOCK = 1024
+# Copy programs per multiprocessor: each keeps one unit's K and V loads in flight over PCIe (its
+# copies one after another), so ~500 of them overlap ~1 MB of reads; more only wait on the link.
+COPY_PROGRAMS_PER_SM = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index or 0).multi_processor_count
 _MARKER = tl.constexpr(1 << 30)      # > any entry count: markers -(2^30 - i) are below -1
 _SENTINEL_I = tl.constexpr(SENTINEL)
 
 
 @triton.jit
-def _plan_kernel(flat_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_ptr, rank_ptr, src_ptr, dst_ptr,
-                 n_ptr, M, S, NUM_UNITS, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
-    i = tl.arange(0, BLOCK_M)
-    page = tl.load(flat_ptr + i, mask=i < M, other=-1)                             # (BLOCK_M,) int64
-    valid = page >= 0
+def _plan_kernel(flat_ptr, run_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_ptr, rank_ptr, src_ptr,
+                 dst_ptr, n_ptr, M, S, NUM_UNITS, RUN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
     # Every thread holds these scalars: they are stored back only after a barrier, else a warp
     # that runs late would read a value another warp already advanced (step twice, counts twice).
     step = tl.load(step_ptr) + 1
     n_miss = tl.full((), 0, tl.int32)
-    if tl.max(page, axis=0) >= 0:      # else a skipped plan (all -1): only the step advances
-        n_miss = _plan(page, valid, step, slot_of_ptr, owner_ptr, stamp_ptr, counts_ptr, rank_ptr, src_ptr,
-                       dst_ptr, S, NUM_UNITS, BLOCK_M, BLOCK_S)
+    go = tl.full((), 1, tl.int1)
+    if RUN:                            # False: a skipped plan, whose entries are not even read
+        go = tl.load(run_ptr) != 0
+    if go:
+        i = tl.arange(0, BLOCK_M)
+        page = tl.load(flat_ptr + i, mask=i < M, other=-1)                         # (BLOCK_M,) int64
+        if tl.max(page, axis=0) >= 0:  # else a skipped plan (all -1): only the step advances
+            n_miss = _plan(page, page >= 0, step, slot_of_ptr, owner_ptr, stamp_ptr, counts_ptr, rank_ptr, src_ptr,
+                           dst_ptr, S, NUM_UNITS, BLOCK_M, BLOCK_S)
     tl.debug_barrier()
     tl.store(step_ptr, step)
     tl.store(n_ptr, n_miss)
@@ -105,16 +119,17 @@ def _plan(page, valid, step, slot_of_ptr, owner_ptr, stamp_ptr, counts_ptr, rank
     return n_miss
 
 
-def plan_fetch_cuda(cache, flat: torch.Tensor):
-    """``gpu_pages.plan_fetch(cache, flat)`` in one launch: the same state and copies (src, dst, n),
-    except that src and dst past the n copies are left unwritten."""
+def plan_fetch_cuda(cache, flat: torch.Tensor, run: torch.Tensor | None = None):
+    """``gpu_pages.plan_fetch(cache, flat, run)`` in one launch: the same state and copies (src,
+    dst, n), except that src and dst past the n copies are left unwritten."""
     m, dev = flat.numel(), flat.device
     src = torch.empty(m, dtype=torch.long, device=dev)
     dst = torch.empty(m, dtype=torch.long, device=dev)
     n = torch.empty(1, dtype=torch.int32, device=dev)
     rank = torch.empty(max(m, 1), dtype=torch.long, device=dev)
-    _plan_kernel[(1,)](flat.contiguous(), cache.slot_of, cache.owner, cache.stamp, cache.step, cache.counts, rank, src,
-                       dst, n, m, cache.n_slots, cache.num_units, BLOCK_M=triton.next_power_of_2(max(m, 2)),
+    _plan_kernel[(1,)](flat.contiguous(), n if run is None else run.view(torch.int8), cache.slot_of, cache.owner,
+                       cache.stamp, cache.step, cache.counts, rank, src, dst, n, m, cache.n_slots, cache.num_units,
+                       RUN=run is not None, BLOCK_M=triton.next_power_of_2(max(m, 2)),
                        BLOCK_S=triton.next_power_of_2(max(cache.n_slots, 2)), num_warps=16)
     return src, dst, n
 
@@ -133,33 +148,43 @@ def _load_unit(src_ptr, scale_ptr, p, h, e, m, do, PAGE: tl.constexpr, K: tl.con
 def _copy_kernel(k_src_ptr, k_scale_ptr, v_src_ptr, v_scale_ptr, k_dst_ptr, v_dst_ptr, src_idx_ptr, dst_idx_ptr,
                  n_ptr, PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, SCALED: tl.constexpr,
                  BLOCK: tl.constexpr):
-    i = tl.program_id(0)           # copy i of the plan's n: its unit's K and V
-    do = i < tl.load(n_ptr)
-    unit = tl.load(src_idx_ptr + i, mask=do, other=0).to(tl.int64)
-    dst = tl.load(dst_idx_ptr + i, mask=do, other=0).to(tl.int64)
-    p = unit // K
-    h = unit % K
-    for start in range(0, PAGE * D, BLOCK):
-        e = start + tl.arange(0, BLOCK)
-        m = (e < PAGE * D) & do
-        # Both loads before either store: two PCIe round trips in flight, not one after the other.
-        k = _load_unit(k_src_ptr, k_scale_ptr, p, h, e, m, do, PAGE, K, D, SCALED)
-        v = _load_unit(v_src_ptr, v_scale_ptr, p, h, e, m, do, PAGE, K, D, SCALED)
-        out = dst * (PAGE * D) + e
-        tl.store(k_dst_ptr + out, k.to(k_dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
-        tl.store(v_dst_ptr + out, v.to(v_dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+    # Copies i = program, program + programs, ... below the plan's n: a step without misses
+    # launches a few hundred programs that each load n, not one program per possible copy.
+    n = tl.load(n_ptr)
+    i = tl.program_id(0)
+    while i < n:                   # copy i: its unit's K and V (a while: the interpreter's range wants ints)
+        unit = tl.load(src_idx_ptr + i).to(tl.int64)
+        dst = tl.load(dst_idx_ptr + i).to(tl.int64)
+        p = unit // K
+        h = unit % K
+        do = unit >= 0
+        for start in range(0, PAGE * D, BLOCK):
+            e = start + tl.arange(0, BLOCK)
+            m = (e < PAGE * D) & do
+            # Both loads before either store: two PCIe round trips in flight, not one after the other.
+            k = _load_unit(k_src_ptr, k_scale_ptr, p, h, e, m, do, PAGE, K, D, SCALED)
+            v = _load_unit(v_src_ptr, v_scale_ptr, p, h, e, m, do, PAGE, K, D, SCALED)
+            out = dst * (PAGE * D) + e
+            tl.store(k_dst_ptr + out, k.to(k_dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+            tl.store(v_dst_ptr + out, v.to(v_dst_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+        i += tl.num_programs(0)
 
 
 def copy_units_cuda(k_src: torch.Tensor, k_scale: torch.Tensor | None, v_src: torch.Tensor,
                     v_scale: torch.Tensor | None, k_dst: torch.Tensor, v_dst: torch.Tensor, src_idx: torch.Tensor,
-                    dst_idx: torch.Tensor, n: torch.Tensor):
+                    dst_idx: torch.Tensor, n: torch.Tensor, programs: int | None = None):
     """k_dst[dst_idx[i]], v_dst[dst_idx[i]] = decode(unit src_idx[i] of k_src / v_src) for i < n[0],
-    in one launch (one program per possible copy: those past n load nothing). Stores (pages,
-    page, K, D) contiguous, pools (slots, page, 1, D); indices (M,) and n (1,) on the pools'
-    device; scales None for a store that is not FP8."""
+    in one launch of ``programs`` programs (default: a few per multiprocessor on a GPU), each
+    taking every programs-th copy below n: nothing past n is loaded. Stores (pages, page, K, D)
+    contiguous, pools (slots, page, 1, D); indices (M,) and n (1,) on the pools' device; scales
+    None for a store that is not FP8."""
     _, page, K, D = k_src.shape
     scaled = k_scale is not None
-    _copy_kernel[(src_idx.numel(),)](k_src, k_scale if scaled else k_dst, v_src, v_scale if scaled else v_dst, k_dst,
+    if programs is None:
+        programs = src_idx.numel()
+        if k_dst.is_cuda:
+            programs = min(programs, COPY_PROGRAMS_PER_SM * _num_sms(k_dst.device.index))
+    _copy_kernel[(max(1, programs),)](k_src, k_scale if scaled else k_dst, v_src, v_scale if scaled else v_dst, k_dst,
                                      v_dst, src_idx, dst_idx, n, page, K, D, SCALED=scaled,
                                      BLOCK=min(BLOCK, triton.next_power_of_2(page * D)))
 
@@ -187,11 +212,22 @@ def _needed_kernel(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, run_ptr, out_ptr, r
     row = (row0 + b).to(tl.int64)
     out = out_ptr + b.to(tl.int64) * M
     go = tl.full((), 1, tl.int1)
-    if RUN:                                                          # False: no unit at all
+    if RUN:       # False: a skipped plan, which reads nothing of ``out``: nothing to write
         go = tl.load(run_ptr) != 0
+    if go:
+        _needed(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out, b, row, nb, stride_sb, stride_sg, stride_sq, SINK, PAGE,
+                K, KG, NQB, BQ, NSEL, PER, NS, NW, N_SEL, LIMIT, BLOCK)
+
+
+@triton.jit
+def _needed(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out, b, row, nb, stride_sb, stride_sg, stride_sq,
+            SINK: tl.constexpr, PAGE: tl.constexpr, K: tl.constexpr, KG: tl.constexpr, NQB: tl.constexpr,
+            BQ: tl.constexpr, NSEL: tl.constexpr, PER: tl.constexpr, NS: tl.constexpr, NW: tl.constexpr,
+            N_SEL: tl.constexpr, LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Row b's units into ``out`` (M,): sink, window per query block, each group's selected chunks."""
     for start in range(0, NS * K, BLOCK):                          # every head's sink pages
         e = start + tl.arange(0, BLOCK)
-        tl.store(out + e, _unit((e // K).to(tl.int64), e % K, go & (e >= 0), row, nb, K, LIMIT), mask=e < NS * K)
+        tl.store(out + e, _unit((e // K).to(tl.int64), e % K, e >= 0, row, nb, K, LIMIT), mask=e < NS * K)
     r = tl.arange(0, BQ)
     for qb in tl.static_range(NQB):                                 # every head's window pages, per block
         q_pos = tl.load(qpos_ptr + (b * NQB + qb) * BQ + r)
@@ -202,7 +238,7 @@ def _needed_kernel(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, run_ptr, out_ptr, r
         for start in range(0, NW * K, BLOCK):
             e = start + tl.arange(0, BLOCK)
             page = first + e // K
-            unit = _unit(page, e % K, go & (page <= last_page), row, nb, K, LIMIT)
+            unit = _unit(page, e % K, page <= last_page, row, nb, K, LIMIT)
             tl.store(out + NS * K + qb * NW * K + e, unit, mask=e < NW * K)
     for start in range(0, N_SEL, BLOCK):                            # each group's chunks, its heads
         e = start + tl.arange(0, BLOCK)
@@ -213,13 +249,14 @@ def _needed_kernel(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, run_ptr, out_ptr, r
         g = e // (KG * PER * NSEL * NQB)
         st = tl.load(starts_ptr + b.to(tl.int64) * stride_sb + g * stride_sg + qi * stride_sq + n,
                      mask=e < N_SEL, other=_SENTINEL_I).to(tl.int64)
-        unit = _unit(tl.where(st >= 0, st // PAGE, 0) + p, g * KG + kk, go & (st != _SENTINEL_I), row, nb, K, LIMIT)
+        unit = _unit(tl.where(st >= 0, st // PAGE, 0) + p, g * KG + kk, st != _SENTINEL_I, row, nb, K, LIMIT)
         tl.store(out + NS * K + NQB * NW * K + e, unit, mask=e < N_SEL)
 
 
 def needed_units_cuda(starts: torch.Tensor, geo, config, page: int, K: int, row0: int = 0, nb: int | None = None,
                       run: torch.Tensor | None = None):
-    """``offload_kv.needed_units`` in one launch: the same (B, M) units, in the same order."""
+    """``offload_kv.needed_units`` in one launch: the same (B, M) units, in the same order; with
+    ``run`` False nothing is written (``PageCache.fetch(units, run)`` then reads none of it)."""
     B, G, nqb, nsel = starts.shape
     per = max(1, config.chunk_size // page)
     ns, nw = -(-config.sink // page), -(-window_slots(config) // page) + 1
