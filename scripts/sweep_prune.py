@@ -124,6 +124,35 @@ def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None
             print(f"  {tuning}: {str(e).splitlines()[0][:80]}")
         out.append(dict(kind="reuse", tq=1, tk=tk, **tuning, ms=ms))
         print(out[-1], flush=True)
+    return out + reuse_references(q, k, mask, cfg)
+
+
+@triton.jit
+def _empty_kernel(x_ptr):
+    pass
+
+
+def reuse_references(q, k, mask, cfg: HiPConfig) -> list[dict]:
+    """What a reuse step could cost at best, as graph replays: an empty launch of its grid (53 x 8
+    programs at 128K), and dense flash decode (SDPA, cuDNN and flash) over as many keys as it
+    attends (sink + selected + window), contiguous and already rotated."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n = cfg.sink + mask.starts.shape[-1] * cfg.chunk_size + cfg.window
+    grid = (1, K, -(-n // 64))
+    kd = k[:, :n].transpose(1, 2)                                               # (1, K, n, D)
+    qd = q.transpose(1, 2)                                                       # (1, H, 1, D)
+    out = [dict(kind="reuse_ref", what="empty launch", grid=list(grid),
+                ms=time_graph(lambda: _empty_kernel[grid](q)))]
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        def fn():
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(qd, kd, kd, enable_gqa=True)
+        try:
+            out.append(dict(kind="reuse_ref", what=f"dense {name} over {n} keys", ms=time_graph(fn)))
+        except Exception as e:   # a backend this build or shape lacks
+            out.append(dict(kind="reuse_ref", what=f"dense {name} over {n} keys", ms=None, error=str(e)[:120]))
+        print(out[-1], flush=True)
     return out
 
 
