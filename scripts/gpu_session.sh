@@ -19,6 +19,7 @@
 #   sweep      scripts/sweep_prune.py: pruning launch settings (dense small-chunk scoring too), decode and prefill 128K
 #              (SWEEP_DECODE="" skips decode)
 #   reuse      scripts/sweep_prune.py --reuse 128K: the mask-reuse decode step's launch settings, the selection kernel's warps
+#   gemv       scripts/sweep_gemv.py: decode's fused linear layers vs cuBLAS, per layer and launch, then a token's worth
 #   ncu        Nsight Compute on that step's kernel (default settings, 2 launches), where the machine allows it
 #   ncu_prune  Nsight Compute on the pruning kernel, its three stages for a 16K-query prefill chunk at 128K
 set -uo pipefail
@@ -62,6 +63,7 @@ for s in "$@"; do
                  --out "$OUT/sweep_prune.json" ;;
         reuse) step reuse 300 python scripts/sweep_prune.py --reuse 128K --decode "" --prefill "" \
                    --out "$OUT/sweep_reuse.json" ;;
+        gemv) step gemv 400 python scripts/sweep_gemv.py --out "$OUT/sweep_gemv.json" ;;
         ncu) step ncu 150 ncu --clock-control none -k regex:_bsa_kernel -c 2 --section SpeedOfLight \
                  --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
                  python scripts/sweep_prune.py --reuse 128K --reuse-limit 1 --decode "" --prefill "" --out /tmp/ncu.json ;;
@@ -69,7 +71,7 @@ for s in "$@"; do
                        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
                        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                        python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, attention, stage0, engine, sweep, reuse, ncu, ncu_prune)"; exit 2 ;;
+        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, attention, stage0, engine, sweep, reuse, gemv, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"

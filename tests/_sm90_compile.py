@@ -97,6 +97,10 @@ def _calls():
     x = torch.randn(3, 4096, dtype=torch.bfloat16)
     rms_norm_triton(x, torch.ones(4096, dtype=torch.bfloat16), 1e-5)
     silu_mul_triton(x)
+    from infinitehip.models import gemv                                                  # decode's linear layers
+    w = torch.randn(40, 2048, dtype=torch.bfloat16)
+    gemv.linear(x[:, :2048], w, norm=(x[0, :2048], 1e-5), triton_kernel=True)
+    gemv.linear(x, w, w[0, :40], silu=True, residual=torch.zeros(3, 40, dtype=torch.bfloat16), triton_kernel=True)
 
 
 def main() -> int:

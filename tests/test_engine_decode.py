@@ -141,9 +141,10 @@ class KernelCount(TorchDispatchMode):
             return func(*args, **kwargs)
 
 
-def kernels_per_layer(backend, monkeypatch):
+def kernels_per_layer(backend, monkeypatch, setup=lambda monkeypatch: None):
     counts = []
     for n_layers in (1, 2):
+        setup(monkeypatch)
         args = ModelArgs(**{**ARGS.__dict__, "n_layers": n_layers})
         torch.manual_seed(0)
         net = Transformer(args, RoPE.default(ARGS.head_dim, 10000.0), HiPConfig.preset("tiny")).eval()
@@ -163,8 +164,10 @@ def kernels_per_layer(backend, monkeypatch):
         monkeypatch.setattr(KVCache, "update", paused(KVCache.update))
         attention = KVCache.attention
         monkeypatch.setattr(KVCache, "attention", lambda self, layer: paused(attention(self, layer)))
+        step = lambda: net(torch.tensor([[5]]), torch.tensor([40]), cache, AttentionCall(backend, masks=[None] * n_layers))  # noqa: E731
+        step()        # warm: one-time work (cached tables) is no layer's
         with mode:
-            net(torch.tensor([[5]]), torch.tensor([40]), cache, AttentionCall(backend, masks=[None] * n_layers))
+            step()
         monkeypatch.undo()
         counts.append(mode.n)
     return counts[1] - counts[0]
@@ -176,6 +179,57 @@ def test_decode_layer_kernel_budget(backend, budget, monkeypatch):
     gate/up GEMMs, o and down GEMMs accumulating into the residual, SiLU, the gate product, and
     for dense the joint q/k RoPE (5). Before the folds: dense 42, hip 25."""
     assert kernels_per_layer(backend, monkeypatch) <= budget
+
+
+needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="runs CUDA's GEMV on CPU tensors: the "
+                                       "Triton interpreter (a GPU runs it for real in test_engine_gpu)")
+
+
+def force_gemv(monkeypatch):
+    """Decode's linear layers through the Triton GEMV (CUDA's path) on the CPU, under the interpreter."""
+    from infinitehip.models import gemv
+    monkeypatch.setattr(gemv, "fusable", lambda x, weight: x.numel() // x.shape[-1] <= gemv.MAX_ROWS)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["dense", "hip"])
+def test_decode_through_the_fused_gemv_equals_the_composed_layers(backend, dtype, monkeypatch):
+    """CUDA decode runs each linear layer as one Triton GEMV with RMSNorm / SiLU * up / the residual
+    add folded in (models/gemv.py): the logits of a decode step equal the PyTorch layers' within
+    the rounding of the dtype (bf16: GEMV sums in another order; the interpreter truncates)."""
+    net = make_net(dtype)
+    want = decode(net, prefilled(net, backend, dtype), backend, kv_limit=None).float()
+    force_gemv(monkeypatch)
+    got = decode(net, prefilled(net, backend, dtype), backend, kv_limit=None).float()
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=0)
+
+
+@needs_interpreter
+def test_fused_gemv_decode_layer_is_four_launches_and_no_torch_kernels(monkeypatch):
+    """With the GEMV, a hip decode layer outside attention and the cache write issues its four
+    linear layers as Triton launches (q/k/v with RMSNorm, o + residual, gate/up with RMSNorm,
+    down with SiLU * up + residual) and no PyTorch kernel (CUDA's path: 9 launches before)."""
+    from infinitehip.models import gemv
+
+    launches = []
+
+    def launch(grid):
+        def run(*args, **kwargs):     # the interpreter's own tensor ops are not the model's kernels
+            launches.append(grid)
+            with torch.utils._python_dispatch._disable_current_modes():
+                return gemv_kernel[grid](*args, **kwargs)
+        return run
+    gemv_kernel = gemv._gemv_kernel
+    counted = type("Counted", (), {"__getitem__": lambda self, grid: launch(grid)})()
+
+    def setup(monkeypatch):
+        monkeypatch.setattr(gemv, "_gemv_kernel", counted)
+        force_gemv(monkeypatch)
+    assert kernels_per_layer("hip", monkeypatch, setup) == 0
+    # Two steps (warm-up, counted) of the 1- and 2-layer nets: 4 per layer and each net's LM head.
+    assert len(launches) == 2 * (4 * (1 + 2) + 2 * 1)
 
 
 @pytest.mark.parametrize("offloaded", [False, True], ids=["on_device", "offload"])

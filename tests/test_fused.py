@@ -59,3 +59,66 @@ def test_write_rows_is_two_index_copies(B, T):
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
     with pytest.raises(ValueError, match="contiguous"):
         write_rows(got_k, got_v, rows, k.transpose(1, 2), v)
+
+
+def _linear_reference(x, w, bias, norm, silu, residual):
+    """float64 of the kernel's input rounding: RMSNorm / SiLU * up rounded to the weights' dtype."""
+    if norm is not None:
+        g, eps = norm
+        x = F.rms_norm(x.float(), g.shape, g.float(), eps).to(w.dtype)
+    elif silu:
+        gate, up = x.chunk(2, dim=-1)
+        x = (F.silu(gate.float()).to(w.dtype).float() * up.float()).to(w.dtype)
+    out = x.double() @ w.double().t()
+    if bias is not None:
+        out += bias.double()
+    return out + residual.double() if residual is not None else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["plain", "norm", "silu", "residual_bias"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_linear_is_the_composition(kind, rows, dtype):
+    """Decode's fused linear layer (models/gemv.py) == prologue -> x W^T + b -> + residual, for ragged
+    N and K (not multiples of the tiles), over several programs and K tiles."""
+    from infinitehip.models import gemv
+
+    N, K = 40, 300
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, 2 * K if kind == "silu" else K, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(DEVICE, dtype)
+    bias = torch.randn(N, generator=g).to(DEVICE, dtype) if kind == "residual_bias" else None
+    norm = ((torch.rand(K, generator=g) + 0.5).to(DEVICE, dtype), 1e-5) if kind == "norm" else None
+    residual = torch.randn(rows, N, generator=g).to(DEVICE, dtype) if kind == "residual_bias" else None
+    want = _linear_reference(x, w, bias, norm, kind == "silu", residual)
+    launch = gemv.Launch(block_n=16, block_k=128, warps=4, stages=2)
+    got = gemv.linear(x, w, bias, norm=norm, silu=kind == "silu",
+                      residual=None if residual is None else residual.clone(), triton_kernel=True, launch=launch)
+    assert got.shape == (rows, N) and got.dtype == dtype
+    # float32: summation order; bfloat16: the output's rounding plus the input's (the interpreter
+    # truncates where the GPU rounds), relative to the output's scale.
+    tol = 1e-5 if dtype == torch.float32 else 4 * ulps(dtype)
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale)
+
+
+def test_gemv_linear_writes_into_the_residual():
+    from infinitehip.models import gemv
+
+    x, w, residual = torch.randn(2, 32, device=DEVICE), torch.randn(16, 32, device=DEVICE), torch.randn(2, 16, device=DEVICE)
+    want = residual + x @ w.t()
+    got = gemv.linear(x, w, residual=residual, triton_kernel=True)
+    assert got.data_ptr() == residual.data_ptr()
+    torch.testing.assert_close(residual, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_linear_rejects_bad_shapes():
+    from infinitehip.models import gemv
+
+    w = torch.randn(16, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="does not fit"):
+        gemv.linear(torch.randn(2, 31, device=DEVICE), w)
+    with pytest.raises(ValueError, match="does not fit"):
+        gemv.linear(torch.randn(2, 32, device=DEVICE), w, silu=True)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gemv.linear(torch.randn(17, 32, device=DEVICE), w, triton_kernel=True)

@@ -5,9 +5,10 @@ Attention goes through ``attention/api.py`` only: ``hip`` (InfiniteHiP, default)
 un-rotated; the attention call rotates them at the positions adaptive RoPE picks.
 Legend: B batch, T tokens, H query heads, K kv heads, D head dim, C hidden size.
 
-Decode is launch-bound (one token: every kernel is small), so a layer issues few kernels: one
-fused RMSNorm, one q/k/v GEMM, RoPE tables built once per pass (not per layer) and applied to
-q and k together, GEMMs that accumulate straight into the residual stream.
+Decode is launch-bound (one token: every kernel is small), so a layer issues few kernels: on
+CUDA each linear layer is one Triton GEMV with its RMSNorm or SiLU * up applied to its input and
+the residual add to its output (``gemv.py``), q/k/v in one weight and gate/up in another; RoPE
+tables built once per pass (not per layer) and applied to q and k together.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from ..attention import HiPMask, RoPE, dense_attention, empty_mask
 from ..attention.stages import n_groups
 from ..config import HiPConfig
+from . import gemv
 
 BACKENDS = ("hip", "dense", "streaming")
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -121,6 +123,11 @@ class RMSNorm(nn.Module):
             return rms_norm_triton(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
+    @property
+    def args(self) -> tuple[torch.Tensor, float]:
+        """(g, eps), for a linear layer that applies this norm to its input (``gemv.linear``)."""
+        return self.weight, self.eps
+
 
 def rotate(x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """RoPE (HF rotate_half convention) of x (B, T, heads, D) with ``Step.rot``; fp32 math, x's dtype out.
@@ -131,15 +138,6 @@ def rotate(x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
     cos, sin = rot
     xf = x.float()
     return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, -1), sin).to(x.dtype)
-
-
-def add_linear(residual: torch.Tensor, linear: nn.Linear, h: torch.Tensor) -> torch.Tensor:
-    """residual + linear(h), accumulated in place by the GEMM (cuBLAS beta = 1): one kernel, not
-    a GEMM and an add. ``residual`` (B, T, C) must be a contiguous tensor no one else reads."""
-    if linear.bias is not None:
-        return residual + linear(h)
-    residual.view(-1, residual.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), linear.weight.t())
-    return residual
 
 
 def full_cache_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, scale: float) -> torch.Tensor:
@@ -184,11 +182,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, args.norm_eps) if args.qk_norm else None
         self.scale = 1.0 / math.sqrt(D)
 
-    def forward(self, x, h, step: Step, cache, hip: HiPConfig, call: AttentionCall):
-        """x + attention(h): x (B, T, C) the residual stream (updated in place), h its norm."""
-        B, T, _ = h.shape
+    def forward(self, x, norm: RMSNorm, step: Step, cache, hip: HiPConfig, call: AttentionCall):
+        """x + attention(norm(x)): x (B, T, C) the residual stream, updated in place."""
+        B, T, _ = x.shape
         H, K, D = self.args.n_heads, self.args.n_kv_heads, self.args.head_dim
-        qkv = self.wqkv(h).view(B, T, H + 2 * K, D)
+        qkv = gemv.linear(x, self.wqkv.weight, self.wqkv.bias, norm=norm.args).view(B, T, H + 2 * K, D)
         qk, v = qkv[:, :, :H + K], qkv[:, :, H + K:]                             # (B, T, H + K, D), (B, T, K, D)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
@@ -200,7 +198,7 @@ class Attention(nn.Module):
             out = self._dense(q, k_all, v_all, step)
         else:
             out = self._sparse(q, k_all, v_all, step, cache, hip, call)
-        return add_linear(x, self.wo, out.reshape(B, T, H * D))                 # (B, T, C)
+        return gemv.linear(out.reshape(B, T, H * D), self.wo.weight, self.wo.bias, residual=x)   # (B, T, C)
 
     def _dense(self, q, k_all, v_all, step: Step):
         if step.kv_limit is None and q.shape[1] == 1:
@@ -236,14 +234,10 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=args.mlp_bias)  # gate, up fused
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
 
-    def forward(self, x, h):
-        """x + ffn(h): x (B, T, C) the residual stream (updated in place), h its norm."""
-        gate_up = self.w13(h)
-        if gate_up.is_cuda:     # one Triton launch for SiLU and the product, rounded as these two round
-            from .fused import silu_mul_triton
-            return add_linear(x, self.w2, silu_mul_triton(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return add_linear(x, self.w2, F.silu(gate) * up)
+    def forward(self, x, norm: RMSNorm):
+        """x + ffn(norm(x)): x (B, T, C) the residual stream, updated in place."""
+        gate_up = gemv.linear(x, self.w13.weight, self.w13.bias, norm=norm.args)        # (B, T, 2 I)
+        return gemv.linear(gate_up, self.w2.weight, self.w2.bias, silu=True, residual=x)
 
 
 class Block(nn.Module):
@@ -255,8 +249,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(self, x, step: Step, cache, hip: HiPConfig, call: AttentionCall):
-        x = self.attention(x, self.attention_norm(x), step, cache, hip, call)
-        return self.feed_forward(x, self.ffn_norm(x))
+        x = self.attention(x, self.attention_norm, step, cache, hip, call)
+        return self.feed_forward(x, self.ffn_norm)
 
 
 class Transformer(nn.Module):
@@ -297,7 +291,7 @@ class Transformer(nn.Module):
             x = block(x, step, cache, configs[layer], call)
         if last_only:
             x = x[:, -1:]
-        return self.output(self.norm(x)).float()
+        return gemv.linear(x, self.output.weight, norm=self.norm.args).float()
 
     def step(self, T: int, start: torch.Tensor, cache, backend: str, kv_limit: int | None) -> Step:
         """The per-pass state every layer reads (a handful of small kernels, once per pass)."""

@@ -1,0 +1,163 @@
+"""Decode's linear layers as one Triton launch each, with the elementwise step before or after
+them fused in (``llama.py`` calls these on CUDA for up to 16 rows: a decode step).
+
+A decode step reads every weight once, so its time is the weights' bytes over the memory
+bandwidth plus, per kernel, a launch and a ramp. The unfused layer is 9-10 kernels (RMSNorm,
+GEMV, cuBLAS's split-K reduction, SiLU * up, ...): ~0.4 ms a token on Llama-3-8B (H200) that
+is not reading weights. Here each linear layer is one kernel that applies its neighbour on the fly:
+
+- ``norm``: the input is RMSNorm(x) * g (every program recomputes the rows' rstd from x: 8 KB
+  from L2), rounded to the weights' dtype exactly as ``fused.rms_norm_triton`` rounds it;
+- ``silu``: the input is SiLU(gate) * up of a fused (gate, up) row, rounded as ``silu_mul_triton``;
+- ``residual``: out = residual + x W^T (+ bias), accumulated in float32 and rounded once (cuBLAS's
+  beta = 1), written in place into ``residual``.
+
+A program owns BLOCK_N output features of all (<= 16) rows and walks K in BLOCK_K tiles; tl.dot
+pads the rows to 16 (tensor cores are idle anyway: the kernel waits on memory) and lets Triton's
+pipeliner keep ``num_stages`` weight tiles in flight. K and the row count M are compile-time
+constants (a model has a few widths, a server a few batch sizes; the interpreter cannot loop to a
+run-time bound). The PyTorch composition in ``linear`` is the
+CPU path and the tests' reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16          # tl.dot's smallest row tile: more rows (prefill) take cuBLAS
+_NONE, _NORM, _SILU = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One GEMV launch's tiling (``scripts/sweep_gemv.py`` measures the choices)."""
+    block_n: int = 32
+    block_k: int = 256
+    warps: int = 4
+    stages: int = 4
+
+
+def default_launch(n: int, k: int) -> Launch:
+    """The best of ``scripts/sweep_gemv.py``'s settings at Llama-3-8B's shapes (H200, one row):
+    32 features and deeper pipelining where N is the hidden size (4096: 128 programs), else 64."""
+    return Launch(block_n=32, block_k=256, stages=5) if n <= 4096 else Launch(block_n=64, block_k=256, stages=3)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, N, stride_x, stride_w, stride_o, eps,
+                 M: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, BIAS: tl.constexpr,
+                 RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    m_ok, n_ok = m < M, n < N
+    dtype = w_ptr.dtype.element_ty
+    x_rows = x_ptr + m[:, None].to(tl.int64) * stride_x
+    w_rows = w_ptr + n[:, None].to(tl.int64) * stride_w
+    if PROLOGUE == 1:   # rstd of each row, over all K
+        sq = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xs = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+            sq += xs * xs
+        rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)                    # (BLOCK_M,)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        a_ok = m_ok[:, None] & k_ok[None, :]
+        a = tl.load(x_rows + k[None, :], mask=a_ok, other=0.0)               # (BLOCK_M, BLOCK_K)
+        if PROLOGUE == 1:
+            g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * rstd[:, None] * g[None, :]).to(dtype)
+        elif PROLOGUE == 2:  # x rows are (gate, up): K gates, then K ups
+            # Row by row: the tile's padding rows (15 of 16 in decode) would cost as many exps.
+            for r in tl.static_range(M):
+                gate = tl.load(x_ptr + r * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + r * stride_x + K + k, mask=k_ok, other=0.0).to(tl.float32)
+                a_r = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype)
+                a = tl.where(m[:, None] == r, a_r[None, :], a)
+        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)   # (BLOCK_N, BLOCK_K)
+        if UPCAST:   # the CPU interpreter cannot multiply bfloat16
+            acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        elif IEEE:   # float32 weights (tests): no tf32 rounding
+            acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(a, tl.trans(w))
+    if BIAS:
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    o = out_ptr + m[:, None].to(tl.int64) * stride_o + n[None, :]
+    o_ok = m_ok[:, None] & n_ok[None, :]
+    if RESIDUAL:
+        acc += tl.load(o, mask=o_ok, other=0.0).to(tl.float32)
+    tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
+
+
+def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear`` takes the Triton kernel: CUDA, half precision, a decode's few rows."""
+    rows = x.numel() // x.shape[-1]
+    return (x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16) and x.dtype == weight.dtype
+            and 0 < rows <= MAX_ROWS and weight.stride(-1) == 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           norm: tuple[torch.Tensor, float] | None = None, silu: bool = False,
+           residual: torch.Tensor | None = None, triton_kernel: bool | None = None,
+           launch: Launch | None = None) -> torch.Tensor:
+    """``prologue(x) @ weight.T + bias (+ residual)``, one kernel where ``fusable``.
+
+    x (..., K), or (..., 2 K) with ``silu`` (gate, up); weight (N, K); bias (N,) or None.
+    norm: (g, eps) -> the input is RMSNorm(x) * g. residual (..., N): added, and the result is
+    written into it (it must be contiguous and read by no one else). triton_kernel: None picks
+    ``fusable``; True forces the kernel (tests run it under the CPU interpreter).
+    """
+    N, K = weight.shape
+    if x.shape[-1] != (2 * K if silu else K) or (norm is not None and silu):
+        raise ValueError(f"linear: input width {x.shape[-1]} does not fit weight {tuple(weight.shape)} "
+                         f"(norm={norm is not None}, silu={silu})")
+    if triton_kernel is None:
+        triton_kernel = fusable(x, weight)
+    if not triton_kernel:
+        return _composed(x, weight, bias, norm, silu, residual)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    M = rows.shape[0]
+    if M > MAX_ROWS:
+        raise ValueError(f"linear: the Triton kernel takes at most {MAX_ROWS} rows, got {M}")
+    out = residual.view(M, N) if residual is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    launch = launch or default_launch(N, K)
+    g, eps = norm if norm is not None else (weight, 0.0)
+    _gemv_kernel[(triton.cdiv(N, launch.block_n),)](
+        rows, weight, g, bias if bias is not None else weight, out, N,
+        rows.stride(0), weight.stride(0), out.stride(0), float(eps), M=M, K=K,
+        PROLOGUE=_NORM if norm is not None else _SILU if silu else _NONE, BIAS=bias is not None,
+        RESIDUAL=residual is not None, UPCAST=not x.is_cuda, IEEE=weight.dtype == torch.float32, BLOCK_M=MAX_ROWS,
+        BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, num_warps=launch.warps, num_stages=launch.stages)
+    return residual if residual is not None else out.view(*x.shape[:-1], N)
+
+
+def _composed(x, weight, bias, norm, silu, residual):
+    """The same as PyTorch ops (and the repo's elementwise Triton kernels on CUDA)."""
+    from .fused import rms_norm_triton, silu_mul_triton
+
+    if norm is not None:
+        g, eps = norm
+        x = rms_norm_triton(x, g, eps) if x.is_cuda else F.rms_norm(x, g.shape, g, eps)
+    elif silu:
+        if x.is_cuda:
+            x = silu_mul_triton(x)
+        else:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+    if residual is None:
+        return F.linear(x, weight, bias)
+    if bias is not None:
+        return residual.add_(F.linear(x, weight, bias))
+    # beta = 1: cuBLAS accumulates into the residual, one kernel and one rounding.
+    residual.view(-1, residual.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+    return residual
