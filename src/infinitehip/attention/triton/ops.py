@@ -44,7 +44,8 @@ PREFILL_BLOCK_M = 64
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
+def num_sms(device_index: int) -> int:
+    """Multiprocessors of CUDA device ``device_index`` (launch sizes are set per SM)."""
     if not torch.cuda.is_available():
         return 4   # the interpreter: a few splits still exercise the merge
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -125,7 +126,7 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
         block_t = triton.next_power_of_2(tq)
         t_tiles = 1
         # Split the slot list so that a few programs run per multiprocessor.
-        want = triton.cdiv(tuning["programs_per_sm"] * _num_sms(q.device.index or 0), B * K)
+        want = triton.cdiv(tuning["programs_per_sm"] * num_sms(q.device.index or 0), B * K)
         per_split = triton.cdiv(n_tiles, max(1, min(n_tiles, want)))
         nsplit = triton.cdiv(n_tiles, per_split)
     else:

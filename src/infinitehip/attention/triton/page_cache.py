@@ -24,23 +24,17 @@ computes).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ..mask import SENTINEL, window_slots
+from .ops import num_sms
 
 BLOCK = 1024
 # Copy programs per multiprocessor: each keeps one unit's K and V loads in flight over PCIe (its
 # copies one after another), so ~500 of them overlap ~1 MB of reads; more only wait on the link.
 COPY_PROGRAMS_PER_SM = 4
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index or 0).multi_processor_count
 _MARKER = tl.constexpr(1 << 30)      # > any entry count: markers -(2^30 - i) are below -1
 _SENTINEL_I = tl.constexpr(SENTINEL)
 
@@ -183,7 +177,7 @@ def copy_units_cuda(k_src: torch.Tensor, k_scale: torch.Tensor | None, v_src: to
     if programs is None:
         programs = src_idx.numel()
         if k_dst.is_cuda:
-            programs = min(programs, COPY_PROGRAMS_PER_SM * _num_sms(k_dst.device.index))
+            programs = min(programs, COPY_PROGRAMS_PER_SM * num_sms(k_dst.device.index or 0))
     _copy_kernel[(max(1, programs),)](k_src, k_scale if scaled else k_dst, v_src, v_scale if scaled else v_dst, k_dst,
                                      v_dst, src_idx, dst_idx, n, page, K, D, SCALED=scaled,
                                      BLOCK=min(BLOCK, triton.next_power_of_2(page * D)))
