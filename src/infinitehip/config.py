@@ -95,8 +95,7 @@ class HiPConfig:
     def probe_levels(self, stage: int) -> int:
         """Levels of stage ``stage``'s hierarchical top-1: log2 of its chunk (down to one token),
         for stage 0 at most ``stage0_levels``."""
-        full = self.chunk_sizes[stage].bit_length() - 1
-        return full if stage or self.stage0_levels is None else min(full, self.stage0_levels)
+        return descent_levels(self.chunk_sizes[stage], None if stage else self.stage0_levels)
 
     def for_layer(self, layer: int, num_layers: int) -> "HiPConfig":
         """The config of one layer: dense layers get ``dense_layer_budget``."""
@@ -207,6 +206,13 @@ PRESETS: dict[str, HiPConfig] = {
                       dense_layers=(0,), dense_layer_budget=128, refresh_intervals=(16, 8, 4),
                       dense_threshold=0),
 }
+
+
+def descent_levels(chunk: int, levels: int | None = None) -> int:
+    """Levels of a hierarchical top-1 over ``chunk``-token chunks: log2(chunk), down to one token,
+    or at most ``levels`` (``HiPConfig.probe_levels``)."""
+    full = chunk.bit_length() - 1
+    return full if levels is None else min(full, levels)
 
 
 def parse_overrides(items: Sequence[str]) -> dict:

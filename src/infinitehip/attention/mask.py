@@ -76,13 +76,6 @@ class HiPMask:
         return HiPMask(f(self.starts), tuple(f(t) for t in self.stage_inputs), f(self.w0))
 
 
-def descent_levels(chunk: int, levels: int | None = None) -> int:
-    """Levels of a hierarchical top-1 over ``chunk``-token chunks: log2(chunk), down to one token,
-    or at most ``levels`` (``HiPConfig.probe_levels``)."""
-    full = chunk.bit_length() - 1
-    return full if levels is None else min(full, levels)
-
-
 def window_slots(config: HiPConfig) -> int:
     """Window keys a query block may attend: ``window`` plus the block's own rows, plus the
     positions the window may stay anchored behind while a mask is reused (< refresh_intervals[0])."""

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import HiPConfig
-from .mask import (NEG_SCORE, RELATIVE_QUERY_DISTANCE, SENTINEL, Geometry, HiPMask, anchor_window, descent_levels,
-                   geometry, window_slots)
+from ..config import HiPConfig, descent_levels
+from .mask import NEG_SCORE, RELATIVE_QUERY_DISTANCE, SENTINEL, Geometry, HiPMask, anchor_window, geometry, window_slots
 from .pages import KVPages, gather_paged
 from .rope import RoPE, apply_rope
 

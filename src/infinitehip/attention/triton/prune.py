@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...config import HiPConfig
-from ..mask import NEG_SCORE, SENTINEL, Geometry, descent_levels
+from ...config import HiPConfig, descent_levels
+from ..mask import NEG_SCORE, SENTINEL, Geometry
 from ..pages import KVPages
 from ..rope import RoPE
 
