@@ -16,8 +16,7 @@ A program owns BLOCK_N output features of all (<= 16) rows and walks K in BLOCK_
 pads the rows to 16 (tensor cores are idle anyway: the kernel waits on memory) and lets Triton's
 pipeliner keep ``num_stages`` weight tiles in flight. K and the row count M are compile-time
 constants (a model has a few widths, a server a few batch sizes; the interpreter cannot loop to a
-run-time bound). The PyTorch composition in ``linear`` is the
-CPU path and the tests' reference.
+run-time bound). The PyTorch composition in ``linear`` is the CPU path and the tests' reference.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ the reversed index in the low half, so ties go to the earlier chunk), takes the 
 a bitonic ``tl.topk``, sorts the winners' indices ascending (``tl.sort``) and gathers their
 starts: position order, no second pass. With a split it writes the next stage's candidates
 directly (each kept chunk cut into SPLIT sub-chunks) instead of four more torch kernels.
-A radix-select variant (``tuning=dict(radix=True)``, for scripts/sweep_prune.py) selects the same
-chunks without sorting.
+From 1,024 candidates a radix-select variant selects the same chunks without sorting (faster
+there, measured; ``tuning=dict(radix=...)`` overrides the choice for scripts/sweep_prune.py).
 """
 from __future__ import annotations
 
@@ -77,10 +77,11 @@ def _keep_top_radix_kernel(
     N, M, ACTIVE_ABOVE,
     N_P: tl.constexpr, OUT_P: tl.constexpr, SPLIT: tl.constexpr, SUB: tl.constexpr,
 ):
-    """``_keep_top_kernel``'s selection without sorting (a tuning option): a radix select finds
-    the M-th best score a byte at a time (four histograms of 256 bins), ties at it go to the
-    earlier chunks (a cumulative count), and a cumulative count of the chosen gives each its place
-    in position order. Bitonic top-k and sort take ~55 and ~28 compare-exchange rounds."""
+    """``_keep_top_kernel``'s selection without sorting (the default from 1,024 candidates): a
+    radix select finds the M-th best score a byte at a time (four histograms of 256 bins), ties at
+    it go to the earlier chunks (a cumulative count), and a cumulative count of the chosen gives
+    each its place in position order. Bitonic top-k and sort take ~55 and ~28 compare-exchange
+    rounds."""
     row = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, N_P)
     valid = i < N
