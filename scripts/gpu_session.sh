@@ -16,6 +16,7 @@
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
 #   stage0     bench attention with HiPConfig.stage0_levels=3 (stage 0 stopped at 32-key pieces): decode 1M, prefill 128K
 #   engine     bench engine at 256K: hip vs dense
+#   engine_nopdl  bench engine at 256K, hip only, without programmatic dependent launch (its A/B)
 #   sweep      scripts/sweep_prune.py: pruning launch settings (dense small-chunk scoring too), decode and prefill 128K
 #              (SWEEP_DECODE="" skips decode)
 #   reuse      scripts/sweep_prune.py --reuse 128K: the mask-reuse decode step's launch settings, the selection kernel's warps
@@ -59,6 +60,8 @@ for s in "$@"; do
         stage0) step stage0 300 python -m infinitehip.bench attention --decode 1M --prefill 128K --chunked "" \
                     --stage0-levels 3 --out "$OUT/attention_stage0.json" ;;
         engine) step engine 400 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 --out "$OUT" ;;
+        engine_nopdl) step engine_nopdl 200 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 \
+                          --backends hip --pdl off --out "$OUT/nopdl" ;;
         sweep) step sweep 400 python scripts/sweep_prune.py --decode "${SWEEP_DECODE-128K}" --prefill 128K \
                  --out "$OUT/sweep_prune.json" ;;
         reuse) step reuse 300 python scripts/sweep_prune.py --reuse 128K --decode "" --prefill "" \
@@ -71,7 +74,7 @@ for s in "$@"; do
                        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
                        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                        python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, attention, stage0, engine, sweep, reuse, gemv, ncu, ncu_prune)"; exit 2 ;;
+        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, attention, stage0, engine, engine_nopdl, sweep, reuse, gemv, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"

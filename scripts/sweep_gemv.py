@@ -6,7 +6,7 @@ layers (cuBLAS + the repo's RMSNorm / SiLU * up kernels), at Llama-3-8B's shapes
 1. Per linear layer and launch setting: median microseconds of one call, as CUDA-graph replays
    over ``--copies`` distinct weight copies (a decode step reads each weight once: no L2 hits).
 2. A whole token's linear work, 32 layers x (q/k/v, o, gate/up, down) + the LM head, composed vs
-   fused (default launches, then the best per layer found in 1), as one graph: ms per token and
+   fused (default launches, without PDL, the best per layer found in 1), as one graph: ms per token and
    the weight bytes per second, beside this run's copy rate (``bench.copy_bandwidth``).
 Every fused result is checked against the composed one before it is timed.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -114,17 +115,21 @@ def main() -> None:
     records = []
     for name, op in ops.items():
         default = gemv.default_launch(*op.weights[0].shape)
-        records += sweep_op(name, op, [default] + [x for x in GRID if x != default][:a.limit])
+        # PDL and its weight prefetch (Hopper): without, prefetch off, the default 2 KB, 8 KB a row.
+        pdl = [replace(default, pdl=False), replace(default, prefetch=0), replace(default, prefetch=8192)]
+        records += sweep_op(name, op, [default] + pdl + [x for x in GRID if x != default][:a.limit])
     best = {}
     for name in ops:
         fused = [r for r in records if r["op"] == name and r["variant"] == "fused" and "us" in r]
         if fused:
             b = min(fused, key=lambda r: r["us"])
-            best[name] = gemv.Launch(b["block_n"], b["block_k"], b["warps"], b["stages"])
+            best[name] = gemv.Launch(b["block_n"], b["block_k"], b["warps"], b["stages"], b["pdl"], b["prefetch"])
     weight_bytes = sum(op.nbytes // len(op.weights) for name, op in ops.items() if name != "lm_head") * LAYERS
     weight_bytes += ops["lm_head"].nbytes // len(ops["lm_head"].weights)
     rate = copy_bandwidth("cuda")
-    for variant, fused, launches in (("composed", False, None), ("fused_default", True, None), ("fused_best", True, best)):
+    no_pdl = {name: replace(gemv.default_launch(*op.weights[0].shape), pdl=False) for name, op in ops.items()}
+    for variant, fused, launches in (("composed", False, None), ("fused_default", True, None),
+                                     ("fused_no_pdl", True, no_pdl), ("fused_best", True, best)):
         ms = time_graph(token(ops, fused, launches))
         records.append(dict(kind="token", variant=variant, ms=ms, weight_gb=weight_bytes / 1e9,
                             tbps=weight_bytes / ms / 1e9, floor_ms=weight_bytes / rate * 1e3, copy_tbps=rate / 1e12,

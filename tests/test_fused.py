@@ -122,3 +122,48 @@ def test_gemv_linear_rejects_bad_shapes():
         gemv.linear(torch.randn(2, 32, device=DEVICE), w, silu=True)
     with pytest.raises(ValueError, match="at most 16 rows"):
         gemv.linear(torch.randn(17, 32, device=DEVICE), w, triton_kernel=True)
+
+
+def test_pdl_is_off_off_hopper():
+    """Programmatic dependent launch only where the hardware has it (CPU interpreter: never)."""
+    from infinitehip.attention.triton import pdl
+
+    assert not pdl.enabled(torch.device("cpu")) and pdl.launch_options(torch.device("cpu")) == {}
+    if torch.cuda.is_available():
+        assert pdl.enabled(torch.device("cuda")) == (torch.cuda.get_device_capability() >= (9, 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PDL needs a GPU (Hopper+)")
+def test_gemv_chain_with_pdl_in_a_cuda_graph_equals_the_chain_without():
+    """A decode-like chain of GEMVs (norm, residual, SiLU prologues) launched with PDL and its
+    weight prefetch, captured in a CUDA graph and replayed, gives bit-for-bit the outputs of the
+    same launches without PDL: each kernel waits for its predecessor before reading its input."""
+    from infinitehip.models import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    C, I = 512, 1024
+    ws = [(torch.randn(n, k, generator=g, device="cuda") / k ** 0.5).bfloat16()
+          for n, k in ((C, C), (2 * I, C), (C, I))] * 3
+    norm = ((torch.rand(C, generator=g, device="cuda") + 0.5).bfloat16(), 1e-5)
+    x0 = torch.randn(2, C, generator=g, device="cuda").bfloat16()
+
+    def chain(x, pdl):
+        x = x.clone()
+        for i in range(0, len(ws), 3):
+            kw = dict(triton_kernel=True)
+            x = gemv.linear(gemv.linear(x, ws[i], norm=norm, launch=gemv.Launch(pdl=pdl), **kw), ws[i], residual=x,
+                            launch=gemv.Launch(pdl=pdl), **kw)
+            h = gemv.linear(x, ws[i + 1], norm=norm, launch=gemv.Launch(block_n=64, stages=3, pdl=pdl), **kw)
+            x = gemv.linear(h, ws[i + 2], silu=True, residual=x, launch=gemv.Launch(pdl=pdl), **kw)
+        return x
+
+    want = chain(x0, pdl=False)
+    static = x0.clone()
+    out = chain(static, pdl=True)                   # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(static, pdl=True)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)

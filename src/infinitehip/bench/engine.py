@@ -27,6 +27,7 @@ from ..engine.cuda_graph import GraphDecoder
 from ..engine.generate import DecodeState, decode_one_token, prefill
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
+from ..attention.triton import pdl
 from . import copy_bandwidth, device_slug
 
 LLAMA3_8B = dict(architecture="LlamaForCausalLM", vocab_size=128_256, dim=4096, n_layers=32, n_heads=32,
@@ -124,8 +125,11 @@ def main(argv: list[str] | None = None):
     p.add_argument("--chunk-size", type=int, default=16384)
     p.add_argument("--skip-dense-prefill-above", type=int, default=1 << 30,
                    help="Skip dense at contexts above this (its prefill is quadratic).")
+    p.add_argument("--pdl", choices=("on", "off"), default="on",
+                   help="Programmatic dependent launch of the decode kernels (Hopper+); off to measure without.")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
+    pdl.USE = a.pdl == "on"
     if not torch.cuda.is_available():
         raise SystemExit("the engine benchmark needs a CUDA GPU")
     config = HiPConfig(dense_threshold=0)
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None):
             if backend == "dense" and context > a.skip_dense_prefill_above:
                 continue
             r = bench_one(model, context, backend, a.decode_steps, a.chunk_size, a.eager_steps)
-            r.update(device=device, date=date, layers=a.layers, weight_floor_ms=round(floor_ms, 2),
+            r.update(device=device, date=date, layers=a.layers, weight_floor_ms=round(floor_ms, 2), pdl=a.pdl,
                      copy_bandwidth_gb_per_s=round(bytes_per_s / 1e9),
                      decode_over_floor=round(r["decode_ms_per_token"] / floor_ms, 2),
                      command="python -m infinitehip.bench engine " + " ".join(argv or []))

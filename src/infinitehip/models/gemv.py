@@ -17,6 +17,10 @@ pads the rows to 16 (tensor cores are idle anyway: the kernel waits on memory) a
 pipeliner keep ``num_stages`` weight tiles in flight. K and the row count M are compile-time
 constants (a model has a few widths, a server a few batch sizes; the interpreter cannot loop to a
 run-time bound). The PyTorch composition in ``linear`` is the CPU path and the tests' reference.
+
+On Hopper the launches chain by programmatic dependent launch (``attention/triton/pdl.py``): a
+GEMV starts while its predecessor drains, prefetches the first bytes of its weight rows into L2
+(the weights are no kernel's output), and only then waits for its input.
 """
 from __future__ import annotations
 
@@ -27,36 +31,50 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..attention.triton.pdl import enabled as pdl_enabled, prefetch_l2, release_next, wait_for_previous
+
 MAX_ROWS = 16          # tl.dot's smallest row tile: more rows (prefill) take cuBLAS
 _NONE, _NORM, _SILU = 0, 1, 2
 
 
 @dataclass(frozen=True)
 class Launch:
-    """One GEMV launch's tiling (``scripts/sweep_gemv.py`` measures the choices)."""
+    """One GEMV launch's tiling (``scripts/sweep_gemv.py`` measures the choices). With ``pdl``
+    (programmatic dependent launch, ``attention/triton/pdl.py``: Hopper and newer) each program
+    prefetches the first ``prefetch`` bytes of its weight rows into L2 while the previous kernel
+    drains (0: none)."""
     block_n: int = 32
     block_k: int = 256
     warps: int = 4
     stages: int = 4
+    pdl: bool = True
+    prefetch: int = 2048
 
 
 def default_launch(n: int, k: int) -> Launch:
     """The best of ``scripts/sweep_gemv.py``'s settings at Llama-3-8B's shapes (H200, one row):
     32 features and deeper pipelining where N is the hidden size (4096: 128 programs), else 64."""
-    return Launch(block_n=32, block_k=256, stages=5) if n <= 4096 else Launch(block_n=64, block_k=256, stages=3)
+    if n <= 4096:
+        return Launch(block_n=32, block_k=256, stages=5)
+    return Launch(block_n=64, block_k=256, stages=3)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, N, stride_x, stride_w, stride_o, eps,
                  M: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, BIAS: tl.constexpr,
-                 RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+                 PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     m_ok, n_ok = m < M, n < N
     dtype = w_ptr.dtype.element_ty
     x_rows = x_ptr + m[:, None].to(tl.int64) * stride_x
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_w
+    # The weights are no kernel's output: their first bytes may stream in before the input exists.
+    if PREFETCH > 0:
+        prefetch_l2(w_ptr + tl.minimum(n, N - 1).to(tl.int64) * stride_w, PREFETCH)
+    wait_for_previous(PDL)
+    release_next(PDL)
     if PROLOGUE == 1:   # rstd of each row, over all K
         sq = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -130,13 +148,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"linear: the Triton kernel takes at most {MAX_ROWS} rows, got {M}")
     out = residual.view(M, N) if residual is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     launch = launch or default_launch(N, K)
+    pdl = launch.pdl and pdl_enabled(x.device)
+    # Bulk prefetches take 16-byte-aligned rows and a multiple of 16 bytes.
+    row_bytes = K * weight.element_size()
+    aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0
+    prefetch = min(launch.prefetch, row_bytes) // 16 * 16 if pdl and aligned else 0
     g, eps = norm if norm is not None else (weight, 0.0)
     _gemv_kernel[(triton.cdiv(N, launch.block_n),)](
         rows, weight, g, bias if bias is not None else weight, out, N,
         rows.stride(0), weight.stride(0), out.stride(0), float(eps), M=M, K=K,
         PROLOGUE=_NORM if norm is not None else _SILU if silu else _NONE, BIAS=bias is not None,
-        RESIDUAL=residual is not None, UPCAST=not x.is_cuda, IEEE=weight.dtype == torch.float32, BLOCK_M=MAX_ROWS,
-        BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, num_warps=launch.warps, num_stages=launch.stages)
+        RESIDUAL=residual is not None, UPCAST=not x.is_cuda, IEEE=weight.dtype == torch.float32, PDL=pdl,
+        PREFETCH=prefetch, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
+        num_warps=launch.warps, num_stages=launch.stages, **({"launch_pdl": True} if pdl else {}))
     return residual if residual is not None else out.view(*x.shape[:-1], N)
 
 

@@ -23,7 +23,8 @@ Paged reads (``attention/pages.py``): with PAGED, k/v are a pool of pages shared
 key ``idx`` of row b, kv head h is pool row ``table[b, idx // PAGE, h] * PAGE + idx % PAGE`` (a
 table without a head axis has head stride 0; a pool of one-head pages, head stride 0); with SCALED, k/v
 are FP8 codes and each loaded row is multiplied by its page's scale for its kv head. Both are
-compile-time switches: the plain path compiles exactly as before.
+compile-time switches: the plain path compiles exactly as before. With PDL (Hopper+) the launch
+may start while the previous kernel drains and waits for it first (``pdl.py``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import triton.language as tl
 from ..mask import SENTINEL
 from .decode import arrive_and_merge
 from .geometry import block_positions
+from .pdl import release_next, wait_for_previous
 from .prune import _rotate
 
 _SENTINEL = tl.constexpr(SENTINEL)
@@ -77,7 +79,10 @@ def _bsa_kernel(
     NSPLIT_P: tl.constexpr, SPLIT_TILE: tl.constexpr,
     POSITIONS: tl.constexpr, LENS: tl.constexpr, ANCHOR: tl.constexpr, WINDOW: tl.constexpr,
     LOWEST: tl.constexpr, PRUNE_RULE: tl.constexpr, ATTEND_RULE: tl.constexpr, Q_AT_P0: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)   # q and the cache are the previous kernels' outputs
+    release_next(PDL)
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import enabled as pdl_enabled, release_next, wait_for_previous
+
 _FP8_MAX = tl.constexpr(448.0)
 _TINY = tl.constexpr(1.1754943508222875e-38)      # float32's smallest normal: the scale's floor
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -111,8 +113,11 @@ def write_decode_tokens(store, cache, pages: torch.Tensor, offsets: torch.Tensor
 
 
 @triton.jit
-def _rows_kernel(kc_ptr, vc_ptr, k_ptr, v_ptr, rows_ptr, stride_k, stride_v, N: tl.constexpr, N_P: tl.constexpr):
+def _rows_kernel(kc_ptr, vc_ptr, k_ptr, v_ptr, rows_ptr, stride_k, stride_v, N: tl.constexpr, N_P: tl.constexpr,
+                 PDL: tl.constexpr):
     """Token i's K and V (N = K * D values each) into cache row rows[i] of both caches."""
+    wait_for_previous(PDL)   # k and v are the q/k/v projection's output; the cache may still be read
+    release_next(PDL)
     i = tl.program_id(0)
     row = tl.load(rows_ptr + i).to(tl.int64)
     c = tl.arange(0, N_P)
@@ -132,5 +137,7 @@ def write_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
             raise ValueError(f"write_rows needs each token's {name} values contiguous, got strides {x.stride()}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("write_rows needs contiguous caches")
+    use_pdl = pdl_enabled(k.device)
     _rows_kernel[(n,)](k_cache, v_cache, k, v, rows, k.stride(0), v.stride(0), N=K * D,
-                       N_P=triton.next_power_of_2(K * D), num_warps=4)
+                       N_P=triton.next_power_of_2(K * D), PDL=use_pdl, num_warps=4,
+                       **({"launch_pdl": True} if use_pdl else {}))

@@ -23,6 +23,7 @@ from ...config import HiPConfig
 from ..mask import Geometry, HiPMask, window_slots
 from ..pages import KVPages, table_strides
 from ..rope import RoPE
+from . import pdl
 from .bsa import LOG2E, _bsa_kernel
 from .decode import arrival_counters, split_tile
 from .geometry import block_geometry, position_constants
@@ -144,6 +145,7 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
         part = lse = counts = torch.empty(1, 1, 1, 1, device=q.device, dtype=torch.float32)
     nsplit_p = max(2, triton.next_power_of_2(nsplit))
     inv_freq = (rope.inv_freq if rope is not None else torch.zeros(1, device=q.device)).to(q.device, torch.float32)
+    use_pdl = tuning.get("pdl", True) and pdl.enabled(q.device)
     _bsa_kernel[grid](
         q, k, v, starts, inv_freq_ptr=inv_freq,
         attention_scaling=float(rope.attention_scaling if rope is not None else 1.0), qk_scale=float(scale) * LOG2E,
@@ -165,7 +167,8 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
         UPCAST=not q.is_cuda, FAST=q.is_cuda,
         PAGED=paged, SCALED=scaled, PAGE=pages.page if pages is not None else 1,
         NSPLIT_P=nsplit_p, SPLIT_TILE=split_tile(block_t * heads_p, nsplit_p, half_p),
-        **positions, Q_AT_P0=tq == 1,
+        **positions, Q_AT_P0=tq == 1, PDL=use_pdl,
         num_warps=tuning.get("num_warps", 4), num_stages=tuning.get("num_stages", 2),
+        **({"launch_pdl": True} if use_pdl else {}),
     )
     return out

@@ -1,0 +1,57 @@
+"""Programmatic dependent launch (PDL, Hopper and newer): a decode step's next kernel starts while
+the previous one drains.
+
+A decode step is a chain of small kernels (per layer: four GEMVs, the cache write, attention),
+each waiting for the previous one to finish, then paying its own launch and the latency of its
+first loads: ~8 us a GEMV on an H200 above what its bytes take. With PDL a kernel is launched
+before its predecessor completes (once every program of the predecessor has called
+``release_next`` or exited); it may do work that reads nothing the predecessor writes (a GEMV
+prefetches its first weight bytes into L2) and then ``wait_for_previous`` blocks until the
+predecessor has completed and its writes are visible. Nothing before that wait may write memory
+or read what an earlier kernel writes. Launches captured in a CUDA graph keep the edge.
+
+Kernels take a ``PDL`` constexpr; the Python side passes ``launch_pdl=True`` where ``enabled``.
+Off (the CPU interpreter, older GPUs) the calls compile to nothing.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+# Benchmarks flip this to measure the chain without PDL (`bench engine --pdl off`).
+USE = True
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with PDL: CUDA, compute capability 9.0 or newer."""
+    return USE and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def launch_options(device: torch.device) -> dict:
+    """Launch keyword arguments: ``launch_pdl=True`` where ``enabled`` (never for the interpreter)."""
+    return {"launch_pdl": True} if enabled(device) else {}
+
+
+@triton.jit
+def wait_for_previous(PDL: tl.constexpr):
+    """Block until the previous kernel in the stream has completed (its writes visible)."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def release_next(PDL: tl.constexpr):
+    """Let the next kernel launch once every program of this one has called this (or exited)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs, nbytes):
+    """Start reading ``nbytes`` (a multiple of 16) from each 16-byte-aligned address in ``ptrs``
+    into L2 (one bulk prefetch per element; duplicates are harmless). Hopper only."""
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; // $0", "=r,l,r",
+                              [ptrs, tl.full(ptrs.shape, nbytes, tl.int32)], dtype=tl.int32, is_pure=False,
+                              pack=1)
