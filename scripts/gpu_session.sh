@@ -14,6 +14,7 @@
 #   offload_probe  bench offload: 256K on the GPU and offloaded, 1M with the GPU probe copy (the default), with it +
 #              stage0_levels=3, without it
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
+#   attention_nopdl  bench attention, decode 128K and 1M, without programmatic dependent launch (its A/B)
 #   stage0     bench attention with HiPConfig.stage0_levels=3 (stage 0 stopped at 32-key pieces): decode 1M, prefill 128K
 #   engine     bench engine at 256K: hip vs dense
 #   engine_nopdl  bench engine at 256K, hip only, without programmatic dependent launch (its A/B)
@@ -57,6 +58,8 @@ for s in "$@"; do
                            $b --contexts 1048576 --on-gpu-contexts "" --probe-stride 0 --out "$OUT/probe0"' ;;
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
                        --chunked "" --out "$OUT/attention.json" ;;
+        attention_nopdl) step attention_nopdl 200 python -m infinitehip.bench attention --decode 128K,1M --prefill "" \
+                             --chunked "" --pdl off --out "$OUT/attention_nopdl.json" ;;
         stage0) step stage0 300 python -m infinitehip.bench attention --decode 1M --prefill 128K --chunked "" \
                     --stage0-levels 3 --out "$OUT/attention_stage0.json" ;;
         engine) step engine 400 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 --out "$OUT" ;;
@@ -74,7 +77,7 @@ for s in "$@"; do
                        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
                        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                        python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, attention, stage0, engine, engine_nopdl, sweep, reuse, gemv, ncu, ncu_prune)"; exit 2 ;;
+        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, attention, attention_nopdl, stage0, engine, engine_nopdl, sweep, reuse, gemv, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..attention.api import hip_attention
 from ..attention.rope import RoPE
+from ..attention.triton import pdl
 from ..config import HiPConfig
 
 H, K, D = 32, 8, 128
@@ -296,8 +297,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--preset", default="paper")
     p.add_argument("--stage0-levels", type=int, default=None,
                    help="HiPConfig.stage0_levels: stop stage 0's descent after this many levels")
+    p.add_argument("--pdl", choices=("on", "off"), default="on",
+                   help="Programmatic dependent launch of the kernels (Hopper+); off to measure without.")
     p.add_argument("--out", type=Path, default=Path("attention.json"), help="JSON path (the PNG goes beside it)")
     args = p.parse_args(argv)
+    pdl.USE = args.pdl == "on"
     args.argv = argv
     if not torch.cuda.is_available():
         sys.exit("the attention benchmark needs a CUDA GPU")

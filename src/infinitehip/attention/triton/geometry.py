@@ -17,6 +17,7 @@ import triton.language as tl
 
 from ...config import HiPConfig
 from ..mask import Geometry, HiPMask, exact_rule, valid_rows, window_slots
+from .pdl import launch_options, release_next, wait_for_previous
 
 _RULES = {"never": 0, "always": 1, "within": 2}
 
@@ -70,7 +71,10 @@ def _block_geometry_kernel(
     TQ, CONTEXT,
     BQ: tl.constexpr, ANCHOR: tl.constexpr, ROWS: tl.constexpr,
     WINDOW: tl.constexpr, LOWEST: tl.constexpr, PRUNE_RULE: tl.constexpr, ATTEND_RULE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
+    release_next(PDL)
     b = tl.program_id(0)
     p0, w0, exact_prune, exact_attend = block_positions(
         b, kv_len_ptr, mask_w0_ptr, rows_ptr, TQ, 0, CONTEXT, True, ANCHOR, ROWS,
@@ -96,10 +100,11 @@ def block_geometry(kv_len: torch.Tensor, tq: int, config: HiPConfig, mask: HiPMa
     anchor = mask is not None and mask.w0 is not None
     mask_w0 = mask.w0.long().contiguous() if anchor else kv_len
     row_flags = rows.contiguous().view(torch.int8) if rows is not None else kv_len
+    opts = launch_options(dev)
     _block_geometry_kernel[(B,)](
         kv_len, mask_w0, row_flags, p0, w0, q_pos, exact[0].view(torch.int8), exact[1].view(torch.int8),
         tq, config.model_context_length or 0,
         BQ=bq, ANCHOR=anchor, ROWS=rows is not None, **position_constants(config),
-        num_warps=1,
+        PDL=bool(opts), num_warps=1, **opts,
     )
     return Geometry(p0, w0, q_pos, valid_rows(tq, 1, bq, dev).expand_as(q_pos), exact[0], exact[1])

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import enabled as pdl_enabled, release_next, wait_for_previous
+from .pdl import launch_options, release_next, wait_for_previous
 
 _FP8_MAX = tl.constexpr(448.0)
 _TINY = tl.constexpr(1.1754943508222875e-38)      # float32's smallest normal: the scale's floor
@@ -80,7 +80,10 @@ def _put_row(x_ptr, new_ptr, pool_ptr, probe_ptr, page, off, h, slot, PAGE: tl.c
 @triton.jit
 def _write_kernel(k_store, k_scale, v_store, v_scale, k_new, v_new, k_pool, v_pool, k_probe, slot_of_ptr, pages_ptr,
                   offsets_ptr, PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-                  DTYPE: tl.constexpr, FP8: tl.constexpr, CACHED: tl.constexpr, STRIDE: tl.constexpr):
+                  DTYPE: tl.constexpr, FP8: tl.constexpr, CACHED: tl.constexpr, STRIDE: tl.constexpr,
+                  PDL: tl.constexpr):
+    wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
+    release_next(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     page = tl.load(pages_ptr + b).to(tl.int64)
@@ -105,11 +108,12 @@ def write_decode_tokens(store, cache, pages: torch.Tensor, offsets: torch.Tensor
     cached = cache is not None
     k, v = k.contiguous(), v.contiguous()
     scales = (store.dk_scale, store.dv_scale) if store.fp8 else (k, v)
+    opts = launch_options(k.device)
     _write_kernel[(k.shape[0], K)](
         store.dk, scales[0], store.dv, scales[1], k, v, cache.k if cached else k, cache.v if cached else v,
         store.dk_probe if store.dk_probe is not None else k, cache.slot_of if cached else pages, pages, offsets,
         PAGE=page, K=K, D=D, D_P=triton.next_power_of_2(D), DTYPE=_TL_DTYPE[store.dtype], FP8=store.fp8,
-        CACHED=cached, STRIDE=store.probe_stride)
+        CACHED=cached, STRIDE=store.probe_stride, PDL=bool(opts), **opts)
 
 
 @triton.jit
@@ -137,7 +141,6 @@ def write_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
             raise ValueError(f"write_rows needs each token's {name} values contiguous, got strides {x.stride()}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("write_rows needs contiguous caches")
-    use_pdl = pdl_enabled(k.device)
+    opts = launch_options(k.device)
     _rows_kernel[(n,)](k_cache, v_cache, k, v, rows, k.stride(0), v.stride(0), N=K * D,
-                       N_P=triton.next_power_of_2(K * D), PDL=use_pdl, num_warps=4,
-                       **({"launch_pdl": True} if use_pdl else {}))
+                       N_P=triton.next_power_of_2(K * D), PDL=bool(opts), num_warps=4, **opts)

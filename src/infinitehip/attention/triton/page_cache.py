@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ..mask import SENTINEL, window_slots
 from .ops import num_sms
+from .pdl import launch_options, release_next, wait_for_previous
 
 BLOCK = 1024
 # Copy programs per multiprocessor: each keeps one unit's K and V loads in flight over PCIe (its
@@ -41,7 +42,10 @@ _SENTINEL_I = tl.constexpr(SENTINEL)
 
 @triton.jit
 def _plan_kernel(flat_ptr, run_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_ptr, rank_ptr, src_ptr,
-                 dst_ptr, n_ptr, M, S, NUM_UNITS, RUN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+                 dst_ptr, n_ptr, M, S, NUM_UNITS, RUN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                 PDL: tl.constexpr):
+    wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
+    release_next(PDL)
     # Every thread holds these scalars: they are stored back only after a barrier, else a warp
     # that runs late would read a value another warp already advanced (step twice, counts twice).
     step = tl.load(step_ptr) + 1
@@ -121,10 +125,11 @@ def plan_fetch_cuda(cache, flat: torch.Tensor, run: torch.Tensor | None = None):
     dst = torch.empty(m, dtype=torch.long, device=dev)
     n = torch.empty(1, dtype=torch.int32, device=dev)
     rank = torch.empty(max(m, 1), dtype=torch.long, device=dev)
+    opts = launch_options(dev)
     _plan_kernel[(1,)](flat.contiguous(), n if run is None else run.view(torch.int8), cache.slot_of, cache.owner,
                        cache.stamp, cache.step, cache.counts, rank, src, dst, n, m, cache.n_slots, cache.num_units,
                        RUN=run is not None, BLOCK_M=triton.next_power_of_2(max(m, 2)),
-                       BLOCK_S=triton.next_power_of_2(max(cache.n_slots, 2)), num_warps=16)
+                       BLOCK_S=triton.next_power_of_2(max(cache.n_slots, 2)), PDL=bool(opts), num_warps=16, **opts)
     return src, dst, n
 
 
@@ -141,7 +146,9 @@ def _load_unit(src_ptr, scale_ptr, p, h, e, m, do, PAGE: tl.constexpr, K: tl.con
 @triton.jit
 def _copy_kernel(k_src_ptr, k_scale_ptr, v_src_ptr, v_scale_ptr, k_dst_ptr, v_dst_ptr, src_idx_ptr, dst_idx_ptr,
                  n_ptr, PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, SCALED: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
+    release_next(PDL)
     # Copies i = program, program + programs, ... below the plan's n: a step without misses
     # launches a few hundred programs that each load n, not one program per possible copy.
     n = tl.load(n_ptr)
@@ -178,9 +185,10 @@ def copy_units_cuda(k_src: torch.Tensor, k_scale: torch.Tensor | None, v_src: to
         programs = src_idx.numel()
         if k_dst.is_cuda:
             programs = min(programs, COPY_PROGRAMS_PER_SM * num_sms(k_dst.device.index or 0))
+    opts = launch_options(k_dst.device)
     _copy_kernel[(max(1, programs),)](k_src, k_scale if scaled else k_dst, v_src, v_scale if scaled else v_dst, k_dst,
                                      v_dst, src_idx, dst_idx, n, page, K, D, SCALED=scaled,
-                                     BLOCK=min(BLOCK, triton.next_power_of_2(page * D)))
+                                     BLOCK=min(BLOCK, triton.next_power_of_2(page * D)), PDL=bool(opts), **opts)
 
 
 @triton.jit
@@ -201,7 +209,9 @@ def _needed_kernel(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, run_ptr, out_ptr, r
                    SINK: tl.constexpr, PAGE: tl.constexpr, K: tl.constexpr, KG: tl.constexpr, NQB: tl.constexpr,
                    BQ: tl.constexpr, NSEL: tl.constexpr, PER: tl.constexpr, NS: tl.constexpr, NW: tl.constexpr,
                    N_SEL: tl.constexpr, M: tl.constexpr, LIMIT: tl.constexpr, RUN: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
+    release_next(PDL)
     b = tl.program_id(0)
     row = (row0 + b).to(tl.int64)
     out = out_ptr + b.to(tl.int64) * M
@@ -259,10 +269,11 @@ def needed_units_cuda(starts: torch.Tensor, geo, config, page: int, K: int, row0
     out = torch.empty(B, m, dtype=torch.long, device=starts.device)
     starts = starts if starts.stride(-1) == 1 else starts.contiguous()
     q_valid = geo.q_valid.contiguous().view(torch.int8)
+    opts = launch_options(out.device)
     _needed_kernel[(B,)](starts, geo.w0.contiguous(), geo.q_pos.contiguous(), q_valid,
                          q_valid if run is None else run.view(torch.int8), out, row0, nb or 0,
                          starts.stride(0), starts.stride(1), starts.stride(2),
                          SINK=config.sink, PAGE=page, K=K, KG=K // G, NQB=nqb, BQ=geo.q_pos.shape[-1], NSEL=nsel,
                          PER=per, NS=ns, NW=nw, N_SEL=n_sel, M=m, LIMIT=nb is not None, RUN=run is not None,
-                         BLOCK=BLOCK)
+                         BLOCK=BLOCK, PDL=bool(opts), **opts)
     return out

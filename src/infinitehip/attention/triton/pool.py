@@ -16,6 +16,7 @@ import triton.language as tl
 from ...config import HiPConfig
 from ..mask import RELATIVE_QUERY_DISTANCE, Geometry
 from ..rope import RoPE
+from .pdl import launch_options, release_next, wait_for_previous
 from .prune import _rotate
 
 
@@ -28,7 +29,10 @@ def _pool_kernel(
     TQ, NQB, H,
     ROWS: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, STRIDE: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr, FAST: tl.constexpr, DISTANCE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
+    release_next(PDL)
     pid = tl.program_id(0)
     h = pid % H
     qb = (pid // H) % NQB
@@ -78,6 +82,7 @@ def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, config: HiPConfig,
     half_p = max(16, triton.next_power_of_2(half))
     r_p = triton.next_power_of_2(R)
     inv_freq = (rope.inv_freq if rope is not None else torch.zeros(1, device=q.device)).to(q.device, torch.float32)
+    opts = launch_options(q.device)
     _pool_kernel[(B * nqb * H,)](
         q, geo.exact_prune.view(torch.int8), inv_freq, float(rope.attention_scaling if rope is not None else 1.0),
         qp, vi,
@@ -87,6 +92,6 @@ def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, config: HiPConfig,
         tq, nqb, H,
         ROWS=rows, R=R, R_P=r_p, STRIDE=stride, HALF=half, HALF_P=half_p, ROPE=rope is not None,
         FAST=q.is_cuda, DISTANCE=RELATIVE_QUERY_DISTANCE,
-        num_warps=max(1, min(4, r_p * half_p // 256)),
+        PDL=bool(opts), num_warps=max(1, min(4, r_p * half_p // 256)), **opts,
     )
     return qp, valid

@@ -29,6 +29,7 @@ from ...config import HiPConfig, descent_levels
 from ..mask import NEG_SCORE, SENTINEL, Geometry
 from ..pages import KVPages
 from ..rope import RoPE
+from .pdl import launch_options, release_next, wait_for_previous
 
 # Dot precision of the probes, by key dtype. bfloat16 keys: the rotated probes and pooled queries
 # rounded to bfloat16, float32 sums (tensor cores at 16-bit rate, half the shared-memory bytes of
@@ -203,7 +204,10 @@ def _score_chunks_kernel(
     HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     M_TILES: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST: tl.constexpr,
     SCALED: tl.constexpr, PAGE: tl.constexpr, PROBE_STRIDE: tl.constexpr, DENSE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
+    release_next(PDL)
     # One program: BLOCK_C chunks of one (batch, group, query block). 1-D grid, tiles fastest.
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_C)
@@ -320,6 +324,7 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         raise ValueError(f"the probe copy {tuple(kp.shape)} {kp.dtype} must hold the keys {tuple(k.shape)} {k.dtype} "
                          f"at every multiple of {stride} (B, ceil(Tk / {stride}), K, D), unit stride on D")
     grid = (triton.cdiv(n, block_c) * B * G * nqb,)
+    opts = launch_options(qp.device)
     _score_chunks_kernel[grid](
         qp, qv, k, kp, k_scale, starts, out, p0, w0, exact, inv_freq, float(scaling),
         qp.stride(0), qp.stride(1), qp.stride(2), qp.stride(3),
@@ -336,8 +341,8 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
         DOT_PRECISION=precision, FAST=k.is_cuda,
         SCALED=scaled, PAGE=pages.page if pages is not None else 1, PROBE_STRIDE=stride,
-        DENSE=tuning.get("dense", False),
-        num_warps=tuning["num_warps"],
+        DENSE=tuning.get("dense", False), PDL=bool(opts),
+        num_warps=tuning["num_warps"], **opts,
     )
     return out
 

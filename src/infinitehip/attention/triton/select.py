@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..mask import NEG_SCORE, SENTINEL
+from .pdl import launch_options, release_next, wait_for_previous
 
 _SENTINEL = tl.constexpr(SENTINEL)
 # Rows longer than this take the torch path: one program holds the row, and the sort's shared
@@ -48,7 +49,10 @@ def _keep_top_kernel(
     stride_s, stride_st, stride_o,          # row strides; unit stride along each row
     N, M, ACTIVE_ABOVE,
     N_P: tl.constexpr, K_P: tl.constexpr, PAD_P: tl.constexpr, SPLIT: tl.constexpr, SUB: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
+    release_next(PDL)
     row = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, N_P)
     s = tl.load(scores_ptr + row * stride_s + i, mask=i < N, other=float("-inf"))
@@ -76,12 +80,15 @@ def _keep_top_radix_kernel(
     stride_s, stride_st, stride_o,          # row strides; unit stride along each row
     N, M, ACTIVE_ABOVE,
     N_P: tl.constexpr, OUT_P: tl.constexpr, SPLIT: tl.constexpr, SUB: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """``_keep_top_kernel``'s selection without sorting (the default from 1,024 candidates): a
     radix select finds the M-th best score a byte at a time (four histograms of 256 bins), ties at
     it go to the earlier chunks (a cumulative count), and a cumulative count of the chosen gives
     each its place in position order. Bitonic top-k and sort take ~55 and ~28 compare-exchange
     rounds."""
+    wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
+    release_next(PDL)
     row = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, N_P)
     valid = i < N
@@ -138,14 +145,16 @@ def keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int, split: tuple[in
     n_p = triton.next_power_of_2(n)
     args = (s2, st2, out, s2.stride(0), st2.stride(0), out.stride(0), n, m, _ordered(NEG_SCORE / 2))
     num_warps = tuning.get("num_warps", max(4, min(16, n_p // 256)))
+    opts = launch_options(scores.device)
     # Radix select from 1,024 candidates (stages 1-2 of the paper preset), measured on an H200
     # (scripts/sweep_prune.py, sweep_keep_top_h200.json, 4 warps): decode 12.8 -> 11.7 us, a
     # 16K-query prefill chunk 95 -> 58 us; from 512 (stage 0) the bitonic top-k: 8.4 vs 9.9 us.
     if tuning.get("radix", n_p >= 1024):
         _keep_top_radix_kernel[(s2.shape[0],)](*args, N_P=n_p, OUT_P=triton.next_power_of_2(m * f), SPLIT=f,
-                                               SUB=sub, num_warps=num_warps)
+                                               SUB=sub, PDL=bool(opts), num_warps=num_warps, **opts)
     else:
         k_p = min(triton.next_power_of_2(m), n_p)
-        _keep_top_kernel[(s2.shape[0],)](*args, N_P=n_p, K_P=k_p, SPLIT=f, SUB=sub, num_warps=num_warps,
+        _keep_top_kernel[(s2.shape[0],)](*args, N_P=n_p, K_P=k_p, SPLIT=f, SUB=sub, PDL=bool(opts), num_warps=num_warps,
+                                         **opts,
                                          PAD_P=max(1, triton.next_power_of_2(max((m - k_p) * f, 1))))
     return out.view(*lead, m * f)
