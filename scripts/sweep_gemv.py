@@ -32,7 +32,8 @@ LAYERS_OPS = {"qkv": (QKV, DIM, DIM, True, False, False), "o": (DIM, DIM, DIM, F
               "gate_up": (2 * HIDDEN, DIM, DIM, True, False, False), "down": (DIM, HIDDEN, 2 * HIDDEN, False, True, True)}
 HEAD = {"lm_head": (VOCAB, DIM, DIM, True, False, False)}
 GRID = ([gemv.Launch(bn, bk, 4, 3) for bn, bk in itertools.product((16, 32, 64), (128, 256))]
-        + [gemv.Launch(16, 256, 4, 5), gemv.Launch(32, 256, 4, 5), gemv.Launch(16, 512, 4, 3), gemv.Launch(32, 256, 8, 4)])
+        + [gemv.Launch(16, 256, 4, 5), gemv.Launch(32, 256, 4, 5), gemv.Launch(16, 512, 4, 3), gemv.Launch(32, 256, 8, 4)]
+        + [gemv.Launch(64, 256, 4, 4), gemv.Launch(128, 128, 4, 3), gemv.Launch(64, 512, 8, 3), gemv.Launch(128, 256, 8, 3)])
 
 
 def time_graph(fn) -> float:
