@@ -18,7 +18,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:   # Triton 3.3+; without it the kernels never take the PDL branches
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAVE_GDC = True
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+    _HAVE_GDC = False
 
 # Benchmarks flip this to measure the chain without PDL (`bench engine --pdl off`).
 USE = True
@@ -26,7 +32,8 @@ USE = True
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch with PDL: CUDA, compute capability 9.0 or newer."""
-    return USE and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return (USE and _HAVE_GDC and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def launch_options(device: torch.device) -> dict:
