@@ -30,10 +30,14 @@ except ImportError:
 USE = True
 
 
+def hopper(device: torch.device) -> bool:
+    """Whether ``device`` has Hopper's grid dependency control and bulk prefetch (sm90+)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch with PDL: CUDA, compute capability 9.0 or newer."""
-    return (USE and _HAVE_GDC and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+    return USE and _HAVE_GDC and hopper(device)
 
 
 def launch_options(device: torch.device) -> dict:
