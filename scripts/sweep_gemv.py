@@ -118,13 +118,16 @@ def main() -> None:
         default = gemv.default_launch(*op.weights[0].shape)
         # PDL and its weight prefetch (Hopper): without, prefetch off, the default 2 KB, 8 KB a row.
         pdl = [replace(default, pdl=False), replace(default, prefetch=0), replace(default, prefetch=8192)]
-        records += sweep_op(name, op, [default] + pdl + [x for x in GRID if x != default][:a.limit])
+        # Split-K: qkv (96 programs of 64 features), o and down (128 of 32) leave SMs idle.
+        split = [replace(default, split=2), replace(default, split=4), replace(default, block_n=64, split=2),
+                 replace(default, stages=6), replace(default, stages=8)]
+        records += sweep_op(name, op, [default] + pdl + split + [x for x in GRID if x != default][:a.limit])
     best = {}
     for name in ops:
         fused = [r for r in records if r["op"] == name and r["variant"] == "fused" and "us" in r]
         if fused:
             b = min(fused, key=lambda r: r["us"])
-            best[name] = gemv.Launch(b["block_n"], b["block_k"], b["warps"], b["stages"], b["pdl"], b["prefetch"])
+            best[name] = gemv.Launch(**{f: b[f] for f in gemv.Launch.__dataclass_fields__})
     weight_bytes = sum(op.nbytes // len(op.weights) for name, op in ops.items() if name != "lm_head") * LAYERS
     weight_bytes += ops["lm_head"].nbytes // len(ops["lm_head"].weights)
     rate = copy_bandwidth("cuda")

@@ -101,6 +101,8 @@ def _calls():
     w = torch.randn(40, 2048, dtype=torch.bfloat16)
     gemv.linear(x[:, :2048], w, norm=(x[0, :2048], 1e-5), triton_kernel=True)
     gemv.linear(x, w, w[0, :40], silu=True, residual=torch.zeros(3, 40, dtype=torch.bfloat16), triton_kernel=True)
+    gemv.linear(x[:, :2048], w, residual=torch.zeros(3, 40, dtype=torch.bfloat16), triton_kernel=True,
+                launch=gemv.Launch(split=4))
 
 
 def main() -> int:

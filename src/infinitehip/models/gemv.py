@@ -12,7 +12,9 @@ is not reading weights. Here each linear layer is one kernel that applies its ne
 - ``residual``: out = residual + x W^T (+ bias), accumulated in float32 and rounded once (cuBLAS's
   beta = 1), written in place into ``residual``.
 
-A program owns BLOCK_N output features of all (<= 16) rows and walks K in BLOCK_K tiles; tl.dot
+A program owns BLOCK_N output features of all (<= 16) rows and walks K (or its split of K:
+split-K gives more programs where N alone leaves SMs idle, the last split of a feature block to
+finish sums the partials in split order, as ``decode.arrive_and_merge`` does) in BLOCK_K tiles; tl.dot
 pads the rows to 16 (tensor cores are idle anyway: the kernel waits on memory) and lets Triton's
 pipeliner keep ``num_stages`` weight tiles in flight. K and the row count M are compile-time
 constants (a model has a few widths, a server a few batch sizes; the interpreter cannot loop to a
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..attention.triton.decode import arrival_counters
 from ..attention.triton.pdl import enabled as pdl_enabled, prefetch_l2, release_next, wait_for_previous
 
 MAX_ROWS = 16          # tl.dot's smallest row tile: more rows (prefill) take cuBLAS
@@ -49,6 +52,7 @@ class Launch:
     stages: int = 4
     pdl: bool = True
     prefetch: int = 2048
+    split: int = 1        # split-K: programs per BLOCK_N features, the last to finish sums them
 
 
 def default_launch(n: int, k: int) -> Launch:
@@ -60,19 +64,22 @@ def default_launch(n: int, k: int) -> Launch:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, N, stride_x, stride_w, stride_o, eps,
+def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, N, stride_x, stride_w, stride_o, eps,
                  M: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, BIAS: tl.constexpr,
                  RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                 PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                 PREFETCH: tl.constexpr, SPLIT: tl.constexpr, K_SPLIT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     m_ok, n_ok = m < M, n < N
     dtype = w_ptr.dtype.element_ty
     x_rows = x_ptr + m[:, None].to(tl.int64) * stride_x
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_w
+    k_first = split * K_SPLIT                                                  # this program's K range
     # The weights are no kernel's output: their first bytes may stream in before the input exists.
     if PREFETCH > 0:
-        prefetch_l2(w_ptr + tl.minimum(n, N - 1).to(tl.int64) * stride_w, PREFETCH)
+        prefetch_l2(w_ptr + tl.minimum(n, N - 1).to(tl.int64) * stride_w + k_first, PREFETCH)
     wait_for_previous(PDL)
     release_next(PDL)
     if PROLOGUE == 1:   # rstd of each row, over all K
@@ -83,8 +90,8 @@ def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, N, stride_x, stride_w, str
             sq += xs * xs
         rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)                    # (BLOCK_M,)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    for i in range(K_SPLIT // BLOCK_K):
+        k = k_first + i * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = k < K
         a_ok = m_ok[:, None] & k_ok[None, :]
         a = tl.load(x_rows + k[None, :], mask=a_ok, other=0.0)               # (BLOCK_M, BLOCK_K)
@@ -105,10 +112,28 @@ def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, N, stride_x, stride_w, str
             acc += tl.dot(a, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(a, tl.trans(w))
+    o_ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT > 1:   # partial sums to the workspace; the last split of these features adds them up
+        ws = ws_ptr + (m[:, None] * N + n[None, :]).to(tl.int64)                # (SPLIT, M, N) float32
+        tl.store(ws + split * M * N, acc, mask=o_ok)
+        # Every thread's partial is stored before the arrival counts; acq_rel makes them visible.
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for s in range(SPLIT):   # in split order, whichever finished last: deterministic
+                acc += tl.load(ws + s * M * N, mask=o_ok, other=0.0, cache_modifier=".cg")
+            _epilogue(acc, b_ptr, out_ptr, m, n, n_ok, o_ok, stride_o, BIAS, RESIDUAL)
+            tl.atomic_xchg(count_ptr + pid_n, 0)   # zero again for the next launch (or graph replay)
+    else:
+        _epilogue(acc, b_ptr, out_ptr, m, n, n_ok, o_ok, stride_o, BIAS, RESIDUAL)
+
+
+@triton.jit
+def _epilogue(acc, b_ptr, out_ptr, m, n, n_ok, o_ok, stride_o, BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+    """out = acc (+ bias) (+ out, the residual), rounded once to out's dtype."""
     if BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     o = out_ptr + m[:, None].to(tl.int64) * stride_o + n[None, :]
-    o_ok = m_ok[:, None] & n_ok[None, :]
     if RESIDUAL:
         acc += tl.load(o, mask=o_ok, other=0.0).to(tl.float32)
     tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
@@ -148,19 +173,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"linear: the Triton kernel takes at most {MAX_ROWS} rows, got {M}")
     out = residual.view(M, N) if residual is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     launch = launch or default_launch(N, K)
+    # Split-K: each split walks K_SPLIT columns (whole tiles); the splits left past K are dropped.
+    k_split = triton.cdiv(triton.cdiv(K, max(1, launch.split)), launch.block_k) * launch.block_k
+    split, n_blocks = triton.cdiv(K, k_split), triton.cdiv(N, launch.block_n)
+    ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
+    counts = arrival_counters(n_blocks, x.device) if split > 1 else out
     pdl = launch.pdl and pdl_enabled(x.device)
     # Bulk prefetches take 16-byte-aligned rows and a multiple of 16 bytes.
-    row_bytes = K * weight.element_size()
     aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0
-    prefetch = min(launch.prefetch, row_bytes) // 16 * 16 if pdl and aligned else 0
+    prefetch = min(launch.prefetch, k_split * weight.element_size()) // 16 * 16 if pdl and aligned else 0
     g, eps = norm if norm is not None else (weight, 0.0)
-    _gemv_kernel[(triton.cdiv(N, launch.block_n),)](
-        rows, weight, g, bias if bias is not None else weight, out, N,
+    _gemv_kernel[(n_blocks, split)](
+        rows, weight, g, bias if bias is not None else weight, out, ws, counts, N,
         rows.stride(0), weight.stride(0), out.stride(0), float(eps), M=M, K=K,
         PROLOGUE=_NORM if norm is not None else _SILU if silu else _NONE, BIAS=bias is not None,
         RESIDUAL=residual is not None, UPCAST=not x.is_cuda, IEEE=weight.dtype == torch.float32, PDL=pdl,
-        PREFETCH=prefetch, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
-        num_warps=launch.warps, num_stages=launch.stages, **({"launch_pdl": True} if pdl else {}))
+        PREFETCH=prefetch, SPLIT=split, K_SPLIT=k_split, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n,
+        BLOCK_K=launch.block_k, num_warps=launch.warps, num_stages=launch.stages,
+        **({"launch_pdl": True} if pdl else {}))
     return residual if residual is not None else out.view(*x.shape[:-1], N)
 
 
