@@ -28,12 +28,15 @@ from infinitehip.models import gemv
 DIM, HIDDEN, VOCAB, LAYERS = 4096, 14336, 128256, 32
 QKV = (32 + 2 * 8) * 128
 # name: (N, K, input width, norm?, silu?, residual?)
-LAYERS_OPS = {"qkv": (QKV, DIM, DIM, True, False, False), "o": (DIM, DIM, DIM, False, False, True),
-              "gate_up": (2 * HIDDEN, DIM, DIM, True, False, False), "down": (DIM, HIDDEN, 2 * HIDDEN, False, True, True)}
+LAYERS_OPS = {"qkv": (QKV, DIM, DIM, True, False, False),
+              "o": (DIM, DIM, DIM, False, False, True),
+              "gate_up": (2 * HIDDEN, DIM, DIM, True, False, False),
+              "down": (DIM, HIDDEN, 2 * HIDDEN, False, True, True)}
 HEAD = {"lm_head": (VOCAB, DIM, DIM, True, False, False)}
+_MORE = ((16, 256, 4, 5), (32, 256, 4, 5), (16, 512, 4, 3), (32, 256, 8, 4),
+         (64, 256, 4, 4), (128, 128, 4, 3), (64, 512, 8, 3), (128, 256, 8, 3))
 GRID = ([gemv.Launch(bn, bk, 4, 3) for bn, bk in itertools.product((16, 32, 64), (128, 256))]
-        + [gemv.Launch(16, 256, 4, 5), gemv.Launch(32, 256, 4, 5), gemv.Launch(16, 512, 4, 3), gemv.Launch(32, 256, 8, 4)]
-        + [gemv.Launch(64, 256, 4, 4), gemv.Launch(128, 128, 4, 3), gemv.Launch(64, 512, 8, 3), gemv.Launch(128, 256, 8, 3)])
+        + [gemv.Launch(bn, bk, w, st) for bn, bk, w, st in _MORE])
 
 
 def time_graph(fn) -> float:
@@ -84,8 +87,8 @@ def sweep_op(name, op: Op, grid: list[gemv.Launch]) -> list[dict]:
         except Exception as e:       # e.g. out of shared memory for this tile and stage count
             out.append(dict(kind="op", op=name, variant="fused", **launch.__dict__, error=str(e)[:200]))
             continue
-        out.append(dict(kind="op", op=name, variant="fused", **launch.__dict__, default=launch == grid[0], us=us, rel_err=err,
-                        tbps=op.nbytes / len(op.weights) / us / 1e6))
+        out.append(dict(kind="op", op=name, variant="fused", **launch.__dict__, default=launch == grid[0], us=us,
+                        rel_err=err, tbps=op.nbytes / len(op.weights) / us / 1e6))
         print(out[-1], flush=True)
     return out
 
@@ -110,8 +113,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("sweep_gemv.json"))
     a = p.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
+    argv = " ".join(f"--{k} {v}" for k, v in vars(a).items() if v is not None)
     common = dict(device=torch.cuda.get_device_name(), date=str(date.today()), rows=a.rows,
-                  command="python scripts/sweep_gemv.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items() if v is not None))
+                  command=f"python scripts/sweep_gemv.py {argv}")
     ops = {name: Op(shape, a.rows, a.copies, g) for name, shape in {**LAYERS_OPS, **HEAD}.items()}
     records = []
     for name, op in ops.items():

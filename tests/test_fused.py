@@ -109,7 +109,7 @@ def test_gemv_linear_is_the_composition(kind, rows, dtype, split):
 def test_gemv_linear_writes_into_the_residual():
     from infinitehip.models import gemv
 
-    x, w, residual = torch.randn(2, 32, device=DEVICE), torch.randn(16, 32, device=DEVICE), torch.randn(2, 16, device=DEVICE)
+    x, w, residual = (torch.randn(shape, device=DEVICE) for shape in ((2, 32), (16, 32), (2, 16)))
     want = residual + x @ w.t()
     got = gemv.linear(x, w, residual=residual, triton_kernel=True)
     assert got.data_ptr() == residual.data_ptr()
