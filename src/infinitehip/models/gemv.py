@@ -12,13 +12,14 @@ is not reading weights. Here each linear layer is one kernel that applies its ne
 - ``residual``: out = residual + x W^T (+ bias), accumulated in float32 and rounded once (cuBLAS's
   beta = 1), written in place into ``residual``.
 
-A program owns BLOCK_N output features of all (<= 16) rows and walks K (or its split of K:
-split-K gives more programs where N alone leaves SMs idle, the last split of a feature block to
-finish sums the partials in split order, as ``decode.arrive_and_merge`` does) in BLOCK_K tiles; tl.dot
-pads the rows to 16 (tensor cores are idle anyway: the kernel waits on memory) and lets Triton's
-pipeliner keep ``num_stages`` weight tiles in flight. K and the row count M are compile-time
-constants (a model has a few widths, a server a few batch sizes; the interpreter cannot loop to a
-run-time bound). The PyTorch composition in ``linear`` is the CPU path and the tests' reference.
+A program owns BLOCK_N output features of all (<= 16) rows and walks K in BLOCK_K tiles (or its
+share of K: split-K gives more programs where N alone leaves SMs idle, and the last split of a
+feature block to finish sums the partials in split order, as ``decode.arrive_and_merge`` does).
+tl.dot pads the rows to 16 (tensor cores are idle anyway: the kernel waits on memory) and lets
+Triton's pipeliner keep ``num_stages`` weight tiles in flight. K is a compile-time constant (a
+model has a few widths; the interpreter cannot loop to a run-time bound), and so is the row count
+rounded up to a power of two (five variants a layer, not one per batch size to compile). The
+PyTorch composition in ``linear`` is the CPU path and the tests' reference.
 
 On Hopper the launches chain by programmatic dependent launch (``attention/triton/pdl.py``): a
 GEMV starts while its predecessor drains, prefetches the first bytes of its weight rows into L2
@@ -64,8 +65,8 @@ def default_launch(n: int, k: int) -> Launch:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, N, stride_x, stride_w, stride_o, eps,
-                 M: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, BIAS: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, stride_x, stride_w, stride_o, eps,
+                 ROWS_P: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, BIAS: tl.constexpr,
                  RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
                  PREFETCH: tl.constexpr, SPLIT: tl.constexpr, K_SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -100,9 +101,9 @@ def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, N, stri
             a = (a.to(tl.float32) * rstd[:, None] * g[None, :]).to(dtype)
         elif PROLOGUE == 2:  # x rows are (gate, up): K gates, then K ups
             # Row by row: the tile's padding rows (15 of 16 in decode) would cost as many exps.
-            for r in tl.static_range(M):
-                gate = tl.load(x_ptr + r * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
-                up = tl.load(x_ptr + r * stride_x + K + k, mask=k_ok, other=0.0).to(tl.float32)
+            for r in tl.static_range(ROWS_P):
+                gate = tl.load(x_ptr + r * stride_x + k, mask=k_ok & (r < M), other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + r * stride_x + K + k, mask=k_ok & (r < M), other=0.0).to(tl.float32)
                 a_r = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype)
                 a = tl.where(m[:, None] == r, a_r[None, :], a)
         w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)   # (BLOCK_N, BLOCK_K)
@@ -184,8 +185,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     prefetch = min(launch.prefetch, k_split * weight.element_size()) // 16 * 16 if pdl and aligned else 0
     g, eps = norm if norm is not None else (weight, 0.0)
     _gemv_kernel[(n_blocks, split)](
-        rows, weight, g, bias if bias is not None else weight, out, ws, counts, N,
-        rows.stride(0), weight.stride(0), out.stride(0), float(eps), M=M, K=K,
+        rows, weight, g, bias if bias is not None else weight, out, ws, counts,
+        M, N, rows.stride(0), weight.stride(0), out.stride(0), float(eps), ROWS_P=triton.next_power_of_2(M), K=K,
         PROLOGUE=_NORM if norm is not None else _SILU if silu else _NONE, BIAS=bias is not None,
         RESIDUAL=residual is not None, UPCAST=not x.is_cuda, IEEE=weight.dtype == torch.float32, PDL=pdl,
         PREFETCH=prefetch, SPLIT=split, K_SPLIT=k_split, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n,
