@@ -22,12 +22,22 @@
 #              (SWEEP_DECODE="" skips decode)
 #   reuse      scripts/sweep_prune.py --reuse 128K: the mask-reuse decode step's launch settings, the selection kernel's warps
 #   gemv       scripts/sweep_gemv.py: decode's fused linear layers vs cuBLAS, per layer and launch, then a token's worth
+#   cache      bring Triton's compiled kernels back as $OUT/triton_cache.tgz (see below)
 #   ncu        Nsight Compute on that step's kernel (default settings, 2 launches), where the machine allows it
 #   ncu_prune  Nsight Compute on the pruning kernel, its three stages for a 16K-query prefill chunk at 128K
+#
+# A fresh machine spends minutes compiling the Triton kernels. The step "cache" (last) brings
+# Triton's cache back as $OUT/triton_cache.tgz (when under 15 MB; one of the 8 files a call
+# returns); carried in as ./triton_cache.tgz (an ignored path), it is unpacked first, so only
+# kernels whose source or constants changed compile again.
 set -uo pipefail
 export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-$PWD/src}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+if [ -f triton_cache.tgz ]; then
+    mkdir -p "$TRITON_CACHE_DIR" && tar xzf triton_cache.tgz -C "$TRITON_CACHE_DIR" && echo "triton cache: unpacked"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 summary=()
 
@@ -70,6 +80,7 @@ for s in "$@"; do
         reuse) step reuse 300 python scripts/sweep_prune.py --reuse 128K --decode "" --prefill "" \
                    --out "$OUT/sweep_reuse.json" ;;
         gemv) step gemv 400 python scripts/sweep_gemv.py --out "$OUT/sweep_gemv.json" ;;
+        cache) export_cache=1 ;;
         ncu) step ncu 150 ncu --clock-control none -k regex:_bsa_kernel -c 2 --section SpeedOfLight \
                  --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
                  python scripts/sweep_prune.py --reuse 128K --reuse-limit 1 --decode "" --prefill "" --out /tmp/ncu.json ;;
@@ -77,9 +88,13 @@ for s in "$@"; do
                        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
                        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                        python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, attention, attention_nopdl, stage0, engine, engine_nopdl, sweep, reuse, gemv, ncu, ncu_prune)"; exit 2 ;;
+        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, attention, attention_nopdl, stage0, engine, engine_nopdl, sweep, reuse, gemv, cache, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"
 # The device tool brings back a handful of files: the logs travel as one archive.
 (cd "$OUT" && shopt -s nullglob && tar czf logs.tgz device.txt ./*.log && rm -f device.txt ./*.log)
+if [ -n "${export_cache:-}" ] && [ -d "$TRITON_CACHE_DIR" ]; then
+    tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
+    [ "$(stat -c %s "$OUT/triton_cache.tgz")" -lt 15000000 ] || rm -f "$OUT/triton_cache.tgz"
+fi
