@@ -134,14 +134,16 @@ def test_pdl_is_off_off_hopper():
 
     assert not pdl.enabled(torch.device("cpu")) and pdl.launch_options(torch.device("cpu")) == {}
     if torch.cuda.is_available():
-        assert pdl.enabled(torch.device("cuda")) == (torch.cuda.get_device_capability() >= (9, 0))
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        assert pdl.enabled(torch.device("cuda")) == (hopper and pdl._HAVE_GDC)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PDL needs a GPU (Hopper+)")
 def test_gemv_chain_with_pdl_in_a_cuda_graph_equals_the_chain_without():
-    """A decode-like chain of GEMVs (norm, residual, SiLU prologues) launched with PDL and its
-    weight prefetch, captured in a CUDA graph and replayed, gives bit-for-bit the outputs of the
-    same launches without PDL: each kernel waits for its predecessor before reading its input."""
+    """A decode-like chain of GEMVs (norm, residual, SiLU prologues, a split-K one) launched with
+    PDL and its weight prefetch, captured in a CUDA graph and replayed, gives bit-for-bit the
+    outputs of the same launches without PDL: each kernel waits for its predecessor first. (On a
+    GPU without PDL both chains run without it.)"""
     from infinitehip.models import gemv
 
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -158,7 +160,7 @@ def test_gemv_chain_with_pdl_in_a_cuda_graph_equals_the_chain_without():
             x = gemv.linear(gemv.linear(x, ws[i], norm=norm, launch=gemv.Launch(pdl=pdl), **kw), ws[i], residual=x,
                             launch=gemv.Launch(pdl=pdl), **kw)
             h = gemv.linear(x, ws[i + 1], norm=norm, launch=gemv.Launch(block_n=64, stages=3, pdl=pdl), **kw)
-            x = gemv.linear(h, ws[i + 2], silu=True, residual=x, launch=gemv.Launch(pdl=pdl), **kw)
+            x = gemv.linear(h, ws[i + 2], silu=True, residual=x, launch=gemv.Launch(pdl=pdl, split=2), **kw)
         return x
 
     want = chain(x0, pdl=False)

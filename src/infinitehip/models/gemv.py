@@ -79,8 +79,11 @@ def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, s
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_w
     k_first = split * K_SPLIT                                                  # this program's K range
     # The weights are no kernel's output: their first bytes may stream in before the input exists.
-    if PREFETCH > 0:
-        prefetch_l2(w_ptr + tl.minimum(n, N - 1).to(tl.int64) * stride_w + k_first, PREFETCH)
+    if PREFETCH > 0:   # at most PREFETCH bytes, and not past this split's end of the row
+        elem: tl.constexpr = dtype.primitive_bitwidth // 8
+        size = tl.minimum(PREFETCH, (tl.minimum(K_SPLIT, K - k_first) * elem) // 16 * 16)
+        if size > 0:
+            prefetch_l2(w_ptr + tl.minimum(n, N - 1).to(tl.int64) * stride_w + k_first, size)
     wait_for_previous(PDL)
     release_next(PDL)
     if PROLOGUE == 1:   # rstd of each row, over all K
@@ -182,7 +185,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     pdl = launch.pdl and pdl_enabled(x.device)
     # Bulk prefetches take 16-byte-aligned rows and a multiple of 16 bytes.
     aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0
-    prefetch = min(launch.prefetch, k_split * weight.element_size()) // 16 * 16 if pdl and aligned else 0
+    prefetch = launch.prefetch // 16 * 16 if pdl and aligned else 0
     g, eps = norm if norm is not None else (weight, 0.0)
     _gemv_kernel[(n_blocks, split)](
         rows, weight, g, bias if bias is not None else weight, out, ws, counts,

@@ -149,8 +149,9 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
     # A tuning switch (scripts/sweep_prune.py --reuse): V's rows prefetched into L2 as K's load
     # (Hopper's bulk prefetch, 16-byte-aligned rows of D values).
     v_row_bytes = D * v.element_size()
-    prefetch_v = (v_row_bytes if tuning.get("prefetch_v", False) and pdl.hopper(q.device) and v_row_bytes % 16 == 0
-                  and v.data_ptr() % 16 == 0 and v.stride(1) * v.element_size() % 16 == 0 else 0)
+    aligned = v_row_bytes % 16 == 0 and v.data_ptr() % 16 == 0 and all(st * v.element_size() % 16 == 0
+                                                                       for st in v.stride()[:3])
+    prefetch_v = v_row_bytes if tuning.get("prefetch_v", False) and pdl.hopper(q.device) and aligned else 0
     _bsa_kernel[grid](
         q, k, v, starts, inv_freq_ptr=inv_freq,
         attention_scaling=float(rope.attention_scaling if rope is not None else 1.0), qk_scale=float(scale) * LOG2E,

@@ -15,6 +15,8 @@ Off (the CPU interpreter, older GPUs) the calls compile to nothing.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -31,8 +33,10 @@ USE = True
 
 
 def hopper(device: torch.device) -> bool:
-    """Whether ``device`` has Hopper's grid dependency control and bulk prefetch (sm90+)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    """Whether kernels on ``device`` compile for Hopper's grid dependency control and bulk prefetch:
+    sm90+, and not run by the Triton interpreter (which has no inline assembly)."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return device.type == "cuda" and not interpreted and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def enabled(device: torch.device) -> bool:
@@ -61,8 +65,8 @@ def release_next(PDL: tl.constexpr):
 
 @triton.jit
 def prefetch_l2(ptrs, nbytes):
-    """Start reading ``nbytes`` (a multiple of 16) from each 16-byte-aligned address in ``ptrs``
-    into L2 (one bulk prefetch per element; duplicates are harmless). Hopper only."""
+    """Start reading ``nbytes`` (> 0, a multiple of 16, within the tensor) from each 16-byte-aligned
+    address in ``ptrs`` into L2 (one bulk prefetch per element; duplicates are harmless). Hopper only."""
     tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; // $0", "=r,l,r",
-                              [ptrs, tl.full(ptrs.shape, nbytes, tl.int32)], dtype=tl.int32, is_pure=False,
+                              [ptrs, tl.zeros(ptrs.shape, tl.int32) + nbytes], dtype=tl.int32, is_pure=False,
                               pack=1)
