@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from ..attention import RoPE
+from ..attention.triton import pdl
 from ..cache.kv import KVCache
 from ..config import HiPConfig
 from ..engine.cuda_graph import GraphDecoder
 from ..engine.generate import DecodeState, decode_one_token, prefill
+from ..models import gemv
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
-from ..attention.triton import pdl
 from . import copy_bandwidth, device_slug
 
 LLAMA3_8B = dict(architecture="LlamaForCausalLM", vocab_size=128_256, dim=4096, n_layers=32, n_heads=32,
@@ -125,11 +126,14 @@ def main(argv: list[str] | None = None):
     p.add_argument("--chunk-size", type=int, default=16384)
     p.add_argument("--skip-dense-prefill-above", type=int, default=1 << 30,
                    help="Skip dense at contexts above this (its prefill is quadratic).")
+    p.add_argument("--gemv-prefetch", type=int, default=gemv.PREFETCH,
+                   help="Bytes of each weight row a GEMV prefetches into L2 under PDL (0: none).")
     p.add_argument("--pdl", choices=("on", "off"), default="on",
                    help="Programmatic dependent launch of the decode kernels (Hopper+); off to measure without.")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     pdl.USE = a.pdl == "on"
+    gemv.PREFETCH = a.gemv_prefetch
     if not torch.cuda.is_available():
         raise SystemExit("the engine benchmark needs a CUDA GPU")
     config = HiPConfig(dense_threshold=0)
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None):
                 continue
             r = bench_one(model, context, backend, a.decode_steps, a.chunk_size, a.eager_steps)
             r.update(device=device, date=date, layers=a.layers, weight_floor_ms=round(floor_ms, 2), pdl=a.pdl,
+                     gemv_prefetch=a.gemv_prefetch,
                      copy_bandwidth_gb_per_s=round(bytes_per_s / 1e9),
                      decode_over_floor=round(r["decode_ms_per_token"] / floor_ms, 2),
                      command="python -m infinitehip.bench engine " + " ".join(argv or []))

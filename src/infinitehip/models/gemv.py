@@ -56,12 +56,18 @@ class Launch:
     split: int = 1        # split-K: programs per BLOCK_N features, the last to finish sums them
 
 
+# Bytes of each weight row prefetched under PDL. Benchmarks set it (`bench engine --gemv-prefetch`):
+# a GEMV after attention (o) could stream most of its weights while attention, latency-bound,
+# leaves the memory idle; after another GEMV the prefetch only reorders reads.
+PREFETCH = 2048
+
+
 def default_launch(n: int, k: int) -> Launch:
     """The best of ``scripts/sweep_gemv.py``'s settings at Llama-3-8B's shapes (H200, one row):
     32 features and deeper pipelining where N is the hidden size (4096: 128 programs), else 64."""
     if n <= 4096:
-        return Launch(block_n=32, block_k=256, stages=5)
-    return Launch(block_n=64, block_k=256, stages=3)
+        return Launch(block_n=32, block_k=256, stages=5, prefetch=PREFETCH)
+    return Launch(block_n=64, block_k=256, stages=3, prefetch=PREFETCH)
 
 
 @triton.jit
