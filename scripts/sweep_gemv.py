@@ -125,7 +125,9 @@ def main() -> None:
         # Split-K: qkv (96 programs of 64 features), o and down (128 of 32) leave SMs idle.
         split = [replace(default, split=2), replace(default, split=4), replace(default, block_n=64, split=2),
                  replace(default, stages=6), replace(default, stages=8)]
-        records += sweep_op(name, op, [default] + pdl + split + [x for x in GRID if x != default][:a.limit])
+        # One row by multiply-adds in registers (no tl.dot, no shared memory round trip for W).
+        fma = [replace(default, fma=True), replace(default, fma=True, block_n=16), replace(default, fma=True, stages=2)]
+        records += sweep_op(name, op, [default] + pdl + split + fma + [x for x in GRID if x != default][:a.limit])
     best = {}
     for name in ops:
         fused = [r for r in records if r["op"] == name and r["variant"] == "fused" and "us" in r]

@@ -103,6 +103,7 @@ def _calls():
     gemv.linear(x, w, w[0, :40], silu=True, residual=torch.zeros(3, 40, dtype=torch.bfloat16), triton_kernel=True)
     gemv.linear(x[:, :2048], w, residual=torch.zeros(3, 40, dtype=torch.bfloat16), triton_kernel=True,
                 launch=gemv.Launch(split=4))
+    gemv.linear(x[:1], w[:, :4096 // 2].contiguous(), silu=True, triton_kernel=True, launch=gemv.Launch(fma=True))
 
 
 def main() -> int:

@@ -75,14 +75,15 @@ def _linear_reference(x, w, bias, norm, silu, residual):
     return out + residual.double() if residual is not None else out
 
 
-@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("split,fma", [(1, False), (3, False), (1, True), (3, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["plain", "norm", "silu", "residual_bias"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_gemv_linear_is_the_composition(kind, rows, dtype, split):
+def test_gemv_linear_is_the_composition(kind, rows, dtype, split, fma):
     """Decode's fused linear layer (models/gemv.py) == prologue -> x W^T + b -> + residual, for ragged
     N and K (not multiples of the tiles), over several programs and K tiles; split-K over 3 splits
-    (the last ragged) merged by the last to finish, its arrival counters left zero."""
+    (the last ragged) merged by the last to finish, its arrival counters left zero; one row by
+    multiply-adds in registers instead of tl.dot (more rows ignore the switch)."""
     from infinitehip.attention.triton.decode import arrival_counters
     from infinitehip.models import gemv
 
@@ -94,7 +95,7 @@ def test_gemv_linear_is_the_composition(kind, rows, dtype, split):
     norm = ((torch.rand(K, generator=g) + 0.5).to(DEVICE, dtype), 1e-5) if kind == "norm" else None
     residual = torch.randn(rows, N, generator=g).to(DEVICE, dtype) if kind == "residual_bias" else None
     want = _linear_reference(x, w, bias, norm, kind == "silu", residual)
-    launch = gemv.Launch(block_n=16, block_k=128, warps=4, stages=2, split=split)
+    launch = gemv.Launch(block_n=16, block_k=128, warps=4, stages=2, split=split, fma=fma)
     got = gemv.linear(x, w, bias, norm=norm, silu=kind == "silu",
                       residual=None if residual is None else residual.clone(), triton_kernel=True, launch=launch)
     assert got.shape == (rows, N) and got.dtype == dtype

@@ -54,6 +54,7 @@ class Launch:
     pdl: bool = True
     prefetch: int = 2048
     split: int = 1        # split-K: programs per BLOCK_N features, the last to finish sums them
+    fma: bool = False     # one row: multiply-adds in registers instead of tl.dot (no shared memory)
 
 
 # Bytes of each weight row prefetched under PDL. Benchmarks set it (`bench engine --gemv-prefetch`):
@@ -75,7 +76,7 @@ def default_launch(n: int, k: int) -> Launch:
 def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, stride_x, stride_w, stride_o, eps,
                  ROWS_P: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, BIAS: tl.constexpr,
                  RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                 PREFETCH: tl.constexpr, SPLIT: tl.constexpr, K_SPLIT: tl.constexpr,
+                 PREFETCH: tl.constexpr, SPLIT: tl.constexpr, K_SPLIT: tl.constexpr, FMA: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,6 +102,8 @@ def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, s
             sq += xs * xs
         rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)                    # (BLOCK_M,)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if FMA:   # BLOCK_M = 1: products summed over K once, after the loop
+        acc_k = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for i in range(K_SPLIT // BLOCK_K):
         k = k_first + i * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = k < K
@@ -117,12 +120,16 @@ def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, s
                 a_r = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype)
                 a = tl.where(m[:, None] == r, a_r[None, :], a)
         w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)   # (BLOCK_N, BLOCK_K)
-        if UPCAST:   # the CPU interpreter cannot multiply bfloat16
+        if FMA:
+            acc_k += w.to(tl.float32) * a.to(tl.float32)                       # (BLOCK_N, BLOCK_K) * (1, BLOCK_K)
+        elif UPCAST:   # the CPU interpreter cannot multiply bfloat16
             acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         elif IEEE:   # float32 weights (tests): no tf32 rounding
             acc += tl.dot(a, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(a, tl.trans(w))
+    if FMA:
+        acc = tl.sum(acc_k, axis=1)[None, :]
     o_ok = m_ok[:, None] & n_ok[None, :]
     if SPLIT > 1:   # partial sums to the workspace; the last split of these features adds them up
         ws = ws_ptr + (m[:, None] * N + n[None, :]).to(tl.int64)                # (SPLIT, M, N) float32
@@ -196,14 +203,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     # ~33 MB in all, what the 50 MB L2 of an H100 / H200 holds beside the traffic it overlaps.
     per_row = min(launch.prefetch, PREFETCH_PER_PROGRAM // launch.block_n)
     prefetch = per_row // 16 * 16 if pdl and aligned else 0
+    fma = launch.fma and M == 1
     g, eps = norm if norm is not None else (weight, 0.0)
     _gemv_kernel[(n_blocks, split)](
         rows, weight, g, bias if bias is not None else weight, out, ws, counts,
         M, N, rows.stride(0), weight.stride(0), out.stride(0), float(eps), ROWS_P=triton.next_power_of_2(M), K=K,
         PROLOGUE=_NORM if norm is not None else _SILU if silu else _NONE, BIAS=bias is not None,
         RESIDUAL=residual is not None, UPCAST=not x.is_cuda, IEEE=weight.dtype == torch.float32, PDL=pdl,
-        PREFETCH=prefetch, SPLIT=split, K_SPLIT=k_split, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n,
-        BLOCK_K=launch.block_k, num_warps=launch.warps, num_stages=launch.stages,
+        PREFETCH=prefetch, SPLIT=split, K_SPLIT=k_split, FMA=fma, BLOCK_M=1 if fma else MAX_ROWS,
+        BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, num_warps=launch.warps, num_stages=launch.stages,
         **({"launch_pdl": True} if pdl else {}))
     return residual if residual is not None else out.view(*x.shape[:-1], N)
 
