@@ -83,7 +83,7 @@ for s in "$@"; do
                  --out "$OUT/sweep_prune.json" ;;
         reuse) step reuse 300 python scripts/sweep_prune.py --reuse 128K --decode "" --prefill "" \
                    --out "$OUT/sweep_reuse.json" ;;
-        gemv) step gemv 400 python scripts/sweep_gemv.py --out "$OUT/sweep_gemv.json" ;;
+        gemv) step gemv 400 python scripts/sweep_gemv.py --limit 6 --out "$OUT/sweep_gemv.json" ;;
         cache) export_cache=1 ;;
         ncu) step ncu 150 ncu --clock-control none -k regex:_bsa_kernel -c 2 --section SpeedOfLight \
                  --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
