@@ -14,11 +14,10 @@
 #   offload_probe  bench offload: 256K on the GPU and offloaded, 1M with the GPU probe copy (the default), with it +
 #              stage0_levels=3, without it
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
-#   attention_nopdl  bench attention, decode 128K and 1M, without programmatic dependent launch (its A/B)
+#   attention_pdl  bench attention, decode 128K and 1M, with programmatic dependent launch (its A/B; off by default)
 #   stage0     bench attention with HiPConfig.stage0_levels=3 (stage 0 stopped at 32-key pieces): decode 1M, prefill 128K
 #   engine     bench engine at 256K: hip vs dense
-#   engine_nopdl  bench engine at 256K, hip only, without programmatic dependent launch (its A/B)
-#   engine_prefetch  bench engine at 256K, hip only, GEMV weight prefetch 0 and 8 KB a row (default 2 KB)
+#   engine_pdl  bench engine at 256K, hip only, with programmatic dependent launch (its A/B; off by default)
 #   sweep      scripts/sweep_prune.py: pruning launch settings (dense small-chunk scoring too), decode and prefill 128K
 #              (SWEEP_DECODE="" skips decode)
 #   reuse      scripts/sweep_prune.py --reuse 128K: the mask-reuse decode step's launch settings, the selection kernel's warps
@@ -69,16 +68,13 @@ for s in "$@"; do
                            $b --contexts 1048576 --on-gpu-contexts "" --probe-stride 0 --out "$OUT/probe0"' ;;
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
                        --chunked "" --out "$OUT/attention.json" ;;
-        attention_nopdl) step attention_nopdl 200 python -m infinitehip.bench attention --decode 128K,1M --prefill "" \
-                             --chunked "" --pdl off --out "$OUT/attention_nopdl.json" ;;
+        attention_pdl) step attention_pdl 200 python -m infinitehip.bench attention --decode 128K,1M --prefill "" \
+                           --chunked "" --pdl on --out "$OUT/attention_pdl.json" ;;
         stage0) step stage0 300 python -m infinitehip.bench attention --decode 1M --prefill 128K --chunked "" \
                     --stage0-levels 3 --out "$OUT/attention_stage0.json" ;;
         engine) step engine 400 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 --out "$OUT" ;;
-        engine_nopdl) step engine_nopdl 200 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 \
-                          --backends hip --pdl off --out "$OUT/nopdl" ;;
-        engine_prefetch) step engine_prefetch 300 bash -c 'set -e
-                             for b in 0 8192; do python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 \
-                                 --backends hip --gemv-prefetch $b --out "$OUT/prefetch$b"; done' ;;
+        engine_pdl) step engine_pdl 200 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 \
+                        --backends hip --pdl on --out "$OUT/pdl" ;;
         sweep) step sweep 400 python scripts/sweep_prune.py --decode "${SWEEP_DECODE-128K}" --prefill 128K \
                  --out "$OUT/sweep_prune.json" ;;
         reuse) step reuse 300 python scripts/sweep_prune.py --reuse 128K --decode "" --prefill "" \
@@ -92,7 +88,7 @@ for s in "$@"; do
                        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
                        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                        python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, attention, attention_nopdl, stage0, engine, engine_nopdl, engine_prefetch, sweep, reuse, gemv, cache, ncu, ncu_prune)"; exit 2 ;;
+        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, attention, attention_pdl, stage0, engine, engine_pdl, sweep, reuse, gemv, cache, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"

@@ -6,7 +6,7 @@ layers (cuBLAS + the repo's RMSNorm / SiLU * up kernels), at Llama-3-8B's shapes
 1. Per linear layer and launch setting: median microseconds of one call, as CUDA-graph replays
    over ``--copies`` distinct weight copies (a decode step reads each weight once: no L2 hits).
 2. A whole token's linear work, 32 layers x (q/k/v, o, gate/up, down) + the LM head, composed vs
-   fused (default launches, without PDL, the best per layer found in 1), as one graph: ms per token and
+   fused (default launches, with programmatic dependent launch, the best per layer found in 1), as one graph: ms per token and
    the weight bytes per second, beside this run's copy rate (``bench.copy_bandwidth``).
 Every fused result is checked against the composed one before it is timed.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import triton.testing
 
+from infinitehip.attention.triton import pdl
 from infinitehip.bench import copy_bandwidth
 from infinitehip.models import gemv
 
@@ -120,14 +121,11 @@ def main() -> None:
     records = []
     for name, op in ops.items():
         default = gemv.default_launch(*op.weights[0].shape)
-        # PDL and its weight prefetch (Hopper): without, prefetch off, the default 2 KB, 8 KB a row.
-        pdl = [replace(default, pdl=False), replace(default, prefetch=0), replace(default, prefetch=8192)]
-        # Split-K: qkv (96 programs of 64 features), o and down (128 of 32) leave SMs idle.
-        split = [replace(default, split=2), replace(default, split=4), replace(default, block_n=64, split=2),
-                 replace(default, stages=6), replace(default, stages=8)]
-        # One row by multiply-adds in registers (no tl.dot, no shared memory round trip for W).
-        fma = [replace(default, fma=True), replace(default, fma=True, block_n=16), replace(default, fma=True, stages=2)]
-        records += sweep_op(name, op, [default] + pdl + split + fma + [x for x in GRID if x != default][:a.limit])
+        # Split-K: qkv (96 programs of 64 features) and o (128 of 32) leave SMs idle.
+        split = [replace(default, split=1), replace(default, split=2), replace(default, split=4),
+                 replace(default, block_n=64, split=2), replace(default, stages=6)]
+        grid = [default] + [x for x in split if x != default]
+        records += sweep_op(name, op, grid + [x for x in GRID if x not in grid][:a.limit])
     best = {}
     for name in ops:
         fused = [r for r in records if r["op"] == name and r["variant"] == "fused" and "us" in r]
@@ -137,10 +135,11 @@ def main() -> None:
     weight_bytes = sum(op.nbytes // len(op.weights) for name, op in ops.items() if name != "lm_head") * LAYERS
     weight_bytes += ops["lm_head"].nbytes // len(ops["lm_head"].weights)
     rate = copy_bandwidth("cuda")
-    no_pdl = {name: replace(gemv.default_launch(*op.weights[0].shape), pdl=False) for name, op in ops.items()}
-    for variant, fused, launches in (("composed", False, None), ("fused_default", True, None),
-                                     ("fused_no_pdl", True, no_pdl), ("fused_best", True, best)):
+    for variant, fused, launches, use_pdl in (("composed", False, None, False), ("fused_default", True, None, False),
+                                              ("fused_pdl", True, None, True), ("fused_best", True, best, False)):
+        pdl.USE = use_pdl
         ms = time_graph(token(ops, fused, launches))
+        pdl.USE = False
         records.append(dict(kind="token", variant=variant, ms=ms, weight_gb=weight_bytes / 1e9,
                             tbps=weight_bytes / ms / 1e9, floor_ms=weight_bytes / rate * 1e3, copy_tbps=rate / 1e12,
                             launches={k: v.__dict__ for k, v in (launches or {}).items()}))

@@ -20,7 +20,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 _POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
             torch.int64: "*i64", torch.int8: "*i8", torch.uint8: "*u8", torch.bool: "*i1",
             torch.float8_e4m3fn: "*fp8e4nv"}
-_GPU_SWITCHES = dict(FAST=True, UPCAST=False, PDL=True, PREFETCH=2048, PREFETCH_V=256)   # the last 3: Hopper only
+_GPU_SWITCHES = dict(FAST=True, UPCAST=False, PDL=True, PREFETCH_V=256)   # the last 2: Hopper only
 launches: list[tuple[JITFunction, dict]] = []
 
 
@@ -103,7 +103,6 @@ def _calls():
     gemv.linear(x, w, w[0, :40], silu=True, residual=torch.zeros(3, 40, dtype=torch.bfloat16), triton_kernel=True)
     gemv.linear(x[:, :2048], w, residual=torch.zeros(3, 40, dtype=torch.bfloat16), triton_kernel=True,
                 launch=gemv.Launch(split=4))
-    gemv.linear(x[:1], w[:, :4096 // 2].contiguous(), silu=True, triton_kernel=True, launch=gemv.Launch(fma=True))
 
 
 def main() -> int:

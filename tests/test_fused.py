@@ -75,15 +75,14 @@ def _linear_reference(x, w, bias, norm, silu, residual):
     return out + residual.double() if residual is not None else out
 
 
-@pytest.mark.parametrize("split,fma", [(1, False), (3, False), (1, True), (3, True)])
+@pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["plain", "norm", "silu", "residual_bias"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_gemv_linear_is_the_composition(kind, rows, dtype, split, fma):
+def test_gemv_linear_is_the_composition(kind, rows, dtype, split):
     """Decode's fused linear layer (models/gemv.py) == prologue -> x W^T + b -> + residual, for ragged
     N and K (not multiples of the tiles), over several programs and K tiles; split-K over 3 splits
-    (the last ragged) merged by the last to finish, its arrival counters left zero; one row by
-    multiply-adds in registers instead of tl.dot (more rows ignore the switch)."""
+    (the last ragged) merged by the last to finish, its arrival counters left zero."""
     from infinitehip.attention.triton.decode import arrival_counters
     from infinitehip.models import gemv
 
@@ -95,7 +94,7 @@ def test_gemv_linear_is_the_composition(kind, rows, dtype, split, fma):
     norm = ((torch.rand(K, generator=g) + 0.5).to(DEVICE, dtype), 1e-5) if kind == "norm" else None
     residual = torch.randn(rows, N, generator=g).to(DEVICE, dtype) if kind == "residual_bias" else None
     want = _linear_reference(x, w, bias, norm, kind == "silu", residual)
-    launch = gemv.Launch(block_n=16, block_k=128, warps=4, stages=2, split=split, fma=fma)
+    launch = gemv.Launch(block_n=16, block_k=128, warps=4, stages=2, split=split)
     got = gemv.linear(x, w, bias, norm=norm, silu=kind == "silu",
                       residual=None if residual is None else residual.clone(), triton_kernel=True, launch=launch)
     assert got.shape == (rows, N) and got.dtype == dtype
@@ -140,11 +139,12 @@ def test_pdl_is_off_off_hopper():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PDL needs a GPU (Hopper+)")
-def test_gemv_chain_with_pdl_in_a_cuda_graph_equals_the_chain_without():
+def test_gemv_chain_with_pdl_in_a_cuda_graph_equals_the_chain_without(monkeypatch):
     """A decode-like chain of GEMVs (norm, residual, SiLU prologues, a split-K one) launched with
-    PDL and its weight prefetch, captured in a CUDA graph and replayed, gives bit-for-bit the
-    outputs of the same launches without PDL: each kernel waits for its predecessor first. (On a
-    GPU without PDL both chains run without it.)"""
+    PDL, captured in a CUDA graph and replayed, gives bit-for-bit the outputs of the same launches
+    without PDL: each kernel waits for its predecessor first. (On a GPU without PDL both chains
+    run without it.)"""
+    from infinitehip.attention.triton import pdl
     from infinitehip.models import gemv
 
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -154,22 +154,22 @@ def test_gemv_chain_with_pdl_in_a_cuda_graph_equals_the_chain_without():
     norm = ((torch.rand(C, generator=g, device="cuda") + 0.5).bfloat16(), 1e-5)
     x0 = torch.randn(2, C, generator=g, device="cuda").bfloat16()
 
-    def chain(x, pdl):
+    def chain(x, use_pdl):
+        monkeypatch.setattr(pdl, "USE", use_pdl)
         x = x.clone()
         for i in range(0, len(ws), 3):
             kw = dict(triton_kernel=True)
-            x = gemv.linear(gemv.linear(x, ws[i], norm=norm, launch=gemv.Launch(pdl=pdl), **kw), ws[i], residual=x,
-                            launch=gemv.Launch(pdl=pdl), **kw)
-            h = gemv.linear(x, ws[i + 1], norm=norm, launch=gemv.Launch(block_n=64, stages=3, pdl=pdl), **kw)
-            x = gemv.linear(h, ws[i + 2], silu=True, residual=x, launch=gemv.Launch(pdl=pdl, split=2), **kw)
+            x = gemv.linear(gemv.linear(x, ws[i], norm=norm, **kw), ws[i], residual=x, **kw)
+            h = gemv.linear(x, ws[i + 1], norm=norm, launch=gemv.Launch(block_n=64, stages=3), **kw)
+            x = gemv.linear(h, ws[i + 2], silu=True, residual=x, launch=gemv.Launch(split=2), **kw)
         return x
 
-    want = chain(x0, pdl=False)
+    want = chain(x0, use_pdl=False)
     static = x0.clone()
-    out = chain(static, pdl=True)                   # compile outside the capture
+    out = chain(static, use_pdl=True)               # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = chain(static, pdl=True)
+        out = chain(static, use_pdl=True)
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()

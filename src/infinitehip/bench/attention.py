@@ -297,8 +297,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--preset", default="paper")
     p.add_argument("--stage0-levels", type=int, default=None,
                    help="HiPConfig.stage0_levels: stop stage 0's descent after this many levels")
-    p.add_argument("--pdl", choices=("on", "off"), default="on",
-                   help="Programmatic dependent launch of the kernels (Hopper+); off to measure without.")
+    p.add_argument("--pdl", choices=("on", "off"), default="off",
+                   help="Programmatic dependent launch of the kernels (Hopper+; off by default: slower).")
     p.add_argument("--out", type=Path, default=Path("attention.json"), help="JSON path (the PNG goes beside it)")
     args = p.parse_args(argv)
     pdl.USE = args.pdl == "on"

@@ -21,9 +21,8 @@ model has a few widths; the interpreter cannot loop to a run-time bound), and so
 rounded up to a power of two (five variants a layer, not one per batch size to compile). The
 PyTorch composition in ``linear`` is the CPU path and the tests' reference.
 
-On Hopper the launches chain by programmatic dependent launch (``attention/triton/pdl.py``): a
-GEMV starts while its predecessor drains, prefetches the first bytes of its weight rows into L2
-(the weights are no kernel's output), and only then waits for its input.
+Where ``attention/triton/pdl.py`` turns programmatic dependent launch on (off by default: it
+measured slower), a GEMV waits for its predecessor before its first load.
 """
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..attention.triton.decode import arrival_counters
-from ..attention.triton.pdl import enabled as pdl_enabled, prefetch_l2, release_next, wait_for_previous
+from ..attention.triton.pdl import enabled as pdl_enabled, release_next, wait_for_previous
 
 MAX_ROWS = 16          # tl.dot's smallest row tile: more rows (prefill) take cuBLAS
 _NONE, _NORM, _SILU = 0, 1, 2
@@ -43,40 +42,31 @@ _NONE, _NORM, _SILU = 0, 1, 2
 
 @dataclass(frozen=True)
 class Launch:
-    """One GEMV launch's tiling (``scripts/sweep_gemv.py`` measures the choices). With ``pdl``
-    (programmatic dependent launch, ``attention/triton/pdl.py``: Hopper and newer) each program
-    prefetches the first ``prefetch`` bytes of its weight rows into L2 while the previous kernel
-    drains (0: none)."""
+    """One GEMV launch's tiling (``scripts/sweep_gemv.py`` measures the choices)."""
     block_n: int = 32
     block_k: int = 256
     warps: int = 4
     stages: int = 4
-    pdl: bool = True
-    prefetch: int = 2048
     split: int = 1        # split-K: programs per BLOCK_N features, the last to finish sums them
-    fma: bool = False     # one row: multiply-adds in registers instead of tl.dot (no shared memory)
-
-
-# Bytes of each weight row prefetched under PDL. Benchmarks set it (`bench engine --gemv-prefetch`):
-# a GEMV after attention (o) could stream most of its weights while attention, latency-bound,
-# leaves the memory idle; after another GEMV the prefetch only reorders reads.
-PREFETCH = 2048
-PREFETCH_PER_PROGRAM = 256 * 1024
 
 
 def default_launch(n: int, k: int) -> Launch:
-    """The best of ``scripts/sweep_gemv.py``'s settings at Llama-3-8B's shapes (H200, one row):
-    32 features and deeper pipelining where N is the hidden size (4096: 128 programs), else 64."""
-    if n <= 4096:
-        return Launch(block_n=32, block_k=256, stages=5, prefetch=PREFETCH)
-    return Launch(block_n=64, block_k=256, stages=3, prefetch=PREFETCH)
+    """The best of ``scripts/sweep_gemv.py``'s settings at Llama-3-8B's shapes (H200, one row,
+    benchmarks/results/sweep_gemv_h200.json): 64 features a program and 3 stages where N is wide;
+    where N is the hidden size (4096), 32 features and 5 stages, and where K is also long (the down
+    projection, K = 14,336) 64 features split in two along K: 35.6 us instead of 39.8."""
+    if n > 4096:
+        return Launch(block_n=64, block_k=256, stages=3)
+    if k >= 2 * n:
+        return Launch(block_n=64, block_k=256, stages=5, split=2)
+    return Launch(block_n=32, block_k=256, stages=5)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, stride_x, stride_w, stride_o, eps,
                  ROWS_P: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, BIAS: tl.constexpr,
                  RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                 PREFETCH: tl.constexpr, SPLIT: tl.constexpr, K_SPLIT: tl.constexpr, FMA: tl.constexpr,
+                 SPLIT: tl.constexpr, K_SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,12 +76,6 @@ def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, s
     x_rows = x_ptr + m[:, None].to(tl.int64) * stride_x
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_w
     k_first = split * K_SPLIT                                                  # this program's K range
-    # The weights are no kernel's output: their first bytes may stream in before the input exists.
-    if PREFETCH > 0:   # at most PREFETCH bytes, and not past this split's end of the row
-        elem: tl.constexpr = dtype.primitive_bitwidth // 8
-        size = tl.minimum(PREFETCH, (tl.minimum(K_SPLIT, K - k_first) * elem) // 16 * 16)
-        if size > 0:
-            prefetch_l2(w_ptr + tl.minimum(n, N - 1).to(tl.int64) * stride_w + k_first, size)
     wait_for_previous(PDL)
     release_next(PDL)
     if PROLOGUE == 1:   # rstd of each row, over all K
@@ -102,8 +86,6 @@ def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, s
             sq += xs * xs
         rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)                    # (BLOCK_M,)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    if FMA:   # BLOCK_M = 1: products summed over K once, after the loop
-        acc_k = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for i in range(K_SPLIT // BLOCK_K):
         k = k_first + i * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = k < K
@@ -120,16 +102,12 @@ def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, s
                 a_r = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype)
                 a = tl.where(m[:, None] == r, a_r[None, :], a)
         w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)   # (BLOCK_N, BLOCK_K)
-        if FMA:
-            acc_k += w.to(tl.float32) * a.to(tl.float32)                       # (BLOCK_N, BLOCK_K) * (1, BLOCK_K)
-        elif UPCAST:   # the CPU interpreter cannot multiply bfloat16
+        if UPCAST:   # the CPU interpreter cannot multiply bfloat16
             acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         elif IEEE:   # float32 weights (tests): no tf32 rounding
             acc += tl.dot(a, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(a, tl.trans(w))
-    if FMA:
-        acc = tl.sum(acc_k, axis=1)[None, :]
     o_ok = m_ok[:, None] & n_ok[None, :]
     if SPLIT > 1:   # partial sums to the workspace; the last split of these features adds them up
         ws = ws_ptr + (m[:, None] * N + n[None, :]).to(tl.int64)                # (SPLIT, M, N) float32
@@ -196,21 +174,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     split, n_blocks = triton.cdiv(K, k_split), triton.cdiv(N, launch.block_n)
     ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
     counts = arrival_counters(n_blocks, x.device) if split > 1 else out
-    pdl = launch.pdl and pdl_enabled(x.device)
-    # Bulk prefetches take 16-byte-aligned rows and a multiple of 16 bytes.
-    aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0
-    # Per program at most PREFETCH_PER_PROGRAM bytes: one resident program per SM then prefetches
-    # ~33 MB in all, what the 50 MB L2 of an H100 / H200 holds beside the traffic it overlaps.
-    per_row = min(launch.prefetch, PREFETCH_PER_PROGRAM // launch.block_n)
-    prefetch = per_row // 16 * 16 if pdl and aligned else 0
-    fma = launch.fma and M == 1
+    pdl = pdl_enabled(x.device)
     g, eps = norm if norm is not None else (weight, 0.0)
     _gemv_kernel[(n_blocks, split)](
         rows, weight, g, bias if bias is not None else weight, out, ws, counts,
         M, N, rows.stride(0), weight.stride(0), out.stride(0), float(eps), ROWS_P=triton.next_power_of_2(M), K=K,
         PROLOGUE=_NORM if norm is not None else _SILU if silu else _NONE, BIAS=bias is not None,
         RESIDUAL=residual is not None, UPCAST=not x.is_cuda, IEEE=weight.dtype == torch.float32, PDL=pdl,
-        PREFETCH=prefetch, SPLIT=split, K_SPLIT=k_split, FMA=fma, BLOCK_M=1 if fma else MAX_ROWS,
+        SPLIT=split, K_SPLIT=k_split, BLOCK_M=MAX_ROWS,
         BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, num_warps=launch.warps, num_stages=launch.stages,
         **({"launch_pdl": True} if pdl else {}))
     return residual if residual is not None else out.view(*x.shape[:-1], N)
