@@ -197,6 +197,25 @@ def test_capacity_errors_name_both_memories(bf16_model):
         plan(model, 1024, config=OffloadConfig(gpu_layers=7))
 
 
+def test_streaming_decode_through_the_page_cache_equals_on_device(bf16_model):
+    """Streaming (sink + window, an empty mask made each step) fetches every step, its window
+    moving, whether or not its token opens a page (a prompt of 603 tokens: the first decode token
+    opens none): the page cache's logits are the on-device ones, bit for bit."""
+    model, tokens = bf16_model, prompt(PROMPT + 3)
+    on_device, cached = caches(model, capacity=PROMPT + STEPS + 4, page=4)
+    logits = {}
+    for name, cache in (("on_device", on_device), ("cached", cached)):
+        out = [prefill(model, tokens, cache, chunk_size=256, backend="streaming")]
+        state, seqlens = DecodeState("streaming"), torch.tensor([tokens.shape[1]])
+        for _ in range(STEPS):
+            out.append(decode_one_token(model, out[-1].argmax(-1), seqlens, cache, state,
+                                        kv_limit=int(seqlens[0]) + 1))
+            seqlens += 1
+        logits[name] = torch.cat(out)
+    assert torch.equal(logits["cached"], logits["on_device"])
+    assert sum(c.stats.misses for c in cached.page_caches) > 0
+
+
 def test_reused_masks_plan_nothing_until_a_page_opens(bf16_model, monkeypatch):
     """A decode step that reuses its mask asks the page cache for no unit (every unit it reads is
     still resident) unless its token opens a page, the window's newest unit: still the on-device

@@ -65,8 +65,12 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
         return ops.attend_reused(q, k, v, mask, kv_len, config, rope, scale, pages=pages), mask
     impl = api.implementation(backend)
 
+    # A fresh fetch unless every row reuses a mask that an earlier, fetching call pruned (it
+    # carries its window start): streaming's empty mask, made each step, moves its window.
+    fresh = from_stage < config.n_stages or mask is None or mask.w0 is None
+
     def attend(qs, m, geo):
-        kr, vr, pr = source.fetch(m.starts, geo, config, from_stage < config.n_stages) if fetch else (k, v, pages)
+        kr, vr, pr = source.fetch(m.starts, geo, config, fresh) if fetch else (k, v, pages)
         return impl.attend(qs, kr, vr, m.starts, geo, config, rope, scale, pages=pr)
 
     return api.prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend,
