@@ -169,3 +169,38 @@ def test_offloaded_slots_give_the_same_tokens_and_share_documents(model):
     offloaded, _ = drive(r, arrivals)
     assert offloaded == on_device
     assert cache.stats.reused_tokens >= 288       # the second question read the document from the cache
+
+
+def test_fp8_offloaded_slots_match_alone(model):
+    """FP8 host KV under batching: a slot reused after a longer request, and rows prefilling in
+    chunks that end mid-page while others decode, give the tokens of an FP8 run of their own (an
+    FP8 page re-encoded around what an earlier request left past a row's end, or around a parked
+    row's throwaway token, used to re-quantize the row's prompt)."""
+    from infinitehip.cache.offload_plan import OffloadConfig
+
+    fp8 = OffloadConfig(fp8=True)
+    prompts = [prompt(n) for n in LENGTHS]
+    arrivals = {}
+    for i, (ids, at) in enumerate(zip(prompts, ADMIT_AT)):
+        arrivals.setdefault(at, []).append((i, ids, GREEDY))
+    got, _ = drive(runner(model, offload=fp8, chunk_size=60), arrivals)
+    want = [[e.token for e in stream(model, [p], GREEDY, chunk_size=60, offload=fp8)] for p in prompts]
+    assert [got[i] for i in range(8)] == want
+
+
+def test_a_parked_row_writes_its_throwaway_token_past_its_prompt_pages(model):
+    """A row prefilling in chunks that end mid-page (60 tokens, 8-token pages) takes a throwaway
+    token in each decode step of its neighbours: on the next page (64), so the FP8 page holding the
+    end of its prompt (56-63) is not re-encoded around it (which re-quantized positions 56-59)."""
+    from infinitehip.cache.offload_plan import OffloadConfig
+
+    r = runner(model, offload=OffloadConfig(fp8=True), chunk_size=60, prefill_budget=60)
+    r.add(prompt(40), SamplingParams(max_new_tokens=20, ignore_eos=True))
+    r.step()                                                  # the neighbour prefills and decodes
+    r.add(prompt(170), GREEDY)
+    r.step()                                                  # 60 prompt tokens of slot 1, a decode step
+    assert r._prefilling is not None and r._prefilling.filled == 60 and list(r._decoding) == [0]
+    c = r.cache
+    for s in c.stores:
+        row = s.dk.view(c.batch, c.capacity, *s.dk.shape[2:])[1].float()     # slot 1's positions
+        assert (row[56:60] != 0).any() and not row[60:64].any() and row[64].any()

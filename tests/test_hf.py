@@ -23,6 +23,16 @@ def test_drop_in_matches_eager_on_short_context(ckpt):
         assert torch.equal(ours.generate(tokens[:1], max_new_tokens=6, do_sample=False), ref)
 
 
+def test_drop_in_with_a_static_cache_matches_eager(ckpt):
+    """A preallocated (static) cache hands attention all its slots and no mask: the keys past the
+    last query's position are empty, and attend nothing (the drop-in read them before)."""
+    tokens = torch.randint(0, 300, (1, 60), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        ref = hf_model(ckpt).generate(tokens, **kw)
+        assert torch.equal(hf_model(ckpt, "infinitehip").generate(tokens, **kw), ref)
+
+
 def test_drop_in_sparse_with_full_budget_is_exact(ckpt):
     full = HiPConfig.preset("tiny", stage_budgets=(None, 1024, 512), budget=512, dense_layer_budget=512)
     ours = hf_model(ckpt, "infinitehip")

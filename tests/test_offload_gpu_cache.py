@@ -282,6 +282,37 @@ def test_decode_write_kernel_is_the_torch_path(cached, fp8, page):
             check_coherent(caches[1].caches[0])
 
 
+def test_fp8_writes_ignore_what_an_earlier_request_left():
+    """A batch slot's earlier request leaves large keys past a new, shorter sequence: FP8 writes
+    zero what lies past their token, so the new sequence's codes and scales are a fresh cache's
+    (a prefill chunk ending mid-page, then decode writes: the PyTorch path, and on the CPU the
+    kernel under the interpreter)."""
+    from infinitehip.attention.triton.kv_write import write_decode_tokens
+
+    g = torch.Generator().manual_seed(11)
+    make = lambda: OffloadKVCache(1, 1, 32, 2, 8, dtype=torch.float32, device="cpu", layer_configs=[CONFIG],  # noqa: E731
+                                  config=OffloadConfig(page=8, fp8=True, decode_cache=False, probe_stride=0))
+    clean, used, kernel = make(), make(), make()
+    junk = torch.randn(1, 32, 2, 8, generator=g) * 50
+    prompt = torch.randn(1, 13, 2, 8, generator=g)                            # pages 0 and 1 (5 of 8 rows)
+    for c in (clean, used, kernel):
+        if c is not clean:
+            c.update(0, torch.zeros(1, dtype=torch.long), junk, junk)        # the earlier request
+        c.update(0, torch.zeros(1, dtype=torch.long), prompt, prompt)
+    for pos in (13, 14):
+        tok = torch.randn(1, 1, 2, 8, generator=g)
+        for c in (clean, used):
+            c.update(0, torch.tensor([pos]), tok, tok)                        # CPU: the PyTorch path
+        if DEVICE == "cpu":                                                   # the kernel, interpreted
+            w = kernel.plan_write(torch.tensor([pos]), 1)
+            write_decode_tokens(kernel.stores[0], None, w.pages, w.offsets, tok[:, 0], tok[:, 0])
+    want = clean.stores[0]
+    for c in (used, kernel) if DEVICE == "cpu" else (used,):
+        s = c.stores[0]
+        assert torch.equal(s.dk_scale[:2], want.dk_scale[:2]) and torch.equal(s.dv_scale[:2], want.dv_scale[:2])
+        assert same_fp8(want.dk[:2], s.dk[:2]) and same_fp8(want.dv[:2], s.dv[:2])
+
+
 @pytest.mark.parametrize("sharing,tq,limit", [("kv", 1, True), ("all", 1, True), ("kv", 40, False)])
 def test_needed_units_kernel_is_the_torch_statement(sharing, tq, limit):
     """The one-launch needed units (sink, window and selected (page, kv head) units of a mask, as

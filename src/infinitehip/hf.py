@@ -27,7 +27,9 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                           **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: query (B, H, Tq, D), key/value (B, K, Tk, D), RoPE applied.
 
-    The queries are the last Tq of the Tk positions (causal). Returns ((B, Tq, H, D), None).
+    The queries are the last Tq of each row's valid keys (causal): all Tk of them, or with a
+    preallocated (static) cache, which passes no mask, the keys up to the last query's position
+    (``position_ids``). Returns ((B, Tq, H, D), None).
     """
     config = getattr(module, "_hip_config", None)
     if config is None:
@@ -36,7 +38,12 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     q = query.transpose(1, 2)                                            # (B, Tq, H, D)
     k = key.transpose(1, 2).contiguous()                                 # (B, Tk, K, D)
     v = value.transpose(1, 2).contiguous()
-    out, _ = hip_attention(q, k, v, config=config, rope=None, scale=scaling)
+    lens, pos = None, kwargs.get("position_ids")
+    if pos is not None and pos.numel():
+        n = (pos[:, -1].long() + 1).expand(q.shape[0])                 # keys up to each row's last query
+        if bool((n < k.shape[1]).any()):   # a static cache: the slots past them hold nothing yet
+            lens = n.to(k.device)
+    out, _ = hip_attention(q, k, v, config=config, rope=None, scale=scaling, cache_seqlens=lens)
     return out, None
 
 

@@ -193,6 +193,12 @@ class OffloadKVCache:
         elif store.fp8:   # re-encode the touched pages whole: one scale per page
             kp, vp = store.read(w.ids)                                              # (N, page, K, D)
             kp[w.inv, w.offsets], vp[w.inv, w.offsets] = k.to(kp), v.to(vp)
+            # Nothing past the last token written to a page is this sequence's yet: a batch slot's
+            # earlier request may have left keys there, whose maximum would set the page's scale.
+            last = torch.full((kp.shape[0],), -1, dtype=torch.long, device=kp.device)
+            last = last.scatter_reduce(0, w.inv, w.offsets, "amax")
+            empty = torch.arange(self.page, device=kp.device) > last[:, None]               # (N, page)
+            kp[empty], vp[empty] = 0, 0
             store.write(w.ids, kp, vp)
             if cache is not None and T == 1:   # the slots get what a re-fetch would give
                 cache.write_pages(w.ids, *store.read(w.ids))

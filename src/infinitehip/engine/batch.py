@@ -124,7 +124,7 @@ class BatchRunner:
         """Plan first, so a server that cannot hold its slots fails at start with the numbers.
         ``offload``: the slots' KV in host memory (True / an OffloadConfig; None: when it does not fit)."""
         try:
-            return make_cache(self.model, self.max_batch, self.max_context, self.chunk_size, offload)
+            return make_cache(self.model, self.max_batch, self.max_context, self.chunk_size, offload, self.backend)
         except CapacityError as e:
             raise CapacityError(f"{e} For batching: lower max_batch ({self.max_batch}) or max_context "
                                 f"({self.max_context:,}).") from None
@@ -257,8 +257,12 @@ class BatchRunner:
         for slot, req in self._decoding.items():
             tokens[slot], seqlens[slot] = req.last, req.seqlen
         if self._prefilling is not None:
-            # Parked where its next prefill chunk writes first: the throwaway K/V is overwritten.
-            seqlens[self._prefilling.slot] = self._prefilling.filled
+            # Parked where its next prefill chunks write: the throwaway K/V is overwritten. On the
+            # next page of an offloaded cache: an FP8 page re-encoded around the throwaway token
+            # would re-quantize the prompt rows before it (in the last page, no better place).
+            filled, page = self._prefilling.filled, getattr(self.cache, "page", 1)
+            parked = -(-filled // page) * page
+            seqlens[self._prefilling.slot] = parked if parked < self.cache.capacity else filled
         kv_limit = max(int(seqlens.max()) + 1, self._kv_floor)
         logits = decode_one_token(self.model, tokens.to(device), seqlens.to(device), self.cache, self.state,
                                   kv_limit=kv_limit)                                 # (B, V)

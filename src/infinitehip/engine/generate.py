@@ -133,7 +133,7 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
         raise ValueError("empty prompt: give at least one token of text")
     B, device, n_new = len(ids), model.device, params.max_new_tokens
     capacity = max(map(len, ids)) + n_new
-    cache = make_cache(model, B, capacity, chunk_size, offload)
+    cache = make_cache(model, B, capacity, chunk_size, offload, backend)
     state = DecodeState(backend, kernel=kernel)
     graph = None
     if cuda_graph:
@@ -204,9 +204,13 @@ def generate(model: Model, prompt: str | list[str], *, max_new_tokens: int = 256
 _stream = stream
 
 
-def make_cache(model: Model, B: int, capacity: int, chunk_size: int, offload: bool | OffloadConfig | None):
+def make_cache(model: Model, B: int, capacity: int, chunk_size: int, offload: bool | OffloadConfig | None,
+               backend: str = "hip"):
     """The KV cache for B rows of ``capacity`` tokens: on the device, or offloaded to host memory
     (when asked, or when ``offload`` is None and it does not fit on a GPU). Checked before allocating."""
+    if backend == "dense" and isinstance(offload, OffloadConfig) and offload.fp8:
+        raise ValueError("backend='dense' reads the KV cache as stored and cannot read FP8 codes: offload with "
+                         "fp8=False (--offload without --offload-fp8), or use the hip or streaming backend")
     args = model.args
     workspace = min(chunk_size, capacity) * (4 * args.dim + 3 * args.intermediate_size) * 4 + (256 << 20)
     shape = dict(n_layers=args.n_layers, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, batch=B,

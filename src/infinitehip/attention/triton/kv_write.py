@@ -48,7 +48,9 @@ def _rewrite(codes_ptr, scale_ptr, new_ptr, pool_ptr, probe_ptr, page, off, h, s
     x = tl.where(resident, tl.load(pool_ptr + pool_at, mask=resident, other=0.0).to(tl.float32),
                  x.to(DTYPE).to(tl.float32))
     new = tl.load(new_ptr + h * D + d, mask=d < D, other=0.0).to(DTYPE).to(tl.float32)
-    x = tl.where(t == off, new, x)
+    # Past the token nothing is this sequence's yet (a batch slot's earlier request may have left
+    # keys there, whose maximum would set the scale): zeros, as the PyTorch path writes.
+    x = tl.where(t == off, new, tl.where(t > off, 0.0, x))
     scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(tl.abs(x), axis=1), axis=0), _FP8_MAX), _TINY)
     codes = tl.math.div_rn(x, scale).to(tl.float8e4nv)
     tl.store(codes_ptr + at, codes, mask=m)
