@@ -201,6 +201,9 @@ def test_sampling_controls(model):
     stop = greedy[2:4]
     assert infinitehip.generate(model, "hello", max_new_tokens=8, ignore_eos=True, stop=[stop]) == \
         greedy[:greedy.index(stop)]
+    # Seeded sampling per row: a prompt in a batch draws what it draws alone (as the server's
+    # requests do), not from a generator its neighbours advance too.
+    assert infinitehip.generate(model, ["hello", "a needle in a haystack"], seed=5, **kw)[0] == a
 
 
 def test_eos_ends_generation(model):

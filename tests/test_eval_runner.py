@@ -21,6 +21,11 @@ def test_parse_length():
         parse_length("2x", None)
 
 
+def test_eval_of_a_missing_model_says_so(tmp_path):
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "nope"), "--tasks", "passkey", "--lengths", "1x"])
+    assert res.exit_code != 0 and "does not exist" in res.output, res.output
+
+
 def test_eval_command_end_to_end(tmp_path):
     res = CliRunner().invoke(app, ["eval", "builtin", "--tasks", "passkey", "--lengths", "0.75x,2x",
                                    "--methods", "hip,streaming", "--samples", "1", "--depths", "0.2",

@@ -172,6 +172,42 @@ def test_error_missing_shard(tmp_path):
         infinitehip.load(tmp_path / "sharded")
 
 
+def test_error_incomplete_config_and_index(ckpts, tmp_path):
+    """config.json without a required field, and an index without its weight_map: one-line
+    errors naming what is missing (they were KeyErrors from deep inside)."""
+    import json
+
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["intermediate_size"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json lacks intermediate_size"):
+        infinitehip.load(path)
+    path = _copy(ckpts["llama"], tmp_path / "n")
+    (path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match="not a safetensors index.*weight_map"):
+        infinitehip.load(path)
+
+
+def test_info_reports_a_corrupt_shard_in_one_line(tmp_path):
+    from infinitehip.models.loader import inspect_checkpoint
+
+    hf_model(make_checkpoint(tmp_path, "llama")).save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"cannot read .*{shard.name}.*truncated or corrupt"):
+        inspect_checkpoint(tmp_path / "sharded", device="cpu")
+
+
+def test_sliding_window_checkpoints_warn(ckpts, tmp_path):
+    """Mistral v0.1 attends only its last sliding_window keys per layer: loading says that answers
+    past it differ from transformers' (the decoder attends further)."""
+    path = _copy(ckpts["mistral"], tmp_path / "m")
+    _edit_config(path, sliding_window=32)
+    with pytest.warns(UserWarning, match="sliding_window=32.*past 32 tokens answers differ"):
+        infinitehip.load(path)
+
+
 def test_error_dtype_and_device(ckpts):
     with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
         infinitehip.load(ckpts["llama"], dtype="int8")

@@ -37,14 +37,23 @@ def test_second_question_skips_the_document_prefill(model, backend):
 
 
 def test_save_and_load_round_trip(model, tmp_path):
+    from infinitehip.engine.prefix_cache import fingerprint
+
     cache = PrefixCache(block_tokens=64, min_tokens=64)
     first = answer(model, DOC + " question one?", cache)
-    cache.save(tmp_path / "doc.safetensors")
+    owner = fingerprint(model, "hip")
+    cache.save(tmp_path / "doc.safetensors", owner=owner)
     fresh = PrefixCache(block_tokens=64, min_tokens=64)
-    fresh.load(tmp_path / "doc.safetensors")
+    fresh.load(tmp_path / "doc.safetensors", owner=owner)
     assert len(fresh) == 1
     assert answer(model, DOC + " question one?", fresh) == first
     assert fresh.stats.hits == 1
+    # Only the model and key layout that wrote it may read it: the dense backend caches rotated
+    # keys, and other weights give other KV (both answered wrongly without an error before).
+    for other in (fingerprint(model, "dense"), "0" * 32):
+        with pytest.raises(ValueError, match="written by another model, weights or backend"):
+            PrefixCache().load(tmp_path / "doc.safetensors", owner=other)
+    assert fingerprint(model, "streaming") == owner
 
 
 def test_short_prompts_are_not_cached_and_bad_file_errors(model, tmp_path):

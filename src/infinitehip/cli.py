@@ -256,14 +256,16 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
         import uvicorn
 
         from . import load
+        from .engine.prefix_cache import fingerprint
         from .server.app import create_app
         from .server.engine import ModelEngine
 
         engine = ModelEngine(load(model_dir, device=device, config=_hip_config(model_dir, preset, hip)),
                              backend=backend, max_context=max_context,
                              max_batch=max_batch, offload=offload)
+        owner = fingerprint(engine.model, backend)
         if context_cache and Path(context_cache).exists():
-            engine.prefix_cache.load(context_cache, device=engine.model.device)
+            engine.prefix_cache.load(context_cache, device=engine.model.device, owner=owner)
     except ImportError as e:
         _fail(ImportError(f"{e}; the server needs `pip install infinitehip[server]`"), debug)
     except (OSError, ValueError, TypeError) as e:
@@ -271,7 +273,7 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     uvicorn.run(create_app(engine, max_queue=max_queue), host=host, port=port, log_level="info")
     if context_cache:
-        engine.prefix_cache.save(context_cache)
+        engine.prefix_cache.save(context_cache, owner=owner)
 
 
 def main():

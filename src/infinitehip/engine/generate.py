@@ -146,15 +146,19 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
                                  chunk_size=chunk_size, kernel=kernel, progress=progress))
         state.admit(b, B)
     logits = torch.cat(rows)                                                       # (B, V)
-    gen = None
-    if params.seed is not None:
-        gen = torch.Generator(device=device).manual_seed(params.seed)
+    # One generator per row, each seeded alike: a row samples what it would alone (as the batch
+    # runner's requests do), whatever its neighbours draw.
+    gens = [None] * B if params.seed is None else \
+        [torch.Generator(device=device).manual_seed(params.seed) for _ in range(B)]
     lengths = [len(x) for x in ids]
     seqlens = torch.tensor(lengths, device=device)
     outputs = [TextOutput(model.tokenizer, params, set(model.tokenizer.eos_token_ids)) for _ in range(B)]
     done = [False] * B
     for step in range(n_new):
-        tokens = sample(logits, params, gen)                                       # (B,)
+        if params.temperature == 0 or params.seed is None:
+            tokens = sample(logits, params, None)                                  # (B,)
+        else:
+            tokens = torch.cat([sample(logits[b:b + 1], params, gens[b]) for b in range(B)])
         for b, tok in enumerate(tokens.tolist()):
             if done[b]:
                 continue

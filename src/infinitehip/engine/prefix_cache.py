@@ -3,10 +3,14 @@
 Entries are whole prompts' KV, matched on token ids in blocks of ``block_tokens``: a request
 whose ids start with a cached entry's ids copies that many tokens of KV and prefills only the
 rest. Entries can be saved to and loaded from disk (safetensors), so a million-token document
-is read once, not once per question or per server start.
+is read once, not once per question or per server start. A file carries the ``fingerprint`` of
+the model and key layout that wrote it, and loads only into the same: KV from other weights (or
+rotated keys, as the dense backend caches them, into an un-rotated cache) would answer wrongly
+without an error.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +19,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cache.kv import KVCache
+
+
+def fingerprint(model, backend: str) -> str:
+    """What a cached prefix's KV depends on: the architecture and shapes, the dtype, the weights
+    (sampled: the first layer's q/k/v and the embedding's first rows) and the key layout (the dense
+    backend caches rotated keys, hip and streaming un-rotated ones)."""
+    net = model.net
+    sample = [net.layers[0].attention.wqkv.weight, net.tok_embeddings.weight[:64]]
+    sums = ",".join(f"{float(w.double().sum()):.17g}" for w in sample)
+    layout = "rotated" if backend == "dense" else "unrotated"
+    return hashlib.sha256(f"{model.args}|{model.dtype}|{layout}|{sums}".encode()).hexdigest()[:32]
 
 
 @dataclass
@@ -86,21 +101,31 @@ class PrefixCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def save(self, path: str | Path):
-        """Write every entry to one safetensors file."""
+    def save(self, path: str | Path, owner: str = ""):
+        """Write every entry to one safetensors file; ``owner``: the writer's ``fingerprint``."""
         tensors = {}
         for i, e in enumerate(self._entries.values()):
             tensors[f"{i}.ids"] = e.ids
             for layer, (k, v) in enumerate(zip(e.k, e.v)):
                 tensors[f"{i}.k.{layer}"], tensors[f"{i}.v.{layer}"] = k.contiguous().cpu(), v.contiguous().cpu()
-        save_file(tensors, str(path), metadata={"format": "infinitehip-prefix-cache", "entries": str(len(self))})
+        save_file(tensors, str(path), metadata={"format": "infinitehip-prefix-cache", "entries": str(len(self)),
+                                                "owner": owner})
 
-    def load(self, path: str | Path, device=None):
-        """Add the entries saved in ``path``."""
+    def load(self, path: str | Path, device=None, owner: str = ""):
+        """Add the entries saved in ``path``, which ``owner`` (the reader's ``fingerprint``) must
+        have written."""
+        from safetensors import safe_open
+
         try:
+            with safe_open(str(path), framework="pt") as f:
+                written_by = (f.metadata() or {}).get("owner", "")
             tensors = load_file(str(path), device=str(device or "cpu"))
         except Exception as e:  # safetensors raises several types for a bad file
             raise ValueError(f"{path} is not a readable prefix-cache file ({e})") from None
+        if written_by != owner:
+            raise ValueError(f"{path} holds KV written by another model, weights or backend (fingerprint "
+                             f"{written_by or 'none'}; this one is {owner or 'none'}): delete it or give "
+                             "another --context-cache path")
         for i in sorted({int(name.split(".")[0]) for name in tensors}):
             n_layers = sum(name.startswith(f"{i}.k.") for name in tensors)
             ids = tensors[f"{i}.ids"].cpu()

@@ -17,10 +17,9 @@ from .tasks import TokenCounter
 
 
 def _trained_context(model_dir: str) -> int | None:
-    cfg_path = Path(model_dir) / "config.json"
-    if not cfg_path.is_file():
-        return None
-    cfg = json.loads(cfg_path.read_text())
+    from ..models.loader import read_config
+
+    _, cfg = read_config(model_dir)   # a missing directory or config.json: its own clear error
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     return scaling.get("original_max_position_embeddings") or cfg.get("max_position_embeddings")
 

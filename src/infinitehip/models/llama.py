@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,15 @@ class ModelArgs:
             raise ValueError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size") if k not in cfg]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}: not a complete {arch} config; re-download it")
+        window = cfg.get("sliding_window") if arch == "MistralForCausalLM" or cfg.get("use_sliding_window") else None
+        if window:   # every layer of the original attends only its last `window` keys; this decoder, more
+            warnings.warn(f"{arch} with sliding_window={window}: the checkpoint's layers attend only their "
+                          f"last {window} keys, infinitehip's attend further (dense: all; hip: sink, window and "
+                          f"selected chunks), so past {window} tokens answers differ from transformers'", stacklevel=2)
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         attn_bias = bool(cfg.get("attention_bias", False))

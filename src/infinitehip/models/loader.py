@@ -86,7 +86,11 @@ def weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> the safetensors file holding it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        wmap = json.loads(index.read_text())["weight_map"]
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (no valid 'weight_map': {e}); "
+                             "re-download it") from None
         files = {f: path / f for f in set(wmap.values())}
         for f in files.values():
             if not f.is_file():
@@ -265,10 +269,12 @@ def inspect_checkpoint(path: str | Path, *, device=None, dtype=None) -> dict:
     device, dtype = resolve_device_dtype(device, dtype, cfg)
     n_params = 0
     for file in set(weight_files(path).values()):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                shape = f.get_slice(name).get_shape()
-                n_params += int(torch.Size(shape).numel())
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes = [f.get_slice(name).get_shape() for name in f.keys()]
+        except Exception as e:   # safetensors' own error types for truncated/garbled files
+            raise ValueError(f"cannot read {file}: {e}; the file may be truncated or corrupt, re-download it") from None
+        n_params += sum(int(torch.Size(shape).numel()) for shape in shapes)
     elem = torch.finfo(dtype).bits // 8
     per_token = kv_bytes(args.n_layers, args.n_kv_heads, args.head_dim, dtype)
     free = free_memory(device)
