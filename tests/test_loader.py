@@ -189,6 +189,14 @@ def test_error_incomplete_config_and_index(ckpts, tmp_path):
         infinitehip.load(path)
 
 
+@pytest.mark.parametrize("name", ["generation_config.json", "tokenizer_config.json"])
+def test_error_malformed_side_file_names_it(ckpts, tmp_path, name):
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    (path / name).write_text("{not json")
+    with pytest.raises(ValueError, match=f"{name} is not valid JSON"):
+        infinitehip.load(path)
+
+
 def test_info_reports_a_corrupt_shard_in_one_line(tmp_path):
     from infinitehip.models.loader import inspect_checkpoint
 

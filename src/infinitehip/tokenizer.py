@@ -42,7 +42,10 @@ class Tokenizer:
             raise ValueError(f"cannot read {file}: {e}") from None
         cfg = {}
         if (path / "tokenizer_config.json").is_file():
-            cfg = json.loads((path / "tokenizer_config.json").read_text())
+            try:
+                cfg = json.loads((path / "tokenizer_config.json").read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path / 'tokenizer_config.json'} is not valid JSON: {e}") from None
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template}

@@ -183,7 +183,10 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
     net.eval().requires_grad_(False)
     gen = {}
     if (path / "generation_config.json").is_file():
-        gen = json.loads((path / "generation_config.json").read_text())
+        try:
+            gen = json.loads((path / "generation_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path / 'generation_config.json'} is not valid JSON: {e}") from None
     eos = [x for x in (gen.get("eos_token_id"), cfg.get("eos_token_id")) if x is not None]
     eos_ids = tuple(i for x in eos for i in (x if isinstance(x, list) else [x]))
     tokenizer = Tokenizer.from_dir(path, eos_token_ids=eos_ids)
