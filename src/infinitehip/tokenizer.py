@@ -9,6 +9,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from .assets import read_json
+
 
 def _token_text(tok) -> str | None:
     """Special tokens are written as a string or as {"content": ...}."""
@@ -42,10 +44,7 @@ class Tokenizer:
             raise ValueError(f"cannot read {file}: {e}") from None
         cfg = {}
         if (path / "tokenizer_config.json").is_file():
-            try:
-                cfg = json.loads((path / "tokenizer_config.json").read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path / 'tokenizer_config.json'} is not valid JSON: {e}") from None
+            cfg = read_json(path / "tokenizer_config.json")
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template}

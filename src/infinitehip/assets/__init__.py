@@ -1,6 +1,8 @@
-"""Files shipped with the package: the built-in model and the eval haystack."""
+"""Files shipped with the package: the built-in model and the eval haystack; reading a model
+directory's JSON files."""
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -15,3 +17,12 @@ def builtin_model_path() -> Path:
 def resolve_model_path(name_or_path: str) -> str:
     """``"builtin"`` -> the built-in model's directory; anything else unchanged."""
     return str(builtin_model_path()) if name_or_path == BUILTIN_NAME else name_or_path
+
+
+def read_json(file: Path) -> dict:
+    """A model directory's JSON file (config.json, generation_config.json, ...); malformed: a
+    ValueError that names it."""
+    try:
+        return json.loads(Path(file).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..attention import RoPE
-from ..assets import resolve_model_path
+from ..assets import read_json, resolve_model_path
 from ..config import HiPConfig, parse_overrides
 from ..tokenizer import Tokenizer
 from .llama import ModelArgs, Transformer
@@ -76,10 +76,7 @@ def read_config(path: str | Path) -> tuple[Path, dict]:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face model directory "
                                 "(config.json, *.safetensors, tokenizer.json)")
-    try:
-        return path, json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    return path, read_json(path / "config.json")
 
 
 def weight_files(path: Path) -> dict[str, Path]:
@@ -183,10 +180,7 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
     net.eval().requires_grad_(False)
     gen = {}
     if (path / "generation_config.json").is_file():
-        try:
-            gen = json.loads((path / "generation_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path / 'generation_config.json'} is not valid JSON: {e}") from None
+        gen = read_json(path / "generation_config.json")
     eos = [x for x in (gen.get("eos_token_id"), cfg.get("eos_token_id")) if x is not None]
     eos_ids = tuple(i for x in eos for i in (x if isinstance(x, list) else [x]))
     tokenizer = Tokenizer.from_dir(path, eos_token_ids=eos_ids)
