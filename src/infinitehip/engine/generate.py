@@ -148,14 +148,14 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
     logits = torch.cat(rows)                                                       # (B, V)
     # One generator per row, each seeded alike: a row samples what it would alone (as the batch
     # runner's requests do), whatever its neighbours draw.
-    gens = [None] * B if params.seed is None else \
-        [torch.Generator(device=device).manual_seed(params.seed) for _ in range(B)]
+    gens = None if params.seed is None else [torch.Generator(device=device).manual_seed(params.seed)
+                                             for _ in range(B)]
     lengths = [len(x) for x in ids]
     seqlens = torch.tensor(lengths, device=device)
     outputs = [TextOutput(model.tokenizer, params, set(model.tokenizer.eos_token_ids)) for _ in range(B)]
     done = [False] * B
     for step in range(n_new):
-        if params.temperature == 0 or params.seed is None:
+        if gens is None or params.temperature == 0:
             tokens = sample(logits, params, None)                                  # (B,)
         else:
             tokens = torch.cat([sample(logits[b:b + 1], params, gens[b]) for b in range(B)])

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..cache.kv import KVCache
 
@@ -114,12 +115,10 @@ class PrefixCache:
     def load(self, path: str | Path, device=None, owner: str = ""):
         """Add the entries saved in ``path``, which ``owner`` (the reader's ``fingerprint``) must
         have written."""
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
                 written_by = (f.metadata() or {}).get("owner", "")
-            tensors = load_file(str(path), device=str(device or "cpu"))
+                tensors = {name: f.get_tensor(name) for name in f.keys()} if written_by == owner else {}
         except Exception as e:  # safetensors raises several types for a bad file
             raise ValueError(f"{path} is not a readable prefix-cache file ({e})") from None
         if written_by != owner:

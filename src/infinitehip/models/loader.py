@@ -100,14 +100,19 @@ def weight_files(path: Path) -> dict[str, Path]:
     return {name: single for name in _header_names(single)}
 
 
-def _header_names(file: Path) -> list[str]:
+def _open(file: Path):
+    """A safetensors file opened on the CPU (its header read), or a one-line error naming it."""
     from safetensors import safe_open
 
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return list(f.keys())
+        return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
         raise ValueError(f"cannot read {file}: {e}; the file may be truncated or corrupt, re-download it") from None
+
+
+def _header_names(file: Path) -> list[str]:
+    with _open(file) as f:
+        return list(f.keys())
 
 
 def resolve_device_dtype(device, dtype, cfg: dict) -> tuple[torch.device, torch.dtype]:
@@ -188,8 +193,6 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
 
 
 def _load_weights(net: Transformer, files: dict[str, Path], args: ModelArgs):
-    from safetensors import safe_open
-
     params = dict(net.named_parameters(remove_duplicate=False))
     D, H, K, Ff = args.head_dim, args.n_heads, args.n_kv_heads, args.intermediate_size
     parts = {"wqkv": [0, H * D, (H + K) * D, (H + 2 * K) * D], "w13": [0, Ff, 2 * Ff]}
@@ -199,11 +202,7 @@ def _load_weights(net: Transformer, files: dict[str, Path], args: ModelArgs):
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
     for file, names in by_file.items():
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:
-            raise ValueError(f"cannot read {file}: {e}; the file may be truncated or corrupt, re-download it") from None
-        with handle as f:
+        with _open(file) as f:
             available = set(f.keys())
             for hf_name in names:
                 target = _map_name(hf_name)
@@ -257,8 +256,6 @@ def _map_name(hf_name: str) -> tuple[str, int | None] | None:
 
 def inspect_checkpoint(path: str | Path, *, device=None, dtype=None) -> dict:
     """What ``infinitehip info`` shows, read from config.json and safetensors headers only."""
-    from safetensors import safe_open
-
     from ..cache.kv import free_memory, kv_bytes
 
     path, cfg = read_config(path)
@@ -266,12 +263,8 @@ def inspect_checkpoint(path: str | Path, *, device=None, dtype=None) -> dict:
     device, dtype = resolve_device_dtype(device, dtype, cfg)
     n_params = 0
     for file in set(weight_files(path).values()):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                shapes = [f.get_slice(name).get_shape() for name in f.keys()]
-        except Exception as e:   # safetensors' own error types for truncated/garbled files
-            raise ValueError(f"cannot read {file}: {e}; the file may be truncated or corrupt, re-download it") from None
-        n_params += sum(int(torch.Size(shape).numel()) for shape in shapes)
+        with _open(file) as f:
+            n_params += sum(int(torch.Size(f.get_slice(name).get_shape()).numel()) for name in f.keys())
     elem = torch.finfo(dtype).bits // 8
     per_token = kv_bytes(args.n_layers, args.n_kv_heads, args.head_dim, dtype)
     free = free_memory(device)
