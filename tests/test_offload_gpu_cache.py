@@ -311,6 +311,36 @@ def test_fp8_writes_ignore_what_an_earlier_request_left():
         s = c.stores[0]
         assert torch.equal(s.dk_scale[:2], want.dk_scale[:2]) and torch.equal(s.dv_scale[:2], want.dv_scale[:2])
         assert same_fp8(want.dk[:2], s.dk[:2]) and same_fp8(want.dv[:2], s.dv[:2])
+def test_fp8_decode_write_rewrites_a_page_only_when_its_scale_changes():
+    """A token in a fresh slot that does not raise its page's scale is the only row written (the
+    re-encode would give the other rows' codes back unchanged); one that raises it re-encodes the
+    page. Seen through a poisoned resident copy, which only a re-encode reads: the host codes of
+    the other rows stay as they were, then take the poison."""
+    from infinitehip.attention.triton.kv_write import write_decode_tokens
+
+    page = 8
+    cache = OffloadKVCache(1, 1, 4 * page, 1, 8, dtype=torch.float32, device=DEVICE, layer_configs=[CONFIG],
+                           config=OffloadConfig(page=page, fp8=True, decode_cache=True, probe_stride=0))
+    g = torch.Generator().manual_seed(8)
+    prompt = torch.randn(1, 5, 1, 8, generator=g).to(DEVICE)
+    cache.update(0, torch.zeros(1, dtype=torch.long, device=DEVICE), prompt, prompt)
+    store, pool = cache.stores[0], cache.caches[0]
+    pool.fetch(torch.tensor([0], device=DEVICE))                              # page 0 resident
+    pool.k[pool.slot_of[0], 0] = 1000.0                                        # poison row 0 of its copy
+    codes, scale = store.dk[0].clone(), store.dk_scale[0].clone()
+
+    def write(pos, x):
+        w = cache.plan_write(torch.tensor([pos], device=DEVICE), 1)
+        write_decode_tokens(store, pool, w.pages, w.offsets, x, x)
+
+    small = prompt[:, 0] * 0.5                                                 # (1, 1, 8): within the page's max
+    write(5, small)
+    assert torch.equal(store.dk_scale[0], scale)
+    assert torch.equal(store.dk[0, :5].float(), codes[:5].float())            # rows 0-4 untouched
+    assert same_fp8((small[0].cpu() / scale[0].cpu()).to(torch.float8_e4m3fn), store.dk[0, 5].cpu())
+    write(6, small * 100)                                                      # raises the scale
+    assert not torch.equal(store.dk_scale[0], scale)
+    assert store.dk[0, 0].float().abs().max() == 448                           # the poison, re-encoded
 
 
 @pytest.mark.parametrize("sharing,tq,limit", [("kv", 1, True), ("all", 1, True), ("kv", 40, False)])

@@ -111,8 +111,11 @@ class HostKVStore:
         self.k, self.dk = _allocate(shape, FP8 if fp8 else dtype, device, on_device)
         self.v, self.dv = _allocate(shape, FP8 if fp8 else dtype, device, on_device)
         if fp8:   # in device memory always: 1/32 of the codes' bytes (D = 128), read with every probe
-            self.dk_scale = torch.ones((num_blocks, 1, kv_heads, 1), dtype=torch.float32, device=device)
-            self.dv_scale = torch.ones_like(self.dk_scale)
+            # An empty page holds what fp8_encode makes of zeros (the scale's floor), so every page
+            # is an encoder's output: the decode write relies on it (kv_write._append).
+            tiny = torch.finfo(torch.float32).tiny
+            self.dk_scale = torch.full((num_blocks, 1, kv_heads, 1), tiny, dtype=torch.float32, device=device)
+            self.dv_scale = torch.full_like(self.dk_scale, tiny)
         self.probe_stride = 0 if on_device else probe_stride
         self.dk_probe = None
         if self.probe_stride:
