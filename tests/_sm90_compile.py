@@ -58,7 +58,7 @@ def _calls():
     from infinitehip.attention.reference import pool_queries
     from infinitehip.attention.stages import first_stage_starts
     from infinitehip.attention.triton import ops
-    from infinitehip.models.fused import rms_norm_triton, silu_mul_triton
+    from infinitehip.models.fused import argmax_triton, rms_norm_triton, silu_mul_triton
 
     cfg = HiPConfig.preset("tiny", chunk_sizes=(32, 8), stage_budgets=(None, 256), stage_strides=(2, 1),
                            refresh_intervals=(8, 4))
@@ -97,6 +97,7 @@ def _calls():
     x = torch.randn(3, 4096, dtype=torch.bfloat16)
     rms_norm_triton(x, torch.ones(4096, dtype=torch.bfloat16), 1e-5)
     silu_mul_triton(x)
+    argmax_triton(x.float())                                                             # greedy decoding
     from infinitehip.models import gemv                                                  # decode's linear layers
     w = torch.randn(40, 2048, dtype=torch.bfloat16)
     gemv.linear(x[:, :2048], w, norm=(x[0, :2048], 1e-5), triton_kernel=True)

@@ -41,6 +41,29 @@ def test_silu_mul_is_silu_times_up(shape, dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_is_torch_argmax(dtype):
+    """Greedy decoding's pick (``argmax_triton``, several programs a row merged by the last) ==
+    ``torch.argmax``: random rows; the maximum repeated in several programs' blocks (the first
+    index wins); a row of -inf (index 0); NaN above every number; a vocabulary not a multiple of
+    the block; its arrival counters left zero."""
+    from infinitehip.attention.triton.decode import arrival_counters
+    from infinitehip.models.fused import argmax_triton
+
+    V = 1000
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, V, generator=g).to(dtype)
+    x[1, [700, 130, 999]] = 50.0                                    # ties across blocks: 130 first
+    x[2] = -float("inf")
+    x[3, 600] = float("nan")
+    x[4, 999] = 60.0                                                # in the last, ragged block
+    x = x.to(DEVICE)
+    got = argmax_triton(x, block=128)
+    assert got.dtype == torch.int64
+    assert got.tolist() == x.argmax(-1).tolist() == [got[0].item(), 130, 0, 600, 999]
+    assert not arrival_counters(5, x.device)[:5].any()
+
+
 @pytest.mark.parametrize("B,T", [(2, 1), (1, 3)])
 def test_write_rows_is_two_index_copies(B, T):
     """The decode cache write (one launch for K and V) from slices of a fused q/k/v output."""

@@ -26,6 +26,7 @@ from ..cache.kv import KVCache
 from ..config import HiPConfig
 from ..engine.cuda_graph import GraphDecoder
 from ..engine.generate import DecodeState, decode_one_token, prefill
+from ..engine.sampling import greedy
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
 from . import copy_bandwidth, device_slug
@@ -78,7 +79,7 @@ def _bench(model: Model, context: int, backend: str, decode_steps: int, chunk_si
     state = DecodeState(backend)
     graph = GraphDecoder(model, cache, state)
     seqlens = torch.tensor([context], device="cuda")
-    nxt, length = logits.argmax(-1), context
+    nxt, length = greedy(logits), context
 
     def run(n, eager=False):
         nonlocal nxt, length
@@ -87,7 +88,7 @@ def _bench(model: Model, context: int, backend: str, decode_steps: int, chunk_si
                 out = decode_one_token(model, nxt, seqlens, cache, state, kv_limit=length + 1)
             else:
                 out = graph(nxt, seqlens)
-            nxt = out.argmax(-1)
+            nxt = greedy(out)
             seqlens.add_(1)
             length += 1
 

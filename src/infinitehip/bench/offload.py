@@ -40,6 +40,7 @@ from ..cache.offload_plan import HOST_USE, longest_offload_context, plan_offload
 from ..config import HiPConfig
 from ..engine.cuda_graph import GraphDecoder
 from ..engine.generate import DecodeState, decode_one_token
+from ..engine.sampling import greedy
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
 from . import device_slug, kernel_profile
@@ -105,7 +106,7 @@ def decode(model: Model, cache, context: int, warm: int, steps: int, device, mod
             logits = graph(tok, seqlens)
         else:
             logits = decode_one_token(model, tok, seqlens, cache, state, kv_limit=length + 1)
-        tok = logits.argmax(-1)
+        tok = greedy(logits)
         tokens.append(tok)          # kept on the device: no host sync per step
         seqlens.add_(1)
         length += 1

@@ -32,10 +32,18 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> their argmax (B,) int64: on CUDA one Triton launch (``fused.argmax_triton``)."""
+    if logits.is_cuda and logits.dim() == 2:
+        from ..models.fused import argmax_triton
+        return argmax_triton(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,) int64."""
     if p.temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = logits.float() / p.temperature
     if p.top_k:
         kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
