@@ -104,6 +104,8 @@ def _calls():
     gemv.linear(x, w, w[0, :40], silu=True, residual=torch.zeros(3, 40, dtype=torch.bfloat16), triton_kernel=True)
     gemv.linear(x[:, :2048], w, residual=torch.zeros(3, 40, dtype=torch.bfloat16), triton_kernel=True,
                 launch=gemv.Launch(split=4))
+    cache = torch.zeros(8, 16, dtype=torch.bfloat16)                                     # q/k/v into the cache
+    gemv.linear(x[:, :2048], w, triton_kernel=True, scatter=gemv.Scatter(cache, cache.clone(), torch.arange(3), 8))
 
 
 def main() -> int:

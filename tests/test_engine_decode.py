@@ -173,11 +173,12 @@ def kernels_per_layer(backend, monkeypatch, setup=lambda monkeypatch: None):
     return counts[1] - counts[0]
 
 
-@pytest.mark.parametrize("backend,budget", [("dense", 13), ("hip", 8)])
+@pytest.mark.parametrize("backend,budget", [("dense", 13), ("hip", 10)])
 def test_decode_layer_kernel_budget(backend, budget, monkeypatch):
     """bf16 decode, per layer outside attention and the cache write: 2 RMSNorms, the q/k/v and
     gate/up GEMMs, o and down GEMMs accumulating into the residual, SiLU, the gate product, and
-    for dense the joint q/k RoPE (5). Before the folds: dense 42, hip 25."""
+    for dense the joint q/k RoPE (5); hip's cache write is the q/k/v projection's (here two row
+    copies after it; the GEMV's epilogue on CUDA). Before the folds: dense 42, hip 25."""
     assert kernels_per_layer(backend, monkeypatch) <= budget
 
 

@@ -129,6 +129,28 @@ def test_gemv_linear_is_the_composition(kind, rows, dtype, split):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale)
 
 
+@pytest.mark.parametrize("triton_kernel", [True, False], ids=["kernel", "composed"])
+def test_gemv_linear_scatters_k_and_v_into_cache_rows(triton_kernel):
+    """The q/k/v projection's ``Scatter``: output columns [col, col + W) and [col + W, col + 2 W)
+    also land in rows ``rows`` of the K and V caches, bit for bit the output (the kernel's
+    epilogue, or two ``index_copy_``), and no other cache row changes; a split-K launch too."""
+    from infinitehip.models import gemv
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 64, generator=g).to(DEVICE, torch.bfloat16)
+    w = torch.randn(56, 64, generator=g).to(DEVICE, torch.bfloat16)         # q 24, k 16, v 16 columns
+    for launch in (gemv.Launch(block_n=16, block_k=32, stages=2), gemv.Launch(block_n=16, block_k=32, split=2)):
+        kc, vc = (torch.full((10, 16), 7.0, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+        rows = torch.tensor([4, 0, 9], device=DEVICE)
+        out = gemv.linear(x, w, scatter=gemv.Scatter(kc, vc, rows, col=24), triton_kernel=triton_kernel,
+                          launch=launch)
+        assert torch.equal(kc[rows], out[:, 24:40]) and torch.equal(vc[rows], out[:, 40:56])
+        others = [r for r in range(10) if r not in rows.tolist()]
+        assert (kc[others] == 7).all() and (vc[others] == 7).all()
+    with pytest.raises(ValueError, match="scatter needs"):
+        gemv.linear(x, w, scatter=gemv.Scatter(kc, vc, rows, col=48), triton_kernel=True)
+
+
 def test_gemv_linear_writes_into_the_residual():
     from infinitehip.models import gemv
 

@@ -118,6 +118,9 @@ class FP8RoundTripCache(KVCache):
     """An on-device cache whose pages go through the FP8 round trip on every write: what an FP8
     host store should give, computed without any offload code."""
 
+    def write_target(self, layer, plan):
+        return None          # every write goes through update (no projection writes the cache itself)
+
     def update(self, layer, start, k, v, plan=None):
         kf, vf = super().update(layer, start, k, v, plan)
         for t in (kf, vf):

@@ -78,6 +78,21 @@ class KVCache:
             return None
         return (start[:, None] + _row_offsets(B, T, self.capacity, start.device)).flatten()
 
+    def views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values as (B, capacity, K, D) views."""
+        ks, vs = self.k[layer], self.v[layer]
+        return ks.view(self.batch, self.capacity, *ks.shape[3:]), vs.view(self.batch, self.capacity, *vs.shape[3:])
+
+    def write_target(self, layer: int, plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Where a projection may write this pass's K/V itself (``gemv.Scatter``): the layer's K and
+        V as (B * capacity, K * D) rows and ``plan``'s flat rows; None for a slice plan (one row's
+        prefill), which ``update`` writes. A cache that stores something other than what it is
+        given (a subclass overriding ``update``) returns None."""
+        if plan is None:
+            return None
+        ks, vs = self.k[layer], self.v[layer]
+        return ks.view(-1, ks.shape[3] * ks.shape[4]), vs.view(-1, vs.shape[3] * vs.shape[4]), plan
+
     def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan=None):
         """Write k, v (B, T, K, D) at positions ``start[b] + t``; return (B, capacity, K, D) views.
 
@@ -85,10 +100,8 @@ class KVCache:
         made it already. Positions must be < capacity (the engine plans capacity before prefill;
         an index past it is a bug, not a user error).
         """
-        B, T = k.shape[:2]
-        ks, vs = self.k[layer], self.v[layer]
-        kf = ks.view(B, self.capacity, *ks.shape[3:])                       # (B, capacity, K, D)
-        vf = vs.view(B, self.capacity, *vs.shape[3:])
+        T = k.shape[1]
+        kf, vf = self.views(layer)                                          # (B, capacity, K, D)
         flat = plan if plan is not None else self.plan_write(start, T)
         if flat is None:  # prefill of one row: one contiguous slice
             s = int(start[0])

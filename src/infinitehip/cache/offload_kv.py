@@ -177,6 +177,10 @@ class OffloadKVCache:
         probe_rows = probed.probe_rows(tokens) if probed is not None and torch_path else None
         return _Writes(pages.flatten(), offsets, tokens, ids, inv, opens, probe_rows)
 
+    def write_target(self, layer: int, plan) -> None:
+        """None: the store takes its writes through ``update`` (pages, FP8, the page cache's copies)."""
+        return None
+
     def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: "_Writes" = None):
         """Write k, v (B, T, K, D) at positions ``start[b] + t`` into the layer's store (host, or
         GPU for a GPU-stored layer); return its logical (B, capacity, K, D) device views (FP8 codes

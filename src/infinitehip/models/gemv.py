@@ -27,6 +27,7 @@ measured slower), a GEMV waits for its predecessor before its first load.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,15 @@ class Launch:
     split: int = 1        # split-K: programs per BLOCK_N features, the last to finish sums them
 
 
+class Scatter(NamedTuple):
+    """Output columns [col, col + W) and [col + W, col + 2 W) also stored as rows ``rows[m]`` of
+    ``k`` and ``v`` (R, W): the q/k/v projection writing a decode step's K and V into the cache."""
+    k: torch.Tensor
+    v: torch.Tensor
+    rows: torch.Tensor
+    col: int
+
+
 def default_launch(n: int, k: int) -> Launch:
     """The best of ``scripts/sweep_gemv.py``'s settings at Llama-3-8B's shapes (H200, one row,
     benchmarks/results/sweep_gemv_h200.json): 64 features a program and 3 stages where N is wide;
@@ -63,11 +73,11 @@ def default_launch(n: int, k: int) -> Launch:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, stride_x, stride_w, stride_o, eps,
-                 ROWS_P: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, BIAS: tl.constexpr,
-                 RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                 SPLIT: tl.constexpr, K_SPLIT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, sk_ptr, sv_ptr, rows_ptr, M, N, stride_x,
+                 stride_w, stride_o, eps, ROWS_P: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr,
+                 BIAS: tl.constexpr, RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                 PDL: tl.constexpr, SPLIT: tl.constexpr, K_SPLIT: tl.constexpr, COL: tl.constexpr,
+                 W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
@@ -118,21 +128,31 @@ def _gemv_kernel(x_ptr, w_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, s
             acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for s in range(SPLIT):   # in split order, whichever finished last: deterministic
                 acc += tl.load(ws + s * M * N, mask=o_ok, other=0.0, cache_modifier=".cg")
-            _epilogue(acc, b_ptr, out_ptr, m, n, n_ok, o_ok, stride_o, BIAS, RESIDUAL)
+            _epilogue(acc, b_ptr, out_ptr, sk_ptr, sv_ptr, rows_ptr, m, n, m_ok, n_ok, stride_o, BIAS, RESIDUAL,
+                      COL, W)
             tl.atomic_xchg(count_ptr + pid_n, 0)   # zero again for the next launch (or graph replay)
     else:
-        _epilogue(acc, b_ptr, out_ptr, m, n, n_ok, o_ok, stride_o, BIAS, RESIDUAL)
+        _epilogue(acc, b_ptr, out_ptr, sk_ptr, sv_ptr, rows_ptr, m, n, m_ok, n_ok, stride_o, BIAS, RESIDUAL, COL, W)
 
 
 @triton.jit
-def _epilogue(acc, b_ptr, out_ptr, m, n, n_ok, o_ok, stride_o, BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
-    """out = acc (+ bias) (+ out, the residual), rounded once to out's dtype."""
+def _epilogue(acc, b_ptr, out_ptr, sk_ptr, sv_ptr, rows_ptr, m, n, m_ok, n_ok, stride_o, BIAS: tl.constexpr,
+              RESIDUAL: tl.constexpr, COL: tl.constexpr, W: tl.constexpr):
+    """out = acc (+ bias) (+ out, the residual), rounded once to out's dtype; with W > 0 the
+    columns of ``Scatter`` also into their cache rows."""
+    o_ok = m_ok[:, None] & n_ok[None, :]
     if BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     o = out_ptr + m[:, None].to(tl.int64) * stride_o + n[None, :]
     if RESIDUAL:
         acc += tl.load(o, mask=o_ok, other=0.0).to(tl.float32)
-    tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(o, y, mask=o_ok)
+    if W > 0:
+        row = tl.load(rows_ptr + m, mask=m_ok, other=0)[:, None]                      # (BLOCK_M, 1) int64
+        c = n[None, :] - COL
+        tl.store(sk_ptr + row * W + c, y, mask=o_ok & (c >= 0) & (c < W))
+        tl.store(sv_ptr + row * W + c - W, y, mask=o_ok & (c >= W) & (c < 2 * W))
 
 
 def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -144,14 +164,16 @@ def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            norm: tuple[torch.Tensor, float] | None = None, silu: bool = False,
-           residual: torch.Tensor | None = None, triton_kernel: bool | None = None,
-           launch: Launch | None = None) -> torch.Tensor:
+           residual: torch.Tensor | None = None, scatter: Scatter | None = None,
+           triton_kernel: bool | None = None, launch: Launch | None = None) -> torch.Tensor:
     """``prologue(x) @ weight.T + bias (+ residual)``, one kernel where ``fusable``.
 
     x (..., K), or (..., 2 K) with ``silu`` (gate, up); weight (N, K); bias (N,) or None.
     norm: (g, eps) -> the input is RMSNorm(x) * g. residual (..., N): added, and the result is
-    written into it (it must be contiguous and read by no one else). triton_kernel: None picks
-    ``fusable``; True forces the kernel (tests run it under the CPU interpreter).
+    written into it (it must be contiguous and read by no one else). scatter: two column ranges
+    of the output also stored as cache rows (the kernel's epilogue; else two ``index_copy_``).
+    triton_kernel: None picks ``fusable``; True forces the kernel (tests run it under the CPU
+    interpreter).
     """
     N, K = weight.shape
     if x.shape[-1] != (2 * K if silu else K) or (norm is not None and silu):
@@ -160,7 +182,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if triton_kernel is None:
         triton_kernel = fusable(x, weight)
     if not triton_kernel:
-        return _composed(x, weight, bias, norm, silu, residual)
+        out = _composed(x, weight, bias, norm, silu, residual)
+        if scatter is not None:
+            flat, W = out.reshape(-1, N), scatter.k.shape[1]
+            scatter.k.index_copy_(0, scatter.rows, flat[:, scatter.col:scatter.col + W])
+            scatter.v.index_copy_(0, scatter.rows, flat[:, scatter.col + W:scatter.col + 2 * W])
+        return out
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
@@ -176,12 +203,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     counts = arrival_counters(n_blocks, x.device) if split > 1 else out
     pdl = pdl_enabled(x.device)
     g, eps = norm if norm is not None else (weight, 0.0)
+    sk, sv, srows, col = scatter if scatter is not None else (out, out, out, 0)
+    W = sk.shape[1] if scatter is not None else 0
+    if scatter is not None and not (sk.is_contiguous() and sv.is_contiguous() and col + 2 * W <= N):
+        raise ValueError(f"linear: scatter needs contiguous (R, W) caches and columns within the {N} outputs")
     _gemv_kernel[(n_blocks, split)](
-        rows, weight, g, bias if bias is not None else weight, out, ws, counts,
+        rows, weight, g, bias if bias is not None else weight, out, ws, counts, sk, sv, srows,
         M, N, rows.stride(0), weight.stride(0), out.stride(0), float(eps), ROWS_P=triton.next_power_of_2(M), K=K,
         PROLOGUE=_NORM if norm is not None else _SILU if silu else _NONE, BIAS=bias is not None,
         RESIDUAL=residual is not None, UPCAST=not x.is_cuda, IEEE=weight.dtype == torch.float32, PDL=pdl,
-        SPLIT=split, K_SPLIT=k_split, BLOCK_M=MAX_ROWS,
+        SPLIT=split, K_SPLIT=k_split, COL=col, W=W, BLOCK_M=MAX_ROWS,
         BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, num_warps=launch.warps, num_stages=launch.stages,
         **({"launch_pdl": True} if pdl else {}))
     return residual if residual is not None else out.view(*x.shape[:-1], N)

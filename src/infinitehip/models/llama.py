@@ -196,14 +196,22 @@ class Attention(nn.Module):
         """x + attention(norm(x)): x (B, T, C) the residual stream, updated in place."""
         B, T, _ = x.shape
         H, K, D = self.args.n_heads, self.args.n_kv_heads, self.args.head_dim
-        qkv = gemv.linear(x, self.wqkv.weight, self.wqkv.bias, norm=norm.args).view(B, T, H + 2 * K, D)
+        # K and V go to the cache as projected (no q/k norm, no rotation: hip caches un-rotated
+        # keys): the projection writes them there itself, in its epilogue on CUDA.
+        target = cache.write_target(self.layer, step.write) if self.q_norm is None and step.rot is None else None
+        scatter = gemv.Scatter(*target, col=H * D) if target is not None else None
+        qkv = gemv.linear(x, self.wqkv.weight, self.wqkv.bias, norm=norm.args, scatter=scatter)
+        qkv = qkv.view(B, T, H + 2 * K, D)
         qk, v = qkv[:, :, :H + K], qkv[:, :, H + K:]                             # (B, T, H + K, D), (B, T, K, D)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         if step.rot is not None:  # dense: q and k rotated together; keys cached at their true positions
             qk = rotate(qk, step.rot)
         q, k = qk[:, :, :H], qk[:, :, H:]
-        k_all, v_all = cache.update(self.layer, step.start, k, v, plan=step.write)   # (B, capacity, K, D)
+        if scatter is None:
+            k_all, v_all = cache.update(self.layer, step.start, k, v, plan=step.write)   # (B, capacity, K, D)
+        else:
+            k_all, v_all = cache.views(self.layer)
         if call.backend == "dense":
             out = self._dense(q, k_all, v_all, step)
         else:
