@@ -86,11 +86,11 @@ def _calls():
         write_decode_tokens(store, None, torch.tensor([3]), torch.tensor([0]), k[:, 0], v[:, 0])
     from infinitehip.attention.triton import page_cache                                 # offload page cache
     from infinitehip.cache.gpu_pages import PageCache
-    pool, units, run = PageCache(store, 16), torch.arange(8), torch.tensor(True)
-    page_cache.plan_fetch_cuda(pool, units, run)
+    pool, units = PageCache(store, 16), torch.arange(8)
+    page_cache.plan_fetch_cuda(pool, units)
     page_cache.copy_units_cuda(store.dk, store.dk_scale, store.dv, store.dv_scale, pool.k, pool.v, units, units,
                                torch.ones(1, dtype=torch.int32))
-    page_cache.needed_units_cuda(mask.starts, geometry(kv_len - 1, 1, kv_len, cfg), cfg, 8, 2, nb=4, run=run)
+    page_cache.needed_units_cuda(mask.starts, geometry(kv_len - 1, 1, kv_len, cfg), cfg, 8, 2, nb=4)
     qkv = torch.randn(2, 12, 128, dtype=torch.bfloat16)
     write_rows(torch.zeros(9, 2, 128, dtype=torch.bfloat16), torch.zeros(9, 2, 128, dtype=torch.bfloat16),
                torch.tensor([1, 5]), qkv[:, 8:10], qkv[:, 10:])

@@ -225,25 +225,30 @@ def test_streaming_decode_through_the_page_cache_equals_on_device(bf16_model):
     assert sum(c.stats.misses for c in cached.page_caches) > 0
 
 
-def test_reused_masks_plan_nothing_until_a_page_opens(bf16_model, monkeypatch):
-    """A decode step that reuses its mask asks the page cache for no unit (every unit it reads is
-    still resident) unless its token opens a page, the window's newest unit: still the on-device
-    logits. A joining row's prefill through a row view reads in place (its plan could evict units
-    of rows that skip theirs)."""
+def test_reused_masks_fetch_nothing(bf16_model, monkeypatch):
+    """Only the decode steps that refresh a mask ask the page cache for units: their fetch makes
+    the window's pages resident up to the next refresh (``mask.lookahead``), so the steps that
+    reuse the mask read the pool as it is, through page openings (pages of 4 open at 604 and 608),
+    with the on-device logits. A joining row's prefill through a row view reads in place (its
+    plan could evict units of rows that reuse their masks)."""
     from infinitehip.cache import offload_kv
 
-    needed, runs = offload_kv.needed_units, []
-
-    def spy(*args, run=None, **kw):
-        runs.append("fresh" if run is None else ("opens a page" if bool(run) else "skipped"))
-        return needed(*args, run=run, **kw)
-
-    monkeypatch.setattr(offload_kv, "needed_units", spy)
-    model, tokens = bf16_model, prompt(PROMPT + 1)       # decode positions 601..609: pages of 4 open at 604, 608
+    needed, calls = offload_kv.needed_units, []
+    monkeypatch.setattr(offload_kv, "needed_units", lambda *a, **kw: calls.append(1) or needed(*a, **kw))
+    model, tokens = bf16_model, prompt(PROMPT + 1)       # decode positions 601..609
     on_device, cached = caches(model, capacity=PROMPT + STEPS + 2, page=4)
-    assert torch.equal(run(model, tokens, cached), run(model, tokens, on_device))
-    assert set(runs) == {"fresh", "opens a page", "skipped"}
-    runs.clear()
+    logits, fetched = [prefill(model, tokens, cached, chunk_size=256)], []
+    state, seqlens = DecodeState("hip"), torch.tensor([tokens.shape[1]])
+    for _ in range(STEPS):
+        before = len(calls)
+        logits.append(decode_one_token(model, logits[-1].argmax(-1), seqlens, cached, state,
+                                       kv_limit=int(seqlens[0]) + 1))
+        fetched.append(len(calls) > before)
+        seqlens += 1
+    assert fetched == [CONFIG.refresh_stage(t) < CONFIG.n_stages for t in range(STEPS)]
+    assert not all(fetched)
+    assert torch.equal(torch.cat(logits), run(model, tokens, on_device))
+    calls.clear()
     view = cached.select(slice(0, 1))
     prefill(model, tokens[:, :PROMPT + 1], view, chunk_size=PROMPT - 3)    # a last chunk of 4 queries
-    assert view.is_view and not cached.is_view and runs == []
+    assert view.is_view and not cached.is_view and calls == []

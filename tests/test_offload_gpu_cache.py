@@ -174,19 +174,16 @@ def test_triton_plan_is_the_torch_plan(n_slots, width, num_blocks, seed):
         hot = torch.randint(0, units, (1,), generator=g).item()
         pages = (hot + torch.randint(-spread, spread + 1, (width,), generator=g)).clamp(-1, units - 1)   # repeats
         pages[torch.rand(width, generator=g) < 0.1] = -1
-        run = None
         if step % 9 == 8:
-            pages[:] = -1                                       # a skipped plan: every entry -1
-        if step % 11 == 10:
-            run = torch.tensor(False, device=DEVICE)           # or run False: the entries are not read
+            pages[:] = -1                                       # a plan of no entry: every entry -1
         if step % 7 == 6:
             for c in caches:
                 c.invalidate(pages[:2].clamp(min=0) // 2)
         pages = pages.to(DEVICE)
         order = list(dict.fromkeys(u for u in pages.tolist() if u >= 0))         # distinct, first-entry order
-        absent = [u for u in order if int(caches[0].slot_of[u]) < 0] if run is None else []
-        (src, dst, n), (src2, dst2, n2) = (gpu_pages.plan_fetch(caches[0], pages.clone(), run),
-                                           page_cache.plan_fetch_cuda(caches[1], pages.clone(), run))
+        absent = [u for u in order if int(caches[0].slot_of[u]) < 0]
+        (src, dst, n), (src2, dst2, n2) = (gpu_pages.plan_fetch(caches[0], pages.clone()),
+                                           page_cache.plan_fetch_cuda(caches[1], pages.clone()))
         n = int(n)
         assert n == int(n2) and src[:n].tolist() == absent, "the copies: the absent units, in entry order"
         assert torch.equal(src[:n], src2[:n]) and torch.equal(dst[:n], dst2[:n])
@@ -347,8 +344,9 @@ def test_fp8_decode_write_rewrites_a_page_only_when_its_scale_changes():
 def test_needed_units_kernel_is_the_torch_statement(sharing, tq, limit):
     """The one-launch needed units (sink, window and selected (page, kv head) units of a mask, as
     the store's global ids) equal ``needed_units``, entry for entry: decode and two query blocks,
-    sentinel chunks, pages past the row's end."""
-    from infinitehip.attention.mask import SENTINEL, geometry
+    sentinel chunks, pages past the row's end; the window reaches ``lookahead`` tokens past the
+    last query (the steps that reuse the mask fetch nothing)."""
+    from infinitehip.attention.mask import SENTINEL, geometry, lookahead
     from infinitehip.attention.stages import n_groups
     from infinitehip.cache.offload_kv import needed_units
 
@@ -369,10 +367,10 @@ def test_needed_units_kernel_is_the_torch_statement(sharing, tq, limit):
     if limit:
         assert want.max() < (3 + 2) * 100 * K and want[want >= 0].min() >= 3 * 100 * K
         assert (needed_units(starts, geo, cfg, page, K) >= 100 * K).any(), "the limit must cut something"
-    for run in (True, False):       # a reused mask whose token does (not) open a page
-        flag = torch.tensor(run)
-        want_run = needed_units(starts, geo, cfg, page, K, run=flag, **kw)
-        assert torch.equal(want_run, want if run else torch.full_like(want, -1))
-        if run:   # with run False the kernel writes nothing: the plan reads none of it (fetch(units, run))
-            got = page_cache.needed_units_cuda(dev(starts), geo_d, cfg, page, K, run=dev(flag), **kw).cpu()
-            assert torch.equal(got, want_run)
+    # The window's units: every page up to (last query + lookahead) // page, for each kv head.
+    last = geo.q_pos.masked_fill(~geo.q_valid, -1).amax(-1)[0, -1].item()
+    row0 = 3 * 100 if limit else 0
+    for p in range(last // page, (last + lookahead(cfg)) // page + 1):
+        if not limit or p < 100:
+            assert ((row0 + p) * K in want[0].tolist()), p
+    assert ((row0 + (last + lookahead(cfg)) // page + 1) * K) not in want[0].tolist() or tq > 1

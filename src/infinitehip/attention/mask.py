@@ -82,6 +82,13 @@ def window_slots(config: HiPConfig) -> int:
     return config.window + config.block_size_q + config.refresh_intervals[0] - 2
 
 
+def lookahead(config: HiPConfig) -> int:
+    """Tokens a decode row adds after a mask refresh before its next one at the latest (a row
+    refreshes every ``min(refresh_intervals)`` steps or sooner): what a cache that moves pages at
+    refreshes only (``offload_kv``) must have room for beyond the last query."""
+    return min(config.refresh_intervals) - 1
+
+
 def empty_mask(config: HiPConfig, batch: int, groups: int, n_query_blocks: int, device=None) -> HiPMask:
     """A mask that selects nothing: attention over sink + window only (StreamingLLM).
 

@@ -2,9 +2,11 @@
 
 The caller supplies a ``KVSource``: the logical K/V (B, Tk, K, D) readable in place by the
 kernels (a zero-copy device alias of host memory, maybe FP8 codes with per-page scales), and,
-for decode, ``fetch`` — make the pages a final mask selects resident in a device page pool and
-return that pool and its block table. The steps are ``hip_attention``'s, in its own helpers:
-prune over the logical keys, then attend either in place (prefill) or through the pool (decode).
+for decode, ``fetch`` — make the pages a final mask selects resident in a device page pool (with
+the window's pages until the next refresh) and return that pool and its block table — and
+``resident``, the same without fetching, for the steps that reuse the mask. The steps are
+``hip_attention``'s, in its own helpers: prune over the logical keys, then attend either in
+place (prefill) or through the pool (decode).
 With plain (non-FP8) storage and no fetch this is ``hip_attention`` itself, so results are the
 all-on-device path's, bit for bit; with a fetch the attention kernels read the same values
 through the table, so they are too (tested).
@@ -31,11 +33,13 @@ class KVSource(Protocol):
     def dense(self, tk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, Tk, K, D) in the compute dtype, for the dense path of short contexts."""
 
-    def fetch(self, starts: torch.Tensor, geo, config: HiPConfig,
-              fresh: bool = True) -> tuple[torch.Tensor, torch.Tensor, KVPages]:
+    def fetch(self, starts: torch.Tensor, geo, config: HiPConfig) -> tuple[torch.Tensor, torch.Tensor, KVPages]:
         """Make resident every page the mask ``starts`` (B, G, NQB, NSEL), the sink and the window
-        read; return the page pools (N, page, K, D) and pages with the block table. ``fresh``:
-        the mask was (partly) recomputed this step; False: it is the one of the previous fetch."""
+        read until the next refresh; return the page pools (N, page, K, D) and pages with the
+        block table."""
+
+    def resident(self) -> tuple[torch.Tensor, torch.Tensor, KVPages]:
+        """The pools and table as the last ``fetch`` left them (a step that reuses its mask)."""
 
 
 def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: HiPConfig, rope: RoPE | None,
@@ -60,17 +64,15 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
         return api.dense_attention(q, kd, vd, kv_len, rope, scale), None
     from_stage, row_stage = api._refresh_rows(refresh_stage, B, config, mask, q.device)
     backend = api.resolve_backend(backend, q)
-    if not fetch and api.reuses_in_one_launch(backend, from_stage, tq, config):   # FP8 read in place
+    reuse = from_stage == config.n_stages        # every row reuses its mask: nothing to fetch
+    if api.reuses_in_one_launch(backend, from_stage, tq, config):   # the pool as it is, or FP8 in place
         from .triton import ops
-        return ops.attend_reused(q, k, v, mask, kv_len, config, rope, scale, pages=pages), mask
+        kr, vr, pr = source.resident() if fetch else (k, v, pages)
+        return ops.attend_reused(q, kr, vr, mask, kv_len, config, rope, scale, pages=pr), mask
     impl = api.implementation(backend)
 
-    # A fresh fetch unless every row reuses a mask that an earlier, fetching call pruned (it
-    # carries its window start): streaming's empty mask, made each step, moves its window.
-    fresh = from_stage < config.n_stages or mask is None or mask.w0 is None
-
     def attend(qs, m, geo):
-        kr, vr, pr = source.fetch(m.starts, geo, config, fresh) if fetch else (k, v, pages)
+        kr, vr, pr = (source.resident() if reuse else source.fetch(m.starts, geo, config)) if fetch else (k, v, pages)
         return impl.attend(qs, kr, vr, m.starts, geo, config, rope, scale, pages=pr)
 
     return api.prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend,

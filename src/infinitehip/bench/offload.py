@@ -20,8 +20,8 @@ instead; ``decode_mode`` in the JSON says which mode each record ran. Paths: ``o
 ``offload_fp8`` read the host store in place; ``offload_page_cache`` and
 ``offload_fp8_page_cache`` decode through the GPU page cache (``OffloadConfig(decode_cache=True)``),
 whose hit rate comes from its device-side counters, read before and after the timed steps (not
-per step: that would sync), in units of one page of one kv head, over the steps that plan (a step
-that reuses its mask plans only when its token opens a page).
+per step: that would sync), in units of one page of one kv head, over the steps that plan (the
+refresh steps: a step that reuses its mask fetches nothing).
 """
 from __future__ import annotations
 

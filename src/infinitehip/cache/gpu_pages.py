@@ -67,9 +67,8 @@ class PageCache:
         """The block table of every row of the store: (rows, NB, K) int32 view of ``slot_of``."""
         return self.slot_of[:self.num_units].view(-1, nb, self.heads)
 
-    def fetch(self, units: torch.Tensor, run: torch.Tensor | None = None):
-        """Make the needed ``units`` (any shape, -1 = none) resident; ``slots`` then finds them.
-        ``run``: a 0-dim bool tensor; False plans nothing (only the step advances) and reads no unit."""
+    def fetch(self, units: torch.Tensor):
+        """Make the needed ``units`` (any shape, -1 = none) resident; ``slots`` then finds them."""
         flat = units.reshape(-1).to(self.slot_of.device, torch.long)            # (M,)
         if flat.numel() > self.n_slots:  # static: the width, not the distinct count (that would need a sync)
             raise ValueError(f"{flat.numel()} pages of a kv head may be needed at once but the GPU page cache has "
@@ -78,7 +77,7 @@ class PageCache:
             from ..attention.triton.page_cache import plan_fetch_cuda as plan
         else:
             plan = plan_fetch
-        copy_units(self.store, self.k, self.v, *plan(self, flat, run))
+        copy_units(self.store, self.k, self.v, *plan(self, flat))
 
     def slots(self, units: torch.Tensor) -> torch.Tensor:
         """The slot of each of ``units`` (any shape), -1 where absent or where the unit is -1."""
@@ -132,11 +131,10 @@ def copy_units(store: HostKVStore, k: torch.Tensor, v: torch.Tensor, src: torch.
     k[dst], v[dst] = kp.gather(2, head), vp.gather(2, head)
 
 
-def plan_fetch(cache: PageCache, flat: torch.Tensor, run: torch.Tensor | None = None):
-    """The bookkeeping of ``cache.fetch(flat, run)`` (M,): update the cache's state for this step and
+def plan_fetch(cache: PageCache, flat: torch.Tensor):
+    """The bookkeeping of ``cache.fetch(flat)`` (M,): update the cache's state for this step and
     return its copies (src (M,) store units, dst (M,) slots, n (1,)): the first n entries are the
-    misses in entry order (src -> dst); the rest mean nothing. ``run`` False: as if every entry
-    were -1 (no host sync: a CUDA graph replays either way).
+    misses in entry order (src -> dst); the rest mean nothing.
 
     The PyTorch statement of the policy, for any device; ``page_cache.plan_fetch_cuda`` is the
     same in one Triton launch, state for state (tested):
@@ -148,8 +146,6 @@ def plan_fetch(cache: PageCache, flat: torch.Tensor, run: torch.Tensor | None = 
       in slot order, and the units they held leave the table.
     """
     M, S, dev = flat.numel(), cache.n_slots, flat.device
-    if run is not None:
-        flat = torch.where(run.to(dev), flat, -1)
     cache.step += 1
     order = flat.sort(stable=True).indices                                   # equal units in entry order
     head = torch.ones(M, dtype=torch.bool, device=dev)

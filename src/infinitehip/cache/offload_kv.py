@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..attention.mask import SENTINEL, window_slots
+from ..attention.mask import SENTINEL, lookahead, window_slots
 from ..attention.pages import KVPages
 from ..attention.paged import paged_hip_attention
 from ..config import HiPConfig
@@ -44,16 +44,16 @@ DECODE_QUERIES = 16
 
 
 def needed_units(starts: torch.Tensor, geo, config: HiPConfig, page: int, K: int, row0: int = 0,
-                 nb: int | None = None, run: torch.Tensor | None = None) -> torch.Tensor:
-    """What the attention of mask ``starts`` (B, G, NQB, NSEL) reads, as the store's global
-    (page, kv head) units ``((row0 + b) * nb + page) * K + head``: (B, M) int64, -1 = none
-    (also pages past a row's ``nb``; ``nb`` None: no limit, row0 ignored: units within the row).
-    ``run``: a 0-dim bool tensor; False gives no unit at all (-1 everywhere: nothing to fetch).
+                 nb: int | None = None) -> torch.Tensor:
+    """What the attention of mask ``starts`` (B, G, NQB, NSEL) reads until the next refresh, as
+    the store's global (page, kv head) units ``((row0 + b) * nb + page) * K + head``: (B, M)
+    int64, -1 = none (also pages past a row's ``nb``; ``nb`` None: no limit, row0 ignored: units
+    within the row).
 
     Every head's sink pages, window pages (from each query block's window start to its last
-    query) and each group's selected chunks for the heads of the group, in that order. Units
-    nothing valid reads may be included; none is missed. ``page_cache.needed_units_cuda`` is the
-    same in one launch.
+    query, and on to the tokens the steps that reuse this mask will add: ``lookahead``) and each
+    group's selected chunks for the heads of the group, in that order. Units nothing valid reads
+    may be included; none is missed. ``page_cache.needed_units_cuda`` is the same in one launch.
     """
     B, G = starts.shape[:2]
     dev = starts.device
@@ -61,8 +61,9 @@ def needed_units(starts: torch.Tensor, geo, config: HiPConfig, page: int, K: int
     sink = torch.arange(-(-config.sink // page), device=dev)[:, None] * K + heads            # (ns, K)
     wst = geo.w0.clamp(min=config.sink)                                                      # (B, NQB)
     last = geo.q_pos.masked_fill(~geo.q_valid, -1).amax(-1)                                  # (B, NQB)
+    last_page = torch.where(last >= 0, (last + lookahead(config)) // page, -1)
     win = wst[..., None] // page + torch.arange(-(-window_slots(config) // page) + 1, device=dev)
-    win = torch.where(win <= (last // page)[..., None], win, -1)[..., None]                  # (B, NQB, nw, 1)
+    win = torch.where(win <= last_page[..., None], win, -1)[..., None]                       # (B, NQB, nw, 1)
     st = starts.long()
     sel = st[..., None] // page + torch.arange(max(1, config.chunk_size // page), device=dev)
     sel = torch.where((st != SENTINEL)[..., None], sel, -1)[..., None]                       # (B, G, NQB, NSEL, per, 1)
@@ -70,8 +71,6 @@ def needed_units(starts: torch.Tensor, geo, config: HiPConfig, page: int, K: int
     units = torch.cat([sink.flatten().expand(B, -1),
                        torch.where(win >= 0, win * K + heads, -1).flatten(1),
                        torch.where(sel >= 0, sel * K + group_heads, -1).flatten(1)], dim=1)  # (B, M), within the row
-    if run is not None:
-        units = torch.where(run, units, -1)
     if nb is None:
         return units
     row = row0 + torch.arange(B, device=dev)[:, None]
@@ -99,7 +98,6 @@ class _Writes(NamedTuple):
     rows: torch.Tensor            # (B * T,) its row in a store's token view
     ids: torch.Tensor | None      # FP8: (N,) the distinct touched pages, ascending (re-encoded whole)
     inv: torch.Tensor | None      # FP8: (B * T,) each token's index in ids
-    opens: torch.Tensor | None    # decode: () bool, some row's token opens a page
     probe_rows: torch.Tensor | None   # (B * T,) each token's row in a store's probe copy (or its dump row)
 
 
@@ -113,7 +111,7 @@ class OffloadKVCache:
         self.page, self.nb, self.capacity = page, nb, nb * page
         self.block_size, self.dtype, self.device = page, dtype, device
         self.row0, self._batch = 0, batch
-        self.is_view, self._opens = False, None     # select(): some rows of a cache that owns the rest
+        self.is_view = False     # select(): some rows of a cache that owns the rest
         if config.gpu_layers is None:   # automatic placement, checked against the memory free now
             config = plan_offload(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, batch=batch,
                                   capacity=capacity, dtype=dtype, device=device, layer_configs=layer_configs,
@@ -168,14 +166,13 @@ class OffloadKVCache:
         pages = rows * self.nb + pos // self.page                                   # (B, T) global pages
         ids, inv = touched_pages(pages) if self.config.fp8 else (None, None)
         offsets = (pos % self.page).flatten()
-        opens = (offsets == 0).any() if T == 1 and self.page_caches else None   # only a page cache reads it
         tokens = (rows * self.capacity + pos).flatten()
         # The probe-copy rows, where the torch path writes (a CUDA decode step writes in one kernel
         # that finds them itself); every host store has the same rows.
         probed = next((s for s in self.stores if s.dk_probe is not None), None)
         torch_path = T > 1 or dev.type != "cuda"
         probe_rows = probed.probe_rows(tokens) if probed is not None and torch_path else None
-        return _Writes(pages.flatten(), offsets, tokens, ids, inv, opens, probe_rows)
+        return _Writes(pages.flatten(), offsets, tokens, ids, inv, probe_rows)
 
     def write_target(self, layer: int, plan) -> None:
         """None: the store takes its writes through ``update`` (pages, FP8, the page cache's copies)."""
@@ -189,7 +186,6 @@ class OffloadKVCache:
         T = k.shape[1]
         store, cache = self.stores[layer], self.caches[layer]
         w = plan if plan is not None else self.plan_write(start, T)
-        self._opens = w.opens        # the pass's: read by the page-cache fetch of its attention
         k, v = k.flatten(0, 1), v.flatten(0, 1)                                      # (B * T, K, D)
         if T == 1 and store.dk.is_cuda:   # decode: what follows, in one launch
             from ..attention.triton.kv_write import write_decode_tokens   # triton: CUDA only
@@ -229,7 +225,7 @@ class OffloadKVCache:
 
         def attend(q, k, v, **kw):
             # Not through a view of some rows (a joining row's prefill): its plan could evict the
-            # units of rows that reuse their masks, which plan only when a page opens.
+            # units of rows that reuse their masks, which fetch only at their refreshes.
             fetch = cached and q.shape[1] <= DECODE_QUERIES and not self.is_view
             return paged_hip_attention(q, _LayerSource(self, layer), k.shape[1], fetch=fetch, **kw)
         return attend
@@ -271,16 +267,16 @@ class _LayerSource:
         shape = (c.batch, n * c.page, *k.shape[2:])
         return k.view(shape)[:, :tk], v.view(shape)[:, :tk]
 
-    def fetch(self, starts: torch.Tensor, geo, config: HiPConfig, fresh: bool = True):
+    def fetch(self, starts: torch.Tensor, geo, config: HiPConfig):
         c, K = self.cache, self.cache.stores[self.layer].k.shape[2]
         if starts.is_cuda:       # the same units in one launch (Triton: CUDA only)
             from ..attention.triton.page_cache import needed_units_cuda as needed
         else:
             needed = needed_units
-        cache = c.caches[self.layer]
-        # A mask reused since the last fetch needs one new unit per head only when this step's token
-        # opens a page (the window's newest); else everything it reads is resident: plan nothing.
-        run = None if fresh else c._opens
-        cache.fetch(needed(starts, geo, config, c.page, K, c.row0, c.nb, run=run), run)   # static shapes: absent are -1
+        c.caches[self.layer].fetch(needed(starts, geo, config, c.page, K, c.row0, c.nb))   # static: absent are -1
+        return self.resident()
+
+    def resident(self):
+        c, cache = self.cache, self.cache.caches[self.layer]
         table = cache.table(c.nb)[c.row0:c.row0 + c.batch]                           # (B, NB, K)
         return cache.k, cache.v, KVPages(c.page, table=table)

@@ -3,9 +3,9 @@ masked copy of the missed units (one page of one kv head) from the KV store into
 
 **Plan** (``plan_fetch_cuda``): ``gpu_pages.plan_fetch`` state for state, in one program: a
 few thousand entries are too few to fill a GPU, and in PyTorch the same steps are ~30 launches
-(sorts, scans, gathers, scatters) per layer per decode step. A skipped plan (every entry -1: a
-decode step that reuses its mask and opens no page, ``run`` False: its entries are not even
-read) only advances the step. What replaces the sorts:
+(sorts, scans, gathers, scatters) per layer per decode step (a refresh's: the steps that reuse a
+mask plan nothing, ``offload_kv.needed_units``). A plan of no entry (all -1) only advances the
+step. What replaces the sorts:
 
 - dedupe: each absent unit's table entry takes the smallest marker ``-(2^30 - entry)`` of its
   entries (``atomic_min``), so its first entry alone finds its own marker; a resident unit's
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..mask import SENTINEL, window_slots
+from ..mask import SENTINEL, lookahead, window_slots
 from .ops import num_sms
 from .pdl import launch_options, release_next, wait_for_previous
 
@@ -41,24 +41,19 @@ _SENTINEL_I = tl.constexpr(SENTINEL)
 
 
 @triton.jit
-def _plan_kernel(flat_ptr, run_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_ptr, rank_ptr, src_ptr,
-                 dst_ptr, n_ptr, M, S, NUM_UNITS, RUN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-                 PDL: tl.constexpr):
+def _plan_kernel(flat_ptr, slot_of_ptr, owner_ptr, stamp_ptr, step_ptr, counts_ptr, rank_ptr, src_ptr,
+                 dst_ptr, n_ptr, M, S, NUM_UNITS, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
     release_next(PDL)
     # Every thread holds these scalars: they are stored back only after a barrier, else a warp
     # that runs late would read a value another warp already advanced (step twice, counts twice).
     step = tl.load(step_ptr) + 1
     n_miss = tl.full((), 0, tl.int32)
-    go = tl.full((), 1, tl.int1)
-    if RUN:                            # False: a skipped plan, whose entries are not even read
-        go = tl.load(run_ptr) != 0
-    if go:
-        i = tl.arange(0, BLOCK_M)
-        page = tl.load(flat_ptr + i, mask=i < M, other=-1)                         # (BLOCK_M,) int64
-        if tl.max(page, axis=0) >= 0:  # else a skipped plan (all -1): only the step advances
-            n_miss = _plan(page, page >= 0, step, slot_of_ptr, owner_ptr, stamp_ptr, counts_ptr, rank_ptr, src_ptr,
-                           dst_ptr, S, NUM_UNITS, BLOCK_M, BLOCK_S)
+    i = tl.arange(0, BLOCK_M)
+    page = tl.load(flat_ptr + i, mask=i < M, other=-1)                             # (BLOCK_M,) int64
+    if tl.max(page, axis=0) >= 0:  # else no entry (all -1): only the step advances
+        n_miss = _plan(page, page >= 0, step, slot_of_ptr, owner_ptr, stamp_ptr, counts_ptr, rank_ptr, src_ptr,
+                       dst_ptr, S, NUM_UNITS, BLOCK_M, BLOCK_S)
     tl.debug_barrier()
     tl.store(step_ptr, step)
     tl.store(n_ptr, n_miss)
@@ -117,8 +112,8 @@ def _plan(page, valid, step, slot_of_ptr, owner_ptr, stamp_ptr, counts_ptr, rank
     return n_miss
 
 
-def plan_fetch_cuda(cache, flat: torch.Tensor, run: torch.Tensor | None = None):
-    """``gpu_pages.plan_fetch(cache, flat, run)`` in one launch: the same state and copies (src,
+def plan_fetch_cuda(cache, flat: torch.Tensor):
+    """``gpu_pages.plan_fetch(cache, flat)`` in one launch: the same state and copies (src,
     dst, n), except that src and dst past the n copies are left unwritten."""
     m, dev = flat.numel(), flat.device
     src = torch.empty(m, dtype=torch.long, device=dev)
@@ -126,9 +121,9 @@ def plan_fetch_cuda(cache, flat: torch.Tensor, run: torch.Tensor | None = None):
     n = torch.empty(1, dtype=torch.int32, device=dev)
     rank = torch.empty(max(m, 1), dtype=torch.long, device=dev)
     opts = launch_options(dev)
-    _plan_kernel[(1,)](flat.contiguous(), n if run is None else run.view(torch.int8), cache.slot_of, cache.owner,
+    _plan_kernel[(1,)](flat.contiguous(), cache.slot_of, cache.owner,
                        cache.stamp, cache.step, cache.counts, rank, src, dst, n, m, cache.n_slots, cache.num_units,
-                       RUN=run is not None, BLOCK_M=triton.next_power_of_2(max(m, 2)),
+                       BLOCK_M=triton.next_power_of_2(max(m, 2)),
                        BLOCK_S=triton.next_power_of_2(max(cache.n_slots, 2)), PDL=bool(opts), num_warps=16, **opts)
     return src, dst, n
 
@@ -204,31 +199,28 @@ def _unit(page, h, ok, row, nb, K: tl.constexpr, LIMIT: tl.constexpr):
 
 
 @triton.jit
-def _needed_kernel(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, run_ptr, out_ptr, row0, nb,
+def _needed_kernel(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out_ptr, row0, nb,
                    stride_sb, stride_sg, stride_sq,                 # starts (B, G, NQB, NSEL), unit stride on NSEL
                    SINK: tl.constexpr, PAGE: tl.constexpr, K: tl.constexpr, KG: tl.constexpr, NQB: tl.constexpr,
                    BQ: tl.constexpr, NSEL: tl.constexpr, PER: tl.constexpr, NS: tl.constexpr, NW: tl.constexpr,
-                   N_SEL: tl.constexpr, M: tl.constexpr, LIMIT: tl.constexpr, RUN: tl.constexpr,
+                   N_SEL: tl.constexpr, M: tl.constexpr, LIMIT: tl.constexpr, AHEAD: tl.constexpr,
                    BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
     release_next(PDL)
     b = tl.program_id(0)
     row = (row0 + b).to(tl.int64)
     out = out_ptr + b.to(tl.int64) * M
-    go = tl.full((), 1, tl.int1)
-    if RUN:       # False: a skipped plan, which reads nothing of ``out``: nothing to write
-        go = tl.load(run_ptr) != 0
-    if go:
-        _needed(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out, b, row, nb, stride_sb, stride_sg, stride_sq, SINK, PAGE,
-                K, KG, NQB, BQ, NSEL, PER, NS, NW, N_SEL, LIMIT, BLOCK)
+    _needed(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out, b, row, nb, stride_sb, stride_sg, stride_sq, SINK, PAGE,
+            K, KG, NQB, BQ, NSEL, PER, NS, NW, N_SEL, LIMIT, AHEAD, BLOCK)
 
 
 @triton.jit
 def _needed(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out, b, row, nb, stride_sb, stride_sg, stride_sq,
             SINK: tl.constexpr, PAGE: tl.constexpr, K: tl.constexpr, KG: tl.constexpr, NQB: tl.constexpr,
             BQ: tl.constexpr, NSEL: tl.constexpr, PER: tl.constexpr, NS: tl.constexpr, NW: tl.constexpr,
-            N_SEL: tl.constexpr, LIMIT: tl.constexpr, BLOCK: tl.constexpr):
-    """Row b's units into ``out`` (M,): sink, window per query block, each group's selected chunks."""
+            N_SEL: tl.constexpr, LIMIT: tl.constexpr, AHEAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Row b's units into ``out`` (M,): sink, window per query block (AHEAD tokens past its last
+    query), each group's selected chunks."""
     for start in range(0, NS * K, BLOCK):                          # every head's sink pages
         e = start + tl.arange(0, BLOCK)
         tl.store(out + e, _unit((e // K).to(tl.int64), e % K, e >= 0, row, nb, K, LIMIT), mask=e < NS * K)
@@ -237,7 +229,7 @@ def _needed(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out, b, row, nb, stride_sb
         q_pos = tl.load(qpos_ptr + (b * NQB + qb) * BQ + r)
         valid = tl.load(qvalid_ptr + (b * NQB + qb) * BQ + r) != 0
         last = tl.max(tl.where(valid, q_pos, -1), axis=0)
-        last_page = tl.where(last >= 0, last // PAGE, -1)
+        last_page = tl.where(last >= 0, (last + AHEAD) // PAGE, -1)
         first = tl.maximum(tl.load(w0_ptr + b * NQB + qb), SINK) // PAGE
         for start in range(0, NW * K, BLOCK):
             e = start + tl.arange(0, BLOCK)
@@ -257,10 +249,8 @@ def _needed(starts_ptr, w0_ptr, qpos_ptr, qvalid_ptr, out, b, row, nb, stride_sb
         tl.store(out + NS * K + NQB * NW * K + e, unit, mask=e < N_SEL)
 
 
-def needed_units_cuda(starts: torch.Tensor, geo, config, page: int, K: int, row0: int = 0, nb: int | None = None,
-                      run: torch.Tensor | None = None):
-    """``offload_kv.needed_units`` in one launch: the same (B, M) units, in the same order; with
-    ``run`` False nothing is written (``PageCache.fetch(units, run)`` then reads none of it)."""
+def needed_units_cuda(starts: torch.Tensor, geo, config, page: int, K: int, row0: int = 0, nb: int | None = None):
+    """``offload_kv.needed_units`` in one launch: the same (B, M) units, in the same order."""
     B, G, nqb, nsel = starts.shape
     per = max(1, config.chunk_size // page)
     ns, nw = -(-config.sink // page), -(-window_slots(config) // page) + 1
@@ -270,10 +260,9 @@ def needed_units_cuda(starts: torch.Tensor, geo, config, page: int, K: int, row0
     starts = starts if starts.stride(-1) == 1 else starts.contiguous()
     q_valid = geo.q_valid.contiguous().view(torch.int8)
     opts = launch_options(out.device)
-    _needed_kernel[(B,)](starts, geo.w0.contiguous(), geo.q_pos.contiguous(), q_valid,
-                         q_valid if run is None else run.view(torch.int8), out, row0, nb or 0,
+    _needed_kernel[(B,)](starts, geo.w0.contiguous(), geo.q_pos.contiguous(), q_valid, out, row0, nb or 0,
                          starts.stride(0), starts.stride(1), starts.stride(2),
                          SINK=config.sink, PAGE=page, K=K, KG=K // G, NQB=nqb, BQ=geo.q_pos.shape[-1], NSEL=nsel,
-                         PER=per, NS=ns, NW=nw, N_SEL=n_sel, M=m, LIMIT=nb is not None, RUN=run is not None,
+                         PER=per, NS=ns, NW=nw, N_SEL=n_sel, M=m, LIMIT=nb is not None, AHEAD=lookahead(config),
                          BLOCK=BLOCK, PDL=bool(opts), **opts)
     return out
