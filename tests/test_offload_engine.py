@@ -118,9 +118,6 @@ class FP8RoundTripCache(KVCache):
     """An on-device cache whose pages go through the FP8 round trip on every write: what an FP8
     host store should give, computed without any offload code."""
 
-    def write_target(self, layer, plan):
-        return None          # every write goes through update (no projection writes the cache itself)
-
     def update(self, layer, start, k, v, plan=None):
         kf, vf = super().update(layer, start, k, v, plan)
         for t in (kf, vf):
@@ -208,8 +205,8 @@ def test_capacity_errors_name_both_memories(bf16_model):
 
 def test_streaming_decode_through_the_page_cache_equals_on_device(bf16_model):
     """Streaming (sink + window, an empty mask made each step) fetches every step, its window
-    moving, whether or not its token opens a page (a prompt of 603 tokens: the first decode token
-    opens none): the page cache's logits are the on-device ones, bit for bit."""
+    moving (a prompt of 603 tokens: the first decode token opens no page): the page cache's
+    logits are the on-device ones, bit for bit."""
     model, tokens = bf16_model, prompt(PROMPT + 3)
     on_device, cached = caches(model, capacity=PROMPT + STEPS + 4, page=4)
     logits = {}

@@ -222,3 +222,43 @@ def test_fp8_reuse_step_reads_the_scaled_store_in_one_launch(monkeypatch):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
         assert torch.equal(m.starts.cpu(), mask.starts)
     assert len(calls) == 1 and calls[0].scaled      # the Triton step, with the FP8 scales
+
+
+def test_reuse_step_through_the_page_pool_in_one_launch(monkeypatch):
+    """A decode step that reuses its mask over a page-cache pool fetches nothing and takes
+    ``ops.attend_reused`` with the per-head table (positions computed in the kernel): the plain
+    read's values, bit for bit, and the reference's."""
+    from infinitehip.attention.paged import paged_hip_attention
+
+    q, k, v, _, rope, mask = setup()
+    assert mask.w0 is not None                              # a pruned mask: its window start kept
+    kp, table = scatter_heads_to_pool(k)
+    vp, _ = scatter_heads_to_pool(v)
+    kv_len = torch.tensor((400, 333))
+    geo = reference.block_geometry(kv_len, 1, TINY, mask)
+    want = reference.attend(q, k, v, mask.starts, geo, TINY, rope, 0.3)
+
+    class Source:   # the host store read in place for pruning; the pool for attention
+        def logical(self, tk):
+            return _to([k, v, None], DEVICE)
+
+        def dense(self, tk):
+            raise AssertionError("dense read on a sparse step")
+
+        fetch = dense                                       # a reuse step fetches nothing
+
+        def resident(self):
+            return _to([kp, vp, KVPages(PAGE, table=table)], DEVICE)
+
+    calls, reused = [], _ops.attend_reused
+    monkeypatch.setattr(_ops, "attend_reused", lambda *a, **kw: calls.append(kw["pages"]) or reused(*a, **kw))
+    got = {}
+    for backend in ("reference", "triton"):
+        out, m = paged_hip_attention(q.to(DEVICE), Source(), 400, config=TINY, rope=_to(rope, DEVICE), scale=0.3,
+                                     cache_seqlens=kv_len.to(DEVICE), mask=_to(mask, DEVICE),
+                                     refresh_stage=TINY.n_stages, backend=backend, fetch=True)
+        got[backend] = out.cpu()
+        torch.testing.assert_close(got[backend], want, rtol=1e-4, atol=1e-4)
+    plain = reused(*_to([q, k, v, mask, kv_len], DEVICE), TINY, _to(rope, DEVICE), 0.3).cpu()
+    assert torch.equal(got["triton"], plain)
+    assert len(calls) == 1 and calls[0].table is not None     # the Triton step, through the table

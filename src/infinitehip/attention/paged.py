@@ -64,10 +64,13 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
         return api.dense_attention(q, kd, vd, kv_len, rope, scale), None
     from_stage, row_stage = api._refresh_rows(refresh_stage, B, config, mask, q.device)
     backend = api.resolve_backend(backend, q)
-    reuse = from_stage == config.n_stages        # every row reuses its mask: nothing to fetch
-    if api.reuses_in_one_launch(backend, from_stage, tq, config):   # the pool as it is, or FP8 in place
+    # Nothing to fetch: every row reuses a mask that an earlier, fetching call pruned (it carries
+    # its window start). Not a mask made for this call: streaming's empty one (sink + window
+    # only, no w0) moves its window every step, so its steps fetch.
+    reuse = from_stage == config.n_stages and mask is not None and mask.w0 is not None
+    if api.reuses_in_one_launch(backend, from_stage, tq, config) and (reuse or not fetch):   # one launch
         from .triton import ops
-        kr, vr, pr = source.resident() if fetch else (k, v, pages)
+        kr, vr, pr = source.resident() if fetch else (k, v, pages)   # the pool as it is, or FP8 in place
         return ops.attend_reused(q, kr, vr, mask, kv_len, config, rope, scale, pages=pr), mask
     impl = api.implementation(backend)
 

@@ -3,8 +3,9 @@
 Storage is cut into blocks of ``block_size`` tokens, ``(B, n_blocks, block_size, K, D)`` per
 layer, so a block is the unit a later offload tier moves (full cache in pinned host memory, a
 optional GPU page cache in front: ``offload_kv.py``). The model uses three calls: ``update`` writes new
-K/V and returns views of the whole cache; ``attention`` is the attention call that reads it;
-``select`` narrows to some batch rows (prefill one prompt at a time).
+K/V and returns views of the whole cache (or, for a decode step, ``write_target`` says where the
+q/k/v projection writes them itself and ``views`` returns the views); ``attention`` is the
+attention call that reads it; ``select`` narrows to some batch rows (prefill one prompt at a time).
 Capacity is fixed at allocation, so decode shapes are static (CUDA-graph capturable).
 """
 from __future__ import annotations
@@ -86,9 +87,9 @@ class KVCache:
     def write_target(self, layer: int, plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Where a projection may write this pass's K/V itself (``gemv.Scatter``): the layer's K and
         V as (B * capacity, K * D) rows and ``plan``'s flat rows; None for a slice plan (one row's
-        prefill), which ``update`` writes. A cache that stores something other than what it is
-        given (a subclass overriding ``update``) returns None."""
-        if plan is None:
+        prefill), which ``update`` writes; None too for a subclass with its own ``update`` (it
+        may store something other than what it is given)."""
+        if plan is None or type(self).update is not KVCache.update:
             return None
         ks, vs = self.k[layer], self.v[layer]
         return ks.view(-1, ks.shape[3] * ks.shape[4]), vs.view(-1, vs.shape[3] * vs.shape[4]), plan

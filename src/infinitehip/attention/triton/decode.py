@@ -10,8 +10,9 @@ Why in the same launch: a separate merge kernel cost ~2.7 us plus a ~3 us depend
 CUDA graph (H100, 128K keys), a quarter of a decode step that reuses its mask.
 
 The counters live in one zeroed buffer per device that every merge leaves zeroed, so a CUDA
-graph replays without a memset. That assumes the attention launches of one device do not run
-concurrently (one decode stream, as the engine and the benchmarks run them).
+graph replays without a memset. The split-K GEMV (``models/gemv.py``) and greedy decoding's
+argmax (``models/fused.py``) count in it too. That assumes these launches of one device do not
+run concurrently (one decode stream, as the engine and the benchmarks run them).
 """
 from __future__ import annotations
 

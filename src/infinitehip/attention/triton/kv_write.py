@@ -68,14 +68,16 @@ def _rewrite(codes_ptr, scale_ptr, new_ptr, pool_ptr, probe_ptr, page, off, h, s
 @triton.jit
 def _append(codes_ptr, scale_ptr, new_ptr, pool_ptr, probe_ptr, page, off, h, slot,
             PAGE: tl.constexpr, K: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, DTYPE: tl.constexpr,
-            STRIDE: tl.constexpr):
+            STRIDE: tl.constexpr, FAST: tl.constexpr):
     """``_rewrite``'s result, writing only the token's row where that is the same: the row was
     empty (all-zero codes, as a decode step's fresh slot is) and the page's scale would not change.
     The rows after it are then empty too: every write zeroes a page past its token, and a page an
     earlier request left behind holds its old token in the row (its first write re-encodes).
     Then the other rows' codes are unchanged too: an encoded page has a code of +-448 (its maximum;
     below only at the scale's floor), which decodes to the maximum the re-encode would take, and a
-    code decoded and divided by the same scale rounds back to itself. Else the whole page."""
+    code decoded and divided by the same scale rounds back to itself — in bfloat16 and float32;
+    float16 stores (FAST False) always re-encode: their subnormals round small decoded values
+    to other codes. Else the whole page."""
     d = tl.arange(0, D_P)
     dm = d < D
     at = (page * PAGE + off) * (K * D) + h * D + d                             # (D_P,)
@@ -88,7 +90,7 @@ def _append(codes_ptr, scale_ptr, new_ptr, pool_ptr, probe_ptr, page, off, h, sl
     new = tl.load(new_ptr + h * D + d, mask=dm, other=0.0).to(DTYPE).to(tl.float32)
     page_max = (scale * _FP8_MAX).to(DTYPE).to(tl.float32)                     # as _rewrite decodes +-448
     new_scale = tl.maximum(tl.math.div_rn(tl.maximum(page_max, tl.max(tl.abs(new), axis=0)), _FP8_MAX), _TINY)
-    if (tl.max(tl.abs(old), axis=0) == 0.0) & (new_scale == scale):
+    if FAST & (tl.max(tl.abs(old), axis=0) == 0.0) & (new_scale == scale):
         codes = tl.math.div_rn(new, scale).to(tl.float8e4nv)
         tl.store(codes_ptr + at, codes, mask=dm)
         if STRIDE > 0:
@@ -133,8 +135,10 @@ def _write_kernel(k_store, k_scale, v_store, v_scale, k_new, v_new, k_pool, v_po
         slot = tl.load(slot_of_ptr + page * K + h).to(tl.int64)
     row = (b * K).to(tl.int64) * D
     if FP8:
-        _append(k_store, k_scale, k_new + row, k_pool, k_probe, page, off, h, slot, PAGE, K, D, D_P, DTYPE, STRIDE)
-        _append(v_store, v_scale, v_new + row, v_pool, v_pool, page, off, h, slot, PAGE, K, D, D_P, DTYPE, 0)
+        fast: tl.constexpr = DTYPE != tl.float16
+        _append(k_store, k_scale, k_new + row, k_pool, k_probe, page, off, h, slot, PAGE, K, D, D_P, DTYPE, STRIDE,
+                fast)
+        _append(v_store, v_scale, v_new + row, v_pool, v_pool, page, off, h, slot, PAGE, K, D, D_P, DTYPE, 0, fast)
     else:
         _put_row(k_store, k_new + row, k_pool, k_probe, page, off, h, slot, PAGE, K, D, D_P, STRIDE)
         _put_row(v_store, v_new + row, v_pool, v_pool, page, off, h, slot, PAGE, K, D, D_P, 0)

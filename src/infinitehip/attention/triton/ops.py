@@ -81,6 +81,8 @@ def attend_reused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: HiPMa
     """
     if q.shape[1] > config.block_size_q:
         raise ValueError(f"attend_reused takes one query block (Tq <= {config.block_size_q}), got Tq={q.shape[1]}")
+    if cache_seqlens is None and pages is not None and pages.table is not None:
+        raise ValueError("attend_reused through a page pool needs cache_seqlens: the pool's shape is not the keys'")
     anchor = mask.w0 is not None
     w0 = mask.w0.contiguous() if anchor else q
     lens = q if cache_seqlens is None else cache_seqlens.to(q.device).contiguous()
