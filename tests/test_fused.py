@@ -173,14 +173,21 @@ def test_gemv_linear_rejects_bad_shapes():
         gemv.linear(torch.randn(17, 32, device=DEVICE), w, triton_kernel=True)
 
 
-def test_pdl_is_off_off_hopper():
-    """Programmatic dependent launch only where the hardware has it (CPU interpreter: never)."""
+def test_pdl_is_off_by_default_and_off_hopper(monkeypatch):
+    """Programmatic dependent launch is off unless switched on (``pdl.USE``, the benchmarks' A/B),
+    and then only where the hardware has it (CPU interpreter: never)."""
     from infinitehip.attention.triton import pdl
 
+    assert not pdl.USE and not any(pdl.enabled(d) for d in _devices())
+    monkeypatch.setattr(pdl, "USE", True)
     assert not pdl.enabled(torch.device("cpu")) and pdl.launch_options(torch.device("cpu")) == {}
     if torch.cuda.is_available():
         hopper = torch.cuda.get_device_capability() >= (9, 0)
         assert pdl.enabled(torch.device("cuda")) == (hopper and pdl._HAVE_GDC)
+
+
+def _devices():
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PDL needs a GPU (Hopper+)")
