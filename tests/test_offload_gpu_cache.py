@@ -218,6 +218,18 @@ def test_decode_cache_is_validated():
         OffloadConfig(decode_cache="gpu")
 
 
+@pytest.mark.parametrize("field, bad, message", [
+    ("page", 6, "power of two"), ("page", 0, "power of two"), ("page", -8, "power of two"), ("page", 8.0, "power"),
+    ("fp8", "yes", "False .* or True"), ("gpu_pages", 0, "positive"), ("gpu_pages", 2.5, "positive"),
+    ("headroom", 0.5, ">= 1"), ("headroom", float("nan"), ">= 1"), ("gpu_layers", -1, ">= 0"),
+])
+def test_offload_config_fields_are_validated(field, bad, message):
+    """Each field's bad value is a ValueError naming it (a page of 6 tokens failed deep inside
+    prefill with a tensor view error; a page of 0 with a ZeroDivisionError)."""
+    with pytest.raises(ValueError, match=rf"OffloadConfig\.{field}=.*{message}"):
+        OffloadConfig(**{field: bad})
+
+
 def test_probe_stride_is_validated():
     assert OffloadConfig(probe_stride=0).capacity_unit == 8 and OffloadConfig(page=4).capacity_unit == 16
     for bad in (12, -16, 16.0):
