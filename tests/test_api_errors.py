@@ -36,8 +36,9 @@ def test_bad_arguments():
         hip_attention(q, k, v, config=CFG, cache_seqlens=torch.tensor([1.0]))
     with pytest.raises(ValueError, match="refresh_stage=5"):
         hip_attention(q, k, v, config=CFG, refresh_stage=5)
-    with pytest.raises(ValueError, match="pass the mask a previous call returned"):
-        hip_attention(q, k, v, config=CFG, refresh_stage=1)
+    for bad in (1.5, "1", [0.5]):
+        with pytest.raises(ValueError, match="refresh_stage=.* must be an int"):
+            hip_attention(q, k, v, config=CFG, refresh_stage=bad)
     with pytest.raises(ValueError, match="backend='cuda'"):
         hip_attention(q, k, v, config=CFG, backend="cuda")
     with pytest.raises(TypeError, match="config must be a HiPConfig"):
@@ -48,7 +49,7 @@ def test_mask_from_another_config_is_rejected():
     q, k, v = qkv(tk=1000)
     _, mask = hip_attention(q, k, v, config=CFG)
     other = CFG.replace(budget=128)
-    with pytest.raises(ValueError, match="was it made with another config"):
+    with pytest.raises(ValueError, match="reusable only with the config and input shapes"):
         hip_attention(q, k, v, config=other, mask=mask, refresh_stage=other.n_stages)
 
 
@@ -57,3 +58,43 @@ def test_rope_scaling_errors():
         RoPE.from_hf({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, 64)
     with pytest.raises(ValueError, match="even head_dim"):
         RoPE.default(63)
+
+
+def test_cache_seqlens_values_are_checked_on_the_cpu():
+    """Each row's valid keys must hold its Tq queries and fit the Tk slots: 0 gave NaN, Tk + 100
+    a silently different output, Tq > kv_len got around the Tq <= Tk check."""
+    q, k, v = qkv()
+    tq, tk = q.shape[1], k.shape[1]
+    for bad in (tk + 100, 0, -5, tq - 1):
+        with pytest.raises(ValueError, match=r"cache_seqlens=\[.*\] must each be in \[Tq, Tk\]"):
+            hip_attention(q, k, v, config=CFG, cache_seqlens=torch.tensor([bad]))
+    hip_attention(q, k, v, config=CFG, cache_seqlens=torch.tensor([tk]))
+
+
+@pytest.mark.parametrize("shape", [(0, 1, 4, 64), (1, 1, 0, 64), (1, 1, 4, 0)])
+def test_empty_dimensions_are_rejected(shape):
+    B, _, H, D = shape
+    q = torch.randn(shape)
+    k = v = torch.randn(B, 50, max(1, H // 2) if H else 2, D)
+    with pytest.raises(ValueError, match="empty input"):
+        hip_attention(q, k, v, config=CFG)
+
+
+def test_triton_backend_on_cpu_tensors_says_so(monkeypatch):
+    q, k, v = qkv()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors"):
+        hip_attention(q, k, v, config=CFG, backend="triton")
+
+
+def test_a_decode_loop_crossing_the_dense_cutoff_passes_back_what_it_got():
+    """The README's decode pattern: the first call is dense (short context: mask None), the next
+    passes that None back with a reuse stage; it prunes from scratch, the same as stage 0."""
+    cfg = CFG.replace(dense_threshold=0)
+    q, k, v = qkv(tk=cfg.sink + cfg.window)
+    out, mask = hip_attention(q, k, v, config=cfg)
+    assert mask is None
+    q, k, v = qkv(tk=cfg.sink + cfg.window + 300)
+    got, m1 = hip_attention(q, k, v, config=cfg, mask=mask, refresh_stage=cfg.n_stages)
+    want, m0 = hip_attention(q, k, v, config=cfg, refresh_stage=0)
+    assert torch.equal(got, want) and torch.equal(m1.starts, m0.starts)

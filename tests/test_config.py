@@ -46,6 +46,13 @@ def test_preset_overrides_and_unknown_name():
     (dict(model_context_length=0), "model_context_length"),
     (dict(stage0_levels=0), "stage0_levels"),
     (dict(stage0_levels=9), "stage0_levels"),        # 256-key chunks have 8 levels
+    (dict(block_size_q=32.0), "block_size_q"),        # passed as 32 once, then failed inside hip_attention
+    (dict(sink=True), "sink"),
+    (dict(chunk_sizes=256), "chunk_sizes"),           # a scalar for a tuple: was "'int' object is not iterable"
+    (dict(refresh_intervals=8), "refresh_intervals"),
+    (dict(dense_layers=0), "dense_layers"),
+    (dict(dense_layers=("a",)), "dense_layers"),
+    (dict(dense_layers=(1.5,)), "dense_layers"),      # was silently ignored
 ])
 def test_invalid_values_name_the_field(changes, field):
     with pytest.raises(ValueError, match=rf"HiPConfig\.{field}="):
@@ -67,6 +74,9 @@ def test_dense_layers_get_larger_budget():
     assert cfg.for_layer(0, 32).budget == 4096
     assert cfg.for_layer(31, 32).budget == 4096
     assert cfg.for_layer(10, 32).budget == 2048
+    # An index past the model names no layer (it wrapped around to layer 0 before).
+    assert all(HiPConfig(dense_layers=(100,)).for_layer(i, 4).budget == 2048 for i in range(4))
+    assert [HiPConfig().for_layer(i, 2).budget for i in range(2)] == [4096, 4096]
 
 
 def test_probe_levels():

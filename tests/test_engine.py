@@ -228,6 +228,13 @@ def test_sample_and_stop_checker_units():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+    # Each reached torch as NaN probabilities, a comparison of str and int, a float top-k or seed.
+    for kw, field in ((dict(temperature=float("nan")), "temperature"), (dict(temperature="0.7"), "temperature"),
+                      (dict(temperature=float("inf")), "temperature"), (dict(top_p=float("nan")), "top_p"),
+                      (dict(top_k=2.5), "top_k"), (dict(seed=1.5), "seed"), (dict(seed=2 ** 64), "seed"),
+                      (dict(seed=-1), "seed")):
+        with pytest.raises(ValueError, match=f"{field}=.* must be"):
+            SamplingParams(**kw)
 
 
 def test_memory_is_planned_before_allocating(model, monkeypatch):
@@ -245,6 +252,26 @@ def test_engine_errors(model):
         infinitehip.generate(model, "hi", backend="flash")
     with pytest.raises(ValueError, match="empty prompt"):
         infinitehip.generate(model, [[]])
+    with pytest.raises(ValueError, match="kernel='cuda'; choose one of"):     # it said backend='cuda'
+        infinitehip.generate(model, "hi", kernel="cuda")
+    vocab = model.args.vocab_size
+    with pytest.raises(ValueError, match=rf"token ids must be in \[0, {vocab}\)"):    # an IndexError in the embedding
+        infinitehip.generate(model, [[5, vocab]])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--device", "gpu"], "device='gpu' is not a device"),             # a traceback: demo caught nothing
+    (["generate", "builtin", "-p", "hi", "--device", "gpu"], "device='gpu' is not a device"),   # torch's RuntimeError
+    (["generate", "builtin", "-p", "hi", "-n", "2", "--temperature", "nan"], "temperature=nan must be"),
+    (["serve", "builtin", "--port", "99999"], "--port 99999 is not a TCP port"),   # uvicorn's OverflowError
+])
+def test_cli_bad_values_are_one_line_errors(argv, message):
+    from typer.testing import CliRunner
+
+    from infinitehip.cli import app
+
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 1 and f"error: {message}" in r.output and "Traceback" not in r.output, r.output
 
 
 def test_cli_generate_and_info(ckpt, tmp_path):

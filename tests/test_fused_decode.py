@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from infinitehip import RoPE, hip_attention
 from infinitehip.attention import reference
+from infinitehip.attention.api import cache_attention
 from infinitehip.attention.mask import NEG_SCORE, SENTINEL, empty_mask, geometry
 
 ops = pytest.importorskip("infinitehip.attention.triton.ops")
@@ -171,9 +172,9 @@ def test_decode_launches_per_step(tq, monkeypatch):
     q, k, v = rand_qkv(1, tq, 900, 8, 2, 64, torch.bfloat16)
     lens, rope = torch.tensor([900], device=DEVICE), RoPE.default(64)
     _, mask = hip_attention(q, k, v, config=cfg, rope=rope, cache_seqlens=lens, backend="triton")
-    for stage in range(cfg.n_stages + 1):
-        step = lambda: hip_attention(q, k, v, config=cfg, rope=rope, cache_seqlens=lens, mask=mask,  # noqa: E731
-                                     refresh_stage=stage, backend="triton")
+    for stage in range(cfg.n_stages + 1):   # as the engine calls it (hip_attention also checks CPU lengths)
+        step = lambda: cache_attention(q, k, v, config=cfg, rope=rope, cache_seqlens=lens, mask=mask,  # noqa: E731
+                                       refresh_stage=stage, backend="triton")
         step()   # cached constants made
         with _counting(monkeypatch) as names:
             step()

@@ -216,6 +216,25 @@ def test_sliding_window_checkpoints_warn(ckpts, tmp_path):
         infinitehip.load(path)
 
 
+def test_error_config_shapes_the_code_read_blindly(ckpts, tmp_path):
+    """A config.json holding a list, a linear rope scaling without its factor, a tokenizer larger
+    than the model's vocabulary: each a one-line error (an AttributeError, a KeyError, an
+    IndexError at the first forward pass before)."""
+    path = _copy(ckpts["llama"], tmp_path / "a")
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json holds a JSON list, not an object"):
+        infinitehip.load(path)
+    path = _copy(ckpts["llama"], tmp_path / "b")
+    _edit_config(path, rope_scaling={"rope_type": "linear"})
+    with pytest.raises(ValueError, match="rope type 'linear' needs factor"):
+        infinitehip.load(path)
+    path = _copy(ckpts["llama"], tmp_path / "c")
+    _edit_config(path, vocab_size=200)
+    _rewrite_weights(path, lambda ts: ts.update({n: t[:200] for n, t in ts.items() if t.shape[0] == 320}))
+    with pytest.raises(ValueError, match="tokenizer.json has .* tokens but the model's vocabulary only 200"):
+        infinitehip.load(path)
+
+
 def test_error_dtype_and_device(ckpts):
     with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
         infinitehip.load(ckpts["llama"], dtype="int8")
@@ -224,6 +243,10 @@ def test_error_dtype_and_device(ckpts):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             infinitehip.load(ckpts["llama"], device="cuda")
+    with pytest.raises(ValueError, match="device='gpu' is not a device; use 'cpu', 'cuda'"):   # torch's RuntimeError
+        infinitehip.load(ckpts["llama"], device="gpu")
+    with pytest.raises(ValueError, match="device='meta' is not supported"):
+        infinitehip.load(ckpts["llama"], device="meta")
 
 
 def test_error_bad_preset(ckpts):

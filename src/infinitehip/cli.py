@@ -23,7 +23,8 @@ def demo(context: int = typer.Option(None, help="Prompt tokens (default: 16,384 
                                      "on CPU, 65,536 = 128x on GPU)."),
          depth: float = typer.Option(0.35, help="Where the pass key sits, 0 = start, 1 = end."),
          seed: int = typer.Option(0, help="Seed of the haystack and the pass key."),
-         device: str = typer.Option(None, help="cuda | cpu (default: cuda when available).")):
+         device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
+         debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """The built-in model finds a pass key hidden far beyond its trained context."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -32,12 +33,15 @@ def demo(context: int = typer.Option(None, help="Prompt tokens (default: 16,384 
     if not 0.0 <= depth <= 1.0 or (context is not None and context < 256):
         raise typer.BadParameter("need 0 <= depth <= 1 and context >= 256")
     n = context or default_context()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
-                  transient=True) as bar:
-        job = bar.add_task(f"loading the built-in model, hiding a pass key in {n:,} tokens", total=len(METHODS))
-        r = run_demo(n, depth, seed, device=device,
-                     on_method=lambda m: bar.update(job, advance=0 if m == METHODS[0] else 1,
-                                                    description=f"{LABELS[m]} reads {n:,} tokens"))
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            job = bar.add_task(f"loading the built-in model, hiding a pass key in {n:,} tokens", total=len(METHODS))
+            r = run_demo(n, depth, seed, device=device,
+                         on_method=lambda m: bar.update(job, advance=0 if m == METHODS[0] else 1,
+                                                        description=f"{LABELS[m]} reads {n:,} tokens"))
+    except (OSError, ValueError) as e:
+        _fail(e, debug)
     console.print(f"[bold]{r.context:,}[/]-token prompt = [bold]{r.context / r.trained_context:.0f}x[/] the model's "
                   f"trained context ({r.trained_context} tokens); pass key hidden at {r.needle_at:.0%} depth, "
                   f"on {r.device}.")
@@ -252,6 +256,8 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
                                             help="safetensors file of cached document KV: loaded at start, saved at exit."),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """Serve the model over an OpenAI-compatible HTTP API (`pip install infinitehip[server]`)."""
+    if not 0 <= port <= 65535:
+        _fail(ValueError(f"--port {port} is not a TCP port: use 0..65535"), debug)
     try:
         import uvicorn
 

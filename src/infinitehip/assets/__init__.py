@@ -23,6 +23,9 @@ def read_json(file: Path) -> dict:
     """A model directory's JSON file (config.json, generation_config.json, ...); malformed: a
     ValueError that names it."""
     try:
-        return json.loads(Path(file).read_text())
+        data = json.loads(Path(file).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} holds a JSON {type(data).__name__}, not an object of settings: is it the right file?")
+    return data

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
@@ -10,13 +11,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from ..config import HiPConfig
+from .triton import interpreted as triton_interpreted
 from . import reference
 from .mask import HiPMask, anchor_window, geometry
 from .rope import RoPE, apply_rope
 from .stages import n_groups, run_stages
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BACKENDS = ("auto", "triton", "reference")
+KERNELS = ("auto", "triton", "reference")   # hip_attention's backend: which code runs it
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # The reference materializes (B, H, queries, attended keys) scores: bound that per slice.
 _REFERENCE_SLICE_ELEMENTS = 1 << 26
@@ -47,13 +49,25 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
         refresh_stage: the first pruning stage to rerun (``config.refresh_stage(step)``):
             0 prunes from scratch, ``config.n_stages`` reuses ``mask`` as it is. A sequence of
             B ints gives each batch row its own (rows decoding at different steps); each row
-            then gets exactly the mask a call of its own would give.
+            then gets exactly the mask a call of its own would give. Without a mask (None: the
+            first step, or the previous call was dense) every stage runs.
         backend: "triton" (CUDA), "reference" (PyTorch, any device), or "auto".
 
     Returns:
         (out, mask): out (B, Tq, H, D) in q's dtype; mask the HiPMask used, or None when the
         context is short enough that attention was dense (then every key was attended).
     """
+    if cache_seqlens is not None and isinstance(cache_seqlens, torch.Tensor) and not cache_seqlens.is_cuda:
+        _check_lengths(cache_seqlens, q.shape[1], k.shape[1])
+    return cache_attention(q, k, v, config=config, rope=rope, scale=scale, cache_seqlens=cache_seqlens, mask=mask,
+                           refresh_stage=refresh_stage, backend=backend)
+
+
+def cache_attention(q, k, v, *, config=None, rope=None, scale=None, cache_seqlens=None, mask=None, refresh_stage=0,
+                    backend="auto"):
+    """``hip_attention`` over a KV cache the engine fills (``KVCache.attention``): the same call,
+    trusting ``cache_seqlens``' values, which a decode step must not read on the host (the CPU
+    path is the GPU step's model, with no host sync either)."""
     config = config or HiPConfig()
     backend = _check(q, k, v, config, rope, cache_seqlens, mask, backend)
     from_stage, row_stage = _refresh_rows(refresh_stage, q.shape[0], config, mask, q.device)
@@ -91,8 +105,8 @@ def implementation(backend: str):
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """``"auto"`` -> Triton for CUDA tensors when Triton is available, else the reference."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend={backend!r}; choose one of {_BACKENDS}")
+    if backend not in KERNELS:
+        raise ValueError(f"backend={backend!r}; choose one of {KERNELS}")
     if backend == "auto":
         from .triton import available
         return "triton" if q.is_cuda and available() else "reference"
@@ -130,15 +144,22 @@ def prune_and_attend(q, k, kv_len, config, rope, mask, from_stage: int, row_stag
 
 def _refresh_rows(refresh_stage, B: int, config: HiPConfig, mask: HiPMask | None, device):
     """``refresh_stage`` (an int, or one per row) -> (first stage any row reruns, (B,) per-row
-    stages or None when all rows agree). With no mask to reuse, everything reruns."""
-    rows = [refresh_stage] if isinstance(refresh_stage, int) else [int(r) for r in refresh_stage]
+    stages or None when all rows agree). With no mask to reuse, everything reruns: a decode loop
+    passes back what the previous call returned, None while the context was short enough for
+    dense attention."""
+    try:
+        try:
+            rows = [operator.index(refresh_stage)]
+        except TypeError:
+            rows = [operator.index(r) for r in refresh_stage]
+    except TypeError:
+        raise ValueError(f"refresh_stage={refresh_stage!r} must be an int (config.refresh_stage(step)) or a "
+                         "sequence of one int per batch row") from None
     if len(rows) not in (1, B):
         raise ValueError(f"refresh_stage has {len(rows)} entries for a batch of {B}: give an int or one per row")
     if not all(0 <= r <= config.n_stages for r in rows):
         raise ValueError(f"refresh_stage={refresh_stage} must be in [0, {config.n_stages}] (per row)")
-    if mask is None:
-        if max(rows) > 0:
-            raise ValueError(f"refresh_stage={refresh_stage} reuses a mask: pass the mask a previous call returned")
+    if mask is None:   # nothing to reuse (a first step, or the previous call attended densely)
         return 0, None
     if len(set(rows)) == 1:
         return rows[0], None
@@ -202,6 +223,17 @@ def _slice_mask(mask: HiPMask, first: int, n: int) -> HiPMask:
     return mask.query_blocks(slice(first, first + n))
 
 
+def _check_lengths(cache_seqlens: torch.Tensor, tq: int, tk: int):
+    """Each row's valid keys hold its Tq queries and fit the Tk slots. Checked where that costs no
+    host sync (a CPU tensor); on the GPU the values are trusted, as a decode step's CUDA graph
+    must not wait for the host."""
+    if cache_seqlens.is_floating_point() or cache_seqlens.dim() != 1:
+        return   # _check names the shape and dtype
+    if not bool(((cache_seqlens >= tq) & (cache_seqlens <= tk)).all()):
+        raise ValueError(f"cache_seqlens={cache_seqlens.tolist()} must each be in [Tq, Tk] = [{tq}, {tk}]: "
+                         "the valid keys of each row, which include its Tq queries")
+
+
 def _check(q, k, v, config, rope, cache_seqlens, mask, backend) -> str:
     """Validate the inputs with errors that say what to change; return the backend to use."""
     if not isinstance(config, HiPConfig):
@@ -220,6 +252,8 @@ def _check(q, k, v, config, rope, cache_seqlens, mask, backend) -> str:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     B, tq, H, D = q.shape
     _, tk, K, Dk = k.shape
+    if 0 in (B, H, D, K):
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k/v {tuple(k.shape)}; every dimension must be >= 1")
     if k.shape[0] != B:
         raise ValueError(f"q has batch {B} but k/v have batch {k.shape[0]}")
     if Dk != D:
@@ -237,10 +271,16 @@ def _check(q, k, v, config, rope, cache_seqlens, mask, backend) -> str:
     if cache_seqlens is not None:
         if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) or cache_seqlens.is_floating_point():
             raise ValueError(f"cache_seqlens must be an integer tensor of shape ({B},)")
+
     if mask is not None:
         G = n_groups(config, K)
         nqb = -(-tq // config.block_size_q)
         if tuple(mask.starts.shape) != (B, G, nqb, config.n_selected):
             raise ValueError(f"mask has shape {tuple(mask.starts.shape)}, expected ({B}, {G}, {nqb}, "
-                             f"{config.n_selected}) for this config and input; was it made with another config?")
-    return resolve_backend(backend, q)
+                             f"{config.n_selected}) for this config and input: a mask is reusable only with the "
+                             "config and input shapes of the call that returned it")
+    backend = resolve_backend(backend, q)
+    if backend == "triton" and not q.is_cuda and not triton_interpreted():
+        raise ValueError(f"backend='triton' runs on CUDA tensors, these are on {q.device}; use backend='reference' "
+                         "(or 'auto')")
+    return backend

@@ -43,6 +43,12 @@ class RoPE:
         rope = cls.default(head_dim, theta)
         if kind == "default":
             return rope
+        needs = {"linear": ("factor",), "yarn": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        missing = [key for key in needs.get(kind, ()) if key not in params]
+        if missing:
+            raise ValueError(f"rope type {kind!r} needs {', '.join(missing)} in config.json's rope_scaling / "
+                             "rope_parameters; the checkpoint's config is incomplete")
         if kind == "linear":
             return cls(rope.inv_freq / float(params["factor"]))
         if kind == "llama3":

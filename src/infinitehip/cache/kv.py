@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ..attention import hip_attention
+from ..attention.api import cache_attention
 
 
 class CapacityError(ValueError):
@@ -66,9 +66,9 @@ class KVCache:
         return kf[0, :n].clone(), vf[0, :n].clone()
 
     def attention(self, layer: int):
-        """The sparse attention call over this cache: ``hip_attention`` itself (the K/V ``update``
-        returns are plain device tensors)."""
-        return hip_attention
+        """The sparse attention call over this cache: ``hip_attention``'s (the K/V ``update``
+        returns are plain device tensors), trusting the lengths the engine keeps."""
+        return cache_attention
 
     def plan_write(self, start: torch.Tensor, T: int) -> torch.Tensor | None:
         """Where ``update`` writes T tokens per row at ``start`` (B,): the flat cache rows (B * T,),

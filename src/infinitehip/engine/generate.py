@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from ..attention.api import KERNELS
 from ..cache.kv import CapacityError, KVCache, plan_kv_cache
 from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig, plan_offload
@@ -128,9 +129,14 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
     params = params or SamplingParams()
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}; choose one of {KERNELS} (which code runs the attention)")
     ids = [encode_prompt(model, p, chat, system) for p in prompts]
     if not ids or any(len(x) == 0 for x in ids):
         raise ValueError("empty prompt: give at least one token of text")
+    vocab = model.net.args.vocab_size
+    if any(min(x) < 0 or max(x) >= vocab for x in ids):
+        raise ValueError(f"a prompt's token ids must be in [0, {vocab}) (the model's vocabulary)")
     B, device, n_new = len(ids), model.device, params.max_new_tokens
     capacity = max(map(len, ids)) + n_new
     cache = make_cache(model, B, capacity, chunk_size, offload, backend)

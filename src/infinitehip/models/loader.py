@@ -116,7 +116,12 @@ def _header_names(file: Path) -> list[str]:
 
 
 def resolve_device_dtype(device, dtype, cfg: dict) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(device)!r} is not supported; use 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available here; use device='cpu'")
     if dtype is None:
@@ -189,6 +194,9 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
     eos = [x for x in (gen.get("eos_token_id"), cfg.get("eos_token_id")) if x is not None]
     eos_ids = tuple(i for x in eos for i in (x if isinstance(x, list) else [x]))
     tokenizer = Tokenizer.from_dir(path, eos_token_ids=eos_ids)
+    if tokenizer.vocab_size > args.vocab_size:   # its ids past the embedding table would fail in the first forward
+        raise ValueError(f"{path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary only "
+                         f"{args.vocab_size}: the tokenizer belongs to another model")
     return Model(net, tokenizer, args, hip, path, gen)
 
 

@@ -11,3 +11,10 @@ def available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def interpreted() -> bool:
+    """Whether Triton kernels run through its CPU interpreter (TRITON_INTERPRET=1: the tests)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -21,11 +21,11 @@ Off (by default, the CPU interpreter, older GPUs) the calls compile to nothing.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreted
 
 try:   # Triton 3.3+; without it the kernels never take the PDL branches
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -41,8 +41,7 @@ USE = False
 def hopper(device: torch.device) -> bool:
     """Whether kernels on ``device`` compile for Hopper's grid dependency control and bulk prefetch:
     sm90+, and not run by the Triton interpreter (which has no inline assembly)."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return device.type == "cuda" and not interpreted and torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cuda" and not interpreted() and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def enabled(device: torch.device) -> bool:
