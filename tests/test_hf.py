@@ -44,3 +44,31 @@ def test_drop_in_sparse_with_full_budget_is_exact(ckpt):
         assert not torch.allclose(ours(tokens).logits, hf_model(ckpt)(tokens).logits, atol=1e-3)
     with pytest.raises(TypeError, match="HiPConfig or a preset name"):
         infinitehip.hf.set_config(ours, 3)
+
+
+def test_drop_in_refuses_padded_batches(ckpt):
+    """A left-padded row attended its padding (logits off by 6.9 on its valid positions); now an
+    error says what to do. An unpadded batch still runs."""
+    a = torch.randint(3, 300, (1, 30), generator=torch.Generator().manual_seed(3))
+    b = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(4))
+    ids = torch.cat([a, torch.cat([torch.full((1, 18), 2), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :18] = 0
+    ours = hf_model(ckpt, "infinitehip")
+    with torch.no_grad(), pytest.raises(ValueError, match="does not take padded batches.*infinitehip.generate"):
+        ours(ids, attention_mask=mask)
+    with torch.no_grad():
+        ours(ids, attention_mask=torch.ones_like(ids))
+
+
+def test_drop_in_refuses_attention_it_cannot_reproduce():
+    """Gemma 2's logit soft-capping ran, ignored (8e-3 off eager); now refused by name."""
+    import transformers
+
+    cfg = transformers.Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=None)
+    cfg._attn_implementation = "infinitehip"
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot apply softcap"):
+        model(torch.randint(5, 200, (1, 24)))

@@ -48,12 +48,15 @@ def test_save_and_load_round_trip(model, tmp_path):
     assert len(fresh) == 1
     assert answer(model, DOC + " question one?", fresh) == first
     assert fresh.stats.hits == 1
-    # Only the model and key layout that wrote it may read it: the dense backend caches rotated
-    # keys, and other weights give other KV (both answered wrongly without an error before).
-    for other in (fingerprint(model, "dense"), "0" * 32):
+    # Only the model, backend and HiP config that wrote it may read it: the dense backend caches
+    # rotated keys, other weights give other KV, and so do streaming attention and another HiP
+    # config past the first sparse layer (each answered wrongly without an error before: a
+    # streaming cache read by hip moved the first logits by 1.17).
+    other_config = infinitehip.load(model.path, config=model.hip.replace(budget=2 * model.hip.budget))
+    for other in (fingerprint(model, "dense"), fingerprint(model, "streaming"), fingerprint(other_config, "hip"),
+                  "0" * 32):
         with pytest.raises(ValueError, match="written by another model, weights or backend"):
             PrefixCache().load(tmp_path / "doc.safetensors", owner=other)
-    assert fingerprint(model, "streaming") == owner
 
 
 def test_short_prompts_are_not_cached_and_bad_file_errors(model, tmp_path):

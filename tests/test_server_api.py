@@ -136,6 +136,17 @@ def test_completion_and_usage(client):
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (2, 3, 5)
 
 
+def test_neutral_openai_fields_and_max_completion_tokens(client):
+    """What clients send by default (n=1, penalties 0, a user id) is accepted; chat's
+    max_completion_tokens is max_tokens (it was ignored: 16 tokens came back for 3)."""
+    r = client.completions.create(model="spell", prompt="say hello", max_tokens=3, n=1, presence_penalty=0,
+                                  frequency_penalty=0, user="me", logprobs=None)
+    assert r.choices[0].text == "hel"
+    r = client.chat.completions.create(model="spell", messages=[{"role": "user", "content": "spell banana"}],
+                                       max_completion_tokens=3)
+    assert r.usage.completion_tokens == 3
+
+
 def test_chat_stop_and_stream(client):
     r = client.chat.completions.create(model="spell", messages=[{"role": "user", "content": "spell banana"}],
                                        max_tokens=50, stop=["nan"])
@@ -213,6 +224,11 @@ def test_full_queue_is_429_and_a_closed_server_is_503():
     (json.dumps({"model": "spell", "prompt": "x", "temperature": 9}).encode(), 400, "temperature"),
     (json.dumps({"model": "spell", "prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens"),
     (json.dumps({"model": "spell", "prompt": "x " * 199, "max_tokens": 5}).encode(), 400, "capacity of 200"),
+    # Fields this server does not implement: a 400, not an answer that ignores them (n=2 gave one choice).
+    (json.dumps({"model": "spell", "prompt": "x", "n": 2}).encode(), 400, "n is not supported"),
+    (json.dumps({"model": "spell", "prompt": "x", "logprobs": 3}).encode(), 400, "logprobs is not supported"),
+    (json.dumps({"model": "spell", "prompt": "x", "presence_penalty": 0.5}).encode(), 400, "presence_penalty"),
+    (json.dumps({"model": "spell", "prompt": "x", "frobnicate": 1}).encode(), 400, "frobnicate"),
 ])
 def test_bad_requests_get_openai_errors(url, body, status, needle):
     r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})

@@ -8,8 +8,9 @@ Limits (see docs/engine.md): transformers hands the attention function queries a
 already rotated at their true positions, so pruning and attention use exact positions — adaptive
 RoPE (relative pruning, streaming attention) is not available here, and past the model's trained
 length it degrades like dense attention would. Every decode step prunes from scratch (no mask
-reuse), padding masks are ignored (one sequence, or equal lengths, per batch), sliding-window
-layers attend like every other layer. For all of InfiniteHiP use ``infinitehip.load``.
+reuse), padded batches are refused (one sequence, or equal lengths, per batch), sliding-window
+layers attend like every other layer; soft-capping, attention sinks and encoders are refused.
+For all of InfiniteHiP use ``infinitehip.load``.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     preallocated (static) cache, which passes no mask, the keys up to the last query's position
     (``position_ids``). Returns ((B, Tq, H, D), None).
     """
+    _check_supported(module, attention_mask, kwargs, key.shape[2])
     config = getattr(module, "_hip_config", None)
     if config is None:
         n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", 1)
@@ -45,6 +47,37 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             lens = n.to(k.device)
     out, _ = hip_attention(q, k, v, config=config, rope=None, scale=scaling, cache_seqlens=lens)
     return out, None
+
+
+def _check_supported(module, attention_mask, kwargs: dict, tk: int):
+    """What this function cannot reproduce is an error, not a silently different answer: logit
+    soft-capping (Gemma 2), attention sinks, bidirectional (encoder) attention, dropout while
+    training, and padded batches (a padded row's valid keys are not the last ones: left-padded
+    rows attended their padding)."""
+    for name in ("softcap", "sinks", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='infinitehip' cannot apply {name} (this model uses it); "
+                             "load it with another attention implementation")
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        raise ValueError("attn_implementation='infinitehip' is causal attention; this model's attention is "
+                         "bidirectional (an encoder)")
+    if module.training and kwargs.get("dropout", 0.0):
+        raise ValueError("attn_implementation='infinitehip' has no attention dropout: it is for inference (model.eval())")
+    if (attention_mask is not None and attention_mask.dim() == 4 and kwargs.get("sliding_window") is None
+            and _padded(attention_mask, kwargs.get("position_ids"), tk)):
+        raise ValueError("attn_implementation='infinitehip' does not take padded batches (a row's padding would be "
+                         "attended): give sequences of equal length, one per call, or use infinitehip.generate, "
+                         "which batches prompts of any lengths")
+
+
+def _padded(mask: torch.Tensor, pos: torch.Tensor | None, tk: int) -> bool:
+    """Whether some row has a key that every query is masked from though causality would show it
+    to the last: padding. mask (B, 1, Tq, >= Tk): bool (True = attend) or additive float (0 = attend)."""
+    m = mask[:, 0, :, :tk]                                                     # (B, Tq, Tk)
+    hidden = (~m if m.dtype == torch.bool else m < 0).all(dim=1)               # (B, Tk)
+    limit = torch.full((m.shape[0],), tk, device=m.device) if pos is None or not pos.numel() \
+        else (pos[:, -1].long() + 1).expand(m.shape[0]).to(m.device)
+    return bool((hidden & (torch.arange(tk, device=m.device) < limit[:, None])).any())
 
 
 def set_config(model: torch.nn.Module | None = None, config: HiPConfig | str = "paper"):
@@ -65,8 +98,11 @@ def set_config(model: torch.nn.Module | None = None, config: HiPConfig | str = "
 
 def _register():
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, infinitehip_attention)
+    # SDPA's masks: None for an unpadded causal batch (nothing built), so a padded one is seen.
+    AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 _register()

@@ -24,13 +24,14 @@ from ..cache.kv import KVCache
 
 def fingerprint(model, backend: str) -> str:
     """What a cached prefix's KV depends on: the architecture and shapes, the dtype, the weights
-    (sampled: the first layer's q/k/v and the embedding's first rows) and the key layout (the dense
-    backend caches rotated keys, hip and streaming un-rotated ones)."""
+    (sampled: the first layer's q/k/v and the embedding's first rows), the backend (dense caches
+    rotated keys; hip and streaming attend differently, so every layer after the first sparse one
+    holds other values) and, for the sparse backends, the HiP config of every layer."""
     net = model.net
     sample = [net.layers[0].attention.wqkv.weight, net.tok_embeddings.weight[:64]]
     sums = ",".join(f"{float(w.double().sum()):.17g}" for w in sample)
-    layout = "rotated" if backend == "dense" else "unrotated"
-    return hashlib.sha256(f"{model.args}|{model.dtype}|{layout}|{sums}".encode()).hexdigest()[:32]
+    hip = "" if backend == "dense" else repr(net.layer_configs)
+    return hashlib.sha256(f"{model.args}|{model.dtype}|{backend}|{hip}|{sums}".encode()).hexdigest()[:32]
 
 
 @dataclass

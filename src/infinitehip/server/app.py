@@ -11,7 +11,7 @@ from typing import Literal, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..engine.sampling import SamplingParams
 from .scheduler import EngineFailure, Job, QueueFull, Runner, Scheduler, Unavailable
@@ -36,7 +36,17 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
+# OpenAI fields this server does not implement, with the values that ask for nothing (clients
+# send those); any other value, and any field not known at all, is a 400 rather than silently
+# ignored (a client asking n=2 would read a missing choices[1]).
+_NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (False,),
+            "suffix": (None, ""), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}),
+            "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none")}
+
+
 class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model: str
     max_tokens: int = Field(16, ge=1, le=1 << 20)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -45,6 +55,20 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = Field(None, validate_default=True)
     stream: bool = False
     stream_options: dict | None = None      # {"include_usage": true}: a last chunk with usage
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_fields(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        data.pop("user", None)                           # an end-user id, for the provider's logs
+        if "max_completion_tokens" in data:              # chat's newer name for max_tokens
+            data.setdefault("max_tokens", data.pop("max_completion_tokens"))
+        for name, neutral in _NEUTRAL.items():
+            if name in data and data.pop(name) not in neutral:
+                raise ValueError(f"{name} is not supported by this server: leave it out (or send {neutral[0]!r})")
+        return data
 
     @field_validator("stop")
     @classmethod
