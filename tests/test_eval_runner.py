@@ -2,6 +2,7 @@
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -45,12 +46,19 @@ def test_eval_command_end_to_end(tmp_path):
 class _Echo(BaseHTTPRequestHandler):
     """Answers every completion with the pass key found in the prompt (a perfect model)."""
 
+    served = "stub"
+
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         assert self.path == "/v1/completions" and body["temperature"] == 0.0
+        if body["model"] != self.served:   # as `serve` does: the model id is the directory's name
+            return self._reply(404, {"error": {"message": f"model {body['model']!r} is not served here"}})
         key = body["prompt"].split("The pass key is ")[1].split(".")[0]
-        out = json.dumps({"choices": [{"text": " " + key, "index": 0}]}).encode()
-        self.send_response(200)
+        self._reply(200, {"choices": [{"text": " " + key, "index": 0}]})
+
+    def _reply(self, status, payload):
+        out = json.dumps(payload).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
@@ -69,5 +77,37 @@ def test_endpoint_mode():
         spec = EvalSpec(("passkey",), (300,), ("endpoint",), (0.5,), samples=2)
         recs = run_eval(spec, {"endpoint": complete}, words, model_name="stub", device="endpoint", trained=None)
         assert [r["accuracy"] for r in recs] == [1.0]
+    finally:
+        server.shutdown()
+
+
+def test_eval_of_a_model_directory_asks_the_endpoint_for_its_served_name(tmp_path):
+    """With --endpoint, MODEL is a directory (its tokenizer counts the lengths) and the request
+    names the served id, the directory's name (the full path got a 404 on every request); a
+    server's error comes back with its message."""
+    from typer.testing import CliRunner
+
+    from infinitehip.assets import resolve_model_path
+    from infinitehip.cli import app
+
+    model_dir = tmp_path / "stub"
+    model_dir.mkdir()
+    for f in Path(resolve_model_path("builtin")).iterdir():
+        if f.is_file():
+            (model_dir / f.name).write_bytes(f.read_bytes())
+    server = HTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        args = ["--tasks", "passkey", "--lengths", "300", "--samples", "1", "--depths", "0.5", "--endpoint", url,
+                "--out", str(tmp_path / "out")]
+        res = CliRunner().invoke(app, ["eval", str(model_dir), *args])
+        assert res.exit_code == 0, res.output
+        assert json.loads((tmp_path / "out" / "eval.json").read_text())["records"][0]["accuracy"] == 1.0
+        (tmp_path / "other").mkdir()
+        for f in model_dir.iterdir():
+            (tmp_path / "other" / f.name).write_bytes(f.read_bytes())
+        res = CliRunner().invoke(app, ["eval", str(tmp_path / "other"), *args])
+        assert res.exit_code == 1 and "answered 404: model 'other' is not served here" in res.output, res.output
     finally:
         server.shutdown()

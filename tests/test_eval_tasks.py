@@ -37,6 +37,15 @@ def test_needle_depth(task):
     assert abs(positions[2] - 0.5) < 0.1
 
 
+def test_multivalue_puts_a_value_at_the_depth():
+    """Its values were all placed at random, so its per-depth cells measured nothing (the first
+    value sat at depth ~0.2 whatever was asked)."""
+    for depth in (0.1, 0.5, 0.9):
+        s = make_sample("niah_multivalue", WORDS, 2000, depth, seed=3)
+        body = s.prompt.split("\n")[1]
+        assert min(abs(body.find(a) / len(body) - depth) for a in s.answers) < 0.05, depth
+
+
 def test_haystack_is_shipped_prose():
     sents = haystack_sentences()
     assert len(sents) > 1000 and sents[0].startswith("PRISON LABOR LEGISLATION OF 1911")
@@ -65,3 +74,18 @@ def test_score_vt():
     assert score("vt", " ABCDE FGHIJ KLMNO", names) == 1.0
     assert score("vt", " ABCDE FGHIJX", names) == pytest.approx(1 / 3)
     assert score("vt", " abcde", names) == 0.0
+
+
+def test_kv_prompts_fill_their_length_with_a_real_tokenizer():
+    """Random hex pairs take fewer tokens than the fixed pair the length was estimated from, so kv
+    prompts came out at ~70% of their length (11,721 tokens for 16,384)."""
+    from pathlib import Path
+
+    from infinitehip.assets import resolve_model_path
+    from infinitehip.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(Path(resolve_model_path("builtin")))
+    count = TokenCounter(lambda s: tok.encode(s, add_special_tokens=False))
+    for length in (2048, 8192):
+        n = count(make_sample("kv", count, length, 0.5, seed=0).prompt) + 1
+        assert 0.97 * length <= n <= length, (length, n)

@@ -57,8 +57,8 @@ def demo(context: int = typer.Option(None, help="Prompt tokens (default: 16,384 
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument("builtin", help="Model directory, or 'builtin' (with --endpoint: the "
-                                "served model's name)."),
+    model: str = typer.Argument("builtin", help="Model directory, or 'builtin' (with --endpoint: the served "
+                                "model's directory: its tokenizer counts the lengths, requests name its directory)."),
     tasks: str = typer.Option("passkey,niah_single,niah_multikey", help="Comma-separated: passkey, niah_single, "
                               "niah_multikey, niah_multivalue, vt, kv."),
     lengths: str = typer.Option("1x,4x,16x", help="Comma-separated prompt lengths: tokens (8192, 8k) or "

@@ -29,6 +29,8 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
                  dtype: str | None, seed: int, chunk_size: int, console: Console,
                  hip: Sequence[str] = ()) -> list[dict]:
     model_dir = resolve_model_path(model)
+    # The served id is the directory's name (what `serve` lists under /v1/models).
+    name = "builtin" if model == "builtin" else (Path(model_dir).name if Path(model_dir).is_dir() else model)
     trained = _trained_context(model_dir)
     spec = EvalSpec(tuple(tasks), tuple(parse_length(x, trained) for x in lengths), tuple(methods),
                     tuple(depths), samples, seed)
@@ -37,7 +39,7 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
         from ..tokenizer import Tokenizer
 
         tok = Tokenizer.from_dir(model_dir)
-        completers = {"endpoint": endpoint_completer(endpoint, model)}
+        completers = {"endpoint": endpoint_completer(endpoint, name)}
         dev = f"endpoint {endpoint}"
     else:
         from ..models.loader import config_with_overrides, load
@@ -47,7 +49,6 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
         completers = {m: engine_completer(loaded, m, chunk_size) for m in methods}
         dev = device_name(loaded)
     counter = TokenCounter(lambda s: tok.encode(s, add_special_tokens=False))
-    name = "builtin" if model == "builtin" else (Path(model_dir).name if Path(model_dir).is_dir() else model)
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=console, transient=True) as bar:

@@ -9,6 +9,7 @@ import datetime
 import json
 import platform
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -68,8 +69,15 @@ def endpoint_completer(url: str, model_name: str, timeout: float = 600.0) -> Cal
         body = json.dumps({"model": model_name, "prompt": prompt, "max_tokens": max_new, "temperature": 0.0,
                            "stop": ["\n"]}).encode()
         req = urllib.request.Request(target, data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())["choices"][0]["text"]
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())["choices"][0]["text"]
+        except urllib.error.HTTPError as e:   # the server's own message says what was wrong
+            try:
+                detail = json.loads(e.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                detail = e.reason
+            raise ValueError(f"{target} answered {e.code}: {detail}") from None
 
     return complete
 

@@ -188,6 +188,10 @@ def make_sample(task: str, counter: TokenCounter, length: int, depth: float, see
         order = sorted(range(len(needles)), key=lambda i: (pos[i], i))
         meta["asked_index"] = order.index(ask)
         needles, pos = [needles[i] for i in order], [pos[i] for i in order]
+    elif task == "niah_multivalue":   # every value is asked: one sits at the depth, the rest anywhere
+        pos[0] = min(len(body), round(depth * len(body)))
+        order = sorted(range(len(needles)), key=lambda i: (pos[i], i))
+        needles, pos = [needles[i] for i in order], [pos[i] for i in order]
 
     def build(body):
         sents = list(body)
@@ -203,14 +207,22 @@ def make_sample(task: str, counter: TokenCounter, length: int, depth: float, see
     return Sample(task, prompt, answers, target, length, depth, seed, meta)
 
 
+def _hex_string(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(_HEX) for _ in range(n))
+
+
 def _kv_sample(counter: TokenCounter, length: int, depth: float, seed: int, rng: random.Random) -> Sample:
     def hexs(n):
-        return "".join(rng.choice(_HEX) for _ in range(n))
+        return _hex_string(rng, n)
 
     head = _INTRO["kv"] + "\n"
     pairs: list[tuple[str, str]] = []
     seen: set = set()
-    probe = counter(' "0a1b2c": "3d4e5f",')
+    # Tokens a pair takes, measured on random pairs (a fixed probe pair took more than random hex
+    # does, so prompts came out at ~70% of their length); its own generator: the prompt's draws stay.
+    probe_rng = random.Random(0)
+    probe = counter(",".join(f' "{_hex_string(probe_rng, 6)}": "{_hex_string(probe_rng, 6)}"'
+                             for _ in range(32))) / 32
     key = None
     while True:
         k = hexs(6)
@@ -230,10 +242,11 @@ def _kv_sample(counter: TokenCounter, length: int, depth: float, seed: int, rng:
         return head + "{" + ",".join(f' "{k}": "{v}"' for k, v in pairs) + " }" + tail
 
     prompt = build(pairs)
-    while counter(prompt) + 1 > length and len(pairs) > 1:
-        drop = len(pairs) - 1 if at < len(pairs) - 1 else 0
-        at -= drop < at
-        pairs.pop(drop)
+    while (over := counter(prompt) + 1 - length) > 0 and len(pairs) > 1:
+        for _ in range(max(1, min(len(pairs) - 1, int(over // probe)))):   # about the excess at once
+            drop = len(pairs) - 1 if at < len(pairs) - 1 else 0
+            at -= drop < at
+            pairs.pop(drop)
         prompt = build(pairs)
     return Sample("kv", prompt, (value,), f" {value}", length, depth, seed, {})
 
