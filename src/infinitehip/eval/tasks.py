@@ -200,10 +200,21 @@ def make_sample(task: str, counter: TokenCounter, length: int, depth: float, see
         return head + " ".join(sents) + tail
 
     prompt = build(body)
-    # Trim prose from the end of the context (never the needles) until the prompt fits.
+    # Trim prose from the end of the context (never the needles) until the prompt fits, then give
+    # back the longest start of the last sentence dropped that still fits: a haystack sentence is
+    # up to ~200 tokens, and whole sentences left 1x prompts up to 21% short.
+    dropped = None
     while counter(prompt) + 1 > length and body:
-        body = body[:-1]
+        dropped, body = body[-1], body[:-1]
         prompt = build(body)
+    if dropped is not None:
+        words, lo, hi = dropped.split(" "), 0, len(dropped.split(" ")) - 1
+        while lo < hi:   # binary search: the most words that fit
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if counter(build(body + [" ".join(words[:mid])])) + 1 <= length else (lo, mid - 1)
+        if lo:
+            body = body + [" ".join(words[:lo])]
+            prompt = build(body)
     return Sample(task, prompt, answers, target, length, depth, seed, meta)
 
 
