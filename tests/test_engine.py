@@ -247,11 +247,21 @@ def test_memory_is_planned_before_allocating(model, monkeypatch):
         infinitehip.generate(model, "hello", max_new_tokens=4)
 
 
+def test_offload_flags_that_contradict_are_refused():
+    from infinitehip.cli import _offload_arg
+
+    assert _offload_arg(None, True, None).fp8 and _offload_arg(False, False, None) is False
+    with pytest.raises(ValueError, match="--no-offload contradicts --offload-fp8"):   # it offloaded anyway
+        _offload_arg(False, True, None)
+
+
 def test_engine_errors(model):
     with pytest.raises(ValueError, match="backend='flash'; choose one of"):
         infinitehip.generate(model, "hi", backend="flash")
     with pytest.raises(ValueError, match="empty prompt"):
         infinitehip.generate(model, [[]])
+    with pytest.raises(ValueError, match=r"a prompt is text or a list of token ids, got int.*\[\[1, 2, 3\]\]"):
+        infinitehip.generate(model, [1, 2, 3])                                  # a TypeError from list(int)
     with pytest.raises(ValueError, match="kernel='cuda'; choose one of"):     # it said backend='cuda'
         infinitehip.generate(model, "hi", kernel="cuda")
     vocab = model.args.vocab_size

@@ -197,6 +197,8 @@ def _offload_arg(offload: bool | None, fp8: bool, gpu_layers: int | None):
 
     if not fp8 and gpu_layers is None:
         return offload
+    if offload is False:
+        raise ValueError("--no-offload contradicts --offload-fp8 / --offload-gpu-layers (they configure offload)")
     return OffloadConfig(fp8=fp8, gpu_layers=gpu_layers)
 
 

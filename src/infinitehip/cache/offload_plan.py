@@ -263,7 +263,7 @@ def _check_placement(sizes: _Sizes, b: _Budgets, config: OffloadConfig, g: int, 
             f"({sizes.L - g} of {sizes.L} layers there) but only {b.host / GIB:.2f} GiB are available "
             f"({HOST_USE:.0%} of {b.free_host / GIB:.2f} GiB free); at most ~{fits:,} tokens per sequence fit."
             f"{_fp8_hint(config)} "
-            "keep more layers in GPU memory (OffloadConfig.gpu_layers, --offload-gpu-layers; None picks them), "
+            "Keep more layers in GPU memory (OffloadConfig.gpu_layers, --offload-gpu-layers; None picks them), "
             "or use a shorter prompt, fewer new tokens, or fewer prompts at once.")
     if b.gpu is not None and gpu > b.gpu:
         raise CapacityError(
@@ -292,11 +292,11 @@ def _raise_auto(sizes: _Sizes, b: _Budgets, config: OffloadConfig, tokens: int, 
         f"({sizes.L} layers x {need / sizes.L / GIB:.2f} GiB) but host and GPU memory together hold less: "
         f"{b.host / GIB:.2f} GiB of host memory ({HOST_USE:.0%} of {b.free_host / GIB:.2f} GiB free) and {gpu}; "
         f"at most ~{fits:,} tokens per sequence fit.{_fp8_hint(config)} "
-        "or use a shorter prompt, fewer new tokens, or fewer prompts at once.")
+        "Use a shorter prompt, fewer new tokens, or fewer prompts at once.")
 
 
 def _fp8_hint(config: OffloadConfig) -> str:
-    return "" if config.fp8 else " FP8 storage (--offload-fp8) halves it;"
+    return "" if config.fp8 else " FP8 storage (--offload-fp8) halves it."
 
 
 def _longest(sizes: _Sizes, b: _Budgets, gpu_layers: int | None = None) -> int:

@@ -106,6 +106,9 @@ def decode_one_token(model: Model, tokens: torch.Tensor, seqlens: torch.Tensor, 
 
 def encode_prompt(model: Model, prompt: str | list[int], chat: bool = False, system: str | None = None) -> list[int]:
     if not isinstance(prompt, str):
+        if not hasattr(prompt, "__iter__") or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}: give a list of "
+                             "prompts, e.g. ['text'] or [[1, 2, 3]] for token ids")
         return list(prompt)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
