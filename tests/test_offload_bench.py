@@ -100,3 +100,16 @@ def test_bench_offload_stage0_levels(tmp_path):
     assert [r["stage0_levels"] for r in capped] == [2, 2] and capped[1]["tokens_identical_to_on_gpu"]
     prune = [r[1]["bytes_per_step"]["pruning_reads_est"] for r in (runs[None], capped)]
     assert prune[1] < prune[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps 0"),                            # a ZeroDivisionError in the step time
+    (["--contexts", "abc"], "positive token counts"),           # int('abc') from deep inside
+    (["--contexts", "0"], "positive token counts"),             # ran, and printed a GPU KV of 359%
+    (["--page", "3"], "OffloadConfig.page=3"),
+])
+def test_bench_offload_bad_flags_are_one_line(tmp_path, args, message):
+    from infinitehip.bench.offload import main as offload_main
+
+    with pytest.raises(SystemExit, match=message):
+        offload_main(["--quick", "--out", str(tmp_path), *args])

@@ -290,6 +290,14 @@ def main(argv: list[str] | None = None):
     wanted = [x for x in a.paths.split(",") if x]
     if not wanted or any(x not in PATHS for x in wanted):
         raise SystemExit(f"--paths {a.paths!r}: choose from {', '.join(PATHS)}")
+    if a.steps < 1:   # the step time divides by it
+        raise SystemExit(f"--steps {a.steps}: time at least 1 decode step")
+    if any(c != "max" and not (c.isdigit() and int(c) > 0) for c in a.contexts.split(",")):
+        raise SystemExit(f"--contexts {a.contexts!r}: positive token counts (or 'max'), comma-separated")
+    try:   # --page, --probe-stride, --headroom, --gpu-layers: what OffloadConfig accepts
+        OffloadConfig(page=a.page, headroom=a.headroom, gpu_layers=a.gpu_layers, probe_stride=a.probe_stride)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if a.quick:
         config = HiPConfig.preset("tiny", dense_threshold=0, stage0_levels=a.stage0_levels)
         model, device = quick_model(config), torch.device("cpu")
