@@ -11,8 +11,14 @@ _ROPE_ATTEND_MODES = ("auto", "exact", "streaming")
 _HEAD_SHARING = ("kv", "all")
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
+    """An int that is not a bool (True passes isinstance(x, int)): every config's integer check."""
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _is_pow2(x: int) -> bool:
@@ -142,12 +148,12 @@ class HiPConfig:
             raise ValueError(f"HiPConfig.{field}={got!r} is invalid: {allowed}")
 
         for field in ("sink", "dense_threshold"):
-            if not _is_int(getattr(self, field)) or getattr(self, field) < 0:
+            if not is_int(getattr(self, field)) or getattr(self, field) < 0:
                 fail(field, getattr(self, field), "must be an integer >= 0")
         for field in ("window", "budget", "dense_layer_budget"):
-            if not _is_int(getattr(self, field)) or getattr(self, field) < 1:
+            if not is_int(getattr(self, field)) or getattr(self, field) < 1:
                 fail(field, getattr(self, field), "must be an integer >= 1")
-        if not _is_int(self.block_size_q) or self.block_size_q not in (16, 32, 64, 128):
+        if not is_int(self.block_size_q) or self.block_size_q not in (16, 32, 64, 128):
             fail("block_size_q", self.block_size_q, "must be one of 16, 32, 64, 128")
         n = len(self.chunk_sizes)
         if n == 0:
@@ -156,7 +162,7 @@ class HiPConfig:
             if len(getattr(self, field)) != n:
                 fail(field, getattr(self, field), f"needs one entry per stage ({n}, like chunk_sizes)")
         for s, c in enumerate(self.chunk_sizes):
-            if not _is_int(c) or not _is_pow2(c) or c < 2:
+            if not is_int(c) or not _is_pow2(c) or c < 2:
                 fail("chunk_sizes", self.chunk_sizes, "each must be a power of two >= 2")
             if s and self.chunk_sizes[s - 1] % c:
                 fail("chunk_sizes", self.chunk_sizes, "each must divide the previous one")
@@ -164,7 +170,7 @@ class HiPConfig:
             fail("stage_budgets", self.stage_budgets, "the first entry must be None (stage 0 sees everything)")
         for s in range(1, n):
             b = self.stage_budgets[s]
-            if not _is_int(b) or b < self.chunk_sizes[s - 1] or b % self.chunk_sizes[s - 1]:
+            if not is_int(b) or b < self.chunk_sizes[s - 1] or b % self.chunk_sizes[s - 1]:
                 fail("stage_budgets", self.stage_budgets,
                      f"entry {s} must be a positive multiple of chunk_sizes[{s - 1}]={self.chunk_sizes[s - 1]}")
             if s > 1 and b > self.stage_budgets[s - 1]:
@@ -177,19 +183,19 @@ class HiPConfig:
             if last_in is not None and b > last_in:
                 fail(field, b, f"must be <= the last stage's budget {last_in}")
         lv, depth = self.stage0_levels, self.chunk_sizes[0].bit_length() - 1
-        if lv is not None and (not _is_int(lv) or not 1 <= lv <= depth):
+        if lv is not None and (not is_int(lv) or not 1 <= lv <= depth):
             fail("stage0_levels", lv, f"must be None or an integer in [1, {depth}] (log2 of chunk_sizes[0])")
         for st in self.stage_strides:
-            if not _is_int(st) or st < 1 or self.block_size_q % st:
+            if not is_int(st) or st < 1 or self.block_size_q % st:
                 fail("stage_strides", self.stage_strides, f"each must divide block_size_q={self.block_size_q}")
         for r in self.refresh_intervals:
-            if not _is_int(r) or r < 1:
+            if not is_int(r) or r < 1:
                 fail("refresh_intervals", self.refresh_intervals, "each must be an integer >= 1")
         if self.window < max(self.refresh_intervals):
             fail("window", self.window,
                  f"must be >= the longest refresh interval {max(self.refresh_intervals)}: tokens decoded "
                  "between mask refreshes are only seen through the window")
-        if not all(_is_int(i) for i in self.dense_layers):
+        if not all(is_int(i) for i in self.dense_layers):
             fail("dense_layers", self.dense_layers, "each must be a layer index (an integer; -1 is the last layer)")
         if self.head_sharing not in _HEAD_SHARING:
             fail("head_sharing", self.head_sharing, f"must be one of {_HEAD_SHARING}")
@@ -198,7 +204,7 @@ class HiPConfig:
         if self.rope_attend not in _ROPE_ATTEND_MODES:
             fail("rope_attend", self.rope_attend, f"must be one of {_ROPE_ATTEND_MODES}")
         mcl = self.model_context_length
-        if mcl is not None and (not _is_int(mcl) or mcl < 1):
+        if mcl is not None and (not is_int(mcl) or mcl < 1):
             fail("model_context_length", mcl, "must be None or an integer >= 1")
 
 

@@ -32,7 +32,8 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     preallocated (static) cache, which passes no mask, the keys up to the last query's position
     (``position_ids``). Returns ((B, Tq, H, D), None).
     """
-    _check_supported(module, attention_mask, kwargs, key.shape[2])
+    upto = _keys_upto(kwargs.get("position_ids"), query.shape[0])
+    _check_supported(module, attention_mask, kwargs, key.shape[2], upto)
     config = getattr(module, "_hip_config", None)
     if config is None:
         n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", 1)
@@ -40,16 +41,20 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     q = query.transpose(1, 2)                                            # (B, Tq, H, D)
     k = key.transpose(1, 2).contiguous()                                 # (B, Tk, K, D)
     v = value.transpose(1, 2).contiguous()
-    lens, pos = None, kwargs.get("position_ids")
-    if pos is not None and pos.numel():
-        n = (pos[:, -1].long() + 1).expand(q.shape[0])                 # keys up to each row's last query
-        if bool((n < k.shape[1]).any()):   # a static cache: the slots past them hold nothing yet
-            lens = n.to(k.device)
+    # A static cache: the slots past each row's last query hold nothing yet.
+    lens = upto.to(k.device) if upto is not None and bool((upto < k.shape[1]).any()) else None
     out, _ = hip_attention(q, k, v, config=config, rope=None, scale=scaling, cache_seqlens=lens)
     return out, None
 
 
-def _check_supported(module, attention_mask, kwargs: dict, tk: int):
+def _keys_upto(pos: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """(B,) keys up to each row's last query, from ``position_ids``; None without them."""
+    if pos is None or not pos.numel():
+        return None
+    return (pos[:, -1].long() + 1).expand(batch)
+
+
+def _check_supported(module, attention_mask, kwargs: dict, tk: int, upto: torch.Tensor | None):
     """What this function cannot reproduce is an error, not a silently different answer: logit
     soft-capping (Gemma 2), attention sinks, bidirectional (encoder) attention, dropout while
     training, and padded batches (a padded row's valid keys are not the last ones: left-padded
@@ -64,19 +69,19 @@ def _check_supported(module, attention_mask, kwargs: dict, tk: int):
     if module.training and kwargs.get("dropout", 0.0):
         raise ValueError("attn_implementation='infinitehip' has no attention dropout: it is for inference (model.eval())")
     if (attention_mask is not None and attention_mask.dim() == 4 and kwargs.get("sliding_window") is None
-            and _padded(attention_mask, kwargs.get("position_ids"), tk)):
+            and _padded(attention_mask, upto, tk)):
         raise ValueError("attn_implementation='infinitehip' does not take padded batches (a row's padding would be "
                          "attended): give sequences of equal length, one per call, or use infinitehip.generate, "
                          "which batches prompts of any lengths")
 
 
-def _padded(mask: torch.Tensor, pos: torch.Tensor | None, tk: int) -> bool:
+def _padded(mask: torch.Tensor, upto: torch.Tensor | None, tk: int) -> bool:
     """Whether some row has a key that every query is masked from though causality would show it
-    to the last: padding. mask (B, 1, Tq, >= Tk): bool (True = attend) or additive float (0 = attend)."""
+    to the last (among the first ``upto`` keys, else all Tk): padding. mask (B, 1, Tq, >= Tk):
+    bool (True = attend) or additive float (0 = attend)."""
     m = mask[:, 0, :, :tk]                                                     # (B, Tq, Tk)
     hidden = (~m if m.dtype == torch.bool else m < 0).all(dim=1)               # (B, Tk)
-    limit = torch.full((m.shape[0],), tk, device=m.device) if pos is None or not pos.numel() \
-        else (pos[:, -1].long() + 1).expand(m.shape[0]).to(m.device)
+    limit = torch.full((m.shape[0],), tk, device=m.device) if upto is None else upto.to(m.device)
     return bool((hidden & (torch.arange(tk, device=m.device) < limit[:, None])).any())
 
 

@@ -57,7 +57,7 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
         (out, mask): out (B, Tq, H, D) in q's dtype; mask the HiPMask used, or None when the
         context is short enough that attention was dense (then every key was attended).
     """
-    if cache_seqlens is not None and isinstance(cache_seqlens, torch.Tensor) and not cache_seqlens.is_cuda:
+    if isinstance(cache_seqlens, torch.Tensor) and not cache_seqlens.is_cuda:
         _check_lengths(cache_seqlens, q.shape[1], k.shape[1])
     return cache_attention(q, k, v, config=config, rope=rope, scale=scale, cache_seqlens=cache_seqlens, mask=mask,
                            refresh_stage=refresh_stage, backend=backend)
@@ -271,7 +271,6 @@ def _check(q, k, v, config, rope, cache_seqlens, mask, backend) -> str:
     if cache_seqlens is not None:
         if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) or cache_seqlens.is_floating_point():
             raise ValueError(f"cache_seqlens must be an integer tensor of shape ({B},)")
-
     if mask is not None:
         G = n_groups(config, K)
         nqb = -(-tq // config.block_size_q)

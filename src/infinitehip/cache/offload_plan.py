@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..attention.mask import window_slots
-from ..config import HiPConfig
+from ..config import HiPConfig, is_int, is_number
 from .kv import CapacityError, free_memory
 
 GIB = 1 << 30
@@ -28,10 +28,6 @@ HOST_USE = 0.9
 # the allocator's fragmentation and the pruning kernels' temporaries (which grow with the
 # context) need the rest. An explicit ``gpu_layers`` may use all of it.
 GPU_USE = 0.9
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -65,7 +61,7 @@ class OffloadConfig:
 
     def __post_init__(self):
         p = self.page
-        if not _is_int(p) or p < 1 or p & (p - 1):
+        if not is_int(p) or p < 1 or p & (p - 1):
             raise ValueError(f"OffloadConfig.page={p!r} must be a power of two (tokens per page of the host store; "
                              "8, the default, is the paper's final chunk size)")
         if not isinstance(self.fp8, bool):
@@ -74,17 +70,17 @@ class OffloadConfig:
         if not isinstance(self.decode_cache, bool):
             raise ValueError(f"OffloadConfig.decode_cache={self.decode_cache!r}: use False (decode reads host memory "
                              "in place) or True (through a GPU page cache of the selected pages)")
-        if self.gpu_pages is not None and (not _is_int(self.gpu_pages) or self.gpu_pages < 1):
+        if self.gpu_pages is not None and (not is_int(self.gpu_pages) or self.gpu_pages < 1):
             raise ValueError(f"OffloadConfig.gpu_pages={self.gpu_pages!r} must be None (sized from one decode step) "
                              "or a positive number of page slots per layer")
-        if isinstance(self.headroom, bool) or not isinstance(self.headroom, (int, float)) or not self.headroom >= 1:
+        if not is_number(self.headroom) or not self.headroom >= 1:
             raise ValueError(f"OffloadConfig.headroom={self.headroom!r} must be a number >= 1: the page cache holds "
                              "headroom x the pages one decode step reads, and fewer cannot serve a step")
-        if self.gpu_layers is not None and (not _is_int(self.gpu_layers) or self.gpu_layers < 0):
+        if self.gpu_layers is not None and (not is_int(self.gpu_layers) or self.gpu_layers < 0):
             raise ValueError(f"OffloadConfig.gpu_layers={self.gpu_layers!r} must be None (automatic) or a number of "
                              "layers >= 0 kept whole in GPU memory")
         s = self.probe_stride
-        if not _is_int(s) or s < 0 or s & (s - 1):
+        if not is_int(s) or s < 0 or s & (s - 1):
             raise ValueError(f"OffloadConfig.probe_stride={s!r} must be 0 (no GPU copy of probe keys) or a power of "
                              "two (keys at its multiples kept on the GPU for pruning; 16 serves stage 0's first "
                              "three levels)")

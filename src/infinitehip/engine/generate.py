@@ -15,7 +15,7 @@ from ..attention.api import KERNELS
 from ..cache.kv import CapacityError, KVCache, plan_kv_cache
 from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig, plan_offload
-from ..config import HiPConfig
+from ..config import HiPConfig, is_int
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
 from .prefix_cache import PrefixCache
@@ -106,7 +106,7 @@ def decode_one_token(model: Model, tokens: torch.Tensor, seqlens: torch.Tensor, 
 
 def encode_prompt(model: Model, prompt: str | list[int], chat: bool = False, system: str | None = None) -> list[int]:
     if not isinstance(prompt, str):
-        if not hasattr(prompt, "__iter__") or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not hasattr(prompt, "__iter__") or not all(is_int(t) for t in prompt):
             raise ValueError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}: give a list of "
                              "prompts, e.g. ['text'] or [[1, 2, 3]] for token ids")
         return list(prompt)

@@ -4,9 +4,9 @@ Entries are whole prompts' KV, matched on token ids in blocks of ``block_tokens`
 whose ids start with a cached entry's ids copies that many tokens of KV and prefills only the
 rest. Entries can be saved to and loaded from disk (safetensors), so a million-token document
 is read once, not once per question or per server start. A file carries the ``fingerprint`` of
-the model and key layout that wrote it, and loads only into the same: KV from other weights (or
-rotated keys, as the dense backend caches them, into an un-rotated cache) would answer wrongly
-without an error.
+the model, backend and HiP config that wrote it, and loads only into the same: KV from other
+weights, another attention, or rotated keys (as the dense backend caches them) in an un-rotated
+cache would answer wrongly without an error.
 """
 from __future__ import annotations
 

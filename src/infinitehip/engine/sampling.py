@@ -5,15 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import is_int, is_number
 from ..tokenizer import StreamDecoder
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -28,16 +21,16 @@ class SamplingParams:
 
     def __post_init__(self):
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()))
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
         # `not x >= 0` also refuses NaN (which reached torch.multinomial) and non-numbers.
-        if not _is_number(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
+        if not is_number(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
             raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 (0 is greedy)")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} must be a number in (0, 1]")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 disables it)")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2 ** 64):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2 ** 64):
             raise ValueError(f"seed={self.seed!r} must be None or an integer in [0, 2**64)")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")

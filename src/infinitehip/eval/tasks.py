@@ -182,15 +182,13 @@ def make_sample(task: str, counter: TokenCounter, length: int, depth: float, see
     fixed = counter(head) + counter(tail) + sum(counter(" " + n) for n in needles) + 1  # +1: BOS
     body = _prose(rng, counter, max(0, length - fixed))
     pos = _positions(len(body), len(needles), depth, task, rng)
-    if task == "niah_multikey":   # the asked needle goes at the depth
-        ask = meta["asked_index"]
+    if task in ("niah_multikey", "niah_multivalue"):
+        # The asked needle goes at the depth (multivalue asks every value: its first), in text order.
+        ask = meta["asked_index"] if task == "niah_multikey" else 0
         pos[ask] = min(len(body), round(depth * len(body)))
         order = sorted(range(len(needles)), key=lambda i: (pos[i], i))
-        meta["asked_index"] = order.index(ask)
-        needles, pos = [needles[i] for i in order], [pos[i] for i in order]
-    elif task == "niah_multivalue":   # every value is asked: one sits at the depth, the rest anywhere
-        pos[0] = min(len(body), round(depth * len(body)))
-        order = sorted(range(len(needles)), key=lambda i: (pos[i], i))
+        if task == "niah_multikey":
+            meta["asked_index"] = order.index(ask)
         needles, pos = [needles[i] for i in order], [pos[i] for i in order]
 
     def build(body):
@@ -208,7 +206,8 @@ def make_sample(task: str, counter: TokenCounter, length: int, depth: float, see
         dropped, body = body[-1], body[:-1]
         prompt = build(body)
     if dropped is not None:
-        words, lo, hi = dropped.split(" "), 0, len(dropped.split(" ")) - 1
+        words = dropped.split(" ")
+        lo, hi = 0, len(words) - 1
         while lo < hi:   # binary search: the most words that fit
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if counter(build(body + [" ".join(words[:mid])])) + 1 <= length else (lo, mid - 1)

@@ -5,7 +5,6 @@ declarative name map; transformers is not needed at run time.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,11 +82,9 @@ def weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> the safetensors file holding it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            wmap = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a safetensors index (no valid 'weight_map': {e}); "
-                             "re-download it") from None
+        wmap = read_json(index).get("weight_map")
+        if not isinstance(wmap, dict):
+            raise ValueError(f"{index} is not a safetensors index (no valid 'weight_map'); re-download it")
         files = {f: path / f for f in set(wmap.values())}
         for f in files.values():
             if not f.is_file():
