@@ -13,6 +13,9 @@
 #   offload_s0 bench offload at 1M (the default path) with HiPConfig.stage0_levels=3: 3/8 of stage 0's probe bytes
 #   offload_probe  bench offload: 256K on the GPU and offloaded, 1M with the GPU probe copy (the default), with it +
 #              stage0_levels=3, without it
+#   lag        bench offload with HiPConfig.refresh_lag=8 (pruning on a side stream): 256K on the GPU and offloaded,
+#              1M offloaded; then 1M without the lag (the A/B on one machine)
+#   engine_lag  bench engine at 256K, hip only, refresh_lag=8
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
 #   attention_pdl  bench attention, decode 128K and 1M, with programmatic dependent launch (its A/B; off by default)
 #   stage0     bench attention with HiPConfig.stage0_levels=3 (stage 0 stopped at 32-key pieces): decode 1M, prefill 128K
@@ -66,6 +69,12 @@ for s in "$@"; do
                               --out "$OUT/probe16"
                            $b --contexts 1048576 --on-gpu-contexts "" --stage0-levels 3 --out "$OUT/probe16_s0"
                            $b --contexts 1048576 --on-gpu-contexts "" --probe-stride 0 --out "$OUT/probe0"' ;;
+        lag) step lag 420 bash -c 'set -e
+                 b="python -m infinitehip.bench offload --profile 32 --paths on_gpu,offload_page_cache"
+                 $b --contexts 262144,1048576 --on-gpu-contexts 262144 --refresh-lag 8 --out "$OUT/lag8"
+                 $b --contexts 1048576 --on-gpu-contexts "" --out "$OUT/lag0"' ;;
+        engine_lag) step engine_lag 300 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 \
+                        --backends hip --refresh-lag 8 --out "$OUT/engine_lag8" ;;
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \
                        --chunked "" --out "$OUT/attention.json" ;;
         attention_pdl) step attention_pdl 200 python -m infinitehip.bench attention --decode 128K,1M --prefill "" \
@@ -88,7 +97,7 @@ for s in "$@"; do
                        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
                        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                        python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, attention, attention_pdl, stage0, engine, engine_pdl, sweep, reuse, gemv, cache, ncu, ncu_prune)"; exit 2 ;;
+        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, lag, engine_lag, attention, attention_pdl, stage0, engine, engine_pdl, sweep, reuse, gemv, cache, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"

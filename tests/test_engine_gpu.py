@@ -62,7 +62,7 @@ def test_dense_graph_decode_equals_eager_dense_bf16(lengths):
         assert (replay - eager).abs().max() <= 0.02 * eager.abs().max(), t
         seqlens_e += 1
         seqlens_g += 1
-    assert list(graph.graphs) == [0]
+    assert list(graph.graphs) == [(0,)]
 
 
 @needs_cuda
@@ -93,6 +93,39 @@ def test_hip_graph_decode_with_pdl_equals_without(monkeypatch):
             seqlens += 1
         logits[use] = torch.stack(out)
     assert torch.equal(logits[True], logits[False])
+
+
+@needs_cuda
+def test_refresh_lag_graph_decode_equals_eager_bit_for_bit():
+    """Llama-3-8B's attention shape, bf16, refresh_lag 8: the graphs (pruning replayed on a side
+    stream, masks copied in where they take effect) give eager decode's logits bit for bit, over
+    a stage-0 refresh and the step it takes effect; one graph per (stage pruned for later, masks
+    taking effect) and one pruning graph per stage."""
+    from infinitehip.bench.engine import random_model
+    from infinitehip.engine.cuda_graph import GraphDecoder
+
+    model = random_model(2, HiPConfig(dense_threshold=0, refresh_lag=8))
+    a, steps, lengths = model.args, 42, (3000, 2100)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    prompts = [torch.randint(0, a.vocab_size, (1, n), device="cuda", generator=g) for n in lengths]
+    tokens = torch.randint(0, a.vocab_size, (steps, len(lengths)), device="cuda", generator=g)
+    logits = {}
+    for mode in ("eager", "graph"):
+        cache = KVCache(a.n_layers, len(lengths), max(lengths) + steps + 1, a.n_kv_heads, a.head_dim,
+                        dtype=torch.bfloat16, device="cuda")
+        for b, p in enumerate(prompts):
+            prefill(model, p, cache.select(slice(b, b + 1)), backend="hip", chunk_size=1024)
+        state, seqlens = DecodeState("hip"), torch.tensor(lengths, device="cuda")
+        graph = GraphDecoder(model, cache, state) if mode == "graph" else None
+        out = []
+        for t in range(steps):
+            step = graph(tokens[t], seqlens) if graph else decode_one_token(model, tokens[t], seqlens, cache, state)
+            out.append(step.clone())
+            seqlens += 1
+        logits[mode] = torch.stack(out)
+    assert torch.equal(logits["graph"], logits["eager"])
+    assert set(graph.graphs) == {(3, False), (2, False), (1, True), (2, True), (0, True)}
+    assert set(graph.prune_graphs) == {0, 1, 2}
 
 
 def _reference(q, k, v, lens, scale):

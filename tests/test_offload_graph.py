@@ -142,11 +142,11 @@ def test_cuda_graph_offload_needs_cuda():
         list(stream(model, ["hi"], SamplingParams(max_new_tokens=2), offload=True, cuda_graph=True))
 
 
-def greedy_two_rows():
+def greedy_two_rows(config=CONFIG):
     """tokens(offload, cuda_graph) -> the (row, token) events of a 24-step greedy bf16 run of two
     prompts (744 and 700 tokens: capacity 768, a multiple of KVCache's 256-token blocks, so on-GPU
     and offloaded graphs read the same shapes; 24 steps cross every refresh stage)."""
-    model = infinitehip.load("builtin", config=CONFIG, dtype=torch.bfloat16, device="cuda")
+    model = infinitehip.load("builtin", config=config, dtype=torch.bfloat16, device="cuda")
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (744, 700)]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
@@ -182,3 +182,15 @@ def test_page_cache_cuda_graph_generate_same_tokens():
     assert tokens(OffloadConfig(decode_cache=True, gpu_layers=2), True) == want
     fp8 = OffloadConfig(fp8=True, decode_cache=True)
     assert tokens(fp8, True) == tokens(fp8, False)
+
+
+@needs_cuda
+def test_refresh_lag_cuda_graph_same_tokens():
+    """refresh_lag: graphs whose pruning runs on a side stream, beside the next steps, give the
+    tokens of eager decode (which prunes in the step), on the GPU and through the page cache."""
+    tokens = greedy_two_rows(CONFIG.replace(refresh_lag=2))
+    want = tokens(False, False)
+    assert tokens(False, True) == want
+    page_cache = OffloadConfig(decode_cache=True)
+    assert tokens(page_cache, True) == want
+    assert tokens(page_cache, False) == want

@@ -55,6 +55,10 @@ class HiPConfig:
     stage0_levels: int | None = None
     # Decode: stage s is rerun every refresh_intervals[s] steps; in between the mask is reused.
     refresh_intervals: tuple[int, ...] = (32, 16, 8)
+    # Decode: a refreshed mask takes effect this many steps after the step whose query pruned it
+    # (0: at once, the paper's). With a lag the pruning runs beside decode (a side CUDA stream)
+    # instead of in the step: what an offloaded cache's probes over PCIe cost stops adding to it.
+    refresh_lag: int = 0
     # "kv": one mask per KV head (its query heads share it); "all": one mask for every head.
     head_sharing: str = "kv"
     # "auto" = exact positions while the context fits model_context_length, adaptive beyond it.
@@ -191,10 +195,14 @@ class HiPConfig:
         for r in self.refresh_intervals:
             if not is_int(r) or r < 1:
                 fail("refresh_intervals", self.refresh_intervals, "each must be an integer >= 1")
-        if self.window < max(self.refresh_intervals):
+        lag = self.refresh_lag
+        if not is_int(lag) or not 0 <= lag <= min(self.refresh_intervals):
+            fail("refresh_lag", lag, f"must be an integer in [0, {min(self.refresh_intervals)}] (the shortest "
+                 "refresh interval: one deferred refresh at a time)")
+        if self.window < max(self.refresh_intervals) + lag:
             fail("window", self.window,
-                 f"must be >= the longest refresh interval {max(self.refresh_intervals)}: tokens decoded "
-                 "between mask refreshes are only seen through the window")
+                 f"must be >= the longest refresh interval plus the lag, {max(self.refresh_intervals) + lag}: "
+                 "tokens decoded between mask refreshes are only seen through the window")
         if not all(is_int(i) for i in self.dense_layers):
             fail("dense_layers", self.dense_layers, "each must be a layer index (an integer; -1 is the last layer)")
         if self.head_sharing not in _HEAD_SHARING:

@@ -80,11 +80,31 @@ def cache_attention(q, k, v, *, config=None, rope=None, scale=None, cache_seqlen
     if reuses_in_one_launch(backend, from_stage, tq, config):
         from .triton import ops
         return ops.attend_reused(q, k, v, mask, cache_seqlens, config, rope, scale), mask
-    kv_len = (torch.full((B,), tk, device=q.device, dtype=torch.long) if cache_seqlens is None
-              else cache_seqlens.to(device=q.device, dtype=torch.long))
     impl = implementation(backend)
-    return prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend, impl.score_chunks,
+    return prune_and_attend(q, k, _kv_len(cache_seqlens, B, tk, q.device), config, rope, mask, from_stage, row_stage,
+                            backend, impl.score_chunks,
                             lambda qs, m, geo: impl.attend(qs, k, v, m.starts, geo, config, rope, scale))
+
+
+def cache_prune(q, k, *, config=None, rope=None, cache_seqlens=None, mask=None, refresh_stage=0, backend="auto"):
+    """The pruning half of ``cache_attention``: the mask that call would attend with (None where
+    it would attend densely), without attending. A decode step with ``HiPConfig.refresh_lag``
+    prunes with this and attends with the mask it pruned ``refresh_lag`` steps earlier."""
+    config = config or HiPConfig()
+    backend = _check(q, k, k, config, rope, cache_seqlens, mask, backend)
+    from_stage, row_stage = _refresh_rows(refresh_stage, q.shape[0], config, mask, q.device)
+    if _use_dense(k.shape[1], config):
+        return None
+    kv_len = _kv_len(cache_seqlens, q.shape[0], k.shape[1], q.device)
+    return prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend,
+                            implementation(backend).score_chunks, None)[1]
+
+
+def _kv_len(cache_seqlens: torch.Tensor | None, B: int, tk: int, device) -> torch.Tensor:
+    """(B,) int64 valid keys per row: ``cache_seqlens``, or all Tk."""
+    if cache_seqlens is None:
+        return torch.full((B,), tk, device=device, dtype=torch.long)
+    return cache_seqlens.to(device=device, dtype=torch.long)
 
 
 def reuses_in_one_launch(backend: str, from_stage: int, tq: int, config: HiPConfig) -> bool:
@@ -114,10 +134,10 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 
 
 def prune_and_attend(q, k, kv_len, config, rope, mask, from_stage: int, row_stage, backend: str, score_chunks,
-                     attend) -> tuple[torch.Tensor, HiPMask]:
-    """Prune (rerun from ``from_stage``), then ``attend(queries, mask, geometry)``. The Triton
-    backend takes every query at once; the reference a few query blocks per slice, so its
-    memory stays bounded on long prompts."""
+                     attend) -> tuple[torch.Tensor | None, HiPMask]:
+    """Prune (rerun from ``from_stage``), then ``attend(queries, mask, geometry)`` (None: prune
+    only, the output is None). The Triton backend takes every query at once; the reference a few
+    query blocks per slice, so its memory stays bounded on long prompts."""
     tq, bq = q.shape[1], config.block_size_q
     step = tq if backend == "triton" else _reference_slice(q, k.shape[1], k.shape[2], config)
     impl = implementation(backend)
@@ -135,11 +155,11 @@ def prune_and_attend(q, k, kv_len, config, rope, mask, from_stage: int, row_stag
         if from_stage < config.n_stages:
             m = run_stages(qs, k, geo, config, rope, score_chunks, m, from_stage, row_stage, impl.keep_top,
                            impl.pool_queries)
-        outs.append(attend(qs, m, geo))
+        outs.append(None if attend is None else attend(qs, m, geo))
         masks.append(m)
     if len(masks) == 1:
         return outs[0], masks[0]
-    return torch.cat(outs, dim=1), HiPMask.cat_query_blocks(masks)
+    return None if attend is None else torch.cat(outs, dim=1), HiPMask.cat_query_blocks(masks)
 
 
 def _refresh_rows(refresh_stage, B: int, config: HiPConfig, mask: HiPMask | None, device):

@@ -56,6 +56,15 @@ class HiPMask:
     def clone(self) -> "HiPMask":
         return self._map(torch.clone)
 
+    def where(self, rows: torch.Tensor, other: "HiPMask") -> "HiPMask":
+        """A new mask: rows ``rows`` ((B,) bool) from ``other``, the others from this one."""
+        def pick(mine, theirs):
+            if mine is None or theirs is None:   # a field neither mask keeps (stage 0's input)
+                return theirs if mine is None else mine
+            return torch.where(rows.view(-1, *[1] * (mine.dim() - 1)), theirs.to(mine), mine)
+        picked = [pick(a, b) for a, b in zip(self._tensors(), other._tensors())]
+        return HiPMask(picked[0], tuple(picked[1:-1]), picked[-1])
+
     def query_blocks(self, blocks: slice) -> "HiPMask":
         """The mask of the query blocks ``blocks`` (a slice of NQB)."""
         return self._map(lambda t: t[:, blocks] if t.dim() == 2 else t[:, :, blocks])
@@ -78,15 +87,17 @@ class HiPMask:
 
 def window_slots(config: HiPConfig) -> int:
     """Window keys a query block may attend: ``window`` plus the block's own rows, plus the
-    positions the window may stay anchored behind while a mask is reused (< refresh_intervals[0])."""
-    return config.window + config.block_size_q + config.refresh_intervals[0] - 2
+    positions the window may stay anchored behind while a mask is reused (< refresh_intervals[0]
+    + refresh_lag: a mask takes effect ``refresh_lag`` steps after the step that pruned it)."""
+    return config.window + config.block_size_q + config.refresh_intervals[0] + config.refresh_lag - 2
 
 
 def lookahead(config: HiPConfig) -> int:
-    """Tokens a decode row adds after a mask refresh before its next one at the latest (a row
-    refreshes every ``min(refresh_intervals)`` steps or sooner): what a cache that moves pages at
-    refreshes only (``offload_kv``) must have room for beyond the last query."""
-    return min(config.refresh_intervals) - 1
+    """Tokens a decode row adds after a mask takes effect before the next one does, at the latest
+    (a row refreshes every ``min(refresh_intervals)`` steps or sooner, and the first deferred
+    refresh takes effect ``refresh_lag`` steps after it): what a cache that moves pages when a
+    mask takes effect (``offload_kv``) must have room for beyond the last query."""
+    return min(config.refresh_intervals) + config.refresh_lag - 1
 
 
 def empty_mask(config: HiPConfig, batch: int, groups: int, n_query_blocks: int, device=None) -> HiPMask:

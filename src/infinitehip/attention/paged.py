@@ -45,12 +45,14 @@ class KVSource(Protocol):
 def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: HiPConfig, rope: RoPE | None,
                         scale: float | None, cache_seqlens: torch.Tensor, mask: HiPMask | None = None,
                         refresh_stage: int | Sequence[int] = 0, backend: str = "auto",
-                        fetch: bool = False) -> tuple[torch.Tensor, HiPMask | None]:
+                        fetch: bool = False, fresh: bool = False) -> tuple[torch.Tensor, HiPMask | None]:
     """``hip_attention(q, k, v, ...)`` with k/v the first ``tk`` keys of ``source``.
 
     q (B, Tq, H, D) un-rotated; cache_seqlens (B,) valid keys per row. ``fetch``: attend through
     the source's page pool (decode: a few pages per step) instead of reading the logical K/V in
-    place (prefill). Returns (out (B, Tq, H, D), mask or None when attention was dense).
+    place (prefill). ``fresh``: ``mask`` is reused but no fetch has seen it yet (it was pruned
+    ``refresh_lag`` steps ago and takes effect now), so its pages are fetched.
+    Returns (out (B, Tq, H, D), mask or None when attention was dense).
     """
     k, v, pages = source.logical(tk)
     if pages is None and not fetch:
@@ -67,7 +69,7 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
     # Nothing to fetch: every row reuses a mask that an earlier, fetching call pruned (it carries
     # its window start). Not a mask made for this call: streaming's empty one (sink + window
     # only, no w0) moves its window every step, so its steps fetch.
-    reuse = from_stage == config.n_stages and mask is not None and mask.w0 is not None
+    reuse = from_stage == config.n_stages and mask is not None and mask.w0 is not None and not fresh
     if api.reuses_in_one_launch(backend, from_stage, tq, config) and (reuse or not fetch):   # one launch
         from .triton import ops
         kr, vr, pr = source.resident() if fetch else (k, v, pages)   # the pool as it is, or FP8 in place
@@ -80,3 +82,18 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
 
     return api.prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend,
                                 functools.partial(impl.score_chunks, pages=pages), attend)
+
+
+def paged_prune(q: torch.Tensor, source: KVSource, tk: int, *, config: HiPConfig, rope: RoPE | None,
+                cache_seqlens: torch.Tensor, mask: HiPMask | None = None, refresh_stage: int | Sequence[int] = 0,
+                backend: str = "auto") -> HiPMask | None:
+    """``api.cache_prune`` over ``source``'s logical keys: the probes read them in place."""
+    k, _, pages = source.logical(tk)
+    if api._use_dense(tk, config):
+        return None
+    from_stage, row_stage = api._refresh_rows(refresh_stage, q.shape[0], config, mask, q.device)
+    backend = api.resolve_backend(backend, q)
+    impl = api.implementation(backend)
+    kv_len = cache_seqlens.to(device=q.device, dtype=torch.long)
+    return api.prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend,
+                                functools.partial(impl.score_chunks, pages=pages), None)[1]

@@ -71,7 +71,8 @@ def bench_one(model: Model, context: int, backend: str, decode_steps: int, chunk
 
 def _bench(model: Model, context: int, backend: str, decode_steps: int, chunk_size: int, eager_steps: int) -> dict:
     args = model.args
-    warm = max(model.hip.refresh_intervals) + 1 if backend == "hip" else 2   # capture every graph kind
+    hip = model.hip   # capture every graph kind (with a lag: the steps where masks take effect too)
+    warm = max(hip.refresh_intervals) + hip.refresh_lag + 1 if backend == "hip" else 2
     capacity = context + warm + decode_steps + (eager_steps + 1 if eager_steps else 0)
     cache = KVCache(args.n_layers, 1, capacity, args.n_kv_heads, args.head_dim, dtype=torch.bfloat16, device="cuda")
     tokens = torch.randint(0, args.vocab_size, (1, context), device="cuda")
@@ -128,12 +129,17 @@ def main(argv: list[str] | None = None):
                    help="Skip dense at contexts above this (its prefill is quadratic).")
     p.add_argument("--pdl", choices=("on", "off"), default="off",
                    help="Programmatic dependent launch of the decode kernels (Hopper+; off by default: slower).")
+    p.add_argument("--refresh-lag", type=int, default=0, help="HiPConfig.refresh_lag: masks take effect this many "
+                   "steps after the step that pruned them; the pruning runs on a side stream beside decode.")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     pdl.USE = a.pdl == "on"
+    try:
+        config = HiPConfig(dense_threshold=0, refresh_lag=a.refresh_lag)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if not torch.cuda.is_available():
         raise SystemExit("the engine benchmark needs a CUDA GPU")
-    config = HiPConfig(dense_threshold=0)
     # The copy rate, measured now on an idle GPU and again below: one H200 copied at 4.25 TB/s
     # idle and 3.82 TB/s after the 256K warm-up (same machine, minutes apart). The fastest wins.
     bytes_per_s = max(copy_bandwidth("cuda") for _ in range(3))
@@ -161,6 +167,7 @@ def main(argv: list[str] | None = None):
                 continue
             r = bench_one(model, context, backend, a.decode_steps, a.chunk_size, a.eager_steps)
             r.update(device=device, date=date, layers=a.layers, weight_floor_ms=round(floor_ms, 2), pdl=a.pdl,
+                     refresh_lag=a.refresh_lag,
                      copy_bandwidth_gb_per_s=round(bytes_per_s / 1e9),
                      decode_over_floor=round(r["decode_ms_per_token"] / floor_ms, 2),
                      command="python -m infinitehip.bench engine " + " ".join(argv or []))

@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None):
                    f"{', '.join(PATHS)} (on_gpu and the same-run paths only at --on-gpu-contexts).")
     p.add_argument("--stage0-levels", type=int, default=None, help="HiPConfig.stage0_levels: stop stage 0's "
                    "descent after this many levels (fewer stage-0 probe bytes over PCIe).")
+    p.add_argument("--refresh-lag", type=int, default=0, help="HiPConfig.refresh_lag: masks take effect this many "
+                   "steps after the step that pruned them; the pruning runs on a side stream beside decode.")
     p.add_argument("--probe-stride", type=int, default=OffloadConfig.probe_stride, help="OffloadConfig.probe_stride: "
                    "keys at its multiples also kept on the GPU for pruning (0: none, every probe over PCIe).")
     p.add_argument("--quick", action="store_true", help="Tiny shapes (runs on CPU): for tests.")
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if a.quick:
-        config = HiPConfig.preset("tiny", dense_threshold=0, stage0_levels=a.stage0_levels)
+        config = _config(HiPConfig.preset("tiny"), a)
         model, device = quick_model(config), torch.device("cpu")
         contexts = [int(c) for c in a.contexts.split(",") if c != "max"] if a.contexts != p.get_default("contexts") \
             else [1024, 2048]
@@ -308,12 +310,12 @@ def main(argv: list[str] | None = None):
     else:
         if not torch.cuda.is_available():
             raise SystemExit("the offload benchmark needs a CUDA GPU (or --quick)")
-        config = HiPConfig(dense_threshold=0, stage0_levels=a.stage0_levels)
+        config = _config(HiPConfig(), a)
         model, device = random_model(a.layers, config), torch.device("cuda")
         contexts = [c if c == "max" else int(c) for c in a.contexts.split(",")]
         on_gpu = {int(c) for c in a.on_gpu_contexts.split(",") if c}
         if not a.eager:   # the timed steps must not capture: every refresh stage's graph first
-            a.warm = max(a.warm, max(config.refresh_intervals) + 1)
+            a.warm = max(a.warm, max(config.refresh_intervals) + config.refresh_lag + 1)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     date, records = datetime.date.today().isoformat(), []
     for context in contexts:
@@ -322,11 +324,19 @@ def main(argv: list[str] | None = None):
         paths = [x for x in PATHS if x in wanted and (context in on_gpu or x == DEFAULT_PATH)]
         for r in bench_context(model, context, paths, a, device, free_memory(torch.device("cpu"))):
             r.update(device=name, date=date, layers=model.args.n_layers, stage0_levels=a.stage0_levels,
-                     probe_stride=a.probe_stride,
+                     refresh_lag=a.refresh_lag, probe_stride=a.probe_stride,
                      command="python -m infinitehip.bench offload " + " ".join(argv or []))
             records.append(r)
         _save(records, Path(a.out), "offload_quick" if a.quick else "offload_" + device_slug(name))
     return records
+
+
+def _config(preset: HiPConfig, a) -> HiPConfig:
+    """The benchmark's HiPConfig: ``preset`` without the dense fallback, the flags' overrides."""
+    try:
+        return preset.replace(dense_threshold=0, stage0_levels=a.stage0_levels, refresh_lag=a.refresh_lag)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _save(records: list[dict], out: Path, stem: str):

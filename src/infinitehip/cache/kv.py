@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ..attention.api import cache_attention
+from ..attention.api import cache_attention, cache_prune
 
 
 class CapacityError(ValueError):
@@ -67,8 +67,14 @@ class KVCache:
 
     def attention(self, layer: int):
         """The sparse attention call over this cache: ``hip_attention``'s (the K/V ``update``
-        returns are plain device tensors), trusting the lengths the engine keeps."""
-        return cache_attention
+        returns are plain device tensors), trusting the lengths the engine keeps. ``fresh`` (a
+        mask taking effect now) matters only to a cache that moves pages."""
+        return lambda q, k, v, fresh=False, **kw: cache_attention(q, k, v, **kw)
+
+    def prune(self, layer: int):
+        """The pruning half of ``attention`` over the layer's first ``tk`` keys:
+        ``prune(q, tk, **hip_attention keywords) -> HiPMask | None``."""
+        return lambda q, tk, **kw: cache_prune(q, self.views(layer)[0][:, :tk], **kw)
 
     def plan_write(self, start: torch.Tensor, T: int) -> torch.Tensor | None:
         """Where ``update`` writes T tokens per row at ``start`` (B,): the flat cache rows (B * T,),

@@ -33,7 +33,7 @@ import torch
 
 from ..attention.mask import SENTINEL, lookahead, window_slots
 from ..attention.pages import KVPages
-from ..attention.paged import paged_hip_attention
+from ..attention.paged import paged_hip_attention, paged_prune
 from ..config import HiPConfig
 from .gpu_pages import PageCache
 from .offload import HostKVStore
@@ -229,6 +229,11 @@ class OffloadKVCache:
             fetch = cached and q.shape[1] <= DECODE_QUERIES and not self.is_view
             return paged_hip_attention(q, _LayerSource(self, layer), k.shape[1], fetch=fetch, **kw)
         return attend
+
+    def prune(self, layer: int):
+        """The pruning half of ``attention`` over the layer's first ``tk`` keys, probing the store
+        in place: ``prune(q, tk, **hip_attention keywords) -> HiPMask | None``."""
+        return lambda q, tk, **kw: paged_prune(q, _LayerSource(self, layer), tk, **kw)
 
     def _logical(self, layer: int):
         s = self.stores[layer]

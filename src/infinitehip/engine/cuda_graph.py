@@ -9,6 +9,12 @@ place. A step that prunes from stage s replays graph s; steps that reuse the mas
 ``n_stages``. ``dense`` (FlashAttention over each row's valid keys,
 ``models/llama.full_cache_decode``) and ``streaming`` (sink + window, a constant empty mask) keep
 no state between steps: one graph serves every step.
+
+With ``HiPConfig.refresh_lag`` the pruning leaves the step: a step that refreshes saves each
+layer's query, and a graph of the pruning alone (one per first stage) is replayed on a side
+stream, beside the next steps, into the buffers of the pruned masks; ``refresh_lag`` steps later
+the step waits for it (an event) and copies them into the masks it attends with. Offloaded, the
+pruning's probes over PCIe thus overlap the steps' compute instead of adding to them.
 """
 from __future__ import annotations
 
@@ -39,9 +45,19 @@ class GraphDecoder:
         self.model, self.cache, self.state = model, cache, state
         self.tokens = torch.zeros(B, dtype=torch.long, device=model.device)
         self.seqlens = torch.zeros(B, dtype=torch.long, device=model.device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict = {}
         self.pool = None
         self.masks: list[HiPMask | None] | None = None
+        # refresh_lag: the pruned masks, each layer's saved query, the pruning graphs (their own
+        # memory pool: they run beside the step's), and the event of the pruning in flight.
+        self.lag = model.hip.refresh_lag if state.backend == "hip" else 0
+        self.pruned: list[HiPMask | None] | None = None
+        self.queries: list[torch.Tensor] | None = None
+        self.prune_lens = torch.zeros(B, dtype=torch.long, device=model.device)
+        self.prune_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prune_pool = None
+        self.side = torch.cuda.Stream(device=model.device) if self.lag else None
+        self.pending: torch.cuda.Event | None = None
 
     def __call__(self, tokens: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
         state = self.state
@@ -49,55 +65,126 @@ class GraphDecoder:
             logits = decode_one_token(self.model, tokens, seqlens, self.cache, state)
             self.masks = [_clone(m) for m in state.masks]
             state.masks = self.masks
+            if self.lag:
+                self.pruned = [_clone(m) for m in state.pruned]
+                state.pruned = self.pruned
             return logits
-        stage = self._stage()
-        if not isinstance(stage, int):  # rows at different refresh phases: no graph for that mix
+        key = self._key()
+        if key is None:  # rows at different refresh phases: no graph for that mix
             return self._eager(tokens, seqlens)
         self.tokens.copy_(tokens)
         self.seqlens.copy_(seqlens)
-        if stage not in self.graphs:
-            self.graphs[stage] = self._capture(stage)
-        graph, logits = self.graphs[stage]
+        if self.lag and key[1]:   # masks take effect: their pruning must be done
+            self._wait_for_pruning()
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(key)
+        graph, logits = self.graphs[key]
         graph.replay()
+        if self.lag and key[0] < self.model.hip.n_stages:
+            self._prune_beside(key[0])
         state.steps = [s + 1 for s in state.steps]
         return logits.clone()
 
-    def _stage(self) -> int | list[int]:
-        """The graph this step replays: hip's refresh stage (per row when rows disagree); the
-        other backends ignore the stage, so they share graph 0."""
-        return self.state.refresh_stages(self.model.hip) if self.state.backend == "hip" else 0
+    def _key(self) -> tuple | None:
+        """The graph this step replays: hip's refresh stage, or with a lag (the stage it prunes
+        from for later, whether masks take effect); None when rows disagree. The other backends
+        ignore the stage, so they share one graph."""
+        state, hip = self.state, self.model.hip
+        if state.backend != "hip":
+            return (0,)
+        if not self.lag:
+            stage = state.refresh_stages(hip)
+            return (stage,) if isinstance(stage, int) else None
+        if state.refresh_stages(hip) != hip.n_stages:   # a row's first step prunes for itself
+            return None
+        later, now = state.deferred_stages(hip), state.taking_effect(hip)
+        return (later, now) if isinstance(later, int) and isinstance(now, bool) else None
 
     def _eager(self, tokens: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
         """One step without a graph; its masks land in the static buffers the graphs read."""
         state = self.state
+        self._wait_for_pruning()
         state.masks = list(self.masks)
+        if self.lag:
+            state.pruned = list(self.pruned)
         logits = decode_one_token(self.model, tokens, seqlens, self.cache, state)
-        self._keep(state.masks)
+        _keep(self.masks, state.masks)
         state.masks = self.masks
+        if self.lag:
+            _keep(self.pruned, state.pruned)
+            state.pruned = self.pruned
         return logits
 
-    def _keep(self, masks: list[HiPMask | None]):
-        for static, new in zip(self.masks, masks):
-            if static is not None and new is not None and new is not static:
-                static.copy_(new)
-
-    def _step(self, stage: int) -> torch.Tensor:
-        masks = list(self.masks)
-        call = AttentionCall(backend=self.state.backend, masks=masks, refresh_stage=stage, kernel=self.state.kernel)
+    def _step(self, key: tuple) -> torch.Tensor:
+        masks, hip = list(self.masks), self.model.hip
+        call = AttentionCall(backend=self.state.backend, masks=masks, refresh_stage=key[0], kernel=self.state.kernel)
+        if self.lag:
+            later, now = key
+            if now:
+                _keep(self.masks, self.pruned)
+            if later < hip.n_stages and self.queries is None:
+                self.queries = [torch.empty(self.cache.batch, 1, self.model.args.n_heads, self.model.args.head_dim,
+                                            dtype=self.model.dtype, device=self.model.device) for _ in masks]
+            call.refresh_stage, call.pruned, call.defer_stage, call.fresh = hip.n_stages, list(self.pruned), later, now
+            call.queries = self.queries if later < hip.n_stages else None
         logits = self.model.net(self.tokens[:, None], self.seqlens, self.cache, call)
-        self._keep(masks)
+        _keep(self.masks, masks)
         return logits[:, -1]
 
-    def _capture(self, stage: int):
+    def _capture(self, key: tuple):
         # Warm up on a side stream (this runs the step once; rerunning it is idempotent: same K/V
         # written at the same slots, the same mask recomputed from the same saved stage input).
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step(stage)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(stage)
-        self.pool = graph.pool()
-        return graph, logits
+        return _capture(lambda: self._step(key), self, "pool")
+
+    def _prune(self, stage: int):
+        """Every layer's pruning from ``stage`` for the saved queries, into the pruned masks."""
+        net = self.model.net
+        for i, block in enumerate(net.layers):
+            if self.pruned[i] is None:   # the layer attends densely (a short context): nothing to prune
+                continue
+            new = block.attention.prune(self.queries[i], self.cache.capacity, self.prune_lens, net.rope, self.cache,
+                                        net.layer_configs[i], self.pruned[i], stage, self.state.kernel)
+            if new is not None:
+                self.pruned[i].copy_(new)
+
+    def _prune_beside(self, stage: int):
+        """Start the pruning of the step just replayed on the side stream (its lengths: the keys
+        that step saw)."""
+        main = torch.cuda.current_stream()
+        self.prune_lens.copy_(self.seqlens + 1)
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            if stage not in self.prune_graphs:
+                # Rerunning the pruning is idempotent: stage s reads its saved input, not its output.
+                self.prune_graphs[stage] = _capture(lambda: self._prune(stage), self, "prune_pool")[0]
+            self.prune_graphs[stage].replay()
+            self.pending = torch.cuda.Event()
+            self.pending.record(self.side)
+
+    def _wait_for_pruning(self):
+        if self.pending is not None:
+            torch.cuda.current_stream().wait_event(self.pending)
+            self.pending = None
+
+
+def _keep(static: list[HiPMask | None], new: list[HiPMask | None]):
+    """Copy ``new`` masks into the ``static`` buffers a graph reads (where they differ)."""
+    for s, n in zip(static, new):
+        if s is not None and n is not None and n is not s:
+            s.copy_(n)
+
+
+def _capture(fn, owner, pool: str):
+    """``fn()`` run once on a side stream (warm-up: compiles, makes cached constants), then
+    captured into a CUDA graph sharing the memory pool ``owner.<pool>``. Returns (graph, output)."""
+    here = torch.cuda.current_stream()
+    warm = torch.cuda.Stream()
+    warm.wait_stream(here)
+    with torch.cuda.stream(warm):
+        fn()
+    here.wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=getattr(owner, pool)):
+        out = fn()
+    setattr(owner, pool, graph.pool())
+    return graph, out

@@ -32,11 +32,41 @@ class DecodeState:
     masks: list = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     kernel: str = "auto"
+    pruned: list = field(default_factory=list)   # refresh_lag > 0: per layer, the newest mask pruned
 
     def refresh_stages(self, hip: HiPConfig) -> int | list[int]:
-        """This step's first pruning stage to rerun, one per row (an int when all rows agree)."""
-        stages = [hip.refresh_stage(s) for s in self.steps]
-        return stages[0] if len(set(stages)) == 1 else stages
+        """This step's first pruning stage to rerun, one per row (an int when all rows agree).
+        With ``refresh_lag`` only a row's first step prunes now (``deferred_stages`` the rest)."""
+        stages = [hip.refresh_stage(s) if s == 0 or not hip.refresh_lag else hip.n_stages for s in self.steps]
+        return _one_or_all(stages)
+
+    def deferred_stages(self, hip: HiPConfig) -> int | list[int]:
+        """refresh_lag > 0: the first stage each row prunes this step for ``refresh_lag`` steps later."""
+        return _one_or_all([hip.refresh_stage(s) if s else hip.n_stages for s in self.steps])
+
+    def taking_effect(self, hip: HiPConfig) -> bool | list[bool]:
+        """refresh_lag > 0: which rows attend from this step with the mask deferred ``refresh_lag`` steps ago."""
+        lag = hip.refresh_lag
+        return _one_or_all([s > lag and hip.refresh_stage(s - lag) < hip.n_stages for s in self.steps])
+
+    def call(self, hip: HiPConfig) -> AttentionCall:
+        """This step's ``AttentionCall``; with ``refresh_lag`` the masks pruned ``refresh_lag``
+        steps ago take effect first (rows of ``taking_effect``)."""
+        call = AttentionCall(backend=self.backend, masks=self.masks, refresh_stage=self.refresh_stages(hip),
+                             kernel=self.kernel)
+        if self.backend != "hip" or not hip.refresh_lag:
+            return call
+        if not self.pruned:
+            self.pruned = [None] * len(self.masks)
+        now = self.taking_effect(hip)
+        if now is True:
+            self.masks[:] = self.pruned
+        elif now is not False:
+            rows = torch.tensor(now)
+            self.masks[:] = [p if m is None or p is None else m.where(rows.to(m.starts.device), p)
+                             for m, p in zip(self.masks, self.pruned)]
+        call.pruned, call.defer_stage, call.fresh = self.pruned, self.deferred_stages(hip), now is not False
+        return call
 
     def admit(self, row: int, batch: int):
         """Start row ``row`` of ``batch`` on a new sequence: its refresh schedule restarts, so its
@@ -47,6 +77,11 @@ class DecodeState:
         if not self.steps:
             self.steps = [0] * batch
         self.steps[row] = 0
+
+
+def _one_or_all(values: list):
+    """One value when every row agrees, else the list (a row-mixed step)."""
+    return values[0] if len(set(values)) == 1 else values
 
 
 @dataclass
@@ -97,9 +132,7 @@ def decode_one_token(model: Model, tokens: torch.Tensor, seqlens: torch.Tensor, 
         state.masks = [None] * model.args.n_layers
     if not state.steps:
         state.steps = [0] * tokens.shape[0]
-    call = AttentionCall(backend=state.backend, masks=state.masks,
-                         refresh_stage=state.refresh_stages(model.hip), kernel=state.kernel)
-    logits = model.net(tokens[:, None], seqlens, cache, call, kv_limit=kv_limit)
+    logits = model.net(tokens[:, None], seqlens, cache, state.call(model.hip), kv_limit=kv_limit)
     state.steps = [s + 1 for s in state.steps]
     return logits[:, -1]
 

@@ -104,6 +104,13 @@ class AttentionCall:
     masks: list[HiPMask | None] | None = None     # per layer; reused when refresh_stage > 0
     refresh_stage: int | list[int] = 0            # per row when rows decode at different steps
     kernel: str = "auto"                          # hip_attention's backend: auto | triton | reference
+    # HiPConfig.refresh_lag > 0: pruning for later. ``masks`` are attended with; ``pruned`` (per
+    # layer) is the newest mask pruned, the one later refreshes start from and that the decode
+    # state makes ``masks`` refresh_lag steps after it was pruned.
+    pruned: list[HiPMask | None] | None = None
+    defer_stage: int | list[int] | None = None    # per row: first stage to prune for later (n_stages: none)
+    fresh: bool = False                           # masks took effect this step: a paged cache fetches
+    queries: list[torch.Tensor] | None = None     # CUDA graphs: save q per layer, pruned on a side stream
 
 
 @dataclass
@@ -240,10 +247,37 @@ class Attention(nn.Module):
         # (it reads host memory, maybe through a GPU page cache).
         out, mask = cache.attention(self.layer)(q, k_all, v_all, config=hip, rope=step.rope, scale=self.scale,
                                                 cache_seqlens=step.kv_len, mask=mask, refresh_stage=stage,
-                                                backend=call.kernel)
+                                                backend=call.kernel, fresh=call.fresh)
         if call.masks is not None and call.backend == "hip":
             call.masks[self.layer] = mask
+            if call.pruned is not None:
+                self._prune_for_later(q, k_all.shape[1], step, cache, hip, call)
         return out
+
+    def _prune_for_later(self, q, tk: int, step: Step, cache, hip: HiPConfig, call: AttentionCall):
+        """refresh_lag > 0: rows that pruned now (a first step) restart the chain of pruned masks
+        from what they attended with; rows with a deferred refresh prune the chain's newest mask
+        again for a later step (or, in a CUDA graph, leave q for the side stream)."""
+        chain, live = call.pruned[self.layer], call.masks[self.layer]
+        now = call.refresh_stage
+        if chain is None or live is None or now == 0:
+            chain = live
+        elif not isinstance(now, int):
+            chain = chain.where(torch.tensor([s < hip.n_stages for s in now], device=q.device), live)
+        call.pruned[self.layer] = chain
+        later = call.defer_stage
+        if later is None or later == hip.n_stages:
+            return
+        if call.queries is not None:
+            call.queries[self.layer].copy_(q)
+            return
+        call.pruned[self.layer] = self.prune(q, tk, step.kv_len, step.rope, cache, hip, chain, later, call.kernel)
+
+    def prune(self, q, tk: int, kv_len, rope: RoPE, cache, hip: HiPConfig, mask: HiPMask | None, stage, kernel: str):
+        """The mask this layer's attention would prune from ``stage`` (an int or one per row) for
+        the queries ``q`` (B, 1, H, D), without attending; None while attention is dense."""
+        return cache.prune(self.layer)(q, tk, config=hip, rope=rope, cache_seqlens=kv_len,
+                                       mask=mask, refresh_stage=stage, backend=kernel)
 
 
 class FeedForward(nn.Module):

@@ -1,0 +1,136 @@
+"""Deferred mask refreshes (``HiPConfig.refresh_lag``): a decode step prunes for a later step and
+attends with the mask it pruned ``refresh_lag`` steps ago, so on a GPU the pruning can run beside
+decode. What must hold: the schedule (which step prunes, which step's mask is attended), no key
+lost while a mask waits (full budget == dense at every step), offload == on-device bit for bit
+with fetches only where a mask takes effect, and rows at different steps get what they get alone."""
+import pytest
+import torch
+from checkpoints import make_checkpoint
+
+import infinitehip
+from infinitehip import HiPConfig
+from infinitehip.cache.kv import KVCache
+from infinitehip.cache.offload_kv import OffloadKVCache
+from infinitehip.cache.offload_plan import OffloadConfig
+from infinitehip.engine import BatchRunner, DecodeState, SamplingParams, decode_one_token, prefill, stream
+from infinitehip.models import AttentionCall
+
+pytest.importorskip("transformers")
+TINY = HiPConfig.preset("tiny", refresh_intervals=(8, 4, 2))
+LAG = TINY.replace(refresh_lag=2)
+PROMPT, STEPS = 600, 12     # past the built-in model's 512 trained tokens: sparse, adaptive RoPE
+
+
+def test_config_bounds_the_lag():
+    assert HiPConfig().refresh_lag == 0 and LAG.refresh_lag == 2
+    for bad in (-1, 3, 1.0, True, None):
+        with pytest.raises(ValueError, match="refresh_lag"):
+            TINY.replace(refresh_lag=bad)
+    with pytest.raises(ValueError, match="window.*refresh interval plus the lag, 10"):
+        TINY.replace(refresh_lag=2, window=9)
+
+
+def test_schedule():
+    """Only a row's first step prunes for itself; a refresh step prunes for ``lag`` steps later."""
+    state = DecodeState("hip", steps=[0, 2, 3, 4, 6])
+    assert state.refresh_stages(LAG) == [0, 3, 3, 3, 3]
+    assert state.deferred_stages(LAG) == [3, 2, 3, 1, 2]
+    assert state.taking_effect(LAG) == [False, False, False, True, True]   # refreshes of steps 2 and 4
+    state.steps = [4, 4]
+    assert state.taking_effect(LAG) is True and state.deferred_stages(LAG) == 1
+    assert DecodeState("hip", steps=[0, 2]).refresh_stages(TINY) == [0, 2]   # lag 0: at once, as before
+
+
+def builtin(config, dtype=torch.float32):
+    return infinitehip.load("builtin", config=config, dtype=dtype, device="cpu")
+
+
+def caches(model, batch=1, capacity=PROMPT + STEPS + 1):
+    a = model.args
+    on_device = KVCache(a.n_layers, batch, capacity, a.n_kv_heads, a.head_dim, dtype=model.dtype, device="cpu")
+    offloaded = OffloadKVCache(a.n_layers, batch, capacity, a.n_kv_heads, a.head_dim, dtype=model.dtype,
+                               device="cpu", layer_configs=model.net.layer_configs, config=OffloadConfig(page=4))
+    return on_device, offloaded
+
+
+def decode(model, cache, steps=STEPS, on_step=None):
+    """Greedy from a fixed prompt: (1 + steps, V) logits; ``on_step(t, state)`` after each step."""
+    tokens = torch.randint(3, 400, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    logits, state, seqlens = [prefill(model, tokens, cache, chunk_size=256)], DecodeState("hip"), torch.tensor([PROMPT])
+    for t in range(steps):
+        logits.append(decode_one_token(model, logits[-1].argmax(-1), seqlens, cache, state,
+                                       kv_limit=int(seqlens[0]) + 1))
+        seqlens += 1
+        if on_step:
+            on_step(t, state)
+    return torch.cat(logits)
+
+
+def test_a_pruned_mask_is_attended_lag_steps_later():
+    """Step 2 prunes (stage 2) and step 4 attends with that mask; steps 2-3 keep step 0's.
+    Until step 4 the logits are lag 0's, which attends with step 2's mask at step 2 already."""
+    model, seen = builtin(LAG), {}
+    decode(model, caches(model)[0], on_step=lambda t, s: seen.update({t: ([m.starts for m in s.masks],
+                                                                           [p.starts for p in s.pruned])}))
+    layers = range(len(seen[0][0]))
+    same = lambda a, b: all(torch.equal(a[i], b[i]) for i in layers)   # noqa: E731
+    assert same(seen[2][0], seen[0][0]) and same(seen[3][0], seen[0][0])   # waiting
+    assert same(seen[4][0], seen[2][1]) and not same(seen[2][1], seen[0][0])   # step 2's mask, now
+    assert same(seen[6][0], seen[4][1]) and same(seen[8][0], seen[6][1])
+    lagged, at_once = decode(model, caches(model)[0]), decode(builtin(TINY), caches(model)[0])
+    torch.testing.assert_close(lagged[:3], at_once[:3], atol=1e-4, rtol=0)   # prefill, steps 0 and 1
+    assert (lagged[3] - at_once[3]).abs().max() > 1e-2
+
+
+def test_full_budget_lag_loses_no_key(tmp_path):
+    """A budget covering every key and exact RoPE: hip equals dense at every step, also while a
+    mask waits ``lag`` steps (its window stays anchored where it was pruned)."""
+    full = HiPConfig.preset("tiny", stage_budgets=(None, 1024, 512), budget=512, dense_layer_budget=512,
+                            rope_prune="exact", rope_attend="exact", refresh_intervals=(8, 4, 2), refresh_lag=2)
+    model = infinitehip.load(make_checkpoint(tmp_path, "llama"), config=full)
+    tokens = torch.randint(3, 300, (1, 420), generator=torch.Generator().manual_seed(2))
+    a = model.args
+    cache = lambda: KVCache(a.n_layers, 1, 512, a.n_kv_heads, a.head_dim, dtype=model.dtype, device="cpu")  # noqa: E731
+    ref = model.net(tokens, torch.zeros(1, dtype=torch.long), cache(), AttentionCall("dense"))
+    kv, state = cache(), DecodeState("hip")
+    prefill(model, tokens[:, :400], kv, backend="hip", chunk_size=128)
+    for t in range(400, 420):
+        logits = decode_one_token(model, tokens[:, t], torch.tensor([t]), kv, state)
+        torch.testing.assert_close(logits, ref[:, t], atol=1e-4, rtol=0)
+    assert all(m is not None for m in state.masks)
+
+
+def test_offload_equals_on_device_and_fetches_where_masks_take_effect(monkeypatch):
+    """bf16, pages of 4 (page openings between fetches): the page cache gives the on-device logits
+    bit for bit, fetching on the first step and where a deferred mask takes effect, not where it
+    is pruned (the pruning probes the host store in place)."""
+    from infinitehip.cache import offload_kv
+
+    needed, calls = offload_kv.needed_units, []
+    monkeypatch.setattr(offload_kv, "needed_units", lambda *a, **kw: calls.append(1) or needed(*a, **kw))
+    model = builtin(LAG, torch.bfloat16)
+    on_device, cached = caches(model)
+    fetched = []
+    got = decode(model, cached, on_step=lambda t, s: fetched.append(len(calls)))
+    assert torch.equal(got, decode(model, on_device))
+    steps = [t for t, (a, b) in enumerate(zip([0] + fetched, fetched)) if b > a]
+    assert steps == [0, 4, 6, 8, 10]
+
+
+def test_rows_at_different_steps_match_alone(tmp_path):
+    """Continuous batching with a lag: requests joining at different steps (so their refreshes and
+    the steps their masks take effect differ) get the tokens they get alone."""
+    model = infinitehip.load(make_checkpoint(tmp_path, "llama"), config=HiPConfig.preset("tiny", refresh_lag=4))
+    prompts = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (300, 170, 420)]
+    greedy = SamplingParams(max_new_tokens=14, ignore_eos=True)
+    alone = [[e.token for e in stream(model, [p], greedy, chunk_size=64)] for p in prompts]
+    r = BatchRunner(model, max_batch=3, max_context=512, chunk_size=64)
+    got = {}
+    for step in range(200):
+        if step in (0, 3, 6):
+            r.add(prompts[step // 3], greedy)
+        for e in r.step():
+            got.setdefault(e.request, []).append(e.token)
+        if not r.has_work and step > 6:
+            break
+    assert [got[i] for i in range(3)] == alone and r.stats.batched_steps > 0
