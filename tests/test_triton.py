@@ -55,6 +55,10 @@ def test_score_chunks_matches_reference(B, tq, tk, H, K, D, lens, sharing, prune
         got = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
         assert (want > -1e29).any(), "some chunks must be active for the test to mean anything"
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # Fewer programs than tiles (pruning beside decode), each looping over its share: the same bits.
+        capped = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope,
+                                  tuning=dict(max_programs=3))
+        assert torch.equal(capped, got)
         if s == 0:   # the descent stopped early (stage0_levels): the same capped scores
             want2 = reference.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope, levels=2)
             got2 = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope, levels=2)

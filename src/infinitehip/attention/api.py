@@ -1,6 +1,7 @@
 """``hip_attention``: the one public attention call. Checks inputs, then picks the backend."""
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Sequence
@@ -86,18 +87,31 @@ def cache_attention(q, k, v, *, config=None, rope=None, scale=None, cache_seqlen
                             lambda qs, m, geo: impl.attend(qs, k, v, m.starts, geo, config, rope, scale))
 
 
-def cache_prune(q, k, *, config=None, rope=None, cache_seqlens=None, mask=None, refresh_stage=0, backend="auto"):
+def cache_prune(q, k, *, config=None, rope=None, cache_seqlens=None, mask=None, refresh_stage=0, backend="auto",
+                programs: int | None = None):
     """The pruning half of ``cache_attention``: the mask that call would attend with (None where
     it would attend densely), without attending. A decode step with ``HiPConfig.refresh_lag``
-    prunes with this and attends with the mask it pruned ``refresh_lag`` steps earlier."""
+    prunes with this and attends with the mask it pruned ``refresh_lag`` steps earlier.
+    programs: at most this many programs per scoring launch (Triton; the same scores), so that
+    pruning beside decode leaves the SMs room for decode's kernels."""
     config = config or HiPConfig()
     backend = _check(q, k, k, config, rope, cache_seqlens, mask, backend)
+    return prune_only(q, k, config, rope, cache_seqlens, mask, refresh_stage, backend, programs)
+
+
+def prune_only(q, k, config: HiPConfig, rope, cache_seqlens, mask, refresh_stage, backend: str,
+               programs: int | None = None, pages=None) -> HiPMask | None:
+    """``cache_prune`` past its input checks; ``pages``: an offloaded cache's FP8 scales or probe
+    copy (``paged.paged_prune``, whose k may be FP8 codes)."""
     from_stage, row_stage = _refresh_rows(refresh_stage, q.shape[0], config, mask, q.device)
     if _use_dense(k.shape[1], config):
         return None
+    backend = resolve_backend(backend, q)
     kv_len = _kv_len(cache_seqlens, q.shape[0], k.shape[1], q.device)
-    return prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend,
-                            implementation(backend).score_chunks, None)[1]
+    score = functools.partial(implementation(backend).score_chunks, pages=pages)
+    if programs and backend == "triton":
+        score = functools.partial(score, tuning={"max_programs": programs})
+    return prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend, score, None)[1]
 
 
 def _kv_len(cache_seqlens: torch.Tensor | None, B: int, tk: int, device) -> torch.Tensor:

@@ -86,14 +86,8 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
 
 def paged_prune(q: torch.Tensor, source: KVSource, tk: int, *, config: HiPConfig, rope: RoPE | None,
                 cache_seqlens: torch.Tensor, mask: HiPMask | None = None, refresh_stage: int | Sequence[int] = 0,
-                backend: str = "auto") -> HiPMask | None:
-    """``api.cache_prune`` over ``source``'s logical keys: the probes read them in place."""
+                backend: str = "auto", programs: int | None = None) -> HiPMask | None:
+    """``api.cache_prune`` over ``source``'s logical keys: the probes read them in place (FP8
+    codes with their scales, the GPU probe copy where there is one)."""
     k, _, pages = source.logical(tk)
-    if api._use_dense(tk, config):
-        return None
-    from_stage, row_stage = api._refresh_rows(refresh_stage, q.shape[0], config, mask, q.device)
-    backend = api.resolve_backend(backend, q)
-    impl = api.implementation(backend)
-    kv_len = cache_seqlens.to(device=q.device, dtype=torch.long)
-    return api.prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend,
-                                functools.partial(impl.score_chunks, pages=pages), None)[1]
+    return api.prune_only(q, k, config, rope, cache_seqlens, mask, refresh_stage, backend, programs, pages)

@@ -87,18 +87,22 @@ def decode_mode(device, eager: bool) -> str:
 
 
 def decode(model: Model, cache, context: int, warm: int, steps: int, device, mode: str = "eager",
-           profile: int = 0) -> dict:
+           profile: int = 0, prune_programs: int | None = None) -> dict:
     """Greedy decode from position ``context``: ``warm`` steps untimed (a full refresh cycle, so
     every graph is captured; kernel compilation), then ``steps`` timed, then ``profile`` more
     steps under torch.profiler (device time per step by kernel; 0: none). ``mode``: "cuda_graph"
     replays the step (the cache read at full capacity), "eager" runs it op by op over exactly the
-    written keys. Returns timings, tokens, page-cache stats and the profile."""
+    written keys. ``prune_programs``: the graphs' cap on the programs of a scoring launch beside
+    decode (HiPConfig.refresh_lag; None: GraphDecoder's default, 0: none). Returns timings,
+    tokens, page-cache stats and the profile."""
     state = DecodeState("hip")
     seqlens = torch.tensor([context], device=device)
     tok = torch.tensor([1], device=device)
     tokens, length = [], context
     caches = getattr(cache, "page_caches", [])          # GPU-stored layers have none
     graph = GraphDecoder(model, cache, state) if mode == "cuda_graph" else None
+    if graph is not None and prune_programs is not None:
+        graph.prune_programs = prune_programs
 
     def step():
         nonlocal tok, length
@@ -205,7 +209,8 @@ def bench_context(model: Model, context: int, paths: list[str], a, device, host_
         fill_s = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        r = decode(model, cache, context, a.warm, a.steps, device, decode_mode(device, a.eager), a.profile)
+        r = decode(model, cache, context, a.warm, a.steps, device, decode_mode(device, a.eager), a.profile,
+                   a.prune_programs)
         gpu_kv = cache.nbytes if path == "on_gpu" else cache.gpu_nbytes
         gpu_layers = args.n_layers if path == "on_gpu" else len(cache.gpu_layers)
         host_layers = args.n_layers - gpu_layers        # what the PCIe estimates below count
@@ -284,6 +289,8 @@ def main(argv: list[str] | None = None):
                    "descent after this many levels (fewer stage-0 probe bytes over PCIe).")
     p.add_argument("--refresh-lag", type=int, default=0, help="HiPConfig.refresh_lag: masks take effect this many "
                    "steps after the step that pruned them; the pruning runs on a side stream beside decode.")
+    p.add_argument("--prune-programs", type=int, default=None, help="With --refresh-lag: at most this many programs "
+                   "per scoring launch beside decode (default: half the SMs; 0: no cap).")
     p.add_argument("--probe-stride", type=int, default=OffloadConfig.probe_stride, help="OffloadConfig.probe_stride: "
                    "keys at its multiples also kept on the GPU for pruning (0: none, every probe over PCIe).")
     p.add_argument("--quick", action="store_true", help="Tiny shapes (runs on CPU): for tests.")
@@ -292,6 +299,8 @@ def main(argv: list[str] | None = None):
     wanted = [x for x in a.paths.split(",") if x]
     if not wanted or any(x not in PATHS for x in wanted):
         raise SystemExit(f"--paths {a.paths!r}: choose from {', '.join(PATHS)}")
+    if a.prune_programs is not None and a.prune_programs < 0:
+        raise SystemExit(f"--prune-programs {a.prune_programs}: a count >= 1, or 0 for no cap")
     if a.steps < 1:   # the step time divides by it
         raise SystemExit(f"--steps {a.steps}: time at least 1 decode step")
     if any(c != "max" and not (c.isdigit() and int(c) > 0) for c in a.contexts.split(",")):
@@ -324,7 +333,7 @@ def main(argv: list[str] | None = None):
         paths = [x for x in PATHS if x in wanted and (context in on_gpu or x == DEFAULT_PATH)]
         for r in bench_context(model, context, paths, a, device, free_memory(torch.device("cpu"))):
             r.update(device=name, date=date, layers=model.args.n_layers, stage0_levels=a.stage0_levels,
-                     refresh_lag=a.refresh_lag, probe_stride=a.probe_stride,
+                     refresh_lag=a.refresh_lag, prune_programs=a.prune_programs, probe_stride=a.probe_stride,
                      command="python -m infinitehip.bench offload " + " ".join(argv or []))
             records.append(r)
         _save(records, Path(a.out), "offload_quick" if a.quick else "offload_" + device_slug(name))

@@ -58,6 +58,10 @@ class GraphDecoder:
         self.prune_pool = None
         self.side = torch.cuda.Stream(device=model.device) if self.lag else None
         self.pending: torch.cuda.Event | None = None
+        # The pruning's scoring launches in at most this many programs: beside decode they must
+        # leave the SMs room for its kernels (a scoring program holds half an SM's registers).
+        # Their probes wait on PCIe or memory latency, so fewer programs cost them little.
+        self.prune_programs = max(1, torch.cuda.get_device_properties(model.device).multi_processor_count // 2)
 
     def __call__(self, tokens: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
         state = self.state
@@ -143,7 +147,8 @@ class GraphDecoder:
             if self.pruned[i] is None:   # the layer attends densely (a short context): nothing to prune
                 continue
             new = block.attention.prune(self.queries[i], self.cache.capacity, self.prune_lens, net.rope, self.cache,
-                                        net.layer_configs[i], self.pruned[i], stage, self.state.kernel)
+                                        net.layer_configs[i], self.pruned[i], stage, self.state.kernel,
+                                        programs=self.prune_programs or None)
             if new is not None:
                 self.pruned[i].copy_(new)
 

@@ -273,11 +273,13 @@ class Attention(nn.Module):
             return
         call.pruned[self.layer] = self.prune(q, tk, step.kv_len, step.rope, cache, hip, chain, later, call.kernel)
 
-    def prune(self, q, tk: int, kv_len, rope: RoPE, cache, hip: HiPConfig, mask: HiPMask | None, stage, kernel: str):
+    def prune(self, q, tk: int, kv_len, rope: RoPE, cache, hip: HiPConfig, mask: HiPMask | None, stage, kernel: str,
+              programs: int | None = None):
         """The mask this layer's attention would prune from ``stage`` (an int or one per row) for
-        the queries ``q`` (B, 1, H, D), without attending; None while attention is dense."""
-        return cache.prune(self.layer)(q, tk, config=hip, rope=rope, cache_seqlens=kv_len,
-                                       mask=mask, refresh_stage=stage, backend=kernel)
+        the queries ``q`` (B, 1, H, D), without attending; None while attention is dense.
+        programs: cap on the scoring launches' programs (pruning beside decode)."""
+        return cache.prune(self.layer)(q, tk, config=hip, rope=rope, cache_seqlens=kv_len, mask=mask,
+                                       refresh_stage=stage, backend=kernel, programs=programs)
 
 
 class FeedForward(nn.Module):

@@ -198,7 +198,8 @@ def _score_chunks_kernel(
     stride_ob, stride_og, stride_oq,                    # out (B, G, NQB, n), unit stride on n
     stride_gb,                                          # p0 / w0 (B, NQB), unit stride on NQB
     stride_ssb, stride_ssp,                             # FP8 scales (B, NB, K), unit stride on K
-    G, NQB, N,
+    G, NQB, N, TILES, NPROG,                            # tiles in all, programs
+    ITERS: tl.constexpr,                                # tiles a program (1 unless max_programs caps the grid)
     SINK: tl.constexpr, CHUNK: tl.constexpr, LEVELS: tl.constexpr,
     KG: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -208,68 +209,71 @@ def _score_chunks_kernel(
 ):
     wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
     release_next(PDL)
-    # One program: BLOCK_C chunks of one (batch, group, query block). 1-D grid, tiles fastest.
-    pid = tl.program_id(0)
+    # A program scores BLOCK_C chunks of one (batch, group, query block) -- tiles fastest in a 1-D
+    # grid -- or, in a grid of fewer programs (``tuning['max_programs']``: pruning beside decode,
+    # which must leave the SMs room for decode's kernels), every num_programs-th tile in turn.
     n_tiles = tl.cdiv(N, BLOCK_C)
-    tile = pid % n_tiles
-    bgq = pid // n_tiles
-    qb = bgq % NQB
-    g = (bgq // NQB) % G
-    b = bgq // (NQB * G)
+    for it in range(ITERS):   # past the last tile a program redoes it (the same values): no bounds test
+        pid = tl.minimum(tl.program_id(0) + it * NPROG, TILES - 1)
+        tile = pid % n_tiles
+        bgq = pid // n_tiles
+        qb = bgq % NQB
+        g = (bgq // NQB) % G
+        b = bgq // (NQB * G)
 
-    c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < N
-    st = tl.load(starts_ptr + b.to(tl.int64) * stride_sb + g * stride_sg + qb * stride_sq + c * stride_sn,
-                 mask=c_ok, other=_SENTINEL).to(tl.int64)
-    p0 = tl.load(p0_ptr + b * stride_gb + qb)
-    w0 = tl.load(w0_ptr + b * stride_gb + qb)
-    lo = tl.maximum(st, SINK)
-    hi = tl.minimum(st + CHUNK, w0)
-    active = c_ok & (st != _SENTINEL) & (lo < hi)
+        c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < N
+        st = tl.load(starts_ptr + b.to(tl.int64) * stride_sb + g * stride_sg + qb * stride_sq + c * stride_sn,
+                     mask=c_ok, other=_SENTINEL).to(tl.int64)
+        p0 = tl.load(p0_ptr + b * stride_gb + qb)
+        w0 = tl.load(w0_ptr + b * stride_gb + qb)
+        lo = tl.maximum(st, SINK)
+        hi = tl.minimum(st + CHUNK, w0)
+        active = c_ok & (st != _SENTINEL) & (lo < hi)
 
-    best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
-    if tl.max(active.to(tl.int32), axis=0) > 0:
-        exact = tl.load(exact_ptr + b) != 0
-        inv_freq = tl.load(inv_freq_ptr + tl.arange(0, HALF_P), mask=tl.arange(0, HALF_P) < HALF, other=0.0)
-        q_base = q_ptr + b.to(tl.int64) * stride_qb + qb * stride_qq
-        qv_base = qv_ptr + b * stride_qvb + qb * stride_qvq
-        k_base = k_ptr + b.to(tl.int64) * stride_kb
-        kp_base = kp_ptr + b.to(tl.int64) * stride_pb
-        ks_base = ks_ptr + b.to(tl.int64) * stride_ssb
-        a = tl.where(active, st, 0)
-        if DENSE:   # every token's score first: (BLOCK_C, CHUNK), max over rows and the group's heads
-            pos = a[:, None] + tl.arange(0, CHUNK)[None, :]
-            ok = tl.reshape(active[:, None] & (pos >= lo[:, None]) & (pos < hi[:, None]), (BLOCK_C * CHUNK,))
-            flat = tl.where(ok, tl.reshape(pos, (BLOCK_C * CHUNK,)), 0)
-            s_all = tl.reshape(_group_scores(
-                q_base, qv_base, k_base, kp_base, ks_base, flat, ok, exact, tl.where(exact, flat - p0, 0), inv_freq,
-                attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_pt, stride_ph,
-                stride_ssp, KG, SCALED, PAGE, PROBE_STRIDE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C * CHUNK, BLOCK_M,
-                M_TILES, ROPE, DOT_PRECISION, FAST), (BLOCK_C, CHUNK))
-        for level in tl.static_range(LEVELS):
-            half = CHUNK >> (level + 1)
-            # Probe the middle of each half, clamped into the chunk's selectable part [lo, hi).
-            left = tl.maximum(tl.minimum(a + half // 2, hi - 1), lo)
-            right = tl.maximum(tl.minimum(a + half + half // 2, hi - 1), lo)
-            left = tl.where(active, left, 0)
-            right = tl.where(active, right, 0)
-            if DENSE:   # the probes' scores, picked from the chunk's row
-                s_l = tl.max(tl.where(pos == left[:, None], s_all, float("-inf")), axis=1)
-                s_r = tl.max(tl.where(pos == right[:, None], s_all, float("-inf")), axis=1)
-            else:   # gathered, both halves' probes at once (interleaved): each query tile loaded once
-                pair = tl.reshape(tl.join(left, right), (2 * BLOCK_C,))
-                pair_ok = tl.reshape(tl.join(active.to(tl.int32), active.to(tl.int32)), (2 * BLOCK_C,)) != 0
-                # Exact pruning rotates probes at their offset from the block start; relative at 0.
-                s_pair = _group_scores(q_base, qv_base, k_base, kp_base, ks_base, pair, pair_ok, exact,
-                                       tl.where(exact, pair - p0, 0), inv_freq, attention_scaling, g, stride_qr,
-                                       stride_qh, stride_qvr, stride_kt, stride_kh, stride_pt, stride_ph, stride_ssp,
-                                       KG, SCALED, PAGE, PROBE_STRIDE, R, HPK, HPK_P, HALF, HALF_P, 2 * BLOCK_C,
-                                       BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST)
-                s_l, s_r = tl.split(tl.reshape(s_pair, (BLOCK_C, 2)))
-            best = tl.maximum(best, tl.maximum(s_l, s_r))
-            a = a + tl.where(s_r > s_l, half, 0)     # keep the better half (ties: the left one)
-    out = tl.where(active, best, _NEG_SCORE)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + g * stride_og + qb * stride_oq + c, out, mask=c_ok)
+        best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+        if tl.max(active.to(tl.int32), axis=0) > 0:
+            exact = tl.load(exact_ptr + b) != 0
+            inv_freq = tl.load(inv_freq_ptr + tl.arange(0, HALF_P), mask=tl.arange(0, HALF_P) < HALF, other=0.0)
+            q_base = q_ptr + b.to(tl.int64) * stride_qb + qb * stride_qq
+            qv_base = qv_ptr + b * stride_qvb + qb * stride_qvq
+            k_base = k_ptr + b.to(tl.int64) * stride_kb
+            kp_base = kp_ptr + b.to(tl.int64) * stride_pb
+            ks_base = ks_ptr + b.to(tl.int64) * stride_ssb
+            a = tl.where(active, st, 0)
+            if DENSE:   # every token's score first: (BLOCK_C, CHUNK), max over rows and the group's heads
+                pos = a[:, None] + tl.arange(0, CHUNK)[None, :]
+                ok = tl.reshape(active[:, None] & (pos >= lo[:, None]) & (pos < hi[:, None]), (BLOCK_C * CHUNK,))
+                flat = tl.where(ok, tl.reshape(pos, (BLOCK_C * CHUNK,)), 0)
+                s_all = tl.reshape(_group_scores(
+                    q_base, qv_base, k_base, kp_base, ks_base, flat, ok, exact, tl.where(exact, flat - p0, 0), inv_freq,
+                    attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_pt, stride_ph,
+                    stride_ssp, KG, SCALED, PAGE, PROBE_STRIDE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C * CHUNK, BLOCK_M,
+                    M_TILES, ROPE, DOT_PRECISION, FAST), (BLOCK_C, CHUNK))
+            for level in tl.static_range(LEVELS):
+                half = CHUNK >> (level + 1)
+                # Probe the middle of each half, clamped into the chunk's selectable part [lo, hi).
+                left = tl.maximum(tl.minimum(a + half // 2, hi - 1), lo)
+                right = tl.maximum(tl.minimum(a + half + half // 2, hi - 1), lo)
+                left = tl.where(active, left, 0)
+                right = tl.where(active, right, 0)
+                if DENSE:   # the probes' scores, picked from the chunk's row
+                    s_l = tl.max(tl.where(pos == left[:, None], s_all, float("-inf")), axis=1)
+                    s_r = tl.max(tl.where(pos == right[:, None], s_all, float("-inf")), axis=1)
+                else:   # gathered, both halves' probes at once (interleaved): each query tile loaded once
+                    pair = tl.reshape(tl.join(left, right), (2 * BLOCK_C,))
+                    pair_ok = tl.reshape(tl.join(active.to(tl.int32), active.to(tl.int32)), (2 * BLOCK_C,)) != 0
+                    # Exact pruning rotates probes at their offset from the block start; relative at 0.
+                    s_pair = _group_scores(q_base, qv_base, k_base, kp_base, ks_base, pair, pair_ok, exact,
+                                           tl.where(exact, pair - p0, 0), inv_freq, attention_scaling, g, stride_qr,
+                                           stride_qh, stride_qvr, stride_kt, stride_kh, stride_pt, stride_ph, stride_ssp,
+                                           KG, SCALED, PAGE, PROBE_STRIDE, R, HPK, HPK_P, HALF, HALF_P, 2 * BLOCK_C,
+                                           BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST)
+                    s_l, s_r = tl.split(tl.reshape(s_pair, (BLOCK_C, 2)))
+                best = tl.maximum(best, tl.maximum(s_l, s_r))
+                a = a + tl.where(s_r > s_l, half, 0)     # keep the better half (ties: the left one)
+        out = tl.where(active, best, _NEG_SCORE)
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + g * stride_og + qb * stride_oq + c, out, mask=c_ok)
 
 
 def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, starts: torch.Tensor, chunk: int,
@@ -323,7 +327,9 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
                    or kp.shape[2:] != k.shape[2:] or kp.stride(-1) != 1):
         raise ValueError(f"the probe copy {tuple(kp.shape)} {kp.dtype} must hold the keys {tuple(k.shape)} {k.dtype} "
                          f"at every multiple of {stride} (B, ceil(Tk / {stride}), K, D), unit stride on D")
-    grid = (triton.cdiv(n, block_c) * B * G * nqb,)
+    tiles = triton.cdiv(n, block_c) * B * G * nqb
+    grid = (min(tiles, tuning.get("max_programs") or tiles),)
+    iters = triton.cdiv(tiles, grid[0])
     opts = launch_options(qp.device)
     _score_chunks_kernel[grid](
         qp, qv, k, kp, k_scale, starts, out, p0, w0, exact, inv_freq, float(scaling),
@@ -335,7 +341,7 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         out.stride(0), out.stride(1), out.stride(2),
         p0.stride(0),
         k_scale.stride(0) if scaled else 0, k_scale.stride(1) if scaled else 0,
-        G, nqb, n,
+        G, nqb, n, tiles, grid[0], ITERS=iters,
         SINK=config.sink, CHUNK=chunk, LEVELS=descent_levels(chunk, levels),
         KG=K // G, R=R, HPK=hpk, HPK_P=hpk_p, HALF=half, HALF_P=half_p,
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
