@@ -13,9 +13,8 @@
 #   offload_s0 bench offload at 1M (the default path) with HiPConfig.stage0_levels=3: 3/8 of stage 0's probe bytes
 #   offload_probe  bench offload: 256K on the GPU and offloaded, 1M with the GPU probe copy (the default), with it +
 #              stage0_levels=3, without it
-#   lag        bench offload with HiPConfig.refresh_lag=8 (pruning on a side stream): 1M offloaded (the scoring
-#              launches capped at half the SMs, the default, and at 33 programs), 256K on the GPU and offloaded;
-#              then 1M without the lag (the A/B on one machine)
+#   lag        the GPU tests of HiPConfig.refresh_lag (pruning on a side stream), then bench offload at 1M
+#              offloaded with lags 8, 16 and 24, and at 256K on the GPU and offloaded with lag 24
 #   engine_lag  bench engine at 256K, hip only, refresh_lag=8
 #   attention  bench attention: decode 128K and 1M, prefill 128K (dense in the same run)
 #   attention_pdl  bench attention, decode 128K and 1M, with programmatic dependent launch (its A/B; off by default)
@@ -70,12 +69,13 @@ for s in "$@"; do
                               --out "$OUT/probe16"
                            $b --contexts 1048576 --on-gpu-contexts "" --stage0-levels 3 --out "$OUT/probe16_s0"
                            $b --contexts 1048576 --on-gpu-contexts "" --probe-stride 0 --out "$OUT/probe0"' ;;
-        lag) step lag 480 bash -c 'set -e
+        lag) step lag 540 bash -c 'set -e
+                 python -m pytest -x -q -rfE tests/test_engine_gpu.py tests/test_offload_graph.py -k lag
                  b="python -m infinitehip.bench offload --profile 32 --paths on_gpu,offload_page_cache"
-                 $b --contexts 1048576 --on-gpu-contexts "" --refresh-lag 8 --out "$OUT/lag8"
-                 $b --contexts 1048576 --on-gpu-contexts "" --refresh-lag 8 --prune-programs 33 --out "$OUT/lag8p33"
-                 $b --contexts 262144 --on-gpu-contexts 262144 --refresh-lag 8 --out "$OUT/lag8_256k"
-                 $b --contexts 1048576 --on-gpu-contexts "" --out "$OUT/lag0"' ;;
+                 for lag in 8 16 24; do
+                     $b --contexts 1048576 --on-gpu-contexts "" --refresh-lag $lag --out "$OUT/lag$lag"
+                 done
+                 $b --contexts 262144 --on-gpu-contexts 262144 --refresh-lag 24 --out "$OUT/lag24_256k"' ;;
         engine_lag) step engine_lag 300 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 \
                         --backends hip --refresh-lag 8 --out "$OUT/engine_lag8" ;;
         attention) step attention 300 python -m infinitehip.bench attention --decode 128K,1M --prefill 128K \

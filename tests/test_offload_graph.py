@@ -187,8 +187,9 @@ def test_page_cache_cuda_graph_generate_same_tokens():
 @needs_cuda
 def test_refresh_lag_cuda_graph_same_tokens():
     """refresh_lag: graphs whose pruning runs on a side stream, beside the next steps, give the
-    tokens of eager decode (which prunes in the step), on the GPU and through the page cache."""
-    tokens = greedy_two_rows(CONFIG.replace(refresh_lag=2))
+    tokens of eager decode (which prunes in the step), on the GPU and through the page cache
+    (refreshes every 2 steps, a lag of 5: two in flight at once)."""
+    tokens = greedy_two_rows(CONFIG.replace(refresh_lag=5))
     want = tokens(False, False)
     assert tokens(False, True) == want
     page_cache = OffloadConfig(decode_cache=True)

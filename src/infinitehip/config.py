@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -146,6 +148,20 @@ class HiPConfig:
                 return stage
         return self.n_stages
 
+    def refreshes_upto(self, step: int) -> int:
+        """Decode steps in [1, step] that rerun pruning (step 0, which prunes from scratch, not
+        counted): with ``refresh_lag`` the index of the mask a step prunes for later."""
+        per = _refresh_counts(self.refresh_intervals)     # per[t - 1]: refreshes in [1, t], over one period
+        full, rest = divmod(max(step, 0), len(per))
+        return full * per[-1] + (per[rest - 1] if rest else 0)
+
+    @property
+    def pending_slots(self) -> int:
+        """With ``refresh_lag``: masks a decode row keeps at once -- those pruned and not yet in
+        use, and the newest one in use (the next refresh prunes from it)."""
+        lag, period = self.refresh_lag, len(_refresh_counts(self.refresh_intervals))
+        return 1 + max(self.refreshes_upto(t) - self.refreshes_upto(t - lag) for t in range(1, period + lag + 1))
+
     # ------------------------------------------------------------------ validation
     def _validate(self):
         def fail(field, got, allowed):
@@ -196,9 +212,8 @@ class HiPConfig:
             if not is_int(r) or r < 1:
                 fail("refresh_intervals", self.refresh_intervals, "each must be an integer >= 1")
         lag = self.refresh_lag
-        if not is_int(lag) or not 0 <= lag <= min(self.refresh_intervals):
-            fail("refresh_lag", lag, f"must be an integer in [0, {min(self.refresh_intervals)}] (the shortest "
-                 "refresh interval: one deferred refresh at a time)")
+        if not is_int(lag) or lag < 0:
+            fail("refresh_lag", lag, "must be an integer >= 0 (decode steps between pruning a mask and using it)")
         if self.window < max(self.refresh_intervals) + lag:
             fail("window", self.window,
                  f"must be >= the longest refresh interval plus the lag, {max(self.refresh_intervals) + lag}: "
@@ -231,6 +246,16 @@ PRESETS: dict[str, HiPConfig] = {
                       dense_layers=(0,), dense_layer_budget=128, refresh_intervals=(16, 8, 4),
                       dense_threshold=0),
 }
+
+
+@functools.lru_cache(maxsize=64)
+def _refresh_counts(intervals: tuple[int, ...]) -> tuple[int, ...]:
+    """Refresh steps in [1, t] for t = 1 .. lcm(intervals), the schedule's period."""
+    counts, n = [], 0
+    for t in range(1, math.lcm(*intervals) + 1):
+        n += any(t % i == 0 for i in intervals)
+        counts.append(n)
+    return tuple(counts)
 
 
 def descent_levels(chunk: int, levels: int | None = None) -> int:

@@ -24,7 +24,7 @@ from ..attention import RoPE
 from ..attention.triton import pdl
 from ..cache.kv import KVCache
 from ..config import HiPConfig
-from ..engine.cuda_graph import GraphDecoder
+from ..engine.cuda_graph import GraphDecoder, warm_steps
 from ..engine.generate import DecodeState, decode_one_token, prefill
 from ..engine.sampling import greedy
 from ..models.llama import ModelArgs, Transformer
@@ -71,8 +71,7 @@ def bench_one(model: Model, context: int, backend: str, decode_steps: int, chunk
 
 def _bench(model: Model, context: int, backend: str, decode_steps: int, chunk_size: int, eager_steps: int) -> dict:
     args = model.args
-    hip = model.hip   # capture every graph kind (with a lag: the steps where masks take effect too)
-    warm = max(hip.refresh_intervals) + hip.refresh_lag + 1 if backend == "hip" else 2
+    warm = warm_steps(model.hip) if backend == "hip" else 2
     capacity = context + warm + decode_steps + (eager_steps + 1 if eager_steps else 0)
     cache = KVCache(args.n_layers, 1, capacity, args.n_kv_heads, args.head_dim, dtype=torch.bfloat16, device="cuda")
     tokens = torch.randint(0, args.vocab_size, (1, context), device="cuda")

@@ -38,7 +38,7 @@ from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig, host_bytes_per_token
 from ..cache.offload_plan import HOST_USE, longest_offload_context, plan_offload
 from ..config import HiPConfig
-from ..engine.cuda_graph import GraphDecoder
+from ..engine.cuda_graph import GraphDecoder, warm_steps
 from ..engine.generate import DecodeState, decode_one_token
 from ..engine.sampling import greedy
 from ..models.llama import ModelArgs, Transformer
@@ -101,8 +101,8 @@ def decode(model: Model, cache, context: int, warm: int, steps: int, device, mod
     tokens, length = [], context
     caches = getattr(cache, "page_caches", [])          # GPU-stored layers have none
     graph = GraphDecoder(model, cache, state) if mode == "cuda_graph" else None
-    if graph is not None and prune_programs is not None:
-        graph.prune_programs = prune_programs
+    if graph is not None and graph.beside is not None and prune_programs is not None:
+        graph.beside.programs = prune_programs
 
     def step():
         nonlocal tok, length
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None):
         contexts = [c if c == "max" else int(c) for c in a.contexts.split(",")]
         on_gpu = {int(c) for c in a.on_gpu_contexts.split(",") if c}
         if not a.eager:   # the timed steps must not capture: every refresh stage's graph first
-            a.warm = max(a.warm, max(config.refresh_intervals) + config.refresh_lag + 1)
+            a.warm = max(a.warm, warm_steps(config))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     date, records = datetime.date.today().isoformat(), []
     for context in contexts:

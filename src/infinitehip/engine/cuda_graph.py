@@ -11,19 +11,22 @@ place. A step that prunes from stage s replays graph s; steps that reuse the mas
 no state between steps: one graph serves every step.
 
 With ``HiPConfig.refresh_lag`` the pruning leaves the step: a step that refreshes saves each
-layer's query, and a graph of the pruning alone (one per first stage) is replayed on a side
-stream, beside the next steps, into the buffers of the pruned masks; ``refresh_lag`` steps later
-the step waits for it (an event) and copies them into the masks it attends with. Offloaded, the
-pruning's probes over PCIe thus overlap the steps' compute instead of adding to them.
+layer's query and its pruning runs on a side stream beside the next steps (``beside.py``);
+``refresh_lag`` steps later the step waits for it and attends with what it pruned. Offloaded,
+the pruning's probes over PCIe thus overlap the steps' compute instead of adding to them.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ..attention import HiPMask
+from ..config import HiPConfig
 from ..cache.kv import KVCache
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
+from .beside import BesidePruning
 from .generate import DecodeState, decode_one_token
 
 
@@ -48,44 +51,33 @@ class GraphDecoder:
         self.graphs: dict = {}
         self.pool = None
         self.masks: list[HiPMask | None] | None = None
-        # refresh_lag: the pruned masks, each layer's saved query, the pruning graphs (their own
-        # memory pool: they run beside the step's), and the event of the pruning in flight.
+        # refresh_lag: the deferred pruning runs on a side stream (beside.py)
         self.lag = model.hip.refresh_lag if state.backend == "hip" else 0
-        self.pruned: list[HiPMask | None] | None = None
-        self.queries: list[torch.Tensor] | None = None
-        self.prune_lens = torch.zeros(B, dtype=torch.long, device=model.device)
-        self.prune_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.prune_pool = None
-        self.side = torch.cuda.Stream(device=model.device) if self.lag else None
-        self.pending: torch.cuda.Event | None = None
-        # The pruning's scoring launches in at most this many programs: beside decode they must
-        # leave the SMs room for its kernels (a scoring program holds half an SM's registers).
-        # Their probes wait on PCIe or memory latency, so fewer programs cost them little.
-        self.prune_programs = max(1, torch.cuda.get_device_properties(model.device).multi_processor_count // 2)
+        self.beside = BesidePruning(model, cache, state, _capture) if self.lag else None
 
     def __call__(self, tokens: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
-        state = self.state
+        state, hip = self.state, self.model.hip
         if self.masks is None:  # the first step runs eagerly: it makes the masks the graphs update in place
             logits = decode_one_token(self.model, tokens, seqlens, self.cache, state)
             self.masks = [_clone(m) for m in state.masks]
             state.masks = self.masks
-            if self.lag:
-                self.pruned = [_clone(m) for m in state.pruned]
-                state.pruned = self.pruned
+            if self.beside:
+                self.beside.adopt(self.masks)
             return logits
         key = self._key()
         if key is None:  # rows at different refresh phases: no graph for that mix
             return self._eager(tokens, seqlens)
         self.tokens.copy_(tokens)
         self.seqlens.copy_(seqlens)
-        if self.lag and key[1]:   # masks take effect: their pruning must be done
-            self._wait_for_pruning()
+        step = state.steps[0]
+        if self.lag and key[1]:   # the masks pruned refresh_lag steps ago take effect
+            self.beside.take_effect(hip.refreshes_upto(step - self.lag))
         if key not in self.graphs:
             self.graphs[key] = self._capture(key)
         graph, logits = self.graphs[key]
         graph.replay()
-        if self.lag and key[0] < self.model.hip.n_stages:
-            self._prune_beside(key[0])
+        if self.lag and key[0] < hip.n_stages:
+            self.beside.prune(key[0], hip.refreshes_upto(step), self.seqlens)
         state.steps = [s + 1 for s in state.steps]
         return logits.clone()
 
@@ -107,30 +99,26 @@ class GraphDecoder:
     def _eager(self, tokens: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
         """One step without a graph; its masks land in the static buffers the graphs read."""
         state = self.state
-        self._wait_for_pruning()
         state.masks = list(self.masks)
-        if self.lag:
-            state.pruned = list(self.pruned)
+        if self.beside:   # it reads and writes the slots of the pruning in flight
+            self.beside.wait()
+            state.pruned = [list(kept) for kept in self.beside.slots]
         logits = decode_one_token(self.model, tokens, seqlens, self.cache, state)
         _keep(self.masks, state.masks)
         state.masks = self.masks
-        if self.lag:
-            _keep(self.pruned, state.pruned)
-            state.pruned = self.pruned
+        if self.beside:
+            for static, new in zip(self.beside.slots, state.pruned):
+                _keep(static, new)
+            state.pruned = self.beside.slots
         return logits
 
     def _step(self, key: tuple) -> torch.Tensor:
         masks, hip = list(self.masks), self.model.hip
         call = AttentionCall(backend=self.state.backend, masks=masks, refresh_stage=key[0], kernel=self.state.kernel)
-        if self.lag:
+        if self.lag:   # attend with the masks as they are; a refreshing step saves its queries
             later, now = key
-            if now:
-                _keep(self.masks, self.pruned)
-            if later < hip.n_stages and self.queries is None:
-                self.queries = [torch.empty(self.cache.batch, 1, self.model.args.n_heads, self.model.args.head_dim,
-                                            dtype=self.model.dtype, device=self.model.device) for _ in masks]
-            call.refresh_stage, call.pruned, call.defer_stage, call.fresh = hip.n_stages, list(self.pruned), later, now
-            call.queries = self.queries if later < hip.n_stages else None
+            call.refresh_stage, call.pruned, call.defer_stage, call.fresh = hip.n_stages, list(masks), later, now
+            call.queries = self.beside.queries if later < hip.n_stages else None
         logits = self.model.net(self.tokens[:, None], self.seqlens, self.cache, call)
         _keep(self.masks, masks)
         return logits[:, -1]
@@ -140,36 +128,13 @@ class GraphDecoder:
         # written at the same slots, the same mask recomputed from the same saved stage input).
         return _capture(lambda: self._step(key), self, "pool")
 
-    def _prune(self, stage: int):
-        """Every layer's pruning from ``stage`` for the saved queries, into the pruned masks."""
-        net = self.model.net
-        for i, block in enumerate(net.layers):
-            if self.pruned[i] is None:   # the layer attends densely (a short context): nothing to prune
-                continue
-            new = block.attention.prune(self.queries[i], self.cache.capacity, self.prune_lens, net.rope, self.cache,
-                                        net.layer_configs[i], self.pruned[i], stage, self.state.kernel,
-                                        programs=self.prune_programs or None)
-            if new is not None:
-                self.pruned[i].copy_(new)
 
-    def _prune_beside(self, stage: int):
-        """Start the pruning of the step just replayed on the side stream (its lengths: the keys
-        that step saw)."""
-        main = torch.cuda.current_stream()
-        self.prune_lens.copy_(self.seqlens + 1)
-        self.side.wait_stream(main)
-        with torch.cuda.stream(self.side):
-            if stage not in self.prune_graphs:
-                # Rerunning the pruning is idempotent: stage s reads its saved input, not its output.
-                self.prune_graphs[stage] = _capture(lambda: self._prune(stage), self, "prune_pool")[0]
-            self.prune_graphs[stage].replay()
-            self.pending = torch.cuda.Event()
-            self.pending.record(self.side)
-
-    def _wait_for_pruning(self):
-        if self.pending is not None:
-            torch.cuda.current_stream().wait_event(self.pending)
-            self.pending = None
+def warm_steps(hip: HiPConfig) -> int:
+    """Decode steps after which every graph of ``hip``'s schedule has been captured (a benchmark's
+    untimed steps): a refresh cycle, and with a lag every pairing of a stage with a slot."""
+    if not hip.refresh_lag:
+        return max(hip.refresh_intervals) + 1
+    return math.lcm(*hip.refresh_intervals) * hip.pending_slots + hip.refresh_lag + 1
 
 
 def _keep(static: list[HiPMask | None], new: list[HiPMask | None]):

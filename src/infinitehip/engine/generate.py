@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from ..attention import HiPMask
 from ..attention.api import KERNELS
 from ..cache.kv import CapacityError, KVCache, plan_kv_cache
 from ..cache.offload_kv import OffloadKVCache
@@ -32,7 +33,9 @@ class DecodeState:
     masks: list = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     kernel: str = "auto"
-    pruned: list = field(default_factory=list)   # refresh_lag > 0: per layer, the newest mask pruned
+    # refresh_lag > 0: per layer, HiPConfig.pending_slots masks: the one a row pruned j-th
+    # (HiPConfig.refreshes_upto) in slot j % slots, its first step's in slot 0.
+    pruned: list = field(default_factory=list)
 
     def refresh_stages(self, hip: HiPConfig) -> int | list[int]:
         """This step's first pruning stage to rerun, one per row (an int when all rows agree).
@@ -45,28 +48,37 @@ class DecodeState:
         return _one_or_all([hip.refresh_stage(s) if s else hip.n_stages for s in self.steps])
 
     def taking_effect(self, hip: HiPConfig) -> bool | list[bool]:
-        """refresh_lag > 0: which rows attend from this step with the mask deferred ``refresh_lag`` steps ago."""
-        lag = hip.refresh_lag
-        return _one_or_all([s > lag and hip.refresh_stage(s - lag) < hip.n_stages for s in self.steps])
+        """refresh_lag > 0: which rows attend from this step with the mask pruned ``refresh_lag`` steps ago."""
+        return _one_or_all([_takes(s, hip) for s in self.steps])
 
     def call(self, hip: HiPConfig) -> AttentionCall:
-        """This step's ``AttentionCall``; with ``refresh_lag`` the masks pruned ``refresh_lag``
-        steps ago take effect first (rows of ``taking_effect``)."""
+        """This step's ``AttentionCall``. With ``refresh_lag`` the masks pruned ``refresh_lag``
+        steps ago take effect first (rows of ``taking_effect``), and ``call.pruned`` holds the
+        masks this step's deferred pruning starts from (``keep_pruned`` files what it makes)."""
         call = AttentionCall(backend=self.backend, masks=self.masks, refresh_stage=self.refresh_stages(hip),
                              kernel=self.kernel)
         if self.backend != "hip" or not hip.refresh_lag:
             return call
+        slots, lag = hip.pending_slots, hip.refresh_lag
         if not self.pruned:
-            self.pruned = [None] * len(self.masks)
-        now = self.taking_effect(hip)
-        if now is True:
-            self.masks[:] = self.pruned
-        elif now is not False:
-            rows = torch.tensor(now)
-            self.masks[:] = [p if m is None or p is None else m.where(rows.to(m.starts.device), p)
-                             for m, p in zip(self.masks, self.pruned)]
-        call.pruned, call.defer_stage, call.fresh = self.pruned, self.deferred_stages(hip), now is not False
+            self.pruned = [[None] * slots for _ in self.masks]
+        taking = [hip.refreshes_upto(s - lag) % slots if _takes(s, hip) else None for s in self.steps]
+        self.masks[:] = [_from_slots(m, kept, taking) for m, kept in zip(self.masks, self.pruned)]
+        newest = [(hip.refreshes_upto(s) - 1) % slots if s and hip.refresh_stage(s) < hip.n_stages else None
+                  for s in self.steps]
+        call.pruned = [_from_slots(m, kept, newest) for m, kept in zip(self.masks, self.pruned)]
+        call.defer_stage, call.fresh = self.deferred_stages(hip), any(t is not None for t in taking)
         return call
+
+    def keep_pruned(self, call: AttentionCall, hip: HiPConfig):
+        """After a step: each row's newly pruned mask into its slot (a first step's into slot 0)."""
+        if call.pruned is None:
+            return
+        slots = hip.pending_slots
+        dest = [hip.refreshes_upto(s) % slots if s == 0 or hip.refresh_stage(s) < hip.n_stages else None
+                for s in self.steps]
+        for kept, new in zip(self.pruned, call.pruned):
+            _into_slots(kept, new, dest)
 
     def admit(self, row: int, batch: int):
         """Start row ``row`` of ``batch`` on a new sequence: its refresh schedule restarts, so its
@@ -79,9 +91,37 @@ class DecodeState:
         self.steps[row] = 0
 
 
+def _takes(step: int, hip: HiPConfig) -> bool:
+    """refresh_lag > 0: whether a row's step ``step`` attends with the mask pruned ``refresh_lag`` steps ago."""
+    lag = hip.refresh_lag
+    return step > lag and hip.refresh_stage(step - lag) < hip.n_stages
+
+
 def _one_or_all(values: list):
     """One value when every row agrees, else the list (a row-mixed step)."""
     return values[0] if len(set(values)) == 1 else values
+
+
+def _rows(slots: list, r: int, device) -> torch.Tensor:
+    return torch.tensor([x == r for x in slots], device=device)
+
+
+def _from_slots(default: HiPMask | None, kept: list, slots: list) -> HiPMask | None:
+    """Per row b the row of ``kept[slots[b]]``, of ``default`` where ``slots[b]`` is None."""
+    out = default
+    for r in sorted(set(slots) - {None}):
+        if kept[r] is not None:
+            whole = out is None or all(x == r for x in slots)
+            out = kept[r] if whole else out.where(_rows(slots, r, out.starts.device), kept[r])
+    return out
+
+
+def _into_slots(kept: list, new: HiPMask | None, slots: list):
+    """Row b of ``new`` into ``kept[slots[b]]`` (None: nowhere)."""
+    if new is not None:
+        for r in sorted(set(slots) - {None}):
+            whole = kept[r] is None or all(x == r for x in slots)
+            kept[r] = new if whole else kept[r].where(_rows(slots, r, new.starts.device), new)
 
 
 @dataclass
@@ -132,7 +172,9 @@ def decode_one_token(model: Model, tokens: torch.Tensor, seqlens: torch.Tensor, 
         state.masks = [None] * model.args.n_layers
     if not state.steps:
         state.steps = [0] * tokens.shape[0]
-    logits = model.net(tokens[:, None], seqlens, cache, state.call(model.hip), kv_limit=kv_limit)
+    call = state.call(model.hip)
+    logits = model.net(tokens[:, None], seqlens, cache, call, kv_limit=kv_limit)
+    state.keep_pruned(call, model.hip)
     state.steps = [s + 1 for s in state.steps]
     return logits[:, -1]
 
