@@ -89,11 +89,17 @@ def eval_cmd(
         _fail(e, debug)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# click's own --help would answer `bench attention --help` with this command's help: it is off, so
+# the flag reaches the benchmark's argparse; `bench --help` alone still prints this command's help.
+@app.command(add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context):
-    """Benchmarks (GPU): `infinitehip bench attention --help`."""
+    """Benchmarks (GPU): attention, engine, offload; e.g. `infinitehip bench attention --help`."""
     from .bench import main as bench_main
 
+    if list(ctx.args[:1]) in (["--help"], ["-h"]):
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
     bench_main(list(ctx.args))
 
 
