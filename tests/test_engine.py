@@ -284,6 +284,17 @@ def test_cli_bad_values_are_one_line_errors(argv, message):
     assert r.exit_code == 1 and f"error: {message}" in r.output and "Traceback" not in r.output, r.output
 
 
+def test_cli_serve_help_names_the_server_extra():
+    """typer renders help as rich markup: an unescaped [server] vanished, leaving `pip install infinitehip`."""
+    from typer.testing import CliRunner
+
+    from infinitehip.cli import app
+
+    for argv in (["serve", "--help"], ["--help"]):
+        r = CliRunner().invoke(app, argv)
+        assert r.exit_code == 0 and "infinitehip[server]" in r.output, r.output
+
+
 def test_cli_generate_and_info(ckpt, tmp_path):
     from typer.testing import CliRunner
 

@@ -263,7 +263,8 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
           context_cache: str = typer.Option(None, "--context-cache",
                                             help="safetensors file of cached document KV: loaded at start, saved at exit."),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
-    """Serve the model over an OpenAI-compatible HTTP API (`pip install infinitehip[server]`)."""
+    r"""Serve the model over an OpenAI-compatible HTTP API (`pip install infinitehip\[server]`)."""
+    # The backslash: typer renders help as rich markup, where a bare [server] is a tag and vanishes.
     if not 0 <= port <= 65535:
         _fail(ValueError(f"--port {port} is not a TCP port: use 0..65535"), debug)
     try:
