@@ -286,9 +286,13 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
     except (OSError, ValueError, TypeError) as e:
         _fail(e, debug)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    uvicorn.run(create_app(engine, max_queue=max_queue), host=host, port=port, log_level="info")
+    server = create_app(engine, max_queue=max_queue)
     if context_cache:
-        engine.prefix_cache.save(context_cache, owner=owner)
+        # Saved by the app's shutdown (after the worker stopped), not after uvicorn.run returns:
+        # stopped by SIGTERM (systemd, docker stop), uvicorn re-raises the signal once shut down
+        # and the process ends before any line after run.
+        server.router.on_shutdown.append(lambda: engine.prefix_cache.save(context_cache, owner=owner))
+    uvicorn.run(server, host=host, port=port, log_level="info")
 
 
 def main():
