@@ -284,6 +284,21 @@ def test_cli_bad_values_are_one_line_errors(argv, message):
     assert r.exit_code == 1 and f"error: {message}" in r.output and "Traceback" not in r.output, r.output
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--max-queue", "-1"], "--max-queue -1 must be >= 0"),                  # served with one slot fewer
+    (["--context-cache", "no/such/dir/c.st"], "--context-cache no/such/dir/c.st: its folder does not exist"),
+])                                                                          # ^ served, then lost the cache at exit
+def test_cli_serve_refuses_bad_values_before_serving(argv, message, monkeypatch):
+    uvicorn = pytest.importorskip("uvicorn")
+    from typer.testing import CliRunner
+
+    from infinitehip.cli import app
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served"))
+    r = CliRunner().invoke(app, ["serve", "builtin", "--max-batch", "1", "--max-context", "1024", *argv])
+    assert r.exit_code == 1 and f"error: {message}" in r.output and "Traceback" not in r.output, r.output
+
+
 def test_cli_serve_help_names_the_server_extra():
     """typer renders help as rich markup: an unescaped [server] vanished, leaving `pip install infinitehip`."""
     from typer.testing import CliRunner

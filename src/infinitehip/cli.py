@@ -267,6 +267,11 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
     # The backslash: typer renders help as rich markup, where a bare [server] is a tag and vanishes.
     if not 0 <= port <= 65535:
         _fail(ValueError(f"--port {port} is not a TCP port: use 0..65535"), debug)
+    if max_queue < 0:   # a negative queue would silently take slots from --max-batch
+        _fail(ValueError(f"--max-queue {max_queue} must be >= 0 (requests waiting beyond the running ones)"), debug)
+    if context_cache and not Path(context_cache).absolute().parent.is_dir():   # found now, not at exit
+        _fail(ValueError(f"--context-cache {context_cache}: its folder does not exist (the file is written "
+                         "at exit)"), debug)
     try:
         import uvicorn
 
