@@ -82,11 +82,18 @@ def eval_cmd(
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     try:
         eval_command(model, tasks=split(tasks), lengths=split(lengths), methods=split(methods), samples=samples,
-                     depths=[float(d) for d in split(depths)], endpoint=endpoint, out=Path(out),
+                     depths=_depths(split(depths)), endpoint=endpoint, out=Path(out),
                      preset=preset, device=device, dtype=dtype,
                      seed=seed, chunk_size=chunk_size, console=console, hip=hip)
     except (OSError, ValueError, TypeError, ImportError) as e:
         _fail(e, debug)
+
+
+def _depths(texts: list[str]) -> list[float]:
+    try:
+        return [float(d) for d in texts]
+    except ValueError:
+        raise ValueError(f"--depths {','.join(texts)}: write numbers in [0, 1], e.g. 0.1,0.5,0.9") from None
 
 
 # click's own --help would answer `bench attention --help` with this command's help: it is off, so
