@@ -267,6 +267,10 @@ def test_engine_errors(model):
     vocab = model.args.vocab_size
     with pytest.raises(ValueError, match=rf"token ids must be in \[0, {vocab}\)"):    # an IndexError in the embedding
         infinitehip.generate(model, [[5, vocab]])
+    with pytest.raises(ValueError, match=r"system= is the chat template's system message: give chat=True"):
+        infinitehip.generate(model, "hi", system="be brief", max_new_tokens=2)          # silently dropped
+    with pytest.raises(ValueError, match=r"chunk_size=2.5 must be an integer >= 1"):    # range()'s TypeError
+        infinitehip.generate(model, "hi", chunk_size=2.5, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -274,6 +278,7 @@ def test_engine_errors(model):
     (["generate", "builtin", "-p", "hi", "--device", "gpu"], "device='gpu' is not a device"),   # torch's RuntimeError
     (["generate", "builtin", "-p", "hi", "-n", "2", "--temperature", "nan"], "temperature=nan must be"),
     (["serve", "builtin", "--port", "99999"], "--port 99999 is not a TCP port"),   # uvicorn's OverflowError
+    (["generate", "builtin", "-p", "hi", "--system", "be brief"], "system= is the chat template's"),  # dropped
 ])
 def test_cli_bad_values_are_one_line_errors(argv, message):
     from typer.testing import CliRunner
