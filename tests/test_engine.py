@@ -273,6 +273,14 @@ def test_engine_errors(model):
         infinitehip.generate(model, "hi", chunk_size=2.5, max_new_tokens=2)
 
 
+def test_triton_kernel_on_cpu_names_generates_argument(model, monkeypatch):
+    if model.device.type != "cpu":
+        pytest.skip("the model is on a GPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)      # the tests' CPU interpreter: as users run it
+    with pytest.raises(ValueError, match="kernel='triton' runs on CUDA and the model is on cpu: use kernel="):
+        infinitehip.generate(model, "hi", kernel="triton", max_new_tokens=2)   # it said backend='triton'
+
+
 @pytest.mark.parametrize("argv, message", [
     (["demo", "--device", "gpu"], "device='gpu' is not a device"),             # a traceback: demo caught nothing
     (["generate", "builtin", "-p", "hi", "--device", "gpu"], "device='gpu' is not a device"),   # torch's RuntimeError

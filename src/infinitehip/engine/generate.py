@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from ..attention.api import KERNELS
+from ..attention.api import KERNELS, triton_interpreted
 from ..cache.kv import CapacityError, KVCache, plan_kv_cache
 from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig, plan_offload
@@ -134,6 +134,10 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
         raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}; choose one of {KERNELS} (which code runs the attention)")
+    if kernel == "triton" and model.device.type != "cuda" and not triton_interpreted():
+        # Said here: hip_attention's own message names its parameter, backend=, which here is hip/dense/streaming.
+        raise ValueError(f"kernel='triton' runs on CUDA and the model is on {model.device}: use kernel='reference' "
+                         "(or 'auto')")
     if system is not None and not chat:   # only the chat template has a place for it: it was dropped
         raise ValueError("system= is the chat template's system message: give chat=True (--chat) too, "
                          "or write it into the prompt")
