@@ -26,3 +26,16 @@ def test_decode_in_graph_times_each_layer_with_its_own_inputs(monkeypatch):
         dense_want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=True)
         torch.testing.assert_close(timed[-1][i], dense_want)
     assert not torch.equal(timed[0][0][0], timed[0][1][0]), "layers differ"
+
+
+def test_cli_bench_help_reaches_the_benchmark():
+    """`infinitehip bench attention --help` is the benchmark's own help (its options), not the
+    `bench` command's; `bench --help` alone still names the benchmarks."""
+    from typer.testing import CliRunner
+
+    from infinitehip.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "attention", "--help"])
+    assert r.exit_code == 0 and "--decode" in r.output and "--stage0-levels" in r.output
+    r = CliRunner().invoke(app, ["bench", "--help"])
+    assert r.exit_code == 0 and "attention, engine, offload" in r.output

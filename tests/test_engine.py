@@ -267,6 +267,18 @@ def test_engine_errors(model):
     vocab = model.args.vocab_size
     with pytest.raises(ValueError, match=rf"token ids must be in \[0, {vocab}\)"):    # an IndexError in the embedding
         infinitehip.generate(model, [[5, vocab]])
+    with pytest.raises(ValueError, match=r"system= is the chat template's system message: give chat=True"):
+        infinitehip.generate(model, "hi", system="be brief", max_new_tokens=2)          # silently dropped
+    with pytest.raises(ValueError, match=r"chunk_size=2.5 must be an integer >= 1"):    # range()'s TypeError
+        infinitehip.generate(model, "hi", chunk_size=2.5, max_new_tokens=2)
+
+
+def test_triton_kernel_on_cpu_names_generates_argument(model, monkeypatch):
+    if model.device.type != "cpu":
+        pytest.skip("the model is on a GPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)      # the tests' CPU interpreter: as users run it
+    with pytest.raises(ValueError, match="kernel='triton' runs on CUDA and the model is on cpu: use kernel="):
+        infinitehip.generate(model, "hi", kernel="triton", max_new_tokens=2)   # it said backend='triton'
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -274,6 +286,7 @@ def test_engine_errors(model):
     (["generate", "builtin", "-p", "hi", "--device", "gpu"], "device='gpu' is not a device"),   # torch's RuntimeError
     (["generate", "builtin", "-p", "hi", "-n", "2", "--temperature", "nan"], "temperature=nan must be"),
     (["serve", "builtin", "--port", "99999"], "--port 99999 is not a TCP port"),   # uvicorn's OverflowError
+    (["generate", "builtin", "-p", "hi", "--system", "be brief"], "system= is the chat template's"),  # dropped
 ])
 def test_cli_bad_values_are_one_line_errors(argv, message):
     from typer.testing import CliRunner
@@ -282,6 +295,32 @@ def test_cli_bad_values_are_one_line_errors(argv, message):
 
     r = CliRunner().invoke(app, argv)
     assert r.exit_code == 1 and f"error: {message}" in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-queue", "-1"], "--max-queue -1 must be >= 0"),                  # served with one slot fewer
+    (["--context-cache", "no/such/dir/c.st"], "--context-cache no/such/dir/c.st: its folder does not exist"),
+])                                                                          # ^ served, then lost the cache at exit
+def test_cli_serve_refuses_bad_values_before_serving(argv, message, monkeypatch):
+    uvicorn = pytest.importorskip("uvicorn")
+    from typer.testing import CliRunner
+
+    from infinitehip.cli import app
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served"))
+    r = CliRunner().invoke(app, ["serve", "builtin", "--max-batch", "1", "--max-context", "1024", *argv])
+    assert r.exit_code == 1 and f"error: {message}" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_cli_serve_help_names_the_server_extra():
+    """typer renders help as rich markup: an unescaped [server] vanished, leaving `pip install infinitehip`."""
+    from typer.testing import CliRunner
+
+    from infinitehip.cli import app
+
+    for argv in (["serve", "--help"], ["--help"]):
+        r = CliRunner().invoke(app, argv)
+        assert r.exit_code == 0 and "infinitehip[server]" in r.output, r.output
 
 
 def test_cli_generate_and_info(ckpt, tmp_path):

@@ -27,6 +27,23 @@ def test_eval_of_a_missing_model_says_so(tmp_path):
     assert res.exit_code != 0 and "does not exist" in res.output, res.output
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--depths", "", "no depths given"),        # an empty table, then "Number of columns must be a positive integer"
+    ("--tasks", "", "no tasks given"),
+    ("--methods", " , ", "no methods given"),
+    ("--lengths", "", "no lengths given"),
+    ("--lengths", "8k,abc", "length 'abc' is not a length"),   # float()'s "could not convert string to float"
+    ("--lengths", "nanx", "length 'nanx' is not a length"),    # "cannot convert float NaN to integer"
+    ("--depths", "0.5,mid", "--depths 0.5,mid: write numbers in [0, 1]"),
+])
+def test_eval_bad_lists_are_one_line_errors_before_any_work(tmp_path, option, value, message):
+    args = {"--tasks": "passkey", "--lengths": "1x", "--methods": "hip", "--depths": "0.5", option: value}
+    res = CliRunner().invoke(app, ["eval", "builtin", "--samples", "1", "--out", str(tmp_path),
+                                   *[x for kv in args.items() for x in kv]])
+    assert res.exit_code == 1 and f"error: {message}" in res.output and "accuracy" not in res.output, res.output
+    assert not (tmp_path / "eval.json").exists()
+
+
 def test_eval_command_end_to_end(tmp_path):
     res = CliRunner().invoke(app, ["eval", "builtin", "--tasks", "passkey", "--lengths", "0.75x,2x",
                                    "--methods", "hip,streaming", "--samples", "1", "--depths", "0.2",

@@ -66,3 +66,23 @@ def test_info_offload_rows_count_spare_gpu_memory():
     assert tokens > 2 * host_only
     fp8 = _offload_row(str(builtin_model_path()), r, fp8=True)
     assert int(fp8.split(" tokens")[0].replace(",", "")) > 1.5 * tokens
+
+
+def test_info_offload_on_cpu_leaves_the_weights_their_host_memory(monkeypatch):
+    """On the CPU the weights and the offloaded store share host memory: the context `info` reports
+    must pass generate's plan, made from what is free once the weights are loaded (it counted
+    the weights' bytes as free: 39,328 tokens where 35,936 fit), and rounds to whole pages."""
+    import infinitehip
+    import infinitehip.cache.kv as kv
+    from infinitehip.cache.offload_plan import OffloadConfig, plan_offload
+
+    free = 256 << 20
+    monkeypatch.setattr(kv, "free_memory", lambda device: free)
+    info = inspect_checkpoint(builtin_model_path(), device="cpu")
+    model = infinitehip.load(builtin_model_path(), device="cpu")
+    a = model.args
+    for fp8, key in ((False, "max_context_offload"), (True, "max_context_offload_fp8")):
+        plan_offload(n_layers=a.n_layers, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, batch=1,
+                     capacity=info[key], dtype=model.dtype, device=model.device,
+                     layer_configs=model.net.layer_configs, config=OffloadConfig(fp8=fp8),
+                     free_host=free - info["weights_bytes"])

@@ -251,3 +251,26 @@ def test_bounded_load(url):
         ok = list(pool.map(one, range(500)))
     assert all(ok) and time.time() - start < 120
     assert httpx.get(url + "/health").status_code == 200
+
+
+def test_serve_saves_the_context_cache_at_shutdown_even_when_the_process_ends_there(tmp_path, monkeypatch):
+    """`serve --context-cache FILE` writes FILE during the app's shutdown: stopped by SIGTERM,
+    uvicorn re-raises the signal once shut down and nothing after uvicorn.run runs (the file was
+    never written), here a run that shuts the app down and then ends the process."""
+    from fastapi.testclient import TestClient
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from infinitehip.cli import app
+
+    def run_then_die(server, **_):
+        with TestClient(server):    # startup, then shutdown
+            pass
+        raise SystemExit(143)
+    monkeypatch.setattr(uvicorn, "run", run_then_die)
+    path = tmp_path / "ctx.safetensors"
+    r = CliRunner().invoke(app, ["serve", "builtin", "--max-batch", "1", "--max-context", "1024",
+                                 "--context-cache", str(path)])
+    assert r.exit_code == 143 and path.exists(), r.output
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["format"] == "infinitehip-prefix-cache"

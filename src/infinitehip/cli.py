@@ -82,18 +82,31 @@ def eval_cmd(
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     try:
         eval_command(model, tasks=split(tasks), lengths=split(lengths), methods=split(methods), samples=samples,
-                     depths=[float(d) for d in split(depths)], endpoint=endpoint, out=Path(out),
+                     depths=_depths(split(depths)), endpoint=endpoint, out=Path(out),
                      preset=preset, device=device, dtype=dtype,
                      seed=seed, chunk_size=chunk_size, console=console, hip=hip)
     except (OSError, ValueError, TypeError, ImportError) as e:
         _fail(e, debug)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _depths(texts: list[str]) -> list[float]:
+    try:
+        return [float(d) for d in texts]
+    except ValueError:
+        raise ValueError(f"--depths {','.join(texts)}: write numbers in [0, 1], e.g. 0.1,0.5,0.9") from None
+
+
+# click's own --help would answer `bench attention --help` with this command's help: it is off, so
+# the flag reaches the benchmark's argparse; `bench --help` alone still prints this command's help.
+@app.command(add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context):
-    """Benchmarks (GPU): `infinitehip bench attention --help`."""
+    """Benchmarks (GPU): attention, engine, offload; e.g. `infinitehip bench attention --help`."""
     from .bench import main as bench_main
 
+    if list(ctx.args[:1]) in (["--help"], ["-h"]):
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
     bench_main(list(ctx.args))
 
 
@@ -257,9 +270,15 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
           context_cache: str = typer.Option(None, "--context-cache",
                                             help="safetensors file of cached document KV: loaded at start, saved at exit."),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
-    """Serve the model over an OpenAI-compatible HTTP API (`pip install infinitehip[server]`)."""
+    r"""Serve the model over an OpenAI-compatible HTTP API (`pip install infinitehip\[server]`)."""
+    # The backslash: typer renders help as rich markup, where a bare [server] is a tag and vanishes.
     if not 0 <= port <= 65535:
         _fail(ValueError(f"--port {port} is not a TCP port: use 0..65535"), debug)
+    if max_queue < 0:   # a negative queue would silently take slots from --max-batch
+        _fail(ValueError(f"--max-queue {max_queue} must be >= 0 (requests waiting beyond the running ones)"), debug)
+    if context_cache and not Path(context_cache).absolute().parent.is_dir():   # found now, not at exit
+        _fail(ValueError(f"--context-cache {context_cache}: its folder does not exist (the file is written "
+                         "at exit)"), debug)
     try:
         import uvicorn
 
@@ -279,9 +298,13 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
     except (OSError, ValueError, TypeError) as e:
         _fail(e, debug)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    uvicorn.run(create_app(engine, max_queue=max_queue), host=host, port=port, log_level="info")
+    server = create_app(engine, max_queue=max_queue)
     if context_cache:
-        engine.prefix_cache.save(context_cache, owner=owner)
+        # Saved by the app's shutdown (after the worker stopped), not after uvicorn.run returns:
+        # stopped by SIGTERM (systemd, docker stop), uvicorn re-raises the signal once shut down
+        # and the process ends before any line after run.
+        server.router.on_shutdown.append(lambda: engine.prefix_cache.save(context_cache, owner=owner))
+    uvicorn.run(server, host=host, port=port, log_level="info")
 
 
 def main():

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from ..attention import HiPMask
-from ..attention.api import KERNELS
+from ..attention.api import KERNELS, triton_interpreted
 from ..cache.kv import CapacityError, KVCache, plan_kv_cache
 from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig, plan_offload
@@ -143,8 +143,8 @@ def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, *, backend: str 
     Writes its K/V to ``cache`` (one row) and returns the last token's logits (1, V). The first
     ``start`` tokens' K/V must already be in the cache (a reused prefix); they are not recomputed.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if not is_int(chunk_size) or chunk_size < 1:   # a float reached range(): a TypeError
+        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
     T = tokens.shape[1]
     call = AttentionCall(backend=backend, kernel=kernel)
     bar = _progress(T - start, progress)
@@ -209,6 +209,13 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
         raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}; choose one of {KERNELS} (which code runs the attention)")
+    if kernel == "triton" and model.device.type != "cuda" and not triton_interpreted():
+        # Said here: hip_attention's own message names its parameter, backend=, which here is hip/dense/streaming.
+        raise ValueError(f"kernel='triton' runs on CUDA and the model is on {model.device}: use kernel='reference' "
+                         "(or 'auto')")
+    if system is not None and not chat:   # only the chat template has a place for it: it was dropped
+        raise ValueError("system= is the chat template's system message: give chat=True (--chat) too, "
+                         "or write it into the prompt")
     ids = [encode_prompt(model, p, chat, system) for p in prompts]
     if not ids or any(len(x) == 0 for x in ids):
         raise ValueError("empty prompt: give at least one token of text")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import platform
 import time
 import urllib.error
@@ -31,6 +32,9 @@ class EvalSpec:
     seed: int = 0
 
     def __post_init__(self):
+        for name in ("tasks", "lengths", "methods", "depths"):
+            if not getattr(self, name):   # else an empty table, then a plotting error
+                raise ValueError(f"no {name} given: name at least one (comma-separated)")
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise ValueError(f"unknown task(s) {bad}; choose from {TASKS}")
@@ -46,9 +50,21 @@ def parse_length(text: str, trained: int | None) -> int:
     if t.endswith("x"):
         if not trained:
             raise ValueError(f"length {text!r} is relative to the trained context, which is unknown here")
-        return int(float(t[:-1]) * trained)
+        return int(_length_number(text, t[:-1]) * trained)
     mult = {"k": 1024, "m": 1024 ** 2}.get(t[-1:], 1)
-    return int(float(t[:-1] if mult > 1 else t) * mult)
+    return int(_length_number(text, t[:-1] if mult > 1 else t) * mult)
+
+
+def _length_number(text: str, digits: str) -> float:
+    """The number of a length, or an error that says how to write one (not float()'s)."""
+    try:
+        x = float(digits)
+    except ValueError:
+        x = float("nan")
+    if not math.isfinite(x):
+        raise ValueError(f"length {text!r} is not a length: write tokens (8192, 8k, 1m) or a multiple of the "
+                         "trained context (32x)")
+    return x
 
 
 def engine_completer(model, method: str, chunk_size: int = 4096) -> Callable[[str, int], str]:

@@ -279,17 +279,23 @@ def inspect_checkpoint(path: str | Path, *, device=None, dtype=None) -> dict:
             "trained_context": args.trained_context, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "weights_bytes": n_params * elem, "kv_bytes_per_token": per_token, "free_bytes": free,
             "max_context": max(0, (free - n_params * elem - workspace) // per_token),
-            **_offload_capacity(args, dtype, device)}
+            **_offload_capacity(args, dtype, device, n_params * elem)}
 
 
-def _offload_capacity(args: ModelArgs, dtype, device) -> dict:
+def _offload_capacity(args: ModelArgs, dtype, device, weights: int) -> dict:
     """Longest context per sequence with the KV cache offloaded to host memory (90% of what is
     available: the OS and the process need the rest), plain and FP8."""
     from ..cache.kv import free_memory
     from ..cache.offload_plan import OffloadConfig, host_bytes_per_token as per_token
 
     host = free_memory(torch.device("cpu"))
+    offload_useful = torch.device(device).type == "cuda"
+    # On the CPU the weights take host memory too; generate plans the store from what is free
+    # after loading them, so the figure must not count their bytes twice.
+    store = host if offload_useful else max(0, host - weights)
     shape = (args.n_layers, args.n_kv_heads, args.head_dim, dtype)
-    return {"host_free_bytes": host, "offload_useful": torch.device(device).type == "cuda",
-            "max_context_offload": int(0.9 * host // per_token(*shape, OffloadConfig())),
-            "max_context_offload_fp8": int(0.9 * host // per_token(*shape, OffloadConfig(fp8=True)))}
+
+    def longest(config: OffloadConfig) -> int:   # whole capacity units: the plan rounds a capacity up to them
+        return int(0.9 * store // per_token(*shape, config)) // config.capacity_unit * config.capacity_unit
+    return {"host_free_bytes": host, "offload_useful": offload_useful,
+            "max_context_offload": longest(OffloadConfig()), "max_context_offload_fp8": longest(OffloadConfig(fp8=True))}
