@@ -107,6 +107,9 @@ def test_bench_offload_stage0_levels(tmp_path):
     (["--contexts", "abc"], "positive token counts"),           # int('abc') from deep inside
     (["--contexts", "0"], "positive token counts"),             # ran, and printed a GPU KV of 359%
     (["--page", "3"], "OffloadConfig.page=3"),
+    (["--on-gpu-contexts", "none"], "--on-gpu-contexts 'none'"),   # int('none') from deep inside
+    (["--refresh-lag", "-1"], "refresh_lag=-1"),
+    (["--prune-programs", "-2"], "--prune-programs -2"),
 ])
 def test_bench_offload_bad_flags_are_one_line(tmp_path, args, message):
     from infinitehip.bench.offload import main as offload_main

@@ -101,7 +101,7 @@ def test_full_budget_lag_loses_no_key(tmp_path):
     masks wait 5 steps (their window stays anchored where they were pruned)."""
     full = HiPConfig.preset("tiny", stage_budgets=(None, 1024, 512), budget=512, dense_layer_budget=512,
                             rope_prune="exact", rope_attend="exact", refresh_intervals=(8, 4, 2), refresh_lag=5)
-    model = infinitehip.load(make_checkpoint(tmp_path, "llama"), config=full)
+    model = infinitehip.load(make_checkpoint(tmp_path, "llama"), config=full, device="cpu")
     tokens = torch.randint(3, 300, (1, 420), generator=torch.Generator().manual_seed(2))
     a = model.args
     cache = lambda: KVCache(a.n_layers, 1, 512, a.n_kv_heads, a.head_dim, dtype=model.dtype, device="cpu")  # noqa: E731
@@ -137,7 +137,8 @@ def test_rows_at_different_steps_match_alone(tmp_path):
     """Continuous batching with a lag: requests joining at different steps (so their refreshes and
     the steps their masks take effect differ) get the tokens they get alone."""
     # tiny refreshes every 4 steps: a lag of 6 keeps two refreshes in flight
-    model = infinitehip.load(make_checkpoint(tmp_path, "llama"), config=HiPConfig.preset("tiny", refresh_lag=6))
+    model = infinitehip.load(make_checkpoint(tmp_path, "llama"), config=HiPConfig.preset("tiny", refresh_lag=6),
+                             device="cpu")
     prompts = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (300, 170, 420)]
     greedy = SamplingParams(max_new_tokens=14, ignore_eos=True)
     alone = [[e.token for e in stream(model, [p], greedy, chunk_size=64)] for p in prompts]

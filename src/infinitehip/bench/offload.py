@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None):
         raise SystemExit(f"--steps {a.steps}: time at least 1 decode step")
     if any(c != "max" and not (c.isdigit() and int(c) > 0) for c in a.contexts.split(",")):
         raise SystemExit(f"--contexts {a.contexts!r}: positive token counts (or 'max'), comma-separated")
+    if any(not (c.isdigit() and int(c) > 0) for c in a.on_gpu_contexts.split(",") if c):
+        raise SystemExit(f"--on-gpu-contexts {a.on_gpu_contexts!r}: positive token counts, comma-separated "
+                         "(empty: none)")
     try:   # --page, --probe-stride, --headroom, --gpu-layers: what OffloadConfig accepts
         OffloadConfig(page=a.page, headroom=a.headroom, gpu_layers=a.gpu_layers, probe_stride=a.probe_stride)
     except ValueError as e:
