@@ -23,6 +23,9 @@ from ..attention import HiPMask
 
 
 class BesidePruning:
+    """The side stream of a ``GraphDecoder`` whose model has a refresh lag; ``capture(fn, owner,
+    pool)`` is its graph capture."""
+
     def __init__(self, model, cache, state, capture):
         self.model, self.cache, self.state, self.capture = model, cache, state, capture
         hip, B, dev = model.hip, cache.batch, model.device
@@ -34,6 +37,7 @@ class BesidePruning:
         self.stash = [[torch.empty_like(q) for q in self.queries] for _ in range(self.n_slots)]
         self.lens = [torch.zeros(B, dtype=torch.long, device=dev) for _ in range(self.n_slots)]
         self.slots: list[list[HiPMask | None]] | None = None     # per layer, per slot: static masks
+        self.masks: list[HiPMask | None] | None = None           # the graphs' masks, attended with
         self.prune_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.take_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None         # the side stream's graphs

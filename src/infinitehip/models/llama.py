@@ -255,9 +255,10 @@ class Attention(nn.Module):
         return out
 
     def _prune_for_later(self, q, tk: int, step: Step, cache, hip: HiPConfig, call: AttentionCall):
-        """refresh_lag > 0: rows that pruned now (a first step) restart the chain of pruned masks
-        from what they attended with; rows with a deferred refresh prune the chain's newest mask
-        again for a later step (or, in a CUDA graph, leave q for the side stream)."""
+        """refresh_lag > 0: ``call.pruned`` holds the mask each row's deferred pruning starts from
+        (the newest it pruned); rows that pruned now (a first step) start again from what they
+        attended with. Rows with a deferred refresh prune from it for a later step, which
+        ``DecodeState.keep_pruned`` files (in a CUDA graph they leave q for the side stream)."""
         chain, live = call.pruned[self.layer], call.masks[self.layer]
         now = call.refresh_stage
         if chain is None or live is None or now == 0:
