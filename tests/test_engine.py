@@ -250,9 +250,10 @@ def test_memory_is_planned_before_allocating(model, monkeypatch):
 def test_offload_flags_that_contradict_are_refused():
     from infinitehip.cli import _offload_arg
 
-    assert _offload_arg(None, True, None).fp8 and _offload_arg(False, False, None) is False
+    cpu = torch.device("cpu")
+    assert _offload_arg(None, True, None, cpu).fp8 and _offload_arg(False, False, None, cpu) is False
     with pytest.raises(ValueError, match="--no-offload contradicts --offload-fp8"):   # it offloaded anyway
-        _offload_arg(False, True, None)
+        _offload_arg(False, True, None, cpu)
 
 
 def test_engine_errors(model):

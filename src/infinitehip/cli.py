@@ -151,7 +151,7 @@ def generate_cmd(
                                      "(half the bytes; not bit-identical)."),
     offload_gpu_layers: int = typer.Option(None, "--offload-gpu-layers", help="Offload, keeping the whole KV of this "
                                            "many layers in GPU memory (default: automatic, only when host memory is "
-                                           "short; 0: every layer in host memory)."),
+                                           "short; 0: every layer in host memory; CUDA only)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """Generate text from a prompt, streaming it to stdout."""
@@ -167,7 +167,7 @@ def generate_cmd(
         for piece in generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, seed=seed, stop=stop, chat=chat, system=system, backend=backend,
                               chunk_size=chunk_size, progress=True, stream=True, cuda_graph=cuda_graph,
-                              offload=_offload_arg(offload, offload_fp8, offload_gpu_layers)):
+                              offload=_offload_arg(offload, offload_fp8, offload_gpu_layers, model.device)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -204,7 +204,7 @@ def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory
     console.print(table)
 
 
-def _offload_arg(offload: bool | None, fp8: bool, gpu_layers: int | None):
+def _offload_arg(offload: bool | None, fp8: bool, gpu_layers: int | None, device):
     """``generate``'s offload argument: either option asks for offload with that config."""
     from .cache.offload_plan import OffloadConfig
 
@@ -212,6 +212,12 @@ def _offload_arg(offload: bool | None, fp8: bool, gpu_layers: int | None):
         return offload
     if offload is False:
         raise ValueError("--no-offload contradicts --offload-fp8 / --offload-gpu-layers (they configure offload)")
+    # Without a GPU the "GPU-stored" layers would sit in host memory like the rest, and the plan
+    # would not count them against it (it checks the host part only): the flag would promise
+    # GPU memory and skip the capacity check. 0 (every layer in host memory) is true anywhere.
+    if gpu_layers and device.type != "cuda":
+        raise ValueError(f"--offload-gpu-layers {gpu_layers} keeps layers in GPU memory, but the model runs on "
+                         f"{device}, which has none: leave the flag out (or give 0), or run on a CUDA device")
     return OffloadConfig(fp8=fp8, gpu_layers=gpu_layers)
 
 
