@@ -63,7 +63,8 @@ def eval_cmd(
                               "niah_multikey, niah_multivalue, vt, kv."),
     lengths: str = typer.Option("1x,4x,16x", help="Comma-separated prompt lengths: tokens (8192, 8k) or "
                                 "multiples of the trained context (32x)."),
-    methods: str = typer.Option("hip,dense,streaming", help="Comma-separated attention backends."),
+    methods: str = typer.Option(None, help="Comma-separated attention backends (default: hip,dense,streaming; "
+                                "not with --endpoint, where the server's --backend answers)."),
     samples: int = typer.Option(4, help="Prompts per (task, length, depth, method)."),
     depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Needle depths, 0 = start of the context."),
     endpoint: str = typer.Option(None, help="OpenAI-compatible server URL; evaluates it instead of a local model."),
@@ -81,7 +82,8 @@ def eval_cmd(
 
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     try:
-        eval_command(model, tasks=split(tasks), lengths=split(lengths), methods=split(methods), samples=samples,
+        eval_command(model, tasks=split(tasks), lengths=split(lengths),
+                     methods=None if methods is None else split(methods), samples=samples,
                      depths=_depths(split(depths)), endpoint=endpoint, out=Path(out),
                      preset=preset, device=device, dtype=dtype,
                      seed=seed, chunk_size=chunk_size, console=console, hip=hip)
