@@ -286,6 +286,8 @@ def test_engine_errors(model):
         infinitehip.generate(model, [[5, vocab]])
     with pytest.raises(ValueError, match=r"system= is the chat template's system message: give chat=True"):
         infinitehip.generate(model, "hi", system="be brief", max_new_tokens=2)          # silently dropped
+    with pytest.raises(ValueError, match=r"chat=True \(--chat\) wraps a text prompt.*this prompt is token ids"):
+        infinitehip.generate(model, [[5, 6]], chat=True, max_new_tokens=2)              # the template was skipped
     with pytest.raises(ValueError, match=r"chunk_size=2.5 must be an integer >= 1"):    # range()'s TypeError
         infinitehip.generate(model, "hi", chunk_size=2.5, max_new_tokens=2)
 
