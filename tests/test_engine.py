@@ -5,7 +5,7 @@ from checkpoints import hf_model, make_checkpoint
 
 import infinitehip
 from infinitehip import HiPConfig
-from infinitehip.cache import CapacityError, KVCache, plan_kv_cache
+from infinitehip.cache import CapacityError, KVCache, kv_bytes, plan_kv_cache
 from infinitehip.engine import DecodeState, SamplingParams, decode_one_token, prefill, stream
 from infinitehip.engine.sampling import StopChecker, sample
 from infinitehip.models import AttentionCall
@@ -238,7 +238,9 @@ def test_sample_and_stop_checker_units():
 
 
 def test_memory_is_planned_before_allocating(model, monkeypatch):
-    with pytest.raises(CapacityError, match=r"needs 12\.21 GiB .* only 0\.00 GiB are free on cpu.*smaller dtype"):
+    # 100,000 tokens are 391 blocks of 256: 100,096 tokens allocated, 12.22 GiB (not 12.21).
+    with pytest.raises(CapacityError,
+                       match=r"1 x 100,096 tokens needs 12\.22 GiB .* only 0\.00 GiB are free on cpu.*smaller dtype"):
         plan_kv_cache(n_layers=32, n_kv_heads=8, head_dim=128, batch=1, capacity=100_000, dtype=torch.bfloat16,
                       device=torch.device("cpu"), free=1 << 20)
     import infinitehip.cache.kv as kv
@@ -247,12 +249,27 @@ def test_memory_is_planned_before_allocating(model, monkeypatch):
         infinitehip.generate(model, "hello", max_new_tokens=4)
 
 
+def test_kv_plan_counts_the_whole_blocks_allocated():
+    """The plan checked capacity x bytes while KVCache allocates whole 256-token blocks: 3 rows
+    of 257 tokens planned 1.5 MiB and allocated 3 MiB. It plans what is allocated now."""
+    shape = dict(n_layers=2, n_kv_heads=2, head_dim=64, batch=3, dtype=torch.float32)
+    per_token = kv_bytes(shape["n_layers"], shape["n_kv_heads"], shape["head_dim"], torch.float32)
+    cache = KVCache(2, 3, 257, 2, 64, dtype=torch.float32, device="cpu")
+    cpu = torch.device("cpu")
+    assert plan_kv_cache(**shape, capacity=257, device=cpu, free=cache.nbytes) == cache.nbytes
+    with pytest.raises(CapacityError, match=r"3 x 512 tokens needs .*at most ~256 tokens per sequence fit"):
+        plan_kv_cache(**shape, capacity=257, device=cpu, free=per_token * 3 * 257)
+    from infinitehip.models.loader import inspect_checkpoint
+    assert inspect_checkpoint("builtin", device="cpu")["max_context"] % 256 == 0   # `info`'s figure: whole blocks
+
+
 def test_offload_flags_that_contradict_are_refused():
     from infinitehip.cli import _offload_arg
 
-    assert _offload_arg(None, True, None).fp8 and _offload_arg(False, False, None) is False
+    cpu = torch.device("cpu")
+    assert _offload_arg(None, True, None, cpu).fp8 and _offload_arg(False, False, None, cpu) is False
     with pytest.raises(ValueError, match="--no-offload contradicts --offload-fp8"):   # it offloaded anyway
-        _offload_arg(False, True, None)
+        _offload_arg(False, True, None, cpu)
 
 
 def test_engine_errors(model):
@@ -269,6 +286,8 @@ def test_engine_errors(model):
         infinitehip.generate(model, [[5, vocab]])
     with pytest.raises(ValueError, match=r"system= is the chat template's system message: give chat=True"):
         infinitehip.generate(model, "hi", system="be brief", max_new_tokens=2)          # silently dropped
+    with pytest.raises(ValueError, match=r"chat=True \(--chat\) wraps a text prompt.*this prompt is token ids"):
+        infinitehip.generate(model, [[5, 6]], chat=True, max_new_tokens=2)              # the template was skipped
     with pytest.raises(ValueError, match=r"chunk_size=2.5 must be an integer >= 1"):    # range()'s TypeError
         infinitehip.generate(model, "hi", chunk_size=2.5, max_new_tokens=2)
 

@@ -128,3 +128,16 @@ def test_eval_of_a_model_directory_asks_the_endpoint_for_its_served_name(tmp_pat
         assert res.exit_code == 1 and "answered 404: model 'other' is not served here" in res.output, res.output
     finally:
         server.shutdown()
+
+
+def test_methods_with_an_endpoint_is_refused(tmp_path):
+    """--endpoint evaluated the server's one backend and ignored --methods (a table of "endpoint"
+    rows for --methods dense): a one-line error before any request; without --endpoint it runs."""
+    args = ["eval", "builtin", "--tasks", "passkey", "--lengths", "300", "--samples", "1", "--depths", "0.5",
+            "--out", str(tmp_path)]
+    res = CliRunner().invoke(app, args + ["--endpoint", "http://127.0.0.1:9", "--methods", "dense"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "--methods dense picks local attention backends" in res.output and "leave --methods out" in res.output
+    res = CliRunner().invoke(app, args + ["--methods", "dense"])
+    assert res.exit_code == 0, res.output
+    assert [r["method"] for r in json.loads((tmp_path / "eval.json").read_text())["records"]] == ["dense"]

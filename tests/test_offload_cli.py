@@ -18,9 +18,10 @@ def test_generate_offload_flags_give_the_same_text():
     offloaded = runner.invoke(app, base + ["--offload"])
     assert offloaded.exit_code == 0, offloaded.output
     assert offloaded.stdout == plain.stdout
-    mixed = runner.invoke(app, base + ["--offload-gpu-layers", "2"])
-    assert mixed.exit_code == 0, mixed.output
-    assert mixed.stdout == plain.stdout
+    if torch.cuda.is_available():   # whole layers in GPU memory (a CPU has none: refused, below)
+        mixed = runner.invoke(app, base + ["--offload-gpu-layers", "2"])
+        assert mixed.exit_code == 0, mixed.output
+        assert mixed.stdout == plain.stdout
     fp8 = runner.invoke(app, base + ["--offload-fp8"])
     assert fp8.exit_code == 0, fp8.output
     bad = runner.invoke(app, base + ["--offload", "--cuda-graph", "--device", "cpu"])
@@ -29,6 +30,19 @@ def test_generate_offload_flags_give_the_same_text():
         graph = runner.invoke(app, base + ["--offload", "--cuda-graph"])
         assert graph.exit_code == 0, graph.output
         assert graph.stdout == plain.stdout
+
+
+def test_offload_gpu_layers_without_a_gpu_is_refused():
+    """On the CPU --offload-gpu-layers 2 ran: its "GPU" layers sat in host memory, uncounted by the
+    capacity check. Now a one-line error; 0 (every layer in host memory) still runs."""
+    runner = CliRunner()
+    base = ["generate", "builtin", "--prompt", PROMPT, "-n", "3", "--preset", "tiny", "--chunk-size", "256",
+            "--device", "cpu"]
+    bad = runner.invoke(app, base + ["--offload-gpu-layers", "2"])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output, bad.output
+    assert "--offload-gpu-layers 2 keeps layers in GPU memory" in bad.output and "runs on cpu" in bad.output
+    none = runner.invoke(app, base + ["--offload-gpu-layers", "0"])
+    assert none.exit_code == 0, none.output
 
 
 def test_generate_hip_overrides():

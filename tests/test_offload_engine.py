@@ -203,6 +203,19 @@ def test_capacity_errors_name_both_memories(bf16_model):
         plan(model, 1024, config=OffloadConfig(gpu_layers=7))
 
 
+def test_fp8_hint_states_the_factor_of_the_models_dtype(model):
+    """The capacity error said FP8 "halves" the host store; for a float32 model (the CPU default)
+    it quarters it: one byte a value instead of 4."""
+    mib, size = 1 << 20, torch.finfo(model.dtype).bits // 8
+    host = {fp8: plan(model, 4096, free_host=10**12, config=OffloadConfig(fp8=fp8, gpu_layers=0)).host_bytes
+            for fp8 in (False, True)}
+    assert host[False] == size * host[True]
+    cut = {2: "halves it", 4: "quarters it"}[size]
+    for config in (OffloadConfig(), OffloadConfig(gpu_layers=0)):     # automatic placement, and forced to the host
+        with pytest.raises(CapacityError, match=rf"offload-fp8: 1 byte a value instead of \w+'s {size}\) {cut}"):
+            plan(model, 10**6, free_host=mib, free_gpu=mib, config=config)
+
+
 def test_streaming_decode_through_the_page_cache_equals_on_device(bf16_model):
     """Streaming (sink + window, an empty mask made each step) fetches every step, its window
     moving (a prompt of 603 tokens: the first decode token opens no page): the page cache's

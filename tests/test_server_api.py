@@ -229,6 +229,13 @@ def test_full_queue_is_429_and_a_closed_server_is_503():
     (json.dumps({"model": "spell", "prompt": "x", "logprobs": 3}).encode(), 400, "logprobs is not supported"),
     (json.dumps({"model": "spell", "prompt": "x", "presence_penalty": 0.5}).encode(), 400, "presence_penalty"),
     (json.dumps({"model": "spell", "prompt": "x", "frobnicate": 1}).encode(), 400, "frobnicate"),
+    # stream_options was taken as any dict: unknown keys and a non-boolean include_usage were ignored.
+    (json.dumps({"model": "spell", "prompt": "x", "stream": True, "stream_options": {"bogus": 1}}).encode(),
+     400, "stream_options.bogus"),
+    (json.dumps({"model": "spell", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}).encode(),
+     400, "stream_options.include_usage"),
+    (json.dumps({"model": "spell", "prompt": "x", "stream_options": {"include_usage": True}}).encode(),
+     400, "stream_options is only allowed when stream is true"),
 ])
 def test_bad_requests_get_openai_errors(url, body, status, needle):
     r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})

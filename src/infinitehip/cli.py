@@ -63,7 +63,8 @@ def eval_cmd(
                               "niah_multikey, niah_multivalue, vt, kv."),
     lengths: str = typer.Option("1x,4x,16x", help="Comma-separated prompt lengths: tokens (8192, 8k) or "
                                 "multiples of the trained context (32x)."),
-    methods: str = typer.Option("hip,dense,streaming", help="Comma-separated attention backends."),
+    methods: str = typer.Option(None, help="Comma-separated attention backends (default: hip,dense,streaming; "
+                                "not with --endpoint, where the server's --backend answers)."),
     samples: int = typer.Option(4, help="Prompts per (task, length, depth, method)."),
     depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Needle depths, 0 = start of the context."),
     endpoint: str = typer.Option(None, help="OpenAI-compatible server URL; evaluates it instead of a local model."),
@@ -81,7 +82,8 @@ def eval_cmd(
 
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     try:
-        eval_command(model, tasks=split(tasks), lengths=split(lengths), methods=split(methods), samples=samples,
+        eval_command(model, tasks=split(tasks), lengths=split(lengths),
+                     methods=None if methods is None else split(methods), samples=samples,
                      depths=_depths(split(depths)), endpoint=endpoint, out=Path(out),
                      preset=preset, device=device, dtype=dtype,
                      seed=seed, chunk_size=chunk_size, console=console, hip=hip)
@@ -151,7 +153,7 @@ def generate_cmd(
                                      "(half the bytes; not bit-identical)."),
     offload_gpu_layers: int = typer.Option(None, "--offload-gpu-layers", help="Offload, keeping the whole KV of this "
                                            "many layers in GPU memory (default: automatic, only when host memory is "
-                                           "short; 0: every layer in host memory)."),
+                                           "short; 0: every layer in host memory; CUDA only)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """Generate text from a prompt, streaming it to stdout."""
@@ -167,7 +169,7 @@ def generate_cmd(
         for piece in generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, seed=seed, stop=stop, chat=chat, system=system, backend=backend,
                               chunk_size=chunk_size, progress=True, stream=True, cuda_graph=cuda_graph,
-                              offload=_offload_arg(offload, offload_fp8, offload_gpu_layers)):
+                              offload=_offload_arg(offload, offload_fp8, offload_gpu_layers, model.device)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -204,7 +206,7 @@ def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory
     console.print(table)
 
 
-def _offload_arg(offload: bool | None, fp8: bool, gpu_layers: int | None):
+def _offload_arg(offload: bool | None, fp8: bool, gpu_layers: int | None, device):
     """``generate``'s offload argument: either option asks for offload with that config."""
     from .cache.offload_plan import OffloadConfig
 
@@ -212,6 +214,12 @@ def _offload_arg(offload: bool | None, fp8: bool, gpu_layers: int | None):
         return offload
     if offload is False:
         raise ValueError("--no-offload contradicts --offload-fp8 / --offload-gpu-layers (they configure offload)")
+    # Without a GPU the "GPU-stored" layers would sit in host memory like the rest, and the plan
+    # would not count them against it (it checks the host part only): the flag would promise
+    # GPU memory and skip the capacity check. 0 (every layer in host memory) is true anywhere.
+    if gpu_layers and device.type != "cuda":
+        raise ValueError(f"--offload-gpu-layers {gpu_layers} keeps layers in GPU memory, but the model runs on "
+                         f"{device}, which has none: leave the flag out (or give 0), or run on a CUDA device")
     return OffloadConfig(fp8=fp8, gpu_layers=gpu_layers)
 
 

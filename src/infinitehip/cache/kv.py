@@ -22,9 +22,13 @@ class CapacityError(ValueError):
     """The request does not fit in memory; the message gives the numbers and what to change."""
 
 
+# Tokens per storage block: the cache allocates whole blocks per row (``plan_kv_cache`` plans them).
+BLOCK_SIZE = 256
+
+
 class KVCache:
     def __init__(self, n_layers: int, batch: int, capacity: int, n_kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype, device: torch.device | str, block_size: int = 256):
+                 dtype: torch.dtype, device: torch.device | str, block_size: int = BLOCK_SIZE):
         n_blocks = -(-capacity // block_size)
         shape = (batch, n_blocks, block_size, n_kv_heads, head_dim)
         # Zeros, not empty: attention masks unwritten slots, and 0 * NaN would still be NaN.
@@ -147,17 +151,19 @@ def free_memory(device: torch.device) -> int:
 
 def plan_kv_cache(*, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, capacity: int,
                   dtype: torch.dtype, device: torch.device, workspace: int = 0,
-                  free: int | None = None) -> int:
+                  free: int | None = None, block_size: int = BLOCK_SIZE) -> int:
     """Check, before allocating, that a cache of ``batch`` x ``capacity`` tokens fits; return its bytes.
 
     ``workspace`` is the extra memory the forward pass needs (activations of a prefill chunk).
-    Raises CapacityError with the numbers and the ways out.
+    Capacity is rounded up to whole blocks, as ``KVCache`` allocates it (up to ``block_size - 1``
+    tokens a row more than asked). Raises CapacityError with the numbers and the ways out.
     """
     per_token = kv_bytes(n_layers, n_kv_heads, head_dim, dtype)
+    capacity = -(-capacity // block_size) * block_size
     need = per_token * batch * capacity
     free = free_memory(device) if free is None else free
     if need + workspace > free:
-        fits = max(0, (free - workspace) // (per_token * batch))
+        fits = max(0, (free - workspace) // (per_token * batch)) // block_size * block_size
         gib = 1 << 30
         raise CapacityError(
             f"the KV cache for {batch} x {capacity:,} tokens needs {need / gib:.2f} GiB "

@@ -153,7 +153,7 @@ class _Sizes:
     """Bytes of each placement of one cache shape: the first g layers of ``order`` on the GPU."""
 
     def __init__(self, n_layers, n_kv_heads, head_dim, batch, dtype, layer_configs, config):
-        self.L, self.batch, self.unit = n_layers, batch, config.capacity_unit
+        self.L, self.batch, self.unit, self.dtype = n_layers, batch, config.capacity_unit, dtype
         self.order = gpu_layer_order(layer_configs, batch, n_kv_heads, config)
         # Per host-stored layer, fixed: its page cache, and its probe copy's dump row.
         dump = n_kv_heads * head_dim * (1 if config.fp8 else torch.finfo(dtype).bits // 8) if config.probe_stride else 0
@@ -258,7 +258,7 @@ def _check_placement(sizes: _Sizes, b: _Budgets, config: OffloadConfig, g: int, 
             f"the offloaded KV cache for {sizes.batch} x {tokens:,} tokens needs {host / GIB:.2f} GiB of host memory "
             f"({sizes.L - g} of {sizes.L} layers there) but only {b.host / GIB:.2f} GiB are available "
             f"({HOST_USE:.0%} of {b.free_host / GIB:.2f} GiB free); at most ~{fits:,} tokens per sequence fit."
-            f"{_fp8_hint(config)} "
+            f"{_fp8_hint(config, sizes.dtype)} "
             "Keep more layers in GPU memory (OffloadConfig.gpu_layers, --offload-gpu-layers; None picks them), "
             "or use a shorter prompt, fewer new tokens, or fewer prompts at once.")
     if b.gpu is not None and gpu > b.gpu:
@@ -287,12 +287,19 @@ def _raise_auto(sizes: _Sizes, b: _Budgets, config: OffloadConfig, tokens: int, 
         f"the offloaded KV cache for {sizes.batch} x {tokens:,} tokens needs {need / GIB:.2f} GiB "
         f"({sizes.L} layers x {need / sizes.L / GIB:.2f} GiB) but host and GPU memory together hold less: "
         f"{b.host / GIB:.2f} GiB of host memory ({HOST_USE:.0%} of {b.free_host / GIB:.2f} GiB free) and {gpu}; "
-        f"at most ~{fits:,} tokens per sequence fit.{_fp8_hint(config)} "
+        f"at most ~{fits:,} tokens per sequence fit.{_fp8_hint(config, sizes.dtype)} "
         "Use a shorter prompt, fewer new tokens, or fewer prompts at once.")
 
 
-def _fp8_hint(config: OffloadConfig) -> str:
-    return "" if config.fp8 else " FP8 storage (--offload-fp8) halves it."
+def _fp8_hint(config: OffloadConfig, dtype: torch.dtype) -> str:
+    """FP8 stores one byte a value in host memory (its scales are on the GPU): the host store
+    shrinks by the model dtype's bytes, so float32 (the CPU default) quarters it, not halves it."""
+    if config.fp8:
+        return ""
+    size = torch.finfo(dtype).bits // 8
+    cut = {2: "halves it", 4: "quarters it"}.get(size, f"divides it by {size}")
+    name = str(dtype).removeprefix("torch.")
+    return f" FP8 storage (--offload-fp8: 1 byte a value instead of {name}'s {size}) {cut}."
 
 
 def _longest(sizes: _Sizes, b: _Budgets, gpu_layers: int | None = None) -> int:

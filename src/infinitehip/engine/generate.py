@@ -184,6 +184,9 @@ def encode_prompt(model: Model, prompt: str | list[int], chat: bool = False, sys
         if not hasattr(prompt, "__iter__") or not all(is_int(t) for t in prompt):
             raise ValueError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}: give a list of "
                              "prompts, e.g. ['text'] or [[1, 2, 3]] for token ids")
+        if chat:   # the template wraps text: ids went to the model as they were, unwrapped
+            raise ValueError("chat=True (--chat) wraps a text prompt in the chat template, but this prompt is token "
+                             "ids: give the text, or the ids of an already rendered template with chat=False")
         return list(prompt)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

@@ -11,8 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..assets import resolve_model_path
-from .runner import (EvalSpec, device_name, endpoint_completer, engine_completer, n_completions, parse_length,
-                     run_eval, summarize)
+from .runner import (METHODS, EvalSpec, device_name, endpoint_completer, engine_completer, n_completions,
+                     parse_length, run_eval, summarize)
 from .tasks import TokenCounter
 
 
@@ -24,10 +24,23 @@ def _trained_context(model_dir: str) -> int | None:
     return scaling.get("original_max_position_embeddings") or cfg.get("max_position_embeddings")
 
 
-def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: list[str], samples: int,
+def _methods(methods: list[str] | None, endpoint: str | None) -> list[str]:
+    """The methods evaluated (None: every backend). A server answers with the one backend it was
+    started with (requests cannot pick one), so --methods with --endpoint would be ignored."""
+    if endpoint is None:
+        return list(METHODS) if methods is None else methods
+    if methods is not None:
+        raise ValueError(f"--methods {','.join(methods)} picks local attention backends, but --endpoint evaluates the "
+                         "server, which answers with its own --backend: leave --methods out (or restart the server "
+                         "with that backend)")
+    return ["endpoint"]
+
+
+def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: list[str] | None, samples: int,
                  depths: list[float], endpoint: str | None, out: Path, preset: str, device: str | None,
                  dtype: str | None, seed: int, chunk_size: int, console: Console,
                  hip: Sequence[str] = ()) -> list[dict]:
+    methods = _methods(methods, endpoint)
     model_dir = resolve_model_path(model)
     # The served id is the directory's name (what `serve` lists under /v1/models).
     name = "builtin" if model == "builtin" else (Path(model_dir).name if Path(model_dir).is_dir() else model)

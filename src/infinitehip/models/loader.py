@@ -261,7 +261,7 @@ def _map_name(hf_name: str) -> tuple[str, int | None] | None:
 
 def inspect_checkpoint(path: str | Path, *, device=None, dtype=None) -> dict:
     """What ``infinitehip info`` shows, read from config.json and safetensors headers only."""
-    from ..cache.kv import free_memory, kv_bytes
+    from ..cache.kv import BLOCK_SIZE, free_memory, kv_bytes
 
     path, cfg = read_config(path)
     args = ModelArgs.from_hf(cfg)
@@ -278,7 +278,8 @@ def inspect_checkpoint(path: str | Path, *, device=None, dtype=None) -> dict:
             "heads": f"{args.n_heads} query / {args.n_kv_heads} kv x {args.head_dim}",
             "trained_context": args.trained_context, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "weights_bytes": n_params * elem, "kv_bytes_per_token": per_token, "free_bytes": free,
-            "max_context": max(0, (free - n_params * elem - workspace) // per_token),
+            # whole blocks: the cache allocates (and plan_kv_cache checks) capacity rounded up to them
+            "max_context": max(0, (free - n_params * elem - workspace) // per_token) // BLOCK_SIZE * BLOCK_SIZE,
             **_offload_capacity(args, dtype, device, n_params * elem)}
 
 

@@ -11,7 +11,7 @@ from typing import Literal, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from ..engine.sampling import SamplingParams
 from .scheduler import EngineFailure, Job, QueueFull, Runner, Scheduler, Unavailable
@@ -44,6 +44,14 @@ _NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (None, False, 0), "top_logpr
             "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none")}
 
 
+class StreamOptions(BaseModel):
+    # Strict like the request itself: a misspelt key or include_usage "yes" would otherwise be
+    # an answer without the usage chunk the client asked for.
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False     # a last chunk with usage
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,7 +62,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)
     stream: bool = False
-    stream_options: dict | None = None      # {"include_usage": true}: a last chunk with usage
+    stream_options: StreamOptions | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -69,6 +77,12 @@ class _Sampling(BaseModel):
             if name in data and data.pop(name) not in neutral:
                 raise ValueError(f"{name} is not supported by this server: leave it out (or send {neutral[0]!r})")
         return data
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:  # as OpenAI's API: nothing would read them
+            raise ValueError("stream_options is only allowed when stream is true: leave it out or send stream: true")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -193,7 +207,7 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
                 if await request.is_disconnected():
                     return
             yield _event(_body(rid, kind, model, "", finish, chunk=True))
-            if (req.stream_options or {}).get("include_usage"):
+            if req.stream_options and req.stream_options.include_usage:
                 yield _event(_body(rid, kind, model, None, None, usage=(n_prompt, n_out), chunk=True))
             yield "data: [DONE]\n\n"
         except Exception as e:
