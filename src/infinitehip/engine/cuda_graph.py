@@ -5,8 +5,8 @@ backend syncs with the host. The cache is on the device, or offloaded: read in p
 zero-copy device alias of host memory: the graph's kernels read and write it over PCIe) or
 through its GPU page cache (bookkeeping as fixed-shape tensor ops on the device). ``hip``: one
 graph per refresh stage; the per-layer masks live in static buffers that each replay updates in
-place. A step that prunes from stage s replays graph s; steps that reuse the mask replay graph
-``n_stages``. ``dense`` (FlashAttention over each row's valid keys,
+place. A step that prunes from stage s replays graph (s,); steps that reuse the mask replay graph
+(``n_stages``,). ``dense`` (FlashAttention over each row's valid keys,
 ``models/llama.full_cache_decode``) and ``streaming`` (sink + window, a constant empty mask) keep
 no state between steps: one graph serves every step.
 
@@ -22,8 +22,8 @@ import math
 import torch
 
 from ..attention import HiPMask
-from ..config import HiPConfig
 from ..cache.kv import KVCache
+from ..config import HiPConfig
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
 from .beside import BesidePruning
