@@ -47,6 +47,19 @@ def test_schedule():
     assert TINY.replace(refresh_lag=5).pending_slots == 4      # refreshes at 2, 4 in flight, 6 made, 0 in use
 
 
+
+def test_pending_slots_is_worked_out_once_per_schedule(monkeypatch):
+    """Eager decode asks for ``pending_slots`` twice a step; working it out scans the schedule's
+    whole period (lcm of the intervals: 2,100 steps for (60, 25, 7), milliseconds a step), so it
+    is done once per schedule, not again every step."""
+    from infinitehip import config as config_module
+
+    config = HiPConfig(refresh_intervals=(60, 25, 7), refresh_lag=8)
+    slots = config.pending_slots
+    monkeypatch.setattr(config_module, "_refresh_counts", lambda *a: pytest.fail("the period scanned again"))
+    assert config.replace(budget=1024).pending_slots == slots == 5   # 4 in 8 steps (7k, 7k + 7, 25m, 60n), 1 in use
+
+
 def builtin(config, dtype=torch.float32):
     return infinitehip.load("builtin", config=config, dtype=dtype, device="cpu")
 

@@ -151,16 +151,13 @@ class HiPConfig:
     def refreshes_upto(self, step: int) -> int:
         """Decode steps in [1, step] that rerun pruning (step 0, which prunes from scratch, not
         counted): with ``refresh_lag`` the index of the mask a step prunes for later."""
-        per = _refresh_counts(self.refresh_intervals)     # per[t - 1]: refreshes in [1, t], over one period
-        full, rest = divmod(max(step, 0), len(per))
-        return full * per[-1] + (per[rest - 1] if rest else 0)
+        return _refreshes_upto(self.refresh_intervals, step)
 
     @property
     def pending_slots(self) -> int:
         """With ``refresh_lag``: masks a decode row keeps at once -- those pruned and not yet in
         use, and the newest one in use (the next refresh prunes from it)."""
-        lag, period = self.refresh_lag, len(_refresh_counts(self.refresh_intervals))
-        return 1 + max(self.refreshes_upto(t) - self.refreshes_upto(t - lag) for t in range(1, period + lag + 1))
+        return _pending_slots(self.refresh_intervals, self.refresh_lag)
 
     # ------------------------------------------------------------------ validation
     def _validate(self):
@@ -256,6 +253,20 @@ def _refresh_counts(intervals: tuple[int, ...]) -> tuple[int, ...]:
         n += any(t % i == 0 for i in intervals)
         counts.append(n)
     return tuple(counts)
+
+
+def _refreshes_upto(intervals: tuple[int, ...], step: int) -> int:
+    per = _refresh_counts(intervals)     # per[t - 1]: refreshes in [1, t], over one period
+    full, rest = divmod(max(step, 0), len(per))
+    return full * per[-1] + (per[rest - 1] if rest else 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _pending_slots(intervals: tuple[int, ...], lag: int) -> int:
+    """``HiPConfig.pending_slots``, worked out once per schedule: it scans a whole period
+    (lcm(intervals) steps: 2,100 for (60, 25, 7), 2 ms) and eager decode asks for it twice a step."""
+    upto = functools.partial(_refreshes_upto, intervals)
+    return 1 + max(upto(t) - upto(t - lag) for t in range(1, len(_refresh_counts(intervals)) + lag + 1))
 
 
 def descent_levels(chunk: int, levels: int | None = None) -> int:
