@@ -26,8 +26,12 @@ def test_config_bounds_the_lag():
     for bad in (-1, 1.0, True, None):
         with pytest.raises(ValueError, match="refresh_lag"):
             TINY.replace(refresh_lag=bad)
-    with pytest.raises(ValueError, match="window.*refresh interval plus the lag, 10"):
+    with pytest.raises(ValueError, match=r"window=9.*refresh_lag, 8 \+ 2.*lower refresh_lag"):
         TINY.replace(refresh_lag=2, window=9)
+    # A schedule repeating every 32.8M steps (coprime intervals) would take the lag's bookkeeping minutes.
+    with pytest.raises(ValueError, match="repeat only every 32,842,151 steps"):
+        HiPConfig(refresh_intervals=(331, 317, 313), refresh_lag=1, window=2048)
+    HiPConfig(refresh_intervals=(331, 317, 313), window=2048)   # without a lag nothing tabulates it
 
 
 def test_schedule():

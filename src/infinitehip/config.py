@@ -213,8 +213,14 @@ class HiPConfig:
             fail("refresh_lag", lag, "must be an integer >= 0 (decode steps between pruning a mask and using it)")
         if self.window < max(self.refresh_intervals) + lag:
             fail("window", self.window,
-                 f"must be >= the longest refresh interval plus the lag, {max(self.refresh_intervals) + lag}: "
-                 "tokens decoded between mask refreshes are only seen through the window")
+                 f"must be >= the longest refresh interval plus refresh_lag, {max(self.refresh_intervals)} + {lag}: "
+                 "tokens decoded between mask refreshes are only seen through the window (raise window or "
+                 "lower refresh_lag / refresh_intervals)")
+        if lag and math.lcm(*self.refresh_intervals) > _MAX_LAG_PERIOD:
+            fail("refresh_intervals", self.refresh_intervals,
+                 f"repeat only every {math.lcm(*self.refresh_intervals):,} steps (their lcm), more than "
+                 f"{_MAX_LAG_PERIOD:,} that refresh_lag's bookkeeping works out: use intervals that divide "
+                 "each other, like the presets'")
         if not all(is_int(i) for i in self.dense_layers):
             fail("dense_layers", self.dense_layers, "each must be a layer index (an integer; -1 is the last layer)")
         if self.head_sharing not in _HEAD_SHARING:
@@ -243,6 +249,10 @@ PRESETS: dict[str, HiPConfig] = {
                       dense_layers=(0,), dense_layer_budget=128, refresh_intervals=(16, 8, 4),
                       dense_threshold=0),
 }
+
+
+# refresh_lag tabulates one period of the refresh schedule (its lcm) per schedule.
+_MAX_LAG_PERIOD = 1 << 16
 
 
 @functools.lru_cache(maxsize=64)
