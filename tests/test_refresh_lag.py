@@ -169,3 +169,19 @@ def test_rows_at_different_steps_match_alone(tmp_path):
         if not r.has_work and step > 6:
             break
     assert [got[i] for i in range(3)] == alone and r.stats.batched_steps > 0
+
+
+def test_graph_keys_with_a_lag():
+    """Which CUDA graph a step replays (decided on the host; no GPU needed): rows that prune for
+    later or take masks in at different steps use different slots, so they step eagerly."""
+    from types import SimpleNamespace
+
+    from infinitehip.engine.cuda_graph import GraphDecoder
+
+    decoder = object.__new__(GraphDecoder)      # only _key's inputs, no CUDA
+    decoder.model, decoder.lag = SimpleNamespace(hip=HiPConfig(refresh_lag=24)), 24
+    keys = {}
+    for steps in ([8, 8], [8, 24], [5, 7], [32, 32], [0, 3]):
+        decoder.state = DecodeState("hip", steps=steps)
+        keys[tuple(steps)] = decoder._key()
+    assert keys == {(8, 8): (2, False), (8, 24): None, (5, 7): (3, False), (32, 32): (0, True), (0, 3): None}

@@ -94,7 +94,11 @@ class GraphDecoder:
         if state.refresh_stages(hip) != hip.n_stages:   # a row's first step prunes for itself
             return None
         later, now = state.deferred_stages(hip), state.taking_effect(hip)
-        return (later, now) if isinstance(later, int) and isinstance(now, bool) else None
+        if not (isinstance(later, int) and isinstance(now, bool)):
+            return None
+        if (later < hip.n_stages or now) and len(set(state.steps)) > 1:
+            return None   # the slots follow each row's own refresh count: the eager step files them per row
+        return later, now
 
     def _eager(self, tokens: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
         """One step without a graph; its masks land in the static buffers the graphs read."""
