@@ -64,8 +64,7 @@ class DecodeState:
             self.pruned = [[None] * slots for _ in self.masks]
         taking = [hip.refreshes_upto(s - lag) % slots if _takes(s, hip) else None for s in self.steps]
         self.masks[:] = [_from_slots(m, kept, taking) for m, kept in zip(self.masks, self.pruned)]
-        newest = [(hip.refreshes_upto(s) - 1) % slots if s and hip.refresh_stage(s) < hip.n_stages else None
-                  for s in self.steps]
+        newest = [(hip.refreshes_upto(s) - 1) % slots if _refreshes(s, hip) else None for s in self.steps]
         call.pruned = [_from_slots(m, kept, newest) for m, kept in zip(self.masks, self.pruned)]
         call.defer_stage, call.fresh = self.deferred_stages(hip), any(t is not None for t in taking)
         return call
@@ -75,8 +74,7 @@ class DecodeState:
         if call.pruned is None:
             return
         slots = hip.pending_slots
-        dest = [hip.refreshes_upto(s) % slots if s == 0 or hip.refresh_stage(s) < hip.n_stages else None
-                for s in self.steps]
+        dest = [hip.refreshes_upto(s) % slots if s == 0 or _refreshes(s, hip) else None for s in self.steps]
         for kept, new in zip(self.pruned, call.pruned):
             _into_slots(kept, new, dest)
 
@@ -91,10 +89,14 @@ class DecodeState:
         self.steps[row] = 0
 
 
+def _refreshes(step: int, hip: HiPConfig) -> bool:
+    """Whether a row's decode step ``step`` reruns pruning on the schedule (step 0 prunes from scratch)."""
+    return step > 0 and hip.refresh_stage(step) < hip.n_stages
+
+
 def _takes(step: int, hip: HiPConfig) -> bool:
     """refresh_lag > 0: whether a row's step ``step`` attends with the mask pruned ``refresh_lag`` steps ago."""
-    lag = hip.refresh_lag
-    return step > lag and hip.refresh_stage(step - lag) < hip.n_stages
+    return _refreshes(step - hip.refresh_lag, hip)
 
 
 def _one_or_all(values: list):

@@ -105,8 +105,8 @@ class AttentionCall:
     refresh_stage: int | list[int] = 0            # per row when rows decode at different steps
     kernel: str = "auto"                          # hip_attention's backend: auto | triton | reference
     # HiPConfig.refresh_lag > 0: pruning for later. ``masks`` are attended with; ``pruned`` (per
-    # layer) is the newest mask pruned, the one later refreshes start from and that the decode
-    # state makes ``masks`` refresh_lag steps after it was pruned.
+    # layer) is, going in, the mask each row's deferred pruning starts from (its newest pruned)
+    # and, coming out, what this step pruned, which ``DecodeState.keep_pruned`` files in its slot.
     pruned: list[HiPMask | None] | None = None
     defer_stage: int | list[int] | None = None    # per row: first stage to prune for later (n_stages: none)
     fresh: bool = False                           # masks took effect this step: a paged cache fetches
