@@ -39,3 +39,21 @@ def test_cli_bench_help_reaches_the_benchmark():
     assert r.exit_code == 0 and "--decode" in r.output and "--stage0-levels" in r.output
     r = CliRunner().invoke(app, ["bench", "--help"])
     assert r.exit_code == 0 and "attention, engine, offload" in r.output
+
+
+def test_engine_bench_speedups_and_plot(tmp_path):
+    """bench engine's records get prefill and decode speedups over dense at their context, and
+    its plot is drawn from them (the GPU run itself is not testable here)."""
+    from infinitehip.bench import engine
+
+    rec = dict(layers=32, weight_floor_ms=3.5, device="test GPU", date="2026-11-30")
+    records = []
+    for context, (hp, hd, dp, dd) in {32768: (2.0, 1.5, 7.0, 8.0), 262144: (14.5, 60.3, 4.75, 13.48)}.items():
+        records.append(dict(rec, context=context, backend="hip", prefill_s=hp, decode_ms_per_token=dp))
+        records.append(dict(rec, context=context, backend="dense", prefill_s=hd, decode_ms_per_token=dd))
+        engine._compare_to_dense(records, context)
+    hip = [r for r in records if r["backend"] == "hip"]
+    assert [r["prefill_speedup_vs_dense"] for r in hip] == [0.75, 4.16]
+    assert [r["decode_speedup_vs_dense"] for r in hip] == [1.14, 2.84]
+    engine.plot(records, tmp_path / "engine.png")
+    assert (tmp_path / "engine.png").stat().st_size > 10_000

@@ -178,14 +178,55 @@ def main(argv: list[str] | None = None):
                   f"{r['decode_tokens_per_s']:7.1f} tok/s ({r['decode_ms_per_token']:.2f} ms, "
                   f"{r['floor_ratio']:.2f}x floor{eager})", flush=True)
             # After each record: a run cut short keeps what it measured.
-            (out / f"engine_{device_slug(device)}.json").write_text(json.dumps(records, indent=1))
+            stem = out / f"engine_{device_slug(device)}"
+            stem.with_suffix(".json").write_text(json.dumps(records, indent=1))
+            plot(records, stem.with_suffix(".png"))
     return records
 
 
+def plot(records: list[dict], path: Path):
+    """Prefill seconds and decode ms/token against the context, one line per backend, the weight
+    floor dashed and hip's speedups over dense written beside its points. Needs matplotlib (the
+    ``plot`` extra); without it, no plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    panels = (("prefill_s", "prefill (s)", "prefill_speedup_vs_dense"),
+              ("decode_ms_per_token", "decode (ms / token, CUDA graphs)", "decode_speedup_vs_dense"))
+    for ax, (key, label, speedup) in zip(axes, panels):
+        for backend in dict.fromkeys(r["backend"] for r in records):
+            rs = sorted((r for r in records if r["backend"] == backend), key=lambda r: r["context"])
+            ax.plot([r["context"] / 1024 for r in rs], [r[key] for r in rs], "o-", label=backend)
+            for r in rs:
+                if backend != "dense" and r.get(speedup):
+                    ax.annotate(f"{r[speedup]:.2f}x", (r["context"] / 1024, r[key]), textcoords="offset points",
+                                xytext=(0, 6), fontsize=7, ha="center")
+        if key == "decode_ms_per_token":
+            ax.axhline(records[0]["weight_floor_ms"], ls="--", c="gray", lw=1, label="weight floor")
+        contexts = sorted({r["context"] for r in records})
+        ax.set(xscale="log", xlabel="context (tokens)", ylabel=label)
+        ax.set_xticks([c / 1024 for c in contexts], [f"{c // 1024}K" for c in contexts])
+        ax.minorticks_off()
+        ax.legend(fontsize=7)
+    r0 = records[0]
+    fig.suptitle(f"Llama-3-8B shape, {r0['layers']} layers, random bf16 weights; {r0['device']}, {r0['date']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _compare_to_dense(records: list[dict], context: int):
-    """Give every record at ``context`` its decode speedup over dense there (both graphed)."""
+    """Give every record at ``context`` its prefill and decode speedups over dense there (decode:
+    both from CUDA graphs)."""
     same = [r for r in records if r["context"] == context]
     dense = next((r for r in same if r["backend"] == "dense"), None)
     if dense is not None:
         for r in same:
+            r["prefill_speedup_vs_dense"] = round(dense["prefill_s"] / r["prefill_s"], 2)
             r["decode_speedup_vs_dense"] = round(dense["decode_ms_per_token"] / r["decode_ms_per_token"], 2)
