@@ -67,9 +67,9 @@ class HiPConfig:
     rope_prune: str = "auto"
     rope_attend: str = "auto"
     model_context_length: int | None = None
-    # Contexts up to this many keys (capped at model_context_length) use dense attention, which
-    # is faster there: 64K is where sparse decode overtook cuDNN on an H100 (benchmarks/results/
-    # attention_h100.json; prefill overtakes later still). 0 disables.
+    # Contexts up to this many keys (capped at model_context_length) use dense attention: on an
+    # H100 sparse decode beat cuDNN from 16K keys, prefill only from 128K (benchmarks/results/
+    # attention_h100.json); 64K sits between the two. 0 disables.
     dense_threshold: int = 65536
 
     def __post_init__(self):
