@@ -20,6 +20,8 @@
 #   attention_pdl  bench attention, decode 128K and 1M, with programmatic dependent launch (its A/B; off by default)
 #   stage0     bench attention with HiPConfig.stage0_levels=3 (stage 0 stopped at 32-key pieces): decode 1M, prefill 128K
 #   engine     bench engine at 256K: hip vs dense
+#   engine_all bench engine at 32K, 128K and 256K: hip vs dense, with its plot (~3.5 min on a fresh machine)
+#   timeline   scripts/attention_timeline.py and scripts/gemv_timeline.py: in-kernel timestamps of decode's launches
 #   engine_pdl  bench engine at 256K, hip only, with programmatic dependent launch (its A/B; off by default)
 #   sweep      scripts/sweep_prune.py: pruning launch settings (dense small-chunk scoring too), decode and prefill 128K
 #              (SWEEP_DECODE="" skips decode)
@@ -85,6 +87,11 @@ for s in "$@"; do
         stage0) step stage0 300 python -m infinitehip.bench attention --decode 1M --prefill 128K --chunked "" \
                     --stage0-levels 3 --out "$OUT/attention_stage0.json" ;;
         engine) step engine 400 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 --out "$OUT" ;;
+        engine_all) step engine_all 420 python -m infinitehip.bench engine --contexts 32768,131072,262144 \
+                        --eager-steps 0 --out "$OUT" ;;
+        timeline) step timeline 300 bash -c 'set -e
+                      python scripts/attention_timeline.py --out "$OUT/attention_timeline.json"
+                      python scripts/gemv_timeline.py --out "$OUT/gemv_timeline.json"' ;;
         engine_pdl) step engine_pdl 200 python -m infinitehip.bench engine --contexts 262144 --eager-steps 0 \
                         --backends hip --pdl on --out "$OUT/pdl" ;;
         sweep) step sweep 400 python scripts/sweep_prune.py --decode "${SWEEP_DECODE-128K}" --prefill 128K \
@@ -100,7 +107,7 @@ for s in "$@"; do
                        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
                        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                        python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, lag, engine_lag, attention, attention_pdl, stage0, engine, engine_pdl, sweep, reuse, gemv, cache, ncu, ncu_prune)"; exit 2 ;;
+        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, lag, engine_lag, attention, attention_pdl, stage0, engine, engine_all, engine_pdl, timeline, sweep, reuse, gemv, cache, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"
