@@ -187,6 +187,22 @@ def test_batch_of_different_lengths_equals_one_by_one(model):
     assert together == [infinitehip.generate(model, p, **params) for p in prompts]
 
 
+def test_batch_across_the_dense_cutoff_equals_one_by_one(ckpt):
+    """A prompt under dense_cutoff batched with one past it: the step's key count was the long
+    row's, so the short row attended sparsely where alone it attends densely (other tokens)."""
+    m = infinitehip.load(ckpt, config=HiPConfig.preset("tiny", dense_threshold=400, model_context_length=4096))
+    prompts = [ids(350, seed=0)[0].tolist(), ids(500, seed=50)[0].tolist()]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+    def tokens(batch):
+        out = [[] for _ in batch]
+        for e in stream(m, batch, params):
+            out[e.row].append(e.token)
+        return out
+
+    assert tokens(prompts) == [tokens([p])[0] for p in prompts]
+
+
 def test_sampling_controls(model):
     kw = dict(max_new_tokens=8, ignore_eos=True, temperature=1.0)
     a = infinitehip.generate(model, "hello", seed=5, **kw)
