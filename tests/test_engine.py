@@ -295,6 +295,8 @@ def test_engine_errors(model):
         infinitehip.generate(model, [[]])
     with pytest.raises(ValueError, match=r"a prompt is text or a list of token ids, got int.*\[\[1, 2, 3\]\]"):
         infinitehip.generate(model, [1, 2, 3])                                  # a TypeError from list(int)
+    with pytest.raises(ValueError, match=r"a prompt is text or a list of token ids, got Tensor"):
+        infinitehip.generate(model, torch.tensor([1, 2, 3]))            # "TypeError: iteration over a 0-d tensor"
     with pytest.raises(ValueError, match="kernel='cuda'; choose one of"):     # it said backend='cuda'
         infinitehip.generate(model, "hi", kernel="cuda")
     vocab = model.args.vocab_size

@@ -183,7 +183,7 @@ def decode_one_token(model: Model, tokens: torch.Tensor, seqlens: torch.Tensor, 
 
 def encode_prompt(model: Model, prompt: str | list[int], chat: bool = False, system: str | None = None) -> list[int]:
     if not isinstance(prompt, str):
-        if not hasattr(prompt, "__iter__") or not all(is_int(t) for t in prompt):
+        if not _is_ids(prompt):
             raise ValueError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}: give a list of "
                              "prompts, e.g. ['text'] or [[1, 2, 3]] for token ids")
         if chat:   # the template wraps text: ids went to the model as they were, unwrapped
@@ -194,6 +194,13 @@ def encode_prompt(model: Model, prompt: str | list[int], chat: bool = False, sys
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return model.tokenizer.encode(model.tokenizer.apply_chat_template(messages), add_special_tokens=False)
     return model.tokenizer.encode(prompt)
+
+
+def _is_ids(prompt) -> bool:
+    try:
+        return all(is_int(t) for t in prompt)
+    except TypeError:   # not iterable: None, a number, or a 0-d tensor (an item of a 1-D tensor of ids)
+        return False
 
 
 def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams | None = None, *,
