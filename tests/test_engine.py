@@ -244,6 +244,8 @@ def test_sample_and_stop_checker_units():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"stop strings must be non-empty strings, got \['END', 5\]"):
+        SamplingParams(stop=["END", 5])
     # Each reached torch as NaN probabilities, a comparison of str and int, a float top-k or seed.
     for kw, field in ((dict(temperature=float("nan")), "temperature"), (dict(temperature="0.7"), "temperature"),
                       (dict(temperature=float("inf")), "temperature"), (dict(top_p=float("nan")), "top_p"),
