@@ -187,6 +187,22 @@ def test_batch_of_different_lengths_equals_one_by_one(model):
     assert together == [infinitehip.generate(model, p, **params) for p in prompts]
 
 
+def test_batch_across_the_dense_cutoff_equals_one_by_one(ckpt):
+    """A prompt under dense_cutoff batched with one past it: the step's key count was the long
+    row's, so the short row attended sparsely where alone it attends densely (other tokens)."""
+    m = infinitehip.load(ckpt, config=HiPConfig.preset("tiny", dense_threshold=400, model_context_length=4096))
+    prompts = [ids(350, seed=0)[0].tolist(), ids(500, seed=50)[0].tolist()]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+    def tokens(batch):
+        out = [[] for _ in batch]
+        for e in stream(m, batch, params):
+            out[e.row].append(e.token)
+        return out
+
+    assert tokens(prompts) == [tokens([p])[0] for p in prompts]
+
+
 def test_sampling_controls(model):
     kw = dict(max_new_tokens=8, ignore_eos=True, temperature=1.0)
     a = infinitehip.generate(model, "hello", seed=5, **kw)
@@ -228,6 +244,8 @@ def test_sample_and_stop_checker_units():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"stop strings must be non-empty strings, got \['END', 5\]"):
+        SamplingParams(stop=["END", 5])
     # Each reached torch as NaN probabilities, a comparison of str and int, a float top-k or seed.
     for kw, field in ((dict(temperature=float("nan")), "temperature"), (dict(temperature="0.7"), "temperature"),
                       (dict(temperature=float("inf")), "temperature"), (dict(top_p=float("nan")), "top_p"),
@@ -279,6 +297,8 @@ def test_engine_errors(model):
         infinitehip.generate(model, [[]])
     with pytest.raises(ValueError, match=r"a prompt is text or a list of token ids, got int.*\[\[1, 2, 3\]\]"):
         infinitehip.generate(model, [1, 2, 3])                                  # a TypeError from list(int)
+    with pytest.raises(ValueError, match=r"a prompt is text or a list of token ids, got Tensor"):
+        infinitehip.generate(model, torch.tensor([1, 2, 3]))            # "TypeError: iteration over a 0-d tensor"
     with pytest.raises(ValueError, match="kernel='cuda'; choose one of"):     # it said backend='cuda'
         infinitehip.generate(model, "hi", kernel="cuda")
     vocab = model.args.vocab_size

@@ -183,7 +183,7 @@ def decode_one_token(model: Model, tokens: torch.Tensor, seqlens: torch.Tensor, 
 
 def encode_prompt(model: Model, prompt: str | list[int], chat: bool = False, system: str | None = None) -> list[int]:
     if not isinstance(prompt, str):
-        if not hasattr(prompt, "__iter__") or not all(is_int(t) for t in prompt):
+        if not _is_ids(prompt):
             raise ValueError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}: give a list of "
                              "prompts, e.g. ['text'] or [[1, 2, 3]] for token ids")
         if chat:   # the template wraps text: ids went to the model as they were, unwrapped
@@ -194,6 +194,13 @@ def encode_prompt(model: Model, prompt: str | list[int], chat: bool = False, sys
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return model.tokenizer.encode(model.tokenizer.apply_chat_template(messages), add_special_tokens=False)
     return model.tokenizer.encode(prompt)
+
+
+def _is_ids(prompt) -> bool:
+    try:
+        return all(is_int(t) for t in prompt)
+    except TypeError:   # not iterable: None, a number, or a 0-d tensor (an item of a 1-D tensor of ids)
+        return False
 
 
 def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams | None = None, *,
@@ -228,19 +235,22 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
     if any(min(x) < 0 or max(x) >= vocab for x in ids):
         raise ValueError(f"a prompt's token ids must be in [0, {vocab}) (the model's vocabulary)")
     B, device, n_new = len(ids), model.device, params.max_new_tokens
-    capacity = max(map(len, ids)) + n_new
-    cache = make_cache(model, B, capacity, chunk_size, offload, backend)
-    state = DecodeState(backend, kernel=kernel)
-    graph = None
+    groups = _decode_groups(model, ids, n_new, backend)                  # rows decoded in one batch
+    caches = [make_cache(model, len(g), max(len(ids[b]) for b in g) + n_new, chunk_size, offload, backend)
+              for g in groups]
+    states = [DecodeState(backend, kernel=kernel) for _ in groups]
+    graphs = [None] * len(groups)
     if cuda_graph:
         from .cuda_graph import GraphDecoder
 
-        graph = GraphDecoder(model, cache, state)
+        graphs = [GraphDecoder(model, cache, state) for cache, state in zip(caches, states)]
+    where = {b: (k, i) for k, g in enumerate(groups) for i, b in enumerate(g)}
     rows = []
     for b, x in enumerate(ids):
-        rows.append(_prefill_row(model, x, cache.select(slice(b, b + 1)), prefix_cache, backend=backend,
+        k, i = where[b]
+        rows.append(_prefill_row(model, x, caches[k].select(slice(i, i + 1)), prefix_cache, backend=backend,
                                  chunk_size=chunk_size, kernel=kernel, progress=progress))
-        state.admit(b, B)
+        states[k].admit(i, len(groups[k]))
     logits = torch.cat(rows)                                                       # (B, V)
     # One generator per row, each seeded alike: a row samples what it would alone (as the batch
     # runner's requests do), whatever its neighbours draw.
@@ -263,12 +273,33 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
             yield Event(b, piece, tok, outputs[b].count, done[b], reason)
         if all(done) or step == n_new - 1:
             break
-        if graph is not None:
-            logits = graph(tokens, seqlens)
-        else:
-            logits = decode_one_token(model, tokens, seqlens, cache, state, kv_limit=max(lengths) + 1)
+        logits = torch.empty_like(logits)
+        for g, cache, state, graph in zip(groups, caches, states, graphs):
+            idx = torch.tensor(g, device=device)
+            if graph is not None:
+                logits[idx] = graph(tokens[idx], seqlens[idx])
+            else:
+                logits[idx] = decode_one_token(model, tokens[idx], seqlens[idx], cache, state,
+                                               kv_limit=max(lengths[b] for b in g) + 1)
         seqlens += 1
         lengths = [n + 1 for n in lengths]
+
+
+def _decode_groups(model: Model, ids: list[list[int]], n_new: int, backend: str) -> list[list[int]]:
+    """The rows that can decode in one batch and still get the tokens each gets alone.
+
+    hip attends densely in a call of at most ``dense_cutoff`` keys, and a batched step has as many
+    keys as its longest row: batched with a long prompt, a short one attended sparsely where alone
+    it attends densely (other tokens from the second on). So rows decode together only when they
+    turn from dense to sparse at the same step (or never, within ``n_new`` tokens); usually one group.
+    """
+    if backend != "hip":   # dense is exact at any key count; streaming falls back only below sink + window
+        return [list(range(len(ids)))]
+    cutoff = max(cfg.dense_cutoff for cfg in model.net.layer_configs)
+    groups: dict[int, list[int]] = {}
+    for b, x in enumerate(ids):   # its decode step s (of n_new - 1) is dense while len(x) + s + 1 <= cutoff
+        groups.setdefault(min(max(cutoff - len(x), 0), n_new - 1), []).append(b)
+    return list(groups.values())
 
 
 def generate(model: Model, prompt: str | list[str], *, max_new_tokens: int = 256, temperature: float = 0.0,

@@ -32,8 +32,8 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 disables it)")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2 ** 64):
             raise ValueError(f"seed={self.seed!r} must be None or an integer in [0, 2**64)")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+        if any(not isinstance(s, str) or not s for s in self.stop):   # a number reached len(): a TypeError
+            raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
