@@ -299,6 +299,11 @@ def test_engine_errors(model):
         infinitehip.generate(model, [1, 2, 3])                                  # a TypeError from list(int)
     with pytest.raises(ValueError, match=r"a prompt is text or a list of token ids, got Tensor"):
         infinitehip.generate(model, torch.tensor([1, 2, 3]))            # "TypeError: iteration over a 0-d tensor"
+    for bad in (None, 5):                                                        # TypeErrors from list()
+        with pytest.raises(ValueError, match=rf"prompt must be text or a list of prompts .*got {type(bad).__name__}"):
+            infinitehip.generate(model, bad)
+    with pytest.raises(ValueError, match="stop=5 must be a string or a list of strings"):   # tuple(5)
+        infinitehip.generate(model, "hi", stop=5)
     with pytest.raises(ValueError, match="kernel='cuda'; choose one of"):     # it said backend='cuda'
         infinitehip.generate(model, "hi", kernel="cuda")
     vocab = model.args.vocab_size

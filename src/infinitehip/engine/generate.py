@@ -321,6 +321,9 @@ def generate(model: Model, prompt: str | list[str], *, max_new_tokens: int = 256
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=stop, ignore_eos=ignore_eos)
     single = isinstance(prompt, str)
+    if not single and not isinstance(prompt, (list, tuple, torch.Tensor)):   # list(None) was a TypeError
+        raise ValueError(f"prompt must be text or a list of prompts (texts or lists of token ids), got "
+                         f"{type(prompt).__name__}")
     prompts = [prompt] if single else list(prompt)
     events = _stream(model, prompts, params, backend=backend, chat=chat, system=system, chunk_size=chunk_size,
                      kernel=kernel, progress=progress, cuda_graph=cuda_graph, offload=offload)

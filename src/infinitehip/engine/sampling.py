@@ -20,7 +20,10 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()))
+        stop = self.stop
+        if not isinstance(stop, (str, list, tuple)) and stop is not None:   # tuple(5) was a TypeError
+            raise ValueError(f"stop={stop!r} must be a string or a list of strings")
+        object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(stop or ()))
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
         # `not x >= 0` also refuses NaN (which reached torch.multinomial) and non-numbers.
