@@ -304,6 +304,12 @@ def test_engine_errors(model):
             infinitehip.generate(model, bad)
     with pytest.raises(ValueError, match="stop=5 must be a string or a list of strings"):   # tuple(5)
         infinitehip.generate(model, "hi", stop=5)
+    # With stream=True too, a bad call fails at the call, not at the first piece read.
+    for kw in (dict(backend="flash"), dict(kernel="cuda"), dict(system="be brief")):
+        with pytest.raises(ValueError, match="choose one of|system="):
+            infinitehip.generate(model, "hi", stream=True, **kw)
+    with pytest.raises(ValueError, match="empty prompt"):
+        infinitehip.generate(model, [[]], stream=True)
     with pytest.raises(ValueError, match="kernel='cuda'; choose one of"):     # it said backend='cuda'
         infinitehip.generate(model, "hi", kernel="cuda")
     vocab = model.args.vocab_size

@@ -234,7 +234,7 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
     vocab = model.net.args.vocab_size
     if any(min(x) < 0 or max(x) >= vocab for x in ids):
         raise ValueError(f"a prompt's token ids must be in [0, {vocab}) (the model's vocabulary)")
-    B, device, n_new = len(ids), model.device, params.max_new_tokens
+    n_new = params.max_new_tokens
     groups = _decode_groups(model, ids, n_new, backend)                  # rows decoded in one batch
     caches = [make_cache(model, len(g), max(len(ids[b]) for b in g) + n_new, chunk_size, offload, backend)
               for g in groups]
@@ -244,6 +244,16 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
         from .cuda_graph import GraphDecoder
 
         graphs = [GraphDecoder(model, cache, state) for cache, state in zip(caches, states)]
+    # What is wrong with the call is said here, at the call; the prefill and decode run as the
+    # events are read.
+    return _events(model, ids, params, groups, caches, states, graphs, prefix_cache, backend=backend,
+                   chunk_size=chunk_size, kernel=kernel, progress=progress)
+
+
+def _events(model: Model, ids: list[list[int]], params: SamplingParams, groups, caches, states, graphs,
+            prefix_cache, *, backend: str, chunk_size: int, kernel: str, progress: bool) -> Iterator[Event]:
+    """``stream``'s prefill and decode loop, over the caches and states it made (one per group)."""
+    B, device, n_new = len(ids), model.device, params.max_new_tokens
     where = {b: (k, i) for k, g in enumerate(groups) for i, b in enumerate(g)}
     rows = []
     for b, x in enumerate(ids):
