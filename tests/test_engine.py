@@ -258,9 +258,13 @@ def test_sample_and_stop_checker_units():
 def test_memory_is_planned_before_allocating(model, monkeypatch):
     # 100,000 tokens are 391 blocks of 256: 100,096 tokens allocated, 12.22 GiB (not 12.21).
     with pytest.raises(CapacityError,
-                       match=r"1 x 100,096 tokens needs 12\.22 GiB .* only 0\.00 GiB are free on cpu.*smaller dtype"):
+                       match=r"1 x 100,096 tokens needs 12\.22 GiB .* only 0\.00 GiB are free on cpu.*smaller dtype.*"
+                             r"on the CPU the cache already lives in host memory"):   # it advised offloading
         plan_kv_cache(n_layers=32, n_kv_heads=8, head_dim=128, batch=1, capacity=100_000, dtype=torch.bfloat16,
                       device=torch.device("cpu"), free=1 << 20)
+    with pytest.raises(CapacityError, match=r"or KV offload to host memory \(offload=True, --offload\)"):
+        plan_kv_cache(n_layers=32, n_kv_heads=8, head_dim=128, batch=1, capacity=100_000, dtype=torch.bfloat16,
+                      device=torch.device("cuda"), free=1 << 20)   # free= given: nothing touches a GPU
     import infinitehip.cache.kv as kv
     monkeypatch.setattr(kv, "free_memory", lambda device: 1 << 20)
     with pytest.raises(CapacityError, match="shorter prompt"):

@@ -169,5 +169,7 @@ def plan_kv_cache(*, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, 
             f"the KV cache for {batch} x {capacity:,} tokens needs {need / gib:.2f} GiB "
             f"(+{workspace / gib:.2f} GiB workspace) but only {free / gib:.2f} GiB are free on {device}; "
             f"at most ~{fits:,} tokens per sequence fit. Use a smaller dtype (bfloat16/float16), "
-            "a shorter prompt or fewer new tokens, fewer prompts at once, or KV offload to host memory.")
+            "a shorter prompt or fewer new tokens, fewer prompts at once"
+            + (", or KV offload to host memory (offload=True, --offload)." if device.type == "cuda" else
+               " (on the CPU the cache already lives in host memory: offloading adds nothing)."))
     return need
