@@ -281,3 +281,16 @@ def test_serve_saves_the_context_cache_at_shutdown_even_when_the_process_ends_th
     assert r.exit_code == 143 and path.exists(), r.output
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["format"] == "infinitehip-prefix-cache"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "spell", "prompt": "say \ud800x"}),
+    ("/v1/chat/completions", {"model": "spell", "messages": [{"role": "user", "content": "say \ud800x"}]}),
+])
+def test_text_with_a_lone_surrogate_is_400(url, path, body):
+    """JSON's \\ud800 escape decodes to a lone surrogate, which is no Unicode text: the tokenizer
+    raised TypeError ("TextInputSequence must be str") and an engine that took it failed to write
+    the answer, both a 500 with a traceback in the log."""
+    r = httpx.post(url + path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "surrogate" in r.json()["error"]["message"]

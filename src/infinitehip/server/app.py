@@ -6,12 +6,12 @@ import json
 import logging
 import time
 import uuid
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from ..engine.sampling import SamplingParams
 from .scheduler import EngineFailure, Job, QueueFull, Runner, Scheduler, Unavailable
@@ -42,6 +42,20 @@ class APIError(Exception):
 _NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (False,),
             "suffix": (None, ""), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}),
             "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none")}
+
+
+def _unicode(text: str) -> str:
+    # JSON's \ud800 escape decodes to a lone surrogate, which is no Unicode text: the tokenizer
+    # raised TypeError on it (a 500), and so did writing an answer that echoed it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"a lone surrogate {text[e.start]!r} at character {e.start} is not Unicode text; "
+                         "send valid UTF-8 (pair the surrogate or leave it out)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class StreamOptions(BaseModel):
@@ -94,12 +108,12 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str
+    prompt: Text
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_Sampling):
