@@ -294,3 +294,26 @@ def test_text_with_a_lone_surrogate_is_400(url, path, body):
     r = httpx.post(url + path, content=json.dumps(body), headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert "surrogate" in r.json()["error"]["message"]
+
+
+def test_a_waiting_request_whose_client_left_is_dropped_at_once():
+    """A non-streaming client that gives up while its request waits for a slot: the request was
+    only noticed at its first token, so it kept its place (429s for others) and was prefilled
+    for nobody once a slot freed. It is now cancelled while still waiting."""
+    engine = SpellEngine(max_batch=1, delay=0.02)
+    app = create_app(engine, max_queue=4)
+    with running(app) as base:
+        post = lambda prompt, timeout: httpx.post(base + "/v1/completions", timeout=timeout,  # noqa: E731
+                                                  json={"model": "spell", "prompt": prompt, "max_tokens": 150})
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, "x" * 150, 30)     # holds the only slot for ~3 s
+            while not engine.active:
+                time.sleep(0.01)
+            with pytest.raises(httpx.TimeoutException):
+                post("waits", 0.3)
+            deadline = time.time() + 2
+            while not engine.cancelled and time.time() < deadline:
+                time.sleep(0.02)
+            assert engine.cancelled and engine.active and not engine.waiting, "dropped while the slot was busy"
+            assert app.state.scheduler.outstanding == 1
+            assert first.result().json()["choices"][0]["text"] == "x" * 150

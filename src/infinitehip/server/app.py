@@ -196,11 +196,12 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
         if req.stream:
             return StreamingResponse(_sse(job, rid, kind, req, n_prompt, request), media_type="text/event-stream")
         text, n_out, finish = "", 0, "stop"
+        # Watched all along, not only between tokens: a client that leaves while its request
+        # waits for a slot frees its place then, instead of being prefilled for nobody.
+        watch = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
             async for e in job.aresults():
                 text, n_out, finish = text + e.text, e.n_generated, e.finish_reason or finish
-                if await request.is_disconnected():  # nobody will read the answer: free the slot
-                    break
         except ValueError as e:  # the engine refused the input (e.g. too long once tokenized)
             raise APIError(400, str(e)) from None
         except Unavailable as e:
@@ -208,6 +209,7 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
         except EngineFailure as e:  # already logged by the scheduler, with its traceback
             raise APIError(500, f"{e}; see the server log", None, "server_error") from None
         finally:
+            watch.cancel()
             job.cancelled.set()
         return _body(rid, kind, req.model, text, finish, usage=(n_prompt, n_out))
 
@@ -234,6 +236,13 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
 
     app.router.on_shutdown.append(lambda: _shutdown(scheduler, engine))
     return app
+
+
+async def _cancel_on_disconnect(request: Request, job: Job):
+    """Cancel ``job`` once the client disconnects (the body is read: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
 
 
 def _shutdown(scheduler: Scheduler, engine):
