@@ -167,8 +167,8 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        try:
-            prompt = engine.render_chat([m.model_dump() for m in req.messages])
+        try:  # in a thread, as count_tokens: tokenizing a long document takes seconds
+            prompt = await asyncio.to_thread(engine.render_chat, [m.model_dump() for m in req.messages])
         except ValueError as e:  # e.g. a model without a chat template
             raise APIError(400, f"{e}; or send the text to /v1/completions", "messages") from None
         return await _serve(req, prompt, "chat.completion", request)
