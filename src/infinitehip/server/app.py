@@ -178,6 +178,9 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
             raise APIError(404, f"model {req.model!r} is not served here; GET /v1/models lists {engine.model_id!r}",
                            "model", "model_not_found")
         n_prompt = await asyncio.to_thread(engine.count_tokens, prompt)
+        if n_prompt == 0:  # refused here, not by the worker: a stream would get it after its 200
+            raise APIError(400, "empty prompt: it has no tokens (this tokenizer adds no BOS); send some text",
+                           "prompt" if kind == "text_completion" else "messages")
         if n_prompt + req.max_tokens > engine.max_context:
             raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({req.max_tokens}) exceeds this "
                            f"server's capacity of {engine.max_context} tokens; shorten the prompt or lower "
