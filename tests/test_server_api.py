@@ -281,3 +281,62 @@ def test_serve_saves_the_context_cache_at_shutdown_even_when_the_process_ends_th
     assert r.exit_code == 143 and path.exists(), r.output
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["format"] == "infinitehip-prefix-cache"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "spell", "prompt": "say \ud800x"}),
+    ("/v1/chat/completions", {"model": "spell", "messages": [{"role": "user", "content": "say \ud800x"}]}),
+])
+def test_text_with_a_lone_surrogate_is_400(url, path, body):
+    """JSON's \\ud800 escape decodes to a lone surrogate, which is no Unicode text: the tokenizer
+    raised TypeError ("TextInputSequence must be str") and an engine that took it failed to write
+    the answer, both a 500 with a traceback in the log."""
+    r = httpx.post(url + path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "surrogate" in r.json()["error"]["message"]
+
+
+def test_a_waiting_request_whose_client_left_is_dropped_at_once():
+    """A non-streaming client that gives up while its request waits for a slot: the request was
+    only noticed at its first token, so it kept its place (429s for others) and was prefilled
+    for nobody once a slot freed. It is now cancelled while still waiting."""
+    engine = SpellEngine(max_batch=1, delay=0.02)
+    app = create_app(engine, max_queue=4)
+    with running(app) as base:
+        post = lambda prompt, timeout: httpx.post(base + "/v1/completions", timeout=timeout,  # noqa: E731
+                                                  json={"model": "spell", "prompt": prompt, "max_tokens": 150})
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, "x" * 150, 30)     # holds the only slot for ~3 s
+            while not engine.active:
+                time.sleep(0.01)
+            with pytest.raises(httpx.TimeoutException):
+                post("waits", 0.3)
+            deadline = time.time() + 2
+            while not engine.cancelled and time.time() < deadline:
+                time.sleep(0.02)
+            assert engine.cancelled and engine.active and not engine.waiting, "dropped while the slot was busy"
+            assert app.state.scheduler.outstanding == 1
+            assert first.result().json()["choices"][0]["text"] == "x" * 150
+
+
+def test_rendering_a_long_chat_does_not_stall_other_clients():
+    """The chat template's tokenization (a long document: seconds) ran on the event loop: every
+    other client, streams and /health included, stalled meanwhile (a 620K-token chat took 0.9 s
+    on CPU). Like counting a completion's tokens, it now runs in a thread."""
+    rendering = threading.Event()
+
+    class SlowChat(SpellEngine):
+        def render_chat(self, messages):
+            rendering.set()
+            time.sleep(1.5)
+            return super().render_chat(messages)
+
+    with running(create_app(SlowChat())) as base:
+        with ThreadPoolExecutor(1) as pool:
+            chat = pool.submit(httpx.post, base + "/v1/chat/completions", timeout=30, json={
+                "model": "spell", "messages": [{"role": "user", "content": "spell long"}]})
+            assert rendering.wait(10)
+            start = time.time()
+            assert httpx.get(base + "/health", timeout=30).status_code == 200
+            assert time.time() - start < 0.75, "the event loop was blocked"
+            assert chat.result().json()["choices"][0]["message"]["content"] == "long"

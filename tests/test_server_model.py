@@ -111,3 +111,22 @@ def test_builtin_model_over_http():
         assert "".join(c.choices[0].text for c in parts) == want
         with pytest.raises(openai.BadRequestError, match="no chat template"):  # the built-in model has none
             client.chat.completions.create(model="builtin", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_empty_prompt_is_400_streaming_too(tmp_path):
+    """A tokenizer that adds no BOS (Qwen's) makes "" zero tokens, which the runner refuses: a 400
+    without streaming, but with stream: true the refusal came after the 200, as an error event
+    typed server_error. Now both are a 400 before anything is queued."""
+    import json
+
+    path = make_checkpoint(tmp_path, "qwen2")
+    spec = json.loads((path / "tokenizer.json").read_text())
+    spec["post_processor"] = None                                   # no BOS
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    model = infinitehip.load(path, config="tiny")
+    assert model.tokenizer.encode("") == []
+    with running(create_app(ModelEngine(model, model_id="tiny", max_context=256, max_batch=1))) as base:
+        for stream in (False, True):
+            r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "", "stream": stream})
+            assert r.status_code == 400 and "empty" in r.json()["error"]["message"], (stream, r.text)
+            assert r.json()["error"]["param"] == "prompt"

@@ -6,12 +6,12 @@ import json
 import logging
 import time
 import uuid
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from ..engine.sampling import SamplingParams
 from .scheduler import EngineFailure, Job, QueueFull, Runner, Scheduler, Unavailable
@@ -42,6 +42,20 @@ class APIError(Exception):
 _NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (False,),
             "suffix": (None, ""), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}),
             "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none")}
+
+
+def _unicode(text: str) -> str:
+    # JSON's \ud800 escape decodes to a lone surrogate, which is no Unicode text: the tokenizer
+    # raised TypeError on it (a 500), and so did writing an answer that echoed it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"a lone surrogate {text[e.start]!r} at character {e.start} is not Unicode text; "
+                         "send valid UTF-8 (pair the surrogate or leave it out)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class StreamOptions(BaseModel):
@@ -94,12 +108,12 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str
+    prompt: Text
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_Sampling):
@@ -153,8 +167,8 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        try:
-            prompt = engine.render_chat([m.model_dump() for m in req.messages])
+        try:  # in a thread, as count_tokens: tokenizing a long document takes seconds
+            prompt = await asyncio.to_thread(engine.render_chat, [m.model_dump() for m in req.messages])
         except ValueError as e:  # e.g. a model without a chat template
             raise APIError(400, f"{e}; or send the text to /v1/completions", "messages") from None
         return await _serve(req, prompt, "chat.completion", request)
@@ -164,6 +178,9 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
             raise APIError(404, f"model {req.model!r} is not served here; GET /v1/models lists {engine.model_id!r}",
                            "model", "model_not_found")
         n_prompt = await asyncio.to_thread(engine.count_tokens, prompt)
+        if n_prompt == 0:  # refused here, not by the worker: a stream would get it after its 200
+            raise APIError(400, "empty prompt: it has no tokens (this tokenizer adds no BOS); send some text",
+                           "prompt" if kind == "text_completion" else "messages")
         if n_prompt + req.max_tokens > engine.max_context:
             raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({req.max_tokens}) exceeds this "
                            f"server's capacity of {engine.max_context} tokens; shorten the prompt or lower "
@@ -182,11 +199,12 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
         if req.stream:
             return StreamingResponse(_sse(job, rid, kind, req, n_prompt, request), media_type="text/event-stream")
         text, n_out, finish = "", 0, "stop"
+        # Watched all along, not only between tokens: a client that leaves while its request
+        # waits for a slot frees its place then, instead of being prefilled for nobody.
+        watch = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
             async for e in job.aresults():
                 text, n_out, finish = text + e.text, e.n_generated, e.finish_reason or finish
-                if await request.is_disconnected():  # nobody will read the answer: free the slot
-                    break
         except ValueError as e:  # the engine refused the input (e.g. too long once tokenized)
             raise APIError(400, str(e)) from None
         except Unavailable as e:
@@ -194,6 +212,7 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
         except EngineFailure as e:  # already logged by the scheduler, with its traceback
             raise APIError(500, f"{e}; see the server log", None, "server_error") from None
         finally:
+            watch.cancel()
             job.cancelled.set()
         return _body(rid, kind, req.model, text, finish, usage=(n_prompt, n_out))
 
@@ -220,6 +239,13 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
 
     app.router.on_shutdown.append(lambda: _shutdown(scheduler, engine))
     return app
+
+
+async def _cancel_on_disconnect(request: Request, job: Job):
+    """Cancel ``job`` once the client disconnects (the body is read: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
 
 
 def _shutdown(scheduler: Scheduler, engine):
