@@ -44,6 +44,8 @@ class SpellEngine:
         return len(text.split())
 
     def add(self, prompt, params):
+        if "addbug" in prompt:   # a bug while queueing a request: it killed the worker (every later one 503)
+            raise RuntimeError("secret internal detail")
         rid = next(self.ids)
         self.waiting.append(SimpleNamespace(rid=rid, word=prompt.split()[-1][:params.max_new_tokens], n=0,
                                             params=params, stops=StopChecker(params.stop), boom="explode" in prompt))
@@ -191,8 +193,9 @@ def test_client_that_disconnects_mid_stream_is_cancelled(spell):
         engine.delay = 0.002
 
 
-def test_internal_error_is_500_without_details_and_the_server_stays_up(url):
-    r = httpx.post(url + "/v1/completions", json={"model": "spell", "prompt": "explode now", "max_tokens": 5})
+@pytest.mark.parametrize("word", ["explode", "addbug"])   # failing in a step, or while queueing
+def test_internal_error_is_500_without_details_and_the_server_stays_up(url, word):
+    r = httpx.post(url + "/v1/completions", json={"model": "spell", "prompt": f"{word} now", "max_tokens": 5})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert "secret" not in r.text and "Traceback" not in r.text
     ok = httpx.post(url + "/v1/completions", json={"model": "spell", "prompt": "still here", "max_tokens": 4})

@@ -163,6 +163,9 @@ class Scheduler:
                 self._jobs[self.runner.add(job.prompt, job.params)] = job
             except ValueError as e:  # the request itself is bad: a 400 for it alone
                 self._end(job, e)
+            except Exception:   # a bug while queueing it (nothing is held yet): a 500 for it alone
+                log.exception("queueing a request failed; dropping it")
+                self._end(job, EngineFailure("internal error while starting this request"))
 
     def _drop_cancelled(self):
         for rid, job in list(self._jobs.items()):
