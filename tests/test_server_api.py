@@ -226,6 +226,12 @@ def test_full_queue_is_429_and_a_closed_server_is_503():
     (json.dumps({"model": "other", "prompt": "x"}).encode(), 404, "not served here"),
     (json.dumps({"model": "spell", "prompt": "x", "temperature": 9}).encode(), 400, "temperature"),
     (json.dumps({"model": "spell", "prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens"),
+    # Strict types, as OpenAI's API (these were converted: "5" -> 5, "yes" -> True, true -> 1.0).
+    (json.dumps({"model": "spell", "prompt": "x", "max_tokens": "5"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "spell", "prompt": "x", "max_tokens": True}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "spell", "prompt": "x", "stream": "yes"}).encode(), 400, "stream"),
+    (json.dumps({"model": "spell", "prompt": "x", "temperature": True}).encode(), 400, "temperature"),
+    (json.dumps({"model": "spell", "prompt": "x", "seed": "7"}).encode(), 400, "seed"),
     (json.dumps({"model": "spell", "prompt": "x " * 199, "max_tokens": 5}).encode(), 400, "capacity of 200"),
     # Fields this server does not implement: a 400, not an answer that ignores them (n=2 gave one choice).
     (json.dumps({"model": "spell", "prompt": "x", "n": 2}).encode(), 400, "n is not supported"),

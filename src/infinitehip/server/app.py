@@ -67,15 +67,17 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
+    # Strict types, as OpenAI's API: "5" or true for max_tokens, "yes" for stream were converted
+    # (a client with a bug got an answer instead of the error that would show it).
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    max_tokens: int = Field(16, ge=1, le=1 << 20)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    max_tokens: int = Field(16, ge=1, le=1 << 20, strict=True)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
+    seed: int | None = Field(None, strict=True)
     stop: str | list[str] | None = Field(None, validate_default=True)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
 
     @model_validator(mode="before")
