@@ -24,6 +24,10 @@ from infinitehip.engine.sampling import StopChecker  # noqa: E402
 from infinitehip.server.app import create_app  # noqa: E402
 
 
+class _Fatal(BaseException):
+    pass
+
+
 class SpellEngine:
     """A continuous-batching runner in miniature: each step spells one more letter of every
     active request's last prompt word; ``max_batch`` requests at a time, the rest wait. A prompt
@@ -46,6 +50,8 @@ class SpellEngine:
     def add(self, prompt, params):
         if "addbug" in prompt:   # a bug while queueing a request: it killed the worker (every later one 503)
             raise RuntimeError("secret internal detail")
+        if "fatal" in prompt:    # not an Exception: the worker thread stops
+            raise _Fatal()
         rid = next(self.ids)
         self.waiting.append(SimpleNamespace(rid=rid, word=prompt.split()[-1][:params.max_new_tokens], n=0,
                                             params=params, stops=StopChecker(params.stop), boom="explode" in prompt))
@@ -349,3 +355,21 @@ def test_rendering_a_long_chat_does_not_stall_other_clients():
             assert httpx.get(base + "/health", timeout=30).status_code == 200
             assert time.time() - start < 0.75, "the event loop was blocked"
             assert chat.result().json()["choices"][0]["message"]["content"] == "long"
+
+
+def test_a_stopped_worker_ends_its_jobs_and_refuses_new_ones():
+    """The worker stopping (here: a BaseException while queueing) ends the job it held and every
+    queued one, and submit refuses new ones even in the window before the thread is seen dead
+    (is_alive still True): none waits forever on a worker that is gone."""
+    from infinitehip.engine.sampling import SamplingParams
+    from infinitehip.server.scheduler import Scheduler, Unavailable
+
+    sched = Scheduler(SpellEngine(), max_queue=4)
+    job = sched.submit("fatal now", SamplingParams(max_new_tokens=3))
+    with pytest.raises(Unavailable, match="stopped before this request started"):
+        list(job.results())
+    sched._worker.join(timeout=10)
+    sched._worker.is_alive = lambda: True           # the race: submit checked before the thread ended
+    with pytest.raises(Unavailable, match="worker stopped"):
+        sched.submit("still here", SamplingParams(max_new_tokens=3))
+    assert sched.outstanding == 0

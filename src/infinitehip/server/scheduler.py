@@ -87,6 +87,7 @@ class Scheduler:
         self._outstanding = 0              # submitted and not yet finished (any thread)
         self._jobs: dict[int, Job] = {}    # runner request id -> job (worker thread only)
         self._closing = threading.Event()
+        self._stopped = False              # the worker has left its loop (set under the lock)
         self.error: BaseException | None = None
         self._worker = threading.Thread(target=self._loop, name="infinitehip-worker", daemon=True)
         self._worker.start()
@@ -100,18 +101,20 @@ class Scheduler:
         return self.runner.max_batch + self.max_queue
 
     def submit(self, prompt, params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None) -> Job:
-        if self._closing.is_set():
-            raise Unavailable("the server is shutting down")
-        if not self._worker.is_alive():
-            raise Unavailable("the generation worker stopped after an internal error (see the server log); "
-                              "restart the server")
+        # Under the lock with the worker's exit: a job is queued before the worker's last drain of
+        # the inbox (which ends it), or refused; never left where no one takes it.
         with self._lock:
+            if self._closing.is_set():
+                raise Unavailable("the server is shutting down")
+            if self._stopped or not self._worker.is_alive():
+                raise Unavailable("the generation worker stopped after an internal error (see the server log); "
+                                  "restart the server")
             if self._outstanding >= self.limit:
                 raise QueueFull(f"{self._outstanding} requests are already running or waiting "
                                 f"(max_batch {self.runner.max_batch} + max_queue {self.max_queue})")
             self._outstanding += 1
-        job = Job(prompt, params, loop)
-        self._inbox.put(job)
+            job = Job(prompt, params, loop)
+            self._inbox.put(job)
         return job
 
     def close(self):
@@ -134,6 +137,8 @@ class Scheduler:
             self.error = e
             log.exception("the generation worker stopped")
         finally:
+            with self._lock:
+                self._stopped = True
             for rid in list(self._jobs):
                 self._finish(rid, Unavailable("the server stopped before this request finished"))
             while True:  # requests submitted but never taken
@@ -166,6 +171,9 @@ class Scheduler:
             except Exception:   # a bug while queueing it (nothing is held yet): a 500 for it alone
                 log.exception("queueing a request failed; dropping it")
                 self._end(job, EngineFailure("internal error while starting this request"))
+            except BaseException:   # the worker goes down: this job ends with the others, not never
+                self._end(job, Unavailable("the server stopped before this request started"))
+                raise
 
     def _drop_cancelled(self):
         for rid, job in list(self._jobs.items()):
