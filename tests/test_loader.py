@@ -260,3 +260,21 @@ def test_error_no_chat_template(ckpts, tmp_path):
     model = infinitehip.load(path)
     with pytest.raises(ValueError, match="has no chat template"):
         infinitehip.generate(model, "hi", chat=True, max_new_tokens=2)
+
+
+def test_tied_config_with_its_own_lm_head_is_untied_as_transformers_does(ckpts, tmp_path):
+    """config.json says tie_word_embeddings but the checkpoint holds an lm_head.weight of its own:
+    one of the two overwrote the other in the shared tensor (logits 6.6 off transformers, silently).
+    transformers unties them and warns; so does load. A copy of the embedding stays tied."""
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    _edit_config(path, tie_word_embeddings=True)
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf_model(path)(ids).logits
+    with pytest.warns(UserWarning, match="lm_head.weight.*untied"):
+        model = infinitehip.load(path, config="tiny")
+    assert not model.args.tie_embeddings
+    torch.testing.assert_close(forward(model, ids, "dense"), ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    _rewrite_weights(path, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    model = infinitehip.load(path, config="tiny")
+    assert model.args.tie_embeddings and model.net.output.weight is model.net.tok_embeddings.weight

@@ -6,7 +6,8 @@ declarative name map; transformers is not needed at run time.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -178,6 +179,10 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
     base = RoPE.from_hf(cfg, args.head_dim)
     rope = RoPE(base.inv_freq.to(device), base.attention_scaling)
     files = weight_files(path)
+    if args.tie_embeddings and _own_lm_head(files):   # as transformers: the checkpoint's own head wins
+        warnings.warn(f"{path}: config.json sets tie_word_embeddings but lm_head.weight differs from the embedding; "
+                      "loaded untied (set tie_word_embeddings to false in config.json to silence this)", stacklevel=2)
+        args = replace(args, tie_embeddings=False)
     with torch.device("meta"):
         net = Transformer(args, rope, hip)
     net = net.to(dtype).to_empty(device=device)
@@ -195,6 +200,23 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
         raise ValueError(f"{path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary only "
                          f"{args.vocab_size}: the tokenizer belongs to another model")
     return Model(net, tokenizer, args, hip, path, gen)
+
+
+def _own_lm_head(files: dict[str, Path]) -> bool:
+    """Whether the checkpoint holds an lm_head.weight that is not a copy of the embedding."""
+    names = ("lm_head.weight", "model.embed_tokens.weight")
+    if not all(n in files for n in names):
+        return False
+    try:
+        head, emb = (_read_tensor(files[n], n) for n in names)
+    except Exception:   # _load_weights reports what is unreadable, in one line
+        return False
+    return head.shape != emb.shape or not torch.equal(head, emb)
+
+
+def _read_tensor(file: Path, name: str) -> torch.Tensor:
+    with _open(file) as f:
+        return f.get_tensor(name)
 
 
 def _load_weights(net: Transformer, files: dict[str, Path], args: ModelArgs):
