@@ -72,3 +72,19 @@ def test_drop_in_refuses_attention_it_cannot_reproduce():
     model = transformers.Gemma2ForCausalLM(cfg).eval()
     with torch.no_grad(), pytest.raises(ValueError, match="cannot apply softcap"):
         model(torch.randint(5, 200, (1, 24)))
+
+
+def test_drop_in_refuses_padded_batches_with_a_sliding_window(tmp_path):
+    """Mistral-7B-v0.1's config (sliding_window=4096): the padding check was skipped for every
+    sliding-window layer, so a left-padded row attended its padding (8.2 off eager, silently).
+    Keys within the last query's window are checked."""
+    ours = hf_model(make_checkpoint(tmp_path, "mistral", sliding_window=4096), "infinitehip")
+    ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="does not take padded batches"):
+        ours(ids, attention_mask=mask)
+    with torch.no_grad():   # unpadded, and decode steps past a short window (keys outside it are hidden): run
+        ours(ids, attention_mask=torch.ones_like(ids))
+        short = hf_model(make_checkpoint(tmp_path / "w", "mistral", sliding_window=8), "infinitehip")
+        short.generate(ids[:1], max_new_tokens=4, do_sample=False)

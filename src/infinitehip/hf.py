@@ -68,21 +68,26 @@ def _check_supported(module, attention_mask, kwargs: dict, tk: int, upto: torch.
                          "bidirectional (an encoder)")
     if module.training and kwargs.get("dropout", 0.0):
         raise ValueError("attn_implementation='infinitehip' has no attention dropout: it is for inference (model.eval())")
-    if (attention_mask is not None and attention_mask.dim() == 4 and kwargs.get("sliding_window") is None
-            and _padded(attention_mask, upto, tk)):
+    if attention_mask is not None and attention_mask.dim() == 4 and _padded(attention_mask, upto, tk,
+                                                                             kwargs.get("sliding_window")):
         raise ValueError("attn_implementation='infinitehip' does not take padded batches (a row's padding would be "
                          "attended): give sequences of equal length, one per call, or use infinitehip.generate, "
                          "which batches prompts of any lengths")
 
 
-def _padded(mask: torch.Tensor, upto: torch.Tensor | None, tk: int) -> bool:
+def _padded(mask: torch.Tensor, upto: torch.Tensor | None, tk: int, window: int | None = None) -> bool:
     """Whether some row has a key that every query is masked from though causality would show it
-    to the last (among the first ``upto`` keys, else all Tk): padding. mask (B, 1, Tq, >= Tk):
-    bool (True = attend) or additive float (0 = attend)."""
+    to the last (among the first ``upto`` keys, else all Tk; with a sliding window, among the last
+    ``window`` of those): padding. mask (B, 1, Tq, >= Tk): bool (True = attend) or additive float
+    (0 = attend)."""
     m = mask[:, 0, :, :tk]                                                     # (B, Tq, Tk)
     hidden = (~m if m.dtype == torch.bool else m < 0).all(dim=1)               # (B, Tk)
-    limit = torch.full((m.shape[0],), tk, device=m.device) if upto is None else upto.to(m.device)
-    return bool((hidden & (torch.arange(tk, device=m.device) < limit[:, None])).any())
+    limit = torch.full((m.shape[0],), tk, device=m.device) if upto is None else upto.to(m.device).clamp(max=tk)
+    keys = torch.arange(tk, device=m.device)
+    shown = keys < limit[:, None]
+    if window:   # a sliding cache holds keys up to the last query: the last `window` of them are shown to it
+        shown &= keys >= limit[:, None] - window
+    return bool((hidden & shown).any())
 
 
 def set_config(model: torch.nn.Module | None = None, config: HiPConfig | str = "paper"):
