@@ -12,10 +12,19 @@ SCALINGS = [
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 8192},
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+    # null betas are the defaults (float(None) was a TypeError); mscale / mscale_all_dim set the
+    # attention factor as their ratio (it was YaRN's default, 1.1386 here, where transformers gives 1.0)
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "beta_fast": None,
+     "beta_slow": None},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "mscale": 0.707,
+     "mscale_all_dim": 0.707},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
+     "mscale_all_dim": 0.5},
 ]
 
 
-@pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: (s or {}).get("rope_type", "default"))
+@pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: "-".join(str(k) for k in (s or {"default": 0})
+                                                                     if k not in ("factor",)))
 def test_inv_freq_matches_transformers(scaling):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -83,8 +83,17 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
 def _yarn(inv_freq, p, config, head_dim, theta) -> RoPE:
     factor = float(p["factor"])
     old_len = float(p.get("original_max_position_embeddings") or config["max_position_embeddings"])
-    beta_fast, beta_slow = float(p.get("beta_fast", 32)), float(p.get("beta_slow", 1))
-    mscale = p.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    # null means the default, as in transformers (float(None) was a TypeError)
+    beta_fast = float(32 if p.get("beta_fast") is None else p["beta_fast"])
+    beta_slow = float(1 if p.get("beta_slow") is None else p["beta_slow"])
+
+    def get_mscale(m=1.0):
+        return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    mscale = p.get("attention_factor")
+    if mscale is None:   # DeepSeek-style configs give mscale and mscale_all_dim: their ratio
+        m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+        mscale = get_mscale(m) / get_mscale(m_all) if m and m_all else get_mscale()
 
     def dim_of(rotations):  # the dim whose wavelength fits `rotations` times in old_len
         return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
