@@ -12,6 +12,7 @@ Legend: L layers, g GPU-stored layers, B batch, C capacity (tokens per row, a mu
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -73,9 +74,9 @@ class OffloadConfig:
         if self.gpu_pages is not None and (not is_int(self.gpu_pages) or self.gpu_pages < 1):
             raise ValueError(f"OffloadConfig.gpu_pages={self.gpu_pages!r} must be None (sized from one decode step) "
                              "or a positive number of page slots per layer")
-        if not is_number(self.headroom) or not self.headroom >= 1:
-            raise ValueError(f"OffloadConfig.headroom={self.headroom!r} must be a number >= 1: the page cache holds "
-                             "headroom x the pages one decode step reads, and fewer cannot serve a step")
+        if not is_number(self.headroom) or not 1 <= self.headroom < math.inf:   # inf: no slot count (OverflowError)
+            raise ValueError(f"OffloadConfig.headroom={self.headroom!r} must be a finite number >= 1: the page cache "
+                             "holds headroom x the pages one decode step reads, and fewer cannot serve a step")
         if self.gpu_layers is not None and (not is_int(self.gpu_layers) or self.gpu_layers < 0):
             raise ValueError(f"OffloadConfig.gpu_layers={self.gpu_layers!r} must be None (automatic) or a number of "
                              "layers >= 0 kept whole in GPU memory")
