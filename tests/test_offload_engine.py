@@ -203,6 +203,25 @@ def test_capacity_errors_name_both_memories(bf16_model):
         plan(model, 1024, config=OffloadConfig(gpu_layers=7))
 
 
+def test_layers_kept_on_a_gpu_less_device_count_against_host_memory(bf16_model):
+    """Without a GPU (the device is the host) the "GPU-stored" layers' stores are in host memory
+    too: the plan checked only the other layers' there, so gpu_layers=6 planned 5.7 GiB of KV into
+    64 MiB of free memory (no CapacityError: the allocation itself then failed), and the longest
+    context it gave for gpu_layers=3 was twice what fits."""
+    model, mib = bf16_model, 1 << 20
+    for g in (0, 3, 6):
+        with pytest.raises(CapacityError, match=r"6 of 6 layers there; cpu is the host.*\. Use a shorter prompt"):
+            plan(model, 10**6, free_host=64 * mib, config=OffloadConfig(gpu_layers=g))
+    a = model.args
+    kw = dict(n_layers=a.n_layers, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, batch=1, dtype=model.dtype,
+              device=torch.device("cpu"), layer_configs=model.net.layer_configs, free_host=64 * mib)
+    n, _ = longest_offload_context(config=OffloadConfig(gpu_layers=3), **kw)
+    assert n == longest_offload_context(config=OffloadConfig(gpu_layers=0), **kw)[0]     # bf16: same bytes either way
+    plan(model, n, free_host=64 * mib, config=OffloadConfig(gpu_layers=3))
+    with pytest.raises(CapacityError):
+        plan(model, n + 16, free_host=64 * mib, config=OffloadConfig(gpu_layers=3))
+
+
 def test_fp8_hint_states_the_factor_of_the_models_dtype(model):
     """The capacity error said FP8 "halves" the host store; for a float32 model (the CPU default)
     it quarters it: one byte a value instead of 4."""

@@ -221,7 +221,8 @@ def test_decode_cache_is_validated():
 @pytest.mark.parametrize("field, bad, message", [
     ("page", 6, "power of two"), ("page", 0, "power of two"), ("page", -8, "power of two"), ("page", 8.0, "power"),
     ("fp8", "yes", "False .* or True"), ("gpu_pages", 0, "positive"), ("gpu_pages", 2.5, "positive"),
-    ("headroom", 0.5, ">= 1"), ("headroom", float("nan"), ">= 1"), ("gpu_layers", -1, ">= 0"),
+    ("headroom", 0.5, ">= 1"), ("headroom", float("nan"), ">= 1"), ("headroom", float("inf"), "finite"),
+    ("gpu_layers", -1, ">= 0"),
 ])
 def test_offload_config_fields_are_validated(field, bad, message):
     """Each field's bad value is a ValueError naming it (a page of 6 tokens failed deep inside

@@ -214,9 +214,9 @@ def _offload_arg(offload: bool | None, fp8: bool, gpu_layers: int | None, device
         return offload
     if offload is False:
         raise ValueError("--no-offload contradicts --offload-fp8 / --offload-gpu-layers (they configure offload)")
-    # Without a GPU the "GPU-stored" layers would sit in host memory like the rest, and the plan
-    # would not count them against it (it checks the host part only): the flag would promise
-    # GPU memory and skip the capacity check. 0 (every layer in host memory) is true anywhere.
+    # Without a GPU the "GPU-stored" layers would sit in host memory like the rest (the plan counts
+    # them there): the flag would promise GPU memory that is not there. 0 (every layer in host
+    # memory) is true anywhere.
     if gpu_layers and device.type != "cuda":
         raise ValueError(f"--offload-gpu-layers {gpu_layers} keeps layers in GPU memory, but the model runs on "
                          f"{device}, which has none: leave the flag out (or give 0), or run on a CUDA device")

@@ -12,6 +12,7 @@ Legend: L layers, g GPU-stored layers, B batch, C capacity (tokens per row, a mu
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -73,9 +74,9 @@ class OffloadConfig:
         if self.gpu_pages is not None and (not is_int(self.gpu_pages) or self.gpu_pages < 1):
             raise ValueError(f"OffloadConfig.gpu_pages={self.gpu_pages!r} must be None (sized from one decode step) "
                              "or a positive number of page slots per layer")
-        if not is_number(self.headroom) or not self.headroom >= 1:
-            raise ValueError(f"OffloadConfig.headroom={self.headroom!r} must be a number >= 1: the page cache holds "
-                             "headroom x the pages one decode step reads, and fewer cannot serve a step")
+        if not is_number(self.headroom) or not 1 <= self.headroom < math.inf:   # inf: no slot count (OverflowError)
+            raise ValueError(f"OffloadConfig.headroom={self.headroom!r} must be a finite number >= 1: the page cache "
+                             "holds headroom x the pages one decode step reads, and fewer cannot serve a step")
         if self.gpu_layers is not None and (not is_int(self.gpu_layers) or self.gpu_layers < 0):
             raise ValueError(f"OffloadConfig.gpu_layers={self.gpu_layers!r} must be None (automatic) or a number of "
                              "layers >= 0 kept whole in GPU memory")
@@ -177,16 +178,23 @@ class _Sizes:
     def gpu(self, g: int, tokens: int) -> int:
         return int(g * self.store * tokens + (self.L - g) * self.on_gpu * tokens) + self.pools(g)
 
-    def longest(self, g: int, host_budget: float, gpu_budget: float) -> int:
-        """Most tokens per row (a multiple of the capacity unit) placement g holds within both budgets."""
-        host = host_budget / ((self.L - g) * (self.store - self.scales)) if g < self.L else float("inf")
-        per_gpu = g * self.store + (self.L - g) * self.on_gpu
-        gpu = (gpu_budget - self.pools(g)) / per_gpu if per_gpu else float("inf")
-        cap = min(host, gpu)
-        if cap == float("inf"):     # every layer on an unchecked device: it is the host (CPU), bound by it
-            cap = host_budget / (self.L * self.store)
+    def on_host(self, g: int, tokens: int) -> int:
+        """Host bytes of placement g when there is no GPU (the device is the host, CPU): the
+        "GPU-stored" layers' whole stores are in host memory too."""
+        return self.host(g, tokens) + int(g * self.store * tokens)
+
+    def longest(self, g: int, host_budget: float, gpu_budget: float | None) -> int:
+        """Most tokens per row (a multiple of the capacity unit) placement g holds within both budgets
+        (``gpu_budget`` None: no GPU, the device is the host, which holds every layer's store)."""
+        if gpu_budget is None:
+            cap = host_budget / ((self.L - g) * (self.store - self.scales) + g * self.store)
+        else:
+            host = host_budget / ((self.L - g) * (self.store - self.scales)) if g < self.L else float("inf")
+            per_gpu = g * self.store + (self.L - g) * self.on_gpu
+            cap = min(host, (gpu_budget - self.pools(g)) / per_gpu if per_gpu else float("inf"))
         n = int(max(0.0, cap)) // self.unit * self.unit
-        while n > 0 and (self.host(g, n) > host_budget or self.gpu(g, n) > gpu_budget):   # float rounding
+        while n > 0 and (self.on_host(g, n) > host_budget if gpu_budget is None else   # float rounding
+                         self.host(g, n) > host_budget or self.gpu(g, n) > gpu_budget):
             n -= self.unit
         return n
 
@@ -250,17 +258,20 @@ def _auto_layers(sizes: _Sizes, b: _Budgets, tokens: int) -> int | None:
 
 def _check_placement(sizes: _Sizes, b: _Budgets, config: OffloadConfig, g: int, tokens: int, workspace: int,
                      device: torch.device):
-    """An explicit ``gpu_layers``: each memory must hold its part."""
-    host, gpu = sizes.host(g, tokens), sizes.gpu(g, tokens)
+    """An explicit ``gpu_layers``: each memory must hold its part (without a GPU the host holds both)."""
+    no_gpu = b.gpu is None
+    host, gpu = sizes.on_host(g, tokens) if no_gpu else sizes.host(g, tokens), sizes.gpu(g, tokens)
     if host > b.host:
-        fits = sizes.longest(g, b.host, float("inf"))
+        fits = sizes.longest(g, b.host, None if no_gpu else float("inf"))
+        more_gpu = "" if no_gpu else ("Keep more layers in GPU memory (OffloadConfig.gpu_layers, --offload-gpu-layers; "
+                                      "None picks them), or use")
         raise CapacityError(
             f"the offloaded KV cache for {sizes.batch} x {tokens:,} tokens needs {host / GIB:.2f} GiB of host memory "
-            f"({sizes.L - g} of {sizes.L} layers there) but only {b.host / GIB:.2f} GiB are available "
+            f"({sizes.L if no_gpu else sizes.L - g} of {sizes.L} layers there"
+            f"{f'; {device} is the host' if no_gpu else ''}) but only {b.host / GIB:.2f} GiB are available "
             f"({HOST_USE:.0%} of {b.free_host / GIB:.2f} GiB free); at most ~{fits:,} tokens per sequence fit."
             f"{_fp8_hint(config, sizes.dtype)} "
-            "Keep more layers in GPU memory (OffloadConfig.gpu_layers, --offload-gpu-layers; None picks them), "
-            "or use a shorter prompt, fewer new tokens, or fewer prompts at once.")
+            f"{more_gpu or 'Use'} a shorter prompt, fewer new tokens, or fewer prompts at once.")
     if b.gpu is not None and gpu > b.gpu:
         raise CapacityError(
             f"the GPU part of the offloaded KV cache ({g} layers' whole KV, page caches of the other "
@@ -305,7 +316,7 @@ def _fp8_hint(config: OffloadConfig, dtype: torch.dtype) -> str:
 def _longest(sizes: _Sizes, b: _Budgets, gpu_layers: int | None = None) -> int:
     """Most tokens per row any allowed placement holds (the one ``gpu_layers`` names, or any)."""
     def budget(g):
-        return float("inf") if b.gpu is None else (b.gpu if g == 0 or gpu_layers is not None else b.auto)
+        return None if b.gpu is None else (b.gpu if g == 0 or gpu_layers is not None else b.auto)
     if gpu_layers is not None:
         return sizes.longest(gpu_layers, b.host, budget(gpu_layers))
     candidates = range(sizes.L + 1) if b.gpu is not None else [0]
