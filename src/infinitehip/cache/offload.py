@@ -18,6 +18,8 @@ FP8_MAX = 448.0
 # Round-trip error of one element x of a block whose absolute maximum is amax (e4m3: 3 mantissa
 # bits, so half an ulp is 2^-4 of the value; values below the smallest normal are spaced
 # amax / 448 * 2^-9 apart):  |x - decode(encode(x))| <= 2^-4 |x| + amax / 448 * 2^-10.
+# One round trip: a decode-written page is re-encoded from its rounded values whenever its
+# maximum grows, and its error can add up past this (docs/offload.md, "Exactness").
 FP8_REL_ERROR = 2.0 ** -4
 
 
