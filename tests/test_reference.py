@@ -47,6 +47,22 @@ def test_full_budget_equals_dense(B, tq, tk, H, K, D, sharing):
     torch.testing.assert_close(out, dense(q, k, v, rope), atol=2e-5, rtol=2e-5)
 
 
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("tq,tk", [(1, 161), (32, 200), (40, 230)])
+def test_full_budget_streaming_positions_equal_dense(backend, tq, tk):
+    """Streaming positions with a budget covering every key are the true positions. The window
+    start is not chunk-aligned here, so the last selected chunk runs into the window: its masked
+    keys must take no position (they used to shift the sink and selected keys back by up to
+    chunk_size - 1, ~0.05-0.2 off dense)."""
+    dev = device_for(backend)
+    q, k, v = rand_qkv(2, tq, tk, 4, 2, 64, seed=11, device=dev)
+    rope = RoPE.default(64)
+    cfg = FULL.replace(rope_prune="relative", rope_attend="streaming", dense_threshold=0)
+    out, mask = hip_attention(q, k, v, config=cfg, rope=rope, backend=backend)
+    assert mask is not None, "this context is long enough for the sparse path"
+    torch.testing.assert_close(out, dense(q, k, v, rope), atol=5e-5, rtol=5e-5)
+
 def test_short_context_is_dense_and_exact():
     q, k, v = rand_qkv(1, 100, 150, 4, 2, 64)  # 150 <= sink + window = 160
     rope = RoPE.default(64)

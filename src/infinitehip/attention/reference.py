@@ -212,9 +212,15 @@ def slot_indices(starts: torch.Tensor, geo: Geometry, config: HiPConfig):
     win_idx = (wst + torch.arange(n_window, device=dev)).expand(B, G, nqb, n_window)
     idx = torch.cat([sink_idx, torch.where(chunk_ok.repeat_interleave(c, -1), sel_idx, 0), win_idx], -1)
 
-    packed = wst - chunk_ok.sum(-1, keepdim=True) * c                  # first selected position
+    # Pack only the selectable keys [sink, w0) of the chunks: the first chunk may start below the
+    # sink (its first `lead` keys are masked) and the last may run into the window, so counting
+    # whole chunks would leave gaps between the selected keys, the sink and the window.
+    st = torch.where(chunk_ok, starts, 0)
+    n_keys = torch.where(chunk_ok, (torch.minimum(st + c, w0) - st.clamp(min=sink)).clamp(0, c), 0)
+    lead = torch.where(chunk_ok, (sink - st).clamp(0, c), 0).sum(-1, keepdim=True)
+    packed = wst - n_keys.sum(-1, keepdim=True)                        # first selected position
     stream = torch.cat([packed - sink + torch.arange(sink, device=dev),
-                        packed + torch.arange(nsel * c, device=dev), win_idx], -1)
+                        packed - lead + torch.arange(nsel * c, device=dev), win_idx], -1)
     pos = torch.where(geo.exact_attend[:, None, None, None], idx, stream)
 
     p = geo.q_pos[:, None, :, :, None]                                 # (B, 1, NQB, bq, 1)

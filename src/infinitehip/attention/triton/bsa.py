@@ -101,10 +101,15 @@ def _bsa_kernel(
         exact = tl.load(exact_ptr + b) != 0
     wst = tl.maximum(w0, SINK)                              # first window key
     s_row = starts_ptr + b64 * stride_sb + g * stride_sg + qb * stride_sq
-    # Streaming positions pack sink + the valid selected chunks just before the window.
-    n_valid = tl.sum((tl.load(s_row + tl.arange(0, NSEL_P), mask=tl.arange(0, NSEL_P) < NSEL,
-                              other=_SENTINEL) != _SENTINEL).to(tl.int64), axis=0)
-    packed = wst - n_valid * C
+    # Streaming positions pack sink + the selectable keys [SINK, w0) of the selected chunks just
+    # before the window (the first chunk may start below the sink, the last run into the window:
+    # their masked keys take no position; ``lead`` of them come before the first valid one).
+    st_all = tl.load(s_row + tl.arange(0, NSEL_P), mask=tl.arange(0, NSEL_P) < NSEL, other=_SENTINEL).to(tl.int64)
+    st_ok = st_all != _SENTINEL
+    st_all = tl.where(st_ok, st_all, 0)
+    n_keys = tl.minimum(tl.maximum(tl.minimum(st_all + C, w0) - tl.maximum(st_all, SINK), 0), C)
+    packed = wst - tl.sum(tl.where(st_ok, n_keys, 0), axis=0)
+    lead = tl.sum(tl.where(st_ok, tl.minimum(tl.maximum(SINK - st_all, 0), C), 0), axis=0)
 
     # Rows: m = t * HEADS_P + j -> query row t of the block, head j of the kv head's group.
     m = tl.arange(0, BLOCK_M)
@@ -175,7 +180,7 @@ def _bsa_kernel(
                 k1 = k1.to(tl.float32) * k_sc[:, None]
                 k2 = k2.to(tl.float32) * k_sc[:, None]
             if ROPE:
-                pos = tl.where(exact | in_win, idx, packed - SINK + s)
+                pos = tl.where(exact | in_win, idx, packed - SINK + s - tl.where(in_sel, lead, 0))
                 k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), pos - p0, inv_freq, attention_scaling,
                                  FAST)
             k1 = _operand(k1, dtype, UPCAST)
