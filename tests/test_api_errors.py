@@ -53,6 +53,25 @@ def test_mask_from_another_config_is_rejected():
         hip_attention(q, k, v, config=other, mask=mask, refresh_stage=other.n_stages)
 
 
+
+def test_mask_stage_inputs_from_another_config_are_rejected():
+    """Masks whose final chunks fit but whose saved stage inputs do not (another stage budget),
+    an empty_mask refreshed from a stage it has no input for, or not a mask at all: a clear
+    error, not a silently different pruning (or an AttributeError from deep inside)."""
+    from infinitehip.attention import empty_mask
+    q, k, v = qkv(B=2, tq=1)
+    _, mask = hip_attention(q, k, v, config=CFG)
+    other = CFG.replace(stage_budgets=(None, 1024, 128))   # same final mask shape, wider stage 1
+    with pytest.raises(ValueError, match="reusable only with the config"):
+        hip_attention(q, k, v, config=other, mask=mask, refresh_stage=1)
+    empty = empty_mask(CFG, 2, 2, 1)
+    hip_attention(q, k, v, config=CFG, mask=empty, refresh_stage=CFG.n_stages)   # used as is: fine
+    for stage in (1, [CFG.n_stages, 2]):
+        with pytest.raises(ValueError, match="no saved input"):
+            hip_attention(q, k, v, config=CFG, mask=empty, refresh_stage=stage)
+    with pytest.raises(TypeError, match="HiPMask"):
+        hip_attention(q, k, v, config=CFG, mask=mask.starts, refresh_stage=CFG.n_stages)
+
 def test_rope_scaling_errors():
     with pytest.raises(ValueError, match="rope type 'dynamic' is not supported"):
         RoPE.from_hf({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, 64)

@@ -195,6 +195,11 @@ def _refresh_rows(refresh_stage, B: int, config: HiPConfig, mask: HiPMask | None
         raise ValueError(f"refresh_stage={refresh_stage} must be in [0, {config.n_stages}] (per row)")
     if mask is None:   # nothing to reuse (a first step, or the previous call attended densely)
         return 0, None
+    missing = [s for s in range(max(min(rows), 1), min(max(rows), config.n_stages - 1) + 1)
+               if mask.stage_inputs[s] is None]
+    if missing:
+        raise ValueError(f"refresh_stage={refresh_stage} reruns stage {missing[0]}, but the mask has no saved input "
+                         f"for it (an empty_mask): reuse it with refresh_stage={config.n_stages} or prune from 0")
     if len(set(rows)) == 1:
         return rows[0], None
     return min(rows), torch.tensor(rows, device=device)
@@ -306,12 +311,18 @@ def _check(q, k, v, config, rope, cache_seqlens, mask, backend) -> str:
         if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) or cache_seqlens.is_floating_point():
             raise ValueError(f"cache_seqlens must be an integer tensor of shape ({B},)")
     if mask is not None:
+        if not isinstance(mask, HiPMask):
+            raise TypeError(f"mask must be the HiPMask a previous call returned, got {type(mask).__name__}")
         G = n_groups(config, K)
         nqb = -(-tq // config.block_size_q)
-        if tuple(mask.starts.shape) != (B, G, nqb, config.n_selected):
-            raise ValueError(f"mask has shape {tuple(mask.starts.shape)}, expected ({B}, {G}, {nqb}, "
-                             f"{config.n_selected}) for this config and input: a mask is reusable only with the "
-                             "config and input shapes of the call that returned it")
+        widths = [config.n_selected] + [config.n_kept(s - 1) * config.chunk_sizes[s - 1] // config.chunk_sizes[s]
+                                        for s in range(1, config.n_stages)]
+        shapes = [tuple(mask.starts.shape)] + [None if t is None else tuple(t.shape) for t in mask.stage_inputs[1:]]
+        if len(mask.stage_inputs) != config.n_stages or any(
+                shape is not None and shape != (B, G, nqb, n) for shape, n in zip(shapes, widths)):
+            raise ValueError(f"mask has shape {shapes[0]} and stage inputs {shapes[1:]}, expected ({B}, {G}, {nqb}, "
+                             f"{widths[0]}) and widths {widths[1:]} for this config and input: a mask is reusable "
+                             "only with the config and input shapes of the call that returned it")
     backend = resolve_backend(backend, q)
     if backend == "triton" and not q.is_cuda and not triton_interpreted():
         raise ValueError(f"backend='triton' runs on CUDA tensors, these are on {q.device}; use backend='reference' "
