@@ -72,6 +72,15 @@ def test_mask_stage_inputs_from_another_config_are_rejected():
     with pytest.raises(TypeError, match="HiPMask"):
         hip_attention(q, k, v, config=CFG, mask=mask.starts, refresh_stage=CFG.n_stages)
 
+
+def test_narrow_cache_seqlens_are_compared_without_wrapping():
+    """uint8 lengths [200, 255] against Tk = 400 are valid: Tk must not wrap to uint8 (144)."""
+    q, k, v = qkv(B=2, tq=1)
+    lens = torch.tensor([200, 255], dtype=torch.uint8)
+    out, _ = hip_attention(q, k, v, config=CFG, cache_seqlens=lens)
+    want, _ = hip_attention(q, k, v, config=CFG, cache_seqlens=lens.long())
+    torch.testing.assert_close(out, want)
+
 def test_rope_scaling_errors():
     with pytest.raises(ValueError, match="rope type 'dynamic' is not supported"):
         RoPE.from_hf({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, 64)

@@ -268,7 +268,8 @@ def _check_lengths(cache_seqlens: torch.Tensor, tq: int, tk: int):
     must not wait for the host."""
     if cache_seqlens.is_floating_point() or cache_seqlens.dim() != 1:
         return   # _check names the shape and dtype
-    if not bool(((cache_seqlens >= tq) & (cache_seqlens <= tk)).all()):
+    lens = cache_seqlens.long()   # a narrow dtype (uint8) would wrap Tk in the comparison
+    if not bool(((lens >= tq) & (lens <= tk)).all()):
         raise ValueError(f"cache_seqlens={cache_seqlens.tolist()} must each be in [Tq, Tk] = [{tq}, {tk}]: "
                          "the valid keys of each row, which include its Tq queries")
 
