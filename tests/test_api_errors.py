@@ -41,8 +41,14 @@ def test_bad_arguments():
             hip_attention(q, k, v, config=CFG, refresh_stage=bad)
     with pytest.raises(ValueError, match="backend='cuda'"):
         hip_attention(q, k, v, config=CFG, backend="cuda")
-    with pytest.raises(TypeError, match="config must be a HiPConfig"):
-        hip_attention(q, k, v, config={"sink": 4})
+    for bad in ({"sink": 4}, {}):   # an empty dict silently meant the default config
+        with pytest.raises(TypeError, match="config must be a HiPConfig"):
+            hip_attention(q, k, v, config=bad)
+    for bad in (float("nan"), 0.0, -1.0, float("inf"), "a", True):   # NaN gave NaN outputs silently
+        with pytest.raises(ValueError, match=r"scale=.* must be a finite number > 0"):
+            hip_attention(q, k, v, config=CFG, scale=bad)
+    torch.testing.assert_close(hip_attention(q, k, v, config=CFG, scale=2)[0],
+                               hip_attention(q, k, v, config=CFG, scale=2.0)[0])
 
 
 def test_mask_from_another_config_is_rejected():

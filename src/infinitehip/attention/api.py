@@ -69,12 +69,12 @@ def cache_attention(q, k, v, *, config=None, rope=None, scale=None, cache_seqlen
     """``hip_attention`` over a KV cache the engine fills (``KVCache.attention``): the same call,
     trusting ``cache_seqlens``' values, which a decode step must not read on the host (the CPU
     path is the GPU step's model, with no host sync either)."""
-    config = config or HiPConfig()
+    config = HiPConfig() if config is None else config   # not `or`: {} silently meant the default
     backend = _check(q, k, v, config, rope, cache_seqlens, mask, backend)
     from_stage, row_stage = _refresh_rows(refresh_stage, q.shape[0], config, mask, q.device)
     B, tq, _, D = q.shape
     tk = k.shape[1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else _check_scale(scale)
     if _use_dense(tk, config):
         lens = None if cache_seqlens is None else cache_seqlens.to(device=q.device, dtype=torch.long)
         return dense_attention(q, k, v, lens, rope, scale), None
@@ -94,7 +94,7 @@ def cache_prune(q, k, *, config=None, rope=None, cache_seqlens=None, mask=None, 
     prunes with this and attends with the mask it pruned ``refresh_lag`` steps earlier.
     programs: at most this many programs per scoring launch (Triton; the same scores), so that
     pruning beside decode leaves the SMs room for decode's kernels."""
-    config = config or HiPConfig()
+    config = HiPConfig() if config is None else config   # not `or`: {} silently meant the default
     backend = _check(q, k, k, config, rope, cache_seqlens, mask, backend)
     return prune_only(q, k, config, rope, cache_seqlens, mask, refresh_stage, backend, programs)
 
@@ -272,6 +272,13 @@ def _check_lengths(cache_seqlens: torch.Tensor, tq: int, tk: int):
     if not bool(((lens >= tq) & (lens <= tk)).all()):
         raise ValueError(f"cache_seqlens={cache_seqlens.tolist()} must each be in [Tq, Tk] = [{tq}, {tk}]: "
                          "the valid keys of each row, which include its Tq queries")
+
+
+def _check_scale(scale) -> float:
+    """The softmax scale as a float: a finite positive number (NaN gave NaN outputs silently)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale={scale!r} must be a finite number > 0 (None: 1 / sqrt(head_dim))")
+    return float(scale)
 
 
 def _check(q, k, v, config, rope, cache_seqlens, mask, backend) -> str:
