@@ -24,6 +24,23 @@ def main(argv: list[str] | None = None) -> None:
     run(argv[1:])
 
 
+REFRESH_LAG_HELP = ("HiPConfig.refresh_lag: masks take effect this many steps after the step that pruned them; "
+                    "the pruning runs on a side stream beside decode.")
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend), or None without matplotlib (the
+    ``plot`` extra): the benchmarks then write their JSON only."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def device_slug(name: str) -> str:
     """A short file-name tag for a device name: "NVIDIA H100 80GB HBM3" -> "h100", "cpu" -> "cpu"."""
     model = re.search(r"\b[A-Z]{1,2}\d{2,4}[A-Z]?\b", name)

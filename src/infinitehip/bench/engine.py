@@ -29,7 +29,7 @@ from ..engine.generate import DecodeState, decode_one_token, prefill
 from ..engine.sampling import greedy
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
-from . import copy_bandwidth, device_slug
+from . import REFRESH_LAG_HELP, copy_bandwidth, device_slug, pyplot
 
 LLAMA3_8B = dict(architecture="LlamaForCausalLM", vocab_size=128_256, dim=4096, n_layers=32, n_heads=32,
                  n_kv_heads=8, head_dim=128, intermediate_size=14_336, norm_eps=1e-5,
@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None):
                    help="Skip dense at contexts above this (its prefill is quadratic).")
     p.add_argument("--pdl", choices=("on", "off"), default="off",
                    help="Programmatic dependent launch of the decode kernels (Hopper+; off by default: slower).")
-    p.add_argument("--refresh-lag", type=int, default=0, help="HiPConfig.refresh_lag: masks take effect this many "
-                   "steps after the step that pruned them; the pruning runs on a side stream beside decode.")
+    p.add_argument("--refresh-lag", type=int, default=0, help=REFRESH_LAG_HELP)
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     pdl.USE = a.pdl == "on"
@@ -188,12 +187,8 @@ def plot(records: list[dict], path: Path):
     """Prefill seconds and decode ms/token against the context, one line per backend, the weight
     floor dashed and hip's speedups over dense written beside its points. Needs matplotlib (the
     ``plot`` extra); without it, no plot."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     panels = (("prefill_s", "prefill (s)", "prefill_speedup_vs_dense"),

@@ -43,7 +43,7 @@ from ..engine.generate import DecodeState, decode_one_token
 from ..engine.sampling import greedy
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
-from . import device_slug, kernel_profile
+from . import REFRESH_LAG_HELP, device_slug, kernel_profile, pyplot
 from .engine import random_model
 
 QUICK = dict(architecture="LlamaForCausalLM", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -287,8 +287,7 @@ def main(argv: list[str] | None = None):
                    f"{', '.join(PATHS)} (on_gpu and the same-run paths only at --on-gpu-contexts).")
     p.add_argument("--stage0-levels", type=int, default=None, help="HiPConfig.stage0_levels: stop stage 0's "
                    "descent after this many levels (fewer stage-0 probe bytes over PCIe).")
-    p.add_argument("--refresh-lag", type=int, default=0, help="HiPConfig.refresh_lag: masks take effect this many "
-                   "steps after the step that pruned them; the pruning runs on a side stream beside decode.")
+    p.add_argument("--refresh-lag", type=int, default=0, help=REFRESH_LAG_HELP)
     p.add_argument("--prune-programs", type=int, default=None, help="With --refresh-lag: at most this many programs "
                    "per scoring launch beside decode (default: half the SMs; 0: no cap).")
     p.add_argument("--probe-stride", type=int, default=OffloadConfig.probe_stride, help="OffloadConfig.probe_stride: "
@@ -359,12 +358,8 @@ def _save(records: list[dict], out: Path, stem: str):
 
 
 def _plot(records: list[dict], path: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for name in PATHS:
