@@ -255,6 +255,9 @@ def _events(model: Model, ids: list[list[int]], params: SamplingParams, groups, 
     """``stream``'s prefill and decode loop, over the caches and states it made (one per group)."""
     B, device, n_new = len(ids), model.device, params.max_new_tokens
     where = {b: (k, i) for k, g in enumerate(groups) for i, b in enumerate(g)}
+    # Each group's rows of the batch, made once (not a host-to-device copy per step); the usual
+    # single group is the whole batch, taken as it is.
+    index = [slice(None)] if len(groups) == 1 else [torch.tensor(g, device=device) for g in groups]
     rows = []
     for b, x in enumerate(ids):
         k, i = where[b]
@@ -284,8 +287,7 @@ def _events(model: Model, ids: list[list[int]], params: SamplingParams, groups, 
         if all(done) or step == n_new - 1:
             break
         logits = torch.empty_like(logits)
-        for g, cache, state, graph in zip(groups, caches, states, graphs):
-            idx = torch.tensor(g, device=device)
+        for g, idx, cache, state, graph in zip(groups, index, caches, states, graphs):
             if graph is not None:
                 logits[idx] = graph(tokens[idx], seqlens[idx])
             else:
