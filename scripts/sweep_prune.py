@@ -8,6 +8,7 @@ prefill attention kernel over tile rows, warps and pipeline stages.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -128,7 +129,22 @@ def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None
             print(f"  {tuning}: {str(e).splitlines()[0][:80]}")
         out.append(dict(kind="reuse", tq=1, tk=tk, **tuning, ms=ms))
         print(out[-1], flush=True)
-    return out + reuse_references(q, k, mask, cfg)
+    return out + reuse_diagnostics(q, k, v, mask, kv_len, cfg, rope) + reuse_references(q, k, mask, cfg)
+
+
+def reuse_diagnostics(q, k, v, mask, kv_len, cfg: HiPConfig, rope: RoPE) -> list[dict]:
+    """Where the reuse step's time goes above dense decode over as many contiguous keys: the
+    default launch with and without rotating the keys (rope=None), over the mask's selected chunks
+    and over as many chunks laid end to end after the sink (the same slots, contiguous rows)."""
+    n_sel = mask.starts.shape[-1]
+    packed = cfg.sink + cfg.chunk_size * torch.arange(n_sel, device=q.device, dtype=mask.starts.dtype)
+    contiguous = dataclasses.replace(mask, starts=packed.expand_as(mask.starts).contiguous())
+    out = []
+    for (what, m), r in itertools.product((("selected", mask), ("contiguous", contiguous)), (rope, None)):
+        fn = lambda m=m, r=r: ops.attend_reused(q, k, v, m, kv_len, cfg, r, D ** -0.5)  # noqa: E731
+        out.append(dict(kind="reuse_diag", chunks=what, rope=r is not None, ms=time_graph(fn)))
+        print(out[-1], flush=True)
+    return out
 
 
 @triton.jit
