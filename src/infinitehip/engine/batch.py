@@ -145,7 +145,7 @@ class BatchRunner:
         gen = None
         if params.seed is not None:  # its own generator: its draws don't depend on its neighbours
             gen = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        req = _Request(self._next_id, ids, params, gen, TextOutput(self.model.tokenizer, params, self._eos))
+        req = _Request(self._next_id, ids, params, gen, TextOutput(self.model.tokenizer, params, self._eos, ids))
         self._next_id += 1
         self._waiting.append(req)
         return req.rid

@@ -273,7 +273,7 @@ def _events(model: Model, ids: list[list[int]], params: SamplingParams, groups, 
                                              for _ in range(B)]
     lengths = [len(x) for x in ids]
     seqlens = torch.tensor(lengths, device=device)
-    outputs = [TextOutput(model.tokenizer, params, set(model.tokenizer.eos_token_ids)) for _ in range(B)]
+    outputs = [TextOutput(model.tokenizer, params, set(model.tokenizer.eos_token_ids), x) for x in ids]
     done = [False] * B
     for step in range(n_new):
         if gens is None or params.temperature == 0:
