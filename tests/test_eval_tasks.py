@@ -90,3 +90,11 @@ def test_prompts_fill_their_length_with_a_real_tokenizer(task):
     for length in (512, 8192):
         n = count(make_sample(task, count, length, 0.5, seed=0).prompt) + 1
         assert 0.97 * length <= n <= length, (length, n)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_length_too_short_for_the_needles_is_an_error(task):
+    """Four needles and a question took 113 tokens for a 64-token niah_multivalue sample: the
+    prompt came out longer than asked, under a record that said 64 (found by sweeping lengths)."""
+    with pytest.raises(ValueError, match=f"length 20 is too short for {task}: .* ask for at least"):
+        make_sample(task, WORDS, 20, 0.5, seed=0)

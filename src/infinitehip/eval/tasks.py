@@ -214,7 +214,17 @@ def make_sample(task: str, counter: TokenCounter, length: int, depth: float, see
         if lo:
             body = body + [" ".join(words[:lo])]
             prompt = build(body)
+    _check_fits(task, counter, prompt, length)
     return Sample(task, prompt, answers, target, length, depth, seed, meta)
+
+
+def _check_fits(task: str, counter: TokenCounter, prompt: str, length: int):
+    """With no prose left the prompt can still be longer than asked (four needles and a question
+    took 113 tokens at --lengths 64): its record would name a length it does not have."""
+    n = counter(prompt) + 1
+    if n > length:
+        raise ValueError(f"length {length} is too short for {task}: its question and needles alone take {n} "
+                         f"tokens; ask for at least {n}")
 
 
 def _hex_string(rng: random.Random, n: int) -> str:
@@ -258,6 +268,7 @@ def _kv_sample(counter: TokenCounter, length: int, depth: float, seed: int, rng:
             at -= drop < at
             pairs.pop(drop)
         prompt = build(pairs)
+    _check_fits("kv", counter, prompt, length)
     return Sample("kv", prompt, (value,), f" {value}", length, depth, seed, {})
 
 
