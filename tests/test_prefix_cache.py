@@ -87,3 +87,19 @@ def test_one_cache_shared_by_two_backends_reuses_only_its_own_kv(model, tmp_path
     fresh = PrefixCache(block_tokens=64, min_tokens=64)
     fresh.load(tmp_path / "hip.safetensors", owner=fingerprint(model, "hip"))
     assert len(fresh) == 1
+
+
+def test_load_keeps_at_most_max_entries(model, tmp_path):
+    """load added every entry of the file, past max_entries (each one a document's KV in memory);
+    found by loading a three-document file into a cache of two."""
+    from infinitehip.engine.prefix_cache import fingerprint
+
+    owner = fingerprint(model, "hip")
+    cache = PrefixCache(block_tokens=64, min_tokens=64, max_entries=8)
+    for i in range(3):
+        answer(model, f"document {i}: " + DOC, cache)
+    assert len(cache) == 3
+    cache.save(tmp_path / "docs.safetensors", owner=owner)
+    small = PrefixCache(block_tokens=64, min_tokens=64, max_entries=2)
+    small.load(tmp_path / "docs.safetensors", owner=owner)
+    assert len(small) == 2

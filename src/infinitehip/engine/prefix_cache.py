@@ -140,3 +140,5 @@ class PrefixCache:
             self._entries[hash((owner, tuple(ids.tolist())))] = _Entry(
                 ids, [tensors[f"{i}.k.{layer}"] for layer in range(n_layers)],
                 [tensors[f"{i}.v.{layer}"] for layer in range(n_layers)], owner)
+        while len(self._entries) > self.max_entries:   # as store: a file may hold more than this cache keeps
+            self._entries.popitem(last=False)
