@@ -141,3 +141,19 @@ def test_methods_with_an_endpoint_is_refused(tmp_path):
     res = CliRunner().invoke(app, args + ["--methods", "dense"])
     assert res.exit_code == 0, res.output
     assert [r["method"] for r in json.loads((tmp_path / "eval.json").read_text())["records"]] == ["dense"]
+
+
+def test_unknown_method_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """--methods hipp was found only by the first completion, after the model loaded and the
+    prompts were built (minutes for a large checkpoint); found by trying a misspelt method."""
+    import infinitehip.models.loader as loader
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loader, "load", no_load)
+    res = CliRunner().invoke(app, ["eval", "builtin", "--tasks", "passkey", "--lengths", "1x", "--methods", "hip,hipp",
+                                   "--samples", "1", "--depths", "0.5", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "unknown method(s) ['hipp']" in res.output, res.output
+    with pytest.raises(ValueError, match="unknown method"):
+        EvalSpec(("passkey",), (512,), ("Dense",))

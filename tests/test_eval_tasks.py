@@ -90,3 +90,31 @@ def test_prompts_fill_their_length_with_a_real_tokenizer(task):
     for length in (512, 8192):
         n = count(make_sample(task, count, length, 0.5, seed=0).prompt) + 1
         assert 0.97 * length <= n <= length, (length, n)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_length_too_short_for_the_needles_is_an_error(task):
+    """Four needles and a question took 113 tokens for a 64-token niah_multivalue sample: the
+    prompt came out longer than asked, under a record that said 64 (found by sweeping lengths)."""
+    with pytest.raises(ValueError, match=f"length 20 is too short for {task}: .* ask for at least"):
+        make_sample(task, WORDS, 20, 0.5, seed=0)
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah_single", "niah_multikey", "niah_multivalue"])
+def test_needle_depth_is_measured_in_tokens_with_a_real_tokenizer(task):
+    """The needle went round(depth * sentences) into the prose, and sentences run from a few
+    tokens to ~200: depth 0.5 sat at 0.38-0.56 of the context's tokens (found by measuring
+    where the needle landed, with the built-in tokenizer)."""
+    from pathlib import Path
+
+    from infinitehip.assets import resolve_model_path
+    from infinitehip.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(Path(resolve_model_path("builtin")))
+    count = TokenCounter(lambda s: tok.encode(s, add_special_tokens=False))
+    for depth in (0.1, 0.5, 0.9):
+        for seed in range(4):
+            s = make_sample(task, count, 4096, depth, seed=seed)
+            body = s.prompt.split("\n")[1]
+            at = [count(body[:body.find(a)]) / count(body) for a in s.answers]   # multivalue: one is at the depth
+            assert min(abs(x - depth) for x in at) < 0.03, (depth, seed, at)

@@ -67,3 +67,39 @@ def test_short_prompts_are_not_cached_and_bad_file_errors(model, tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable prefix-cache file"):
         cache.load(bad)
+
+
+def test_one_cache_shared_by_two_backends_reuses_only_its_own_kv(model, tmp_path):
+    """One PrefixCache passed to the dense backend and then to hip handed hip dense's rotated keys
+    (found by trying it: hip's answer changed, with a cache 'hit' and no error)."""
+    from infinitehip.engine.prefix_cache import fingerprint
+
+    cache = PrefixCache(block_tokens=64, min_tokens=64)
+    question = DOC + " and question two?"
+    want = answer(model, question, backend="hip")
+    answer(model, DOC + " question one?", cache, backend="dense")
+    assert answer(model, question, cache, backend="hip") == want
+    assert cache.stats.hits == 0 and len(cache) == 2   # the dense entry, then hip's own
+    assert answer(model, question, cache, backend="dense") == answer(model, question, backend="dense")
+    assert cache.stats.hits == 1
+    # A file holds only the entries of the owner it is labelled with.
+    cache.save(tmp_path / "hip.safetensors", owner=fingerprint(model, "hip"))
+    fresh = PrefixCache(block_tokens=64, min_tokens=64)
+    fresh.load(tmp_path / "hip.safetensors", owner=fingerprint(model, "hip"))
+    assert len(fresh) == 1
+
+
+def test_load_keeps_at_most_max_entries(model, tmp_path):
+    """load added every entry of the file, past max_entries (each one a document's KV in memory);
+    found by loading a three-document file into a cache of two."""
+    from infinitehip.engine.prefix_cache import fingerprint
+
+    owner = fingerprint(model, "hip")
+    cache = PrefixCache(block_tokens=64, min_tokens=64, max_entries=8)
+    for i in range(3):
+        answer(model, f"document {i}: " + DOC, cache)
+    assert len(cache) == 3
+    cache.save(tmp_path / "docs.safetensors", owner=owner)
+    small = PrefixCache(block_tokens=64, min_tokens=64, max_entries=2)
+    small.load(tmp_path / "docs.safetensors", owner=owner)
+    assert len(small) == 2

@@ -96,11 +96,21 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns token ids into text pieces as they come, never splitting a multi-byte character."""
+    """Turns token ids into text pieces as they come, never splitting a multi-byte character.
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids = tokenizer, []
-        self.prefix, self.read = 0, 0
+    ``context``: the prompt's ids. Its last few are decoded with the first pieces, not emitted: a
+    SentencePiece decoder (Llama 2, Mistral) strips the leading space of the first token it
+    decodes, so " Paris" after "The capital of France is" came out as "Paris".
+    """
+
+    CONTEXT = 4   # prompt tokens decoded ahead of the output
+
+    def __init__(self, tokenizer: Tokenizer, context=()):
+        context = list(context)[-self.CONTEXT:]
+        if tokenizer.decode(context).endswith("\ufffd"):   # ends inside a character: its rest is output
+            context = []
+        self.tokenizer, self.ids = tokenizer, context
+        self.prefix, self.read = 0, len(context)
 
     def push(self, token: int) -> str:
         self.ids.append(token)

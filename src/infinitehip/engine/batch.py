@@ -36,7 +36,7 @@ from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig
 from ..models.llama import BACKENDS
 from .generate import DecodeState, decode_one_token, make_cache, prefill
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, fingerprint
 from .sampling import SamplingParams, TextOutput, sample
 
 
@@ -109,6 +109,8 @@ class BatchRunner:
         self.max_batch, self.max_context, self.chunk_size = max_batch, max_context, chunk_size
         self.prefill_budget = prefill_budget or chunk_size
         self.prefix_cache = prefix_cache
+        # Its entries are reused only by the model and backend that wrote them (it may be shared).
+        self._owner = fingerprint(model, backend) if prefix_cache is not None else ""
         self.cache = self._allocate(offload)
         self._kv_floor = _sparse_floor(model, backend, self.cache.capacity)
         self.state = DecodeState(backend, kernel=kernel)
@@ -143,7 +145,7 @@ class BatchRunner:
         gen = None
         if params.seed is not None:  # its own generator: its draws don't depend on its neighbours
             gen = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        req = _Request(self._next_id, ids, params, gen, TextOutput(self.model.tokenizer, params, self._eos))
+        req = _Request(self._next_id, ids, params, gen, TextOutput(self.model.tokenizer, params, self._eos, ids))
         self._next_id += 1
         self._waiting.append(req)
         return req.rid
@@ -218,7 +220,7 @@ class BatchRunner:
         req.slot = min(self._free)
         self._free.remove(req.slot)
         if self.prefix_cache is not None:
-            req.reused = req.filled = self.prefix_cache.reuse(req.ids, self._row(req.slot))
+            req.reused = req.filled = self.prefix_cache.reuse(req.ids, self._row(req.slot), self._owner)
             self.stats.reused_tokens += req.reused
         self._prefilling = req
         return req
@@ -238,7 +240,8 @@ class BatchRunner:
         if end == len(req.ids):
             req.tokens = None
         if end == len(req.ids) and self.prefix_cache is not None:
-            self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused)
+            self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused,
+                                       owner=self._owner)
         return end - start
 
     def _start_decoding(self, req: _Request, events: list[BatchEvent]):

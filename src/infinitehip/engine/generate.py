@@ -19,7 +19,7 @@ from ..cache.offload_plan import OffloadConfig, plan_offload
 from ..config import HiPConfig, is_int
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, fingerprint
 from .sampling import SamplingParams, TextOutput, sample
 
 
@@ -258,10 +258,12 @@ def _events(model: Model, ids: list[list[int]], params: SamplingParams, groups, 
     # Each group's rows of the batch, made once (not a host-to-device copy per step); the usual
     # single group is the whole batch, taken as it is.
     index = [slice(None)] if len(groups) == 1 else [torch.tensor(g, device=device) for g in groups]
+    # Cached KV is reused only by the model and backend that wrote it (a PrefixCache may be shared).
+    owner = fingerprint(model, backend) if prefix_cache is not None else ""
     rows = []
     for b, x in enumerate(ids):
         k, i = where[b]
-        rows.append(_prefill_row(model, x, caches[k].select(slice(i, i + 1)), prefix_cache, backend=backend,
+        rows.append(_prefill_row(model, x, caches[k].select(slice(i, i + 1)), prefix_cache, owner, backend=backend,
                                  chunk_size=chunk_size, kernel=kernel, progress=progress))
         states[k].admit(i, len(groups[k]))
     logits = torch.cat(rows)                                                       # (B, V)
@@ -271,7 +273,7 @@ def _events(model: Model, ids: list[list[int]], params: SamplingParams, groups, 
                                              for _ in range(B)]
     lengths = [len(x) for x in ids]
     seqlens = torch.tensor(lengths, device=device)
-    outputs = [TextOutput(model.tokenizer, params, set(model.tokenizer.eos_token_ids)) for _ in range(B)]
+    outputs = [TextOutput(model.tokenizer, params, set(model.tokenizer.eos_token_ids), x) for x in ids]
     done = [False] * B
     for step in range(n_new):
         if gens is None or params.temperature == 0:
@@ -376,12 +378,13 @@ def make_cache(model: Model, B: int, capacity: int, chunk_size: int, offload: bo
                           device=model.device, layer_configs=model.net.layer_configs, config=plan.config)
 
 
-def _prefill_row(model: Model, ids: list[int], cache: KVCache, prefix_cache: PrefixCache | None, **kw):
-    """Prefill one prompt into a one-row cache, reusing and then remembering a cached prefix."""
-    start = prefix_cache.reuse(ids, cache) if prefix_cache is not None else 0
+def _prefill_row(model: Model, ids: list[int], cache: KVCache, prefix_cache: PrefixCache | None, owner: str, **kw):
+    """Prefill one prompt into a one-row cache, reusing and then remembering a cached prefix
+    (``owner``: ``fingerprint(model, backend)``)."""
+    start = prefix_cache.reuse(ids, cache, owner) if prefix_cache is not None else 0
     logits = prefill(model, torch.tensor([ids], device=model.device), cache, start=start, **kw)
     if prefix_cache is not None:
-        prefix_cache.remember(ids, cache, reused=start)
+        prefix_cache.remember(ids, cache, reused=start, owner=owner)
     return logits
 
 

@@ -6,7 +6,8 @@ rest. Entries can be saved to and loaded from disk (safetensors), so a million-t
 is read once, not once per question or per server start. A file carries the ``fingerprint`` of
 the model, backend and HiP config that wrote it, and loads only into the same: KV from other
 weights, another attention, or rotated keys (as the dense backend caches them) in an un-rotated
-cache would answer wrongly without an error.
+cache would answer wrongly without an error. For the same reason every entry in memory carries
+its writer's fingerprint (``owner``) and is reused only by the same model and backend.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class _Entry:
     ids: torch.Tensor           # (T,) int64
     k: list[torch.Tensor]       # per layer (T, K, D)
     v: list[torch.Tensor]
+    owner: str = ""             # the writer's ``fingerprint``: only it may reuse the KV
 
 
 class PrefixCache:
@@ -58,15 +60,19 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def reuse(self, ids: list[int], cache: KVCache) -> int:
+    def reuse(self, ids: list[int], cache: KVCache, owner: str = "") -> int:
         """Copy the longest cached prefix of ``ids`` into row 0 of ``cache``; return its length.
 
-        At least the last prompt token is always left to prefill (its logits start decoding).
+        Only entries ``owner`` (the reader's ``fingerprint``) wrote match: one PrefixCache used
+        with the dense backend and then hip handed hip dense's rotated keys (wrong answers, no
+        error). At least the last prompt token is always left to prefill (its logits start decoding).
         """
         self.stats.lookups += 1
         query = torch.tensor(ids)
         best, best_key = 0, None
         for key, e in self._entries.items():
+            if e.owner != owner:
+                continue
             n = min(len(e.ids), len(ids) - 1)
             same = (e.ids[:n] == query[:n]).long().cumprod(0).sum().item() if n > 0 else 0
             same -= same % self.block_tokens
@@ -83,34 +89,36 @@ class PrefixCache:
         self.stats.reused_tokens += best
         return best
 
-    def remember(self, ids: list[int], cache: KVCache, reused: int):
+    def remember(self, ids: list[int], cache: KVCache, reused: int, owner: str = ""):
         """After prefilling ``ids`` (of which ``reused`` came from here): count the tokens
         prefilled and keep the prompt's KV for later requests."""
         self.stats.prefilled_tokens += len(ids) - reused
-        self.store(ids, cache)
+        self.store(ids, cache, owner)
 
-    def store(self, ids: list[int], cache: KVCache):
-        """Keep the prompt's KV (row 0 of ``cache``, whole blocks only) if it is long enough."""
+    def store(self, ids: list[int], cache: KVCache, owner: str = ""):
+        """Keep the prompt's KV (row 0 of ``cache``, whole blocks only) if it is long enough;
+        ``owner``: the writer's ``fingerprint``."""
         n = len(ids) - len(ids) % self.block_tokens
         if n < max(self.min_tokens, self.block_tokens):
             return
-        key = hash(tuple(ids[:n]))
+        key = hash((owner, tuple(ids[:n])))
         if key in self._entries:
             self._entries.move_to_end(key)
             return
         kv = [cache.read_prefix(layer, n) for layer in range(cache.n_layers)]
-        self._entries[key] = _Entry(torch.tensor(ids[:n]), [k for k, _ in kv], [v for _, v in kv])
+        self._entries[key] = _Entry(torch.tensor(ids[:n]), [k for k, _ in kv], [v for _, v in kv], owner)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
     def save(self, path: str | Path, owner: str = ""):
-        """Write every entry to one safetensors file; ``owner``: the writer's ``fingerprint``."""
+        """Write the entries ``owner`` (the writer's ``fingerprint``) made to one safetensors file."""
         tensors = {}
-        for i, e in enumerate(self._entries.values()):
+        mine = [e for e in self._entries.values() if e.owner == owner]   # the file is labelled as owner's
+        for i, e in enumerate(mine):
             tensors[f"{i}.ids"] = e.ids
             for layer, (k, v) in enumerate(zip(e.k, e.v)):
                 tensors[f"{i}.k.{layer}"], tensors[f"{i}.v.{layer}"] = k.contiguous().cpu(), v.contiguous().cpu()
-        save_file(tensors, str(path), metadata={"format": "infinitehip-prefix-cache", "entries": str(len(self)),
+        save_file(tensors, str(path), metadata={"format": "infinitehip-prefix-cache", "entries": str(len(mine)),
                                                 "owner": owner})
 
     def load(self, path: str | Path, device=None, owner: str = ""):
@@ -129,6 +137,8 @@ class PrefixCache:
         for i in sorted({int(name.split(".")[0]) for name in tensors}):
             n_layers = sum(name.startswith(f"{i}.k.") for name in tensors)
             ids = tensors[f"{i}.ids"].cpu()
-            self._entries[hash(tuple(ids.tolist()))] = _Entry(
+            self._entries[hash((owner, tuple(ids.tolist())))] = _Entry(
                 ids, [tensors[f"{i}.k.{layer}"] for layer in range(n_layers)],
-                [tensors[f"{i}.v.{layer}"] for layer in range(n_layers)])
+                [tensors[f"{i}.v.{layer}"] for layer in range(n_layers)], owner)
+        while len(self._entries) > self.max_entries:   # as store: a file may hold more than this cache keeps
+            self._entries.popitem(last=False)

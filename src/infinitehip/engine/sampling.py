@@ -93,10 +93,11 @@ class StopChecker:
 
 class TextOutput:
     """One sequence's output: detokenizes sampled tokens (UTF-8 safe), holds back text a stop
-    string may start, and says when generation ends (end-of-sequence, a stop string, the length)."""
+    string may start, and says when generation ends (end-of-sequence, a stop string, the length).
+    ``prompt``: the prompt's ids, the decoder's context (``StreamDecoder``)."""
 
-    def __init__(self, tokenizer, params: SamplingParams, eos: set[int]):
-        self.decoder, self.stops = StreamDecoder(tokenizer), StopChecker(params.stop)
+    def __init__(self, tokenizer, params: SamplingParams, eos: set[int], prompt=()):
+        self.decoder, self.stops = StreamDecoder(tokenizer, prompt), StopChecker(params.stop)
         self.eos = set() if params.ignore_eos else eos
         self.max_new, self.count = params.max_new_tokens, 0
 

@@ -38,6 +38,10 @@ class EvalSpec:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise ValueError(f"unknown task(s) {bad}; choose from {TASKS}")
+        # Checked here, before the model loads: the engine refused it only at the first completion.
+        bad = [m for m in self.methods if m not in METHODS + ("endpoint",)]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; choose from {METHODS} (attention backends)")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise ValueError(f"depths must be in [0, 1], got {self.depths}")
         if self.samples < 1 or any(n < 64 for n in self.lengths):

@@ -94,15 +94,29 @@ class TokenCounter:
         return self._sentences
 
 
-def _prose(rng: random.Random, counter: TokenCounter, n_tokens: int) -> list[str]:
-    """Consecutive haystack sentences (wrapping around) from a random start, about n_tokens long."""
+def _prose(rng: random.Random, counter: TokenCounter, n_tokens: int) -> tuple[list[str], list[int]]:
+    """Consecutive haystack sentences (wrapping around) from a random start, about n_tokens long,
+    and their token counts."""
     sents, lens = haystack_sentences(), counter.sentence_lengths()
-    i, out, total = rng.randrange(len(sents)), [], 0
-    while total < n_tokens:
+    i, out, counts = rng.randrange(len(sents)), [], []
+    while sum(counts) < n_tokens:
         out.append(sents[i])
-        total += lens[i]
+        counts.append(lens[i])
         i = (i + 1) % len(sents)
-    return out
+    return out, counts
+
+
+def _boundary(counts: list[int], depth: float, n_tokens: int) -> int:
+    """The sentence boundary nearest ``depth`` of the ``n_tokens`` of prose the prompt keeps.
+
+    Measured in tokens, not sentences: haystack sentences run from a few tokens to ~200, and
+    round(depth * sentences) put depth 0.5 at 0.38-0.42 of a 512- or 3000-token context. Prose
+    past ``n_tokens`` is trimmed, so the last boundary counts as ``n_tokens``.
+    """
+    cum = [0]
+    for n in counts:
+        cum.append(min(cum[-1] + n, n_tokens))
+    return min(range(len(cum)), key=lambda i: abs(cum[i] - depth * n_tokens))
 
 
 # ---------------------------------------------------------------------------- needles
@@ -155,9 +169,9 @@ def _needles(task: str, rng: random.Random) -> tuple[list[str], str, tuple[str, 
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
-def _positions(n_sentences: int, n_needles: int, depth: float, task: str, rng: random.Random) -> list[int]:
-    """Sentence indices (sorted, may repeat) before which the needles are inserted."""
-    at = min(n_sentences, round(depth * n_sentences))
+def _positions(n_sentences: int, n_needles: int, at: int, task: str, rng: random.Random) -> list[int]:
+    """Sentence indices (sorted, may repeat) before which the needles are inserted; ``at``: the
+    boundary at the needle depth."""
     if n_needles == 1:
         return [at]
     if task == "vt":   # the chain starts at the depth and spreads towards the end, in order
@@ -180,12 +194,13 @@ def make_sample(task: str, counter: TokenCounter, length: int, depth: float, see
     head = _INTRO[task] + "\n"
     tail = f"\n{question}\nAnswer:"
     fixed = counter(head) + counter(tail) + sum(counter(" " + n) for n in needles) + 1  # +1: BOS
-    body = _prose(rng, counter, max(0, length - fixed))
-    pos = _positions(len(body), len(needles), depth, task, rng)
+    body, counts = _prose(rng, counter, max(0, length - fixed))
+    at = _boundary(counts, depth, max(0, length - fixed))
+    pos = _positions(len(body), len(needles), at, task, rng)
     if task in ("niah_multikey", "niah_multivalue"):
         # The asked needle goes at the depth (multivalue asks every value: its first), in text order.
         ask = meta["asked_index"] if task == "niah_multikey" else 0
-        pos[ask] = min(len(body), round(depth * len(body)))
+        pos[ask] = at
         order = sorted(range(len(needles)), key=lambda i: (pos[i], i))
         if task == "niah_multikey":
             meta["asked_index"] = order.index(ask)
@@ -214,7 +229,17 @@ def make_sample(task: str, counter: TokenCounter, length: int, depth: float, see
         if lo:
             body = body + [" ".join(words[:lo])]
             prompt = build(body)
+    _check_fits(task, counter, prompt, length)
     return Sample(task, prompt, answers, target, length, depth, seed, meta)
+
+
+def _check_fits(task: str, counter: TokenCounter, prompt: str, length: int):
+    """With no prose left the prompt can still be longer than asked (four needles and a question
+    took 113 tokens at --lengths 64): its record would name a length it does not have."""
+    n = counter(prompt) + 1
+    if n > length:
+        raise ValueError(f"length {length} is too short for {task}: its question and needles alone take {n} "
+                         f"tokens; ask for at least {n}")
 
 
 def _hex_string(rng: random.Random, n: int) -> str:
@@ -258,6 +283,7 @@ def _kv_sample(counter: TokenCounter, length: int, depth: float, seed: int, rng:
             at -= drop < at
             pairs.pop(drop)
         prompt = build(pairs)
+    _check_fits("kv", counter, prompt, length)
     return Sample("kv", prompt, (value,), f" {value}", length, depth, seed, {})
 
 

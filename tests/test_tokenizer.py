@@ -1,0 +1,41 @@
+"""The tokenizer wrapper: streamed decode of generated tokens."""
+from tokenizers import Tokenizer as FastTokenizer
+from tokenizers import decoders, models, normalizers
+
+from infinitehip.tokenizer import StreamDecoder, Tokenizer
+
+
+def sentencepiece_like() -> Tokenizer:
+    """A Llama-2-style tokenizer.json: "▁" for spaces, byte fallback, and a decoder that strips
+    the leading space of the first token it decodes."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ("▁The", "▁capital", "▁of", "▁France", "▁is", "▁Paris", "▁", "."):
+        vocab[piece] = len(vocab)
+    tok = FastTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return Tokenizer(tok, bos_token="<s>", eos_token="</s>")
+
+
+def streamed(tok: Tokenizer, prompt: list[int], out: list[int]) -> str:
+    d = StreamDecoder(tok, prompt)
+    return "".join(d.push(t) for t in out) + d.flush()
+
+
+def test_first_piece_keeps_its_leading_space():
+    """The first output token was decoded alone, and the decoder stripped its space: "The capital
+    of France is" + "Paris." (found by streaming a SentencePiece-style tokenizer)."""
+    tok = sentencepiece_like()
+    prompt, full = tok.encode("The capital of France is"), tok.encode("The capital of France is Paris. 日本")
+    assert full[:len(prompt)] == prompt
+    assert streamed(tok, prompt, full[len(prompt):]) == " Paris. 日本"
+    assert streamed(tok, [], full[len(prompt):]) == "Paris. 日本"   # no prompt: as decode()
+
+
+def test_prompt_ending_inside_a_character():
+    """Token-id prompts may end inside a UTF-8 character: the output is then decoded alone (as
+    decode() gives it), not after the partial character, which would swallow the bytes completing it."""
+    tok = sentencepiece_like()
+    ids = tok.encode("日 is", add_special_tokens=False)    # "▁", three byte tokens, "▁is"
+    assert streamed(tok, ids[:2], ids[2:]) == tok.decode(ids[2:]) and tok.decode(ids[2:]).endswith(" is")
