@@ -39,3 +39,21 @@ def test_prompt_ending_inside_a_character():
     tok = sentencepiece_like()
     ids = tok.encode("日 is", add_special_tokens=False)    # "▁", three byte tokens, "▁is"
     assert streamed(tok, ids[:2], ids[2:]) == tok.decode(ids[2:]) and tok.decode(ids[2:]).endswith(" is")
+
+
+def test_chat_template_file_is_utf8_whatever_the_locale(tmp_path):
+    """chat_template.jinja was read in the locale's encoding: under an ASCII locale (POSIX without
+    UTF-8 mode, as on some servers) a template with one non-ASCII character failed to load."""
+    import os
+    import subprocess
+    import sys
+
+    sentencepiece_like().tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "chat_template.jinja").write_text("{{ '¿' }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                                                  encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = ("from infinitehip.tokenizer import Tokenizer; "
+            f"t = Tokenizer.from_dir({str(tmp_path)!r}); print(ascii(t.chat_template[:5]))")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-500:]
+    assert run.stdout.strip() == ascii("{{ '¿")

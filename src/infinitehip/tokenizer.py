@@ -50,7 +50,7 @@ class Tokenizer:
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)
         if (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text()
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")   # not the locale's
         return cls(tok, bos_token=_token_text(cfg.get("bos_token")), eos_token=_token_text(cfg.get("eos_token")),
                    chat_template=template, eos_token_ids=eos_token_ids, name=path.name)
 

@@ -23,7 +23,7 @@ def read_json(file: Path) -> dict:
     """A model directory's JSON file (config.json, generation_config.json, ...); malformed: a
     ValueError that names it."""
     try:
-        data = json.loads(Path(file).read_text())
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
