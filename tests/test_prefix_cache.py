@@ -1,5 +1,6 @@
 """Context caching: a shared document is prefilled once; answers are unchanged."""
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 from checkpoints import make_checkpoint  # noqa: E402
@@ -103,3 +104,20 @@ def test_load_keeps_at_most_max_entries(model, tmp_path):
     small = PrefixCache(block_tokens=64, min_tokens=64, max_entries=2)
     small.load(tmp_path / "docs.safetensors", owner=owner)
     assert len(small) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_entries_of_a_gpu_cache_live_in_host_memory():
+    """Entries are outside the memory plan: cloned on the GPU, a server holding four long documents
+    took GPU memory its next request's cache was planned to use (16 GiB per 128K tokens at 8B)."""
+    from infinitehip.cache import KVCache
+
+    kv = KVCache(2, 1, 256, 2, 64, dtype=torch.bfloat16, device="cuda")
+    kv.k[0].normal_()
+    pc = PrefixCache(block_tokens=64, min_tokens=64)
+    pc.store(list(range(200)), kv)
+    (entry,) = pc._entries.values()
+    assert {t.device.type for t in entry.k + entry.v} == {"cpu"}
+    again = KVCache(2, 1, 256, 2, 64, dtype=torch.bfloat16, device="cuda")
+    assert pc.reuse(list(range(250)), again) == 192
+    assert torch.equal(again.views(0)[0][0, :192], kv.views(0)[0][0, :192])

@@ -64,10 +64,12 @@ class KVCache:
         return KVCache._view([t[rows] for t in self.k], [t[rows] for t in self.v], self.block_size)
 
     def read_prefix(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row 0's first ``n`` keys and values (n, K, D), copied (for the prefix cache)."""
+        """Row 0's first ``n`` keys and values (n, K, D), copied to host memory for the prefix
+        cache: its entries live outside the memory plan (an 8B model's 128K-token document is
+        16 GiB), so on a GPU they would take what the next request's cache was planned to use."""
         kf = self.k[layer].view(self.batch, self.capacity, *self.k[layer].shape[3:])
         vf = self.v[layer].view(self.batch, self.capacity, *self.v[layer].shape[3:])
-        return kf[0, :n].clone(), vf[0, :n].clone()
+        return kf[0, :n].to("cpu", copy=True), vf[0, :n].to("cpu", copy=True)
 
     def attention(self, layer: int):
         """The sparse attention call over this cache: ``hip_attention``'s (the K/V ``update``
