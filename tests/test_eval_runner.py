@@ -35,6 +35,10 @@ def test_eval_of_a_missing_model_says_so(tmp_path):
     ("--lengths", "8k,abc", "length 'abc' is not a length"),   # float()'s "could not convert string to float"
     ("--lengths", "nanx", "length 'nanx' is not a length"),    # "cannot convert float NaN to integer"
     ("--depths", "0.5,mid", "--depths 0.5,mid: write numbers in [0, 1]"),
+    # the same cell twice was run twice and averaged twice in the table and plots
+    ("--lengths", "512,1x", "lengths [512] given more than once"),
+    ("--depths", "0.5,0.50", "depths [0.5] given more than once"),
+    ("--lengths", "64.9", "length '64.9' is not a whole number of tokens"),   # silently 64
 ])
 def test_eval_bad_lists_are_one_line_errors_before_any_work(tmp_path, option, value, message):
     args = {"--tasks": "passkey", "--lengths": "1x", "--methods": "hip", "--depths": "0.5", option: value}

@@ -35,6 +35,12 @@ class EvalSpec:
         for name in ("tasks", "lengths", "methods", "depths"):
             if not getattr(self, name):   # else an empty table, then a plotting error
                 raise ValueError(f"no {name} given: name at least one (comma-separated)")
+        for name in ("tasks", "lengths", "methods", "depths"):   # a cell run twice is averaged twice
+            seen = getattr(self, name)
+            twice = sorted({x for x in seen if seen.count(x) > 1}, key=seen.index)
+            if twice:
+                raise ValueError(f"{name} {twice} given more than once (e.g. 512 and 1x of a 512-token model): "
+                                 "name each once")
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise ValueError(f"unknown task(s) {bad}; choose from {TASKS}")
@@ -56,7 +62,10 @@ def parse_length(text: str, trained: int | None) -> int:
             raise ValueError(f"length {text!r} is relative to the trained context, which is unknown here")
         return int(_length_number(text, t[:-1]) * trained)
     mult = {"k": 1024, "m": 1024 ** 2}.get(t[-1:], 1)
-    return int(_length_number(text, t[:-1] if mult > 1 else t) * mult)
+    n = _length_number(text, t[:-1] if mult > 1 else t) * mult
+    if n != int(n):
+        raise ValueError(f"length {text!r} is not a whole number of tokens")
+    return int(n)
 
 
 def _length_number(text: str, digits: str) -> float:
