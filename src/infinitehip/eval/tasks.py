@@ -293,11 +293,15 @@ def first_line(prediction: str) -> str:
     return prediction.strip().split("\n", 1)[0]
 
 
+_AROUND_A_WORD = ".,;:!?\"'()[]{}*`"
+
+
 def score(task: str, prediction: str, answers: Sequence[str]) -> float:
     """How right a completion is, in [0, 1]. Only its first line counts.
 
-    Single-answer tasks: 1.0 if the first word (trailing punctuation and quotes stripped) is the
-    answer, else 0.0 -- "71432." is right, "714320", "7143" or "the key is 71432" are not.
+    Single-answer tasks: 1.0 if the first word (punctuation, quotes, brackets and markdown's
+    ``*`` and backticks stripped from its ends) is the answer, else 0.0 -- "71432.", "**71432**"
+    and '"71432"},' are right, "714320", "7143" or "the key is 71432" are not.
     ``niah_multivalue`` and ``vt``: the fraction of the answers found as whole words on the line
     (RULER's string_match_all), so "1, 2, 3" for answers 1, 2, 3, 4 scores 0.75.
     """
@@ -306,4 +310,4 @@ def score(task: str, prediction: str, answers: Sequence[str]) -> float:
         found = [re.search(rf"(?<![0-9A-Za-z]){re.escape(a)}(?![0-9A-Za-z])", line) is not None for a in answers]
         return sum(found) / len(answers)
     words = line.split()
-    return float(bool(words) and words[0].strip(".,;:!?\"'") == answers[0])
+    return float(bool(words) and words[0].strip(_AROUND_A_WORD) == answers[0])
