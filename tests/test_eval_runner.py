@@ -141,3 +141,16 @@ def test_methods_with_an_endpoint_is_refused(tmp_path):
     res = CliRunner().invoke(app, args + ["--methods", "dense"])
     assert res.exit_code == 0, res.output
     assert [r["method"] for r in json.loads((tmp_path / "eval.json").read_text())["records"]] == ["dense"]
+
+
+def test_local_model_options_with_an_endpoint_are_refused(tmp_path):
+    """--preset, --hip, --device and --dtype configure the local model: with --endpoint they were
+    silently ignored (and --preset / --hip written into eval.json's spec as if they had applied)."""
+    args = ["eval", "builtin", "--tasks", "passkey", "--lengths", "300", "--samples", "1", "--depths", "0.5",
+            "--out", str(tmp_path), "--endpoint", "http://127.0.0.1:9"]
+    for extra, flags in ((["--hip", "budget=64"], "--hip"), (["--preset", "fast", "--dtype", "float32"],
+                                                              "--preset, --dtype")):
+        res = CliRunner().invoke(app, args + extra)
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert f"error: {flags} configure the local model" in res.output and f"leave {flags} out" in res.output
+    assert not (tmp_path / "eval.json").exists()

@@ -36,11 +36,21 @@ def _methods(methods: list[str] | None, endpoint: str | None) -> list[str]:
     return ["endpoint"]
 
 
+def _refuse_local_options(endpoint: str | None, **options):
+    """--preset, --hip, --device and --dtype configure the local model: with --endpoint the server
+    holds the model (its own flags chose them), so they would be silently ignored."""
+    given = [f"--{name}" for name, value in options.items() if value]
+    if endpoint is not None and given:
+        raise ValueError(f"{', '.join(given)} configure the local model, but --endpoint evaluates the server, which "
+                         f"runs with the settings it was started with: leave {', '.join(given)} out")
+
+
 def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: list[str] | None, samples: int,
                  depths: list[float], endpoint: str | None, out: Path, preset: str, device: str | None,
                  dtype: str | None, seed: int, chunk_size: int, console: Console,
                  hip: Sequence[str] = ()) -> list[dict]:
     methods = _methods(methods, endpoint)
+    _refuse_local_options(endpoint, preset=preset, hip=list(hip), device=device, dtype=dtype)
     model_dir = resolve_model_path(model)
     # The served id is the directory's name (what `serve` lists under /v1/models).
     name = "builtin" if model == "builtin" else (Path(model_dir).name if Path(model_dir).is_dir() else model)
