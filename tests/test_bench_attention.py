@@ -59,6 +59,22 @@ def test_engine_bench_refuses_bad_arguments_before_the_gpu_work(argv, message, m
         engine.main(argv)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--decode", "0"], "argument --decode: '0': positive token counts"),          # reached the GPU run
+    (["--prefill", "8K,-1"], "argument --prefill: '8K,-1': positive token counts"),
+    (["--chunked", "1m"], "argument --chunked: '1m': positive token counts"),      # "invalid _ints value"
+    (["--preset", "papr"], "unknown preset 'papr'"),                               # a traceback on the GPU
+    (["--stage0-levels", "0"], "HiPConfig.stage0_levels=0 is invalid"),
+    (["--decode", "", "--prefill", "", "--chunked", ""], "nothing to time"),       # max() of nothing
+])
+def test_attention_bench_refuses_bad_arguments_before_the_gpu_work(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("started the benchmark"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert message in f"{e.value.code} {capsys.readouterr().err}"
+
+
 def test_engine_bench_speedups_and_plot(tmp_path):
     """bench engine's records get prefill and decode speedups over dense at their context, and
     its plot is drawn from them (the GPU run itself is not testable here)."""
