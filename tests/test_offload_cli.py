@@ -43,6 +43,8 @@ def test_offload_gpu_layers_without_a_gpu_is_refused():
     assert "--offload-gpu-layers 2 keeps layers in GPU memory" in bad.output and "runs on cpu" in bad.output
     none = runner.invoke(app, base + ["--offload-gpu-layers", "0"])
     assert none.exit_code == 0, none.output
+    negative = runner.invoke(app, base + ["--offload-gpu-layers", "-1"])   # said it keeps layers in GPU memory
+    assert negative.exit_code == 1 and "OffloadConfig.gpu_layers=-1 must be None (automatic) or" in negative.output
 
 
 def test_generate_hip_overrides():

@@ -214,13 +214,14 @@ def _offload_arg(offload: bool | None, fp8: bool, gpu_layers: int | None, device
         return offload
     if offload is False:
         raise ValueError("--no-offload contradicts --offload-fp8 / --offload-gpu-layers (they configure offload)")
+    config = OffloadConfig(fp8=fp8, gpu_layers=gpu_layers)   # its own check first: -1 is no count of layers
     # Without a GPU the "GPU-stored" layers would sit in host memory like the rest (the plan counts
     # them there): the flag would promise GPU memory that is not there. 0 (every layer in host
     # memory) is true anywhere.
     if gpu_layers and device.type != "cuda":
         raise ValueError(f"--offload-gpu-layers {gpu_layers} keeps layers in GPU memory, but the model runs on "
                          f"{device}, which has none: leave the flag out (or give 0), or run on a CUDA device")
-    return OffloadConfig(fp8=fp8, gpu_layers=gpu_layers)
+    return config
 
 
 def _offload_row(model_dir: str, r: dict, fp8: bool) -> str:
