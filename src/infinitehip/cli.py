@@ -163,8 +163,7 @@ def generate_cmd(
         if (prompt is None) == (prompt_file is None):
             raise ValueError("give exactly one of --prompt and --prompt-file")
         if prompt_file is not None:
-            with open(prompt_file, encoding="utf-8") as f:
-                prompt = f.read()
+            prompt = _read_prompt(prompt_file)
         model = load(model_dir, device=device, dtype=dtype, config=_hip_config(model_dir, preset, hip))
         for piece in generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, seed=seed, stop=stop, chat=chat, system=system, backend=backend,
@@ -175,6 +174,15 @@ def generate_cmd(
         sys.stdout.write("\n")
     except (OSError, ValueError, TypeError, ImportError) as e:
         _fail(e, debug)
+
+
+def _read_prompt(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:   # it said only "'utf-8' codec can't decode byte 0xff in position 0"
+        raise ValueError(f"--prompt-file {path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8, "
+                         f"e.g. iconv -f latin1 -t utf-8 {path}") from None
 
 
 @app.command()
