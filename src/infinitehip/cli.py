@@ -195,6 +195,7 @@ def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory
 
     try:
         r = inspect_checkpoint(model_dir, device=device, dtype=dtype)
+        offload = [_offload_row(model_dir, r, fp8) for fp8 in (False, True)]   # on a GPU: config.json's preset
     except (OSError, ValueError, TypeError) as e:
         _fail(e, debug)
     gib = 1 << 30
@@ -208,8 +209,8 @@ def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory
                        ("free memory", f"{r['free_bytes'] / gib:.2f} GiB"),
                        ("longest context that fits", f"{r['max_context']:,} tokens (no offload)"),
                        ("free host memory", f"{r['host_free_bytes'] / gib:.2f} GiB"),
-                       ("longest context, KV offload", _offload_row(model_dir, r, fp8=False)),
-                       ("longest context, KV offload + FP8", _offload_row(model_dir, r, fp8=True))]:
+                       ("longest context, KV offload", offload[0]),
+                       ("longest context, KV offload + FP8", offload[1])]:
         table.add_row(key, str(value))
     console.print(table)
 
