@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -45,6 +46,18 @@ def _refuse_local_options(endpoint: str | None, **options):
                          f"runs with the settings it was started with: leave {', '.join(given)} out")
 
 
+def _results_folder(out: Path):
+    """Made before the run: a file at --out, or a folder that cannot be written, failed only when
+    the results were saved, after the whole eval."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot make the results folder there ({e.strerror}): give a folder path") \
+            from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: the folder is not writable: give another")
+
+
 def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: list[str] | None, samples: int,
                  depths: list[float], endpoint: str | None, out: Path, preset: str, device: str | None,
                  dtype: str | None, seed: int, chunk_size: int, console: Console,
@@ -57,6 +70,7 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
     trained = _trained_context(model_dir)
     spec = EvalSpec(tuple(tasks), tuple(parse_length(x, trained) for x in lengths), tuple(methods),
                     tuple(depths), samples, seed)
+    _results_folder(out)   # the arguments checked: before the model is loaded and the prompts answered
     if endpoint:
         # The server holds the model; the tokenizer (for lengths) comes from the model directory.
         from ..tokenizer import Tokenizer
@@ -80,7 +94,6 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
                            on_cell=lambda r: bar.update(job, description=f"{r['task']} {r['length']:,} {r['method']}"),
                            progress=lambda: bar.advance(job))
     _print_table(records, trained, console)
-    out.mkdir(parents=True, exist_ok=True)
     json_path = out / "eval.json"
     meta = {"spec": {**spec.__dict__, "preset": preset, "hip": list(hip), "trained_context": trained},
             "seconds": round(time.perf_counter() - t0, 1)}
