@@ -1,7 +1,9 @@
 """The attention bench's in-graph decode timing (its CUDA parts replaced: this checks the wiring):
 every layer's call attends with its own query, keys and mask, at the refresh kind being timed."""
 import contextlib
+import re
 
+import pytest
 import torch
 
 from infinitehip import HiPConfig, RoPE, hip_attention
@@ -39,6 +41,38 @@ def test_cli_bench_help_reaches_the_benchmark():
     assert r.exit_code == 0 and "--decode" in r.output and "--stage0-levels" in r.output
     r = CliRunner().invoke(app, ["bench", "--help"])
     assert r.exit_code == 0 and "attention, engine, offload" in r.output
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--contexts", "128K"], "--contexts '128K': positive token counts"),     # int() after the model was built
+    (["--contexts", "32768,"], "--contexts '32768,': positive token counts"),
+    (["--contexts", "0"], "--contexts '0': positive token counts"),
+    (["--backends", "hip,flash"], "--backends 'hip,flash': choose from hip, dense, streaming"),
+    (["--decode-steps", "0"], "--decode-steps 0: time at least 1 decode step"),   # ZeroDivisionError
+])
+def test_engine_bench_refuses_bad_arguments_before_the_gpu_work(argv, message, monkeypatch):
+    from infinitehip.bench import engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(engine, "copy_bandwidth", lambda *a, **k: pytest.fail("started the benchmark"))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        engine.main(argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--decode", "0"], "argument --decode: '0': positive token counts"),          # reached the GPU run
+    (["--prefill", "8K,-1"], "argument --prefill: '8K,-1': positive token counts"),
+    (["--chunked", "1m"], "argument --chunked: '1m': positive token counts"),      # "invalid _ints value"
+    (["--preset", "papr"], "unknown preset 'papr'"),                               # a traceback on the GPU
+    (["--stage0-levels", "0"], "HiPConfig.stage0_levels=0 is invalid"),
+    (["--decode", "", "--prefill", "", "--chunked", ""], "nothing to time"),       # max() of nothing
+])
+def test_attention_bench_refuses_bad_arguments_before_the_gpu_work(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("started the benchmark"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert message in f"{e.value.code} {capsys.readouterr().err}"
 
 
 def test_engine_bench_speedups_and_plot(tmp_path):

@@ -396,3 +396,6 @@ def test_cli_generate_and_info(ckpt, tmp_path):
     assert r.exit_code == 1 and "error: model directory" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["generate", str(ckpt)])
     assert r.exit_code == 1 and "exactly one of --prompt and --prompt-file" in r.output
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))   # the codec's words, no file named
+    r = runner.invoke(app, ["generate", str(ckpt), "--prompt-file", str(tmp_path / "latin1.txt")])
+    assert r.exit_code == 1 and f"--prompt-file {tmp_path / 'latin1.txt'}: not UTF-8 text (byte 3" in r.output

@@ -161,3 +161,28 @@ def test_unknown_method_is_refused_before_the_model_loads(tmp_path, monkeypatch)
     assert res.exit_code == 1 and "unknown method(s) ['hipp']" in res.output, res.output
     with pytest.raises(ValueError, match="unknown method"):
         EvalSpec(("passkey",), (512,), ("Dense",))
+
+
+def test_local_model_options_with_an_endpoint_are_refused(tmp_path):
+    """--preset, --hip, --device and --dtype configure the local model: with --endpoint they were
+    silently ignored (and --preset / --hip written into eval.json's spec as if they had applied)."""
+    args = ["eval", "builtin", "--tasks", "passkey", "--lengths", "300", "--samples", "1", "--depths", "0.5",
+            "--out", str(tmp_path), "--endpoint", "http://127.0.0.1:9"]
+    for extra, flags in ((["--hip", "budget=64"], "--hip"), (["--preset", "fast", "--dtype", "float32"],
+                                                              "--preset, --dtype")):
+        res = CliRunner().invoke(app, args + extra)
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert f"error: {flags} configure the local model" in res.output and f"leave {flags} out" in res.output
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_before_the_run(tmp_path, monkeypatch):
+    """--out naming a file: the whole eval ran, then saving its results failed ("File exists")."""
+    import infinitehip.eval.command as command
+
+    monkeypatch.setattr(command, "run_eval", lambda *a, **k: pytest.fail("ran the eval"))
+    (tmp_path / "results.txt").write_text("")
+    res = CliRunner().invoke(app, ["eval", "builtin", "--tasks", "passkey", "--lengths", "300", "--samples", "1",
+                                   "--depths", "0.5", "--methods", "hip", "--out", str(tmp_path / "results.txt")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"error: --out {tmp_path / 'results.txt'}: cannot make the results folder there" in res.output

@@ -254,6 +254,20 @@ def test_error_bad_preset(ckpts):
         infinitehip.load(ckpts["llama"], config="huge")
 
 
+@pytest.mark.parametrize("recommended, message", [
+    ({"preset": "papr"}, "unknown preset 'papr'"),                     # read as if --preset papr were given
+    ({"budjet": 64}, "unexpected keyword argument 'budjet'"),
+    ("tiny", "it must be an object like"),                             # "dictionary update sequence element"
+    ({"preset": ["tiny"]}, "unhashable type"),
+])
+def test_error_bad_recommended_config_names_config_json(ckpts, tmp_path, recommended, message):
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    _edit_config(path, infinitehip=recommended)
+    with pytest.raises(ValueError, match=f"config.json's \"infinitehip\" recommendation is invalid: .*{message}"):
+        infinitehip.load(path)
+    infinitehip.load(path, config="tiny")                              # a config given: not read
+
+
 def test_error_no_chat_template(ckpts, tmp_path):
     path = _copy(ckpts["llama"], tmp_path / "m")
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))

@@ -43,6 +43,8 @@ def test_offload_gpu_layers_without_a_gpu_is_refused():
     assert "--offload-gpu-layers 2 keeps layers in GPU memory" in bad.output and "runs on cpu" in bad.output
     none = runner.invoke(app, base + ["--offload-gpu-layers", "0"])
     assert none.exit_code == 0, none.output
+    negative = runner.invoke(app, base + ["--offload-gpu-layers", "-1"])   # said it keeps layers in GPU memory
+    assert negative.exit_code == 1 and "OffloadConfig.gpu_layers=-1 must be None (automatic) or" in negative.output
 
 
 def test_generate_hip_overrides():
@@ -100,3 +102,22 @@ def test_info_offload_on_cpu_leaves_the_weights_their_host_memory(monkeypatch):
                      capacity=info[key], dtype=model.dtype, device=model.device,
                      layer_configs=model.net.layer_configs, config=OffloadConfig(fp8=fp8),
                      free_host=free - info["weights_bytes"])
+
+
+def test_info_on_a_gpu_with_a_bad_recommended_config_is_a_one_line_error(tmp_path, monkeypatch):
+    """On a GPU `info` works out the offload rows with the checkpoint's recommended config: a bad
+    one in config.json was a traceback there (the table was drawn outside the error handling)."""
+    import json
+    import shutil
+
+    import infinitehip.models.loader as loader
+
+    path = tmp_path / "m"
+    shutil.copytree(builtin_model_path(), path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "infinitehip": {"preset": "papr"}}))
+    real = loader.inspect_checkpoint
+    monkeypatch.setattr(loader, "inspect_checkpoint", lambda *a, **k: {**real(*a, **k), "offload_useful": True})
+    r = CliRunner().invoke(app, ["info", str(path)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output   # not the ValueError itself
+    assert "error: config.json's \"infinitehip\" recommendation is invalid: unknown preset 'papr'" in r.output

@@ -163,8 +163,7 @@ def generate_cmd(
         if (prompt is None) == (prompt_file is None):
             raise ValueError("give exactly one of --prompt and --prompt-file")
         if prompt_file is not None:
-            with open(prompt_file, encoding="utf-8") as f:
-                prompt = f.read()
+            prompt = _read_prompt(prompt_file)
         model = load(model_dir, device=device, dtype=dtype, config=_hip_config(model_dir, preset, hip))
         for piece in generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, seed=seed, stop=stop, chat=chat, system=system, backend=backend,
@@ -177,6 +176,15 @@ def generate_cmd(
         _fail(e, debug)
 
 
+def _read_prompt(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:   # it said only "'utf-8' codec can't decode byte 0xff in position 0"
+        raise ValueError(f"--prompt-file {path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8, "
+                         f"e.g. iconv -f latin1 -t utf-8 {path}") from None
+
+
 @app.command()
 def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory."),
          device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
@@ -187,6 +195,7 @@ def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory
 
     try:
         r = inspect_checkpoint(model_dir, device=device, dtype=dtype)
+        offload = [_offload_row(model_dir, r, fp8) for fp8 in (False, True)]   # on a GPU: config.json's preset
     except (OSError, ValueError, TypeError) as e:
         _fail(e, debug)
     gib = 1 << 30
@@ -200,8 +209,8 @@ def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory
                        ("free memory", f"{r['free_bytes'] / gib:.2f} GiB"),
                        ("longest context that fits", f"{r['max_context']:,} tokens (no offload)"),
                        ("free host memory", f"{r['host_free_bytes'] / gib:.2f} GiB"),
-                       ("longest context, KV offload", _offload_row(model_dir, r, fp8=False)),
-                       ("longest context, KV offload + FP8", _offload_row(model_dir, r, fp8=True))]:
+                       ("longest context, KV offload", offload[0]),
+                       ("longest context, KV offload + FP8", offload[1])]:
         table.add_row(key, str(value))
     console.print(table)
 
@@ -214,13 +223,14 @@ def _offload_arg(offload: bool | None, fp8: bool, gpu_layers: int | None, device
         return offload
     if offload is False:
         raise ValueError("--no-offload contradicts --offload-fp8 / --offload-gpu-layers (they configure offload)")
+    config = OffloadConfig(fp8=fp8, gpu_layers=gpu_layers)   # its own check first: -1 is no count of layers
     # Without a GPU the "GPU-stored" layers would sit in host memory like the rest (the plan counts
     # them there): the flag would promise GPU memory that is not there. 0 (every layer in host
     # memory) is true anywhere.
     if gpu_layers and device.type != "cuda":
         raise ValueError(f"--offload-gpu-layers {gpu_layers} keeps layers in GPU memory, but the model runs on "
                          f"{device}, which has none: leave the flag out (or give 0), or run on a CUDA device")
-    return OffloadConfig(fp8=fp8, gpu_layers=gpu_layers)
+    return config
 
 
 def _offload_row(model_dir: str, r: dict, fp8: bool) -> str:

@@ -282,8 +282,14 @@ def plot(records: list[dict], path: Path):
 
 
 def _ints(s: str) -> list[int]:
-    return [int(float(x[:-1]) * K_) if x.endswith("K") else int(float(x[:-1]) * K_ * K_) if x.endswith("M") else int(x)
-            for x in s.split(",") if x]
+    try:
+        out = [int(float(x[:-1]) * K_) if x.endswith("K") else int(float(x[:-1]) * K_ * K_) if x.endswith("M")
+               else int(x) for x in s.split(",") if x]
+    except ValueError:
+        out = [0]
+    if any(n < 1 for n in out):   # 0 or -1 reached the GPU run (an empty slice, a negative size)
+        raise argparse.ArgumentTypeError(f"{s!r}: positive token counts, comma-separated, e.g. 16K,1M or 131072")
+    return out
 
 
 def main(argv: list[str]) -> None:
@@ -303,6 +309,12 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     pdl.USE = args.pdl == "on"
     args.argv = argv
+    try:   # before the GPU run: a bad preset or level ended in a traceback there
+        HiPConfig.preset(args.preset, dense_threshold=0, stage0_levels=args.stage0_levels)
+    except ValueError as e:
+        sys.exit(str(e))
+    if not args.decode + args.prefill + args.chunked:
+        sys.exit('nothing to time: --decode, --prefill and --chunked are all empty (give one, e.g. --decode 128K)')
     if not torch.cuda.is_available():
         sys.exit("the attention benchmark needs a CUDA GPU")
     records = run(args)

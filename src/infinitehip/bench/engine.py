@@ -27,7 +27,7 @@ from ..config import HiPConfig
 from ..engine.cuda_graph import GraphDecoder, warm_steps
 from ..engine.generate import DecodeState, decode_one_token, prefill
 from ..engine.sampling import greedy
-from ..models.llama import ModelArgs, Transformer
+from ..models.llama import BACKENDS, ModelArgs, Transformer
 from ..models.loader import Model
 from . import REFRESH_LAG_HELP, copy_bandwidth, device_slug, pyplot
 
@@ -131,6 +131,13 @@ def main(argv: list[str] | None = None):
     p.add_argument("--refresh-lag", type=int, default=0, help=REFRESH_LAG_HELP)
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
+    # Checked before the GPU work: a bad entry used to end in a traceback after the model was built.
+    if not all(c.isdigit() and int(c) > 0 for c in a.contexts.split(",")):
+        raise SystemExit(f"--contexts {a.contexts!r}: positive token counts, comma-separated (e.g. 32768,131072)")
+    if not all(b in BACKENDS for b in a.backends.split(",")):
+        raise SystemExit(f"--backends {a.backends!r}: choose from {', '.join(BACKENDS)}, comma-separated")
+    if a.decode_steps < 1:   # the step time divides by it
+        raise SystemExit(f"--decode-steps {a.decode_steps}: time at least 1 decode step")
     pdl.USE = a.pdl == "on"
     try:
         config = HiPConfig(dense_threshold=0, refresh_lag=a.refresh_lag)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -36,17 +37,40 @@ def _methods(methods: list[str] | None, endpoint: str | None) -> list[str]:
     return ["endpoint"]
 
 
+def _refuse_local_options(endpoint: str | None, **options):
+    """--preset, --hip, --device and --dtype configure the local model: with --endpoint the server
+    holds the model (its own flags chose them), so they would be silently ignored."""
+    given = [f"--{name}" for name, value in options.items() if value]
+    if endpoint is not None and given:
+        raise ValueError(f"{', '.join(given)} configure the local model, but --endpoint evaluates the server, which "
+                         f"runs with the settings it was started with: leave {', '.join(given)} out")
+
+
+def _results_folder(out: Path):
+    """Made before the run: a file at --out, or a folder that cannot be written, failed only when
+    the results were saved, after the whole eval."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot make the results folder there ({e.strerror}): give a folder path") \
+            from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: the folder is not writable: give another")
+
+
 def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: list[str] | None, samples: int,
                  depths: list[float], endpoint: str | None, out: Path, preset: str, device: str | None,
                  dtype: str | None, seed: int, chunk_size: int, console: Console,
                  hip: Sequence[str] = ()) -> list[dict]:
     methods = _methods(methods, endpoint)
+    _refuse_local_options(endpoint, preset=preset, hip=list(hip), device=device, dtype=dtype)
     model_dir = resolve_model_path(model)
     # The served id is the directory's name (what `serve` lists under /v1/models).
     name = "builtin" if model == "builtin" else (Path(model_dir).name if Path(model_dir).is_dir() else model)
     trained = _trained_context(model_dir)
     spec = EvalSpec(tuple(tasks), tuple(parse_length(x, trained) for x in lengths), tuple(methods),
                     tuple(depths), samples, seed)
+    _results_folder(out)   # the arguments checked: before the model is loaded and the prompts answered
     if endpoint:
         # The server holds the model; the tokenizer (for lengths) comes from the model directory.
         from ..tokenizer import Tokenizer
@@ -70,7 +94,6 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
                            on_cell=lambda r: bar.update(job, description=f"{r['task']} {r['length']:,} {r['method']}"),
                            progress=lambda: bar.advance(job))
     _print_table(records, trained, console)
-    out.mkdir(parents=True, exist_ok=True)
     json_path = out / "eval.json"
     meta = {"spec": {**spec.__dict__, "preset": preset, "hip": list(hip), "trained_context": trained},
             "seconds": round(time.perf_counter() - t0, 1)}

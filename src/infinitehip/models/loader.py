@@ -139,8 +139,15 @@ def resolve_device_dtype(device, dtype, cfg: dict) -> tuple[torch.device, torch.
 def recommended_config(cfg: dict) -> HiPConfig:
     """The HiPConfig a checkpoint's config.json recommends: ``"infinitehip": {"preset": ...,
     <field>: <value>}``, else the paper preset."""
-    recommended = dict(cfg.get("infinitehip", {}))
-    return HiPConfig.preset(recommended.pop("preset", "paper"), **recommended)
+    recommended = cfg.get("infinitehip", {})
+    try:
+        if not isinstance(recommended, dict):
+            raise ValueError(f"it must be an object like {{\"preset\": \"paper\"}}, got {recommended!r}")
+        recommended = dict(recommended)
+        return HiPConfig.preset(recommended.pop("preset", "paper"), **recommended)
+    except (TypeError, ValueError) as e:   # "unknown preset" or an __init__ keyword: as if the user had given it
+        raise ValueError(f"config.json's \"infinitehip\" recommendation is invalid: {e}; fix it there, or give "
+                         "a config (--preset)") from None
 
 
 def config_with_overrides(path: str | Path, preset: str | None, overrides: Sequence[str]) -> str | HiPConfig | None:
