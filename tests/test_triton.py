@@ -237,3 +237,19 @@ def test_budget_of_one_chunk_matches_reference():
     got, m_tri = hip_attention(q, k, v, config=cfg, rope=rope, backend="triton")
     assert m_ref.starts.shape[-1] == 1 and torch.equal(m_tri.starts, m_ref.starts)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_hip_attention_takes_views_strided_along_head_dim():
+    """q/k/v strided along head_dim (here views of (B, T, D, heads) tensors): the reference and SDPA
+    take them; the Triton path refused them from inside its kernels ("score_chunks needs float32
+    pooled queries ..."), so "auto" answered on the CPU and failed on the GPU."""
+    q, k, v = rand_qkv(1, 3, 300, 4, 2, 64, seed=5)
+    qs, ks, vs = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v))
+    assert ks.stride(-1) != 1
+    cfg, rope = TINY, RoPE.default(64)
+    want, m_ref = hip_attention(q, k, v, config=cfg, rope=rope, backend="triton")
+    got, m_tri = hip_attention(qs, ks, vs, config=cfg, rope=rope, backend="triton")
+    assert torch.equal(m_tri.starts, m_ref.starts)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    from infinitehip.attention.api import cache_prune
+    assert torch.equal(cache_prune(qs, ks, config=cfg, rope=rope, backend="triton").starts, m_ref.starts)

@@ -71,6 +71,7 @@ def cache_attention(q, k, v, *, config=None, rope=None, scale=None, cache_seqlen
     path is the GPU step's model, with no host sync either)."""
     config = HiPConfig() if config is None else config   # not `or`: {} silently meant the default
     backend = _check(q, k, v, config, rope, cache_seqlens, mask, backend)
+    q, k, v = _unit_head_dim(backend, q, k, v)
     from_stage, row_stage = _refresh_rows(refresh_stage, q.shape[0], config, mask, q.device)
     B, tq, _, D = q.shape
     tk = k.shape[1]
@@ -96,6 +97,7 @@ def cache_prune(q, k, *, config=None, rope=None, cache_seqlens=None, mask=None, 
     pruning beside decode leaves the SMs room for decode's kernels."""
     config = HiPConfig() if config is None else config   # not `or`: {} silently meant the default
     backend = _check(q, k, k, config, rope, cache_seqlens, mask, backend)
+    q, k = _unit_head_dim(backend, q, k)
     return prune_only(q, k, config, rope, cache_seqlens, mask, refresh_stage, backend, programs)
 
 
@@ -112,6 +114,14 @@ def prune_only(q, k, config: HiPConfig, rope, cache_seqlens, mask, refresh_stage
     if programs and backend == "triton":
         score = functools.partial(score, tuning={"max_programs": programs})
     return prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend, score, None)[1]
+
+
+def _unit_head_dim(backend: str, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The Triton kernels read head_dim with unit stride; a view strided along it (rare: the
+    reference and SDPA take it as is) is copied rather than refused from inside a kernel."""
+    if backend != "triton":
+        return xs
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
 
 
 def _kv_len(cache_seqlens: torch.Tensor | None, B: int, tk: int, device) -> torch.Tensor:
