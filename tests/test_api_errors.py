@@ -32,8 +32,10 @@ def test_bad_arguments():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="rope is for head_dim 128"):
         hip_attention(q, k, v, config=CFG, rope=RoPE.default(128))
-    with pytest.raises(ValueError, match=r"cache_seqlens must be an integer tensor of shape \(1,\)"):
-        hip_attention(q, k, v, config=CFG, cache_seqlens=torch.tensor([1.0]))
+    # bool (a mask passed for lengths: True meant one key) and complex passed as integers
+    for bad in (torch.tensor([1.0]), torch.tensor([True]), torch.tensor([400j])):
+        with pytest.raises(ValueError, match=r"cache_seqlens must be an integer tensor of shape \(1,\)"):
+            hip_attention(q[:, :1], k, v, config=CFG, cache_seqlens=bad)
     with pytest.raises(ValueError, match="refresh_stage=5"):
         hip_attention(q, k, v, config=CFG, refresh_stage=5)
     for bad in (1.5, "1", [0.5]):

@@ -83,6 +83,22 @@ def test_cache_seqlens_masks_unwritten_keys():
     torch.testing.assert_close(out[1:], dense(q[1:], k[1:, :555], v[1:, :555], rope))
 
 
+@pytest.mark.parametrize("tq", [1, 40])   # 40: a ragged last query block, whose padding rows see past the end
+def test_cache_seqlens_ignores_nan_in_unwritten_slots(tq):
+    """A cache made with torch.empty may hold NaN or inf past cache_seqlens: the window slots that
+    run past a row's end read them, and their softmax weight 0 times NaN made the row NaN (the
+    Triton kernel's masked loads never did: test_attend_ignores_unwritten_cache)."""
+    q, k, v = rand_qkv(2, tq, 800, 4, 2, 64)
+    lens = torch.tensor([800, 555])
+    rope = RoPE.default(64)
+    out, _ = hip_attention(q, k, v, config=FULL, rope=rope, cache_seqlens=lens, backend="reference")
+    k2, v2 = k.clone(), v.clone()
+    k2[1, 555:], v2[1, 555:600], v2[1, 600:] = float("nan"), float("nan"), float("inf")
+    out2, mask = hip_attention(q, k2, v2, config=FULL, rope=rope, cache_seqlens=lens, backend="reference")
+    assert mask is not None, "the sparse path"
+    torch.testing.assert_close(out2, out)
+
+
 def planted_needle(tk=4096, H=4, K=2, D=64, at=1000, seed=1):
     """Keys are noise except one chunk that matches the last queries strongly."""
     q, k, v = rand_qkv(1, 32, tk, H, K, D, seed=seed)

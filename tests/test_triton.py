@@ -70,7 +70,7 @@ def test_score_chunks_matches_reference(B, tq, tk, H, K, D, lens, sharing, prune
             torch.testing.assert_close(dense, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows,n,m", [(3, 37, 8), (2, 300, 128), (4, 64, 64), (5, 16, 32), (1, 1, 4),
+@pytest.mark.parametrize("rows,n,m", [(3, 37, 8), (2, 300, 128), (4, 64, 64), (5, 16, 32), (1, 1, 4), (2, 37, 1),
                                       (1, MAX_ROW, 64), (1, 2 * MAX_ROW + 5, 64)])   # the longest kernel row; torch
 def test_keep_top_matches_reference(rows, n, m):
     """Top-m selection in position order: inactive chunks never kept, ties to the earlier chunk,
@@ -225,3 +225,31 @@ def test_hip_attention_triton_matches_reference(sharing, modes, scaling):
         got, b = hip_attention(q1, k, v, config=cfg, rope=rope, mask=b, refresh_stage=stage, backend="triton")
         assert torch.equal(a.starts, b.starts)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_budget_of_one_chunk_matches_reference():
+    """A final budget of one chunk keeps one chunk per row: the bitonic top-1 (tl.topk(x, 1)) failed
+    to build, under the interpreter and for the GPU alike."""
+    q, k, v = rand_qkv(1, 1, 300, 4, 2, 64, seed=3)
+    cfg = TINY.replace(budget=TINY.chunk_size, dense_layer_budget=TINY.chunk_size)
+    rope = RoPE.default(64)
+    want, m_ref = hip_attention(q, k, v, config=cfg, rope=rope, backend="reference")
+    got, m_tri = hip_attention(q, k, v, config=cfg, rope=rope, backend="triton")
+    assert m_ref.starts.shape[-1] == 1 and torch.equal(m_tri.starts, m_ref.starts)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_hip_attention_takes_views_strided_along_head_dim():
+    """q/k/v strided along head_dim (here views of (B, T, D, heads) tensors): the reference and SDPA
+    take them; the Triton path refused them from inside its kernels ("score_chunks needs float32
+    pooled queries ..."), so "auto" answered on the CPU and failed on the GPU."""
+    q, k, v = rand_qkv(1, 3, 300, 4, 2, 64, seed=5)
+    qs, ks, vs = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v))
+    assert ks.stride(-1) != 1
+    cfg, rope = TINY, RoPE.default(64)
+    want, m_ref = hip_attention(q, k, v, config=cfg, rope=rope, backend="triton")
+    got, m_tri = hip_attention(qs, ks, vs, config=cfg, rope=rope, backend="triton")
+    assert torch.equal(m_tri.starts, m_ref.starts)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    from infinitehip.attention.api import cache_prune
+    assert torch.equal(cache_prune(qs, ks, config=cfg, rope=rope, backend="triton").starts, m_ref.starts)

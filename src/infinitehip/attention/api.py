@@ -71,6 +71,7 @@ def cache_attention(q, k, v, *, config=None, rope=None, scale=None, cache_seqlen
     path is the GPU step's model, with no host sync either)."""
     config = HiPConfig() if config is None else config   # not `or`: {} silently meant the default
     backend = _check(q, k, v, config, rope, cache_seqlens, mask, backend)
+    q, k, v = _unit_head_dim(backend, q, k, v)
     from_stage, row_stage = _refresh_rows(refresh_stage, q.shape[0], config, mask, q.device)
     B, tq, _, D = q.shape
     tk = k.shape[1]
@@ -96,6 +97,7 @@ def cache_prune(q, k, *, config=None, rope=None, cache_seqlens=None, mask=None, 
     pruning beside decode leaves the SMs room for decode's kernels."""
     config = HiPConfig() if config is None else config   # not `or`: {} silently meant the default
     backend = _check(q, k, k, config, rope, cache_seqlens, mask, backend)
+    q, k = _unit_head_dim(backend, q, k)
     return prune_only(q, k, config, rope, cache_seqlens, mask, refresh_stage, backend, programs)
 
 
@@ -112,6 +114,14 @@ def prune_only(q, k, config: HiPConfig, rope, cache_seqlens, mask, refresh_stage
     if programs and backend == "triton":
         score = functools.partial(score, tuning={"max_programs": programs})
     return prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend, score, None)[1]
+
+
+def _unit_head_dim(backend: str, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The Triton kernels read head_dim with unit stride; a view strided along it (rare: the
+    reference and SDPA take it as is) is copied rather than refused from inside a kernel."""
+    if backend != "triton":
+        return xs
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
 
 
 def _kv_len(cache_seqlens: torch.Tensor | None, B: int, tk: int, device) -> torch.Tensor:
@@ -266,12 +276,18 @@ def _check_lengths(cache_seqlens: torch.Tensor, tq: int, tk: int):
     """Each row's valid keys hold its Tq queries and fit the Tk slots. Checked where that costs no
     host sync (a CPU tensor); on the GPU the values are trusted, as a decode step's CUDA graph
     must not wait for the host."""
-    if cache_seqlens.is_floating_point() or cache_seqlens.dim() != 1:
+    if not _integer(cache_seqlens) or cache_seqlens.dim() != 1:
         return   # _check names the shape and dtype
     lens = cache_seqlens.long()   # a narrow dtype (uint8) would wrap Tk in the comparison
     if not bool(((lens >= tq) & (lens <= tk)).all()):
         raise ValueError(f"cache_seqlens={cache_seqlens.tolist()} must each be in [Tq, Tk] = [{tq}, {tk}]: "
                          "the valid keys of each row, which include its Tq queries")
+
+
+def _integer(t: torch.Tensor) -> bool:
+    """An integer dtype: not floating, complex or bool (a bool mask passed as lengths silently
+    meant rows of 0 or 1 keys)."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def _check_scale(scale) -> float:
@@ -316,8 +332,10 @@ def _check(q, k, v, config, rope, cache_seqlens, mask, backend) -> str:
     if rope is not None and rope.head_dim != D:
         raise ValueError(f"rope is for head_dim {rope.head_dim}, inputs have head_dim {D}")
     if cache_seqlens is not None:
-        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) or cache_seqlens.is_floating_point():
-            raise ValueError(f"cache_seqlens must be an integer tensor of shape ({B},)")
+        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) or not _integer(cache_seqlens):
+            got = (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}" if isinstance(cache_seqlens, torch.Tensor)
+                   else type(cache_seqlens).__name__)
+            raise ValueError(f"cache_seqlens must be an integer tensor of shape ({B},), got {got}")
     if mask is not None:
         if not isinstance(mask, HiPMask):
             raise TypeError(f"mask must be the HiPMask a previous call returned, got {type(mask).__name__}")

@@ -245,6 +245,10 @@ def attend(q, k, v, starts, geo: Geometry, config: HiPConfig, rope: RoPE | None,
     idx, pos, valid = slot_indices(starts, geo, config)
     ks, vs = (None, None) if pages is None else (pages.k_scale, pages.v_scale)
     keys, values = gather_kv(k, idx, G, pages, ks), gather_kv(v, idx, G, pages, vs)   # (B, G, NQB, S, KG, D)
+    # Slots no real query may attend (past a row's cache_seqlens: whatever the cache holds there)
+    # get zero values, as the kernel's masked loads give: a weight of 0 times NaN or inf is NaN.
+    seen = (valid & geo.q_valid[:, None, :, :, None]).any(-2)           # (B, G, NQB, S)
+    values = values.masked_fill(~seen[..., None, None], 0)
     K = G * keys.shape[-2]
     x = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, nqb * bq - tq)).view(B, nqb, bq, H, D)
     if rope is not None:

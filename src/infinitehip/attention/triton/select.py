@@ -153,7 +153,9 @@ def keep_top(starts: torch.Tensor, scores: torch.Tensor, m: int, split: tuple[in
         _keep_top_radix_kernel[(s2.shape[0],)](*args, N_P=n_p, OUT_P=triton.next_power_of_2(m * f), SPLIT=f,
                                                SUB=sub, PDL=bool(opts), num_warps=num_warps, **opts)
     else:
-        k_p = min(triton.next_power_of_2(m), n_p)
+        # At least 2: tl.topk(x, 1) reduces its hypercube to a scalar and fails to build (interpreter
+        # and GPU alike), and one kept chunk is legal (a budget or stage budget of one chunk).
+        k_p = min(max(2, triton.next_power_of_2(m)), n_p)
         _keep_top_kernel[(s2.shape[0],)](*args, N_P=n_p, K_P=k_p, SPLIT=f, SUB=sub, PDL=bool(opts), num_warps=num_warps,
                                          **opts,
                                          PAD_P=max(1, triton.next_power_of_2(max((m - k_p) * f, 1))))
