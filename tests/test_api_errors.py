@@ -134,3 +134,36 @@ def test_a_decode_loop_crossing_the_dense_cutoff_passes_back_what_it_got():
     got, m1 = hip_attention(q, k, v, config=cfg, mask=mask, refresh_stage=cfg.n_stages)
     want, m0 = hip_attention(q, k, v, config=cfg, refresh_stage=0)
     assert torch.equal(got, want) and torch.equal(m1.starts, m0.starts)
+
+
+def test_reusing_a_mask_past_its_window_slots_is_an_error_not_lost_keys():
+    """Four queries a call, the mask reused: the anchored window has slots for
+    refresh_intervals[0] + refresh_lag - 1 = 15 positions past the pruning call ("tiny"), so the
+    third reusing call (12 positions on) still attends every key a full budget gives (== dense).
+    The fourth (16 on) slides the window past the key at the old window start, which only a
+    chunk straddling it may hold; before this check the calls went on silently, the fifth 0.013
+    off dense, the seventh 0.033."""
+    cfg = HiPConfig.preset("tiny", stage_budgets=(None, 4096, 4096), budget=4096, dense_layer_budget=4096,
+                           rope_prune="exact", rope_attend="exact", dense_threshold=0)
+    g = torch.Generator().manual_seed(0)
+    B, H, K, D, n0 = 1, 2, 1, 16, 600
+    q = torch.randn(B, n0 + 64, H, D, generator=g)
+    k, v = (torch.randn(B, n0 + 64, K, D, generator=g) for _ in range(2))
+
+    def call(n, mask=None, stage=0):
+        return hip_attention(q[:, n - 4:n], k[:, :n], v[:, :n], config=cfg, mask=mask, refresh_stage=stage)
+
+    def dense(n):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q[:, n - 4:n].transpose(1, 2), k[:, :n].transpose(1, 2).expand(B, H, n, D),
+            v[:, :n].transpose(1, 2).expand(B, H, n, D), is_causal=False,
+            attn_mask=torch.ones(4, n, dtype=torch.bool).tril(n - 4)).transpose(1, 2)
+
+    _, mask = call(n0)
+    for step in (1, 2, 3):
+        out, mask = call(n0 + 4 * step, mask, cfg.n_stages)
+        torch.testing.assert_close(out, dense(n0 + 4 * step), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="16 positions after the call that last ran stage 0.*at most 3 calls"):
+        call(n0 + 16, mask, cfg.n_stages)
+    out, _ = call(n0 + 16, mask, 0)      # pruned again: fine
+    torch.testing.assert_close(out, dense(n0 + 16), atol=1e-4, rtol=1e-4)

@@ -14,7 +14,7 @@ from torch.nn.attention.bias import causal_lower_right
 from ..config import HiPConfig
 from .triton import interpreted as triton_interpreted
 from . import reference
-from .mask import HiPMask, anchor_window, geometry
+from .mask import HiPMask, anchor_window, geometry, window_slots
 from .rope import RoPE, apply_rope
 from .stages import n_groups, run_stages
 
@@ -51,7 +51,11 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
             0 prunes from scratch, ``config.n_stages`` reuses ``mask`` as it is. A sequence of
             B ints gives each batch row its own (rows decoding at different steps); each row
             then gets exactly the mask a call of its own would give. Without a mask (None: the
-            first step, or the previous call was dense) every stage runs.
+            first step, or the previous call was dense) every stage runs. A reused mask covers
+            queries up to ``refresh_intervals[0] + refresh_lag - 1`` positions past the call that
+            last ran stage 0 (``config.refresh_stage(step)`` keeps to it at one query a call;
+            with more, rerun stage 0 sooner): further is an error where it can be checked
+            without a host sync (CPU tensors, or Tq > 1), since keys would drop silently.
         backend: "triton" (CUDA), "reference" (PyTorch, any device), or "auto".
 
     Returns:
@@ -79,6 +83,8 @@ def cache_attention(q, k, v, *, config=None, rope=None, scale=None, cache_seqlen
     if _use_dense(tk, config):
         lens = None if cache_seqlens is None else cache_seqlens.to(device=q.device, dtype=torch.long)
         return dense_attention(q, k, v, lens, rope, scale), None
+    if mask is not None and (from_stage > 0 or row_stage is not None) and (tq > 1 or not q.is_cuda):
+        _check_reuse_span(q, _kv_len(cache_seqlens, B, tk, q.device), mask, config, row_stage)
     if reuses_in_one_launch(backend, from_stage, tq, config):
         from .triton import ops
         return ops.attend_reused(q, k, v, mask, cache_seqlens, config, rope, scale), mask
@@ -270,6 +276,34 @@ def _reference_slice(q: torch.Tensor, tk: int, kv_heads: int, config: HiPConfig)
 
 def _slice_mask(mask: HiPMask, first: int, n: int) -> HiPMask:
     return mask.query_blocks(slice(first, first + n))
+
+
+def _check_reuse_span(q: torch.Tensor, kv_len: torch.Tensor, mask: HiPMask, config: HiPConfig, row_stage):
+    """A reused mask keeps the window anchored where stage 0 last pruned (``mask.w0``) in a fixed
+    number of slots (``window_slots``), enough for refresh_intervals[0] + refresh_lag - 1 tokens
+    past that step. Queries further on would push the window over keys that are neither in it nor
+    selectable (found with 4 queries a call: up to 0.2 off dense at full budget, silently), so
+    that is an error. Checked where it costs no host sync of a decode step: CPU tensors, or more
+    than one query a call (the engine decodes one)."""
+    if mask.w0 is None or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
+    tq, bq = q.shape[1], config.block_size_q
+    nqb = -(-tq // bq)
+    if mask.w0.shape != (q.shape[0], nqb):
+        return   # a mask of other query blocks: the attention's own checks speak
+    p0 = (kv_len.to(q.device, torch.long) - tq)[:, None] + torch.arange(nqb, device=q.device) * bq   # (B, NQB)
+    w0 = mask.w0.to(p0)
+    lost = p0 + bq - window_slots(config) > w0.clamp(min=config.sink)     # keys in [w0, that) would drop
+    if row_stage is not None:
+        lost &= row_stage.to(q.device)[:, None] > 0
+    if bool(lost.any()):
+        b, j = (int(i) for i in lost.nonzero()[0])
+        span = int(p0[b, j] - w0[b, j]) - config.window + 1
+        limit = config.refresh_intervals[0] + config.refresh_lag - 1
+        raise ValueError(f"mask reuse would drop keys: row {b}'s queries start {span} positions after the call that "
+                         f"last ran stage 0, and a reused mask keeps every key for at most refresh_intervals[0] + "
+                         f"refresh_lag - 1 = {limit} (its window slots); rerun stage 0 (refresh_stage=0) sooner: with "
+                         f"{tq} queries a call, reuse a mask for at most {limit // tq} calls after the one that pruned it")
 
 
 def _check_lengths(cache_seqlens: torch.Tensor, tq: int, tk: int):
