@@ -59,10 +59,17 @@ def test_engine_bench_refuses_bad_arguments_before_the_gpu_work(argv, message, m
         engine.main(argv)
 
 
+def test_context_lists_take_k_and_m_in_either_case():
+    """eval --lengths took 8k where bench attention took only 8K."""
+    from infinitehip.bench.attention import _ints
+
+    assert _ints("128k, 1M,2m,4096") == [131072, 1 << 20, 2 << 20, 4096]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--decode", "0"], "argument --decode: '0': positive token counts"),          # reached the GPU run
     (["--prefill", "8K,-1"], "argument --prefill: '8K,-1': positive token counts"),
-    (["--chunked", "1m"], "argument --chunked: '1m': positive token counts"),      # "invalid _ints value"
+    (["--chunked", "1x"], "argument --chunked: '1x': positive token counts"),      # "invalid _ints value"
     (["--preset", "papr"], "unknown preset 'papr'"),                               # a traceback on the GPU
     (["--stage0-levels", "0"], "HiPConfig.stage0_levels=0 is invalid"),
     (["--decode", "", "--prefill", "", "--chunked", ""], "nothing to time"),       # max() of nothing

@@ -97,3 +97,8 @@ def test_parse_overrides_reads_literals_and_names_bad_fields():
         parse_overrides(["budgt=4096"])
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         parse_overrides(["budget"])
+    # the last of two silently won; a dict became the tuple of its keys
+    with pytest.raises(ValueError, match=r"--hip budget is given twice \(budget=4096 and 'budget=2048'\)"):
+        parse_overrides(["budget=4096", "budget=2048"])
+    with pytest.raises(ValueError, match=r"a dict is no HiPConfig value"):
+        parse_overrides(["dense_layers={0: 1}"])

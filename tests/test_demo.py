@@ -1,4 +1,5 @@
 """`infinitehip demo` at a small length finds the hidden pass key."""
+import pytest
 from typer.testing import CliRunner
 
 from infinitehip.cli import app
@@ -15,3 +16,12 @@ def test_demo_command():
     res = CliRunner().invoke(app, ["demo", "--context", "1024", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "InfiniteHiP" in res.output and "sink + window" in res.output and "expected" in res.output
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--context", "100"], "--context 100: give at least 256 tokens"),      # said "need 0 <= depth <= 1 and ..."
+    (["--depth", "1.5"], "--depth 1.5: the needle's depth is a fraction"),
+])
+def test_demo_names_the_bad_value(argv, message):
+    res = CliRunner().invoke(app, ["demo", "--device", "cpu", *argv])
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output

@@ -110,6 +110,9 @@ def test_bench_offload_stage0_levels(tmp_path):
     (["--on-gpu-contexts", "none"], "--on-gpu-contexts 'none'"),   # int('none') from deep inside
     (["--refresh-lag", "-1"], "refresh_lag=-1"),
     (["--prune-programs", "-2"], "--prune-programs -2"),
+    (["--warm", "-5"], "--warm -5: a count >= 0"),             # ran as 0
+    (["--profile", "-1"], "--profile -1: a count >= 0"),       # printed an empty profile
+    (["--layers", "0"], "--layers 0: a count >= 1"),
 ])
 def test_bench_offload_bad_flags_are_one_line(tmp_path, args, message):
     from infinitehip.bench.offload import main as offload_main

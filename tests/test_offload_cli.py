@@ -121,3 +121,18 @@ def test_info_on_a_gpu_with_a_bad_recommended_config_is_a_one_line_error(tmp_pat
     r = CliRunner().invoke(app, ["info", str(path)])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output   # not the ValueError itself
     assert "error: config.json's \"infinitehip\" recommendation is invalid: unknown preset 'papr'" in r.output
+
+
+def test_info_without_a_trained_context_says_so(tmp_path):
+    """A config.json without max_position_embeddings printed "trained context 0 tokens"."""
+    import json
+    import shutil
+
+    path = tmp_path / "m"
+    shutil.copytree(builtin_model_path(), path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("max_position_embeddings")
+    (path / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(app, ["info", str(path)])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "trained context │ unknown (config.json has no" in out, out   # a wrapped cell

@@ -30,8 +30,10 @@ def demo(context: int = typer.Option(None, help="Prompt tokens (default: 16,384 
 
     from .demo import LABELS, METHODS, default_context, run_demo
 
-    if not 0.0 <= depth <= 1.0 or (context is not None and context < 256):
-        raise typer.BadParameter("need 0 <= depth <= 1 and context >= 256")
+    if not 0.0 <= depth <= 1.0:
+        raise typer.BadParameter(f"--depth {depth}: the needle's depth is a fraction of the context, in [0, 1]")
+    if context is not None and context < 256:
+        raise typer.BadParameter(f"--context {context}: give at least 256 tokens (the haystack holds the needle)")
     n = context or default_context()
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
@@ -202,7 +204,8 @@ def info(model_dir: str = typer.Argument(..., help="Hugging Face model directory
     table = Table(title=model_dir, show_header=False)
     for key, value in [("architecture", r["architecture"]), ("parameters", f"{r['parameters']:,}"),
                        ("layers", r["layers"]), ("heads", r["heads"]),
-                       ("trained context", f"{r['trained_context']:,} tokens"),
+                       ("trained context", f"{r['trained_context']:,} tokens" if r["trained_context"] else
+                        "unknown (config.json has no max_position_embeddings): adaptive RoPE applies from the start"),
                        ("device / dtype", f"{r['device']} / {r['dtype']}"),
                        ("weights", f"{r['weights_bytes'] / gib:.2f} GiB"),
                        ("KV cache per token", f"{r['kv_bytes_per_token']:,} bytes"),

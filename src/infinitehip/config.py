@@ -299,8 +299,13 @@ def parse_overrides(items: Sequence[str]) -> dict:
             raise ValueError(f"--hip {item!r}: write FIELD=VALUE, e.g. --hip stage0_levels=3")
         if name not in fields:
             raise ValueError(f"--hip {item!r}: HiPConfig has no field {name!r}; its fields: {', '.join(fields)}")
+        if name in out:   # the last one silently won
+            raise ValueError(f"--hip {name} is given twice ({name}={out[name]!r} and {item!r}): give it once")
         try:
             out[name] = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError):
             out[name] = text.strip()      # a bare word: a mode name
+        if isinstance(out[name], (dict, set)):   # {0: 1} became the tuple of its keys, (0,), silently
+            raise ValueError(f"--hip {item!r}: a {type(out[name]).__name__} is no HiPConfig value; write a number, "
+                             "a name, None or a tuple such as (0, 1)")
     return out

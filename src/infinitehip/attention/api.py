@@ -64,6 +64,12 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
     """
     if isinstance(cache_seqlens, torch.Tensor) and not cache_seqlens.is_cuda:
         _check_lengths(cache_seqlens, q.shape[1], k.shape[1])
+    if mask is not None and refresh_stage != 0 and (q.shape[1] > 1 or not q.is_cuda):
+        cfg = HiPConfig() if config is None else config
+        _check(q, k, v, cfg, rope, cache_seqlens, mask, backend)   # first: what is wrong with the inputs
+        if not _use_dense(k.shape[1], cfg):
+            _, rows = _refresh_rows(refresh_stage, q.shape[0], cfg, mask, q.device)
+            _check_reuse_span(q, _kv_len(cache_seqlens, q.shape[0], k.shape[1], q.device), mask, cfg, rows)
     return cache_attention(q, k, v, config=config, rope=rope, scale=scale, cache_seqlens=cache_seqlens, mask=mask,
                            refresh_stage=refresh_stage, backend=backend)
 
@@ -83,8 +89,6 @@ def cache_attention(q, k, v, *, config=None, rope=None, scale=None, cache_seqlen
     if _use_dense(tk, config):
         lens = None if cache_seqlens is None else cache_seqlens.to(device=q.device, dtype=torch.long)
         return dense_attention(q, k, v, lens, rope, scale), None
-    if mask is not None and (from_stage > 0 or row_stage is not None) and (tq > 1 or not q.is_cuda):
-        _check_reuse_span(q, _kv_len(cache_seqlens, B, tk, q.device), mask, config, row_stage)
     if reuses_in_one_launch(backend, from_stage, tq, config):
         from .triton import ops
         return ops.attend_reused(q, k, v, mask, cache_seqlens, config, rope, scale), mask
@@ -282,9 +286,10 @@ def _check_reuse_span(q: torch.Tensor, kv_len: torch.Tensor, mask: HiPMask, conf
     """A reused mask keeps the window anchored where stage 0 last pruned (``mask.w0``) in a fixed
     number of slots (``window_slots``), enough for refresh_intervals[0] + refresh_lag - 1 tokens
     past that step. Queries further on would push the window over keys that are neither in it nor
-    selectable (found with 4 queries a call: up to 0.2 off dense at full budget, silently), so
-    that is an error. Checked where it costs no host sync of a decode step: CPU tensors, or more
-    than one query a call (the engine decodes one)."""
+    selectable (found with 4 queries a call: 0.013-0.033 off dense at full budget, silently), so
+    that is an error. Checked by the public call where it costs no host sync of a decode step:
+    CPU tensors, or more than one query a call. The engine (``cache_attention``) keeps to its
+    schedule and is not checked: a row parked while its slot prefills runs throwaway steps."""
     if mask.w0 is None or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return
     tq, bq = q.shape[1], config.block_size_q

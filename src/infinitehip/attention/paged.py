@@ -46,7 +46,8 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
                         scale: float | None, cache_seqlens: torch.Tensor, mask: HiPMask | None = None,
                         refresh_stage: int | Sequence[int] = 0, backend: str = "auto",
                         fetch: bool = False, fresh: bool = False) -> tuple[torch.Tensor, HiPMask | None]:
-    """``hip_attention(q, k, v, ...)`` with k/v the first ``tk`` keys of ``source``.
+    """``cache_attention(q, k, v, ...)`` (the engine's hip_attention) with k/v the first ``tk``
+    keys of ``source``.
 
     q (B, Tq, H, D) un-rotated; cache_seqlens (B,) valid keys per row. ``fetch``: attend through
     the source's page pool (decode: a few pages per step) instead of reading the logical K/V in
@@ -56,8 +57,8 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
     """
     k, v, pages = source.logical(tk)
     if pages is None and not fetch:
-        return api.hip_attention(q, k, v, config=config, rope=rope, scale=scale, cache_seqlens=cache_seqlens,
-                                 mask=mask, refresh_stage=refresh_stage, backend=backend)
+        return api.cache_attention(q, k, v, config=config, rope=rope, scale=scale, cache_seqlens=cache_seqlens,
+                                   mask=mask, refresh_stage=refresh_stage, backend=backend)
     B, tq, _, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     kv_len = cache_seqlens.to(device=q.device, dtype=torch.long)

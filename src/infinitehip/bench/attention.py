@@ -282,9 +282,10 @@ def plot(records: list[dict], path: Path):
 
 
 def _ints(s: str) -> list[int]:
-    try:
-        out = [int(float(x[:-1]) * K_) if x.endswith("K") else int(float(x[:-1]) * K_ * K_) if x.endswith("M")
-               else int(x) for x in s.split(",") if x]
+    scale = {"K": K_, "M": K_ * K_}
+    try:   # 128K or 128k, 1M or 1m, or a plain count (as eval --lengths takes them)
+        out = [int(float(x[:-1]) * scale[x[-1].upper()]) if x[-1:].upper() in scale else int(x)
+               for x in (y.strip() for y in s.split(",")) if x]
     except ValueError:
         out = [0]
     if any(n < 1 for n in out):   # 0 or -1 reached the GPU run (an empty slice, a negative size)

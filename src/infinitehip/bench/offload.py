@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None):
         raise SystemExit(f"--prune-programs {a.prune_programs}: a count >= 1, or 0 for no cap")
     if a.steps < 1:   # the step time divides by it
         raise SystemExit(f"--steps {a.steps}: time at least 1 decode step")
+    for flag, n in (("--warm", a.warm), ("--profile", a.profile), ("--layers", a.layers - 1)):
+        if n < 0:   # --warm -5 ran as 0, --profile -1 printed an empty profile, --layers 0 built no model
+            raise SystemExit(f"{flag} {getattr(a, flag[2:])}: a count >= {1 if flag == '--layers' else 0}")
     if any(c != "max" and not (c.isdigit() and int(c) > 0) for c in a.contexts.split(",")):
         raise SystemExit(f"--contexts {a.contexts!r}: positive token counts (or 'max'), comma-separated")
     if any(not (c.isdigit() and int(c) > 0) for c in a.on_gpu_contexts.split(",") if c):
