@@ -51,6 +51,16 @@ def test_bad_arguments():
             hip_attention(q, k, v, config=CFG, scale=bad)
     torch.testing.assert_close(hip_attention(q, k, v, config=CFG, scale=2)[0],
                                hip_attention(q, k, v, config=CFG, scale=2.0)[0])
+    # numbers of other types were refused as if not finite; a 0-d tensor too
+    import numpy as np
+    for same in (np.float32(2.0), torch.tensor(2.0)):
+        torch.testing.assert_close(hip_attention(q, k, v, config=CFG, scale=same)[0],
+                                   hip_attention(q, k, v, config=CFG, scale=2.0)[0])
+    with pytest.raises(TypeError, match="rope must be a RoPE"):   # an AttributeError on .head_dim
+        hip_attention(q, k, v, config=CFG, rope="x")
+    for bad in (True, [False]):   # True ran as stage 1
+        with pytest.raises(ValueError, match="not a bool"):
+            hip_attention(q, k, v, config=CFG, refresh_stage=bad)
 
 
 def test_mask_from_another_config_is_rejected():

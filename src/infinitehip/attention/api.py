@@ -41,7 +41,9 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
             None applies no rotation.
         scale: softmax scale, default 1 / sqrt(D).
         cache_seqlens: (B,) int, the number of valid keys per batch row when k/v are a cache
-            of fixed capacity Tk (default: all Tk). Causality is relative to it::
+            of fixed capacity Tk (default: all Tk). Slots past it must hold finite values (a
+            zeroed cache): dense attention (short contexts) weighs them by 0, and 0 x NaN is NaN.
+            Causality is relative to it::
 
                 Tq = 2, kv_len = 5:   keys 0 1 2 3 4
                             query 0:       1 1 1 1 0
@@ -201,6 +203,9 @@ def _refresh_rows(refresh_stage, B: int, config: HiPConfig, mask: HiPMask | None
     stages or None when all rows agree). With no mask to reuse, everything reruns: a decode loop
     passes back what the previous call returned, None while the context was short enough for
     dense attention."""
+    given = refresh_stage if isinstance(refresh_stage, (list, tuple)) else [refresh_stage]
+    if any(isinstance(r, bool) for r in given):   # True passed as stage 1
+        raise ValueError(f"refresh_stage={refresh_stage!r}: a stage number (config.refresh_stage(step)), not a bool")
     try:
         try:
             rows = [operator.index(refresh_stage)]
@@ -331,7 +336,13 @@ def _integer(t: torch.Tensor) -> bool:
 
 def _check_scale(scale) -> float:
     """The softmax scale as a float: a finite positive number (NaN gave NaN outputs silently)."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.is_floating_point():
+        scale = scale.item()   # a 0-d tensor, like numpy's scalars below, is a number
+    try:
+        number = not isinstance(scale, (bool, str)) and float(scale) == scale
+    except (TypeError, ValueError):
+        number = False
+    if not number or not 0 < float(scale) < math.inf:
         raise ValueError(f"scale={scale!r} must be a finite number > 0 (None: 1 / sqrt(head_dim))")
     return float(scale)
 
@@ -368,6 +379,8 @@ def _check(q, k, v, config, rope, cache_seqlens, mask, backend) -> str:
         raise ValueError(f"empty input: Tq={tq}, Tk={tk}")
     if tq > tk:
         raise ValueError(f"Tq={tq} queries but only Tk={tk} keys: queries are the last Tq key positions")
+    if rope is not None and not isinstance(rope, RoPE):   # rope="x": an AttributeError on .head_dim
+        raise TypeError(f"rope must be a RoPE (e.g. RoPE.default(head_dim)) or None, got {type(rope).__name__}")
     if rope is not None and rope.head_dim != D:
         raise ValueError(f"rope is for head_dim {rope.head_dim}, inputs have head_dim {D}")
     if cache_seqlens is not None:
