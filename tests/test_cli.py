@@ -36,6 +36,22 @@ def test_cli_serve_refuses_bad_values_before_serving(argv, message, monkeypatch)
     assert r.exit_code == 1 and f"error: {message}" in r.output and isinstance(r.exception, SystemExit), r.output
 
 
+def test_cli_serve_takes_dtype(monkeypatch):
+    """serve's out-of-memory error says "Use a smaller dtype (bfloat16/float16)", but serve had no
+    --dtype (generate, eval and info have one): on the CPU it could only serve float32."""
+    uvicorn = pytest.importorskip("uvicorn")
+    import infinitehip.server.app as server_app
+
+    served = {}
+    create_app = server_app.create_app
+    monkeypatch.setattr(server_app, "create_app",
+                        lambda engine, **k: served.update(dtype=engine.model.dtype) or create_app(engine, **k))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    r = CliRunner().invoke(app, ["serve", "builtin", "--device", "cpu", "--max-batch", "1", "--max-context", "1024",
+                                 "--dtype", "bfloat16"])
+    assert r.exit_code == 0 and served == {"dtype": torch.bfloat16}, r.output
+
+
 def test_cli_serve_help_names_the_server_extra():
     """typer renders help as rich markup: an unescaped [server] vanished, leaving `pip install infinitehip`."""
     for argv in (["serve", "--help"], ["--help"]):

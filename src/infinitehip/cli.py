@@ -286,6 +286,8 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
                                         "each holds a KV-cache slot of --max-context tokens, allocated at start."),
           max_queue: int = typer.Option(64, help="Requests waiting beyond the running ones get 429."),
           device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
+          dtype: str = typer.Option(None, help="float32 | float16 | bfloat16 (default: the checkpoint's on "
+                                    "GPU, float32 on CPU)."),
           offload: bool = typer.Option(None, "--offload/--no-offload",
                                        help="Keep the slots' KV cache in host memory (default: only if it does not fit)."),
           context_cache: str = typer.Option(None, "--context-cache",
@@ -308,7 +310,7 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
         from .server.app import create_app
         from .server.engine import ModelEngine
 
-        engine = ModelEngine(load(model_dir, device=device, config=_hip_config(model_dir, preset, hip)),
+        engine = ModelEngine(load(model_dir, device=device, dtype=dtype, config=_hip_config(model_dir, preset, hip)),
                              backend=backend, max_context=max_context,
                              max_batch=max_batch, offload=offload)
         owner = fingerprint(engine.model, backend)
