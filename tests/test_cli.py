@@ -1,5 +1,6 @@
 """The command line: clean one-line errors and exit codes, generate and info end to end."""
 import pytest
+import torch
 from checkpoints import make_checkpoint
 from typer.testing import CliRunner
 
@@ -77,3 +78,24 @@ def test_cli_generate_and_info(ckpt, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))   # the codec's words, no file named
     r = runner.invoke(app, ["generate", str(ckpt), "--prompt-file", str(tmp_path / "latin1.txt")])
     assert r.exit_code == 1 and f"--prompt-file {tmp_path / 'latin1.txt'}: not UTF-8 text (byte 3" in r.output
+
+
+def test_cli_serve_offloads_in_fp8(monkeypatch):
+    """serve's out-of-memory advice named --offload-fp8, which serve lacked; its context cache must
+    not hand KV computed through FP8 storage to a server storing bf16 (or the reverse)."""
+    uvicorn = pytest.importorskip("uvicorn")
+    import infinitehip.server.app as server_app
+    from infinitehip.engine.prefix_cache import fingerprint
+
+    served = {}
+    create_app = server_app.create_app
+    monkeypatch.setattr(server_app, "create_app", lambda engine, **k: served.update(engine=engine) or create_app(engine, **k))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    r = CliRunner().invoke(app, ["serve", "builtin", "--device", "cpu", "--max-batch", "1", "--max-context", "1024",
+                                 "--offload-fp8"])
+    assert r.exit_code == 0, r.output
+    runner = served["engine"].runner
+    assert runner.cache.config.fp8
+    assert runner.owner == fingerprint(runner.model, "hip", fp8=True) != fingerprint(runner.model, "hip")
+    r = CliRunner().invoke(app, ["serve", "builtin", "--device", "cpu", "--no-offload", "--offload-fp8"])
+    assert r.exit_code == 1 and "--no-offload contradicts --offload-fp8" in r.output, r.output

@@ -290,6 +290,8 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
                                     "GPU, float32 on CPU)."),
           offload: bool = typer.Option(None, "--offload/--no-offload",
                                        help="Keep the slots' KV cache in host memory (default: only if it does not fit)."),
+          offload_fp8: bool = typer.Option(False, "--offload-fp8", help="Offload, storing K/V as FP8 in host "
+                                           "memory (half the bytes; not bit-identical)."),
           context_cache: str = typer.Option(None, "--context-cache",
                                             help="safetensors file of cached document KV: loaded at start, saved at exit."),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
@@ -306,14 +308,13 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
         import uvicorn
 
         from . import load
-        from .engine.prefix_cache import fingerprint
         from .server.app import create_app
         from .server.engine import ModelEngine
 
-        engine = ModelEngine(load(model_dir, device=device, dtype=dtype, config=_hip_config(model_dir, preset, hip)),
-                             backend=backend, max_context=max_context,
-                             max_batch=max_batch, offload=offload)
-        owner = fingerprint(engine.model, backend)
+        model = load(model_dir, device=device, dtype=dtype, config=_hip_config(model_dir, preset, hip))
+        engine = ModelEngine(model, backend=backend, max_context=max_context, max_batch=max_batch,
+                             offload=_offload_arg(offload, offload_fp8, None, model.device))
+        owner = engine.runner.owner
         if context_cache and Path(context_cache).exists():
             engine.prefix_cache.load(context_cache, device=engine.model.device, owner=owner)
     except ImportError as e:

@@ -36,7 +36,7 @@ from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig
 from ..models.llama import BACKENDS
 from .generate import DecodeState, decode_one_token, make_cache, prefill
-from .prefix_cache import PrefixCache, fingerprint
+from .prefix_cache import PrefixCache, fingerprint, stores_fp8
 from .sampling import SamplingParams, TextOutput, sample
 
 
@@ -109,9 +109,10 @@ class BatchRunner:
         self.max_batch, self.max_context, self.chunk_size = max_batch, max_context, chunk_size
         self.prefill_budget = prefill_budget or chunk_size
         self.prefix_cache = prefix_cache
-        # Its entries are reused only by the model and backend that wrote them (it may be shared).
-        self._owner = fingerprint(model, backend) if prefix_cache is not None else ""
         self.cache = self._allocate(offload)
+        # The prefix cache's entries this runner may reuse (it may be shared): those its model,
+        # backend and K/V storage wrote.
+        self.owner = fingerprint(model, backend, stores_fp8(self.cache)) if prefix_cache is not None else ""
         self._kv_floor = _sparse_floor(model, backend, self.cache.capacity)
         self.state = DecodeState(backend, kernel=kernel)
         self.stats = BatchStats()
@@ -220,7 +221,7 @@ class BatchRunner:
         req.slot = min(self._free)
         self._free.remove(req.slot)
         if self.prefix_cache is not None:
-            req.reused = req.filled = self.prefix_cache.reuse(req.ids, self._row(req.slot), self._owner)
+            req.reused = req.filled = self.prefix_cache.reuse(req.ids, self._row(req.slot), self.owner)
             self.stats.reused_tokens += req.reused
         self._prefilling = req
         return req
@@ -241,7 +242,7 @@ class BatchRunner:
             req.tokens = None
         if end == len(req.ids) and self.prefix_cache is not None:
             self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused,
-                                       owner=self._owner)
+                                       owner=self.owner)
         return end - start
 
     def _start_decoding(self, req: _Request, events: list[BatchEvent]):

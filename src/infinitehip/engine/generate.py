@@ -19,7 +19,7 @@ from ..cache.offload_plan import OffloadConfig, plan_offload
 from ..config import HiPConfig, is_int
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
-from .prefix_cache import PrefixCache, fingerprint
+from .prefix_cache import PrefixCache, fingerprint, stores_fp8
 from .sampling import SamplingParams, TextOutput, sample
 
 
@@ -259,7 +259,7 @@ def _events(model: Model, ids: list[list[int]], params: SamplingParams, groups, 
     # single group is the whole batch, taken as it is.
     index = [slice(None)] if len(groups) == 1 else [torch.tensor(g, device=device) for g in groups]
     # Cached KV is reused only by the model and backend that wrote it (a PrefixCache may be shared).
-    owner = fingerprint(model, backend) if prefix_cache is not None else ""
+    owner = fingerprint(model, backend, any(stores_fp8(c) for c in caches)) if prefix_cache is not None else ""
     rows = []
     for b, x in enumerate(ids):
         k, i = where[b]

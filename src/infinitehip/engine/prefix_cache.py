@@ -23,16 +23,24 @@ from safetensors.torch import save_file
 from ..cache.kv import KVCache
 
 
-def fingerprint(model, backend: str) -> str:
+def fingerprint(model, backend: str, fp8: bool = False) -> str:
     """What a cached prefix's KV depends on: the architecture and shapes, the dtype, the weights
     (sampled: the first layer's q/k/v and the embedding's first rows), the backend (dense caches
     rotated keys; hip and streaming attend differently, so every layer after the first sparse one
-    holds other values) and, for the sparse backends, the HiP config of every layer."""
+    holds other values), for the sparse backends the HiP config of every layer, and FP8 host
+    storage (``fp8``: every layer after the first holds values computed from rounded K/V)."""
     net = model.net
     sample = [net.layers[0].attention.wqkv.weight, net.tok_embeddings.weight[:64]]
     sums = ",".join(f"{float(w.double().sum()):.17g}" for w in sample)
     hip = "" if backend == "dense" else repr(net.layer_configs)
-    return hashlib.sha256(f"{model.args}|{model.dtype}|{backend}|{hip}|{sums}".encode()).hexdigest()[:32]
+    store = "|fp8" if fp8 else ""   # appended: the fingerprints of files written without FP8 stay valid
+    return hashlib.sha256(f"{model.args}|{model.dtype}|{backend}|{hip}|{sums}{store}".encode()).hexdigest()[:32]
+
+
+def stores_fp8(cache) -> bool:
+    """Whether ``cache`` keeps its K/V as FP8 codes (an offloaded cache with ``OffloadConfig.fp8``)."""
+    config = getattr(cache, "config", None)
+    return bool(getattr(config, "fp8", False))
 
 
 @dataclass
