@@ -14,8 +14,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 
 
-HIP_HELP = ("Override a HiPConfig field of the preset, FIELD=VALUE (repeatable), e.g. --hip stage0_levels=3 "
-            "--hip budget=4096.")
+HIP_HELP = ("Override a HiPConfig field of the preset, FIELD=VALUE (repeatable), e.g. --hip refresh_lag=8; "
+            "with the paper preset also --hip stage0_levels=3 --hip budget=4096 (the built-in model's allows less).")
 
 
 @app.command()
