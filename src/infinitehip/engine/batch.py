@@ -138,6 +138,10 @@ class BatchRunner:
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("empty prompt: give at least one token of text")
+        vocab = self.model.net.args.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:   # refused here: in a step it failed every request holding a slot
+            raise ValueError(f"a prompt's token ids must be in [0, {vocab}) (the model's vocabulary); got "
+                             f"{min(ids)}..{max(ids)}")
         if len(ids) + params.max_new_tokens > self.max_context:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"capacity of {self.max_context} tokens per request; shorten the prompt or lower "
