@@ -147,6 +147,28 @@ def test_capacity_is_checked_up_front(model):
         r.add([], GREEDY)
 
 
+@pytest.mark.parametrize("bad", [dict(prefill_budget=0), dict(prefill_budget=-1), dict(chunk_size=64.0),
+                                 dict(max_context=512.0), dict(prefill_budget=32.5)])
+def test_sizes_are_checked_at_construction(model, bad):
+    """A prefill_budget < 1 never prefilled (the request waited forever, has_work stayed True) and
+    a float chunk_size failed in every step's prefill: refused when the runner is made."""
+    with pytest.raises(ValueError, match="need integers"):
+        runner(model, **bad)
+
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_at_add(model):
+    """Such a prompt was queued, and its prefill's IndexError in a later step failed that step for
+    every request holding a slot (the server aborts them all): refused by ``add`` instead."""
+    r = runner(model)
+    running = r.add(prompt(30), SamplingParams(max_new_tokens=6, ignore_eos=True))
+    tokens = [e.token for e in r.step()]
+    for bad in (prompt(10) + [model.args.vocab_size], [-1] + prompt(10)):
+        with pytest.raises(ValueError, match="vocabulary"):
+            r.add(bad, GREEDY)
+    rest, _ = drive(r, {})
+    assert tokens + rest[running] == alone(model, prompt(30), SamplingParams(max_new_tokens=6, ignore_eos=True))
+
 def test_abort_drops_running_requests_and_keeps_waiting_ones(model):
     r = runner(model, max_batch=2)
     ids = [r.add(prompt(n), GREEDY) for n in (10, 20, 30)]

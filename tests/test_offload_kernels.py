@@ -111,6 +111,32 @@ def test_per_head_table_reads_the_same_values(sharing, tq):
     assert torch.equal(ops.attend(q, kp, vp, mask.starts, geo, cfg, rope, 0.3, pages=pages), plain)
 
 
+
+def test_pages_not_resident_read_slot_0_never_before_the_pool():
+    """A -1 table entry (a page not resident) is read by a batch runner's row parked in a decode
+    step while it prefills: it reuses its mask at a position past its last fetch (its output is
+    discarded). The kernel read the PAGE rows before the pool there (on a GPU: memory it does not
+    own); it reads slot 0, as the reference does, and the other rows are untouched."""
+    q, k, v, geo, rope, mask = setup()
+    kp, table = scatter_heads_to_pool(k)
+    vp, _ = scatter_heads_to_pool(v)
+
+    def after_nan(pool):   # the pool in memory right after NaN rows: a read before it shows
+        big = torch.full((pool.shape[0] + 4, *pool.shape[1:]), float("nan"))
+        big[4:] = pool
+        return big[4:]
+
+    kp, vp = after_nan(kp), after_nan(vp)
+    absent = table.clone()
+    absent[1, 333 // PAGE - 3:] = -1                      # row 1's last pages, its window: not resident
+    pages = KVPages(PAGE, table=absent)
+    got = ops.attend(q, kp, vp, mask.starts, geo, TINY, rope, 0.3, pages=pages)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, reference.attend(q, kp, vp, mask.starts, geo, TINY, rope, 0.3, pages=pages),
+                               rtol=1e-4, atol=1e-4)
+    whole = ops.attend(q, kp, vp, mask.starts, geo, TINY, rope, 0.3, pages=KVPages(PAGE, table=table))
+    assert torch.equal(got[0], whole[0])
+
 def test_paged_attend_prefill_block():
     q, k, v, geo, rope, mask = setup(B=1, tq=40, lens=(400,))
     kp, table = scatter_to_pool(k)

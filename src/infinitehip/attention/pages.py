@@ -9,7 +9,8 @@ Two independent additions to a plain read, both used by KV offloading (``cache/o
   pairs the per-head masks select (an all-heads page would bring 8x more bytes for Llama-3's 8
   kv heads). A table (B, NB) gives all heads one slot, into a pool ``(N, page, K, D)``. The
   offload path points the table at its GPU page cache after fetching what a mask selects.
-  Entries of pages no valid key reads may hold anything (the kernels never load them).
+  Entries of pages no valid key reads may hold anything; -1 (not resident) reads slot 0, in
+  the reference and the kernel alike (a batch runner's parked row reads such pages).
 - **FP8 scales** (``k_scale`` / ``v_scale``): K/V are float8_e4m3 codes in the plain logical
   layout and element ``[b, p, h, :]`` is ``code * scale[b, p // page, h]``. The offload path
   reads the host store this way, in place (zero-copy), in pruning and in prefill attention.

@@ -34,6 +34,7 @@ import torch
 from ..cache.kv import CapacityError, KVCache
 from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig
+from ..config import is_int
 from ..models.llama import BACKENDS
 from .generate import DecodeState, decode_one_token, make_cache, prefill
 from .prefix_cache import PrefixCache, fingerprint, stores_fp8
@@ -102,12 +103,16 @@ class BatchRunner:
                  prefix_cache: PrefixCache | None = None, offload: bool | OffloadConfig | None = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
-        if max_batch < 1 or max_context < 2 or chunk_size < 1:
-            raise ValueError(f"need max_batch >= 1, max_context >= 2, chunk_size >= 1; got {max_batch}, "
-                             f"{max_context}, {chunk_size}")
+        # Integers: a float chunk_size failed every step in prefill (each failure aborting the requests
+        # holding slots), and a prefill_budget < 1 never prefilled anything (has_work forever).
+        sizes = (max_batch, max_context, chunk_size, chunk_size if prefill_budget is None else prefill_budget)
+        if not all(is_int(x) for x in sizes) or max_batch < 1 or max_context < 2 or chunk_size < 1 or sizes[3] < 1:
+            raise ValueError(f"need integers max_batch >= 1, max_context >= 2, chunk_size >= 1 and prefill_budget "
+                             f">= 1 (or None: chunk_size); got {max_batch!r}, {max_context!r}, {chunk_size!r}, "
+                             f"{prefill_budget!r}")
         self.model, self.backend, self.kernel = model, backend, kernel
         self.max_batch, self.max_context, self.chunk_size = max_batch, max_context, chunk_size
-        self.prefill_budget = prefill_budget or chunk_size
+        self.prefill_budget = sizes[3]
         self.prefix_cache = prefix_cache
         self.cache = self._allocate(offload)
         # The prefix cache's entries this runner may reuse (it may be shared): those its model,
@@ -139,6 +144,10 @@ class BatchRunner:
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("empty prompt: give at least one token of text")
+        vocab = self.model.net.args.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:   # refused here: in a step it failed every request holding a slot
+            raise ValueError(f"a prompt's token ids must be in [0, {vocab}) (the model's vocabulary); got "
+                             f"{min(ids)}..{max(ids)}")
         if len(ids) + params.max_new_tokens > self.max_context:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"capacity of {self.max_context} tokens per request; shorten the prompt or lower "

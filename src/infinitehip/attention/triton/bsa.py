@@ -167,7 +167,10 @@ def _bsa_kernel(
             if PAGED:   # logical row -> row of the page pool
                 pg = tl.load(table_ptr + b64 * stride_tb + (row // PAGE) * stride_tp + kvh * stride_th,
                              mask=col_ok, other=0).to(tl.int64)
-                row = pg * PAGE + row % PAGE
+                # A page not resident (-1) reads slot 0, as the reference does: a batch runner's
+                # row parked in a decode step while it prefills reuses its mask at a position past
+                # its last fetch (its output is discarded). -1 read the PAGE rows before the pool.
+                row = tl.maximum(pg, 0) * PAGE + row % PAGE
             if PREFETCH_V > 0:   # V's rows start streaming into L2 with K's loads, in no register
                 prefetch_l2(v_base + row * stride_vt, PREFETCH_V)
             kv_mask = col_ok[:, None] & d_ok[None, :]
