@@ -226,3 +226,31 @@ def test_a_parked_row_writes_its_throwaway_token_past_its_prompt_pages(model):
     for s in c.stores:
         row = s.dk.view(c.batch, c.capacity, *s.dk.shape[2:])[1].float()     # slot 1's positions
         assert (row[56:60] != 0).any() and not row[60:64].any() and row[64].any()
+
+
+def test_a_prompt_ending_in_its_slots_last_fp8_page_is_stored_as_alone(model):
+    """510 prompt tokens in a 512-token FP8 slot, chunks of 101: after 505 the next page would be
+    past the slot, so the parked row's throwaway token went to 505, and the FP8 page 504-511 was
+    re-encoded around it (row 504 re-quantized: stored K/V other than a run of its own). Now decode
+    waits that round."""
+    from infinitehip.cache.offload_plan import OffloadConfig
+
+    def stored_prompt(with_neighbour: bool):
+        r = runner(model, offload=OffloadConfig(fp8=True), chunk_size=101, prefill_budget=101)
+        if with_neighbour:
+            r.add(prompt(40), SamplingParams(max_new_tokens=30, ignore_eos=True))
+            r.step()
+        r.add(prompt(510), SamplingParams(max_new_tokens=2, ignore_eos=True))   # decoding after: its slot stays its own
+        slot = None
+        while slot is None or r._prefilling is not None:   # until its prompt is in
+            r.step()
+            slot = r._prefilling.slot if slot is None and r._prefilling is not None else slot
+        return r, slot, r.stats.decode_steps
+
+    (a, slot_a, steps), (b, slot_b, _) = stored_prompt(True), stored_prompt(False)
+    assert steps >= 4   # the neighbour decoded beside the first chunks
+    for sa, sb in zip(a.cache.stores, b.cache.stores):
+        for x, y in ((sa.dk, sb.dk), (sa.dv, sb.dv)):
+            ra = x.view(a.cache.batch, a.cache.capacity, *x.shape[2:])[slot_a, :510]
+            rb = y.view(b.cache.batch, b.cache.capacity, *y.shape[2:])[slot_b, :510]
+            assert torch.equal(ra.float(), rb.float())

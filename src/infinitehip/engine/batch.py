@@ -207,9 +207,23 @@ class BatchRunner:
         request that has finished its prefill. Returns the events of this step."""
         events: list[BatchEvent] = []
         self._prefill_some(events)
-        if self._decoding:
+        if self._decoding and self._parking() is not None:
             self._decode(events)
         return events
+
+    def _parking(self) -> int | None:
+        """Where the row still prefilling takes the decode step's throwaway token: where its next
+        prefill chunks write, so the throwaway K/V is overwritten — on the next page, since an FP8
+        page re-encoded around it would re-quantize the prompt rows before it. None: no such page
+        (an FP8 prompt ending in the slot's last page), so decode waits while the prompt's last
+        tokens (less than a page: one round at the default budget) are prefilled."""
+        if self._prefilling is None:
+            return 0
+        filled, page = self._prefilling.filled, getattr(self.cache, "page", 1)
+        parked = -(-filled // page) * page
+        if parked < self.cache.capacity:
+            return parked
+        return None if stores_fp8(self.cache) else filled
 
     def _prefill_some(self, events: list[BatchEvent]):
         budget = self.prefill_budget
@@ -270,12 +284,7 @@ class BatchRunner:
         for slot, req in self._decoding.items():
             tokens[slot], seqlens[slot] = req.last, req.seqlen
         if self._prefilling is not None:
-            # Parked where its next prefill chunks write: the throwaway K/V is overwritten. On the
-            # next page of an offloaded cache: an FP8 page re-encoded around the throwaway token
-            # would re-quantize the prompt rows before it (in the last page, no better place).
-            filled, page = self._prefilling.filled, getattr(self.cache, "page", 1)
-            parked = -(-filled // page) * page
-            seqlens[self._prefilling.slot] = parked if parked < self.cache.capacity else filled
+            seqlens[self._prefilling.slot] = self._parking()
         kv_limit = max(int(seqlens.max()) + 1, self._kv_floor)
         logits = decode_one_token(self.model, tokens.to(device), seqlens.to(device), self.cache, self.state,
                                   kv_limit=kv_limit)                                 # (B, V)
