@@ -51,7 +51,7 @@ def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = N
     q, k, geo, mask = _inputs(tq, tk, cfg, rope, g)
     out = []
     for s in range(cfg.n_stages):
-        qp, qv = pool_queries(q, geo, cfg.stage_strides[s], cfg, rope)
+        qp, qv = pool_queries(q, geo, cfg.stage_strides[s], rope)
         starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
                   else mask.stage_inputs[s].long())
         for values in itertools.islice(itertools.product(*GRID.values()), limit):
@@ -186,7 +186,7 @@ def sweep_keep_top(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict
     for s in range(cfg.n_stages):
         starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
                   else mask.stage_inputs[s])
-        qp, qv = pool_queries(q, geo, cfg.stage_strides[s] if tq > 1 else 1, cfg, rope)
+        qp, qv = pool_queries(q, geo, cfg.stage_strides[s] if tq > 1 else 1, rope)
         scores = ops.score_chunks(qp, qv, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
         split = None if s + 1 == cfg.n_stages else (cfg.chunk_sizes[s], cfg.chunk_sizes[s + 1])
         want = ops.keep_top(starts, scores, cfg.n_kept(s), split)

@@ -48,7 +48,7 @@ def test_score_chunks_matches_reference(B, tq, tk, H, K, D, lens, sharing, prune
     cfg, q, k, _, geo, rope = setup(B, tq, tk, H, K, D, lens=lens, head_sharing=sharing, rope_prune=prune)
     mask = run_stages(q, k, geo, cfg, rope, reference.score_chunks)
     for s in (0, cfg.n_stages - 1):           # the whole context, then the finest chunks
-        qp, q_valid = pool_queries(q, geo, cfg.stage_strides[s], cfg, rope)
+        qp, q_valid = pool_queries(q, geo, cfg.stage_strides[s], rope)
         starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
                   else mask.stage_inputs[s].long())
         want = reference.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
@@ -107,7 +107,7 @@ def test_block_geometry_matches_reference(tq, modes, context, anchor):
 
 def test_score_chunks_bf16_keys_and_inactive_chunks():
     cfg, q, k, _, geo, rope = setup(1, 1, 400, 4, 2, 64, dtype=torch.bfloat16)
-    qp, q_valid = pool_queries(q, geo, 2, cfg, rope)
+    qp, q_valid = pool_queries(q, geo, 2, rope)
     # Chunks inside the window, past the end, or SENTINEL must score NEG_SCORE.
     starts = torch.tensor([0, 32, 64, 256, 352, 384, SENTINEL], device=DEVICE).expand(1, 2, 1, -1)
     want = reference.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope)
@@ -132,7 +132,7 @@ def test_score_chunks_launch_defaults():
     assert _launch_defaults(64, 4096, "tf32", True) == dict(q16=False, block_m=64, block_c=32, num_warps=4)
     assert _launch_defaults(256, 1024, "tf32x3", True) == dict(q16=False, block_m=64, block_c=64, num_warps=4)
     cfg, q, k, _, geo, rope = setup(1, 1, 400, 4, 2, 64, dtype=torch.bfloat16)
-    qp, q_valid = pool_queries(q, geo, 2, cfg, rope)
+    qp, q_valid = pool_queries(q, geo, 2, rope)
     starts = torch.tensor([0, 32, 64], device=DEVICE).expand(1, 2, 1, -1)
     with pytest.raises(ValueError, match="q16"):
         ops.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope, tuning=dict(q16=True, precision="tf32"))
