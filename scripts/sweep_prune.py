@@ -1,7 +1,6 @@
 """Launch settings of the kernels (GPU): time ``score_chunks`` per stage over a grid of tile
-sizes, warps, dot precisions and, for small chunks, dense scoring (every token at once instead
-of per-level probe gathers), at decode (1 query) and prefill (a 16K-query chunk); and the
-prefill attention kernel over tile rows, warps and pipeline stages.
+sizes, warps, dot precisions and query storage (q16), at decode (1 query) and prefill (a
+16K-query chunk); and the prefill attention kernel over tile rows, warps and pipeline stages.
 
     python scripts/sweep_prune.py --decode 1M --prefill 128K --out sweep_prune.json
 """
@@ -18,7 +17,7 @@ import triton.testing
 
 from infinitehip.attention.mask import geometry
 from infinitehip.attention.rope import RoPE
-from infinitehip.attention.reference import DENSE_CHUNK, pool_queries
+from infinitehip.attention.reference import pool_queries
 from infinitehip.attention.stages import first_stage_starts, run_stages
 from infinitehip.attention.triton import ops
 from infinitehip.bench.attention import _ints
@@ -51,13 +50,11 @@ def sweep(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = N
     q, k, geo, mask = _inputs(tq, tk, cfg, rope, g)
     out = []
     for s in range(cfg.n_stages):
-        qp, qv = pool_queries(q, geo, cfg.stage_strides[s], cfg, rope)
+        qp, qv = pool_queries(q, geo, cfg.stage_strides[s], rope)
         starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
                   else mask.stage_inputs[s].long())
         for values in itertools.islice(itertools.product(*GRID.values()), limit):
             tuning = dict(zip(GRID, values))
-            if tuning.get("dense") and cfg.chunk_sizes[s] > DENSE_CHUNK:    # every token scored: small chunks only
-                continue
             fn = lambda: ops.score_chunks(qp, qv, k, starts, cfg.chunk_sizes[s], geo, cfg, rope, tuning=tuning)  # noqa: E731
             try:
                 # A decode stage runs for microseconds, less than a Python launch takes: as a graph.
@@ -186,7 +183,7 @@ def sweep_keep_top(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict
     for s in range(cfg.n_stages):
         starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
                   else mask.stage_inputs[s])
-        qp, qv = pool_queries(q, geo, cfg.stage_strides[s] if tq > 1 else 1, cfg, rope)
+        qp, qv = pool_queries(q, geo, cfg.stage_strides[s] if tq > 1 else 1, rope)
         scores = ops.score_chunks(qp, qv, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
         split = None if s + 1 == cfg.n_stages else (cfg.chunk_sizes[s], cfg.chunk_sizes[s + 1])
         want = ops.keep_top(starts, scores, cfg.n_kept(s), split)

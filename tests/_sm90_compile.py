@@ -73,7 +73,7 @@ def _calls():
                                 backend="triton")
     kv_len = torch.tensor([900])
     geo = geometry(kv_len - 70, 70, kv_len, cfg)
-    qp, qv = pool_queries(q, geo, 1, cfg, rope)
+    qp, qv = pool_queries(q, geo, 1, rope)
     starts = first_stage_starts(900, 32, 1, 2, qp.shape[1])
     ops.score_chunks(qp, qv, k, starts, 32, geo, cfg, rope, levels=2, tuning=dict(precision="bf16"))
     scores = ops.score_chunks(qp, qv, k, starts, 32, geo, cfg, rope, tuning=dict(q16=True))

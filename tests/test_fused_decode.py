@@ -34,8 +34,8 @@ def test_pool_queries_matches_reference(tq, stride, modes, dtype):
     kv_len = torch.tensor([700, 590], device=DEVICE)       # "auto": exact in row 1 only
     geo = geometry(kv_len - tq, tq, kv_len, cfg)
     rope = None if modes[1] == "no rope" else RoPE(RoPE.default(80).inv_freq, 1.25)
-    want, want_valid = reference.pool_queries(q, geo, stride, cfg, rope)
-    got, valid = ops.pool_queries(q, geo, stride, cfg, rope)
+    want, want_valid = reference.pool_queries(q, geo, stride, rope)
+    got, valid = ops.pool_queries(q, geo, stride, rope)
     assert torch.equal(valid, want_valid)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -163,7 +163,7 @@ def test_fp8_scaled_reads_match_decoded_values():
     assert torch.equal(reference.attend(q, kc, vc, mask.starts, geo, TINY, rope, 0.3, pages=pages), want)
     got = ops.attend(q, kc, vc, mask.starts, geo, TINY, rope, 0.3, pages=pages)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    qp, q_valid = pool_queries(q, geo, TINY.stage_strides[1], TINY, rope)
+    qp, q_valid = pool_queries(q, geo, TINY.stage_strides[1], rope)
     starts = mask.stage_inputs[1].long()
     want = reference.score_chunks(qp, q_valid, kd, starts, TINY.chunk_sizes[1], geo, TINY, rope)
     ref = reference.score_chunks(qp, q_valid, kc, starts, TINY.chunk_sizes[1], geo, TINY, rope, pages=pages)
@@ -189,7 +189,7 @@ def test_probe_copy_serves_the_keys_at_its_stride(fp8):
     junk[:, ::stride] = torch.full_like(junk[:, ::stride], 100.0, dtype=torch.float32).to(k.dtype)
     copy = k[:, ::stride].contiguous()                                          # (B, ceil(Tk / stride), K, D)
     with_copy = dataclasses.replace(pages or KVPages(1), probes=copy, probe_stride=stride)
-    qp, q_valid = pool_queries(q, geo, TINY.stage_strides[0], TINY, rope)
+    qp, q_valid = pool_queries(q, geo, TINY.stage_strides[0], rope)
     starts = first_stage_starts(k.shape[1], TINY.chunk_sizes[0], 2, 2, 1)
     for levels in (1, None):
         want = ops.score_chunks(qp, q_valid, k, starts, TINY.chunk_sizes[0], geo, TINY, rope, pages=pages,

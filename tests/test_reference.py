@@ -291,7 +291,7 @@ def test_token_scores_give_the_probe_scores(chunk, tq, fp8, monkeypatch):
     kv_len = torch.tensor([tk, 400])
     geo = geometry(kv_len - tq, tq, kv_len, cfg)
     rope = RoPE(RoPE.default(D).inv_freq, 1.25)
-    qp, q_valid = reference.pool_queries(q, geo, cfg.stage_strides[0], cfg, rope)
+    qp, q_valid = reference.pool_queries(q, geo, cfg.stage_strides[0], rope)
     starts = first_stage_starts(tk, chunk, B, K, geo.p0.shape[1], "cpu")
     dense = reference.score_chunks(qp, q_valid, k, starts, chunk, geo, cfg, rope, pages)
     monkeypatch.setattr(reference, "DENSE_CHUNK", 0)                    # probe by probe

@@ -48,7 +48,7 @@ def test_score_chunks_matches_reference(B, tq, tk, H, K, D, lens, sharing, prune
     cfg, q, k, _, geo, rope = setup(B, tq, tk, H, K, D, lens=lens, head_sharing=sharing, rope_prune=prune)
     mask = run_stages(q, k, geo, cfg, rope, reference.score_chunks)
     for s in (0, cfg.n_stages - 1):           # the whole context, then the finest chunks
-        qp, q_valid = pool_queries(q, geo, cfg.stage_strides[s], cfg, rope)
+        qp, q_valid = pool_queries(q, geo, cfg.stage_strides[s], rope)
         starts = (first_stage_starts(tk, cfg.chunk_sizes[0], *mask.starts.shape[:3], k.device) if s == 0
                   else mask.stage_inputs[s].long())
         want = reference.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope)
@@ -64,10 +64,6 @@ def test_score_chunks_matches_reference(B, tq, tk, H, K, D, lens, sharing, prune
             got2 = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope, levels=2)
             torch.testing.assert_close(got2, want2, rtol=1e-4, atol=1e-4)
             assert not torch.equal(want2, want), "stopping early must change some scores"
-        if cfg.chunk_sizes[s] <= 16:   # every token scored first (a tuning switch): the same scores
-            dense = ops.score_chunks(qp, q_valid, k, starts, cfg.chunk_sizes[s], geo, cfg, rope,
-                                     tuning=dict(dense=True, block_c=16))
-            torch.testing.assert_close(dense, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rows,n,m", [(3, 37, 8), (2, 300, 128), (4, 64, 64), (5, 16, 32), (1, 1, 4), (2, 37, 1),
@@ -107,15 +103,15 @@ def test_block_geometry_matches_reference(tq, modes, context, anchor):
 
 def test_score_chunks_bf16_keys_and_inactive_chunks():
     cfg, q, k, _, geo, rope = setup(1, 1, 400, 4, 2, 64, dtype=torch.bfloat16)
-    qp, q_valid = pool_queries(q, geo, 2, cfg, rope)
+    qp, q_valid = pool_queries(q, geo, 2, rope)
     # Chunks inside the window, past the end, or SENTINEL must score NEG_SCORE.
     starts = torch.tensor([0, 32, 64, 256, 352, 384, SENTINEL], device=DEVICE).expand(1, 2, 1, -1)
     want = reference.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope)
     # bfloat16 keys are scored with bfloat16 operands: pooled queries and rotated probes rounded
     # to 8 mantissa bits (2^-9 relative each), float32 sums; tf32 (the tuning option): 11 bits.
-    for tuning, tol in ((None, 2e-2), (dict(dense=True, block_c=16), 2e-2), (dict(precision="tf32"), 2e-3),
+    for tuning, tol in ((None, 2e-2), (dict(precision="tf32"), 2e-3),
                         (dict(q16=True), 2e-2)):                  # pooled queries stored in bfloat16
-        got = ops.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope, tuning=tuning)  # per level / all at once
+        got = ops.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope, tuning=tuning)
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
         assert (got[..., 4:] == -1.0e30).all() and (got[..., 1:4] > -1e29).all()
 
@@ -132,7 +128,7 @@ def test_score_chunks_launch_defaults():
     assert _launch_defaults(64, 4096, "tf32", True) == dict(q16=False, block_m=64, block_c=32, num_warps=4)
     assert _launch_defaults(256, 1024, "tf32x3", True) == dict(q16=False, block_m=64, block_c=64, num_warps=4)
     cfg, q, k, _, geo, rope = setup(1, 1, 400, 4, 2, 64, dtype=torch.bfloat16)
-    qp, q_valid = pool_queries(q, geo, 2, cfg, rope)
+    qp, q_valid = pool_queries(q, geo, 2, rope)
     starts = torch.tensor([0, 32, 64], device=DEVICE).expand(1, 2, 1, -1)
     with pytest.raises(ValueError, match="q16"):
         ops.score_chunks(qp, q_valid, k, starts, 32, geo, cfg, rope, tuning=dict(q16=True, precision="tf32"))

@@ -38,7 +38,7 @@ def default_context() -> int:
 
 
 def run_demo(context: int | None = None, depth: float = 0.35, seed: int = 0, methods=METHODS,
-             device: str | None = None, progress: bool = False, on_method=None) -> DemoResult:
+             device: str | None = None, on_method=None) -> DemoResult:
     """Hide a pass key at ``depth`` in a ``context``-token prompt and ask each method for it.
 
     ``on_method(method)`` is called before each method runs (for a progress display).
@@ -58,7 +58,7 @@ def run_demo(context: int | None = None, depth: float = 0.35, seed: int = 0, met
         if on_method:
             on_method(m)
         t = time.perf_counter()
-        out = generate(model, sample.prompt, max_new_tokens=8, backend=m, stop="\n", progress=progress)
+        out = generate(model, sample.prompt, max_new_tokens=8, backend=m, stop="\n")
         seconds[m] = time.perf_counter() - t
         answers[m] = out.strip()
         correct[m] = score("passkey", out, sample.answers) == 1.0

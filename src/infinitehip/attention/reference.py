@@ -44,7 +44,7 @@ def gather_kv(x: torch.Tensor, idx: torch.Tensor, groups: int, pages: KVPages | 
     return out.view(*idx.shape, K // groups, D)
 
 
-def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, config: HiPConfig, rope: RoPE | None):
+def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, rope: RoPE | None):
     """Rotate the queries for pruning, then average them in groups of ``stride`` rows per block.
 
     q: (B, Tq, H, D) -> qp (B, NQB, R, H, D) float32 with R = block_size_q // stride (a single

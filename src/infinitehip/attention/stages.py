@@ -81,7 +81,7 @@ def run_stages(q, k, geo: Geometry, config: HiPConfig, rope: RoPE | None, score_
         # A single query block pools every stride >= Tq into one group: the same queries.
         stride = config.stage_strides[s] if nqb > 1 else min(config.stage_strides[s], q.shape[1])
         if stride not in pooled:
-            pooled[stride] = pool(q, geo, stride, config, rope)
+            pooled[stride] = pool(q, geo, stride, rope)
         scores = score_chunks(*pooled[stride], k, starts, config.chunk_sizes[s], geo, config, rope,
                               levels=config.probe_levels(s))
         last = s + 1 == config.n_stages

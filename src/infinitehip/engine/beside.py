@@ -94,6 +94,6 @@ class BesidePruning:
                 continue
             new = block.attention.prune(self.stash[r][i], self.cache.capacity, self.lens[r], net.rope, self.cache,
                                         net.layer_configs[i], kept[last], stage, self.state.kernel,
-                                        programs=self.programs or None)
+                                        programs=self.programs)
             if new is not None:
                 kept[r].copy_(new)

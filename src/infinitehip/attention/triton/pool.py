@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ...config import HiPConfig
 from ..mask import RELATIVE_QUERY_DISTANCE, Geometry
 from ..rope import RoPE
 from .pdl import launch_options, release_next, wait_for_previous
@@ -66,7 +65,7 @@ def _pool_kernel(
         tl.store(valid_ptr + b * stride_vb + qb * stride_vq + r, (count > 0).to(tl.int8), mask=r < R)
 
 
-def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, config: HiPConfig, rope: RoPE | None):
+def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, rope: RoPE | None):
     """Triton ``reference.pool_queries``: q (B, Tq, H, D) -> qp (B, NQB, R, H, D) float32 and
     q_valid (B, NQB, R) bool. ``geo.q_pos`` must be ``geo.p0 + row`` (as ``geometry`` builds it)."""
     B, tq, H, D = q.shape

@@ -7,12 +7,6 @@ halves) in one load, rotates them in registers, scores them against the block's 
 (max over valid rows and over every query head of the group; each query tile is loaded once
 for both halves) and keeps the better half of each chunk.
 
-With DENSE (a tuning switch for small chunks, ``scripts/sweep_prune.py``) a program instead
-scores every token of its chunks in one pass — one contiguous load and one matrix product per
-query tile instead of 2 x log2(chunk) gathers and products — and walks the levels over those
-scores: the same probes and decisions from the same dot products, at chunk / (2 log2 chunk)
-times the arithmetic (4/3 for 8-token chunks).
-
 Mirrors ``reference.score_chunks``; see it for the exact semantics (bfloat16 keys are scored
 with bfloat16 operands: ``_PRUNE_DOT_PRECISION``). With SCALED the keys are
 FP8 codes and each probe is multiplied by its page's scale (``attention/pages.py``): KV offload
@@ -204,8 +198,7 @@ def _score_chunks_kernel(
     KG: tl.constexpr, R: tl.constexpr, HPK: tl.constexpr, HPK_P: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     M_TILES: tl.constexpr, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST: tl.constexpr,
-    SCALED: tl.constexpr, PAGE: tl.constexpr, PROBE_STRIDE: tl.constexpr, DENSE: tl.constexpr,
-    PDL: tl.constexpr,
+    SCALED: tl.constexpr, PAGE: tl.constexpr, PROBE_STRIDE: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous(PDL)   # PDL: nothing before this reads or writes what earlier kernels touch
     release_next(PDL)
@@ -241,15 +234,6 @@ def _score_chunks_kernel(
             kp_base = kp_ptr + b.to(tl.int64) * stride_pb
             ks_base = ks_ptr + b.to(tl.int64) * stride_ssb
             a = tl.where(active, st, 0)
-            if DENSE:   # every token's score first: (BLOCK_C, CHUNK), max over rows and the group's heads
-                pos = a[:, None] + tl.arange(0, CHUNK)[None, :]
-                ok = tl.reshape(active[:, None] & (pos >= lo[:, None]) & (pos < hi[:, None]), (BLOCK_C * CHUNK,))
-                flat = tl.where(ok, tl.reshape(pos, (BLOCK_C * CHUNK,)), 0)
-                s_all = tl.reshape(_group_scores(
-                    q_base, qv_base, k_base, kp_base, ks_base, flat, ok, exact, tl.where(exact, flat - p0, 0), inv_freq,
-                    attention_scaling, g, stride_qr, stride_qh, stride_qvr, stride_kt, stride_kh, stride_pt, stride_ph,
-                    stride_ssp, KG, SCALED, PAGE, PROBE_STRIDE, R, HPK, HPK_P, HALF, HALF_P, BLOCK_C * CHUNK, BLOCK_M,
-                    M_TILES, ROPE, DOT_PRECISION, FAST), (BLOCK_C, CHUNK))
             for level in tl.static_range(LEVELS):
                 half = CHUNK >> (level + 1)
                 # Probe the middle of each half, clamped into the chunk's selectable part [lo, hi).
@@ -257,19 +241,16 @@ def _score_chunks_kernel(
                 right = tl.maximum(tl.minimum(a + half + half // 2, hi - 1), lo)
                 left = tl.where(active, left, 0)
                 right = tl.where(active, right, 0)
-                if DENSE:   # the probes' scores, picked from the chunk's row
-                    s_l = tl.max(tl.where(pos == left[:, None], s_all, float("-inf")), axis=1)
-                    s_r = tl.max(tl.where(pos == right[:, None], s_all, float("-inf")), axis=1)
-                else:   # gathered, both halves' probes at once (interleaved): each query tile loaded once
-                    pair = tl.reshape(tl.join(left, right), (2 * BLOCK_C,))
-                    pair_ok = tl.reshape(tl.join(active.to(tl.int32), active.to(tl.int32)), (2 * BLOCK_C,)) != 0
-                    # Exact pruning rotates probes at their offset from the block start; relative at 0.
-                    s_pair = _group_scores(q_base, qv_base, k_base, kp_base, ks_base, pair, pair_ok, exact,
-                                           tl.where(exact, pair - p0, 0), inv_freq, attention_scaling, g, stride_qr,
-                                           stride_qh, stride_qvr, stride_kt, stride_kh, stride_pt, stride_ph, stride_ssp,
-                                           KG, SCALED, PAGE, PROBE_STRIDE, R, HPK, HPK_P, HALF, HALF_P, 2 * BLOCK_C,
-                                           BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST)
-                    s_l, s_r = tl.split(tl.reshape(s_pair, (BLOCK_C, 2)))
+                # Both halves' probes gathered at once (interleaved): each query tile loaded once.
+                pair = tl.reshape(tl.join(left, right), (2 * BLOCK_C,))
+                pair_ok = tl.reshape(tl.join(active.to(tl.int32), active.to(tl.int32)), (2 * BLOCK_C,)) != 0
+                # Exact pruning rotates probes at their offset from the block start; relative at 0.
+                s_pair = _group_scores(q_base, qv_base, k_base, kp_base, ks_base, pair, pair_ok, exact,
+                                       tl.where(exact, pair - p0, 0), inv_freq, attention_scaling, g, stride_qr,
+                                       stride_qh, stride_qvr, stride_kt, stride_kh, stride_pt, stride_ph, stride_ssp,
+                                       KG, SCALED, PAGE, PROBE_STRIDE, R, HPK, HPK_P, HALF, HALF_P, 2 * BLOCK_C,
+                                       BLOCK_M, M_TILES, ROPE, DOT_PRECISION, FAST)
+                s_l, s_r = tl.split(tl.reshape(s_pair, (BLOCK_C, 2)))
                 best = tl.maximum(best, tl.maximum(s_l, s_r))
                 a = a + tl.where(s_r > s_l, half, 0)     # keep the better half (ties: the left one)
         out = tl.where(active, best, _NEG_SCORE)
@@ -286,7 +267,7 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
     pages: FP8 codes with per-page scales and / or a probe copy (a block table is not supported
     here: pruning reads the logical layout, in place). levels: stop the descent after this many
     levels (None: down to one token). tuning: launch overrides (block_c, block_m, num_warps,
-    precision, dense, q16) for scripts/sweep_prune.py.
+    precision, q16) for scripts/sweep_prune.py.
     """
     if pages is not None and pages.table is not None:
         raise ValueError("score_chunks reads keys in their logical layout; a block table is not supported")
@@ -347,8 +328,7 @@ def score_chunks(qp: torch.Tensor, q_valid: torch.Tensor, k: torch.Tensor, start
         BLOCK_C=block_c, BLOCK_M=block_m, M_TILES=m_tiles, ROPE=rope is not None,
         DOT_PRECISION=precision, FAST=k.is_cuda,
         SCALED=scaled, PAGE=pages.page if pages is not None else 1, PROBE_STRIDE=stride,
-        DENSE=tuning.get("dense", False), PDL=bool(opts),
-        num_warps=tuning["num_warps"], **opts,
+        PDL=bool(opts), num_warps=tuning["num_warps"], **opts,
     )
     return out
 
