@@ -14,11 +14,11 @@ from torch.nn.attention.bias import causal_lower_right
 from ..config import HiPConfig
 from .triton import interpreted as triton_interpreted
 from . import reference
-from .mask import HiPMask, anchor_window, geometry, window_slots
+from .checks import check_inputs, check_lengths, check_reuse_span, check_scale
+from .mask import HiPMask, anchor_window, geometry
 from .rope import RoPE, apply_rope
-from .stages import n_groups, run_stages
+from .stages import run_stages
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNELS = ("auto", "triton", "reference")   # hip_attention's backend: which code runs it
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # The reference materializes (B, H, queries, attended keys) scores: bound that per slice.
@@ -64,14 +64,18 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
         (out, mask): out (B, Tq, H, D) in q's dtype; mask the HiPMask used, or None when the
         context is short enough that attention was dense (then every key was attended).
     """
-    if isinstance(cache_seqlens, torch.Tensor) and not cache_seqlens.is_cuda:
-        _check_lengths(cache_seqlens, q.shape[1], k.shape[1])
-    if mask is not None and refresh_stage != 0 and (q.shape[1] > 1 or not q.is_cuda):
+    # Checks of values, where they cost no host sync of a CUDA decode step (cache_attention trusts them).
+    host_lengths = isinstance(cache_seqlens, torch.Tensor) and not cache_seqlens.is_cuda
+    span = (mask is not None and refresh_stage != 0 and isinstance(q, torch.Tensor) and q.dim() == 4
+            and (q.shape[1] > 1 or not q.is_cuda))
+    if host_lengths or span:
         cfg = HiPConfig() if config is None else config
         _check(q, k, v, cfg, rope, cache_seqlens, mask, backend)   # first: what is wrong with the inputs
-        if not _use_dense(k.shape[1], cfg):
+        if host_lengths:
+            check_lengths(cache_seqlens, q.shape[1], k.shape[1])
+        if span and not _use_dense(k.shape[1], cfg):
             _, rows = _refresh_rows(refresh_stage, q.shape[0], cfg, mask, q.device)
-            _check_reuse_span(q, _kv_len(cache_seqlens, q.shape[0], k.shape[1], q.device), mask, cfg, rows)
+            check_reuse_span(q, _kv_len(cache_seqlens, q.shape[0], k.shape[1], q.device), mask, cfg, rows)
     return cache_attention(q, k, v, config=config, rope=rope, scale=scale, cache_seqlens=cache_seqlens, mask=mask,
                            refresh_stage=refresh_stage, backend=backend)
 
@@ -87,7 +91,7 @@ def cache_attention(q, k, v, *, config=None, rope=None, scale=None, cache_seqlen
     from_stage, row_stage = _refresh_rows(refresh_stage, q.shape[0], config, mask, q.device)
     B, tq, _, D = q.shape
     tk = k.shape[1]
-    scale = 1.0 / math.sqrt(D) if scale is None else _check_scale(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else check_scale(scale)
     if _use_dense(tk, config):
         lens = None if cache_seqlens is None else cache_seqlens.to(device=q.device, dtype=torch.long)
         return dense_attention(q, k, v, lens, rope, scale), None
@@ -230,14 +234,11 @@ def _refresh_rows(refresh_stage, B: int, config: HiPConfig, mask: HiPMask | None
     return min(rows), torch.tensor(rows, device=device)
 
 
-def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, scale: float,
-                    keys_rotated: bool = False) -> torch.Tensor:
+def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, scale: float) -> torch.Tensor:
     """Exact causal attention with RoPE at true positions (SDPA). Returns (B, Tq, H, D).
 
     kv_len: (B,) valid keys per row, or None when every row has all Tk keys — then SDPA gets no
     explicit mask and can use its fastest (flash / cuDNN) kernels.
-    keys_rotated: k already carries RoPE at its true positions (a dense engine's cache), so only
-    q is rotated here.
     """
     B, tq, H, D = q.shape
     tk = k.shape[1]
@@ -246,9 +247,8 @@ def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, sca
     if rope is not None:
         cos, sin = rope.cos_sin(q_pos)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
-        if not keys_rotated:
-            cos, sin = rope.cos_sin(torch.arange(tk, device=q.device))
-            k = apply_rope(k, cos[:, None], sin[:, None])
+        cos, sin = rope.cos_sin(torch.arange(tk, device=q.device))
+        k = apply_rope(k, cos[:, None], sin[:, None])
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)     # (B, heads, T, D)
     if kv_len is None and tq == 1:
         # Decode: the query heads of one KV head become the rows of one query block, so SDPA
@@ -287,120 +287,9 @@ def _slice_mask(mask: HiPMask, first: int, n: int) -> HiPMask:
     return mask.query_blocks(slice(first, first + n))
 
 
-def _check_reuse_span(q: torch.Tensor, kv_len: torch.Tensor, mask: HiPMask, config: HiPConfig, row_stage):
-    """A reused mask keeps the window anchored where stage 0 last pruned (``mask.w0``) in a fixed
-    number of slots (``window_slots``), enough for refresh_intervals[0] + refresh_lag - 1 tokens
-    past that step. Queries further on would push the window over keys that are neither in it nor
-    selectable (found with 4 queries a call: 0.013-0.033 off dense at full budget, silently), so
-    that is an error. Checked by the public call where it costs no host sync of a decode step:
-    CPU tensors, or more than one query a call. The engine (``cache_attention``) keeps to its
-    schedule and is not checked: a row parked while its slot prefills runs throwaway steps."""
-    if mask.w0 is None or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return
-    tq, bq = q.shape[1], config.block_size_q
-    nqb = -(-tq // bq)
-    if mask.w0.shape != (q.shape[0], nqb):
-        return   # a mask of other query blocks: the attention's own checks speak
-    p0 = (kv_len.to(q.device, torch.long) - tq)[:, None] + torch.arange(nqb, device=q.device) * bq   # (B, NQB)
-    w0 = mask.w0.to(p0)
-    lost = p0 + bq - window_slots(config) > w0.clamp(min=config.sink)     # keys in [w0, that) would drop
-    if row_stage is not None:
-        lost &= row_stage.to(q.device)[:, None] > 0
-    if bool(lost.any()):
-        b, j = (int(i) for i in lost.nonzero()[0])
-        span = int(p0[b, j] - w0[b, j]) - config.window + 1
-        limit = config.refresh_intervals[0] + config.refresh_lag - 1
-        raise ValueError(f"mask reuse would drop keys: row {b}'s queries start {span} positions after the call that "
-                         f"last ran stage 0, and a reused mask keeps every key for at most refresh_intervals[0] + "
-                         f"refresh_lag - 1 = {limit} (its window slots); rerun stage 0 (refresh_stage=0) sooner: with "
-                         f"{tq} queries a call, reuse a mask for at most {limit // tq} calls after the one that pruned it")
-
-
-def _check_lengths(cache_seqlens: torch.Tensor, tq: int, tk: int):
-    """Each row's valid keys hold its Tq queries and fit the Tk slots. Checked where that costs no
-    host sync (a CPU tensor); on the GPU the values are trusted, as a decode step's CUDA graph
-    must not wait for the host."""
-    if not _integer(cache_seqlens) or cache_seqlens.dim() != 1:
-        return   # _check names the shape and dtype
-    lens = cache_seqlens.long()   # a narrow dtype (uint8) would wrap Tk in the comparison
-    if not bool(((lens >= tq) & (lens <= tk)).all()):
-        raise ValueError(f"cache_seqlens={cache_seqlens.tolist()} must each be in [Tq, Tk] = [{tq}, {tk}]: "
-                         "the valid keys of each row, which include its Tq queries")
-
-
-def _integer(t: torch.Tensor) -> bool:
-    """An integer dtype: not floating, complex or bool (a bool mask passed as lengths silently
-    meant rows of 0 or 1 keys)."""
-    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-
-
-def _check_scale(scale) -> float:
-    """The softmax scale as a float: a finite positive number (NaN gave NaN outputs silently)."""
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.is_floating_point():
-        scale = scale.item()   # a 0-d tensor, like numpy's scalars below, is a number
-    try:
-        number = not isinstance(scale, (bool, str)) and float(scale) == scale
-    except (TypeError, ValueError):
-        number = False
-    if not number or not 0 < float(scale) < math.inf:
-        raise ValueError(f"scale={scale!r} must be a finite number > 0 (None: 1 / sqrt(head_dim))")
-    return float(scale)
-
-
 def _check(q, k, v, config, rope, cache_seqlens, mask, backend) -> str:
     """Validate the inputs with errors that say what to change; return the backend to use."""
-    if not isinstance(config, HiPConfig):
-        raise TypeError(f"config must be a HiPConfig, got {type(config).__name__}; try HiPConfig.preset('paper')")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (B, T, heads, head_dim), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}; use float16, bfloat16 or float32")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    B, tq, H, D = q.shape
-    _, tk, K, Dk = k.shape
-    if 0 in (B, H, D, K):
-        raise ValueError(f"empty input: q {tuple(q.shape)}, k/v {tuple(k.shape)}; every dimension must be >= 1")
-    if k.shape[0] != B:
-        raise ValueError(f"q has batch {B} but k/v have batch {k.shape[0]}")
-    if Dk != D:
-        raise ValueError(f"q has head_dim {D} but k/v have head_dim {Dk}")
-    if D % 2 or D > 256:
-        raise ValueError(f"head_dim {D} is not supported: it must be even and at most 256")
-    if K == 0 or H % K:
-        raise ValueError(f"{H} query heads are not a multiple of {K} kv heads; GQA needs H % K == 0")
-    if tq == 0 or tk == 0:
-        raise ValueError(f"empty input: Tq={tq}, Tk={tk}")
-    if tq > tk:
-        raise ValueError(f"Tq={tq} queries but only Tk={tk} keys: queries are the last Tq key positions")
-    if rope is not None and not isinstance(rope, RoPE):   # rope="x": an AttributeError on .head_dim
-        raise TypeError(f"rope must be a RoPE (e.g. RoPE.default(head_dim)) or None, got {type(rope).__name__}")
-    if rope is not None and rope.head_dim != D:
-        raise ValueError(f"rope is for head_dim {rope.head_dim}, inputs have head_dim {D}")
-    if cache_seqlens is not None:
-        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) or not _integer(cache_seqlens):
-            got = (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}" if isinstance(cache_seqlens, torch.Tensor)
-                   else type(cache_seqlens).__name__)
-            raise ValueError(f"cache_seqlens must be an integer tensor of shape ({B},), got {got}")
-    if mask is not None:
-        if not isinstance(mask, HiPMask):
-            raise TypeError(f"mask must be the HiPMask a previous call returned, got {type(mask).__name__}")
-        G = n_groups(config, K)
-        nqb = -(-tq // config.block_size_q)
-        widths = [config.n_selected] + [config.n_kept(s - 1) * config.chunk_sizes[s - 1] // config.chunk_sizes[s]
-                                        for s in range(1, config.n_stages)]
-        shapes = [tuple(mask.starts.shape)] + [None if t is None else tuple(t.shape) for t in mask.stage_inputs[1:]]
-        if len(mask.stage_inputs) != config.n_stages or any(
-                shape is not None and shape != (B, G, nqb, n) for shape, n in zip(shapes, widths)):
-            raise ValueError(f"mask has shape {shapes[0]} and stage inputs {shapes[1:]}, expected ({B}, {G}, {nqb}, "
-                             f"{widths[0]}) and widths {widths[1:]} for this config and input: a mask is reusable "
-                             "only with the config and input shapes of the call that returned it")
+    check_inputs(q, k, v, config, rope, cache_seqlens, mask)
     backend = resolve_backend(backend, q)
     if backend == "triton" and not q.is_cuda and not triton_interpreted():
         raise ValueError(f"backend='triton' runs on CUDA tensors, these are on {q.device}; use backend='reference' "
