@@ -88,3 +88,15 @@ def test_drop_in_refuses_padded_batches_with_a_sliding_window(tmp_path):
         ours(ids, attention_mask=torch.ones_like(ids))
         short = hf_model(make_checkpoint(tmp_path / "w", "mistral", sliding_window=8), "infinitehip")
         short.generate(ids[:1], max_new_tokens=4, do_sample=False)
+
+
+def test_drop_in_refuses_attention_dropout_while_training(tmp_path):
+    """The dropout check read kwargs["dropout"], which the named parameter ``dropout`` always
+    takes: a model with attention_dropout=0.5 trained with no dropout at all, silently."""
+    ours = hf_model(make_checkpoint(tmp_path, "llama", attention_dropout=0.5), "infinitehip").train()
+    tokens = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="no attention dropout"):
+        ours(tokens, labels=tokens)
+    ours.eval()   # eval passes dropout=0.0: runs
+    with torch.no_grad():
+        ours(tokens)

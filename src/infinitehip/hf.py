@@ -33,7 +33,7 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     (``position_ids``). Returns ((B, Tq, H, D), None).
     """
     upto = _keys_upto(kwargs.get("position_ids"), query.shape[0])
-    _check_supported(module, attention_mask, kwargs, key.shape[2], upto)
+    _check_supported(module, attention_mask, dropout, kwargs, key.shape[2], upto)
     config = getattr(module, "_hip_config", None)
     if config is None:
         n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", 1)
@@ -54,7 +54,7 @@ def _keys_upto(pos: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     return (pos[:, -1].long() + 1).expand(batch)
 
 
-def _check_supported(module, attention_mask, kwargs: dict, tk: int, upto: torch.Tensor | None):
+def _check_supported(module, attention_mask, dropout: float, kwargs: dict, tk: int, upto: torch.Tensor | None):
     """What this function cannot reproduce is an error, not a silently different answer: logit
     soft-capping (Gemma 2), attention sinks, bidirectional (encoder) attention, dropout while
     training, and padded batches (a padded row's valid keys are not the last ones: left-padded
@@ -66,7 +66,7 @@ def _check_supported(module, attention_mask, kwargs: dict, tk: int, upto: torch.
     if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         raise ValueError("attn_implementation='infinitehip' is causal attention; this model's attention is "
                          "bidirectional (an encoder)")
-    if module.training and kwargs.get("dropout", 0.0):
+    if module.training and dropout:   # a named parameter above: never in kwargs
         raise ValueError("attn_implementation='infinitehip' has no attention dropout: it is for inference (model.eval())")
     if attention_mask is not None and attention_mask.dim() == 4 and _padded(attention_mask, upto, tk,
                                                                              kwargs.get("sliding_window")):
