@@ -100,3 +100,17 @@ def test_drop_in_refuses_attention_dropout_while_training(tmp_path):
     ours.eval()   # eval passes dropout=0.0: runs
     with torch.no_grad():
         ours(tokens)
+
+
+def test_drop_in_refuses_packed_sequences(ckpt):
+    """Two sequences packed in one row (position_ids restart at 0, as eager and sdpa honour with a
+    block-diagonal mask) failed deep inside hip_attention ("cache_seqlens=[30] must each be in
+    [Tq, Tk]"); now an error names what was wrong. Consecutive positions from an offset still run."""
+    tokens = torch.randint(3, 300, (1, 60), generator=torch.Generator().manual_seed(8))
+    ours = hf_model(ckpt, "infinitehip")
+    with torch.no_grad(), pytest.raises(ValueError, match="does not take packed sequences"):
+        ours(tokens, position_ids=torch.cat([torch.arange(30), torch.arange(30)])[None])
+    with torch.no_grad():
+        offset = torch.arange(100, 160)[None]
+        torch.testing.assert_close(ours(tokens, position_ids=offset).logits,
+                                   hf_model(ckpt)(tokens, position_ids=offset).logits, atol=1e-4, rtol=0)

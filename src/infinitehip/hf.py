@@ -57,8 +57,8 @@ def _keys_upto(pos: torch.Tensor | None, batch: int) -> torch.Tensor | None:
 def _check_supported(module, attention_mask, dropout: float, kwargs: dict, tk: int, upto: torch.Tensor | None):
     """What this function cannot reproduce is an error, not a silently different answer: logit
     soft-capping (Gemma 2), attention sinks, bidirectional (encoder) attention, dropout while
-    training, and padded batches (a padded row's valid keys are not the last ones: left-padded
-    rows attended their padding)."""
+    training, padded batches (a padded row's valid keys are not the last ones: left-padded
+    rows attended their padding) and packed sequences (several per row, told by position_ids)."""
     for name in ("softcap", "sinks", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation='infinitehip' cannot apply {name} (this model uses it); "
@@ -73,6 +73,11 @@ def _check_supported(module, attention_mask, dropout: float, kwargs: dict, tk: i
         raise ValueError("attn_implementation='infinitehip' does not take padded batches (a row's padding would be "
                          "attended): give sequences of equal length, one per call, or use infinitehip.generate, "
                          "which batches prompts of any lengths")
+    pos = kwargs.get("position_ids")
+    if pos is not None and pos.shape[-1] > 1 and bool((pos.diff(dim=-1) != 1).any()):
+        raise ValueError("attn_implementation='infinitehip' does not take packed sequences (position_ids that restart "
+                         "or jump within a row): its queries are the last keys of one sequence per row; give one "
+                         "sequence per row")
 
 
 def _padded(mask: torch.Tensor, upto: torch.Tensor | None, tk: int, window: int | None = None) -> bool:
