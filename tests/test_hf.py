@@ -114,3 +114,11 @@ def test_drop_in_refuses_packed_sequences(ckpt):
         offset = torch.arange(100, 160)[None]
         torch.testing.assert_close(ours(tokens, position_ids=offset).logits,
                                    hf_model(ckpt)(tokens, position_ids=offset).logits, atol=1e-4, rtol=0)
+
+
+def test_drop_in_refuses_output_attentions(ckpt):
+    """output_attentions=True returned an empty tuple of attentions (eager returns one (B, H, Tq, Tk)
+    per layer), with no word; now an error says to load with eager."""
+    tokens = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad(), pytest.raises(ValueError, match="output_attentions=True.*eager"):
+        hf_model(ckpt, "infinitehip")(tokens, output_attentions=True)

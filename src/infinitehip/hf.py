@@ -56,13 +56,17 @@ def _keys_upto(pos: torch.Tensor | None, batch: int) -> torch.Tensor | None:
 
 def _check_supported(module, attention_mask, dropout: float, kwargs: dict, tk: int, upto: torch.Tensor | None):
     """What this function cannot reproduce is an error, not a silently different answer: logit
-    soft-capping (Gemma 2), attention sinks, bidirectional (encoder) attention, dropout while
-    training, padded batches (a padded row's valid keys are not the last ones: left-padded
-    rows attended their padding) and packed sequences (several per row, told by position_ids)."""
+    soft-capping (Gemma 2), attention sinks, attention weights (output_attentions), bidirectional
+    (encoder) attention, dropout while training, padded batches (a padded row's valid keys are not
+    the last ones: left-padded rows attended their padding) and packed sequences (several per row,
+    told by position_ids)."""
     for name in ("softcap", "sinks", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation='infinitehip' cannot apply {name} (this model uses it); "
                              "load it with another attention implementation")
+    if kwargs.get("output_attentions"):
+        raise ValueError("attn_implementation='infinitehip' computes no attention weights (output_attentions=True): "
+                         "load the model with attn_implementation='eager' to get them")
     if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         raise ValueError("attn_implementation='infinitehip' is causal attention; this model's attention is "
                          "bidirectional (an encoder)")
