@@ -122,3 +122,20 @@ def test_drop_in_refuses_output_attentions(ckpt):
     tokens = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(9))
     with torch.no_grad(), pytest.raises(ValueError, match="output_attentions=True.*eager"):
         hf_model(ckpt, "infinitehip")(tokens, output_attentions=True)
+
+
+def test_drop_in_sliding_window_layers_match_eager(tmp_path):
+    """Sliding-window layers ignored their window at prefill, but transformers' sliding cache keeps
+    only the window, so decode steps saw just that: generate matched neither eager nor the
+    documented "attends like every other layer" (a continuation through the cache was 9.1 off the
+    same tokens in one forward). They now attend as sdpa does; the full-attention layers of a mixed
+    model stay InfiniteHiP."""
+    tokens = torch.randint(3, 300, (1, 30), generator=torch.Generator().manual_seed(10))
+    for arch, kw in (("mistral", {}), ("qwen2", dict(use_sliding_window=True, max_window_layers=1))):
+        path = make_checkpoint(tmp_path / arch, arch, sliding_window=8, **kw)
+        eager, ours = hf_model(path), hf_model(path, "infinitehip")
+        with torch.no_grad():
+            torch.testing.assert_close(ours(tokens).logits, eager(tokens).logits, atol=1e-4, rtol=0)
+            for cache in (None, "static"):
+                gen = dict(max_new_tokens=8, do_sample=False, cache_implementation=cache)
+                assert torch.equal(ours.generate(tokens, **gen), eager.generate(tokens, **gen))

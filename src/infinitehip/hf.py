@@ -9,7 +9,8 @@ already rotated at their true positions, so pruning and attention use exact posi
 RoPE (relative pruning, streaming attention) is not available here, and past the model's trained
 length it degrades like dense attention would. Every decode step prunes from scratch (no mask
 reuse), padded batches are refused (one sequence, or equal lengths, per batch), sliding-window
-layers attend like every other layer; soft-capping, attention sinks and encoders are refused.
+layers attend as sdpa does (dense within their window); soft-capping, attention sinks, packed
+sequences, output_attentions and encoders are refused.
 For all of InfiniteHiP use ``infinitehip.load``.
 """
 from __future__ import annotations
@@ -34,6 +35,12 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     """
     upto = _keys_upto(kwargs.get("position_ids"), query.shape[0])
     _check_supported(module, attention_mask, dropout, kwargs, key.shape[2], upto)
+    if kwargs.get("sliding_window"):
+        # transformers' cache keeps only a sliding layer's window, so its decode steps could not see
+        # more: the layer attends as sdpa does (densely within the window, which bounds its cost).
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     config = getattr(module, "_hip_config", None)
     if config is None:
         n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", 1)
