@@ -53,6 +53,9 @@ def test_preset_overrides_and_unknown_name():
     (dict(dense_layers=0), "dense_layers"),
     (dict(dense_layers=("a",)), "dense_layers"),
     (dict(dense_layers=(1.5,)), "dense_layers"),      # was silently ignored
+    (dict(refresh_intervals={16, 8, 4}), "refresh_intervals"),   # a set: iterated as (16, 8, 4), but {8, 4, 2} as (8, 2, 4)
+    (dict(chunk_sizes={256: 0, 32: 0, 8: 0}), "chunk_sizes"),     # a dict: was the tuple of its keys, silently
+    (dict(dense_layers=frozenset({0, 1})), "dense_layers"),
 ])
 def test_invalid_values_name_the_field(changes, field):
     with pytest.raises(ValueError, match=rf"HiPConfig\.{field}="):
@@ -102,3 +105,11 @@ def test_parse_overrides_reads_literals_and_names_bad_fields():
         parse_overrides(["budget=4096", "budget=2048"])
     with pytest.raises(ValueError, match=r"a dict is no HiPConfig value"):
         parse_overrides(["dense_layers={0: 1}"])
+
+
+def test_unordered_stage_tuple_is_refused():
+    """A set's order is its hash table's: refresh_intervals={8, 4, 2} silently became (8, 2, 4),
+    stage 1 refreshing every 2 steps and stage 2 every 4."""
+    with pytest.raises(ValueError, match=r"HiPConfig\.refresh_intervals=.*has no order"):
+        HiPConfig.preset("tiny", refresh_intervals={8, 4, 2})
+    assert HiPConfig.preset("tiny", refresh_intervals=[8, 4, 2]).refresh_intervals == (8, 4, 2)   # a list is fine

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import AbstractSet, Mapping, Sequence
 
 _ROPE_PRUNE_MODES = ("auto", "exact", "relative")
 _ROPE_ATTEND_MODES = ("auto", "exact", "streaming")
@@ -78,6 +78,10 @@ class HiPConfig:
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                 raise ValueError(f"HiPConfig.{name}={value!r} is invalid: must be a tuple "
                                  f"(the paper's: {self.__dataclass_fields__[name].default})")
+            if isinstance(value, (AbstractSet, Mapping)):   # {8, 4, 2} iterated as (8, 2, 4): stages silently swapped
+                raise ValueError(f"HiPConfig.{name}={value!r} is invalid: must be a tuple or list "
+                                 f"(a {type(value).__name__} has no order, and entries go by stage; the paper's: "
+                                 f"{self.__dataclass_fields__[name].default})")
             object.__setattr__(self, name, tuple(value))
         self._validate()
 
