@@ -63,7 +63,8 @@ class HiPConfig:
     refresh_lag: int = 0
     # "kv": one mask per KV head (its query heads share it); "all": one mask for every head.
     head_sharing: str = "kv"
-    # "auto" = exact positions while the context fits model_context_length, adaptive beyond it.
+    # "auto" = exact positions while the context fits model_context_length, adaptive beyond it
+    # (None: no trained length known, adaptive throughout).
     rope_prune: str = "auto"
     rope_attend: str = "auto"
     model_context_length: int | None = None
