@@ -64,33 +64,24 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: 
         (out, mask): out (B, Tq, H, D) in q's dtype; mask the HiPMask used, or None when the
         context is short enough that attention was dense (then every key was attended).
     """
-    # Checks of values, where they cost no host sync of a CUDA decode step (cache_attention trusts them).
-    host_lengths = isinstance(cache_seqlens, torch.Tensor) and not cache_seqlens.is_cuda
-    span = (mask is not None and refresh_stage != 0 and isinstance(q, torch.Tensor) and q.dim() == 4
-            and (q.shape[1] > 1 or not q.is_cuda))
-    if host_lengths or span:
-        cfg = HiPConfig() if config is None else config
-        _check(q, k, v, cfg, rope, cache_seqlens, mask, backend)   # first: what is wrong with the inputs
-        if host_lengths:
-            check_lengths(cache_seqlens, q.shape[1], k.shape[1])
-        if span and not _use_dense(k.shape[1], cfg):
-            _, rows = _refresh_rows(refresh_stage, q.shape[0], cfg, mask, q.device)
-            check_reuse_span(q, _kv_len(cache_seqlens, q.shape[0], k.shape[1], q.device), mask, cfg, rows)
     return cache_attention(q, k, v, config=config, rope=rope, scale=scale, cache_seqlens=cache_seqlens, mask=mask,
-                           refresh_stage=refresh_stage, backend=backend)
+                           refresh_stage=refresh_stage, backend=backend, check_values=True)
 
 
 def cache_attention(q, k, v, *, config=None, rope=None, scale=None, cache_seqlens=None, mask=None, refresh_stage=0,
-                    backend="auto"):
+                    backend="auto", check_values=False):
     """``hip_attention`` over a KV cache the engine fills (``KVCache.attention``): the same call,
     trusting ``cache_seqlens``' values, which a decode step must not read on the host (the CPU
-    path is the GPU step's model, with no host sync either)."""
+    path is the GPU step's model, with no host sync either). ``check_values``: ``hip_attention``'s
+    checks of values where they cost no such sync (``_check_values``)."""
     config = HiPConfig() if config is None else config   # not `or`: {} silently meant the default
     backend = _check(q, k, v, config, rope, cache_seqlens, mask, backend)
     q, k, v = _unit_head_dim(backend, q, k, v)
     from_stage, row_stage = _refresh_rows(refresh_stage, q.shape[0], config, mask, q.device)
     B, tq, _, D = q.shape
     tk = k.shape[1]
+    if check_values:
+        _check_values(q, tk, cache_seqlens, mask, config, from_stage, row_stage)
     scale = 1.0 / math.sqrt(D) if scale is None else check_scale(scale)
     if _use_dense(tk, config):
         lens = None if cache_seqlens is None else cache_seqlens.to(device=q.device, dtype=torch.long)
@@ -130,6 +121,16 @@ def prune_only(q, k, config: HiPConfig, rope, cache_seqlens, mask, refresh_stage
     if programs and backend == "triton":
         score = functools.partial(score, tuning={"max_programs": programs})
     return prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend, score, None)[1]
+
+
+def _check_values(q, tk: int, cache_seqlens, mask, config: HiPConfig, from_stage: int, row_stage):
+    """The public call's checks of values, where they cost no host sync of a CUDA decode step:
+    CPU lengths, and a reused mask's span (CPU tensors, or more than one query a call)."""
+    if isinstance(cache_seqlens, torch.Tensor) and not cache_seqlens.is_cuda:
+        check_lengths(cache_seqlens, q.shape[1], tk)
+    reuse = mask is not None and (from_stage > 0 or row_stage is not None)
+    if reuse and (q.shape[1] > 1 or not q.is_cuda) and not _use_dense(tk, config):
+        check_reuse_span(q, _kv_len(cache_seqlens, q.shape[0], tk, q.device), mask, config, row_stage)
 
 
 def _unit_head_dim(backend: str, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:

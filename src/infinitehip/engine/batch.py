@@ -207,8 +207,9 @@ class BatchRunner:
         request that has finished its prefill. Returns the events of this step."""
         events: list[BatchEvent] = []
         self._prefill_some(events)
-        if self._decoding and self._parking() is not None:
-            self._decode(events)
+        parked = self._parking()
+        if self._decoding and parked is not None:
+            self._decode(events, parked)
         return events
 
     def _parking(self) -> int | None:
@@ -277,14 +278,16 @@ class BatchRunner:
         self.state.admit(req.slot, self.max_batch)   # this row's refresh schedule restarts
         self._decoding[req.slot] = req
 
-    def _decode(self, events: list[BatchEvent]):
+    def _decode(self, events: list[BatchEvent], parked: int):
+        """One decode step for every decoding row; the row still prefilling (if any) rides along
+        at ``parked`` (``_parking``), its output discarded."""
         B, device = self.max_batch, self.model.device
         tokens = torch.zeros(B, dtype=torch.long)
         seqlens = torch.zeros(B, dtype=torch.long)
         for slot, req in self._decoding.items():
             tokens[slot], seqlens[slot] = req.last, req.seqlen
         if self._prefilling is not None:
-            seqlens[self._prefilling.slot] = self._parking()
+            seqlens[self._prefilling.slot] = parked
         kv_limit = max(int(seqlens.max()) + 1, self._kv_floor)
         logits = decode_one_token(self.model, tokens.to(device), seqlens.to(device), self.cache, self.state,
                                   kv_limit=kv_limit)                                 # (B, V)

@@ -380,7 +380,7 @@ def make_cache(model: Model, B: int, capacity: int, chunk_size: int, offload: bo
 
 def _prefill_row(model: Model, ids: list[int], cache: KVCache, prefix_cache: PrefixCache | None, owner: str, **kw):
     """Prefill one prompt into a one-row cache, reusing and then remembering a cached prefix
-    (``owner``: ``fingerprint(model, backend)``)."""
+    (``owner``: the reader's and writer's ``fingerprint``)."""
     start = prefix_cache.reuse(ids, cache, owner) if prefix_cache is not None else 0
     logits = prefill(model, torch.tensor([ids], device=model.device), cache, start=start, **kw)
     if prefix_cache is not None:
