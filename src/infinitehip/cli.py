@@ -14,6 +14,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 
 
+OFFLOAD_FP8_HELP = "Offload, storing K/V as FP8 in host memory (half the bytes; not bit-identical)."
 HIP_HELP = ("Override a HiPConfig field of the preset, FIELD=VALUE (repeatable), e.g. --hip refresh_lag=8; "
             "with the paper preset also --hip stage0_levels=3 --hip budget=4096 (the built-in model's allows less).")
 
@@ -151,8 +152,7 @@ def generate_cmd(
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay the decode step from CUDA graphs (GPU)."),
     offload: bool = typer.Option(None, "--offload/--no-offload", help="KV cache in host memory behind a GPU "
                                  "page cache (default: only when it does not fit on the GPU)."),
-    offload_fp8: bool = typer.Option(False, "--offload-fp8", help="Offload, storing K/V as FP8 in host memory "
-                                     "(half the bytes; not bit-identical)."),
+    offload_fp8: bool = typer.Option(False, "--offload-fp8", help=OFFLOAD_FP8_HELP),
     offload_gpu_layers: int = typer.Option(None, "--offload-gpu-layers", help="Offload, keeping the whole KV of this "
                                            "many layers in GPU memory (default: automatic, only when host memory is "
                                            "short; 0: every layer in host memory; CUDA only)."),
@@ -290,8 +290,7 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
                                     "GPU, float32 on CPU)."),
           offload: bool = typer.Option(None, "--offload/--no-offload",
                                        help="Keep the slots' KV cache in host memory (default: only if it does not fit)."),
-          offload_fp8: bool = typer.Option(False, "--offload-fp8", help="Offload, storing K/V as FP8 in host "
-                                           "memory (half the bytes; not bit-identical)."),
+          offload_fp8: bool = typer.Option(False, "--offload-fp8", help=OFFLOAD_FP8_HELP),
           context_cache: str = typer.Option(None, "--context-cache",
                                             help="safetensors file of cached document KV: loaded at start, saved at exit."),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):

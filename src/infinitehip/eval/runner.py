@@ -33,11 +33,10 @@ class EvalSpec:
 
     def __post_init__(self):
         for name in ("tasks", "lengths", "methods", "depths"):
-            if not getattr(self, name):   # else an empty table, then a plotting error
-                raise ValueError(f"no {name} given: name at least one (comma-separated)")
-        for name in ("tasks", "lengths", "methods", "depths"):   # a cell run twice is averaged twice
             seen = getattr(self, name)
-            twice = sorted({x for x in seen if seen.count(x) > 1}, key=seen.index)
+            if not seen:   # else an empty table, then a plotting error
+                raise ValueError(f"no {name} given: name at least one (comma-separated)")
+            twice = sorted({x for x in seen if seen.count(x) > 1}, key=seen.index)   # a cell run twice: averaged twice
             if twice:
                 raise ValueError(f"{name} {twice} given more than once (e.g. 512 and 1x of a 512-token model): "
                                  "name each once")
