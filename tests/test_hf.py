@@ -139,3 +139,84 @@ def test_drop_in_sliding_window_layers_match_eager(tmp_path):
             for cache in (None, "static"):
                 gen = dict(max_new_tokens=8, do_sample=False, cache_implementation=cache)
                 assert torch.equal(ours.generate(tokens, **gen), eager.generate(tokens, **gen))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_hip_cache_matches_the_lean_engine_past_the_trained_length(tmp_path, device):
+    """With HiPCache the drop-in is InfiniteHiP as infinitehip.load runs it: keys un-rotated and
+    rotated at adaptive positions (400 tokens, trained on 256), masks reused by the refresh
+    schedule over decode steps (on CUDA: the Triton kernels). Without it (keys rotated by
+    transformers) the logits differ."""
+    from infinitehip.cache import KVCache
+    from infinitehip.engine import DecodeState, decode_one_token, prefill
+
+    path = make_checkpoint(tmp_path, "llama")
+    lean = infinitehip.load(path, config="tiny", device=device, dtype="float32")
+    ours, plain = hf_model(path, "infinitehip").to(device), hf_model(path, "infinitehip").to(device)
+    for m in (ours, plain):
+        infinitehip.hf.set_config(m, "tiny")
+    tokens = torch.randint(3, 300, (1, 400), generator=torch.Generator().manual_seed(3)).to(device)
+    a = lean.args
+    kv = KVCache(a.n_layers, 1, 512, a.n_kv_heads, a.head_dim, dtype=lean.dtype, device=device)
+    state, cache = DecodeState("hip"), infinitehip.hf.HiPCache(ours)
+    tol = dict(atol=1e-4 if device == "cpu" else 5e-3, rtol=0)    # CUDA: TF32 dots in both
+    with torch.no_grad():
+        want = prefill(lean, tokens, kv, backend="hip", chunk_size=512)
+        torch.testing.assert_close(ours(tokens, past_key_values=cache).logits[:, -1], want, **tol)
+        assert not torch.allclose(plain(tokens).logits[:, -1], want, atol=1e-2)
+        state.admit(0, 1)
+        for step in range(10):   # tiny's intervals (16, 8, 4): steps 1-3 reuse, 4 and 8 rerun the last stage
+            token = want.argmax(-1)
+            want = decode_one_token(lean, token, torch.tensor([400 + step], device=device), kv, state)
+            got = ours(token[:, None], past_key_values=cache).logits[:, -1]
+            torch.testing.assert_close(got, want, **tol)
+        assert [m.step for m in cache._masks.values()] == [9, 9]
+
+
+def test_hip_cache_prunes_from_scratch_when_the_rows_change(ckpt):
+    """A mask describes its rows' keys: a crop, a beam reordering or a new prompt (Tq > 1) drops
+    them, so the next decode step prunes from scratch instead of reusing another row's mask."""
+    ours = hf_model(ckpt, "infinitehip")
+    infinitehip.hf.set_config(ours, "tiny")
+    cache = infinitehip.hf.HiPCache(ours)
+    tokens = torch.randint(3, 300, (2, 300), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours(tokens, past_key_values=cache)
+        assert all(m.mask is None for m in cache._masks.values())       # a prefill's mask is not reused
+        for _ in range(3):
+            ours(tokens[:, :1], past_key_values=cache)
+        assert [m.step for m in cache._masks.values()] == [2, 2]
+        cache.reorder_cache(torch.tensor([1, 0]))
+        assert not cache._masks
+        ours(tokens[:, :1], past_key_values=cache)
+        assert [m.step for m in cache._masks.values()] == [0, 0]
+        assert cache.reuse(0, ours.model.layers[0].self_attn._hip_config, (2, 1), 302)[1:] == (0, 0)   # keys skipped
+
+
+def test_hip_cache_keeps_short_contexts_exact_and_other_implementations_working(ckpt):
+    """Within sink + window the rotation moved into attention changes nothing (generate == eager);
+    switching the model to eager afterwards rotates as transformers does again."""
+    tokens = torch.randint(0, 300, (1, 120), generator=torch.Generator().manual_seed(0))
+    eager, ours = hf_model(ckpt), hf_model(ckpt, "infinitehip")
+    with torch.no_grad():
+        ref = eager.generate(tokens, max_new_tokens=6, do_sample=False)
+        assert torch.equal(ours.generate(tokens, max_new_tokens=6, do_sample=False,
+                                         past_key_values=infinitehip.hf.HiPCache(ours)), ref)
+        assert torch.equal(ours.generate(tokens, max_new_tokens=6, do_sample=False), ref)   # DynamicCache
+        ours.set_attn_implementation("eager")
+        torch.testing.assert_close(ours(tokens).logits, eager(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_hip_cache_refuses_what_it_cannot_reproduce(ckpt, tmp_path):
+    with pytest.raises(ValueError, match="attn_implementation='infinitehip'.*'eager'"):
+        infinitehip.hf.HiPCache(hf_model(ckpt))
+    mistral = hf_model(make_checkpoint(tmp_path, "mistral", sliding_window=8), "infinitehip")
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        infinitehip.hf.HiPCache(mistral)
+    odd = hf_model(ckpt, "infinitehip")
+    odd.model.rotary_emb.inv_freq.mul_(1.5)      # a rotation that is not the config's
+    with pytest.raises(ValueError, match="differs from the RoPE infinitehip computes"):
+        infinitehip.hf.HiPCache(odd)
+    with torch.no_grad():   # refused before anything changed: the model still runs as it did
+        odd(torch.randint(3, 300, (1, 20)))

@@ -3,22 +3,30 @@
     import infinitehip.hf
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="infinitehip")
     infinitehip.hf.set_config(model, HiPConfig.preset("fast"))     # optional; default "paper"
+    out = model.generate(ids, past_key_values=infinitehip.hf.HiPCache(model), max_new_tokens=64)
 
-Limits (see docs/engine.md): transformers hands the attention function queries and keys it has
-already rotated at their true positions, so pruning and attention use exact positions — adaptive
-RoPE (relative pruning, streaming attention) is not available here, and past the model's trained
-length it degrades like dense attention would. Every decode step prunes from scratch (no mask
-reuse), padded batches are refused (one sequence, or equal lengths, per batch), sliding-window
-layers attend as sdpa does (dense within their window); soft-capping, attention sinks, packed
-sequences, output_attentions and encoders are refused.
-For all of InfiniteHiP use ``infinitehip.load``.
+Two levels (see docs/engine.md). The attention function alone gets the queries and keys that
+transformers rotated at their true positions: sparse attention at exact positions, pruned from
+scratch every step, so past the model's trained length it degrades like dense attention would.
+``HiPCache`` adds what InfiniteHiP needs: keys cached without RoPE, which attention rotates at
+adaptive positions (the model reads past its trained length, as ``infinitehip.load`` does), and
+each layer's mask reused across decode steps by the config's refresh schedule. Either way padded
+batches are refused (one sequence, or equal lengths, per batch), sliding-window layers attend as
+sdpa does (dense within their window; with ``HiPCache`` they are refused), and soft-capping,
+attention sinks, packed sequences, output_attentions and encoders are refused.
+For all of InfiniteHiP (paged cache, CUDA graphs, offload) use ``infinitehip.load``.
 """
 from __future__ import annotations
 
-import torch
+import threading
+from dataclasses import dataclass
 
-from .attention import hip_attention
+import torch
+from transformers import DynamicCache
+
+from .attention import HiPMask, RoPE, hip_attention
 from .config import HiPConfig
+from .models.llama import trained_context
 
 NAME = "infinitehip"
 _default = HiPConfig.preset("paper")
@@ -27,7 +35,8 @@ _default = HiPConfig.preset("paper")
 def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                           **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention function: query (B, H, Tq, D), key/value (B, K, Tk, D), RoPE applied.
+    """transformers attention function: query (B, H, Tq, D), key/value (B, K, Tk, D); RoPE applied
+    by transformers, or, once a ``HiPCache`` was made for the model, not (``module._hip_rope``).
 
     The queries are the last Tq of each row's valid keys (causal): all Tk of them, or with a
     preallocated (static) cache, which passes no mask, the keys up to the last query's position
@@ -50,7 +59,13 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     v = value.transpose(1, 2).contiguous()
     # A static cache: the slots past each row's last query hold nothing yet.
     lens = upto.to(k.device) if upto is not None and bool((upto < k.shape[1]).any()) else None
-    out, _ = hip_attention(q, k, v, config=config, rope=None, scale=scaling, cache_seqlens=lens)
+    cache = _cache_of(module, key)
+    keys = k.shape[1] if lens is None else int(lens.max())
+    mask, stage, step = cache.reuse(module.layer_idx, config, q.shape[:2], keys) if cache else (None, 0, 0)
+    out, mask = hip_attention(q, k, v, config=config, rope=getattr(module, "_hip_rope", None), scale=scaling,
+                              cache_seqlens=lens, mask=mask, refresh_stage=stage)
+    if cache:
+        cache.keep(module.layer_idx, mask, q.shape[1], step, q.shape[0], keys)
     return out, None
 
 
@@ -115,11 +130,154 @@ def set_config(model: torch.nn.Module | None = None, config: HiPConfig | str = "
     if model is None:
         _default = config
         return
+    for m in _attention_modules(model):
+        m._hip_config = _layer_config(m, config)
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     attention = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config")]
     if not attention:
         raise ValueError("no attention modules with a layer_idx found in this model")
+    return attention
+
+
+def _layer_config(module: torch.nn.Module, config: HiPConfig) -> HiPConfig:
+    """``config`` for the module's layer; with un-rotated keys (``HiPCache``), positions are exact
+    up to the model's trained length, as ``infinitehip.load`` sets them."""
+    config = config.for_layer(module.layer_idx, module.config.num_hidden_layers)
+    context = getattr(module, "_hip_context", None)
+    if context and config.model_context_length is None:
+        config = config.replace(model_context_length=context)
+    return config
+
+
+@dataclass
+class _LayerMask:
+    mask: HiPMask | None   # what the layer's last decode step attended with (None: dense, or a prefill)
+    step: int              # decode steps since that mask was pruned from scratch
+    rows: int
+    keys: int              # valid keys the call read
+
+
+_pending = threading.local()   # the HiPCache update just made, for the attention call that follows it
+
+
+class HiPCache(DynamicCache):
+    """A transformers cache that lets the drop-in work as InfiniteHiP does in ``infinitehip.load``.
+
+        cache = infinitehip.hf.HiPCache(model)
+        model.generate(ids, past_key_values=cache, max_new_tokens=64)
+
+    - Keys are cached **without RoPE**: making a HiPCache turns the model's rotary embedding into
+      the identity while its attention implementation is "infinitehip" (once per model,
+      ``_unrotate``), and attention rotates queries and keys itself at adaptive positions (exact
+      within the trained length, beyond it as the config's ``rope_*`` modes say), so the model
+      reads past its trained context.
+    - Each layer's **sparse mask is reused** across decode steps (one token a call), its stages
+      rerun by the config's ``refresh_intervals``; a prefill, a dense call or any change of the
+      rows (beam reordering, crop, batch selection) prunes from scratch next.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        _unrotate(model)
+        super().__init__(config=model.config)
+        self._masks: dict[int, _LayerMask] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        _pending.update = (self, layer_idx, keys)
+        return keys, values
+
+    def reuse(self, layer: int, config: HiPConfig, shape: tuple[int, int], keys: int):
+        """(mask, refresh_stage, step) for a call of ``shape`` (B, Tq) reading ``keys`` keys: the
+        layer's last mask and the schedule's stage when this call is the next decode step of the
+        same rows, else (None, 0, 0): prune from scratch."""
+        last = self._masks.get(layer)
+        rows, tq = shape
+        if tq != 1 or last is None or last.mask is None or (last.rows, last.keys + 1) != (rows, keys):
+            return None, 0, 0
+        return last.mask, config.refresh_stage(last.step + 1), last.step + 1
+
+    def keep(self, layer: int, mask: HiPMask | None, tq: int, step: int, rows: int, keys: int):
+        # A prefill's mask is not kept: the first decode step prunes from scratch with its own
+        # query (the prompt's mask pooled a whole query block), as infinitehip.load's decode does.
+        self._masks[layer] = _LayerMask(mask if tq == 1 else None, step, rows, keys)
+
+
+def _forgets_masks(name: str):
+    def method(self, *args, **kwargs):
+        self._masks.clear()    # the rows or their keys changed: the masks no longer describe them
+        return getattr(DynamicCache, name)(self, *args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+for _name in ("reset", "crop", "reorder_cache", "batch_repeat_interleave", "batch_select_indices"):
+    if hasattr(DynamicCache, _name):
+        setattr(HiPCache, _name, _forgets_masks(_name))
+
+
+def _cache_of(module: torch.nn.Module, key: torch.Tensor) -> HiPCache | None:
+    """The HiPCache whose update returned ``key`` for this layer just now, if any."""
+    pending, _pending.update = getattr(_pending, "update", None), None
+    if pending is not None and pending[1] == getattr(module, "layer_idx", None) and pending[2] is key:
+        return pending[0]
+    return None
+
+
+def _unrotate(model: torch.nn.Module):
+    """Make ``model``'s rotary embedding the identity while its attention is "infinitehip" (so
+    queries and keys reach the cache and attention un-rotated) and give each attention module the
+    RoPE to apply inside (``_hip_rope``) and the trained length. Refuses what it cannot reproduce:
+    another attention implementation, sliding-window layers, a RoPE infinitehip does not compute
+    exactly as the model does."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != NAME:
+        raise ValueError(f"HiPCache is for models loaded with attn_implementation={NAME!r} (this one uses "
+                         f"{getattr(config, '_attn_implementation', None)!r}); load it with that argument")
+    rotary = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if len(rotary) != 1:
+        raise ValueError(f"HiPCache needs a model with one rotary embedding module; this one has {len(rotary)}: "
+                         "use the drop-in without it (keys rotated by transformers)")
+    rotary = rotary[0]
+    if getattr(rotary, "_hip_identity", False):
+        return
+    if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=config).layers):
+        raise ValueError("HiPCache does not take models with sliding-window layers (transformers' cache keeps "
+                         "only their window): use the drop-in without it, or infinitehip.load")
+    cfg = config.get_text_config().to_dict()
+    attention = _attention_modules(model)
+    rope = RoPE.from_hf(cfg, attention[0].head_dim)          # an unsupported rope type: a clear error
+    _check_same_rope(rotary, rope, cfg)
+    original = rotary.forward
+
+    def forward(x, position_ids, *args, **kwargs):
+        cos, sin = original(x, position_ids, *args, **kwargs)
+        if config._attn_implementation != NAME:   # switched to another implementation: rotate as usual
+            return cos, sin
+        return torch.ones_like(cos), torch.zeros_like(sin)
+
+    rotary.forward, rotary._hip_identity = forward, True
     for m in attention:
-        m._hip_config = config.for_layer(m.layer_idx, m.config.num_hidden_layers)
+        m._hip_rope, m._hip_context = rope, trained_context(cfg)
+        m._hip_config = _layer_config(m, getattr(m, "_hip_config", None) or _default)
+
+
+def _check_same_rope(rotary: torch.nn.Module, rope: RoPE, cfg: dict):
+    """Our rotation must be the model's, or un-rotated keys would be rotated wrongly."""
+    device = next(iter(rotary.buffers()), torch.empty(0)).device
+    pos = torch.tensor([[0, 1, 5, 100, 1000, 4095]], device=device)
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32, device=device), pos)     # (1, P, D)
+    ours = rope.cos_sin(pos)                                                        # (1, P, D/2) each
+    half = rope.head_dim // 2
+    if cos.shape[-1] != rope.head_dim or not all(
+            torch.allclose(theirs[..., :half].float().cpu(), mine.cpu(), atol=1e-4)
+            and torch.allclose(theirs[..., half:].float().cpu(), mine.cpu(), atol=1e-4)
+            for theirs, mine in ((cos, ours[0]), (sin, ours[1]))):
+        kind = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}.get("rope_type", "default")
+        raise ValueError(f"this model's rotary embedding (rope type {kind!r}) differs from the RoPE infinitehip "
+                         "computes from its config, so HiPCache cannot take over the rotation: use the drop-in "
+                         "without it")
 
 
 def _register():

@@ -18,11 +18,11 @@ from .tasks import TokenCounter
 
 
 def _trained_context(model_dir: str) -> int | None:
+    from ..models.llama import trained_context
     from ..models.loader import read_config
 
     _, cfg = read_config(model_dir)   # a missing directory or config.json: its own clear error
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    return scaling.get("original_max_position_embeddings") or cfg.get("max_position_embeddings")
+    return trained_context(cfg)
 
 
 def _methods(methods: list[str] | None, endpoint: str | None) -> list[str]:

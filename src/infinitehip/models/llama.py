@@ -30,6 +30,15 @@ BACKENDS = ("hip", "dense", "streaming")
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
+def trained_context(cfg: dict) -> int | None:
+    """The context an HF ``config.json`` was trained on: a rope-scaled model's original length
+    (``original_max_position_embeddings``), else ``max_position_embeddings``; None if neither."""
+    rope = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
+    scaled = rope.get("rope_type", rope.get("type", "default")) != "default"
+    original = int(rope.get("original_max_position_embeddings") or 0) if scaled else 0
+    return original or int(cfg.get("max_position_embeddings") or 0) or None
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     architecture: str
@@ -69,16 +78,13 @@ class ModelArgs:
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         attn_bias = bool(cfg.get("attention_bias", False))
-        rope = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
         max_pos = int(cfg.get("max_position_embeddings", 0)) or None
-        scaled = rope.get("rope_type", rope.get("type", "default")) != "default"
-        trained = int(rope.get("original_max_position_embeddings") or 0) if scaled else 0
         return cls(
             architecture=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
             n_layers=cfg["num_hidden_layers"], n_heads=heads,
             n_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
             intermediate_size=cfg["intermediate_size"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=max_pos or 0, trained_context=trained or max_pos or 0,
+            max_position_embeddings=max_pos or 0, trained_context=trained_context(cfg) or 0,
             qkv_bias=True if arch == "Qwen2ForCausalLM" else attn_bias,
             o_bias=False if arch == "Qwen2ForCausalLM" else attn_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=arch == "Qwen3ForCausalLM",
