@@ -141,17 +141,17 @@ def test_drop_in_sliding_window_layers_match_eager(tmp_path):
                 assert torch.equal(ours.generate(tokens, **gen), eager.generate(tokens, **gen))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_hip_cache_matches_the_lean_engine_past_the_trained_length(tmp_path, device):
+@pytest.mark.parametrize("arch, device", [("llama", "cpu"), ("llama3-rope", "cpu"), ("qwen3", "cpu"), pytest.param(
+    "llama", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_hip_cache_matches_the_lean_engine_past_the_trained_length(tmp_path, arch, device):
     """With HiPCache the drop-in is InfiniteHiP as infinitehip.load runs it: keys un-rotated and
-    rotated at adaptive positions (400 tokens, trained on 256), masks reused by the refresh
-    schedule over decode steps (on CUDA: the Triton kernels). Without it (keys rotated by
-    transformers) the logits differ."""
+    rotated at adaptive positions (400 tokens; trained on 256, or 128 before llama3 rope scaling),
+    masks reused by the refresh schedule over decode steps (on CUDA: the Triton kernels). Without
+    it (keys rotated by transformers) the logits differ."""
     from infinitehip.cache import KVCache
     from infinitehip.engine import DecodeState, decode_one_token, prefill
 
-    path = make_checkpoint(tmp_path, "llama")
+    path = make_checkpoint(tmp_path, arch)
     lean = infinitehip.load(path, config="tiny", device=device, dtype="float32")
     ours, plain = hf_model(path, "infinitehip").to(device), hf_model(path, "infinitehip").to(device)
     for m in (ours, plain):
