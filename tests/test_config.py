@@ -100,11 +100,27 @@ def test_parse_overrides_reads_literals_and_names_bad_fields():
         parse_overrides(["budgt=4096"])
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         parse_overrides(["budget"])
-    # the last of two silently won; a dict became the tuple of its keys
+    # the last of two silently won
     with pytest.raises(ValueError, match=r"--hip budget is given twice \(budget=4096 and 'budget=2048'\)"):
         parse_overrides(["budget=4096", "budget=2048"])
-    with pytest.raises(ValueError, match=r"a dict is no HiPConfig value"):
-        parse_overrides(["dense_layers={0: 1}"])
+
+
+@pytest.mark.parametrize("item, message", [
+    ("dense_layers={0: 1}", r"HiPConfig\.dense_layers=\{0: 1\} is invalid: must be a tuple or list \(a dict gives only "
+                            r"its keys; the paper's: \(0, 1, 2, 3, -1\)\)"),   # became (0,), silently
+    ("refresh_intervals={8, 4}", r"HiPConfig\.refresh_intervals=.* is invalid: must be a tuple or list \(a set has no "
+                                 r"order, and entries go by stage"),
+    ("budget={4096}", r"HiPConfig\.budget=\{4096\} is invalid: must be an integer >= 1"),
+    ("rope_prune={'exact': 1}", r"HiPConfig\.rope_prune=\{'exact': 1\} is invalid: must be one of"),
+])
+def test_overrides_of_the_wrong_type_are_refused_by_the_config(item, message):
+    """--hip parses values; whether a dict or set fits a field is HiPConfig's check alone (the
+    parser had a copy of it for dicts and sets), one message whichever way the config is made."""
+    from infinitehip.config import parse_overrides
+
+    overrides = parse_overrides([item])
+    with pytest.raises(ValueError, match=message):
+        HiPConfig().replace(**overrides)
 
 
 def test_unordered_stage_tuple_is_refused():

@@ -79,9 +79,12 @@ class HiPConfig:
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                 raise ValueError(f"HiPConfig.{name}={value!r} is invalid: must be a tuple "
                                  f"(the paper's: {self.__dataclass_fields__[name].default})")
-            if isinstance(value, (AbstractSet, Mapping)):   # {8, 4, 2} iterated as (8, 2, 4): stages silently swapped
+            # {8, 4, 2} iterated as (8, 2, 4): stages silently swapped; {0: 1} as its keys, (0,)
+            if isinstance(value, (AbstractSet, Mapping)):
+                why = ("gives only its keys" if isinstance(value, Mapping) else
+                       "has no order" + (", and entries go by stage" if name != "dense_layers" else ""))
                 raise ValueError(f"HiPConfig.{name}={value!r} is invalid: must be a tuple or list "
-                                 f"(a {type(value).__name__} has no order, and entries go by stage; the paper's: "
+                                 f"(a {type(value).__name__} {why}; the paper's: "
                                  f"{self.__dataclass_fields__[name].default})")
             object.__setattr__(self, name, tuple(value))
         self._validate()
@@ -306,11 +309,8 @@ def parse_overrides(items: Sequence[str]) -> dict:
             raise ValueError(f"--hip {item!r}: HiPConfig has no field {name!r}; its fields: {', '.join(fields)}")
         if name in out:   # the last one silently won
             raise ValueError(f"--hip {name} is given twice ({name}={out[name]!r} and {item!r}): give it once")
-        try:
+        try:   # the value's type (a dict, a set) is HiPConfig's to check, like every other field's value
             out[name] = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError):
             out[name] = text.strip()      # a bare word: a mode name
-        if isinstance(out[name], (dict, set)):   # {0: 1} became the tuple of its keys, (0,), silently
-            raise ValueError(f"--hip {item!r}: a {type(out[name]).__name__} is no HiPConfig value; write a number, "
-                             "a name, None or a tuple such as (0, 1)")
     return out
