@@ -129,3 +129,23 @@ def test_unordered_stage_tuple_is_refused():
     with pytest.raises(ValueError, match=r"HiPConfig\.refresh_intervals=.*has no order"):
         HiPConfig.preset("tiny", refresh_intervals={8, 4, 2})
     assert HiPConfig.preset("tiny", refresh_intervals=[8, 4, 2]).refresh_intervals == (8, 4, 2)   # a list is fine
+
+
+def test_budgets_wider_than_a_mask_row_are_refused():
+    """Masks are as wide as the budgets whatever the context: a budget of 2**30 made 2**27-entry
+    rows (gigabytes on a short context, and past the Triton attention kernel's 2**20-element
+    block, a compile error deep inside). Refused by field, with the most it may be."""
+    from infinitehip.config import MAX_MASK_ROW
+
+    huge = 1 << 30
+    with pytest.raises(ValueError, match=r"HiPConfig\.stage_budgets=\(None, 1073741824, 1073741824\) is invalid: "
+                                         r"entry 1: 1,073,741,824 tokens .* give at most 33,554,432"):
+        HiPConfig.preset("paper", stage_budgets=(None, huge, huge), budget=huge, dense_layer_budget=huge)
+    one_stage = dict(chunk_sizes=(8,), stage_budgets=(None,), stage_strides=(1,), refresh_intervals=(8,))
+    with pytest.raises(ValueError, match=r"HiPConfig\.budget=1073741824 is invalid: .* give at most 8,388,608"):
+        HiPConfig.preset("paper", **one_stage, budget=huge)
+    with pytest.raises(ValueError, match=r"HiPConfig\.dense_layer_budget=1073741824 is invalid: .* at most 8,388,608"):
+        HiPConfig.preset("paper", **one_stage, dense_layer_budget=huge)
+    top = MAX_MASK_ROW * 8   # the widest rows are fine
+    cfg = HiPConfig.preset("paper", stage_budgets=(None, MAX_MASK_ROW * 32, top), budget=top, dense_layer_budget=top)
+    assert cfg.n_selected == MAX_MASK_ROW
