@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from infinitehip.attention.api import hip_attention
 from infinitehip.attention.rope import RoPE
-from infinitehip.bench.attention import _ints
+from infinitehip.bench import parse_contexts
 from infinitehip.config import HiPConfig
 
 H, K, D = 32, 8, 128
@@ -38,8 +38,8 @@ def table(fn, reps: int, title: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--decode", type=_ints, default=_ints("128K,1M"))
-    p.add_argument("--prefill", type=_ints, default=_ints("128K"))
+    p.add_argument("--decode", type=parse_contexts, default="128K,1M")
+    p.add_argument("--prefill", type=parse_contexts, default="128K")
     p.add_argument("--preset", default="paper")
     p.add_argument("--out", type=Path, default=Path("profile.txt"))
     args = p.parse_args()

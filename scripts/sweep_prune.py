@@ -20,7 +20,7 @@ from infinitehip.attention.rope import RoPE
 from infinitehip.attention.reference import pool_queries
 from infinitehip.attention.stages import first_stage_starts, run_stages
 from infinitehip.attention.triton import ops
-from infinitehip.bench.attention import _ints
+from infinitehip.bench import parse_contexts
 from infinitehip.config import HiPConfig
 
 H, K, D = 32, 8, 128
@@ -204,10 +204,10 @@ def sweep_keep_top(tq: int, tk: int, cfg: HiPConfig, rope: RoPE, g) -> list[dict
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--decode", type=_ints, default=_ints("1M"))
-    p.add_argument("--prefill", type=_ints, default=_ints("128K"))
+    p.add_argument("--decode", type=parse_contexts, default="1M")
+    p.add_argument("--prefill", type=parse_contexts, default="128K")
     p.add_argument("--chunk", type=int, default=16384)
-    p.add_argument("--reuse", type=_ints, default=_ints(""), help="contexts for the mask-reuse decode sweep")
+    p.add_argument("--reuse", type=parse_contexts, default="", help="contexts for the mask-reuse decode sweep")
     p.add_argument("--reuse-limit", type=int, default=None, help="time only the first N reuse settings (profilers)")
     p.add_argument("--limit", type=int, default=None,
                    help="time only the first N pruning settings per stage, no attend sweep (profilers)")

@@ -254,3 +254,65 @@ def test_a_prompt_ending_in_its_slots_last_fp8_page_is_stored_as_alone(model):
             ra = x.view(a.cache.batch, a.cache.capacity, *x.shape[2:])[slot_a, :510]
             rb = y.view(b.cache.batch, b.cache.capacity, *y.shape[2:])[slot_b, :510]
             assert torch.equal(ra.float(), rb.float())
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_slot_reused_after_abort_reads_nothing_of_its_last_request(model, fp8, monkeypatch):
+    """abort() leaves the GPU page cache of an offloaded KV as it was: units of the dropped rows'
+    pages stay resident (one step failed halfway, some layers having written their token). They
+    are never served to the slot's next request: every prefill write drops its pages' resident
+    units (``PageCache.invalidate``) and every decode write updates them in place. So the next
+    requests get exactly the tokens and logits of a fresh runner."""
+    from infinitehip.cache.offload_plan import OffloadConfig
+    from infinitehip.engine import batch
+
+    logits, now = [], {}          # now: the runner being run, and its request ids' keys
+    real = batch.decode_one_token
+
+    def recorded(*a, **kw):   # each decode step's logits of the rows decoding, by request key
+        out = real(*a, **kw)
+        logits.append({now["keys"][q.rid]: out[slot].clone() for slot, q in now["runner"]._decoding.items()})
+        return out
+    monkeypatch.setattr(batch, "decode_one_token", recorded)
+
+    def run(r, arrivals):
+        logits.clear()
+        now.update(runner=r, keys={})
+        tokens = {}
+        for step in range(500):
+            for key, ids in arrivals.get(step, []):
+                now["keys"][r.add(ids, GREEDY)] = key
+            for e in r.step():
+                tokens.setdefault(now["keys"][e.request], []).append(e.token)
+            if not r.has_work and step >= max(arrivals):
+                return tokens, list(logits)
+        raise AssertionError("the runner did not finish")
+
+    config = OffloadConfig(fp8=fp8)
+    fresh = lambda: runner(model, max_batch=2, offload=config, prefill_budget=64)   # noqa: E731
+    arrivals = {0: [("b", prompt(200, seed=5))], 2: [("d", prompt(90, seed=6))]}
+    want = run(fresh(), arrivals)
+
+    r = fresh()
+    now.update(runner=r, keys={r.add(prompt(330, seed=1), SamplingParams(max_new_tokens=100, ignore_eos=True)): "a"})
+    for _ in range(9):                                  # 6 prefill rounds, then decoding
+        r.step()
+    now["keys"][r.add(prompt(250, seed=2), GREEDY)] = "c"
+    r.step()                                            # slot 1 prefilling, slot 0 decoding
+    update = type(r.cache).update
+
+    def failing(cache, layer, start, k, v, plan=None):   # the decode write of the last layer fails
+        if k.shape[1] == 1 and layer == cache.n_layers - 1:
+            raise RuntimeError("injected")
+        return update(cache, layer, start, k, v, plan)
+    monkeypatch.setattr(type(r.cache), "update", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        r.step()
+    monkeypatch.setattr(type(r.cache), "update", update)
+    assert len(r.abort()) == 2 and r.n_free == 2
+    resident = [int((c.owner >= 0).sum()) for c in r.cache.page_caches]
+    assert r.cache.page_caches and min(resident) > 0        # the dropped rows' units are still there
+    (tokens, steps), (want_tokens, want_steps) = run(r, arrivals), want
+    assert tokens == want_tokens and len(steps) == len(want_steps)
+    for got_step, want_step in zip(steps, want_steps):
+        assert got_step.keys() == want_step.keys() and all(torch.equal(got_step[k], want_step[k]) for k in got_step)

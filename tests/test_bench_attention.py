@@ -1,6 +1,8 @@
 """The attention bench's in-graph decode timing (its CUDA parts replaced: this checks the wiring):
 every layer's call attends with its own query, keys and mask, at the refresh kind being timed."""
+import argparse
 import contextlib
+import importlib
 import re
 
 import pytest
@@ -44,26 +46,59 @@ def test_cli_bench_help_reaches_the_benchmark():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--contexts", "128K"], "--contexts '128K': positive token counts"),     # int() after the model was built
-    (["--contexts", "32768,"], "--contexts '32768,': positive token counts"),
-    (["--contexts", "0"], "--contexts '0': positive token counts"),
+    (["--contexts", "128x"], "argument --contexts: '128x': positive token counts"),   # int() after the model was built
+    (["--contexts", "32768,"], "argument --contexts: '32768,': positive token counts"),
+    (["--contexts", "0"], "argument --contexts: '0': positive token counts"),
+    (["--contexts", ""], "--contexts is empty"),                                          # max() of nothing
     (["--backends", "hip,flash"], "--backends 'hip,flash': choose from hip, dense, streaming"),
     (["--decode-steps", "0"], "--decode-steps 0: time at least 1 decode step"),   # ZeroDivisionError
 ])
-def test_engine_bench_refuses_bad_arguments_before_the_gpu_work(argv, message, monkeypatch):
+def test_engine_bench_refuses_bad_arguments_before_the_gpu_work(argv, message, monkeypatch, capsys):
     from infinitehip.bench import engine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(engine, "copy_bandwidth", lambda *a, **k: pytest.fail("started the benchmark"))
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(SystemExit) as e:
         engine.main(argv)
+    assert message in f"{e.value.code} {capsys.readouterr().err}"
 
 
 def test_context_lists_take_k_and_m_in_either_case():
-    """eval --lengths took 8k where bench attention took only 8K."""
-    from infinitehip.bench.attention import _ints
+    """eval --lengths took 8k where bench attention took only 8K; bench engine and offload took
+    neither (128K was refused): all three parse their context flags with parse_contexts."""
+    from infinitehip.bench import parse_contexts
 
-    assert _ints("128k, 1M,2m,4096") == [131072, 1 << 20, 2 << 20, 4096]
+    assert parse_contexts("128k, 1M,2m,4096") == [131072, 1 << 20, 2 << 20, 4096]
+    assert parse_contexts("1.5M,0.5k") == [3 << 19, 512] and parse_contexts("") == []
+    assert parse_contexts("max,256K", allow_max=True) == ["max", 1 << 18]
+
+
+@pytest.mark.parametrize("bench_name, flag", [("attention", "--decode"), ("engine", "--contexts"),
+                                              ("offload", "--contexts"), ("offload", "--on-gpu-contexts")])
+def test_every_bench_reads_its_contexts_alike(bench_name, flag, monkeypatch, capsys):
+    """The same list gives the same token counts in every benchmark, and a bad one the same message."""
+    module = importlib.import_module(f"infinitehip.bench.{bench_name}")
+    parse, seen = argparse.ArgumentParser.parse_args, {}
+
+    def parse_then_stop(self, args=None, namespace=None):   # the flags as parsed, then no GPU work
+        seen.update(vars(parse(self, args, namespace)))
+        raise SystemExit("parsed")
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    with pytest.raises(SystemExit, match="parsed"):
+        module.main([flag, "32768,128k,1M"])
+    assert seen[flag[2:].replace("-", "_")] == [32768, 131072, 1 << 20]
+    with pytest.raises(SystemExit):
+        module.main([flag, "1.1K"])
+    assert f"argument {flag}: '1.1K': positive token counts, comma-separated: 131072, 128K or 1m" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["1.1K", "abc", "-1", "0", "32768,", "1e3"])
+def test_bad_context_lists_get_one_message(bad):
+    from infinitehip.bench import parse_contexts
+
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"{bad!r}: positive token counts, comma-separated: "
+                                                                    "131072, 128K or 1m (K = 1024, M = 1024 * 1024)")):
+        parse_contexts(bad)
 
 
 @pytest.mark.parametrize("argv, message", [

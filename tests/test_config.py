@@ -100,11 +100,27 @@ def test_parse_overrides_reads_literals_and_names_bad_fields():
         parse_overrides(["budgt=4096"])
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         parse_overrides(["budget"])
-    # the last of two silently won; a dict became the tuple of its keys
+    # the last of two silently won
     with pytest.raises(ValueError, match=r"--hip budget is given twice \(budget=4096 and 'budget=2048'\)"):
         parse_overrides(["budget=4096", "budget=2048"])
-    with pytest.raises(ValueError, match=r"a dict is no HiPConfig value"):
-        parse_overrides(["dense_layers={0: 1}"])
+
+
+@pytest.mark.parametrize("item, message", [
+    ("dense_layers={0: 1}", r"HiPConfig\.dense_layers=\{0: 1\} is invalid: must be a tuple or list \(a dict gives only "
+                            r"its keys; the paper's: \(0, 1, 2, 3, -1\)\)"),   # became (0,), silently
+    ("refresh_intervals={8, 4}", r"HiPConfig\.refresh_intervals=.* is invalid: must be a tuple or list \(a set has no "
+                                 r"order, and entries go by stage"),
+    ("budget={4096}", r"HiPConfig\.budget=\{4096\} is invalid: must be an integer >= 1"),
+    ("rope_prune={'exact': 1}", r"HiPConfig\.rope_prune=\{'exact': 1\} is invalid: must be one of"),
+])
+def test_overrides_of_the_wrong_type_are_refused_by_the_config(item, message):
+    """--hip parses values; whether a dict or set fits a field is HiPConfig's check alone (the
+    parser had a copy of it for dicts and sets), one message whichever way the config is made."""
+    from infinitehip.config import parse_overrides
+
+    overrides = parse_overrides([item])
+    with pytest.raises(ValueError, match=message):
+        HiPConfig().replace(**overrides)
 
 
 def test_unordered_stage_tuple_is_refused():
@@ -113,3 +129,23 @@ def test_unordered_stage_tuple_is_refused():
     with pytest.raises(ValueError, match=r"HiPConfig\.refresh_intervals=.*has no order"):
         HiPConfig.preset("tiny", refresh_intervals={8, 4, 2})
     assert HiPConfig.preset("tiny", refresh_intervals=[8, 4, 2]).refresh_intervals == (8, 4, 2)   # a list is fine
+
+
+def test_budgets_wider_than_a_mask_row_are_refused():
+    """Masks are as wide as the budgets whatever the context: a budget of 2**30 made 2**27-entry
+    rows (gigabytes on a short context, and past the Triton attention kernel's 2**20-element
+    block, a compile error deep inside). Refused by field, with the most it may be."""
+    from infinitehip.config import MAX_MASK_ROW
+
+    huge = 1 << 30
+    with pytest.raises(ValueError, match=r"HiPConfig\.stage_budgets=\(None, 1073741824, 1073741824\) is invalid: "
+                                         r"entry 1: 1,073,741,824 tokens .* give at most 33,554,432"):
+        HiPConfig.preset("paper", stage_budgets=(None, huge, huge), budget=huge, dense_layer_budget=huge)
+    one_stage = dict(chunk_sizes=(8,), stage_budgets=(None,), stage_strides=(1,), refresh_intervals=(8,))
+    with pytest.raises(ValueError, match=r"HiPConfig\.budget=1073741824 is invalid: .* give at most 8,388,608"):
+        HiPConfig.preset("paper", **one_stage, budget=huge)
+    with pytest.raises(ValueError, match=r"HiPConfig\.dense_layer_budget=1073741824 is invalid: .* at most 8,388,608"):
+        HiPConfig.preset("paper", **one_stage, dense_layer_budget=huge)
+    top = MAX_MASK_ROW * 8   # the widest rows are fine
+    cfg = HiPConfig.preset("paper", stage_budgets=(None, MAX_MASK_ROW * 32, top), budget=top, dense_layer_budget=top)
+    assert cfg.n_selected == MAX_MASK_ROW

@@ -79,9 +79,12 @@ class HiPConfig:
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                 raise ValueError(f"HiPConfig.{name}={value!r} is invalid: must be a tuple "
                                  f"(the paper's: {self.__dataclass_fields__[name].default})")
-            if isinstance(value, (AbstractSet, Mapping)):   # {8, 4, 2} iterated as (8, 2, 4): stages silently swapped
+            # {8, 4, 2} iterated as (8, 2, 4): stages silently swapped; {0: 1} as its keys, (0,)
+            if isinstance(value, (AbstractSet, Mapping)):
+                why = ("gives only its keys" if isinstance(value, Mapping) else
+                       "has no order" + (", and entries go by stage" if name != "dense_layers" else ""))
                 raise ValueError(f"HiPConfig.{name}={value!r} is invalid: must be a tuple or list "
-                                 f"(a {type(value).__name__} has no order, and entries go by stage; the paper's: "
+                                 f"(a {type(value).__name__} {why}; the paper's: "
                                  f"{self.__dataclass_fields__[name].default})")
             object.__setattr__(self, name, tuple(value))
         self._validate()
@@ -204,6 +207,11 @@ class HiPConfig:
                 fail(field, b, f"must be a multiple of the last chunk size {self.chunk_size}")
             if last_in is not None and b > last_in:
                 fail(field, b, f"must be <= the last stage's budget {last_in}")
+        for field, entry, tokens, chunk in _mask_rows(self):
+            if tokens // chunk > MAX_MASK_ROW:   # 2**30 allocated gigabytes of masks on any context
+                fail(field, getattr(self, field), f"{entry}{tokens:,} tokens are {tokens // chunk:,} chunks of {chunk} "
+                     f"in every mask row, more than {MAX_MASK_ROW:,}: give at most {MAX_MASK_ROW * chunk:,} (a "
+                     "budget as long as the context keeps every key already)")
         lv, depth = self.stage0_levels, self.chunk_sizes[0].bit_length() - 1
         if lv is not None and (not is_int(lv) or not 1 <= lv <= depth):
             fail("stage0_levels", lv, f"must be None or an integer in [1, {depth}] (log2 of chunk_sizes[0])")
@@ -237,6 +245,25 @@ class HiPConfig:
         mcl = self.model_context_length
         if mcl is not None and (not is_int(mcl) or mcl < 1):
             fail("model_context_length", mcl, "must be None or an integer >= 1")
+
+
+# Entries of one mask row (chunks per query block and head group) at most. A mask is as wide as
+# the budgets whatever the context: rows of every length stack into one batch, and a reused mask
+# keeps its shape while decode reads more keys each step (capping the width by the key count
+# would change it between steps). The Triton attention kernel loads a final row as one block, at
+# most Triton's 2**20 elements (TRITON_MAX_TENSOR_NUMEL: past it, a compile error deep inside);
+# the stage inputs a mask keeps get the same bound (4 MiB a row).
+MAX_MASK_ROW = 1 << 20
+
+
+def _mask_rows(config: HiPConfig):
+    """(field, entry label, tokens, chunk) of each mask row a config makes: stage s > 0 scores
+    ``stage_budgets[s]`` tokens in chunks of ``chunk_sizes[s]``, the final mask keeps ``budget``
+    (``dense_layer_budget``) tokens in chunks of the last size."""
+    for s in range(1, config.n_stages):
+        yield "stage_budgets", f"entry {s}: ", config.stage_budgets[s], config.chunk_sizes[s]
+    for field in ("budget", "dense_layer_budget"):
+        yield field, "", getattr(config, field), config.chunk_size
 
 
 PRESETS: dict[str, HiPConfig] = {
@@ -306,11 +333,8 @@ def parse_overrides(items: Sequence[str]) -> dict:
             raise ValueError(f"--hip {item!r}: HiPConfig has no field {name!r}; its fields: {', '.join(fields)}")
         if name in out:   # the last one silently won
             raise ValueError(f"--hip {name} is given twice ({name}={out[name]!r} and {item!r}): give it once")
-        try:
+        try:   # the value's type (a dict, a set) is HiPConfig's to check, like every other field's value
             out[name] = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError):
             out[name] = text.strip()      # a bare word: a mode name
-        if isinstance(out[name], (dict, set)):   # {0: 1} became the tuple of its keys, (0,), silently
-            raise ValueError(f"--hip {item!r}: a {type(out[name]).__name__} is no HiPConfig value; write a number, "
-                             "a name, None or a tuple such as (0, 1)")
     return out

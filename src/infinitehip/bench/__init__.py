@@ -1,9 +1,11 @@
 """Benchmarks (GPU). ``python -m infinitehip.bench attention --help``."""
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 import time
+from fractions import Fraction
 
 import torch
 
@@ -22,6 +24,29 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from .engine import main as run
     run(argv[1:])
+
+
+_CONTEXT = re.compile(r"(\d+(?:\.\d+)?)([km]?)", re.IGNORECASE)     # 131072, 128K, 1m, 1.5M
+_SCALE = {"": 1, "k": 1024, "m": 1024 * 1024}
+CONTEXTS_HELP = "token counts, comma-separated: 131072, 128K or 1m (K = 1024, M = 1024 * 1024)"
+
+
+def parse_contexts(text: str, *, allow_max: bool = False) -> list:
+    """Every benchmark's context list, the ``type=`` of its flags: token counts, plain or K/M
+    multiples in either case ("32768,128k,1M" -> [32768, 131072, 1048576]); "" is none.
+    ``allow_max``: the word 'max' too, kept as is (bench offload: the longest context that fits)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")) if text.strip() else ():
+        m = _CONTEXT.fullmatch(item)
+        n = Fraction(m.group(1)) * _SCALE[m.group(2).lower()] if m else Fraction(0)   # exact: 1.5M, not 1.1K
+        if allow_max and item.lower() == "max":
+            out.append("max")
+        elif n >= 1 and n.denominator == 1:   # 0 or -1 reached the GPU run (an empty slice, a negative size)
+            out.append(int(n))
+        else:   # argparse prints it after the flag's name: "argument --contexts: '128x': positive ..."
+            also = ", or 'max'" if allow_max else ""
+            raise argparse.ArgumentTypeError(f"{text!r}: positive {CONTEXTS_HELP}{also}")
+    return out
 
 
 REFRESH_LAG_HELP = ("HiPConfig.refresh_lag: masks take effect this many steps after the step that pruned them; "

@@ -31,6 +31,7 @@ from ..attention.api import hip_attention
 from ..attention.rope import RoPE
 from ..attention.triton import pdl
 from ..config import HiPConfig
+from . import CONTEXTS_HELP, parse_contexts
 
 H, K, D = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -281,23 +282,12 @@ def plot(records: list[dict], path: Path):
     fig.savefig(path, dpi=120)
 
 
-def _ints(s: str) -> list[int]:
-    scale = {"K": K_, "M": K_ * K_}
-    try:   # 128K or 128k, 1M or 1m, or a plain count (as eval --lengths takes them)
-        out = [int(float(x[:-1]) * scale[x[-1].upper()]) if x[-1:].upper() in scale else int(x)
-               for x in (y.strip() for y in s.split(",")) if x]
-    except ValueError:
-        out = [0]
-    if any(n < 1 for n in out):   # 0 or -1 reached the GPU run (an empty slice, a negative size)
-        raise argparse.ArgumentTypeError(f"{s!r}: positive token counts, comma-separated, e.g. 16K,1M or 131072")
-    return out
-
-
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="infinitehip bench attention", description=__doc__.split("\n")[0])
-    p.add_argument("--decode", type=_ints, default=_ints("16K,32K,64K,128K,512K,1M,2M,3M"), help="decode contexts")
-    p.add_argument("--prefill", type=_ints, default=_ints("8K,16K,32K,64K,128K"), help="one-call prefill contexts")
-    p.add_argument("--chunked", type=_ints, default=_ints("1M"), help="chunked-prefill prompt lengths")
+    p.add_argument("--decode", type=parse_contexts, default="16K,32K,64K,128K,512K,1M,2M,3M",
+                   help=f"decode contexts: {CONTEXTS_HELP}")
+    p.add_argument("--prefill", type=parse_contexts, default="8K,16K,32K,64K,128K", help="one-call prefill contexts")
+    p.add_argument("--chunked", type=parse_contexts, default="1M", help="chunked-prefill prompt lengths")
     p.add_argument("--chunk", type=int, default=16 * K_, help="queries per prefill chunk")
     p.add_argument("--layers", type=int, default=8,
                    help="decode is also timed per call inside a graph of this many layers' calls (1: not)")

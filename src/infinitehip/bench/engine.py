@@ -29,7 +29,7 @@ from ..engine.generate import DecodeState, decode_one_token, prefill
 from ..engine.sampling import greedy
 from ..models.llama import BACKENDS, ModelArgs, Transformer
 from ..models.loader import Model
-from . import REFRESH_LAG_HELP, copy_bandwidth, device_slug, pyplot
+from . import CONTEXTS_HELP, REFRESH_LAG_HELP, copy_bandwidth, device_slug, parse_contexts, pyplot
 
 LLAMA3_8B = dict(architecture="LlamaForCausalLM", vocab_size=128_256, dim=4096, n_layers=32, n_heads=32,
                  n_kv_heads=8, head_dim=128, intermediate_size=14_336, norm_eps=1e-5,
@@ -117,7 +117,7 @@ def add_floors(r: dict, floor_ms: float, args: ModelArgs, bytes_per_s: float):
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(prog="infinitehip bench engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", default="32768,131072,262144")
+    p.add_argument("--contexts", type=parse_contexts, default="32K,128K,256K", help=f"Contexts: {CONTEXTS_HELP}.")
     p.add_argument("--backends", default="hip,dense")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=64)
@@ -131,9 +131,10 @@ def main(argv: list[str] | None = None):
     p.add_argument("--refresh-lag", type=int, default=0, help=REFRESH_LAG_HELP)
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
-    # Checked before the GPU work: a bad entry used to end in a traceback after the model was built.
-    if not all(c.isdigit() and int(c) > 0 for c in a.contexts.split(",")):
-        raise SystemExit(f"--contexts {a.contexts!r}: positive token counts, comma-separated (e.g. 32768,131072)")
+    # Checked before the GPU work (as parse_contexts checks --contexts): a bad entry used to end in a
+    # traceback after the model was built.
+    if not a.contexts:
+        raise SystemExit("--contexts is empty: give at least one context, e.g. --contexts 128K")
     if not all(b in BACKENDS for b in a.backends.split(",")):
         raise SystemExit(f"--backends {a.backends!r}: choose from {', '.join(BACKENDS)}, comma-separated")
     if a.decode_steps < 1:   # the step time divides by it
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None):
     # context: some launch constants follow the context (the selection kernel's row of stage-0
     # chunks, a power of two), and a fresh machine's timed 256K prefill took 20.6 s with them
     # compiling inside it, 16.6 s without (H200, engine_h200.json).
-    longest = max(map(int, a.contexts.split(",")))
+    longest = max(a.contexts)
     for backend in a.backends.split(","):
         warm_context = longest if backend == "hip" else 2 * a.chunk_size
         bench_one(model, warm_context, backend, 2, a.chunk_size, eager_steps=2 if a.eager_steps else 0)
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    for context in map(int, a.contexts.split(",")):
+    for context in a.contexts:
         for backend in a.backends.split(","):
             if backend == "dense" and context > a.skip_dense_prefill_above:
                 continue

@@ -43,7 +43,7 @@ from ..engine.generate import DecodeState, decode_one_token
 from ..engine.sampling import greedy
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
-from . import REFRESH_LAG_HELP, device_slug, kernel_profile, pyplot
+from . import CONTEXTS_HELP, REFRESH_LAG_HELP, device_slug, kernel_profile, parse_contexts, pyplot
 from .engine import random_model
 
 QUICK = dict(architecture="LlamaForCausalLM", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -269,8 +269,11 @@ def longest_context(model: Model, a, device, free_host: int | None = None, free_
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(prog="infinitehip bench offload", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", default="262144,1048576,max", help="Comma-separated; 'max' = longest that fits.")
-    p.add_argument("--on-gpu-contexts", default="262144", help="Contexts that also run all-on-GPU (same run).")
+    p.add_argument("--contexts", type=lambda s: parse_contexts(s, allow_max=True), default=None,
+                   help=f"Contexts: {CONTEXTS_HELP}; 'max' = the longest that fits (default 256K,1M,max; "
+                   "--quick: 1024,2048).")
+    p.add_argument("--on-gpu-contexts", type=parse_contexts, default="256K",
+                   help="Contexts that also run all-on-GPU (same run; '' = none).")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--warm", type=int, default=33, help="Untimed decode steps (at least one refresh cycle + 1 "
                    "with CUDA graphs: every stage's graph is captured before the timing).")
@@ -305,11 +308,8 @@ def main(argv: list[str] | None = None):
     for flag, n in (("--warm", a.warm), ("--profile", a.profile), ("--layers", a.layers - 1)):
         if n < 0:   # --warm -5 ran as 0, --profile -1 printed an empty profile, --layers 0 built no model
             raise SystemExit(f"{flag} {getattr(a, flag[2:])}: a count >= {1 if flag == '--layers' else 0}")
-    if any(c != "max" and not (c.isdigit() and int(c) > 0) for c in a.contexts.split(",")):
-        raise SystemExit(f"--contexts {a.contexts!r}: positive token counts (or 'max'), comma-separated")
-    if any(not (c.isdigit() and int(c) > 0) for c in a.on_gpu_contexts.split(",") if c):
-        raise SystemExit(f"--on-gpu-contexts {a.on_gpu_contexts!r}: positive token counts, comma-separated "
-                         "(empty: none)")
+    if a.contexts == []:   # the lists themselves: parse_contexts
+        raise SystemExit("--contexts is empty: give at least one context, e.g. --contexts 256K")
     try:   # --page, --probe-stride, --headroom, --gpu-layers: what OffloadConfig accepts
         OffloadConfig(page=a.page, headroom=a.headroom, gpu_layers=a.gpu_layers, probe_stride=a.probe_stride)
     except ValueError as e:
@@ -317,8 +317,7 @@ def main(argv: list[str] | None = None):
     if a.quick:
         config = _config(HiPConfig.preset("tiny"), a)
         model, device = quick_model(config), torch.device("cpu")
-        contexts = [int(c) for c in a.contexts.split(",") if c != "max"] if a.contexts != p.get_default("contexts") \
-            else [1024, 2048]
+        contexts = [c for c in a.contexts if c != "max"] if a.contexts else [1024, 2048]
         on_gpu = set(contexts[:1])
         a.warm, a.steps = min(a.warm, 16), min(a.steps, 8)
     else:
@@ -326,8 +325,8 @@ def main(argv: list[str] | None = None):
             raise SystemExit("the offload benchmark needs a CUDA GPU (or --quick)")
         config = _config(HiPConfig(), a)
         model, device = random_model(a.layers, config), torch.device("cuda")
-        contexts = [c if c == "max" else int(c) for c in a.contexts.split(",")]
-        on_gpu = {int(c) for c in a.on_gpu_contexts.split(",") if c}
+        contexts = a.contexts or [256 * 1024, 1024 * 1024, "max"]
+        on_gpu = set(a.on_gpu_contexts)
         if not a.eager:   # the timed steps must not capture: every refresh stage's graph first
             a.warm = max(a.warm, warm_steps(config))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
