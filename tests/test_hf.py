@@ -174,9 +174,42 @@ def test_hip_cache_matches_the_lean_engine_past_the_trained_length(tmp_path, arc
         assert [m.step for m in cache._masks.values()] == [9, 9]
 
 
-def test_hip_cache_prunes_from_scratch_when_the_rows_change(ckpt):
-    """A mask describes its rows' keys: a crop, a beam reordering or a new prompt (Tq > 1) drops
-    them, so the next decode step prunes from scratch instead of reusing another row's mask."""
+def test_hip_cache_second_turn_matches_the_lean_engine(ckpt):
+    """A chat's second turn through the same HiPCache (a prefill of several tokens after decode
+    steps, past the trained length) is the lean engine's continued prefill (``start=``), and its
+    decode steps prune from scratch first, as a newly admitted row does."""
+    from infinitehip.cache import KVCache
+    from infinitehip.engine import DecodeState, decode_one_token, prefill
+
+    lean = infinitehip.load(ckpt, config="tiny", device="cpu", dtype="float32")
+    ours = hf_model(ckpt, "infinitehip")
+    infinitehip.hf.set_config(ours, "tiny")
+    a = lean.args
+    kv = KVCache(a.n_layers, 1, 512, a.n_kv_heads, a.head_dim, dtype=lean.dtype, device="cpu")
+    state, cache = DecodeState("hip"), infinitehip.hf.HiPCache(ours)
+    tokens = torch.randint(3, 300, (1, 330), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        prefill(lean, tokens[:, :300], kv, chunk_size=512)
+        ours(tokens[:, :300], past_key_values=cache)
+        state.admit(0, 1)
+        for t in range(300, 305):   # the first turn's answer
+            want = decode_one_token(lean, tokens[:, t], torch.tensor([t]), kv, state)
+            torch.testing.assert_close(ours(tokens[:, t:t + 1], past_key_values=cache).logits[:, -1], want,
+                                       atol=1e-4, rtol=0)
+        want = prefill(lean, tokens[:, :325], kv, chunk_size=512, start=305)   # the user's next turn
+        torch.testing.assert_close(ours(tokens[:, 305:325], past_key_values=cache).logits[:, -1], want,
+                                   atol=1e-4, rtol=0)
+        state.admit(0, 1)
+        for t in range(325, 330):
+            want = decode_one_token(lean, tokens[:, t], torch.tensor([t]), kv, state)
+            torch.testing.assert_close(ours(tokens[:, t:t + 1], past_key_values=cache).logits[:, -1], want,
+                                       atol=1e-4, rtol=0)
+
+
+def test_hip_cache_prunes_from_scratch_after_a_prefill_a_crop_or_skipped_keys(ckpt):
+    """A mask describes its rows' keys: a crop, a new prompt (Tq > 1) or a call that skips keys
+    drops it, so the next decode step prunes from scratch. A crop(0) drops nothing (transformers
+    calls it every step where it defers the stop check, which had kept every mask from reuse)."""
     ours = hf_model(ckpt, "infinitehip")
     infinitehip.hf.set_config(ours, "tiny")
     cache = infinitehip.hf.HiPCache(ours)
@@ -186,12 +219,41 @@ def test_hip_cache_prunes_from_scratch_when_the_rows_change(ckpt):
         assert all(m.mask is None for m in cache._masks.values())       # a prefill's mask is not reused
         for _ in range(3):
             ours(tokens[:, :1], past_key_values=cache)
+            cache.crop(0)
         assert [m.step for m in cache._masks.values()] == [2, 2]
-        cache.reorder_cache(torch.tensor([1, 0]))
+        cache.crop(-1)
         assert not cache._masks
         ours(tokens[:, :1], past_key_values=cache)
         assert [m.step for m in cache._masks.values()] == [0, 0]
-        assert cache.reuse(0, ours.model.layers[0].self_attn._hip_config, (2, 1), 302)[1:] == (0, 0)   # keys skipped
+        assert cache.reuse(0, HiPConfig.preset("tiny"), (2, 1), 303)[1:] == (0, 0)   # keys skipped
+        cache.reset()
+        assert not cache._masks and cache.get_seq_length() == 0
+
+
+def test_hip_cache_moves_masks_with_reordered_rows(ckpt):
+    """Beam search reorders the cache every step, and that dropped every mask: each step pruned
+    from scratch, never reusing one. Now each row's mask moves with its keys: the step after a
+    reordering is the step its rows would have taken where they were, and generate(num_beams=2)
+    keeps the refresh schedule."""
+    import copy
+
+    ours = hf_model(ckpt, "infinitehip")
+    infinitehip.hf.set_config(ours, "tiny")
+    cache = infinitehip.hf.HiPCache(ours)
+    tokens = torch.randint(3, 300, (2, 300), generator=torch.Generator().manual_seed(4))
+    swap = torch.tensor([1, 0])
+    with torch.no_grad():
+        ours(tokens, past_key_values=cache)
+        for t in range(3):
+            ours(tokens[:, t:t + 1], past_key_values=cache)
+        kept = copy.deepcopy(cache)
+        cache.reorder_cache(swap)
+        assert [m.step for m in cache._masks.values()] == [2, 2]
+        moved = ours(tokens[swap, 3:4], past_key_values=cache).logits
+        torch.testing.assert_close(moved, ours(tokens[:, 3:4], past_key_values=kept).logits[swap], atol=1e-5, rtol=0)
+        beams = infinitehip.hf.HiPCache(ours)
+        ours.generate(tokens[:1], past_key_values=beams, num_beams=2, max_new_tokens=6, do_sample=False)
+        assert [m.step for m in beams._masks.values()] == [4, 4]   # 5 decode steps, the last kept step 4
 
 
 def test_hip_cache_keeps_short_contexts_exact_and_other_implementations_working(ckpt):
@@ -220,3 +282,83 @@ def test_hip_cache_refuses_what_it_cannot_reproduce(ckpt, tmp_path):
         infinitehip.hf.HiPCache(odd)
     with torch.no_grad():   # refused before anything changed: the model still runs as it did
         odd(torch.randint(3, 300, (1, 20)))
+
+
+def test_set_config_takes_effect_after_a_hip_cache_was_made(ckpt):
+    """Making a HiPCache froze each layer's config from the global default of that moment: a later
+    set_config(None, ...) was silently ignored by that model (tiny asked, paper's budget ran).
+    Configs are resolved per call now; the trained length fills model_context_length whichever
+    came first, unless the config names its own."""
+    tokens = torch.randint(3, 300, (1, 300), generator=torch.Generator().manual_seed(5))
+    first, later = hf_model(ckpt, "infinitehip"), hf_model(ckpt, "infinitehip")
+    infinitehip.hf.set_config(first, "tiny")
+    first_cache = infinitehip.hf.HiPCache(first)
+    later_cache = infinitehip.hf.HiPCache(later)
+    attention = later.model.layers[0].self_attn
+    try:
+        infinitehip.hf.set_config(None, "tiny")
+        resolved = infinitehip.hf._module_config
+        assert resolved(attention) == resolved(first.model.layers[0].self_attn)
+        with torch.no_grad():
+            torch.testing.assert_close(later(tokens, past_key_values=later_cache).logits,
+                                       first(tokens, past_key_values=first_cache).logits, atol=1e-5, rtol=0)
+    finally:
+        infinitehip.hf.set_config(None, "paper")
+    for model in (first, later):
+        assert infinitehip.hf._module_config(model.model.layers[0].self_attn).model_context_length == 256
+    infinitehip.hf.set_config(later, HiPConfig.preset("tiny", model_context_length=100))
+    assert infinitehip.hf._module_config(attention).model_context_length == 100
+
+
+def test_hip_cache_leaves_layers_without_rope_unrotated():
+    """SmolLM3 (and Llama 4) skip RoPE in some layers (no_rope_layers): HiPCache rotated them
+    inside attention all the same, 3.6 off eager within sink + window, silently."""
+    import transformers
+
+    cfg = transformers.SmolLM3Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                     initializer_range=0.2, no_rope_layers=[1, 0])   # layer 1: no RoPE
+    torch.manual_seed(0)
+    eager = transformers.SmolLM3ForCausalLM(cfg).eval()
+    ours = transformers.SmolLM3ForCausalLM(cfg).eval()
+    ours.load_state_dict(eager.state_dict())
+    ours.set_attn_implementation("infinitehip")
+    tokens = torch.randint(3, 300, (1, 60), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got = ours(tokens, past_key_values=infinitehip.hf.HiPCache(ours)).logits
+        torch.testing.assert_close(got, eager(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_hip_cache_refuses_a_cache_made_for_another_model(ckpt):
+    """A HiPCache made for one model and passed to another ran that model's keys rotated by
+    transformers and no rotation in attention: the drop-in without adaptive RoPE, silently."""
+    one, other = hf_model(ckpt, "infinitehip"), hf_model(ckpt, "infinitehip")
+    cache = infinitehip.hf.HiPCache(one)
+    with torch.no_grad(), pytest.raises(ValueError, match="made for another model.*HiPCache\\(model\\)"):
+        other(torch.randint(3, 300, (1, 20)), past_key_values=cache)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "longrope", "gpt-neox"])
+def test_hip_cache_refuses_rope_it_cannot_take_over_before_changing_the_model(kind):
+    """Dynamic NTK and LongRoPE were refused with RoPE.from_hf's "rope type ... is not supported",
+    which named no way on; GPT-NeoX (partial rotary) failed with an AttributeError (no head_dim).
+    Each now says HiPCache cannot take over the rotation and to use the drop-in without it, and
+    the model still runs as before."""
+    import transformers
+
+    base = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256)
+    if kind == "gpt-neox":
+        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**base))
+    else:
+        rope = {"rope_type": kind, "factor": 2.0, "rope_theta": 10000.0} if kind == "dynamic" else {
+            "rope_type": kind, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "factor": 2.0,
+            "original_max_position_embeddings": 128, "rope_theta": 10000.0}
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base, rope_parameters=rope))
+    model.eval().set_attn_implementation("infinitehip")
+    tokens = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before = model(tokens).logits
+        with pytest.raises(ValueError, match="HiPCache cannot take over.*drop-in without"):
+            infinitehip.hf.HiPCache(model)
+        torch.testing.assert_close(model(tokens).logits, before, atol=0, rtol=0)

@@ -18,6 +18,7 @@ For all of InfiniteHiP (paged cache, CUDA graphs, offload) use ``infinitehip.loa
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -50,16 +51,18 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    config = getattr(module, "_hip_config", None)
-    if config is None:
-        n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", 1)
-        config = _default.for_layer(getattr(module, "layer_idx", 0) or 0, n_layers)
+    cache = _cache_of(module, key)
+    if cache is not None and not hasattr(module, "_hip_rope"):
+        # This model's keys were rotated by transformers: attention would add no rotation of its
+        # own, and the cache would silently run the drop-in without adaptive RoPE.
+        raise ValueError("this HiPCache was made for another model: make one for the model it is passed to, "
+                         "infinitehip.hf.HiPCache(model)")
+    config = _module_config(module)
     q = query.transpose(1, 2)                                            # (B, Tq, H, D)
     k = key.transpose(1, 2).contiguous()                                 # (B, Tk, K, D)
     v = value.transpose(1, 2).contiguous()
     # A static cache: the slots past each row's last query hold nothing yet.
     lens = upto.to(k.device) if upto is not None and bool((upto < k.shape[1]).any()) else None
-    cache = _cache_of(module, key)
     keys = k.shape[1] if lens is None else int(lens.max())
     mask, stage, step = cache.reuse(module.layer_idx, config, q.shape[:2], keys) if cache else (None, 0, 0)
     out, mask = hip_attention(q, k, v, config=config, rope=getattr(module, "_hip_rope", None), scale=scaling,
@@ -122,7 +125,8 @@ def _padded(mask: torch.Tensor, upto: torch.Tensor | None, tk: int, window: int 
 
 
 def set_config(model: torch.nn.Module | None = None, config: HiPConfig | str = "paper"):
-    """Use ``config`` (a HiPConfig or preset name) for ``model``'s layers, or for every model if None."""
+    """Use ``config`` (a HiPConfig or preset name) for ``model``'s layers, or, if None, for every
+    model not given its own. Read at each attention call: it takes effect at once, HiPCache or not."""
     global _default
     config = HiPConfig.preset(config) if isinstance(config, str) else config
     if not isinstance(config, HiPConfig):
@@ -131,7 +135,7 @@ def set_config(model: torch.nn.Module | None = None, config: HiPConfig | str = "
         _default = config
         return
     for m in _attention_modules(model):
-        m._hip_config = _layer_config(m, config)
+        m._hip_config = config
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -141,11 +145,22 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return attention
 
 
-def _layer_config(module: torch.nn.Module, config: HiPConfig) -> HiPConfig:
-    """``config`` for the module's layer; with un-rotated keys (``HiPCache``), positions are exact
-    up to the model's trained length, as ``infinitehip.load`` sets them."""
-    config = config.for_layer(module.layer_idx, module.config.num_hidden_layers)
-    context = getattr(module, "_hip_context", None)
+def _module_config(module: torch.nn.Module) -> HiPConfig:
+    """The config an attention call runs: the model's (``set_config(model, ...)``), else the
+    global default as it is now, resolved per call so that a later ``set_config`` -- before or
+    after a HiPCache was made, for the model or for all -- takes effect."""
+    n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", 1)
+    return _layer_config(getattr(module, "_hip_config", None) or _default, getattr(module, "layer_idx", 0) or 0,
+                         n_layers, getattr(module, "_hip_context", None))
+
+
+@functools.lru_cache(maxsize=1024)
+def _layer_config(config: HiPConfig, layer: int, n_layers: int, context: int | None) -> HiPConfig:
+    """``config`` for one layer; with un-rotated keys (``HiPCache``: ``context`` is the model's
+    trained length), positions are exact up to the trained length, as ``infinitehip.load`` sets
+    them, unless the config names its own ``model_context_length``. Cached: one call per layer
+    per step."""
+    config = config.for_layer(layer, n_layers)
     if context and config.model_context_length is None:
         config = config.replace(model_context_length=context)
     return config
@@ -174,8 +189,8 @@ class HiPCache(DynamicCache):
       within the trained length, beyond it as the config's ``rope_*`` modes say), so the model
       reads past its trained context.
     - Each layer's **sparse mask is reused** across decode steps (one token a call), its stages
-      rerun by the config's ``refresh_intervals``; a prefill, a dense call or any change of the
-      rows (beam reordering, crop, batch selection) prunes from scratch next.
+      rerun by the config's ``refresh_intervals``; beam reordering and batch selection move each
+      row's mask with its keys; a prefill, a dense call or a crop prunes from scratch next.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -203,18 +218,39 @@ class HiPCache(DynamicCache):
         # query (the prompt's mask pooled a whole query block), as infinitehip.load's decode does.
         self._masks[layer] = _LayerMask(mask if tq == 1 else None, step, rows, keys)
 
+    def reset(self):
+        self._masks.clear()    # a new sequence: nothing to reuse
+        super().reset()
 
-def _forgets_masks(name: str):
-    def method(self, *args, **kwargs):
-        self._masks.clear()    # the rows or their keys changed: the masks no longer describe them
-        return getattr(DynamicCache, name)(self, *args, **kwargs)
-    method.__name__ = name
-    return method
+    def crop(self, tokens_to_remove: int):
+        # Keys dropped (assisted decoding's rejected draft): the masks no longer describe them. A
+        # crop(0) drops none (transformers calls it every step where it defers the stop check).
+        if tokens_to_remove:
+            self._masks.clear()
+        super().crop(tokens_to_remove)
 
+    # Row selections move each row's mask with its keys, so beam search (a reordering every step)
+    # keeps reusing masks by the refresh schedule instead of pruning from scratch every step.
+    def reorder_cache(self, beam_idx: torch.Tensor):
+        self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        super().reorder_cache(beam_idx)
 
-for _name in ("reset", "crop", "reorder_cache", "batch_repeat_interleave", "batch_select_indices"):
-    if hasattr(DynamicCache, _name):
-        setattr(HiPCache, _name, _forgets_masks(_name))
+    def batch_repeat_interleave(self, repeats: int):
+        self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._select_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+        super().batch_select_indices(indices)
+
+    def _select_rows(self, pick):
+        """Each layer's mask after ``pick`` (rows of a (B, ...) tensor -> the new rows)."""
+        for layer in self._masks.values():
+            layer.rows = len(pick(torch.arange(layer.rows)))
+            if layer.mask is not None:
+                m = layer.mask
+                layer.mask = HiPMask(pick(m.starts), tuple(None if t is None else pick(t) for t in m.stage_inputs),
+                                     None if m.w0 is None else pick(m.w0))
 
 
 def _cache_of(module: torch.nn.Module, key: torch.Tensor) -> HiPCache | None:
@@ -247,8 +283,7 @@ def _unrotate(model: torch.nn.Module):
                          "only their window): use the drop-in without it, or infinitehip.load")
     cfg = config.get_text_config().to_dict()
     attention = _attention_modules(model)
-    rope = RoPE.from_hf(cfg, attention[0].head_dim)          # an unsupported rope type: a clear error
-    _check_same_rope(rotary, rope, cfg)
+    rope = _rope_of(cfg, _head_dim(attention[0], cfg), rotary)
     original = rotary.forward
 
     def forward(x, position_ids, *args, **kwargs):
@@ -259,25 +294,54 @@ def _unrotate(model: torch.nn.Module):
 
     rotary.forward, rotary._hip_identity = forward, True
     for m in attention:
-        m._hip_rope, m._hip_context = rope, trained_context(cfg)
-        m._hip_config = _layer_config(m, getattr(m, "_hip_config", None) or _default)
+        # A layer without position embeddings (SmolLM3's and Llama 4's no_rope_layers: use_rope
+        # False) got no rotation from transformers and gets none inside either.
+        m._hip_rope = rope if getattr(m, "use_rope", True) else None
+        m._hip_context = trained_context(cfg)
 
 
-def _check_same_rope(rotary: torch.nn.Module, rope: RoPE, cfg: dict):
-    """Our rotation must be the model's, or un-rotated keys would be rotated wrongly."""
-    device = next(iter(rotary.buffers()), torch.empty(0)).device
+def _head_dim(module: torch.nn.Module, cfg: dict) -> int:
+    """The attention heads' size: the module's (``head_dim``; GPT-NeoX's ``head_size``), else the config's."""
+    for size in (getattr(module, "head_dim", None), getattr(module, "head_size", None), cfg.get("head_dim")):
+        if size:
+            return int(size)
+    return cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def _rope_of(cfg: dict, head_dim: int, rotary: torch.nn.Module) -> RoPE:
+    """The RoPE attention applies in place of the model's rotary embedding, checked to be the
+    same rotation; on the rotary embedding's device (not copied there at every call)."""
+    try:
+        rope = RoPE.from_hf(cfg, head_dim)
+        why = _differs(rotary, rope, cfg)
+    except ValueError as e:   # a rope type infinitehip lacks (dynamic, longrope), partial rotary, ...
+        why = str(e)
+    if why:
+        raise ValueError(f"HiPCache cannot take over this model's rotary embedding: {why}. Use the drop-in "
+                         "without HiPCache (transformers rotates the keys, at exact positions)")
+    return RoPE(rope.inv_freq.to(_device_of(rotary)), rope.attention_scaling)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(iter(module.buffers()), torch.empty(0)).device
+
+
+def _differs(rotary: torch.nn.Module, rope: RoPE, cfg: dict) -> str | None:
+    """How the model's rotation differs from ours, if it does (un-rotated keys would be rotated wrongly)."""
+    device = _device_of(rotary)
     pos = torch.tensor([[0, 1, 5, 100, 1000, 4095]], device=device)
     cos, sin = rotary(torch.zeros(1, dtype=torch.float32, device=device), pos)     # (1, P, D)
+    if cos.shape[-1] != rope.head_dim:   # transformers 5 keeps partial_rotary_factor in rope_parameters
+        return (f"it rotates {cos.shape[-1]} of the head's {rope.head_dim} dims (partial rotary); infinitehip "
+                "rotates all")
     ours = rope.cos_sin(pos)                                                        # (1, P, D/2) each
     half = rope.head_dim // 2
-    if cos.shape[-1] != rope.head_dim or not all(
-            torch.allclose(theirs[..., :half].float().cpu(), mine.cpu(), atol=1e-4)
-            and torch.allclose(theirs[..., half:].float().cpu(), mine.cpu(), atol=1e-4)
-            for theirs, mine in ((cos, ours[0]), (sin, ours[1]))):
-        kind = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}.get("rope_type", "default")
-        raise ValueError(f"this model's rotary embedding (rope type {kind!r}) differs from the RoPE infinitehip "
-                         "computes from its config, so HiPCache cannot take over the rotation: use the drop-in "
-                         "without it")
+    if all(torch.allclose(theirs[..., :half].float().cpu(), mine.cpu(), atol=1e-4)
+           and torch.allclose(theirs[..., half:].float().cpu(), mine.cpu(), atol=1e-4)
+           for theirs, mine in ((cos, ours[0]), (sin, ours[1]))):
+        return None
+    kind = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}.get("rope_type", "default")
+    return f"it (rope type {kind!r}) differs from the RoPE infinitehip computes from the config"
 
 
 def _register():
