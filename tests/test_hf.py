@@ -226,8 +226,9 @@ def test_hip_cache_prunes_from_scratch_after_a_prefill_a_crop_or_skipped_keys(ck
         ours(tokens[:, :1], past_key_values=cache)
         assert [m.step for m in cache._masks.values()] == [0, 0]
         assert cache.reuse(0, HiPConfig.preset("tiny"), (2, 1), 303)[1:] == (0, 0)   # keys skipped
-        cache.reset()
-        assert not cache._masks and cache.get_seq_length() == 0
+        assert cache._masks
+        cache.reset()   # what reset does to the keys is transformers' (5.17 zeroes them, 5.24 drops them)
+        assert not cache._masks
 
 
 def test_hip_cache_moves_masks_with_reordered_rows(ckpt):
