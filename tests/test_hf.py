@@ -257,6 +257,39 @@ def test_hip_cache_moves_masks_with_reordered_rows(ckpt):
         assert [m.step for m in beams._masks.values()] == [4, 4]   # 5 decode steps, the last kept step 4
 
 
+def test_hip_cache_writes_decode_steps_in_place(ckpt):
+    """transformers' DynamicLayer concatenates: every decode step copied the layer's whole cache
+    (and attention copied the keys again), O(context) bytes a step where sparse attention reads a
+    few thousand keys. HiPCache's layers keep (B, capacity, K, D) buffers grown by half when
+    full: a step writes its row, attention reads a view of the buffer, and the keys and values
+    are those a DynamicCache holds after the same calls (all of layer 0's; the prompt's in every
+    layer: the decode steps' attention differs, the DynamicCache's pruning from scratch)."""
+    from transformers import DynamicCache
+
+    ours = hf_model(ckpt, "infinitehip")
+    infinitehip.hf.set_config(ours, "tiny")
+    cache = infinitehip.hf.HiPCache(ours)
+    plain = DynamicCache()   # made after the HiPCache: un-rotated keys too
+    tokens = torch.randint(3, 300, (1, 520), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        for c in (cache, plain):
+            ours(tokens[:, :500], past_key_values=c)
+        layer = cache.layers[0]
+        buffer = layer._k.data_ptr()
+        assert layer._k.shape[1] == 512 and layer.keys.data_ptr() == buffer
+        for t in range(500, 520):
+            for c in (cache, plain):
+                ours(tokens[:, t:t + 1], past_key_values=c)
+            if t < 511:   # 512 keys fit: written in place
+                assert layer._k.data_ptr() == buffer and layer.keys.data_ptr() == buffer
+        assert layer._k.shape[1] == 768 and layer.keys.data_ptr() == layer._k.data_ptr()   # grown by half
+    assert cache.get_seq_length() == plain.get_seq_length() == 520
+    for i, (mine, theirs) in enumerate(zip(cache.layers, plain.layers)):
+        n = 520 if i == 0 else 500
+        assert torch.equal(mine.keys[:, :, :n], theirs.keys[:, :, :n])
+        assert torch.equal(mine.values[:, :, :n], theirs.values[:, :, :n])
+
+
 def test_hip_cache_keeps_short_contexts_exact_and_other_implementations_working(ckpt):
     """Within sink + window the rotation moved into attention changes nothing (generate == eager);
     switching the model to eager afterwards rotates as transformers does again."""
@@ -283,6 +316,25 @@ def test_hip_cache_refuses_what_it_cannot_reproduce(ckpt, tmp_path):
         infinitehip.hf.HiPCache(odd)
     with torch.no_grad():   # refused before anything changed: the model still runs as it did
         odd(torch.randint(3, 300, (1, 20)))
+    # .to(bfloat16) casts RoPE's frequencies too (from_pretrained(dtype=...) keeps them float32): the
+    # model's rotation is no longer its config's, and the error says how to load it instead.
+    with pytest.raises(ValueError, match=r"inv_freq\) are torch.bfloat16.*from_pretrained\(\.\.\., dtype=\.\.\.\)"):
+        infinitehip.hf.HiPCache(hf_model(ckpt, "infinitehip").to(torch.bfloat16))
+
+
+def test_hip_cache_takes_the_models_own_frequencies_within_rounding(ckpt):
+    """Computed on a GPU (float32 pow) a model's RoPE frequencies can be an ulp off those computed
+    here from its config (float64): at position 4K the angles differ by 5e-4, and HiPCache refused
+    every such model (an H200, transformers 5.17). Within rounding it takes the model's own, so
+    attention rotates exactly as the model would have."""
+    eager, ours = hf_model(ckpt), hf_model(ckpt, "infinitehip")
+    for m in (eager, ours):
+        f = m.model.rotary_emb.inv_freq
+        f.copy_(torch.nextafter(f, torch.full_like(f, 2.0)))
+    tokens = torch.randint(3, 300, (1, 120), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        got = ours(tokens, past_key_values=infinitehip.hf.HiPCache(ours)).logits
+        torch.testing.assert_close(got, eager(tokens).logits, atol=1e-4, rtol=0)
 
 
 def test_set_config_takes_effect_after_a_hip_cache_was_made(ckpt):
