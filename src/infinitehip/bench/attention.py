@@ -286,8 +286,10 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="infinitehip bench attention", description=__doc__.split("\n")[0])
     p.add_argument("--decode", type=parse_contexts, default="16K,32K,64K,128K,512K,1M,2M,3M",
                    help=f"decode contexts: {CONTEXTS_HELP}")
-    p.add_argument("--prefill", type=parse_contexts, default="8K,16K,32K,64K,128K", help="one-call prefill contexts")
-    p.add_argument("--chunked", type=parse_contexts, default="1M", help="chunked-prefill prompt lengths")
+    p.add_argument("--prefill", type=parse_contexts, default="8K,16K,32K,64K,128K",
+                   help="one-call prefill contexts (as --decode; '' = none)")
+    p.add_argument("--chunked", type=parse_contexts, default="1M",
+                   help="chunked-prefill prompt lengths (as --decode; '' = none)")
     p.add_argument("--chunk", type=int, default=16 * K_, help="queries per prefill chunk")
     p.add_argument("--layers", type=int, default=8,
                    help="decode is also timed per call inside a graph of this many layers' calls (1: not)")

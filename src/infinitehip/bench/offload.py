@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None):
                    help=f"Contexts: {CONTEXTS_HELP}; 'max' = the longest that fits (default 256K,1M,max; "
                    "--quick: 1024,2048).")
     p.add_argument("--on-gpu-contexts", type=parse_contexts, default="256K",
-                   help="Contexts that also run all-on-GPU (same run; '' = none).")
+                   help="Contexts that also run all-on-GPU (same run; default 256K; '' = none).")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--warm", type=int, default=33, help="Untimed decode steps (at least one refresh cycle + 1 "
                    "with CUDA graphs: every stage's graph is captured before the timing).")
