@@ -58,8 +58,11 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     q = query.transpose(1, 2)                                            # (B, Tq, H, D)
     k = key.transpose(1, 2)                # (B, Tk, K, D): HiPCache's buffer, read in place
     v = value.transpose(1, 2)
-    # A static cache: the slots past each row's last query hold nothing yet.
-    lens = upto.to(k.device) if upto is not None and bool((upto < k.shape[1]).any()) else None
+    # A static cache: the slots past each row's last query hold nothing yet. A HiPCache holds just
+    # the keys written, so its steps skip the check (a host sync per layer, which kept the CPU
+    # from queueing the next layer's launches while the GPU ran this one's).
+    static = cache is None and upto is not None and bool((upto < k.shape[1]).any())
+    lens = upto.to(k.device) if static else None
     keys = k.shape[1] if lens is None else int(lens.max())
     mask, stage, step = cache.reuse(module.layer_idx, config, q.shape[:2], keys) if cache else (None, 0, 0)
     out, mask = hip_attention(q, k, v, config=config, rope=getattr(module, "_hip_rope", None), scale=scaling,
