@@ -227,8 +227,8 @@ def test_hip_cache_prunes_from_scratch_after_a_prefill_a_crop_or_skipped_keys(ck
         assert [m.step for m in cache._masks.values()] == [0, 0]
         assert cache.reuse(0, HiPConfig.preset("tiny"), (2, 1), 303)[1:] == (0, 0)   # keys skipped
         assert cache._masks
-        cache.reset()   # what reset does to the keys is transformers' (5.17 zeroes them, 5.24 drops them)
-        assert not cache._masks
+        cache.reset()
+        assert not cache._masks and cache.get_seq_length() == 0
 
 
 def test_hip_cache_moves_masks_with_reordered_rows(ckpt):
@@ -289,6 +289,66 @@ def test_hip_cache_writes_decode_steps_in_place(ckpt):
         assert torch.equal(mine.keys[:, :, :n], theirs.keys[:, :, :n])
         assert torch.equal(mine.values[:, :, :n], theirs.values[:, :, :n])
 
+
+
+def test_hip_cache_buffers_stay_sized_to_their_keys_under_beam_search(ckpt):
+    """Beam search replaces each layer's keys by a reordered copy every step, and each such copy was
+    taken into buffers half again as large as the last: 20 steps of num_beams=2 held 920K rows for
+    79 keys (at the 8B shape, hundreds of GB). A copy is taken into buffers sized to it; only full
+    buffers that are still written in place grow by half. Batch selections and a crop to nothing
+    likewise."""
+    eager, ours = hf_model(ckpt), hf_model(ckpt, "infinitehip")
+    tokens = torch.randint(3, 300, (1, 60), generator=torch.Generator().manual_seed(14))
+    gen = dict(max_new_tokens=20, min_new_tokens=20, num_beams=2, num_return_sequences=2, do_sample=False)
+    cache = infinitehip.hf.HiPCache(ours)
+    with torch.no_grad():   # within sink + window: exact
+        assert torch.equal(ours.generate(tokens, past_key_values=cache, **gen), eager.generate(tokens, **gen))
+        assert [layer._k.shape[:2] for layer in cache.layers] == [(2, 256)] * 2
+        cache.batch_select_indices(torch.tensor([1]))
+        ours(tokens[:, :1], past_key_values=cache)
+        cache.crop(-cache.get_seq_length())
+        ours(tokens[:, :1], past_key_values=cache)
+    assert [layer._k.shape[:2] for layer in cache.layers] == [(1, 256)] * 2
+
+
+def test_hip_cache_reset_drops_the_keys_under_transformers_5_17(ckpt, monkeypatch):
+    """transformers 5.17's DynamicLayer had no reset of its own: the base class zeroed the keys in
+    place and kept their length, so after HiPCache.reset ("a new sequence") the next prompt followed
+    that many zero keys and attended them, silently. HiPCache's layers drop them on any version."""
+    from transformers.cache_utils import DynamicLayer
+
+    if "reset" in vars(DynamicLayer):   # 5.24's own reset gone: as in 5.17
+        monkeypatch.delattr(DynamicLayer, "reset")
+    ours = hf_model(ckpt, "infinitehip")
+    tokens = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(15))
+    cache = infinitehip.hf.HiPCache(ours)
+    with torch.no_grad():
+        ours(tokens[:, 20:], past_key_values=cache)
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        got = ours(tokens, past_key_values=cache).logits
+        torch.testing.assert_close(got, ours(tokens, past_key_values=infinitehip.hf.HiPCache(ours)).logits,
+                                   atol=0, rtol=0)
+
+
+def test_hip_cache_keeps_a_hybrid_models_other_layers():
+    """LFM2 (conv and attention layers, full RoPE): HiPCache replaced every layer of transformers'
+    cache with its growing attention layer, and the conv layers' state went with it (ValueError:
+    "Cannot get conv state"). Only the plain attention layers are replaced; generate == eager."""
+    import transformers
+
+    cfg = transformers.Lfm2Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  layer_types=["conv", "full_attention"])
+    torch.manual_seed(0)
+    eager = transformers.Lfm2ForCausalLM(cfg).eval()
+    ours = transformers.Lfm2ForCausalLM(cfg).eval()
+    ours.load_state_dict(eager.state_dict())
+    ours.set_attn_implementation("infinitehip")
+    tokens = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        got = ours.generate(tokens, past_key_values=infinitehip.hf.HiPCache(ours), max_new_tokens=5, do_sample=False)
+        assert torch.equal(got, eager.generate(tokens, max_new_tokens=5, do_sample=False))
 
 def test_hip_cache_keeps_short_contexts_exact_and_other_implementations_working(ckpt):
     """Within sink + window the rotation moved into attention changes nothing (generate == eager);

@@ -42,8 +42,9 @@ class _GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, t = self.get_seq_length(), key_states.shape[-2]
-        if not self._viewed(n) or n + t > self._k.shape[1]:
-            self._regrow(key_states, value_states, n, n + t)
+        viewed = self._viewed(n)
+        if not viewed or n + t > self._k.shape[1]:
+            self._regrow(key_states, value_states, n, n + t, full=viewed)
         self._k[:, n:n + t] = key_states.transpose(1, 2)
         self._v[:, n:n + t] = value_states.transpose(1, 2)
         self.keys, self.values = self._k[:, :n + t].transpose(1, 2), self._v[:, :n + t].transpose(1, 2)
@@ -56,9 +57,15 @@ class _GrowingLayer(DynamicLayer):
                 and self.values.data_ptr() == self._v.data_ptr() and self.keys.shape[0] == k.shape[0]
                 and self.keys.stride() == k.transpose(1, 2).stride())
 
-    def _regrow(self, key_states, value_states, n: int, need: int):
-        old = getattr(self, "_k", None)
-        capacity = -(-max(need, 0 if old is None else old.shape[1] * 3 // 2) // 256) * 256
+    def _regrow(self, key_states, value_states, n: int, need: int, full: bool):
+        """New buffers holding the first n keys and values with room for ``need``: grown by half when
+        the viewed ones are full, else (the first call, keys that transformers replaced: a beam
+        reordering every step) sized to need. Growing those by half too compounded: 20 steps of
+        num_beams=2 made 920K rows for 79 keys."""
+        capacity = -(-max(need, self._k.shape[1] * 3 // 2 if full else 0) // 256) * 256
+        # Let go before the new ones are made: a replaced copy's old buffers are freed here (full
+        # ones stay alive through the keys viewing them, for the copy below).
+        self._k = self._v = None
         b, heads, _, d = (self.keys if n else key_states).shape
         self._k = key_states.new_empty(b, capacity, heads, d)
         self._v = value_states.new_empty(b, capacity, value_states.shape[1], value_states.shape[-1])
@@ -67,7 +74,10 @@ class _GrowingLayer(DynamicLayer):
             self._v[:, :n] = self.values.transpose(1, 2)
 
     def reset(self):
-        self._k = self._v = None
+        # Dropped, as transformers 5.24's DynamicLayer does; 5.17's zeroed them in place and kept
+        # their length, so the next prompt followed that many zero keys, attended silently.
+        self._k = self._v = self.keys = self.values = None
+        self.is_initialized = False
         super().reset()
 
 
@@ -90,7 +100,9 @@ class HiPCache(DynamicCache):
     def __init__(self, model: torch.nn.Module):
         unrotate(model)
         super().__init__(config=model.config)
-        self.layers = [_GrowingLayer() for _ in self.layers]   # unrotate refused sliding layers
+        # Only the plain full-attention layers (unrotate refused sliding ones): a hybrid model's conv or
+        # linear-attention layers (LFM2's) keep their own class, which holds their state.
+        self.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
         if getattr(self, "layer_class_to_replicate", None) is not None:   # layers made lazily
             self.layer_class_to_replicate = _GrowingLayer
         self._masks: dict[int, _LayerMask] = {}
