@@ -48,18 +48,37 @@ def run(model, tokens: torch.Tensor, cache, steps: int) -> dict:
     return dict(prefill_s=prefill, decode_ms_per_token=1e3 * times[len(times) // 2])
 
 
+def profile_step(model, tokens: torch.Tensor, cache) -> str:
+    """torch.profiler's table (host and device time per op) of three decode steps after ``tokens``:
+    where an eager step's time goes (the drop-in's steps are bound by the host, docs/engine.md)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = model(tokens, past_key_values=cache, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(3):   # warm: the first steps compile / allocate
+        token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", type=parse_contexts, default="32K,128K")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--steps", type=int, default=34)
     p.add_argument("--out", type=Path, default=Path("dropin.json"))
+    p.add_argument("--profile", action="store_true",
+                   help="also write the profiler table of HiPCache decode steps at the last context (OUT.profile.txt)")
     a = p.parse_args()
     records = []
     base = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), layers=a.layers,
                 transformers=transformers.__version__, command="python scripts/bench_dropin.py " + " ".join(
                     f"--{k.replace('_', '-')} {v if k != 'contexts' else ','.join(map(str, v))}"
-                    for k, v in vars(a).items() if k != "out"))
+                    for k, v in vars(a).items() if k not in ("out", "profile")))
     for n in a.contexts:
         tokens = torch.randint(0, 32000, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(n))
         for name, attn in (("sdpa", "sdpa"), ("infinitehip", "infinitehip"), ("infinitehip+HiPCache", "infinitehip")):
@@ -74,6 +93,12 @@ def main() -> None:
             del model, cache
             torch.cuda.empty_cache()
     a.out.write_text(json.dumps(records, indent=1))
+    if a.profile:
+        model = model_of(a.layers, "infinitehip")
+        with torch.no_grad():
+            table = profile_step(model, tokens, infinitehip.hf.HiPCache(model))
+        a.out.with_suffix(".profile.txt").write_text(table)
+        print(table)
 
 
 if __name__ == "__main__":

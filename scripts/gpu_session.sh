@@ -27,6 +27,8 @@
 #              (SWEEP_DECODE="" skips decode)
 #   reuse      scripts/sweep_prune.py --reuse 128K: the mask-reuse decode step's launch settings, the selection kernel's warps
 #   gemv       scripts/sweep_gemv.py: decode's fused linear layers vs cuBLAS, per layer and launch, then a token's worth
+#   dropin     scripts/bench_dropin.py: the transformers drop-in (sdpa / infinitehip / + HiPCache) at 32K and 128K,
+#              4 layers of the 8B shape, and the profiler table of HiPCache decode steps (dropin.profile.txt)
 #   cache      bring Triton's compiled kernels back as $OUT/triton_cache.tgz (see below)
 #   ncu        Nsight Compute on that step's kernel (default settings, 2 launches), where the machine allows it
 #   ncu_prune  Nsight Compute on the pruning kernel, its three stages for a 16K-query prefill chunk at 128K
@@ -99,6 +101,8 @@ for s in "$@"; do
         reuse) step reuse 300 python scripts/sweep_prune.py --reuse 128K --decode "" --prefill "" \
                    --out "$OUT/sweep_reuse.json" ;;
         gemv) step gemv 400 python scripts/sweep_gemv.py --limit 6 --out "$OUT/sweep_gemv.json" ;;
+        dropin) step dropin 300 python scripts/bench_dropin.py --contexts 32K,128K --layers 4 --profile \
+                    --out "$OUT/dropin.json" ;;
         cache) export_cache=1 ;;
         ncu) step ncu 150 ncu --clock-control none -k regex:_bsa_kernel -c 2 --section SpeedOfLight \
                  --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
@@ -107,7 +111,7 @@ for s in "$@"; do
                        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
                        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                        python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, lag, engine_lag, attention, attention_pdl, stage0, engine, engine_all, engine_pdl, timeline, sweep, reuse, gemv, cache, ncu, ncu_prune)"; exit 2 ;;
+        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, lag, engine_lag, attention, attention_pdl, stage0, engine, engine_all, engine_pdl, timeline, sweep, reuse, gemv, dropin, cache, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"
