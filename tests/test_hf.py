@@ -331,6 +331,16 @@ def test_hip_cache_reset_drops_the_keys_under_transformers_5_17(ckpt, monkeypatc
                                    atol=0, rtol=0)
 
 
+def _eager_and_drop_in(model_class, cfg):
+    """Two models of ``model_class`` with the same random weights: eager attention and the drop-in."""
+    torch.manual_seed(0)
+    eager = model_class(cfg).eval()
+    ours = model_class(cfg).eval()
+    ours.load_state_dict(eager.state_dict())
+    ours.set_attn_implementation("infinitehip")
+    return eager, ours
+
+
 def test_hip_cache_keeps_a_hybrid_models_other_layers():
     """LFM2 (conv and attention layers, full RoPE): HiPCache replaced every layer of transformers'
     cache with its growing attention layer, and the conv layers' state went with it (ValueError:
@@ -340,11 +350,7 @@ def test_hip_cache_keeps_a_hybrid_models_other_layers():
     cfg = transformers.Lfm2Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                   layer_types=["conv", "full_attention"])
-    torch.manual_seed(0)
-    eager = transformers.Lfm2ForCausalLM(cfg).eval()
-    ours = transformers.Lfm2ForCausalLM(cfg).eval()
-    ours.load_state_dict(eager.state_dict())
-    ours.set_attn_implementation("infinitehip")
+    eager, ours = _eager_and_drop_in(transformers.Lfm2ForCausalLM, cfg)
     tokens = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(16))
     with torch.no_grad():
         got = ours.generate(tokens, past_key_values=infinitehip.hf.HiPCache(ours), max_new_tokens=5, do_sample=False)
@@ -431,11 +437,7 @@ def test_hip_cache_leaves_layers_without_rope_unrotated():
     cfg = transformers.SmolLM3Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                                      initializer_range=0.2, no_rope_layers=[1, 0])   # layer 1: no RoPE
-    torch.manual_seed(0)
-    eager = transformers.SmolLM3ForCausalLM(cfg).eval()
-    ours = transformers.SmolLM3ForCausalLM(cfg).eval()
-    ours.load_state_dict(eager.state_dict())
-    ours.set_attn_implementation("infinitehip")
+    eager, ours = _eager_and_drop_in(transformers.SmolLM3ForCausalLM, cfg)
     tokens = torch.randint(3, 300, (1, 60), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         got = ours(tokens, past_key_values=infinitehip.hf.HiPCache(ours)).logits
