@@ -46,7 +46,8 @@ from infinitehip.attention.stages import run_stages  # noqa: E402
 from infinitehip.cache.kv import KVCache  # noqa: E402
 from infinitehip.engine import DecodeState, decode_one_token  # noqa: E402
 from infinitehip.models.llama import AttentionCall  # noqa: E402
-from infinitehip.eval.runner import MAX_NEW_TOKENS, parse_length  # noqa: E402
+from infinitehip.lengths import parse_tokens  # noqa: E402
+from infinitehip.eval.runner import MAX_NEW_TOKENS  # noqa: E402
 from infinitehip.eval.tasks import TokenCounter, make_sample, score  # noqa: E402
 
 from diagnose_trace import Tracer, fixed_mask_concat, force_masks, print_trace, step_report  # noqa: E402
@@ -338,7 +339,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = infinitehip.load("builtin", device="cpu")
-    length = parse_length(a.length, model.hip.model_context_length)
+    length = parse_tokens(a.length, model.hip.model_context_length)
     variants = dict(parse_variant(v) for v in a.variants.split(",") + a.variant if v)
     cases = cases_for(model, a.tasks.split(","), length, [float(d) for d in a.depths.split(",")], a.samples, a.seed)
     t0 = time.time()

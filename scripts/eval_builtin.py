@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from infinitehip.assets import resolve_model_path  # noqa: E402
-from infinitehip.eval.runner import EvalSpec, device_name, engine_completer, parse_length, run_eval  # noqa: E402
+from infinitehip.lengths import parse_tokens  # noqa: E402
+from infinitehip.eval.runner import EvalSpec, device_name, engine_completer, run_eval  # noqa: E402
 from infinitehip.eval.tasks import TokenCounter  # noqa: E402
 from infinitehip.models import load  # noqa: E402
 
@@ -44,7 +45,7 @@ def main(argv=None):
         if a.time_limit and time.time() - t0 > a.time_limit:
             print(f"time limit: skipping length {length}", flush=True)
             continue
-        spec = EvalSpec(tuple(a.tasks.split(",")), (parse_length(length, trained),), tuple(completers),
+        spec = EvalSpec(tuple(a.tasks.split(",")), (parse_tokens(length, trained),), tuple(completers),
                         tuple(float(d) for d in a.depths.split(",")), a.samples, a.seed)
 
         def keep(r):

@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import infinitehip  # noqa: E402
-from infinitehip.eval.runner import EvalSpec, device_name, engine_completer, parse_length, run_eval, summarize  # noqa: E402
+from infinitehip.lengths import parse_tokens  # noqa: E402
+from infinitehip.eval.runner import EvalSpec, device_name, engine_completer, run_eval, summarize  # noqa: E402
 from infinitehip.eval.tasks import TokenCounter  # noqa: E402
 
 VARIANTS = {
@@ -64,7 +65,7 @@ def main(argv=None):
     base = model.hip
     counter = TokenCounter(lambda s: model.tokenizer.encode(s, add_special_tokens=False))
     trained = base.model_context_length
-    spec = EvalSpec(tuple(a.tasks.split(",")), (parse_length(a.length, trained),), ("hip",), samples=a.samples,
+    spec = EvalSpec(tuple(a.tasks.split(",")), (parse_tokens(a.length, trained),), ("hip",), samples=a.samples,
                     seed=a.seed)
     command = "python scripts/sweep_builtin.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = []

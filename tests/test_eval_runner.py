@@ -8,18 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from infinitehip.cli import app
-from infinitehip.eval.runner import EvalSpec, endpoint_completer, parse_length, run_eval
+from infinitehip.eval.runner import EvalSpec, endpoint_completer, run_eval
 from infinitehip.eval.tasks import TokenCounter
 
 FIELDS = {"task", "method", "length", "length_over_trained", "depth", "accuracy", "samples", "model", "device", "date"}
-
-
-def test_parse_length():
-    assert parse_length("4096", None) == 4096
-    assert parse_length("8k", None) == 8192
-    assert parse_length("32x", 512) == 16384
-    with pytest.raises(ValueError):
-        parse_length("2x", None)
 
 
 def test_eval_of_a_missing_model_says_so(tmp_path):

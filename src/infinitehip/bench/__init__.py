@@ -5,9 +5,10 @@ import argparse
 import re
 import sys
 import time
-from fractions import Fraction
 
 import torch
+
+from ..lengths import LENGTHS_HELP, parse_tokens
 
 _BENCHMARKS = ("attention", "engine", "offload")
 
@@ -26,9 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     run(argv[1:])
 
 
-_CONTEXT = re.compile(r"(\d+(?:\.\d+)?)([km]?)", re.IGNORECASE)     # 131072, 128K, 1m, 1.5M
-_SCALE = {"": 1, "k": 1024, "m": 1024 * 1024}
-CONTEXTS_HELP = "token counts, comma-separated: 131072, 128K or 1m (K = 1024, M = 1024 * 1024)"
+CONTEXTS_HELP = LENGTHS_HELP.replace("token counts:", "token counts, comma-separated:")
 
 
 def parse_contexts(text: str, *, allow_max: bool = False) -> list:
@@ -37,15 +36,14 @@ def parse_contexts(text: str, *, allow_max: bool = False) -> list:
     ``allow_max``: the word 'max' too, kept as is (bench offload: the longest context that fits)."""
     out = []
     for item in (x.strip() for x in text.split(",")) if text.strip() else ():
-        m = _CONTEXT.fullmatch(item)
-        n = Fraction(m.group(1)) * _SCALE[m.group(2).lower()] if m else Fraction(0)   # exact: 1.5M, not 1.1K
         if allow_max and item.lower() == "max":
             out.append("max")
-        elif n >= 1 and n.denominator == 1:   # 0 or -1 reached the GPU run (an empty slice, a negative size)
-            out.append(int(n))
-        else:   # argparse prints it after the flag's name: "argument --contexts: '128x': positive ..."
+            continue
+        try:
+            out.append(parse_tokens(item))
+        except ValueError:   # argparse prints it after the flag's name: "argument --contexts: '128x': positive ..."
             also = ", or 'max'" if allow_max else ""
-            raise argparse.ArgumentTypeError(f"{text!r}: positive {CONTEXTS_HELP}{also}")
+            raise argparse.ArgumentTypeError(f"{text!r}: positive {CONTEXTS_HELP}{also}") from None
     return out
 
 

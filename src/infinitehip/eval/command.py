@@ -12,8 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..assets import resolve_model_path
+from ..lengths import parse_tokens
 from .runner import (METHODS, EvalSpec, device_name, endpoint_completer, engine_completer, n_completions,
-                     parse_length, run_eval, summarize)
+                     run_eval, summarize)
 from .tasks import TokenCounter
 
 
@@ -68,7 +69,7 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
     # The served id is the directory's name (what `serve` lists under /v1/models).
     name = "builtin" if model == "builtin" else (Path(model_dir).name if Path(model_dir).is_dir() else model)
     trained = _trained_context(model_dir)
-    spec = EvalSpec(tuple(tasks), tuple(parse_length(x, trained) for x in lengths), tuple(methods),
+    spec = EvalSpec(tuple(tasks), tuple(parse_tokens(x, trained) for x in lengths), tuple(methods),
                     tuple(depths), samples, seed)
     _results_folder(out)   # the arguments checked: before the model is loaded and the prompts answered
     if endpoint:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import platform
 import time
 import urllib.error
@@ -51,32 +50,6 @@ class EvalSpec:
             raise ValueError(f"depths must be in [0, 1], got {self.depths}")
         if self.samples < 1 or any(n < 64 for n in self.lengths):
             raise ValueError("need samples >= 1 and every length >= 64 tokens")
-
-
-def parse_length(text: str, trained: int | None) -> int:
-    """'4096', '8k', '1m', or '32x' (times the trained context) -> tokens."""
-    t = text.strip().lower()
-    if t.endswith("x"):
-        if not trained:
-            raise ValueError(f"length {text!r} is relative to the trained context, which is unknown here")
-        return int(_length_number(text, t[:-1]) * trained)
-    mult = {"k": 1024, "m": 1024 ** 2}.get(t[-1:], 1)
-    n = _length_number(text, t[:-1] if mult > 1 else t) * mult
-    if n != int(n):
-        raise ValueError(f"length {text!r} is not a whole number of tokens")
-    return int(n)
-
-
-def _length_number(text: str, digits: str) -> float:
-    """The number of a length, or an error that says how to write one (not float()'s)."""
-    try:
-        x = float(digits)
-    except ValueError:
-        x = float("nan")
-    if not math.isfinite(x):
-        raise ValueError(f"length {text!r} is not a length: write tokens (8192, 8k, 1m) or a multiple of the "
-                         "trained context (32x)")
-    return x
 
 
 def engine_completer(model, method: str, chunk_size: int = 4096) -> Callable[[str, int], str]:
@@ -167,5 +140,5 @@ def device_name(model=None) -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-__all__ = ["EvalSpec", "METHODS", "MULTI_ANSWER", "parse_length", "engine_completer", "endpoint_completer",
+__all__ = ["EvalSpec", "METHODS", "MULTI_ANSWER", "engine_completer", "endpoint_completer",
            "run_eval", "summarize", "n_completions", "device_name"]
