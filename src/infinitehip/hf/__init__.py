@@ -40,8 +40,7 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     preallocated (static) cache, which passes no mask, the keys up to the last query's position
     (``position_ids``). Returns ((B, Tq, H, D), None).
     """
-    upto = _keys_upto(kwargs.get("position_ids"), query.shape[0])
-    _check_supported(module, attention_mask, dropout, kwargs, key.shape[2], upto)
+    _check_supported(module, attention_mask, dropout, kwargs, query.shape[0], key.shape[2])
     if kwargs.get("sliding_window"):
         # transformers' cache keeps only a sliding layer's window, so its decode steps could not see
         # more: the layer attends as sdpa does (densely within the window, which bounds its cost).
@@ -60,8 +59,10 @@ def infinitehip_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     v = value.transpose(1, 2)
     # A static cache: the slots past each row's last query hold nothing yet. A HiPCache holds just
     # the keys written, so its steps skip the check (a host sync per layer, which kept the CPU
-    # from queueing the next layer's launches while the GPU ran this one's).
-    static = cache is None and upto is not None and bool((upto < k.shape[1]).any())
+    # from queueing the next layer's launches while the GPU ran this one's) and the few launches
+    # that find each row's last position.
+    upto = None if cache is not None else _keys_upto(kwargs.get("position_ids"), query.shape[0])
+    static = upto is not None and bool((upto < k.shape[1]).any())
     lens = upto.to(k.device) if static else None
     keys = k.shape[1] if lens is None else int(lens.max())
     mask, stage, step = cache.reuse(module.layer_idx, config, q.shape[:2], keys) if cache else (None, 0, 0)
@@ -79,7 +80,7 @@ def _keys_upto(pos: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     return (pos[:, -1].long() + 1).expand(batch)
 
 
-def _check_supported(module, attention_mask, dropout: float, kwargs: dict, tk: int, upto: torch.Tensor | None):
+def _check_supported(module, attention_mask, dropout: float, kwargs: dict, rows: int, tk: int):
     """What this function cannot reproduce is an error, not a silently different answer: logit
     soft-capping (Gemma 2), attention sinks, attention weights (output_attentions), bidirectional
     (encoder) attention, dropout while training, padded batches (a padded row's valid keys are not
@@ -97,12 +98,12 @@ def _check_supported(module, attention_mask, dropout: float, kwargs: dict, tk: i
                          "bidirectional (an encoder)")
     if module.training and dropout:   # a named parameter above: never in kwargs
         raise ValueError("attn_implementation='infinitehip' has no attention dropout: it is for inference (model.eval())")
-    if attention_mask is not None and attention_mask.dim() == 4 and _padded(attention_mask, upto, tk,
-                                                                             kwargs.get("sliding_window")):
+    pos = kwargs.get("position_ids")
+    if attention_mask is not None and attention_mask.dim() == 4 and _padded(attention_mask, _keys_upto(pos, rows),
+                                                                             tk, kwargs.get("sliding_window")):
         raise ValueError("attn_implementation='infinitehip' does not take padded batches (a row's padding would be "
                          "attended): give sequences of equal length, one per call, or use infinitehip.generate, "
                          "which batches prompts of any lengths")
-    pos = kwargs.get("position_ids")
     if pos is not None and pos.shape[-1] > 1 and bool((pos.diff(dim=-1) != 1).any()):
         raise ValueError("attn_implementation='infinitehip' does not take packed sequences (position_ids that restart "
                          "or jump within a row): its queries are the last keys of one sequence per row; give one "
