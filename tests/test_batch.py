@@ -169,6 +169,18 @@ def test_token_ids_outside_the_vocabulary_are_refused_at_add(model):
     rest, _ = drive(r, {})
     assert tokens + rest[running] == alone(model, prompt(30), SamplingParams(max_new_tokens=6, ignore_eos=True))
 
+
+def test_add_takes_integer_token_ids_only(model):
+    """int() made text "123" the ids [1, 2, 3] and cut 1.5 to 1: a request for another prompt, silently."""
+    r = runner(model)
+    for bad in ("123", [1.5, 2], 7):
+        with pytest.raises(ValueError, match="token ids \\(integers\\).*encode text first"):
+            r.add(bad, GREEDY)
+    assert r.n_waiting == 0
+    r.add(torch.tensor([5, 6, 7]), GREEDY)                   # an integer tensor's items still pass
+    assert r.n_waiting == 1
+
+
 def test_abort_drops_running_requests_and_keeps_waiting_ones(model):
     r = runner(model, max_batch=2)
     ids = [r.add(prompt(n), GREEDY) for n in (10, 20, 30)]

@@ -255,6 +255,29 @@ def test_sample_and_stop_checker_units():
             SamplingParams(**kw)
 
 
+def test_a_tiny_temperature_samples_the_top_token(model):
+    """logits / 1e-40 overflowed float32 (and / 1e-50, rounded to 0, was 0 / 0): NaN probabilities,
+    a RuntimeError from inside torch.multinomial. The limit of temperature -> 0 is greedy."""
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, -2.0]])
+    for t in (1e-40, 1e-50):
+        assert sample(logits, SamplingParams(temperature=t), torch.Generator().manual_seed(0)).tolist() == [1, 0]
+    kw = dict(max_new_tokens=4, ignore_eos=True)
+    assert infinitehip.generate(model, "hello", temperature=1e-40, seed=0, **kw) == \
+        infinitehip.generate(model, "hello", **kw)
+
+
+def test_prefill_refuses_what_it_cannot_run(model):
+    """engine.prefill (public): nothing left to run was an UnboundLocalError, a prompt past the
+    cache a shape mismatch inside the first layer's cache write."""
+    tokens = ids(8)
+    with pytest.raises(ValueError, match="at least the prompt's last token.*start=8 of a 8-token prompt"):
+        prefill(model, tokens, new_cache(model), start=8)
+    with pytest.raises(ValueError, match="start=0 of a 0-token prompt"):
+        prefill(model, tokens[:, :0], new_cache(model))
+    with pytest.raises(ValueError, match="a 600-token prompt does not fit a cache of 512 tokens a row"):
+        prefill(model, ids(600), new_cache(model))
+
+
 def test_memory_is_planned_before_allocating(model, monkeypatch):
     # 100,000 tokens are 391 blocks of 256: 100,096 tokens allocated, 12.22 GiB (not 12.21).
     with pytest.raises(CapacityError,
@@ -314,6 +337,10 @@ def test_engine_errors(model):
             infinitehip.generate(model, "hi", stream=True, **kw)
     with pytest.raises(ValueError, match="empty prompt"):
         infinitehip.generate(model, [[]], stream=True)
+    with pytest.raises(ValueError, match="no prompts"):                             # it said "empty prompt"
+        infinitehip.generate(model, [])
+    with pytest.raises(ValueError, match=r"prompts is a list of prompts.*give \[text\]"):
+        stream(model, "hello")                            # a batch of five one-character prompts, silently
     with pytest.raises(ValueError, match="kernel='cuda'; choose one of"):     # it said backend='cuda'
         infinitehip.generate(model, "hi", kernel="cuda")
     vocab = model.args.vocab_size

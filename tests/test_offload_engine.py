@@ -149,7 +149,7 @@ def test_offload_errors(bf16_model):
                      free_host=1 << 20)
     # The dense backend reads the cache as stored: FP8 codes would reach SDPA (it used to crash there).
     with pytest.raises(ValueError, match="dense.*cannot read FP8 codes.*fp8=False"):
-        next(stream(model, "hello", backend="dense", offload=OffloadConfig(fp8=True)))
+        next(stream(model, ["hello"], backend="dense", offload=OffloadConfig(fp8=True)))
     from infinitehip.engine.batch import BatchRunner
     with pytest.raises(ValueError, match="cannot read FP8 codes"):
         BatchRunner(model, max_batch=2, max_context=64, backend="dense", offload=OffloadConfig(fp8=True))

@@ -1,7 +1,7 @@
 """The KV cache: un-rotated keys and values of every layer, fixed capacity per sequence.
 
 Storage is cut into blocks of ``block_size`` tokens, ``(B, n_blocks, block_size, K, D)`` per
-layer, so a block is the unit a later offload tier moves (full cache in pinned host memory, a
+layer, so a block is the unit a later offload tier moves (full cache in pinned host memory, an
 optional GPU page cache in front: ``offload_kv.py``). The model uses three calls: ``update`` writes new
 K/V and returns views of the whole cache (or, for a decode step, ``write_target`` says where the
 q/k/v projection writes them itself and ``views`` returns the views); ``attention`` is the

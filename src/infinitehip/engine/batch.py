@@ -3,11 +3,12 @@
 ``BatchRunner`` owns a KV cache of ``max_batch`` rows (slots) of ``max_context`` tokens each,
 planned and allocated once. ``add`` queues a request; every ``step``:
 
-1. **prefill**: admits waiting requests into free slots and prefills them, at most
-   ``prefill_budget`` prompt tokens per step, one ``chunk_size`` chunk at a time, in arrival
-   order. A long document is thus prefilled a chunk per step *between* decode steps, so running
-   requests keep streaming (each step adds at most one budget of prefill to their latency) and
-   the prompt is still cut at the same chunk boundaries as a prefill of its own (identical KV).
+1. **prefill**: admits waiting requests into free slots and prefills them in arrival order, one
+   ``chunk_size`` chunk at a time, while the step's ``prefill_budget`` of prompt tokens lasts (the
+   chunk that crosses it runs whole). A long document is thus prefilled a chunk per step *between*
+   decode steps, so running requests keep streaming (each step adds at most a budget and a chunk of
+   prefill to their latency) and the prompt is still cut at the same chunk boundaries as a prefill
+   of its own (identical KV).
    A shared prefix cached in ``PrefixCache`` is copied in instead of prefilled.
 2. **decode**: one forward pass for every slot, each row at its own position; each request
    samples from its own row with its own ``SamplingParams`` and ``torch.Generator``.
@@ -25,6 +26,7 @@ Legend: B batch (= max_batch), T tokens, V vocabulary.
 """
 from __future__ import annotations
 
+import operator
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -141,7 +143,12 @@ class BatchRunner:
 
     def add(self, ids: list[int], params: SamplingParams) -> int:
         """Queue a prompt (token ids); returns the request id that its events carry."""
-        ids = [int(t) for t in ids]
+        # operator.index, not int: int() read text "123" as ids [1, 2, 3] and cut 1.5 to 1, silently.
+        try:
+            ids = [operator.index(t) for t in ids]
+        except TypeError:
+            raise ValueError(f"a prompt here is token ids (integers), got {ids!r:.60}: encode text first "
+                             "(engine.encode_prompt)") from None
         if not ids:
             raise ValueError("empty prompt: give at least one token of text")
         vocab = self.model.net.args.vocab_size
@@ -203,8 +210,8 @@ class BatchRunner:
     # -- one scheduling round ---------------------------------------------------------------
 
     def step(self) -> list[BatchEvent]:
-        """Prefill up to ``prefill_budget`` prompt tokens, then decode one token for every
-        request that has finished its prefill. Returns the events of this step."""
+        """Prefill chunks while ``prefill_budget`` prompt tokens last, then decode one token for
+        every request that has finished its prefill. Returns the events of this step."""
         events: list[BatchEvent] = []
         self._prefill_some(events)
         parked = self._parking()
@@ -262,11 +269,10 @@ class BatchRunner:
         self.stats.prefill_chunks += 1
         self.stats.prefilled_tokens += end - start
         req.filled = end
-        if end == len(req.ids):
+        if end == len(req.ids):   # the whole prompt is in the slot
             req.tokens = None
-        if end == len(req.ids) and self.prefix_cache is not None:
-            self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused,
-                                       owner=self.owner)
+            if self.prefix_cache is not None:
+                self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused, owner=self.owner)
         return end - start
 
     def _start_decoding(self, req: _Request, events: list[BatchEvent]):

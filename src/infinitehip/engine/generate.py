@@ -148,6 +148,10 @@ def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, *, backend: str 
     if not is_int(chunk_size) or chunk_size < 1:   # a float reached range(): a TypeError
         raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
     T = tokens.shape[1]
+    if not 0 <= start < T:   # no chunk would run: an UnboundLocalError at the return
+        raise ValueError(f"prefill runs at least the prompt's last token: start={start} of a {T}-token prompt")
+    if T > cache.capacity:   # a shape mismatch deep inside the first layer's cache write
+        raise ValueError(f"a {T:,}-token prompt does not fit a cache of {cache.capacity:,} tokens a row")
     call = AttentionCall(backend=backend, kernel=kernel)
     bar = _progress(T - start, progress)
     t0 = time.perf_counter()
@@ -167,8 +171,9 @@ def decode_one_token(model: Model, tokens: torch.Tensor, seqlens: torch.Tensor, 
                      state: DecodeState, kv_limit: int | None = None) -> torch.Tensor:
     """One decode step for every row: tokens (B,) at positions seqlens (B,) -> logits (B, V).
 
-    With the hip backend, pruning reruns from ``config.refresh_stage(step)``; otherwise the
-    layer's previous mask is reused as is.
+    With the hip backend each row reruns pruning from ``config.refresh_stage`` of its own step
+    (``n_stages``: its previous mask is reused as is). ``kv_limit``: read only the first kv_limit
+    cache slots (None: all); a one-row dense step attends to every one of them (no length mask).
     """
     if not state.masks:
         state.masks = [None] * model.args.n_layers
@@ -228,9 +233,11 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
     if system is not None and not chat:   # only the chat template has a place for it: it was dropped
         raise ValueError("system= is the chat template's system message: give chat=True (--chat) too, "
                          "or write it into the prompt")
+    if isinstance(prompts, str):   # iterated, it was a batch of one-character prompts
+        raise ValueError("prompts is a list of prompts (texts or lists of token ids): give [text] for one text")
     ids = [encode_prompt(model, p, chat, system) for p in prompts]
     if not ids or any(len(x) == 0 for x in ids):
-        raise ValueError("empty prompt: give at least one token of text")
+        raise ValueError("empty prompt: give at least one token of text" if ids else "no prompts: give at least one")
     vocab = model.net.args.vocab_size
     if any(min(x) < 0 or max(x) >= vocab for x in ids):
         raise ValueError(f"a prompt's token ids must be in [0, {vocab}) (the model's vocabulary)")
@@ -349,7 +356,7 @@ def generate(model: Model, prompt: str | list[str], *, max_new_tokens: int = 256
     return texts[0] if single else texts
 
 
-_stream = stream
+_stream = stream   # generate's stream= parameter hides the function there
 
 
 def make_cache(model: Model, B: int, capacity: int, chunk_size: int, offload: bool | OffloadConfig | None,

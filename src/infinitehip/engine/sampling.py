@@ -51,7 +51,11 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     """logits (B, V) -> next tokens (B,) int64."""
     if p.temperature == 0:
         return greedy(logits)
-    logits = logits.float() / p.temperature
+    # The top logit is shifted to 0 before dividing: a tiny temperature then sends the others to
+    # -inf, where dividing first sent them all to +-inf (NaN in multinomial). Divided by at least
+    # float32's smallest normal: a smaller temperature rounds to 0 there, and 0 / 0 is NaN.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(p.temperature, torch.finfo(torch.float32).tiny)
     if p.top_k:
         kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

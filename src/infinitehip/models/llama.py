@@ -340,6 +340,7 @@ class Transformer(nn.Module):
 
         start: (B,) int64, tokens already in the cache per row. kv_limit: read only the first
         ``kv_limit`` cache slots (>= max(start) + T; None reads the full capacity: static shapes).
+        One row's dense attention takes all kv_limit keys unmasked (``Attention._dense``): start + T.
         Returns (B, T, vocab) float logits, or (B, 1, vocab) with ``last_only``.
         """
         call = call or AttentionCall()
