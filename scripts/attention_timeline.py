@@ -54,11 +54,9 @@ def patch(root: Path):
     (t / "decode.py").write_text(d)
     b = (t / "bsa.py").read_text()
     b = _sub(b, "from .decode import arrive_and_merge", "from .decode import _now, arrive_and_merge", "bsa.py")
-    b = _sub(b, "    PDL: tl.constexpr, PREFETCH_V: tl.constexpr,\n):",
-             "    PDL: tl.constexpr, PREFETCH_V: tl.constexpr, log_ptr, NO_SKIP: tl.constexpr,\n):", "bsa.py")
+    b = _sub(b, "    PDL: tl.constexpr,\n):", "    PDL: tl.constexpr, log_ptr, NO_SKIP: tl.constexpr,\n):", "bsa.py")
     b = _sub(b, "    wait_for_previous(PDL)", "    _t0 = _now(tl.program_id(0))\n    wait_for_previous(PDL)", "bsa.py")
-    b = _sub(b, "    packed = wst - n_valid * C\n", "    packed = wst - n_valid * C\n    _t1 = _now(packed.to(tl.int32))\n",
-             "bsa.py")
+    b = _sub(b, "    lead = tl.sum(", "    _t1 = _now(packed.to(tl.int32))\n    lead = tl.sum(", "bsa.py")
     loop_at, loop_end = b.index("    for i in range(TILES_PER_SPLIT):\n"), b.index("    l_safe = tl.where(")
     loop = b[loop_at:loop_end]
     skip = "        if tl.max(col_ok.to(tl.int32), axis=0) > 0:\n"
@@ -72,9 +70,7 @@ def patch(root: Path):
              "bsa.py")
     (t / "bsa.py").write_text(b)
     o = (t / "ops.py").read_text()
-    o = _sub(o, "PDL=use_pdl, PREFETCH_V=prefetch_v,",
-             "PDL=use_pdl, PREFETCH_V=prefetch_v, log_ptr=tuning['log'], NO_SKIP=tuning.get('no_skip', False),",
-             "ops.py")
+    o = _sub(o, "PDL=use_pdl,", "PDL=use_pdl, log_ptr=tuning['log'], NO_SKIP=tuning.get('no_skip', False),", "ops.py")
     (t / "ops.py").write_text(o)
 
 

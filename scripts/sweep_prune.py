@@ -112,10 +112,11 @@ def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None
     # more programs per SM joined the grid. Measured 2026-11-29 (H200, sweep_keep_top_h200.json):
     # the defaults 17.0 us, still the best; 128-key tiles 18.6 at best, 8 programs per SM 17.0.
     # 2026-11-30 (sweep_reuse_refs_h200.json, distinct values): the defaults 18.2 us, best again;
-    # V issued with K (v_early) 19.8 at best, removed. Next: V prefetched into L2 (no registers)
-    # with K's loads, and PDL on / off (a lone launch has no predecessor to overlap: expect none).
+    # V issued with K (v_early) 19.8 at best, removed. 2026-11-30 (sweep_reuse_prefetch_h200.json):
+    # V's rows bulk-prefetched into L2 with K's loads (no registers) 19.8 us against 18.7, 24.2 at 4
+    # warps: removed; PDL off 19.0 (a lone launch has no predecessor to overlap).
     grid = [(bn, nw, pps, {}) for bn, nw, pps in itertools.product((64, 32, 128), (2, 4), (4, 2, 8))]
-    grid[1:1] = [(64, 2, 4, dict(prefetch_v=True)), (64, 4, 4, dict(prefetch_v=True)), (64, 2, 4, dict(pdl=False))]
+    grid[1:1] = [(64, 2, 4, dict(pdl=False))]
     for bn, nw, pps, extra in itertools.islice(grid, limit):
         tuning = dict(block_n=bn, num_warps=nw, programs_per_sm=pps, **extra)
         fn = lambda: ops.attend_reused(q, k, v, mask, kv_len, cfg, rope, D ** -0.5, tuning=tuning)  # noqa: E731

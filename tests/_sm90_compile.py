@@ -20,7 +20,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 _POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
             torch.int64: "*i64", torch.int8: "*i8", torch.uint8: "*u8", torch.bool: "*i1",
             torch.float8_e4m3fn: "*fp8e4nv"}
-_GPU_SWITCHES = dict(FAST=True, UPCAST=False, PDL=True, PREFETCH_V=256)   # the last 2: Hopper only
+_GPU_SWITCHES = dict(FAST=True, UPCAST=False, PDL=True)   # PDL: Hopper only
 launches: list[tuple[JITFunction, dict]] = []
 
 

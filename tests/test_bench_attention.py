@@ -3,7 +3,10 @@ every layer's call attends with its own query, keys and mask, at the refresh kin
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +136,34 @@ def test_engine_bench_speedups_and_plot(tmp_path):
     assert [r["decode_speedup_vs_dense"] for r in hip] == [1.14, 2.84]
     engine.plot(records, tmp_path / "engine.png")
     assert (tmp_path / "engine.png").stat().st_size > 10_000
+
+
+def test_plots_label_contexts_as_users_write_them(tmp_path):
+    """Every bench plot's x axis: a tick at each measured context, labelled 128K / 1M (matplotlib's
+    minor labels of a log axis overlapped), and the attention plot drawn from its records."""
+    from infinitehip.bench import attention, context_axis, pyplot, token_label
+
+    assert [token_label(n) for n in (16384, 131072, 1 << 20, 3 << 19, 1000, 2746000)] == \
+        ["16K", "128K", "1M", "1.5M", "1000", "2746000"]
+    rec = dict(device="test GPU", preset="paper", dense_cudnn_ms=0.14, dense_flash_ms=0.15, dense_ms=0.14)
+    records = [dict(rec, kind=kind, context=n, hip_ms=0.02, speedup=7.0)
+               for kind in ("decode", "prefill") for n in (131072, 1 << 20)]
+    attention.plot(records, tmp_path / "attention.png")
+    assert (tmp_path / "attention.png").stat().st_size > 10_000
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    context_axis(ax, [1 << 20, 131072, 131072])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["128K", "1M"]
+    plt.close(fig)
+
+
+def test_the_attention_timeline_patch_applies(tmp_path):
+    """scripts/attention_timeline.py stamps timers into a copy of the attention kernel by text
+    substitution; a kernel edit broke it silently once (found only on the GPU): it must apply."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("attention_timeline", root / "scripts" / "attention_timeline.py")
+    timeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timeline)
+    shutil.copytree(timeline.SRC, tmp_path / "infinitehip")
+    timeline.patch(tmp_path / "infinitehip")   # SystemExit naming the anchor that moved, if one did
+    assert "log_ptr" in (tmp_path / "infinitehip" / "attention" / "triton" / "bsa.py").read_text()

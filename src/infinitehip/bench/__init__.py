@@ -64,6 +64,24 @@ def pyplot():
     return plt
 
 
+def context_axis(ax, contexts):
+    """A log x axis of context lengths with a tick at each measured one, written as users write
+    them (128K, 1M): matplotlib's own minor labels of a log axis overlapped ("2x10^2 3x10^4x10^2")."""
+    contexts = sorted(set(contexts))
+    ax.set_xscale("log")
+    ax.set_xticks(contexts, [token_label(c) for c in contexts])
+    ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
+    ax.set_xlabel("context (tokens)")
+
+
+def token_label(n: int) -> str:
+    """131072 -> "128K", 3 << 19 -> "1.5M", 1000 -> "1000"."""
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and (n * 10) % size == 0:
+            return f"{n / size:g}{unit}"
+    return str(n)
+
+
 def device_slug(name: str) -> str:
     """A short file-name tag for a device name: "NVIDIA H100 80GB HBM3" -> "h100", "cpu" -> "cpu"."""
     model = re.search(r"\b[A-Z]{1,2}\d{2,4}[A-Z]?\b", name)

@@ -31,7 +31,7 @@ from ..attention.api import hip_attention
 from ..attention.rope import RoPE
 from ..attention.triton import pdl
 from ..config import HiPConfig
-from . import CONTEXTS_HELP, parse_contexts
+from . import CONTEXTS_HELP, context_axis, parse_contexts, pyplot
 
 H, K, D = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -256,16 +256,16 @@ def crossover(records: list[dict], kind: str) -> int | None:
 
 
 def plot(records: list[dict], path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Time per call against the context, one panel per kind, hip's speedups under its points.
+    Needs matplotlib (the ``plot`` extra); without it, no plot."""
+    plt = pyplot()
+    if plt is None:
+        return
     kinds = [k for k in ("decode", "decode_refresh", "prefill", "prefill_chunked") if any(r["kind"] == k for r in records)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         rs = sorted((r for r in records if r["kind"] == kind), key=lambda r: r["context"])
-        x = [r["context"] / K_ for r in rs]
+        x = [r["context"] for r in rs]
         for key, label in (("dense_cudnn_ms", "dense cuDNN"), ("dense_flash_ms", "dense flash"), ("hip_ms", "InfiniteHiP")):
             ys = [r.get(key) for r in rs]
             pts = [(a, b) for a, b in zip(x, ys) if b]
@@ -273,13 +273,15 @@ def plot(records: list[dict], path: Path):
                 ax.plot(*zip(*pts), marker="o", label=label)
         for a, r in zip(x, rs):
             if r["speedup"]:
-                ax.annotate(f"{r['speedup']:.1f}x", (a, r["hip_ms"]), textcoords="offset points", xytext=(0, -12),
+                ax.annotate(f"{r['speedup']:.1f}x", (a, r["hip_ms"]), textcoords="offset points", xytext=(0, 6),
                             fontsize=7, ha="center")
-        ax.set(xscale="log", yscale="log", xlabel="context (K tokens)", ylabel="ms", title=kind)
+        ax.set(yscale="log", ylabel="ms", title=kind)
+        context_axis(ax, x)
         ax.legend(fontsize=7)
     fig.suptitle(f"{records[0]['device']}, {H}q/{K}kv heads, d={D}, bf16, {records[0]['preset']} preset", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str]) -> None:

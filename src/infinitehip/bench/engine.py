@@ -29,7 +29,7 @@ from ..engine.generate import DecodeState, decode_one_token, prefill
 from ..engine.sampling import greedy
 from ..models.llama import BACKENDS, ModelArgs, Transformer
 from ..models.loader import Model
-from . import CONTEXTS_HELP, REFRESH_LAG_HELP, copy_bandwidth, device_slug, parse_contexts, pyplot
+from . import CONTEXTS_HELP, REFRESH_LAG_HELP, context_axis, copy_bandwidth, device_slug, parse_contexts, pyplot
 
 LLAMA3_8B = dict(architecture="LlamaForCausalLM", vocab_size=128_256, dim=4096, n_layers=32, n_heads=32,
                  n_kv_heads=8, head_dim=128, intermediate_size=14_336, norm_eps=1e-5,
@@ -204,17 +204,15 @@ def plot(records: list[dict], path: Path):
     for ax, (key, label, speedup) in zip(axes, panels):
         for backend in dict.fromkeys(r["backend"] for r in records):
             rs = sorted((r for r in records if r["backend"] == backend), key=lambda r: r["context"])
-            ax.plot([r["context"] / 1024 for r in rs], [r[key] for r in rs], "o-", label=backend)
+            ax.plot([r["context"] for r in rs], [r[key] for r in rs], "o-", label=backend)
             for r in rs:
                 if backend != "dense" and r.get(speedup):
-                    ax.annotate(f"{r[speedup]:.2f}x", (r["context"] / 1024, r[key]), textcoords="offset points",
+                    ax.annotate(f"{r[speedup]:.2f}x", (r["context"], r[key]), textcoords="offset points",
                                 xytext=(0, 6), fontsize=7, ha="center")
         if key == "decode_ms_per_token":
             ax.axhline(records[0]["weight_floor_ms"], ls="--", c="gray", lw=1, label="weight floor")
-        contexts = sorted({r["context"] for r in records})
-        ax.set(xscale="log", xlabel="context (tokens)", ylabel=label)
-        ax.set_xticks([c / 1024 for c in contexts], [f"{c // 1024}K" for c in contexts])
-        ax.minorticks_off()
+        context_axis(ax, [r["context"] for r in records])
+        ax.set_ylabel(label)
         ax.legend(fontsize=7)
     r0 = records[0]
     fig.suptitle(f"Llama-3-8B shape, {r0['layers']} layers, random bf16 weights; {r0['device']}, {r0['date']}",

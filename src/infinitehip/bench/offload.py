@@ -43,7 +43,7 @@ from ..engine.generate import DecodeState, decode_one_token
 from ..engine.sampling import greedy
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model
-from . import CONTEXTS_HELP, REFRESH_LAG_HELP, device_slug, kernel_profile, parse_contexts, pyplot
+from . import CONTEXTS_HELP, REFRESH_LAG_HELP, context_axis, device_slug, kernel_profile, parse_contexts, pyplot
 from .engine import random_model
 
 QUICK = dict(architecture="LlamaForCausalLM", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -370,8 +370,7 @@ def _plot(records: list[dict], path: Path):
             ax1.plot([r["context"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
             ax2.plot([r["context"] for r in rs], [r["gpu_kv_bytes"] / 2**30 for r in rs], "o-", label=name)
     for ax, label in ((ax1, "decode tokens/s"), (ax2, "GPU KV memory (GiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (tokens)")
+        context_axis(ax, [r["context"] for r in records])
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle(f"KV offload, {records[0]['device']}, {records[0]['date']}")

@@ -34,7 +34,7 @@ import triton.language as tl
 from ..mask import SENTINEL
 from .decode import arrive_and_merge
 from .geometry import block_positions
-from .pdl import prefetch_l2, release_next, wait_for_previous
+from .pdl import release_next, wait_for_previous
 from .prune import _rotate
 
 _SENTINEL = tl.constexpr(SENTINEL)
@@ -79,7 +79,7 @@ def _bsa_kernel(
     NSPLIT_P: tl.constexpr, SPLIT_TILE: tl.constexpr,
     POSITIONS: tl.constexpr, LENS: tl.constexpr, ANCHOR: tl.constexpr, WINDOW: tl.constexpr,
     LOWEST: tl.constexpr, PRUNE_RULE: tl.constexpr, ATTEND_RULE: tl.constexpr, Q_AT_P0: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH_V: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     wait_for_previous(PDL)   # q and the cache are the previous kernels' outputs
     release_next(PDL)
@@ -171,8 +171,6 @@ def _bsa_kernel(
                 # row parked in a decode step while it prefills reuses its mask at a position past
                 # its last fetch (its output is discarded). -1 read the PAGE rows before the pool.
                 row = tl.maximum(pg, 0) * PAGE + row % PAGE
-            if PREFETCH_V > 0:   # V's rows start streaming into L2 with K's loads, in no register
-                prefetch_l2(v_base + row * stride_vt, PREFETCH_V)
             kv_mask = col_ok[:, None] & d_ok[None, :]
             k_off = row[:, None] * stride_kt + d[None, :]
             k1 = tl.load(k_base + k_off, mask=kv_mask, other=0.0)                   # (BLOCK_N, HALF_P)

@@ -148,12 +148,6 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
     nsplit_p = max(2, triton.next_power_of_2(nsplit))
     inv_freq = (rope.inv_freq if rope is not None else torch.zeros(1, device=q.device)).to(q.device, torch.float32)
     use_pdl = tuning.get("pdl", True) and pdl.enabled(q.device)
-    # A tuning switch (scripts/sweep_prune.py --reuse): V's rows prefetched into L2 as K's load
-    # (Hopper's bulk prefetch, 16-byte-aligned rows of D values).
-    v_row_bytes = D * v.element_size()
-    aligned = v_row_bytes % 16 == 0 and v.data_ptr() % 16 == 0 and all(st * v.element_size() % 16 == 0
-                                                                       for st in v.stride()[:3])
-    prefetch_v = v_row_bytes if tuning.get("prefetch_v", False) and pdl.hopper(q.device) and aligned else 0
     _bsa_kernel[grid](
         q, k, v, starts, inv_freq_ptr=inv_freq,
         attention_scaling=float(rope.attention_scaling if rope is not None else 1.0), qk_scale=float(scale) * LOG2E,
@@ -175,7 +169,7 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
         UPCAST=not q.is_cuda, FAST=q.is_cuda,
         PAGED=paged, SCALED=scaled, PAGE=pages.page if pages is not None else 1,
         NSPLIT_P=nsplit_p, SPLIT_TILE=split_tile(block_t * heads_p, nsplit_p, half_p),
-        **positions, Q_AT_P0=tq == 1, PDL=use_pdl, PREFETCH_V=prefetch_v,
+        **positions, Q_AT_P0=tq == 1, PDL=use_pdl,
         num_warps=tuning.get("num_warps", 4), num_stages=tuning.get("num_stages", 2),
         **({"launch_pdl": True} if use_pdl else {}),
     )

@@ -39,7 +39,7 @@ USE = False
 
 
 def hopper(device: torch.device) -> bool:
-    """Whether kernels on ``device`` compile for Hopper's grid dependency control and bulk prefetch:
+    """Whether kernels on ``device`` compile for Hopper's grid dependency control:
     sm90+, and not run by the Triton interpreter (which has no inline assembly)."""
     return device.type == "cuda" and not interpreted() and torch.cuda.get_device_capability(device) >= (9, 0)
 
@@ -67,11 +67,3 @@ def release_next(PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
 
-
-@triton.jit
-def prefetch_l2(ptrs, nbytes):
-    """Start reading ``nbytes`` (> 0, a multiple of 16, within the tensor) from each 16-byte-aligned
-    address in ``ptrs`` into L2 (one bulk prefetch per element; duplicates are harmless). Hopper only."""
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; // $0", "=r,l,r",
-                              [ptrs, tl.zeros(ptrs.shape, tl.int32) + nbytes], dtype=tl.int32, is_pure=False,
-                              pack=1)
