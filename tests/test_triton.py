@@ -83,6 +83,24 @@ def test_keep_top_matches_reference(rows, n, m):
     assert (want == SENTINEL).sum() >= rows * max(m - (n - n // 4 - 1), 0)
 
 
+@pytest.mark.parametrize("spread", ["normal", "ties", "close"])
+def test_radix_selection_settles_early_and_exactly(spread):
+    """The radix select stops once the candidates left are all taken or none is: the same chunks
+    as the reference whether that happens after the first byte (ties: rounded scores), the second
+    or third (normal), or only at the last (scores sharing their high bytes: 1 + tiny steps)."""
+    g = torch.Generator().manual_seed(7)
+    rows, n, m = 6, 1024, 256
+    scores = torch.randn(rows, n, generator=g)
+    if spread == "ties":
+        scores = scores.round(decimals=0)
+    elif spread == "close":
+        scores = 1.0 + torch.randint(0, 64, (rows, n), generator=g).float() * 2.0 ** -23
+    starts = (torch.arange(n) * 8).expand(rows, n).clone()
+    want = reference.keep_top(starts, scores, m, (8, 2))
+    got = ops.keep_top(starts.to(DEVICE), scores.to(DEVICE), m, (8, 2), tuning=dict(radix=True)).cpu()
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("tq,modes,context,anchor", [(1, ("auto", "auto"), 600, False), (3, ("relative", "exact"), None, True),
                                                       (1, ("exact", "streaming"), None, "rows"), (TINY.block_size_q, ("auto", "auto"), 650, True)])
 def test_block_geometry_matches_reference(tq, modes, context, anchor):

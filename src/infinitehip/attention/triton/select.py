@@ -99,15 +99,22 @@ def _keep_top_radix_kernel(
     cand = valid                                  # still tied with the M-th best on the bytes so far
     taken = i < 0                                 # strictly better than the M-th best
     need = M                                      # how many of ``cand`` are still to be taken
+    # Settled: every candidate left is to be taken, or none is, so the lower bytes cannot change
+    # the choice. After 2 of the 4 bytes about a third of the rows are, after 3 nearly all
+    # (1,024 normal scores, 256 kept): a round less, or two, per row.
+    settled = need == 0
     for shift in tl.static_range(24, -1, -8):
-        digit = (u >> shift) & 0xFF
-        hist = tl.histogram(digit, 256, mask=cand)                         # (256,)
-        at_least = tl.cumsum(hist, 0, reverse=True)                        # cands with digit >= bin
-        best = tl.max(tl.where(at_least >= need, bins, 0), axis=0)          # the M-th best's digit
-        above = tl.sum(tl.where(bins == best, at_least - hist, 0), axis=0)
-        taken = taken | (cand & (digit > best))
-        need = need - above
-        cand = cand & (digit == best)
+        if not settled:
+            digit = (u >> shift) & 0xFF
+            hist = tl.histogram(digit, 256, mask=cand)                     # (256,)
+            at_least = tl.cumsum(hist, 0, reverse=True)                    # cands with digit >= bin
+            best = tl.max(tl.where(at_least >= need, bins, 0), axis=0)      # the M-th best's digit
+            above = tl.sum(tl.where(bins == best, at_least - hist, 0), axis=0)
+            tied = tl.sum(tl.where(bins == best, hist, 0), axis=0)          # cands left after this byte
+            taken = taken | (cand & (digit > best))
+            need = need - above
+            cand = cand & (digit == best)
+            settled = (need == 0) | (need == tied)
     ties = tl.cumsum(cand.to(tl.int32), 0)                                 # earlier chunks first
     chosen = (taken | (cand & (ties <= need))) & (o > ACTIVE_ABOVE)
     rank = tl.cumsum(chosen.to(tl.int32), 0) - 1                           # position order
