@@ -292,3 +292,47 @@ def test_tied_config_with_its_own_lm_head_is_untied_as_transformers_does(ckpts, 
     _rewrite_weights(path, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
     model = infinitehip.load(path, config="tiny")
     assert model.args.tie_embeddings and model.net.output.weight is model.net.tok_embeddings.weight
+
+
+def test_rope_scaling_added_to_a_transformers5_config_is_applied(ckpts, tmp_path):
+    """Qwen2.5's model card has users add "rope_scaling": {"type": "yarn", ...} to config.json. In
+    a config written by transformers 5 ("rope_parameters": {"rope_type": "default"}) the old key
+    "type" lost to "rope_type": YaRN and its trained context were silently dropped (transformers
+    applies them)."""
+    path = _copy(ckpts["llama"], tmp_path / "m")
+    _edit_config(path, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    model = infinitehip.load(path, config="tiny")
+    assert model.hip.model_context_length == 64
+    ref = hf_model(path).model.rotary_emb
+    torch.testing.assert_close(model.net.rope.inv_freq.cpu(), ref.inv_freq.float(), rtol=1e-6, atol=0)
+    assert model.net.rope.attention_scaling == pytest.approx(ref.attention_scaling)
+
+
+def test_config_quantized_or_without_architectures(ckpts, tmp_path):
+    """A quantized checkpoint (AWQ, GPTQ, FP8: config.json's quantization_config) failed on its
+    scale tensors as "do not belong to a LlamaForCausalLM"; a config.json without "architectures"
+    (transformers goes by model_type) as "architecture None is not supported"."""
+    path = _copy(ckpts["llama"], tmp_path / "q")
+    _edit_config(path, quantization_config={"quant_method": "fp8"})
+    _rewrite_weights(path, lambda t: t.update({"model.layers.0.self_attn.q_proj.weight_scale": torch.ones(1)}))
+    with pytest.raises(ValueError, match="quantized checkpoint \\(quant_method 'fp8'\\).*not supported.*unquantized"):
+        infinitehip.load(path, config="tiny")
+    path = _copy(ckpts["qwen2"], tmp_path / "a")
+    _edit_config(path, architectures=None, max_position_embeddings=None)
+    model = infinitehip.load(path, config="tiny")
+    assert model.args.architecture == "Qwen2ForCausalLM" and model.hip.model_context_length is None
+    _edit_config(path, model_type="gpt2")
+    with pytest.raises(ValueError, match="model_type 'gpt2'.*not supported"):
+        infinitehip.load(path, config="tiny")
+
+
+def test_gpu_dtype_prefers_dtype_to_torch_dtype(monkeypatch):
+    """A config.json with both keys (a transformers 4 config saved again by transformers 5, or
+    edited): transformers keeps "dtype", load took "torch_dtype"."""
+    from infinitehip.models.loader import resolve_device_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cfg = {"dtype": "bfloat16", "torch_dtype": "float16"}
+    assert resolve_device_dtype("cuda", None, cfg) == (torch.device("cuda"), torch.bfloat16)
+    assert resolve_device_dtype("cuda", None, {"torch_dtype": "float16"})[1] == torch.float16

@@ -57,3 +57,31 @@ def test_chat_template_file_is_utf8_whatever_the_locale(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-500:]
     assert run.stdout.strip() == ascii("{{ '¿")
+
+
+def test_special_tokens_from_special_tokens_map(tmp_path):
+    """Older checkpoints keep BOS and EOS in special_tokens_map.json only: the chat template was
+    rendered without them and EOS was no stop token. transformers reads that file when
+    tokenizer_config.json has no added_tokens_decoder, its tokens taking precedence; so does from_dir."""
+    import json
+
+    sentencepiece_like().tok.save(str(tmp_path / "tokenizer.json"))
+    template = "{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "<unk>"}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>"}))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<s>hi</s>"
+    assert tok.eos_token_ids == (2,)
+
+
+def test_chat_template_with_transformers_extensions():
+    """Fine-tuned checkpoints ship templates with transformers' {% generation %} blocks (which mark
+    the assistant's text for training): "Encountered unknown tag 'generation'". tojson's
+    separators and sort_keys were dropped."""
+    tok = sentencepiece_like()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+                         "{% endgeneration %}{% else %}{{ m | tojson(separators=(',', ':'), sort_keys=True) }}"
+                         "{% endif %}{% endfor %}")
+    messages = [{"role": "user", "content": "é"}, {"role": "assistant", "content": "ok"}]
+    assert tok.apply_chat_template(messages) == '{"content":"é","role":"user"}ok'

@@ -1,15 +1,17 @@
 """Tokenizer of an HF model directory via the `tokenizers` library, plus its chat template.
 
 Reads ``tokenizer.json`` (the fast tokenizer), ``tokenizer_config.json`` (special tokens, chat
-template) and ``chat_template.jinja`` when present. No transformers at run time.
+template), ``special_tokens_map.json`` and ``chat_template.jinja`` when present, as transformers
+reads them. No transformers at run time.
 """
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
 
-from .assets import read_json
+from .assets import model_file, read_json
 
 
 def _token_text(tok) -> str | None:
@@ -30,29 +32,30 @@ class Tokenizer:
         self.eos_token_ids = tuple(sorted(ids))
 
     @classmethod
-    def from_dir(cls, path: str | Path, eos_token_ids: tuple[int, ...] = ()) -> "Tokenizer":
+    def from_dir(cls, path: str | Path, eos_token_ids: tuple[int, ...] = (), name: str | None = None) -> "Tokenizer":
         from tokenizers import Tokenizer as FastTokenizer
 
-        path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.is_file():
+        path = Path(path).expanduser()
+        file = model_file(path, "tokenizer.json")
+        if file is None:
             raise FileNotFoundError(f"{path} has no tokenizer.json; infinitehip reads fast (tokenizers) "
                                     "tokenizers only: save one with AutoTokenizer(...).save_pretrained()")
         try:
             tok = FastTokenizer.from_file(str(file))
         except Exception as e:  # the library raises a bare Exception on malformed files
             raise ValueError(f"cannot read {file}: {e}") from None
-        cfg = {}
-        if (path / "tokenizer_config.json").is_file():
-            cfg = read_json(path / "tokenizer_config.json")
+        cfg = _read_optional(path, "tokenizer_config.json")
+        if "added_tokens_decoder" not in cfg:   # an older save: transformers takes its special tokens from here
+            cfg.update(_read_optional(path, "special_tokens_map.json"))
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)
-        if (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")   # not the locale's
+        jinja_file = model_file(path, "chat_template.jinja")
+        if jinja_file is not None:
+            template = jinja_file.read_text(encoding="utf-8")   # not the locale's
         return cls(tok, bos_token=_token_text(cfg.get("bos_token")), eos_token=_token_text(cfg.get("eos_token")),
-                   chat_template=template, eos_token_ids=eos_token_ids, name=path.name)
+                   chat_template=template, eos_token_ids=eos_token_ids, name=name or path.name)
 
     @property
     def vocab_size(self) -> int:
@@ -73,26 +76,55 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError(f"{self.name} has no chat template (tokenizer_config.json 'chat_template' or "
                              "chat_template.jinja); write the prompt yourself instead of using chat")
+        jinja2 = _jinja()
         try:
-            import jinja2
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError:
-            raise ImportError("chat templates need jinja2: pip install jinja2") from None
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals.update(raise_exception=raise_exception,
-                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
-        try:
-            return env.from_string(self.chat_template).render(
+            return _environment().from_string(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"{self.name}'s chat template failed: {e}") from None
+
+
+def _read_optional(path: Path, name: str) -> dict:
+    file = model_file(path, name)
+    return read_json(file) if file else {}
+
+
+def _jinja():
+    try:
+        import jinja2
+    except ImportError:
+        raise ImportError("chat templates need jinja2: pip install jinja2") from None
+    return jinja2
+
+
+@functools.cache
+def _environment():
+    """A sandbox for chat templates (they come with the checkpoint) with what transformers gives them."""
+    jinja2 = _jinja()
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """``{% generation %}...{% endgeneration %}``: transformers marks the assistant's text for
+        training masks with it; rendered as its body."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):   # HTML left unescaped
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", Generation])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env
 
 
 class StreamDecoder:

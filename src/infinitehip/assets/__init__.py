@@ -3,6 +3,7 @@ directory's JSON files."""
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -17,6 +18,23 @@ def builtin_model_path() -> Path:
 def resolve_model_path(name_or_path: str) -> str:
     """``"builtin"`` -> the built-in model's directory; anything else unchanged."""
     return str(builtin_model_path()) if name_or_path == BUILTIN_NAME else name_or_path
+
+
+def model_file(directory: Path, name: str) -> Path | None:
+    """``directory / name`` if it is a file, None if there is nothing by that name. Something
+    else in its place is an error, not an absent file: a link whose target is gone (a Hugging
+    Face cache snapshot copied without its ``blobs``, whose files are links into it) or a directory."""
+    file = directory / name
+    if file.is_file():
+        return file
+    if file.is_dir():
+        raise IsADirectoryError(f"{file} is a directory, not a file; the model directory holds the file itself")
+    if file.is_symlink():
+        raise FileNotFoundError(f"{file} is a broken symbolic link (to {os.readlink(file)}): the model directory "
+                                "was copied without the files its links point to (a Hugging Face cache snapshot "
+                                "links into ../../blobs); copy the model with cp -L, which copies the files, or "
+                                "download it again")
+    return None
 
 
 def read_json(file: Path) -> dict:

@@ -33,9 +33,7 @@ class RoPE:
     @classmethod
     def from_hf(cls, config: dict, head_dim: int) -> "RoPE":
         """The RoPE of an HF ``config.json`` (``rope_theta`` + ``rope_scaling``/``rope_parameters``)."""
-        params = dict(config.get("rope_parameters") or {})
-        scaling = dict(config.get("rope_scaling") or {})
-        params.update(scaling)
+        params = rope_parameters(config)
         theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
         kind = params.get("rope_type", params.get("type", "default"))
         if float(config.get("partial_rotary_factor", 1.0)) != 1.0:
@@ -62,6 +60,16 @@ class RoPE:
         angles = positions.float()[..., None] * self.inv_freq.to(positions.device)
         s = self.attention_scaling
         return torch.cos(angles) * s, torch.sin(angles) * s
+
+
+def rope_parameters(config: dict) -> dict:
+    """An HF config's RoPE settings in one dict: transformers 5's ``rope_parameters`` updated by
+    ``rope_scaling``, whose older key ``type`` counts as ``rope_type`` (as in transformers: a
+    ``"type": "yarn"`` added to a transformers 5 config must not lose to its ``"rope_type": "default"``)."""
+    scaling = dict(config.get("rope_scaling") or {})
+    if "type" in scaling:
+        scaling.setdefault("rope_type", scaling["type"])
+    return {**(config.get("rope_parameters") or {}), **scaling}
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -22,18 +22,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import HiPMask, RoPE, dense_attention, empty_mask
+from ..attention.rope import rope_parameters
 from ..attention.stages import n_groups
 from ..config import HiPConfig
 from . import gemv
 
 BACKENDS = ("hip", "dense", "streaming")
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# config.json's model_type -> architecture, for a config without "architectures" (transformers goes by model_type)
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
 
 
 def trained_context(cfg: dict) -> int | None:
     """The context an HF ``config.json`` was trained on: a rope-scaled model's original length
     (``original_max_position_embeddings``), else ``max_position_embeddings``; None if neither."""
-    rope = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
+    rope = rope_parameters(cfg)
     scaled = rope.get("rope_type", rope.get("type", "default")) != "default"
     original = int(rope.get("original_max_position_embeddings") or 0) if scaled else 0
     return original or int(cfg.get("max_position_embeddings") or 0) or None
@@ -61,9 +65,18 @@ class ModelArgs:
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelArgs":
         """Read an HF ``config.json`` dict; raises ValueError for what this decoder can't run."""
-        arch = (cfg.get("architectures") or [None])[0]
+        if cfg.get("architectures"):
+            arch, named = cfg["architectures"][0], f"architecture {cfg['architectures'][0]!r}"
+        else:
+            arch = MODEL_TYPES.get(cfg.get("model_type"))
+            named = f"model_type {cfg.get('model_type')!r} (config.json names no architectures)"
         if arch not in ARCHITECTURES:
-            raise ValueError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+            raise ValueError(f"{named} is not supported; supported: {', '.join(ARCHITECTURES)}")
+        quantized = cfg.get("quantization_config")
+        if quantized:   # its weights are packed integers or fp8 with scale tensors, not what this decoder loads
+            method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+            raise ValueError(f"config.json describes a quantized checkpoint (quant_method {method!r}): quantized "
+                             "weights are not supported; use the unquantized (bfloat16/float16) checkpoint")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -78,13 +91,13 @@ class ModelArgs:
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         attn_bias = bool(cfg.get("attention_bias", False))
-        max_pos = int(cfg.get("max_position_embeddings", 0)) or None
         return cls(
             architecture=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
             n_layers=cfg["num_hidden_layers"], n_heads=heads,
             n_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
             intermediate_size=cfg["intermediate_size"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=max_pos or 0, trained_context=trained_context(cfg) or 0,
+            max_position_embeddings=int(cfg.get("max_position_embeddings") or 0),
+            trained_context=trained_context(cfg) or 0,
             qkv_bias=True if arch == "Qwen2ForCausalLM" else attn_bias,
             o_bias=False if arch == "Qwen2ForCausalLM" else attn_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=arch == "Qwen3ForCausalLM",

@@ -5,6 +5,7 @@ declarative name map; transformers is not needed at run time.
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -14,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..attention import RoPE
-from ..assets import read_json, resolve_model_path
+from ..assets import model_file, read_json, resolve_model_path
 from ..config import HiPConfig, parse_overrides
 from ..tokenizer import Tokenizer
 from .llama import ModelArgs, Transformer
@@ -39,8 +40,15 @@ NAME_MAP: dict[str, tuple[str, int | None]] = {
 }
 # Tensors some checkpoints carry that the model recomputes.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-_PATTERNS = [(re.compile("^" + re.escape(hf).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)") + "$"),
-              ours) for hf, ours in NAME_MAP.items()]
+
+
+def _pattern(hf_name: str) -> re.Pattern:
+    """A NAME_MAP key as a regex: {i} matches a layer index, {p} weight or bias."""
+    escaped = re.escape(hf_name).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(f"^{escaped}$")
+
+
+_PATTERNS = [(_pattern(hf), ours) for hf, ours in NAME_MAP.items()]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,7 +66,7 @@ class Model:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return model_name(self.path)
 
     @property
     def device(self) -> torch.device:
@@ -69,30 +77,57 @@ class Model:
         return self.net.tok_embeddings.weight.dtype
 
 
+def model_name(path: Path) -> str:
+    """A model directory's name; for a Hugging Face cache snapshot (``models--org--name/snapshots/<commit>``),
+    the hub's ``org/name``, not the commit."""
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo[len("models--"):].replace("--", "/")
+    return path.name
+
+
 def read_config(path: str | Path) -> tuple[Path, dict]:
-    path = Path(resolve_model_path(str(path))).expanduser()
+    """The model directory, made absolute (``"."`` has no name), and its config.json."""
+    given = resolve_model_path(str(path))
+    path = Path(os.path.abspath(Path(given).expanduser()))
+    if path.is_file():
+        raise NotADirectoryError(f"{path} is a file, not a model directory; give the directory that holds it "
+                                 f"({path.parent}) if config.json, the *.safetensors weights and tokenizer.json "
+                                 "are there too")
     if not path.exists():
-        raise FileNotFoundError(f"model directory {path} does not exist")
-    if not (path / "config.json").is_file():
+        hint = (f"; if {given} is a Hugging Face hub id, download it first (hf download {given} --local-dir DIR) "
+                "and give DIR: infinitehip loads local directories") if re.fullmatch(r"[\w.-]+/[\w.-]+", given) else ""
+        raise FileNotFoundError(f"model directory {path} does not exist{hint}")
+    config = model_file(path, "config.json")
+    if config is None:
         raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face model directory "
-                                "(config.json, *.safetensors, tokenizer.json)")
-    return path, read_json(path / "config.json")
+                                f"(config.json, *.safetensors, tokenizer.json){_cache_folder_hint(path)}")
+    return path, read_json(config)
+
+
+def _cache_folder_hint(path: Path) -> str:
+    """For a Hugging Face cache folder (``models--org--name``) given instead of one of its snapshots."""
+    snapshots = sorted(p for p in (path / "snapshots").glob("*") if (p / "config.json").exists())
+    main = path / "refs" / "main"
+    if main.is_file():   # the commit of the hub's main branch when it was downloaded: last
+        snapshots.sort(key=lambda p: p.name == main.read_text().strip())
+    return f"; it is a Hugging Face cache folder: give a snapshot of it, e.g. {snapshots[-1]}" if snapshots else ""
 
 
 def weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> the safetensors file holding it."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
+    index = model_file(path, "model.safetensors.index.json")
+    if index is not None:
         wmap = read_json(index).get("weight_map")
         if not isinstance(wmap, dict):
             raise ValueError(f"{index} is not a safetensors index (no valid 'weight_map'); re-download it")
-        files = {f: path / f for f in set(wmap.values())}
-        for f in files.values():
-            if not f.is_file():
-                raise FileNotFoundError(f"{index.name} lists {f.name} but it is missing from {path}; re-download it")
+        files = {f: model_file(path, f) for f in set(wmap.values())}
+        for f, file in files.items():
+            if file is None:
+                raise FileNotFoundError(f"{index.name} lists {f} but it is missing from {path}; re-download it")
         return {name: files[f] for name, f in wmap.items()}
-    single = path / "model.safetensors"
-    if not single.is_file():
+    single = model_file(path, "model.safetensors")
+    if single is None:
         extra = " (only PyTorch .bin weights found: convert them to safetensors)" if list(path.glob("*.bin")) else ""
         raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json{extra}")
     return {name: single for name in _header_names(single)}
@@ -105,7 +140,15 @@ def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
-        raise ValueError(f"cannot read {file}: {e}; the file may be truncated or corrupt, re-download it") from None
+        error = e
+    try:   # safetensors says "No such file or directory" for a file it may not open
+        file.open("rb").close()
+    except PermissionError:
+        raise PermissionError(f"cannot read {file}: permission denied; make it readable by this user "
+                              "(chmod a+r, or run as its owner)") from None
+    except OSError as e:
+        raise OSError(f"cannot read {file}: {e.strerror or e}") from None
+    raise ValueError(f"cannot read {file}: {error}; the file may be truncated or corrupt, re-download it")
 
 
 def _header_names(file: Path) -> list[str]:
@@ -123,7 +166,8 @@ def resolve_device_dtype(device, dtype, cfg: dict) -> tuple[torch.device, torch.
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available here; use device='cpu'")
     if dtype is None:
-        saved = _DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"), torch.bfloat16)
+        # transformers 5 writes "dtype" and prefers it to the older "torch_dtype" when a config has both
+        saved = _DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"), torch.bfloat16)
         dtype = saved if device.type == "cuda" else torch.float32  # CPU: fp32 is accurate and fast
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
@@ -197,12 +241,11 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
         net.output.weight = net.tok_embeddings.weight
     _load_weights(net, files, args)
     net.eval().requires_grad_(False)
-    gen = {}
-    if (path / "generation_config.json").is_file():
-        gen = read_json(path / "generation_config.json")
-    eos = [x for x in (gen.get("eos_token_id"), cfg.get("eos_token_id")) if x is not None]
+    gen_file = model_file(path, "generation_config.json")
+    gen = read_json(gen_file) if gen_file else {}
+    eos = [x for x in (gen.get("eos_token_id"), cfg.get("eos_token_id")) if x is not None]   # an id or a list
     eos_ids = tuple(i for x in eos for i in (x if isinstance(x, list) else [x]))
-    tokenizer = Tokenizer.from_dir(path, eos_token_ids=eos_ids)
+    tokenizer = Tokenizer.from_dir(path, eos_token_ids=eos_ids, name=model_name(path))
     if tokenizer.vocab_size > args.vocab_size:   # its ids past the embedding table would fail in the first forward
         raise ValueError(f"{path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary only "
                          f"{args.vocab_size}: the tokenizer belongs to another model")
