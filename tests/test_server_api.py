@@ -41,20 +41,21 @@ class SpellEngine:
         self.waiting, self.active, self.ids = deque(), {}, itertools.count()
         self.batched_steps, self.cancelled = 0, []
 
-    def render_chat(self, messages):
-        return " ".join(m["content"] for m in messages)
+    def tokenize(self, text):    # a word is a token
+        return text.split()
 
-    def count_tokens(self, text):
-        return len(text.split())
+    def render_chat(self, messages):
+        return self.tokenize(" ".join(m["content"] for m in messages))
 
     def add(self, prompt, params):
-        if "addbug" in prompt:   # a bug while queueing a request: it killed the worker (every later one 503)
+        words = self.tokenize(prompt) if isinstance(prompt, str) else prompt
+        if "addbug" in words:   # a bug while queueing a request: it killed the worker (every later one 503)
             raise RuntimeError("secret internal detail")
-        if "fatal" in prompt:    # not an Exception: the worker thread stops
+        if "fatal" in words:    # not an Exception: the worker thread stops
             raise _Fatal()
         rid = next(self.ids)
-        self.waiting.append(SimpleNamespace(rid=rid, word=prompt.split()[-1][:params.max_new_tokens], n=0,
-                                            params=params, stops=StopChecker(params.stop), boom="explode" in prompt))
+        self.waiting.append(SimpleNamespace(rid=rid, word=words[-1][:params.max_new_tokens], n=0,
+                                            params=params, stops=StopChecker(params.stop), boom="explode" in words))
         return rid
 
     @property
@@ -251,6 +252,14 @@ def test_full_queue_is_429_and_a_closed_server_is_503():
      400, "stream_options.include_usage"),
     (json.dumps({"model": "spell", "prompt": "x", "stream_options": {"include_usage": True}}).encode(),
      400, "stream_options is only allowed when stream is true"),
+    # Neutral values compare by JSON type too (true == 1 and 0 == false in Python: these passed).
+    (json.dumps({"model": "spell", "prompt": "x", "n": True}).encode(), 400, "n is not supported"),
+    (json.dumps({"model": "spell", "prompt": "x", "echo": 0}).encode(), 400, "echo is not supported"),
+    # A completion's logprobs 0 asks for the sampled tokens' log probabilities (OpenAI's API): ignored.
+    (json.dumps({"model": "spell", "prompt": "x", "logprobs": 0}).encode(), 400, "logprobs is not supported"),
+    (json.dumps({"model": "spell", "prompt": None}).encode(), 400, "prompt"),   # null: the default, not for required
+    # A body that is not UTF-8: {"detail": ...}, not OpenAI's shape.
+    (b'{"model": "spell", "prompt": "\xff"}', 400, "not valid JSON"),
 ])
 def test_bad_requests_get_openai_errors(url, body, status, needle):
     r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
@@ -311,21 +320,23 @@ def test_text_with_a_lone_surrogate_is_400(url, path, body):
     assert "surrogate" in r.json()["error"]["message"]
 
 
-def test_a_waiting_request_whose_client_left_is_dropped_at_once():
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_waiting_request_whose_client_left_is_dropped_at_once(stream):
     """A non-streaming client that gives up while its request waits for a slot: the request was
     only noticed at its first token, so it kept its place (429s for others) and was prefilled
-    for nobody once a slot freed. It is now cancelled while still waiting."""
+    for nobody once a slot freed. It is now cancelled while still waiting (a stream too)."""
     engine = SpellEngine(max_batch=1, delay=0.02)
     app = create_app(engine, max_queue=4)
     with running(app) as base:
-        post = lambda prompt, timeout: httpx.post(base + "/v1/completions", timeout=timeout,  # noqa: E731
-                                                  json={"model": "spell", "prompt": prompt, "max_tokens": 150})
+        post = lambda prompt, timeout, stream=False: httpx.post(  # noqa: E731
+            base + "/v1/completions", timeout=timeout,
+            json={"model": "spell", "prompt": prompt, "max_tokens": 150, "stream": stream})
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(post, "x" * 150, 30)     # holds the only slot for ~3 s
             while not engine.active:
                 time.sleep(0.01)
             with pytest.raises(httpx.TimeoutException):
-                post("waits", 0.3)
+                post("waits", 0.3, stream)
             deadline = time.time() + 2
             while not engine.cancelled and time.time() < deadline:
                 time.sleep(0.02)
@@ -373,3 +384,48 @@ def test_a_stopped_worker_ends_its_jobs_and_refuses_new_ones():
     with pytest.raises(Unavailable, match="worker stopped"):
         sched.submit("still here", SamplingParams(max_new_tokens=3))
     assert sched.outstanding == 0
+
+
+def test_null_is_the_default_as_in_openai_api(url):
+    """OpenAI's optional fields are nullable: a client that sends every field, unset ones as null,
+    got a 400 ("temperature: Input should be a valid number", "n is not supported")."""
+    nulls = dict.fromkeys(["max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
+                           "stream_options", "user", "n", "best_of", "logprobs", "echo", "suffix", "presence_penalty",
+                           "frequency_penalty", "logit_bias", "response_format", "tools", "tool_choice"])
+    r = httpx.post(url + "/v1/completions", json={"model": "spell", "prompt": "spell abcdefghijklmnopqrstu", **nulls})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "abcdefghijklmnop"        # max_tokens: the default 16
+    msg = {"role": "user", "content": "spell hi", "name": None, "tool_calls": None}   # e.g. an answer sent back
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "spell", "messages": [msg], **nulls})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hi", r.text
+
+
+def test_a_message_field_the_server_ignores_is_400(url):
+    """Fields of a message were dropped unseen (tool_calls: the model answered without them)."""
+    msg = {"role": "assistant", "content": "x", "tool_calls": [{"id": "1", "type": "function"}]}
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "spell", "messages": [msg]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.tool_calls", r.text
+
+
+@pytest.mark.parametrize("method, path, status", [("POST", "/v1/nothing", 404), ("GET", "/v1/completions", 405)])
+def test_routing_errors_are_openai_shaped(url, method, path, status):
+    """Starlette's own errors answered {"detail": "Not Found"}: the openai client shows no message."""
+    r = httpx.request(method, url + path)
+    assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+
+
+def test_retrieve_model(client):
+    """client.models.retrieve (GET /v1/models/{id}) was a 404 for the served model too."""
+    assert client.models.retrieve("spell").id == "spell"
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.models.retrieve("gpt-4")
+
+
+def test_an_error_mid_stream_is_openai_shaped(url):
+    """After the 200, an error comes as an event: it lacked param and code, and was typed
+    server_error even for a refused request."""
+    with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                      json={"model": "spell", "prompt": "explode now", "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert r.status_code == 200 and events[-1]["error"] == {"message": "internal server error", "type": "server_error",
+                                                            "param": None, "code": None}

@@ -130,3 +130,136 @@ def test_empty_prompt_is_400_streaming_too(tmp_path):
             r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "", "stream": stream})
             assert r.status_code == 400 and "empty" in r.json()["error"]["message"], (stream, r.text)
             assert r.json()["error"]["param"] == "prompt"
+
+
+def test_a_prompt_is_tokenized_once_and_not_by_the_worker(setup, server, monkeypatch):
+    """The app counted a prompt's tokens (in a thread) and the worker tokenized it again: for a
+    long document seconds (600K tokens: 2.9 s on CPU) during which no running request got a token."""
+    import threading
+
+    model, client = setup
+    calls, encode = [], model.tokenizer.encode
+    monkeypatch.setattr(model.tokenizer, "encode",
+                        lambda *a, **k: calls.append(threading.current_thread().name) or encode(*a, **k))
+    r = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=2, temperature=0)
+    assert r.usage.prompt_tokens == len(encode(PROMPTS[1]))
+    assert len(calls) == 1 and calls[0] != "infinitehip-worker", calls
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return infinitehip.load(make_checkpoint(tmp_path_factory.mktemp("tiny"), "llama"), config="tiny")
+
+
+def _boom(*_, **__):
+    raise RuntimeError("boom")
+
+
+def test_a_request_that_finished_in_a_failed_step_is_ended(tiny, monkeypatch):
+    """A step that finished request A (max_tokens 1) and then failed on B's prefill lost A's
+    last event, and abort() named only the requests still holding a slot: A's client waited
+    forever (and its place counted against the queue for good). It now gets the 500."""
+    import threading
+
+    import infinitehip.engine.batch as batch
+    from infinitehip.engine.sampling import SamplingParams
+    from infinitehip.server.scheduler import EngineFailure, Scheduler
+
+    a_ids = tiny.tokenizer.encode("hello world")
+    b_ids = list(range(7, 7 + len(a_ids) + 3))                   # longer: only its prefill fails
+    prefill = batch.prefill
+    monkeypatch.setattr(batch, "prefill", lambda m, tokens, *a, **k: (
+        _boom() if tokens.shape[1] == len(b_ids) else prefill(m, tokens, *a, **k)))
+    engine = ModelEngine(tiny, model_id="tiny", max_context=256, max_batch=2)
+    add, both_queued = engine.add, threading.Event()
+    engine.add = lambda prompt, params: both_queued.wait(10) and add(prompt, params)   # one step takes both
+    sched = Scheduler(engine, max_queue=4)
+    a = sched.submit(a_ids, SamplingParams(max_new_tokens=1))
+    b = sched.submit(b_ids, SamplingParams(max_new_tokens=4))
+    both_queued.set()
+    ends = {}
+    for name, job in (("a", a), ("b", b)):   # daemon threads: a job that never ends fails the test, not hangs it
+        def wait(name=name, job=job):
+            try:
+                list(job.results())
+            except EngineFailure:
+                ends[name] = "500"
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        thread.join(timeout=20)
+    assert ends == {"a": "500", "b": "500"} and sched.outstanding == 0 and engine.runner.n_free == 2
+    sched.close()
+
+
+@pytest.mark.parametrize("where", ["reuse", "sample"])
+def test_a_failed_step_frees_the_slot_it_took(tiny, monkeypatch, where):
+    """A step failing while it copied a cached prefix in (reuse), or sampled a request's first
+    token, left that request in no list abort() empties: its slot was gone for good (one fewer
+    for every later request) and its client waited forever."""
+    import infinitehip.engine.batch as batch
+    from infinitehip.engine.sampling import SamplingParams
+
+    engine = ModelEngine(tiny, model_id="tiny", max_context=256, max_batch=2)
+    monkeypatch.setattr(engine.prefix_cache if where == "reuse" else batch, where, _boom)
+    rid = engine.add(tiny.tokenizer.encode("hello world"), SamplingParams(max_new_tokens=3))
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.step()
+    assert engine.abort() == [rid] and engine.runner.n_free == 2 and not engine.has_work
+    monkeypatch.undo()
+    engine.add(tiny.tokenizer.encode("hello world"), SamplingParams(max_new_tokens=3))
+    while engine.has_work:
+        engine.step()
+    assert engine.runner.stats.finished == 1
+
+
+def test_serve_loads_the_context_cache_into_host_memory(tmp_path, monkeypatch):
+    """`serve --context-cache` loaded the file's entries onto the GPU (device=the model's), after
+    the KV slots were planned to fill it: a long document's KV might not fit there (an error at
+    start), and took what the plan gave the slots. They live in host memory, as the entries made
+    while serving (``read_prefix``). On a CPU-only machine this checks the round trip alone."""
+    import torch
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    import infinitehip.server.app as server_app
+    from infinitehip.cli import app
+
+    uvicorn = pytest.importorskip("uvicorn")
+    path = tmp_path / "ctx.safetensors"
+    argv = ["serve", "builtin", "--device", "cuda" if torch.cuda.is_available() else "cpu", "--dtype", "float32",
+            "--max-batch", "1", "--max-context", "2048", "--context-cache", str(path)]
+    doc = " ".join(f"the quick brown fox {i}" for i in range(150))     # ~1350 tokens: over 1024, kept
+
+    def ask_then_stop(server, **_):
+        with TestClient(server) as c:     # startup, a request, shutdown (which saves the file)
+            r = c.post("/v1/completions", json={"model": "builtin", "prompt": doc, "max_tokens": 1})
+            assert r.status_code == 200, r.text
+    monkeypatch.setattr(uvicorn, "run", ask_then_stop)
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 0 and path.exists(), r.output
+    served, create_app = {}, server_app.create_app
+    monkeypatch.setattr(server_app, "create_app", lambda e, **k: served.update(engine=e) or create_app(e, **k))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 0, r.output
+    entries = list(served["engine"].prefix_cache._entries.values())
+    assert entries and all(t.device.type == "cpu" for e in entries for t in e.k + e.v)
+
+
+def test_a_context_cache_save_cut_short_keeps_the_old_file(tmp_path, monkeypatch):
+    """The file was written in place: a save cut short at shutdown (a full disk, a stop signal's
+    kill) left it truncated, losing every entry and failing the next `serve` at start."""
+    import infinitehip.engine.prefix_cache as prefix_cache
+
+    path = tmp_path / "ctx.safetensors"
+    prefix_cache.PrefixCache().save(path, owner="me")
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x10\x00")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(prefix_cache, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        prefix_cache.PrefixCache().save(path, owner="me")
+    prefix_cache.PrefixCache().load(path, owner="me")              # still readable
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

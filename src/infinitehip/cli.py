@@ -314,8 +314,8 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
         engine = ModelEngine(model, backend=backend, max_context=max_context, max_batch=max_batch,
                              offload=_offload_arg(offload, offload_fp8, None, model.device))
         owner = engine.runner.owner
-        if context_cache and Path(context_cache).exists():
-            engine.prefix_cache.load(context_cache, device=engine.model.device, owner=owner)
+        if context_cache and Path(context_cache).exists():   # into host memory, as the entries made later
+            engine.prefix_cache.load(context_cache, owner=owner)
     except ImportError as e:
         _fail(ImportError(f"{e}; the server needs `pip install infinitehip[server]`"), debug)
     except (OSError, ValueError, TypeError) as e:

@@ -127,6 +127,7 @@ class BatchRunner:
         self._waiting: deque[_Request] = deque()
         self._prefilling: _Request | None = None
         self._decoding: dict[int, _Request] = {}           # slot -> request
+        self._unreported: list[BatchEvent] = []            # the running step's events (see abort)
         self._free = list(range(max_batch))
         self._next_id = 0
 
@@ -184,12 +185,16 @@ class BatchRunner:
 
     def abort(self) -> list[int]:
         """After a failed step: drop every request holding a slot (their KV and masks may be half
-        written) and return their ids; waiting requests stay queued."""
+        written) and return their ids, with those of requests the step finished; waiting
+        requests stay queued."""
         held = ([self._prefilling] if self._prefilling is not None else []) + list(self._decoding.values())
         for req in held:
             self._release(req)
         self.state = DecodeState(self.backend, kernel=self.kernel)
-        return [r.rid for r in held]
+        # Those that finished within the failed step hold no slot any more, but their last event
+        # was lost with the step's: without them here, their callers waited forever.
+        lost, self._unreported = [e.request for e in self._unreported if e.finished], []
+        return [r.rid for r in held] + lost
 
     @property
     def has_work(self) -> bool:
@@ -213,10 +218,12 @@ class BatchRunner:
         """Prefill chunks while ``prefill_budget`` prompt tokens last, then decode one token for
         every request that has finished its prefill. Returns the events of this step."""
         events: list[BatchEvent] = []
+        self._unreported = events       # for abort(), should this step fail
         self._prefill_some(events)
         parked = self._parking()
         if self._decoding and parked is not None:
             self._decode(events, parked)
+        self._unreported = []
         return events
 
     def _parking(self) -> int | None:
@@ -241,8 +248,8 @@ class BatchRunner:
                 return
             budget -= self._prefill_chunk(req)
             if req.filled == len(req.ids):
-                self._prefilling = None
                 self._start_decoding(req, events)
+                self._prefilling = None   # only now: should sampling fail, abort() frees its slot
 
     def _admit(self) -> _Request | None:
         """The oldest waiting request, in the lowest free slot, with any cached prefix copied in."""
@@ -251,10 +258,10 @@ class BatchRunner:
         req = self._waiting.popleft()
         req.slot = min(self._free)
         self._free.remove(req.slot)
+        self._prefilling = req   # before the copy: should it fail, abort() frees the slot
         if self.prefix_cache is not None:
             req.reused = req.filled = self.prefix_cache.reuse(req.ids, self._row(req.slot), self.owner)
             self.stats.reused_tokens += req.reused
-        self._prefilling = req
         return req
 
     def _prefill_chunk(self, req: _Request) -> int:

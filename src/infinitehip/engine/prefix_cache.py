@@ -12,6 +12,7 @@ its writer's fingerprint (``owner``) and is reused only by the same model and ba
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +127,15 @@ class PrefixCache:
             tensors[f"{i}.ids"] = e.ids
             for layer, (k, v) in enumerate(zip(e.k, e.v)):
                 tensors[f"{i}.k.{layer}"], tensors[f"{i}.v.{layer}"] = k.contiguous().cpu(), v.contiguous().cpu()
-        save_file(tensors, str(path), metadata={"format": "infinitehip-prefix-cache", "entries": str(len(mine)),
-                                                "owner": owner})
+        # Written beside, then renamed over: a save cut short (a full disk, a stop signal's kill)
+        # left a truncated file, which lost the old entries and failed the next start.
+        part = Path(f"{path}.part")
+        try:
+            save_file(tensors, str(part), metadata={"format": "infinitehip-prefix-cache", "entries": str(len(mine)),
+                                                    "owner": owner})
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
 
     def load(self, path: str | Path, device=None, owner: str = ""):
         """Add the entries saved in ``path``, which ``owner`` (the reader's ``fingerprint``) must

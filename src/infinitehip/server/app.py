@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from starlette.exceptions import HTTPException
 
 from ..engine.sampling import SamplingParams
 from .scheduler import EngineFailure, Job, QueueFull, Runner, Scheduler, Unavailable
@@ -21,13 +22,13 @@ log = logging.getLogger("infinitehip.server")
 
 class Engine(Runner, Protocol):
     """What the server needs from a loaded model (see ``server.engine.ModelEngine``): a tokenizer
-    front and the continuous-batching runner the scheduler drives."""
+    front and the continuous-batching runner the scheduler drives (``add`` takes the tokens)."""
 
     model_id: str
     max_context: int
 
-    def render_chat(self, messages: list[dict]) -> str | list[int]: ...
-    def count_tokens(self, prompt: str | list[int]) -> int: ...
+    def tokenize(self, text: str) -> list[int]: ...
+    def render_chat(self, messages: list[dict]) -> list[int]: ...
 
 
 class APIError(Exception):
@@ -37,11 +38,24 @@ class APIError(Exception):
 
 
 # OpenAI fields this server does not implement, with the values that ask for nothing (clients
-# send those); any other value, and any field not known at all, is a 400 rather than silently
-# ignored (a client asking n=2 would read a missing choices[1]).
-_NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (False,),
-            "suffix": (None, ""), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}),
-            "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none")}
+# send those, and null: see _drop_nulls); any other value, and any field not known at all, is a
+# 400 rather than silently ignored (a client asking n=2 would read a missing choices[1]).
+# logprobs: false is chat's "none"; a completion's logprobs 0 asks for the sampled tokens' own.
+_NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
+            "suffix": ("",), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+            "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",)}
+
+
+def _drop_nulls(data: dict, keep: tuple[str, ...]) -> dict:
+    """OpenAI's optional fields are nullable, null meaning the default: a client that sends every
+    field ({"temperature": null, "n": null, ...}) got a 400. ``keep``: required fields, whose
+    null is an error."""
+    return {k: v for k, v in data.items() if v is not None or k in keep}
+
+
+def _is_neutral(value, neutral: tuple) -> bool:
+    # Compared by JSON type too: in Python true == 1 and 0 == false, so n: true and echo: 0 passed.
+    return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
 
 
 def _unicode(text: str) -> str:
@@ -85,13 +99,14 @@ class _Sampling(BaseModel):
     def _openai_fields(cls, data):
         if not isinstance(data, dict):
             return data
-        data = dict(data)
+        data = _drop_nulls(data, ("model", "prompt", "messages"))
         data.pop("user", None)                           # an end-user id, for the provider's logs
         if "max_completion_tokens" in data:              # chat's newer name for max_tokens
             data.setdefault("max_tokens", data.pop("max_completion_tokens"))
         for name, neutral in _NEUTRAL.items():
-            if name in data and data.pop(name) not in neutral:
-                raise ValueError(f"{name} is not supported by this server: leave it out (or send {neutral[0]!r})")
+            if name in data and not _is_neutral(data.pop(name), neutral):
+                raise ValueError(f"{name} is not supported by this server: leave it out (or send "
+                                 f"{json.dumps(neutral[0])})")
         return data
 
     @model_validator(mode="after")
@@ -114,8 +129,17 @@ class CompletionRequest(_Sampling):
 
 
 class Message(BaseModel):
+    # Strict like the request: a message's tool_calls (or any other field) were dropped unseen.
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["system", "user", "assistant"]
     content: Text
+    name: Text | None = None    # a participant's name, for templates that render it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data):       # e.g. an answer sent back as history: {"tool_calls": null, ...}
+        return _drop_nulls(data, ("role", "content")) if isinstance(data, dict) else data
 
 
 class ChatRequest(_Sampling):
@@ -139,6 +163,16 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
             return _error(400, "the request body is not valid JSON", None)
         return _error(400, f"{where or 'body'}: {first.get('msg')}", where)
 
+    @app.exception_handler(HTTPException)
+    async def _http(_, e: HTTPException):
+        # Starlette's own errors (an unknown path, a wrong method, a body FastAPI cannot decode:
+        # its only 400 here) were {"detail": ...}, not OpenAI's shape.
+        message = "the request body is not valid JSON (send UTF-8 text)" if e.status_code == 400 else str(e.detail)
+        kind = "server_error" if e.status_code >= 500 else "invalid_request_error"
+        response = _error(e.status_code, message, None, kind)
+        response.headers.update(e.headers or {})   # a 405's Allow
+        return response
+
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):
         log.exception("internal error")
@@ -159,27 +193,42 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
             body.update(engine.metrics())
         return body
 
+    def _model_card():
+        return {"id": engine.model_id, "object": "model", "owned_by": "infinitehip"}
+
+    def _check_model(model: str, param: str | None):
+        if model != engine.model_id:
+            raise APIError(404, f"model {model!r} is not served here; GET /v1/models lists {engine.model_id!r}",
+                           param, "model_not_found")
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "owned_by": "infinitehip"}]}
+        return {"object": "list", "data": [_model_card()]}
 
+    @app.get("/v1/models/{model:path}")   # :path: ids such as org/name hold a slash
+    async def retrieve_model(model: str):
+        _check_model(model, None)
+        return _model_card()
+
+    # Tokenized here, once, in a thread (a long document takes seconds): tokenized again by the
+    # worker, as it was, it stalled every running request meanwhile.
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        return await _serve(req, req.prompt, "text_completion", request)
+        _check_model(req.model, "model")
+        return await _serve(req, await asyncio.to_thread(engine.tokenize, req.prompt), "text_completion", request)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        try:  # in a thread, as count_tokens: tokenizing a long document takes seconds
-            prompt = await asyncio.to_thread(engine.render_chat, [m.model_dump() for m in req.messages])
+        _check_model(req.model, "model")
+        try:
+            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            prompt = await asyncio.to_thread(engine.render_chat, messages)
         except ValueError as e:  # e.g. a model without a chat template
             raise APIError(400, f"{e}; or send the text to /v1/completions", "messages") from None
         return await _serve(req, prompt, "chat.completion", request)
 
-    async def _serve(req: _Sampling, prompt: str | list[int], kind: str, request: Request):
-        if req.model != engine.model_id:
-            raise APIError(404, f"model {req.model!r} is not served here; GET /v1/models lists {engine.model_id!r}",
-                           "model", "model_not_found")
-        n_prompt = await asyncio.to_thread(engine.count_tokens, prompt)
+    async def _serve(req: _Sampling, prompt: list[int], kind: str, request: Request):
+        n_prompt = len(prompt)
         if n_prompt == 0:  # refused here, not by the worker: a stream would get it after its 200
             raise APIError(400, "empty prompt: it has no tokens (this tokenizer adds no BOS); send some text",
                            "prompt" if kind == "text_completion" else "messages")
@@ -207,7 +256,7 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
         try:
             async for e in job.aresults():
                 text, n_out, finish = text + e.text, e.n_generated, e.finish_reason or finish
-        except ValueError as e:  # the engine refused the input (e.g. too long once tokenized)
+        except ValueError as e:  # the engine refused the input (e.g. ids beyond the model's vocabulary)
             raise APIError(400, str(e)) from None
         except Unavailable as e:
             raise APIError(503, str(e), None, "server_error") from None
@@ -231,11 +280,12 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
             if req.stream_options and req.stream_options.include_usage:
                 yield _event(_body(rid, kind, model, None, None, usage=(n_prompt, n_out), chunk=True))
             yield "data: [DONE]\n\n"
-        except Exception as e:
+        except Exception as e:   # after the 200: an error event, in the shape of the others
             if not isinstance(e, (ValueError, Unavailable, EngineFailure)):
                 log.exception("stream failed")
             message = str(e) if isinstance(e, (ValueError, Unavailable)) else "internal server error"
-            yield _event({"error": {"message": message, "type": "server_error"}})
+            etype = "invalid_request_error" if isinstance(e, ValueError) else "server_error"
+            yield _event({"error": {"message": message, "type": etype, "param": None, "code": None}})
         finally:  # also when the client disconnects: the worker frees the slot at its next round
             job.cancelled.set()
 

@@ -10,7 +10,8 @@ from ..engine.sampling import SamplingParams
 
 class ModelEngine:
     """One model, ``max_batch`` requests decoding together; only the scheduler's worker thread
-    calls ``add``, ``step``, ``cancel`` and ``abort``."""
+    calls ``add``, ``step``, ``cancel`` and ``abort``. ``tokenize`` and ``render_chat`` run in
+    the HTTP handlers' threads, beside it (the tokenizer only reads its state)."""
 
     def __init__(self, model, *, model_id: str | None = None, backend: str = "hip", max_context: int = 131_072,
                  max_batch: int = 8, chunk_size: int = 4096, prefix_cache: PrefixCache | None = None,
@@ -23,16 +24,17 @@ class ModelEngine:
         self.runner = BatchRunner(model, max_batch=max_batch, max_context=max_context, backend=backend,
                                   chunk_size=chunk_size, prefix_cache=self.prefix_cache, offload=offload)
 
+    def tokenize(self, text: str) -> list[int]:
+        return encode_prompt(self.model, text)
+
     def render_chat(self, messages: list[dict]) -> list[int]:
         """The chat template's token ids (its text already holds the special tokens)."""
         tok = self.model.tokenizer
         return tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
 
-    def count_tokens(self, prompt: str | list[int]) -> int:
-        return len(prompt) if isinstance(prompt, list) else len(self.model.tokenizer.encode(prompt))
-
     def add(self, prompt: str | list[int], params: SamplingParams) -> int:
-        return self.runner.add(encode_prompt(self.model, prompt), params)
+        """Queue a prompt: token ids (the app's), or text, tokenized here, on the worker thread."""
+        return self.runner.add(prompt if isinstance(prompt, list) else encode_prompt(self.model, prompt), params)
 
     def step(self) -> list[BatchEvent]:
         return self.runner.step()

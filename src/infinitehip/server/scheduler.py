@@ -42,7 +42,7 @@ class Runner(Protocol):
     def add(self, prompt, params: SamplingParams) -> int: ...          # ValueError: a bad request
     def step(self) -> list: ...      # events with .request .text .n_generated .finished .finish_reason
     def cancel(self, request: int) -> bool: ...
-    def abort(self) -> list[int]: ...                                  # drop every request holding a slot
+    def abort(self) -> list[int]: ...       # after a failed step: drop the requests it was running
 
 
 class Job:
