@@ -106,6 +106,31 @@ def test_rope_scaling_errors():
         RoPE.default(63)
 
 
+@pytest.mark.parametrize("head_dim, theta, match", [
+    (64, 0, "theta=0 must be a finite number > 0"),            # inf frequencies: NaN outputs, silently
+    (64, -10000.0, "theta=-10000.0 must be"),                  # NaN frequencies
+    (64, float("nan"), "theta=nan must be"),
+    (64, "10000", "theta='10000' must be"),                    # "unsupported operand type(s) for ** or pow()"
+    (0, 10000.0, "even head_dim >= 2, got 0"),                 # an empty RoPE
+    (64.0, 10000.0, "even head_dim >= 2, got 64.0"),
+])
+def test_rope_default_refuses_what_gives_no_rotation(head_dim, theta, match):
+    with pytest.raises(ValueError, match=match):
+        RoPE.default(head_dim, theta)
+
+
+def test_generate_names_a_model_that_was_not_loaded():
+    """generate("path", ...) failed with "'str' object has no attribute 'tokenizer'" deep inside,
+    and offload="fp8" offloaded without FP8, silently."""
+    import infinitehip as ih
+
+    with pytest.raises(TypeError, match=r"model must be what infinitehip\.load\(path\) returns, got str 'builtin'"):
+        ih.generate("builtin", "hi", max_new_tokens=1)
+    model = ih.load("builtin", device="cpu")
+    with pytest.raises(TypeError, match=r"offload='fp8' must be True, False, None .* OffloadConfig\(fp8=True\)"):
+        ih.generate(model, "hi", max_new_tokens=1, offload="fp8")
+
+
 def test_cache_seqlens_values_are_checked_on_the_cpu():
     """Each row's valid keys must hold its Tq queries and fit the Tk slots: 0 gave NaN, Tk + 100
     a silently different output, Tq > kv_len got around the Tq <= Tk check."""

@@ -80,6 +80,23 @@ def test_cli_generate_and_info(ckpt, tmp_path):
     assert r.exit_code == 1 and f"--prompt-file {tmp_path / 'latin1.txt'}: not UTF-8 text (byte 3" in r.output
 
 
+def test_cli_prompt_file_reads_stdin_and_refuses_what_has_no_prompt(tmp_path):
+    """--prompt-file - said "No such file or directory: '-'"; an empty file went to the model as its
+    start token alone, silently; a folder said "[Errno 21] Is a directory: ..." without the option."""
+    runner = CliRunner()
+    argv = ["generate", "builtin", "-n", "3", "--device", "cpu"]
+    want = runner.invoke(app, [*argv, "--prompt", "The grass"])
+    got = runner.invoke(app, [*argv, "--prompt-file", "-"], input="The grass")
+    assert got.exit_code == 0 and got.stdout == want.stdout and got.stdout.strip(), got.output
+    (tmp_path / "empty.txt").write_text("\n")
+    for path, stdin, message in ((tmp_path / "empty.txt", None, "has no text: give a file with the prompt"),
+                                 ("-", "", "has no text"), (tmp_path, None, "cannot read it (Is a directory)"),
+                                 (tmp_path / "missing.txt", None, "cannot read it (No such file or directory)")):
+        r = runner.invoke(app, [*argv, "--prompt-file", str(path)], input=stdin)
+        assert r.exit_code == 1 and f"error: --prompt-file {path}" in r.output and message in r.output, r.output
+        assert isinstance(r.exception, SystemExit)
+
+
 def test_cli_serve_offloads_in_fp8(monkeypatch):
     """serve's out-of-memory advice named --offload-fp8, which serve lacked; its context cache must
     not hand KV computed through FP8 storage to a server storing bf16 (or the reverse)."""

@@ -25,6 +25,18 @@ def test_preset_overrides_and_unknown_name():
     assert HiPConfig.preset("fast", sink=128).sink == 128
     with pytest.raises(ValueError, match="unknown preset 'nope'.*accurate"):
         HiPConfig.preset("nope")
+    with pytest.raises(ValueError, match=r"unknown preset \['paper'\]"):   # was "unhashable type: 'list'"
+        HiPConfig.preset(["paper"])
+
+
+def test_growing_refresh_intervals_say_what_runs():
+    """Stage s reruns at steps its interval divides *and* with every earlier stage: an interval
+    longer than the one before it never applied (the tiny preset's intervals reversed reran the
+    whole mask every 4 steps); equal ones are fine."""
+    with pytest.raises(ValueError, match=r"stage 1 would rerun at least every 4 steps, not every 8; give e\.g\. "
+                                         r"\(16, 8, 4\)"):
+        HiPConfig.preset("tiny", refresh_intervals=(4, 8, 16))
+    assert HiPConfig.preset("tiny", refresh_intervals=(16, 1, 1)).refresh_intervals == (16, 1, 1)
 
 
 @pytest.mark.parametrize("changes, field", [
@@ -56,6 +68,8 @@ def test_preset_overrides_and_unknown_name():
     (dict(refresh_intervals={16, 8, 4}), "refresh_intervals"),   # a set: iterated as (16, 8, 4), but {8, 4, 2} as (8, 2, 4)
     (dict(chunk_sizes={256: 0, 32: 0, 8: 0}), "chunk_sizes"),     # a dict: was the tuple of its keys, silently
     (dict(dense_layers=frozenset({0, 1})), "dense_layers"),
+    # a stage also reruns with every earlier one: (8, 16, 32) reran every stage every 8 steps, silently
+    (dict(refresh_intervals=(8, 16, 32)), "refresh_intervals"),
 ])
 def test_invalid_values_name_the_field(changes, field):
     with pytest.raises(ValueError, match=rf"HiPConfig\.{field}="):

@@ -25,3 +25,15 @@ def test_demo_command():
 def test_demo_names_the_bad_value(argv, message):
     res = CliRunner().invoke(app, ["demo", "--device", "cpu", *argv])
     assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+
+
+def test_demo_below_the_trained_context_gives_the_fraction(monkeypatch):
+    """--context 256 (legal: at least 256) printed "256-token prompt = 0x the model's trained context"."""
+    import infinitehip.demo as demo
+
+    each = lambda value: dict.fromkeys(demo.METHODS, value)   # noqa: E731
+    result = demo.DemoResult(256, 512, 0.35, "What is the pass key?", "12345", each("12345"), each(True), each(1.0),
+                             "cpu")
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: result)
+    res = CliRunner().invoke(app, ["demo", "--context", "256", "--device", "cpu"])
+    assert res.exit_code == 0 and "256-token prompt = 0.5x the model's" in " ".join(res.output.split()), res.output

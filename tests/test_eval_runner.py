@@ -31,6 +31,9 @@ def test_eval_of_a_missing_model_says_so(tmp_path):
     ("--lengths", "512,1x", "lengths [512] given more than once"),
     ("--depths", "0.5,0.50", "depths [0.5] given more than once"),
     ("--lengths", "64.9", "length '64.9' is not a whole number of tokens"),   # silently 64
+    # both said "need samples >= 1 and every length >= 64 tokens", whichever was wrong
+    ("--samples", "0", "samples=0: give at least 1 prompt per cell (--samples)"),
+    ("--lengths", "32,1x", "lengths [32] are too short: give at least 64 tokens"),
 ])
 def test_eval_bad_lists_are_one_line_errors_before_any_work(tmp_path, option, value, message):
     args = {"--tasks": "passkey", "--lengths": "1x", "--methods": "hip", "--depths": "0.5", option: value}
@@ -153,6 +156,59 @@ def test_unknown_method_is_refused_before_the_model_loads(tmp_path, monkeypatch)
     assert res.exit_code == 1 and "unknown method(s) ['hipp']" in res.output, res.output
     with pytest.raises(ValueError, match="unknown method"):
         EvalSpec(("passkey",), (512,), ("Dense",))
+
+
+@pytest.mark.parametrize("argv, message", [
+    # found by the first prefill, after the model loaded (and named chunk_size=, not the option)
+    (["--chunk-size", "0"], "--chunk-size 0 must be >= 1"),
+    # loaded the model, then "backend='endpoint'; choose one of ('hip', 'dense', 'streaming')"
+    (["--endpoint", " ", "--methods", None], "--endpoint is empty: give the server's URL"),
+    # found when its cell came, after every cell of the tasks before it had run
+    (["--tasks", "passkey,niah_multivalue", "--lengths", "100,2x"],
+     "length 100 is too short for niah_multivalue: its question and needles alone take"),
+])
+def test_eval_arguments_that_fail_later_are_refused_before_the_model_loads(tmp_path, monkeypatch, argv, message):
+    import infinitehip.eval.command as command
+    import infinitehip.models.loader as loader
+
+    monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(command, "run_eval", lambda *a, **k: pytest.fail("ran the eval"))
+    args = {"--tasks": "passkey", "--lengths": "1x", "--methods": "hip", "--samples": "1", "--depths": "0.5",
+            "--out": str(tmp_path), **dict(zip(argv[::2], argv[1::2]))}
+    res = CliRunner().invoke(app, ["eval", "builtin", *[x for kv in args.items() if kv[1] is not None for x in kv]])
+    assert res.exit_code == 1 and f"error: {message}" in res.output and isinstance(res.exception, SystemExit), \
+        res.output
+
+
+@pytest.mark.parametrize("answer", [b"{}", b'{"choices": []}', b"<html>Not Found</html>"])
+def test_an_endpoint_that_is_no_completions_server_is_a_one_line_error(answer):
+    """A 200 answer without choices[0].text (another kind of server, a wrong path behind a proxy)
+    was a KeyError or IndexError traceback, or JSON's bare "Expecting value: line 1 column 1";
+    a server that is not running said "<urlopen error [Errno 111] Connection refused>"."""
+
+    class Odd(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1/completions"
+        with pytest.raises(ValueError, match=rf"{url} did not answer like an OpenAI-compatible completions endpoint "
+                                             r"\(no choices\[0\]\.text in b'.*'\): check --endpoint"):
+            endpoint_completer(url.removesuffix("/completions"), "stub")("prompt", 4)
+    finally:
+        server.shutdown()
+    with pytest.raises(ValueError, match=r"cannot reach http://127\.0\.0\.1:9/v1/completions \(.*\): is the server "
+                                         r"running \(infinitehip serve\)\?"):
+        endpoint_completer("http://127.0.0.1:9", "stub")("prompt", 4)
 
 
 def test_local_model_options_with_an_endpoint_are_refused(tmp_path):

@@ -45,7 +45,9 @@ def demo(context: int = typer.Option(None, help="Prompt tokens (default: 16,384 
                                                         description=f"{LABELS[m]} reads {n:,} tokens"))
     except (OSError, ValueError) as e:
         _fail(e, debug)
-    console.print(f"[bold]{r.context:,}[/]-token prompt = [bold]{r.context / r.trained_context:.0f}x[/] the model's "
+    times = r.context / r.trained_context
+    times = f"{times:.0f}x" if times >= 1 else f"{times:.2g}x"   # a 256-token prompt was "0x" the trained context
+    console.print(f"[bold]{r.context:,}[/]-token prompt = [bold]{times}[/] the model's "
                   f"trained context ({r.trained_context} tokens); pass key hidden at {r.needle_at:.0%} depth, "
                   f"on {r.device}.")
     console.print(f"question: [italic]{r.question}[/]   expected: [bold]{r.expected}[/]")
@@ -83,15 +85,19 @@ def eval_cmd(
     """RULER-style long-context eval: accuracy per task, length, needle depth and method."""
     from .eval.command import eval_command
 
-    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     try:
-        eval_command(model, tasks=split(tasks), lengths=split(lengths),
-                     methods=None if methods is None else split(methods), samples=samples,
-                     depths=_depths(split(depths)), endpoint=endpoint, out=Path(out),
+        eval_command(model, tasks=_items(tasks), lengths=_items(lengths),
+                     methods=None if methods is None else _items(methods), samples=samples,
+                     depths=_depths(_items(depths)), endpoint=endpoint, out=Path(out),
                      preset=preset, device=device, dtype=dtype,
                      seed=seed, chunk_size=chunk_size, console=console, hip=hip)
     except (OSError, ValueError, TypeError, ImportError) as e:
         _fail(e, debug)
+
+
+def _items(text: str) -> list[str]:
+    """A comma-separated option's items, blanks dropped."""
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _depths(texts: list[str]) -> list[float]:
@@ -133,7 +139,8 @@ def _fail(e: Exception, debug: bool):
 def generate_cmd(
     model_dir: str = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors)."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Prompt text."),
-    prompt_file: str = typer.Option(None, "--prompt-file", "-f", help="Read the prompt from this file."),
+    prompt_file: str = typer.Option(None, "--prompt-file", "-f", help="Read the prompt from this file (- reads "
+                                     "standard input)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     system: str = typer.Option(None, help="System message (with --chat)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
@@ -179,12 +186,22 @@ def generate_cmd(
 
 
 def _read_prompt(path: str) -> str:
+    """The prompt file's text; ``-`` reads standard input (it was "No such file or directory: '-'")."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        if path == "-":
+            text = sys.stdin.buffer.read().decode("utf-8")
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
     except UnicodeDecodeError as e:   # it said only "'utf-8' codec can't decode byte 0xff in position 0"
         raise ValueError(f"--prompt-file {path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8, "
                          f"e.g. iconv -f latin1 -t utf-8 {path}") from None
+    except OSError as e:   # "[Errno 21] Is a directory: 'docs'": no word of the option
+        raise ValueError(f"--prompt-file {path}: cannot read it ({e.strerror or e})") from None
+    if not text.strip():   # the model continued from nothing but its start token, silently
+        raise ValueError(f"--prompt-file {path} has no text: give a file with the prompt (to generate from nothing, "
+                         "--prompt '')")
+    return text
 
 
 @app.command()

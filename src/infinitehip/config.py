@@ -55,7 +55,8 @@ class HiPConfig:
     # Stage 0's hierarchical top-1 stops after this many levels (None: down to one token). Then
     # every probe of stage 0 is at a fixed position, which an offloaded cache can keep on the GPU.
     stage0_levels: int | None = None
-    # Decode: stage s is rerun every refresh_intervals[s] steps; in between the mask is reused.
+    # Decode: stage s is rerun every refresh_intervals[s] steps, and with every earlier stage's rerun
+    # (so entries do not grow); in between the mask is reused.
     refresh_intervals: tuple[int, ...] = (32, 16, 8)
     # Decode: a refreshed mask takes effect this many steps after the step whose query pruned it
     # (0: at once, the paper's). With a lag the pruning runs beside decode (a side CUDA stream)
@@ -93,7 +94,7 @@ class HiPConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "HiPConfig":
         """A named preset (see ``PRESETS``), with fields overridden by keyword."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:   # a list: "unhashable type: 'list'"
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
@@ -218,9 +219,14 @@ class HiPConfig:
         for st in self.stage_strides:
             if not is_int(st) or st < 1 or self.block_size_q % st:
                 fail("stage_strides", self.stage_strides, f"each must divide block_size_q={self.block_size_q}")
-        for r in self.refresh_intervals:
+        for s, r in enumerate(self.refresh_intervals):
             if not is_int(r) or r < 1:
                 fail("refresh_intervals", self.refresh_intervals, "each must be an integer >= 1")
+            if s and r > self.refresh_intervals[s - 1]:   # (8, 16, 32): every stage every 8 steps, silently
+                fail("refresh_intervals", self.refresh_intervals,
+                     f"must not grow from stage to stage: a stage also reruns whenever an earlier one does, so stage "
+                     f"{s} would rerun at least every {self.refresh_intervals[s - 1]} steps, not every {r}; give "
+                     f"e.g. {tuple(sorted(self.refresh_intervals, reverse=True))}")
         lag = self.refresh_lag
         if not is_int(lag) or lag < 0:
             fail("refresh_lag", lag, "must be an integer >= 0 (decode steps between pruning a mask and using it)")

@@ -8,6 +8,7 @@ rotate at positions relative to a nearby base, which keeps fp32 angles exact at 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,12 @@ class RoPE:
 
     @classmethod
     def default(cls, head_dim: int, theta: float = 10000.0) -> "RoPE":
-        if head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim < 2 or head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim >= 2, got {head_dim!r}")
+        # theta <= 0 gave inf / NaN frequencies, then NaN attention outputs, silently.
+        if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not 0 < theta < math.inf:
+            raise ValueError(f"RoPE theta={theta!r} must be a finite number > 0 (the checkpoint's rope_theta, "
+                             "e.g. 10000.0 or 500000.0)")
         return cls(1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim).float())
 
     @classmethod

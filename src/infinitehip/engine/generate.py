@@ -221,6 +221,8 @@ def stream(model: Model, prompts: list[str | list[int]], params: SamplingParams 
     prefilling it again. ``offload``: keep the KV cache in host memory behind a GPU page cache
     (True, or an ``OffloadConfig``); None (default) offloads only when it does not fit on the GPU.
     """
+    if not isinstance(model, Model):   # a path: "'str' object has no attribute 'tokenizer'" deep inside
+        raise TypeError(f"model must be what infinitehip.load(path) returns, got {type(model).__name__} {model!r:.60}")
     params = params or SamplingParams()
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
@@ -363,6 +365,9 @@ def make_cache(model: Model, B: int, capacity: int, chunk_size: int, offload: bo
                backend: str = "hip"):
     """The KV cache for B rows of ``capacity`` tokens: on the device, or offloaded to host memory
     (when asked, or when ``offload`` is None and it does not fit on a GPU). Checked before allocating."""
+    if offload is not None and not isinstance(offload, (bool, OffloadConfig)):   # "fp8" silently offloaded in bf16
+        raise TypeError(f"offload={offload!r} must be True, False, None (only when the cache does not fit) or an "
+                        "OffloadConfig, e.g. OffloadConfig(fp8=True)")
     if backend == "dense" and isinstance(offload, OffloadConfig) and offload.fp8:
         raise ValueError("backend='dense' reads the KV cache as stored and cannot read FP8 codes: offload with "
                          "fp8=False (--offload without --offload-fp8), or use the hip or streaming backend")

@@ -12,9 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..assets import resolve_model_path
+from ..config import is_int
 from ..lengths import parse_tokens
-from .runner import (METHODS, EvalSpec, device_name, endpoint_completer, engine_completer, n_completions,
-                     run_eval, summarize)
+from ..tokenizer import Tokenizer
+from .runner import (METHODS, EvalSpec, check_short_lengths, device_name, endpoint_completer, engine_completer,
+                     n_completions, run_eval, summarize)
 from .tasks import TokenCounter
 
 
@@ -63,6 +65,9 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
                  depths: list[float], endpoint: str | None, out: Path, preset: str, device: str | None,
                  dtype: str | None, seed: int, chunk_size: int, console: Console,
                  hip: Sequence[str] = ()) -> list[dict]:
+    if endpoint is not None and not endpoint.strip():   # evaluated the local model with a method named "endpoint"
+        raise ValueError("--endpoint is empty: give the server's URL (e.g. http://127.0.0.1:8000), or leave it out to "
+                         "evaluate the model here")
     methods = _methods(methods, endpoint)
     _refuse_local_options(endpoint, preset=preset, hip=list(hip), device=device, dtype=dtype)
     model_dir = resolve_model_path(model)
@@ -71,22 +76,22 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
     trained = _trained_context(model_dir)
     spec = EvalSpec(tuple(tasks), tuple(parse_tokens(x, trained) for x in lengths), tuple(methods),
                     tuple(depths), samples, seed)
+    if endpoint is None and (not is_int(chunk_size) or chunk_size < 1):   # found by the first prefill, after loading
+        raise ValueError(f"--chunk-size {chunk_size} must be >= 1 (tokens prefilled at a time)")
     _results_folder(out)   # the arguments checked: before the model is loaded and the prompts answered
+    # The tokenizer counts the prompts' tokens (with --endpoint the server holds the model).
+    tok = Tokenizer.from_dir(model_dir)
+    counter = TokenCounter(lambda s: tok.encode(s, add_special_tokens=False))
+    check_short_lengths(spec, counter)   # before the model loads
     if endpoint:
-        # The server holds the model; the tokenizer (for lengths) comes from the model directory.
-        from ..tokenizer import Tokenizer
-
-        tok = Tokenizer.from_dir(model_dir)
         completers = {"endpoint": endpoint_completer(endpoint, name)}
         dev = f"endpoint {endpoint}"
     else:
         from ..models.loader import config_with_overrides, load
 
         loaded = load(model_dir, device=device, dtype=dtype, config=config_with_overrides(model_dir, preset, hip))
-        tok = loaded.tokenizer
         completers = {m: engine_completer(loaded, m, chunk_size) for m in methods}
         dev = device_name(loaded)
-    counter = TokenCounter(lambda s: tok.encode(s, add_special_tokens=False))
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=console, transient=True) as bar:

@@ -14,6 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from ..config import is_int
 from .tasks import TASKS, MULTI_ANSWER, TokenCounter, make_sample, score
 
 METHODS = ("hip", "dense", "streaming")
@@ -48,8 +49,12 @@ class EvalSpec:
             raise ValueError(f"unknown method(s) {bad}; choose from {METHODS} (attention backends)")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise ValueError(f"depths must be in [0, 1], got {self.depths}")
-        if self.samples < 1 or any(n < 64 for n in self.lengths):
-            raise ValueError("need samples >= 1 and every length >= 64 tokens")
+        if not is_int(self.samples) or self.samples < 1:   # said "samples >= 1 and every length >= 64"
+            raise ValueError(f"samples={self.samples!r}: give at least 1 prompt per cell (--samples)")
+        short = [n for n in self.lengths if n < 64]
+        if short:
+            raise ValueError(f"lengths {short} are too short: give at least 64 tokens (a prompt holds the task's "
+                             "question and needles)")
 
 
 def engine_completer(model, method: str, chunk_size: int = 4096) -> Callable[[str, int], str]:
@@ -72,15 +77,43 @@ def endpoint_completer(url: str, model_name: str, timeout: float = 600.0) -> Cal
         req = urllib.request.Request(target, data=body, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read())["choices"][0]["text"]
+                raw = r.read()
         except urllib.error.HTTPError as e:   # the server's own message says what was wrong
             try:
                 detail = json.loads(e.read())["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 detail = e.reason
             raise ValueError(f"{target} answered {e.code}: {detail}") from None
+        except urllib.error.URLError as e:   # "<urlopen error [Errno 111] Connection refused>"
+            raise ValueError(f"cannot reach {target} ({e.reason}): is the server running (infinitehip serve)? "
+                             "Check --endpoint") from None
+        try:   # another kind of server: a KeyError or IndexError traceback, or JSON's "Expecting value"
+            return json.loads(raw)["choices"][0]["text"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ValueError(f"{target} did not answer like an OpenAI-compatible completions endpoint (no "
+                             f"choices[0].text in {raw[:80]!r}): check --endpoint") from None
 
     return complete
+
+
+# Prompts up to this long are built once per task before the run: a task's needles and question
+# take up to ~150 tokens, and a length too short for them failed only when its cell came, after
+# the cells before it had run (longer prompts always fit, and take seconds each to build).
+_SHORT = 4096
+
+
+def check_short_lengths(spec: EvalSpec, counter: TokenCounter):
+    """Build each task's first prompt at the shortest length, if short: a length too short for the
+    task is an error before any work."""
+    shortest = min(spec.lengths)
+    if shortest <= _SHORT:
+        for task in spec.tasks:
+            make_sample(task, counter, shortest, spec.depths[0], _sample_seed(spec, 0))
+
+
+def _sample_seed(spec: EvalSpec, i: int) -> int:
+    """The seed of the i-th prompt of every cell."""
+    return spec.seed * 1_000_003 + i
 
 
 def run_eval(spec: EvalSpec, completers: dict[str, Callable[[str, int], str]], counter: TokenCounter, *,
@@ -95,7 +128,7 @@ def run_eval(spec: EvalSpec, completers: dict[str, Callable[[str, int], str]], c
     for task in spec.tasks:
         for length in spec.lengths:
             for depth in spec.depths:
-                samples = [make_sample(task, counter, length, depth, spec.seed * 1_000_003 + i)
+                samples = [make_sample(task, counter, length, depth, _sample_seed(spec, i))
                            for i in range(spec.samples)]
                 for method, complete in completers.items():
                     total, seconds, outputs = 0.0, 0.0, []
@@ -140,5 +173,5 @@ def device_name(model=None) -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-__all__ = ["EvalSpec", "METHODS", "MULTI_ANSWER", "engine_completer", "endpoint_completer",
+__all__ = ["EvalSpec", "METHODS", "MULTI_ANSWER", "check_short_lengths", "engine_completer", "endpoint_completer",
            "run_eval", "summarize", "n_completions", "device_name"]
