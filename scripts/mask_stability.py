@@ -24,7 +24,8 @@ import torch
 from infinitehip.assets import resolve_model_path
 from infinitehip.attention.mask import SENTINEL
 from infinitehip.cache import KVCache
-from infinitehip.engine.generate import DecodeState, decode_one_token, encode_prompt, prefill
+from infinitehip.engine.generate import decode_one_token, encode_prompt, prefill
+from infinitehip.engine.state import DecodeState
 from infinitehip.eval.tasks import TokenCounter, make_sample
 from infinitehip.models import load
 

@@ -25,7 +25,8 @@ from ..attention.triton import pdl
 from ..cache.kv import KVCache
 from ..config import HiPConfig
 from ..engine.cuda_graph import GraphDecoder, warm_steps
-from ..engine.generate import DecodeState, decode_one_token, prefill
+from ..engine.generate import decode_one_token, prefill
+from ..engine.state import DecodeState
 from ..engine.sampling import greedy
 from ..models.llama import BACKENDS, ModelArgs, Transformer
 from ..models.loader import Model

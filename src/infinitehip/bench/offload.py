@@ -39,7 +39,8 @@ from ..cache.offload_plan import OffloadConfig, host_bytes_per_token
 from ..cache.offload_plan import HOST_USE, longest_offload_context, plan_offload
 from ..config import HiPConfig
 from ..engine.cuda_graph import GraphDecoder, warm_steps
-from ..engine.generate import DecodeState, decode_one_token
+from ..engine.generate import decode_one_token
+from ..engine.state import DecodeState
 from ..engine.sampling import greedy
 from ..models.llama import ModelArgs, Transformer
 from ..models.loader import Model

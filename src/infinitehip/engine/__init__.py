@@ -1,6 +1,7 @@
 """Generation: chunked prefill, decode with sparse-mask reuse, sampling, streaming, continuous batching."""
 from .batch import BatchEvent, BatchRunner, BatchStats
-from .generate import DecodeState, Event, decode_one_token, encode_prompt, generate, prefill, stream
+from .generate import Event, decode_one_token, encode_prompt, generate, prefill, stream
+from .state import DecodeState
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, sample
 

@@ -38,7 +38,8 @@ from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig
 from ..config import is_int
 from ..models.llama import BACKENDS
-from .generate import DecodeState, decode_one_token, make_cache, prefill
+from .generate import decode_one_token, make_cache, prefill
+from .state import DecodeState
 from .prefix_cache import PrefixCache, fingerprint, stores_fp8
 from .sampling import SamplingParams, TextOutput, sample
 

@@ -27,7 +27,8 @@ from ..config import HiPConfig
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
 from .beside import BesidePruning
-from .generate import DecodeState, decode_one_token
+from .generate import decode_one_token
+from .state import DecodeState
 
 
 def _clone(mask: HiPMask | None) -> HiPMask | None:
