@@ -97,10 +97,10 @@ def test_endpoint_mode():
         server.shutdown()
 
 
-def test_eval_of_a_model_directory_asks_the_endpoint_for_its_served_name(tmp_path):
+def test_eval_of_a_model_directory_asks_the_endpoint_for_its_served_name(tmp_path, monkeypatch):
     """With --endpoint, MODEL is a directory (its tokenizer counts the lengths) and the request
-    names the served id, the directory's name (the full path got a 404 on every request); a
-    server's error comes back with its message."""
+    names the served id, the directory's name (the full path got a 404 on every request; "."
+    asked for model ""); a server's error comes back with its message."""
     from typer.testing import CliRunner
 
     from infinitehip.assets import resolve_model_path
@@ -120,6 +120,9 @@ def test_eval_of_a_model_directory_asks_the_endpoint_for_its_served_name(tmp_pat
         res = CliRunner().invoke(app, ["eval", str(model_dir), *args])
         assert res.exit_code == 0, res.output
         assert json.loads((tmp_path / "out" / "eval.json").read_text())["records"][0]["accuracy"] == 1.0
+        monkeypatch.chdir(model_dir)
+        res = CliRunner().invoke(app, ["eval", ".", *args])
+        assert res.exit_code == 0, res.output
         (tmp_path / "other").mkdir()
         for f in model_dir.iterdir():
             (tmp_path / "other" / f.name).write_bytes(f.read_bytes())

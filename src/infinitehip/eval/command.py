@@ -71,8 +71,11 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
     methods = _methods(methods, endpoint)
     _refuse_local_options(endpoint, preset=preset, hip=list(hip), device=device, dtype=dtype)
     model_dir = resolve_model_path(model)
-    # The served id is the directory's name (what `serve` lists under /v1/models).
-    name = "builtin" if model == "builtin" else (Path(model_dir).name if Path(model_dir).is_dir() else model)
+    from ..models.loader import model_name
+
+    # The served id is the directory's name (what `serve` lists under /v1/models): "." named "" here.
+    name = ("builtin" if model == "builtin" else
+            model_name(Path(model_dir).absolute()) if Path(model_dir).is_dir() else model)
     trained = _trained_context(model_dir)
     spec = EvalSpec(tuple(tasks), tuple(parse_tokens(x, trained) for x in lengths), tuple(methods),
                     tuple(depths), samples, seed)
