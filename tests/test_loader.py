@@ -326,6 +326,20 @@ def test_config_quantized_or_without_architectures(ckpts, tmp_path):
         infinitehip.load(path, config="tiny")
 
 
+def test_hidden_act_swish_is_silu_and_others_are_refused(ckpts, tmp_path):
+    """transformers maps hidden_act "swish" to SiLU: such a config was refused as unsupported."""
+    path = _copy(ckpts["llama"], tmp_path / "s")
+    _edit_config(path, hidden_act="swish")
+    model = infinitehip.load(path, config="tiny")
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf_model(path)(ids).logits
+    torch.testing.assert_close(forward(model, ids, "dense"), ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    _edit_config(path, hidden_act="gelu")
+    with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
+        infinitehip.load(path, config="tiny")
+
+
 def test_gpu_dtype_prefers_dtype_to_torch_dtype(monkeypatch):
     """A config.json with both keys (a transformers 4 config saved again by transformers 5, or
     edited): transformers keeps "dtype", load took "torch_dtype"."""

@@ -154,6 +154,9 @@ def test_neutral_openai_fields_and_max_completion_tokens(client):
     r = client.chat.completions.create(model="spell", messages=[{"role": "user", "content": "spell banana"}],
                                        max_completion_tokens=3)
     assert r.usage.completion_tokens == 3
+    r = client.chat.completions.create(model="spell", messages=[{"role": "user", "content": "spell banana"}],
+                                       max_tokens=3, max_completion_tokens=3)   # both, agreeing
+    assert r.usage.completion_tokens == 3
 
 
 def test_chat_stop_and_stream(client):
@@ -258,6 +261,9 @@ def test_full_queue_is_429_and_a_closed_server_is_503():
     # A completion's logprobs 0 asks for the sampled tokens' log probabilities (OpenAI's API): ignored.
     (json.dumps({"model": "spell", "prompt": "x", "logprobs": 0}).encode(), 400, "logprobs is not supported"),
     (json.dumps({"model": "spell", "prompt": None}).encode(), 400, "prompt"),   # null: the default, not for required
+    # Both names of the limit, disagreeing: max_tokens won silently.
+    (json.dumps({"model": "spell", "prompt": "x", "max_tokens": 3, "max_completion_tokens": 5}).encode(), 400,
+     "max_tokens=3 and max_completion_tokens=5 disagree"),
     # A body that is not UTF-8: {"detail": ...}, not OpenAI's shape.
     (b'{"model": "spell", "prompt": "\xff"}', 400, "not valid JSON"),
 ])

@@ -77,7 +77,7 @@ class ModelArgs:
             method = quantized.get("quant_method") if isinstance(quantized, dict) else None
             raise ValueError(f"config.json describes a quantized checkpoint (quant_method {method!r}): quantized "
                              "weights are not supported; use the unquantized (bfloat16/float16) checkpoint")
-        if cfg.get("hidden_act", "silu") != "silu":
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):   # transformers' "swish" is SiLU too
             raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                "intermediate_size") if k not in cfg]

@@ -102,7 +102,10 @@ class _Sampling(BaseModel):
         data = _drop_nulls(data, ("model", "prompt", "messages"))
         data.pop("user", None)                           # an end-user id, for the provider's logs
         if "max_completion_tokens" in data:              # chat's newer name for max_tokens
-            data.setdefault("max_tokens", data.pop("max_completion_tokens"))
+            newer = data.pop("max_completion_tokens")
+            if data.setdefault("max_tokens", newer) != newer:   # one of them was silently ignored
+                raise ValueError(f"max_tokens={data['max_tokens']!r} and max_completion_tokens={newer!r} disagree: "
+                                 "send one of them")
         for name, neutral in _NEUTRAL.items():
             if name in data and not _is_neutral(data.pop(name), neutral):
                 raise ValueError(f"{name} is not supported by this server: leave it out (or send "
