@@ -11,7 +11,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from .assets import model_file, read_json
+from .assets import model_file, read_optional_json
 
 
 def _token_text(tok) -> str | None:
@@ -44,9 +44,9 @@ class Tokenizer:
             tok = FastTokenizer.from_file(str(file))
         except Exception as e:  # the library raises a bare Exception on malformed files
             raise ValueError(f"cannot read {file}: {e}") from None
-        cfg = _read_optional(path, "tokenizer_config.json")
+        cfg = read_optional_json(path, "tokenizer_config.json")
         if "added_tokens_decoder" not in cfg:   # an older save: transformers takes its special tokens from here
-            cfg.update(_read_optional(path, "special_tokens_map.json"))
+            cfg.update(read_optional_json(path, "special_tokens_map.json"))
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template}
@@ -78,16 +78,11 @@ class Tokenizer:
                              "chat_template.jinja); write the prompt yourself instead of using chat")
         jinja2 = _jinja()
         try:
-            return _environment().from_string(self.chat_template).render(
+            return _compiled(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"{self.name}'s chat template failed: {e}") from None
-
-
-def _read_optional(path: Path, name: str) -> dict:
-    file = model_file(path, name)
-    return read_json(file) if file else {}
 
 
 def _jinja():
@@ -96,6 +91,12 @@ def _jinja():
     except ImportError:
         raise ImportError("chat templates need jinja2: pip install jinja2") from None
     return jinja2
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    """A chat template compiled once (rendering it again per request parsed it every time)."""
+    return _environment().from_string(template)
 
 
 @functools.cache

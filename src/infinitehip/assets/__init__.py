@@ -47,3 +47,10 @@ def read_json(file: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{file} holds a JSON {type(data).__name__}, not an object of settings: is it the right file?")
     return data
+
+
+def read_optional_json(directory: Path, name: str) -> dict:
+    """A model directory's optional JSON file (generation_config.json, tokenizer_config.json, ...),
+    or {} where there is none."""
+    file = model_file(directory, name)
+    return read_json(file) if file else {}

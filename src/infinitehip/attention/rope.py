@@ -40,7 +40,7 @@ class RoPE:
         """The RoPE of an HF ``config.json`` (``rope_theta`` + ``rope_scaling``/``rope_parameters``)."""
         params = rope_parameters(config)
         theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-        kind = params.get("rope_type", params.get("type", "default"))
+        kind = params["rope_type"]
         if float(config.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError("partial_rotary_factor != 1 is not supported (Llama/Mistral/Qwen rotate every dim)")
         rope = cls.default(head_dim, theta)
@@ -70,11 +70,14 @@ class RoPE:
 def rope_parameters(config: dict) -> dict:
     """An HF config's RoPE settings in one dict: transformers 5's ``rope_parameters`` updated by
     ``rope_scaling``, whose older key ``type`` counts as ``rope_type`` (as in transformers: a
-    ``"type": "yarn"`` added to a transformers 5 config must not lose to its ``"rope_type": "default"``)."""
+    ``"type": "yarn"`` added to a transformers 5 config must not lose to its ``"rope_type": "default"``).
+    ``rope_type`` is always set: "default" where neither names one."""
     scaling = dict(config.get("rope_scaling") or {})
     if "type" in scaling:
         scaling.setdefault("rope_type", scaling["type"])
-    return {**(config.get("rope_parameters") or {}), **scaling}
+    params = {**(config.get("rope_parameters") or {}), **scaling}
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

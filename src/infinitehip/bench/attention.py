@@ -256,7 +256,7 @@ def crossover(records: list[dict], kind: str) -> int | None:
 
 
 def plot(records: list[dict], path: Path):
-    """Time per call against the context, one panel per kind, hip's speedups under its points.
+    """Time per call against the context, one panel per kind, hip's speedups above its points.
     Needs matplotlib (the ``plot`` extra); without it, no plot."""
     plt = pyplot()
     if plt is None:

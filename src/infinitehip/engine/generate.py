@@ -94,8 +94,13 @@ def encode_prompt(model: Model, prompt: str | list[int], chat: bool = False, sys
         return list(prompt)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return model.tokenizer.encode(model.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        return encode_chat(model, messages)
     return model.tokenizer.encode(prompt)
+
+
+def encode_chat(model: Model, messages: list[dict]) -> list[int]:
+    """The chat template's token ids for ``messages`` (its text already holds the special tokens)."""
+    return model.tokenizer.encode(model.tokenizer.apply_chat_template(messages), add_special_tokens=False)
 
 
 def _is_ids(prompt) -> bool:

@@ -20,12 +20,14 @@ from .runner import (METHODS, EvalSpec, check_short_lengths, device_name, endpoi
 from .tasks import TokenCounter
 
 
-def _trained_context(model_dir: str) -> int | None:
+def _name_and_context(model_dir: str) -> tuple[str, int | None]:
+    """The model's name as ``load`` gives it, which is the id ``serve`` lists under /v1/models
+    ("." is its folder's name, a hub snapshot its org/name), and its trained context."""
     from ..models.llama import trained_context
-    from ..models.loader import read_config
+    from ..models.loader import model_name, read_config
 
-    _, cfg = read_config(model_dir)   # a missing directory or config.json: its own clear error
-    return trained_context(cfg)
+    path, cfg = read_config(model_dir)   # a missing directory or config.json: its own clear error
+    return model_name(path), trained_context(cfg)
 
 
 def _methods(methods: list[str] | None, endpoint: str | None) -> list[str]:
@@ -71,12 +73,7 @@ def eval_command(model: str, *, tasks: list[str], lengths: list[str], methods: l
     methods = _methods(methods, endpoint)
     _refuse_local_options(endpoint, preset=preset, hip=list(hip), device=device, dtype=dtype)
     model_dir = resolve_model_path(model)
-    from ..models.loader import model_name
-
-    # The served id is the directory's name (what `serve` lists under /v1/models): "." named "" here.
-    name = ("builtin" if model == "builtin" else
-            model_name(Path(model_dir).absolute()) if Path(model_dir).is_dir() else model)
-    trained = _trained_context(model_dir)
+    name, trained = _name_and_context(model_dir)
     spec = EvalSpec(tuple(tasks), tuple(parse_tokens(x, trained) for x in lengths), tuple(methods),
                     tuple(depths), samples, seed)
     if endpoint is None and (not is_int(chunk_size) or chunk_size < 1):   # found by the first prefill, after loading

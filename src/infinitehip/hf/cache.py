@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..attention import HiPMask, RoPE
+from ..attention.rope import rope_parameters
 from ..config import HiPConfig
 from ..models.llama import trained_context
 
@@ -265,8 +266,7 @@ def _differs(rotary: torch.nn.Module, rope: RoPE, cfg: dict) -> str | None:
            and torch.allclose(theirs[..., half:].float().cpu(), mine.cpu(), atol=1e-4)
            for theirs, mine in ((cos, ours[0]), (sin, ours[1]))):
         return None
-    kind = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}.get("rope_type", "default")
-    return f"it (rope type {kind!r}) differs from the RoPE infinitehip computes from the config"
+    return f"it (rope type {rope_parameters(cfg)['rope_type']!r}) differs from the RoPE infinitehip computes from the config"
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

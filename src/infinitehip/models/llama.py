@@ -38,7 +38,7 @@ def trained_context(cfg: dict) -> int | None:
     """The context an HF ``config.json`` was trained on: a rope-scaled model's original length
     (``original_max_position_embeddings``), else ``max_position_embeddings``; None if neither."""
     rope = rope_parameters(cfg)
-    scaled = rope.get("rope_type", rope.get("type", "default")) != "default"
+    scaled = rope["rope_type"] != "default"
     original = int(rope.get("original_max_position_embeddings") or 0) if scaled else 0
     return original or int(cfg.get("max_position_embeddings") or 0) or None
 

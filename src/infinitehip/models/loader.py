@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..attention import RoPE
-from ..assets import model_file, read_json, resolve_model_path
+from ..assets import model_file, read_json, read_optional_json, resolve_model_path
 from ..config import HiPConfig, parse_overrides
 from ..tokenizer import Tokenizer
 from .llama import ModelArgs, Transformer
@@ -241,8 +241,7 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
         net.output.weight = net.tok_embeddings.weight
     _load_weights(net, files, args)
     net.eval().requires_grad_(False)
-    gen_file = model_file(path, "generation_config.json")
-    gen = read_json(gen_file) if gen_file else {}
+    gen = read_optional_json(path, "generation_config.json")
     eos = [x for x in (gen.get("eos_token_id"), cfg.get("eos_token_id")) if x is not None]   # an id or a list
     eos_ids = tuple(i for x in eos for i in (x if isinstance(x, list) else [x]))
     tokenizer = Tokenizer.from_dir(path, eos_token_ids=eos_ids, name=model_name(path))

@@ -3,7 +3,7 @@ and a continuous-batching runner (``engine.batch.BatchRunner``) behind it."""
 from __future__ import annotations
 
 from ..engine.batch import BatchEvent, BatchRunner
-from ..engine.generate import encode_prompt
+from ..engine.generate import encode_chat, encode_prompt
 from ..engine.prefix_cache import PrefixCache
 from ..engine.sampling import SamplingParams
 
@@ -28,13 +28,11 @@ class ModelEngine:
         return encode_prompt(self.model, text)
 
     def render_chat(self, messages: list[dict]) -> list[int]:
-        """The chat template's token ids (its text already holds the special tokens)."""
-        tok = self.model.tokenizer
-        return tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+        return encode_chat(self.model, messages)
 
     def add(self, prompt: str | list[int], params: SamplingParams) -> int:
         """Queue a prompt: token ids (the app's), or text, tokenized here, on the worker thread."""
-        return self.runner.add(prompt if isinstance(prompt, list) else encode_prompt(self.model, prompt), params)
+        return self.runner.add(encode_prompt(self.model, prompt), params)
 
     def step(self) -> list[BatchEvent]:
         return self.runner.step()
