@@ -45,6 +45,7 @@ class SpellEngine:
         return text.split()
 
     def render_chat(self, messages):
+        self.rendered = messages
         return self.tokenize(" ".join(m["content"] for m in messages))
 
     def add(self, prompt, params):
@@ -404,6 +405,34 @@ def test_null_is_the_default_as_in_openai_api(url):
     msg = {"role": "user", "content": "spell hi", "name": None, "tool_calls": None}   # e.g. an answer sent back
     r = httpx.post(url + "/v1/chat/completions", json={"model": "spell", "messages": [msg], **nulls})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hi", r.text
+
+
+def test_chat_takes_text_parts_and_the_developer_role(spell, client):
+    """OpenAI's content parts ([{"type": "text", ...}]) and the developer role (its newer name for
+    system) were 400s, though text-only clients send them."""
+    url, engine = spell
+    messages = [{"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "spell"}, {"type": "text", "text": "cat"}]}]
+    r = client.chat.completions.create(model="spell", messages=messages, max_tokens=10)
+    assert r.choices[0].message.content == "cat"
+    assert engine.rendered == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "spell\ncat"}]
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "spell", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "what is this"}, image]}]})
+    assert r.status_code == 400 and "'image_url' is not supported" in r.json()["error"]["message"], r.text
+
+
+def test_chat_answers_up_to_the_capacity_by_default(url, client):
+    """Chat's max_tokens defaulted to completions' 16 (OpenAI's chat has no such cut): answers were
+    cut at 16 tokens unless the client asked for more."""
+    word = "abcdefghijklmnopqrstuvwxyz"
+    r = client.chat.completions.create(model="spell", messages=[{"role": "user", "content": f"spell {word}"}])
+    assert r.choices[0].message.content == word and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="spell", prompt=f"spell {word}")         # completions: still 16
+    assert r.choices[0].text == word[:16] and r.choices[0].finish_reason == "length"
+    full = httpx.post(url + "/v1/chat/completions", json={"model": "spell", "messages": [
+        {"role": "user", "content": "x " * 200}]})
+    assert full.status_code == 400 and "leaving none to answer with" in full.json()["error"]["message"], full.text
 
 
 def test_a_message_field_the_server_ignores_is_400(url):

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, ClassVar, Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,7 +86,8 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    max_tokens: int = Field(16, ge=1, le=1 << 20, strict=True)
+    # None: the endpoint's default (a completion 16 tokens, a chat answer up to the capacity).
+    max_tokens: int | None = Field(None, ge=1, le=1 << 20, strict=True)
     temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True)
     top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
     seed: int | None = Field(None, strict=True)
@@ -130,13 +131,24 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: Text
 
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = 16    # as OpenAI's completions
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: Text
+
 
 class Message(BaseModel):
     # Strict like the request: a message's tool_calls (or any other field) were dropped unseen.
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    # developer: OpenAI's newer name for the system role, rendered as system (chat templates
+    # know system). content: a string, or text parts, joined by newlines (as vLLM does).
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart]
     name: Text | None = None    # a participant's name, for templates that render it
 
     @model_validator(mode="before")
@@ -144,9 +156,26 @@ class Message(BaseModel):
     def _nulls(cls, data):       # e.g. an answer sent back as history: {"tool_calls": null, ...}
         return _drop_nulls(data, ("role", "content")) if isinstance(data, dict) else data
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content):   # an image or audio part named, not pydantic's dump of the union
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and part.get("type") != "text":
+                raise ValueError(f"a content part of type {part.get('type')!r} is not supported: this server "
+                                 'reads text only ({"type": "text", "text": "..."})')
+        return content
+
+    def rendered(self) -> dict:
+        """The message as the chat template takes it."""
+        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": text, **({"name": self.name} if self.name is not None else {})}
+
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = None   # as OpenAI's chat: as many as fit (the server's capacity)
 
 
 def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
@@ -224,7 +253,7 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
     async def chat(req: ChatRequest, request: Request):
         _check_model(req.model, "model")
         try:
-            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            messages = [m.rendered() for m in req.messages]
             prompt = await asyncio.to_thread(engine.render_chat, messages)
         except ValueError as e:  # e.g. a model without a chat template
             raise APIError(400, f"{e}; or send the text to /v1/completions", "messages") from None
@@ -235,12 +264,18 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
         if n_prompt == 0:  # refused here, not by the worker: a stream would get it after its 200
             raise APIError(400, "empty prompt: it has no tokens (this tokenizer adds no BOS); send some text",
                            "prompt" if kind == "text_completion" else "messages")
-        if n_prompt + req.max_tokens > engine.max_context:
-            raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({req.max_tokens}) exceeds this "
+        max_tokens = req.max_tokens if req.max_tokens is not None else req.DEFAULT_MAX_TOKENS
+        if max_tokens is None:   # as many as fit
+            if n_prompt >= engine.max_context:
+                raise APIError(400, f"the prompt ({n_prompt} tokens) fills this server's capacity of "
+                               f"{engine.max_context} tokens, leaving none to answer with; shorten it", "messages")
+            max_tokens = engine.max_context - n_prompt
+        if n_prompt + max_tokens > engine.max_context:
+            raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds this "
                            f"server's capacity of {engine.max_context} tokens; shorten the prompt or lower "
                            "max_tokens", "max_tokens")
         try:
-            params = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+            params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                     seed=req.seed, stop=tuple(req.stop))
             job = scheduler.submit(prompt, params, asyncio.get_running_loop())
         except ValueError as e:
