@@ -53,6 +53,13 @@ def test_cli_serve_takes_dtype(monkeypatch):
     assert r.exit_code == 0 and served == {"dtype": torch.bfloat16}, r.output
 
 
+def test_cli_version():
+    from infinitehip import __version__
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"infinitehip {__version__}", r.output
+
+
 def test_cli_serve_help_names_the_server_extra():
     """typer renders help as rich markup: an unescaped [server] vanished, leaving `pip install infinitehip`."""
     for argv in (["serve", "--help"], ["--help"]):

@@ -14,6 +14,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 
 
+def _print_version(value: bool):
+    if value:
+        from . import __version__
+        console.print(f"infinitehip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")):
+    pass
+
+
 OFFLOAD_FP8_HELP = "Offload, storing K/V as FP8 in host memory (half the bytes; not bit-identical)."
 HIP_HELP = ("Override a HiPConfig field of the preset, FIELD=VALUE (repeatable), e.g. --hip refresh_lag=8; "
             "with the paper preset also --hip stage0_levels=3 --hip budget=4096 (the built-in model's allows less).")
