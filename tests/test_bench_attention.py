@@ -52,7 +52,7 @@ def test_cli_bench_help_reaches_the_benchmark():
     (["--contexts", "128x"], "argument --contexts: '128x': positive token counts"),   # int() after the model was built
     (["--contexts", "32768,"], "argument --contexts: '32768,': positive token counts"),
     (["--contexts", "0"], "argument --contexts: '0': positive token counts"),
-    (["--contexts", ""], "--contexts is empty"),                                          # max() of nothing
+    (["--contexts", ""], "argument --contexts: '' is empty: give at least one context"),                                          # max() of nothing
     (["--backends", "hip,flash"], "--backends 'hip,flash': choose from hip, dense, streaming"),
     (["--decode-steps", "0"], "--decode-steps 0: time at least 1 decode step"),   # ZeroDivisionError
 ])

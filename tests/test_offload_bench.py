@@ -106,7 +106,7 @@ def test_bench_offload_stage0_levels(tmp_path):
     (["--steps", "0"], "--steps 0"),                            # a ZeroDivisionError in the step time
     (["--contexts", "abc"], "argument --contexts: 'abc': positive token counts"),   # int('abc') from deep inside
     (["--contexts", "0"], "positive token counts"),             # ran, and printed a GPU KV of 359%
-    (["--contexts", ""], "--contexts is empty"),
+    (["--contexts", ""], "argument --contexts: '' is empty: give at least one context"),
     (["--page", "3"], "OffloadConfig.page=3"),
     (["--on-gpu-contexts", "none"], "argument --on-gpu-contexts: 'none'"),   # int('none') from deep inside
     (["--refresh-lag", "-1"], "refresh_lag=-1"),

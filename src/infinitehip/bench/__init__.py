@@ -30,10 +30,13 @@ def main(argv: list[str] | None = None) -> None:
 CONTEXTS_HELP = LENGTHS_HELP.replace("token counts:", "token counts, comma-separated:")
 
 
-def parse_contexts(text: str, *, allow_max: bool = False) -> list:
+def parse_contexts(text: str, *, allow_max: bool = False, required: bool = False) -> list:
     """Every benchmark's context list, the ``type=`` of its flags: token counts, plain or K/M
-    multiples in either case ("32768,128k,1M" -> [32768, 131072, 1048576]); "" is none.
-    ``allow_max``: the word 'max' too, kept as is (bench offload: the longest context that fits)."""
+    multiples in either case ("32768,128k,1M" -> [32768, 131072, 1048576]); "" is none, unless
+    ``required``. ``allow_max``: the word 'max' too, kept as is (bench offload: the longest
+    context that fits)."""
+    if required and not text.strip():   # a run of nothing, found after the model was built
+        raise argparse.ArgumentTypeError(f"{text!r} is empty: give at least one context, e.g. 128K")
     out = []
     for item in (x.strip() for x in text.split(",")) if text.strip() else ():
         if allow_max and item.lower() == "max":

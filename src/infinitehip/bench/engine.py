@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import time
 from pathlib import Path
@@ -118,7 +119,7 @@ def add_floors(r: dict, floor_ms: float, args: ModelArgs, bytes_per_s: float):
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(prog="infinitehip bench engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=parse_contexts, default="32K,128K,256K", help=f"Contexts: {CONTEXTS_HELP}.")
+    p.add_argument("--contexts", type=functools.partial(parse_contexts, required=True), default="32K,128K,256K", help=f"Contexts: {CONTEXTS_HELP}.")
     p.add_argument("--backends", default="hip,dense")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=64)
@@ -132,10 +133,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--refresh-lag", type=int, default=0, help=REFRESH_LAG_HELP)
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
-    # Checked before the GPU work (as parse_contexts checks --contexts): a bad entry used to end in a
+    # Checked before the GPU work (as parse_contexts checks --contexts): a bad value used to end in a
     # traceback after the model was built.
-    if not a.contexts:
-        raise SystemExit("--contexts is empty: give at least one context, e.g. --contexts 128K")
     if not all(b in BACKENDS for b in a.backends.split(",")):
         raise SystemExit(f"--backends {a.backends!r}: choose from {', '.join(BACKENDS)}, comma-separated")
     if a.decode_steps < 1:   # the step time divides by it

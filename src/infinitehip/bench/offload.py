@@ -270,7 +270,7 @@ def longest_context(model: Model, a, device, free_host: int | None = None, free_
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(prog="infinitehip bench offload", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=lambda s: parse_contexts(s, allow_max=True), default=None,
+    p.add_argument("--contexts", type=lambda s: parse_contexts(s, allow_max=True, required=True), default=None,
                    help=f"Contexts: {CONTEXTS_HELP}; 'max' = the longest that fits (default 256K,1M,max; "
                    "--quick: 1024,2048).")
     p.add_argument("--on-gpu-contexts", type=parse_contexts, default="256K",
@@ -309,8 +309,6 @@ def main(argv: list[str] | None = None):
     for flag, n in (("--warm", a.warm), ("--profile", a.profile), ("--layers", a.layers - 1)):
         if n < 0:   # --warm -5 ran as 0, --profile -1 printed an empty profile, --layers 0 built no model
             raise SystemExit(f"{flag} {getattr(a, flag[2:])}: a count >= {1 if flag == '--layers' else 0}")
-    if a.contexts == []:   # the lists themselves: parse_contexts
-        raise SystemExit("--contexts is empty: give at least one context, e.g. --contexts 256K")
     try:   # --page, --probe-stride, --headroom, --gpu-layers: what OffloadConfig accepts
         OffloadConfig(page=a.page, headroom=a.headroom, gpu_layers=a.gpu_layers, probe_stride=a.probe_stride)
     except ValueError as e:
