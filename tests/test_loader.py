@@ -350,3 +350,20 @@ def test_gpu_dtype_prefers_dtype_to_torch_dtype(monkeypatch):
     cfg = {"dtype": "bfloat16", "torch_dtype": "float16"}
     assert resolve_device_dtype("cuda", None, cfg) == (torch.device("cuda"), torch.bfloat16)
     assert resolve_device_dtype("cuda", None, {"torch_dtype": "float16"})[1] == torch.float16
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.float32, torch.bfloat16])
+def test_gpu_dtype_without_one_in_the_config_is_the_weights(stored, monkeypatch, tmp_path):
+    """A config.json without dtype or torch_dtype loaded bfloat16 on the GPU whatever the weights
+    were (a float16 checkpoint lost precision); transformers 5 takes the weights' dtype."""
+    from safetensors.torch import save_file
+
+    from infinitehip.models.loader import resolve_device_dtype, weight_files
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 2, dtype=stored)}, tmp_path / "model.safetensors")
+    files = weight_files(tmp_path)
+    assert resolve_device_dtype("cuda", None, {}, files)[1] == stored
+    assert resolve_device_dtype("cuda", None, {"torch_dtype": "bfloat16"}, files)[1] == torch.bfloat16  # config wins
+    assert resolve_device_dtype("cpu", None, {}, files)[1] == torch.float32

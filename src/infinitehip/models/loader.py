@@ -156,7 +156,10 @@ def _header_names(file: Path) -> list[str]:
         return list(f.keys())
 
 
-def resolve_device_dtype(device, dtype, cfg: dict) -> tuple[torch.device, torch.dtype]:
+def resolve_device_dtype(device, dtype, cfg: dict, files: dict[str, Path] | None = None) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype to load in: as given, else CUDA when available and on it the
+    checkpoint's dtype (config.json's, or without one there the weights' own, as transformers 5
+    takes it: ``files`` from ``weight_files``), float32 on the CPU."""
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError):
@@ -165,10 +168,12 @@ def resolve_device_dtype(device, dtype, cfg: dict) -> tuple[torch.device, torch.
         raise ValueError(f"device={str(device)!r} is not supported; use 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available here; use device='cpu'")
-    if dtype is None:
+    if dtype is None and device.type == "cuda":
         # transformers 5 writes "dtype" and prefers it to the older "torch_dtype" when a config has both
-        saved = _DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"), torch.bfloat16)
-        dtype = saved if device.type == "cuda" else torch.float32  # CPU: fp32 is accurate and fast
+        saved = cfg.get("dtype") or cfg.get("torch_dtype")
+        dtype = _DTYPES.get(str(saved), torch.bfloat16) if saved or not files else _weights_dtype(files)
+    elif dtype is None:
+        dtype = torch.float32   # CPU: fp32 is accurate and fast
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of float32, float16, bfloat16")
@@ -178,6 +183,15 @@ def resolve_device_dtype(device, dtype, cfg: dict) -> tuple[torch.device, torch.
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ValueError(f"{torch.cuda.get_device_name(device)} does not support bfloat16; use dtype='float16'")
     return device, dtype
+
+
+def _weights_dtype(files: dict[str, Path]) -> torch.dtype:
+    """The dtype the weights are stored in (the embedding's, from its file's header); bfloat16
+    for anything else (quantized checkpoints are refused by ``ModelArgs.from_hf``)."""
+    name = "model.embed_tokens.weight" if "model.embed_tokens.weight" in files else next(iter(files))
+    with _open(files[name]) as f:
+        stored = f.get_slice(name).get_dtype()
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(stored, torch.bfloat16)
 
 
 def recommended_config(cfg: dict) -> HiPConfig:
@@ -219,7 +233,8 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
     """
     path, cfg = read_config(path)
     args = ModelArgs.from_hf(cfg)
-    device, dtype = resolve_device_dtype(device, dtype, cfg)
+    files = weight_files(path)
+    device, dtype = resolve_device_dtype(device, dtype, cfg, files)
     if config is None:
         config = recommended_config(cfg)
     hip = HiPConfig.preset(config) if isinstance(config, str) else config
@@ -229,7 +244,6 @@ def load(path: str | Path, *, device=None, dtype=None, config: str | HiPConfig |
         hip = hip.replace(model_context_length=args.trained_context)
     base = RoPE.from_hf(cfg, args.head_dim)
     rope = RoPE(base.inv_freq.to(device), base.attention_scaling)
-    files = weight_files(path)
     if args.tie_embeddings and _own_lm_head(files):   # as transformers: the checkpoint's own head wins
         warnings.warn(f"{path}: config.json sets tie_word_embeddings but lm_head.weight differs from the embedding; "
                       "loaded untied (set tie_word_embeddings to false in config.json to silence this)", stacklevel=2)
@@ -336,9 +350,10 @@ def inspect_checkpoint(path: str | Path, *, device=None, dtype=None) -> dict:
 
     path, cfg = read_config(path)
     args = ModelArgs.from_hf(cfg)
-    device, dtype = resolve_device_dtype(device, dtype, cfg)
+    files = weight_files(path)
+    device, dtype = resolve_device_dtype(device, dtype, cfg, files)
     n_params = 0
-    for file in set(weight_files(path).values()):
+    for file in set(files.values()):
         with _open(file) as f:
             n_params += sum(int(torch.Size(f.get_slice(name).get_shape()).numel()) for name in f.keys())
     elem = torch.finfo(dtype).bits // 8
