@@ -27,6 +27,7 @@
 #              (SWEEP_DECODE="" skips decode)
 #   reuse      scripts/sweep_prune.py --reuse 128K: the mask-reuse decode step's launch settings, the selection kernel's warps
 #   gemv       scripts/sweep_gemv.py: decode's fused linear layers vs cuBLAS, per layer and launch, then a token's worth
+#   runner     scripts/bench_runner.py: the server's BatchRunner at 70K tokens x 4 staggered rows, eager vs CUDA graphs
 #   dropin     scripts/bench_dropin.py: the transformers drop-in (sdpa / infinitehip / + HiPCache) at 32K and 128K,
 #              4 layers of the 8B shape, and the profiler table of HiPCache decode steps (dropin.profile.txt)
 #   cache      bring Triton's compiled kernels back as $OUT/triton_cache.tgz (see below)
@@ -103,6 +104,7 @@ for s in "$@"; do
         gemv) step gemv 400 python scripts/sweep_gemv.py --limit 6 --out "$OUT/sweep_gemv.json" ;;
         dropin) step dropin 300 python scripts/bench_dropin.py --contexts 32K,128K --layers 4 --profile \
                     --out "$OUT/dropin.json" ;;
+        runner) step runner 300 python scripts/bench_runner.py --out "$OUT/runner.json" ;;
         cache) export_cache=1 ;;
         ncu) step ncu 150 ncu --clock-control none -k regex:_bsa_kernel -c 2 --section SpeedOfLight \
                  --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
@@ -111,7 +113,7 @@ for s in "$@"; do
                        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
                        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                        python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, lag, engine_lag, attention, attention_pdl, stage0, engine, engine_all, engine_pdl, timeline, sweep, reuse, gemv, dropin, cache, ncu, ncu_prune)"; exit 2 ;;
+        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, lag, engine_lag, attention, attention_pdl, stage0, engine, engine_all, engine_pdl, timeline, sweep, reuse, gemv, runner, dropin, cache, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"

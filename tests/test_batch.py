@@ -328,3 +328,16 @@ def test_a_slot_reused_after_abort_reads_nothing_of_its_last_request(model, fp8,
     assert tokens == want_tokens and len(steps) == len(want_steps)
     for got_step, want_step in zip(steps, want_steps):
         assert got_step.keys() == want_step.keys() and all(torch.equal(got_step[k], want_step[k]) for k in got_step)
+
+
+def test_graphs_with_a_refresh_lag_are_refused(model):
+    """Pruning beside decode needs graphs of one phase; the runner's rows are at several: refused
+    up front (before its cache is allocated), and the server leaves graphs off with a lag."""
+    import dataclasses
+
+    from infinitehip.server.engine import _graphs_by_default
+
+    lagged = dataclasses.replace(model, hip=model.hip.replace(refresh_lag=2))
+    with pytest.raises(ValueError, match="cuda_graph with HiPConfig.refresh_lag"):
+        BatchRunner(lagged, cuda_graph=True, max_batch=1, max_context=512)
+    assert not _graphs_by_default(lagged, "hip") and not _graphs_by_default(model, "hip")   # CPU: eager

@@ -20,6 +20,8 @@ def ckpt(tmp_path_factory):
     (["generate", "builtin", "-p", "hi", "-n", "2", "--temperature", "nan"], "temperature=nan must be"),
     (["serve", "builtin", "--port", "99999"], "--port 99999 is not a TCP port"),   # uvicorn's OverflowError
     (["generate", "builtin", "-p", "hi", "--system", "be brief"], "system= is the chat template's"),  # dropped
+    (["serve", "builtin", "--device", "cpu", "--cuda-graph", "--max-batch", "1", "--max-context", "1024"],
+     "cuda_graph=True needs a CUDA device"),
 ])
 def test_cli_bad_values_are_one_line_errors(argv, message):
     r = CliRunner().invoke(app, argv)

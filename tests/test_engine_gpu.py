@@ -27,6 +27,29 @@ def test_cuda_graph_decode_equals_eager(tmp_path, backend):
     assert graph == eager
 
 
+@needs_cuda
+@pytest.mark.parametrize("backend", ["hip", "dense", "streaming"])
+def test_batch_runner_graph_decode_equals_eager(tmp_path, backend):
+    """The server's runner replaying decode from CUDA graphs, requests joining at different steps
+    (rows at different refresh phases: hip's ("rows", stage) graphs): the eager runner's tokens."""
+    from test_batch import ADMIT_AT, LENGTHS, drive, prompt
+
+    from infinitehip.engine import BatchRunner
+
+    model = infinitehip.load(make_checkpoint(tmp_path, "llama"), config="tiny", dtype="float32")
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    arrivals = {}
+    for i, (n, at) in enumerate(zip(LENGTHS, ADMIT_AT)):
+        arrivals.setdefault(at, []).append((i, prompt(n), params))
+    got = {}
+    for graphs in (False, True):
+        r = BatchRunner(model, backend=backend, max_batch=4, max_context=512, chunk_size=64, cuda_graph=graphs)
+        got[graphs], _ = drive(r, arrivals)
+    assert got[True] == got[False]
+    if backend == "hip":   # mixed phases replayed graphs, not eager steps
+        assert any(key[0] == "rows" for key in r._graphs.graphs), list(r._graphs.graphs)
+
+
 def test_cuda_graph_needs_cuda_model(tmp_path):
     model = infinitehip.load(make_checkpoint(tmp_path, "llama"), device="cpu")
     with pytest.raises(ValueError, match="needs a CUDA device"):

@@ -246,6 +246,41 @@ def test_per_row_refresh_equals_separate_calls(backend):
         alone = want_masks
 
 
+def test_per_row_stages_reach_the_device_once_per_pattern():
+    """Each layer of a batch at mixed refresh phases copied its rows' stages to the device anew (on
+    a GPU a copy that waited for the GPU to drain, in every layer of such a step): one read-only
+    tensor per pattern now, with the same values."""
+    from infinitehip.attention import api
+
+    q, k, v = rand_qkv(2, 1, 900, 4, 2, 64)
+    _, mask = hip_attention(q, k, v, config=TINY, backend="reference")
+    first, rows = api._refresh_rows([1, TINY.n_stages], 2, TINY, mask, k.device)
+    again, same = api._refresh_rows([1, TINY.n_stages], 2, TINY, mask, k.device)
+    assert first == again == 1 and rows.tolist() == [1, TINY.n_stages] and same is rows
+    assert api._refresh_rows([2, 2], 2, TINY, mask, k.device) == (2, None)
+
+
+def test_row_stages_on_the_device_are_the_list():
+    """A CUDA graph passes each row's stage as a device buffer (api.RowStages: its minimum on the
+    host): the same outputs and masks as the list, and bad ones refused."""
+    from infinitehip.attention.api import RowStages, cache_attention
+
+    q, k, v = rand_qkv(3, 1, 900, 4, 2, 64)
+    lens = torch.tensor([900, 700, 820])
+    _, mask = hip_attention(q, k, v, config=TINY, cache_seqlens=lens, backend="reference")
+    stages = [1, TINY.n_stages, 2]
+    want, want_mask = cache_attention(q, k, v, config=TINY, cache_seqlens=lens, mask=mask, refresh_stage=stages,
+                                      backend="reference")
+    got, got_mask = cache_attention(q, k, v, config=TINY, cache_seqlens=lens, mask=mask, backend="reference",
+                                    refresh_stage=RowStages(1, torch.tensor(stages)))
+    assert torch.equal(got, want) and torch.equal(got_mask.starts, want_mask.starts)
+    assert torch.equal(got_mask.w0, want_mask.w0)
+    for bad, match in ((RowStages(TINY.n_stages + 1, torch.tensor(stages)), "RowStages.first=4"),
+                       (RowStages(1, torch.tensor(stages[:2])), r"must be a \(3,\) int64 tensor")):
+        with pytest.raises(ValueError, match=match):
+            cache_attention(q, k, v, config=TINY, cache_seqlens=lens, mask=mask, refresh_stage=bad, backend="reference")
+
+
 def test_per_row_refresh_errors():
     q, k, v = rand_qkv(2, 1, 900, 4, 2, 64)
     with pytest.raises(ValueError, match="one per row"):

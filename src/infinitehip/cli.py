@@ -323,6 +323,8 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
           offload_fp8: bool = typer.Option(False, "--offload-fp8", help=OFFLOAD_FP8_HELP),
           context_cache: str = typer.Option(None, "--context-cache",
                                             help="safetensors file of cached document KV: loaded at start, saved at exit."),
+          cuda_graph: bool = typer.Option(None, "--cuda-graph/--no-cuda-graph",
+                                          help="Replay decode steps from CUDA graphs (default: on a GPU)."),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     r"""Serve the model over an OpenAI-compatible HTTP API (`pip install infinitehip\[server]`)."""
     # The backslash: typer renders help as rich markup, where a bare [server] is a tag and vanishes.
@@ -342,7 +344,7 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
 
         model = load(model_dir, device=device, dtype=dtype, config=_hip_config(model_dir, preset, hip))
         engine = ModelEngine(model, backend=backend, max_context=max_context, max_batch=max_batch,
-                             offload=_offload_arg(offload, offload_fp8, None, model.device))
+                             offload=_offload_arg(offload, offload_fp8, None, model.device), cuda_graph=cuda_graph)
         owner = engine.runner.owner
         if context_cache and Path(context_cache).exists():   # into host memory, as the entries made later
             engine.prefix_cache.load(context_cache, owner=owner)

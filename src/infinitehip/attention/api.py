@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,16 @@ from .rope import RoPE, apply_rope
 from .stages import run_stages
 
 KERNELS = ("auto", "triton", "reference")   # hip_attention's backend: which code runs it
+
+
+class RowStages(NamedTuple):
+    """Per-row refresh stages already on the device, for ``refresh_stage``: a CUDA graph's static
+    buffer, refilled before each replay (a list would be copied at capture and baked in).
+    ``first``, their minimum, is known on the host: the stage the batch runs pruning from."""
+
+    first: int
+    rows: torch.Tensor    # (B,) int64 on the device, each in [first, n_stages]
+
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # The reference materializes (B, H, queries, attended keys) scores: bound that per slice.
 _REFERENCE_SLICE_ELEMENTS = 1 << 26
@@ -218,6 +228,8 @@ def _refresh_rows(refresh_stage, B: int, config: HiPConfig, mask: HiPMask | None
     stages or None when all rows agree). With no mask to reuse, everything reruns: a decode loop
     passes back what the previous call returned, None while the context was short enough for
     dense attention."""
+    if isinstance(refresh_stage, RowStages):
+        return _device_rows(refresh_stage, B, config, mask)
     given = refresh_stage if isinstance(refresh_stage, (list, tuple)) else [refresh_stage]
     if any(isinstance(r, bool) for r in given):   # True passed as stage 1
         raise ValueError(f"refresh_stage={refresh_stage!r}: a stage number (config.refresh_stage(step)), not a bool")
@@ -235,14 +247,45 @@ def _refresh_rows(refresh_stage, B: int, config: HiPConfig, mask: HiPMask | None
         raise ValueError(f"refresh_stage={refresh_stage} must be in [0, {config.n_stages}] (per row)")
     if mask is None:   # nothing to reuse (a first step, or the previous call attended densely)
         return 0, None
-    missing = [s for s in range(max(min(rows), 1), min(max(rows), config.n_stages - 1) + 1)
-               if mask.stage_inputs[s] is None]
+    _check_saved_inputs(mask, min(rows), max(rows), config, refresh_stage)
+    if len(set(rows)) == 1:
+        return rows[0], None
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():   # cached now, it would
+        return min(rows), torch.tensor(rows, device=device)                  # hold garbage until a replay
+    return min(rows), _row_stages(tuple(rows), device)
+
+
+def _device_rows(given: RowStages, B: int, config: HiPConfig, mask: HiPMask | None):
+    """``_refresh_rows`` of stages already on the device: their values are not read (a host sync)."""
+    first, rows = given
+    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= config.n_stages:
+        raise ValueError(f"RowStages.first={first!r} must be a stage in [0, {config.n_stages}]")
+    if not isinstance(rows, torch.Tensor) or rows.shape != (B,) or rows.dtype != torch.long:
+        raise ValueError(f"RowStages.rows must be a ({B},) int64 tensor of per-row stages, got "
+                         f"{getattr(rows, 'shape', rows)!r}")
+    if mask is None:
+        return 0, None
+    _check_saved_inputs(mask, first, config.n_stages, config, given)
+    return first, rows
+
+
+def _check_saved_inputs(mask: HiPMask, lo: int, hi: int, config: HiPConfig, refresh_stage):
+    """Rerunning stages lo..hi needs the mask's saved input of each (an empty_mask has none)."""
+    missing = [s for s in range(max(lo, 1), min(hi, config.n_stages - 1) + 1) if mask.stage_inputs[s] is None]
     if missing:
         raise ValueError(f"refresh_stage={refresh_stage} reruns stage {missing[0]}, but the mask has no saved input "
                          f"for it (an empty_mask): reuse it with refresh_stage={config.n_stages} or prune from 0")
-    if len(set(rows)) == 1:
-        return rows[0], None
-    return min(rows), torch.tensor(rows, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_stages(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(B,) int64 per-row stages on ``device``, cached (read only): a batch whose rows are at
+    different refresh phases passes the same few patterns again and again, and each
+    ``torch.tensor`` from a Python list to the GPU was a copy that waited for the GPU to drain,
+    in every layer of such a step (H200, 8 layers, 4 staggered rows: 7.2 ms a step eager
+    against 5.3 aligned)."""
+    return torch.tensor(rows, device=device)
 
 
 def dense_attention(q, k, v, kv_len: torch.Tensor | None, rope: RoPE | None, scale: float) -> torch.Tensor:

@@ -11,7 +11,11 @@ planned and allocated once. ``add`` queues a request; every ``step``:
    of its own (identical KV).
    A shared prefix cached in ``PrefixCache`` is copied in instead of prefilled.
 2. **decode**: one forward pass for every slot, each row at its own position; each request
-   samples from its own row with its own ``SamplingParams`` and ``torch.Generator``.
+   samples from its own row with its own ``SamplingParams`` and ``torch.Generator``. With
+   ``cuda_graph`` (GPU) the pass is replayed from CUDA graphs, rows at different refresh phases
+   included (``GraphDecoder``: the graph of the smallest stage any row reruns, each row's stage
+   a device buffer); it reads every slot at full capacity, where an eager step reads the keys
+   up to the longest row.
 
 A finished, stopped or cancelled request frees its slot at once for the next one.
 
@@ -38,6 +42,7 @@ from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig
 from ..config import is_int
 from ..models.llama import BACKENDS
+from .cuda_graph import GraphDecoder
 from .generate import decode_one_token, make_cache, prefill
 from .state import DecodeState
 from .prefix_cache import PrefixCache, fingerprint, stores_fp8
@@ -99,11 +104,13 @@ class BatchRunner:
     """Continuous batching over ``max_batch`` KV-cache slots of ``max_context`` tokens each.
 
     Not thread-safe: one thread (a server's worker) calls ``add``, ``step``, ``cancel``.
+    cuda_graph: replay decode steps from CUDA graphs (CUDA only).
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_context: int = 4096, backend: str = "hip",
                  chunk_size: int = 4096, prefill_budget: int | None = None, kernel: str = "auto",
-                 prefix_cache: PrefixCache | None = None, offload: bool | OffloadConfig | None = False):
+                 prefix_cache: PrefixCache | None = None, offload: bool | OffloadConfig | None = False,
+                 cuda_graph: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         # Integers: a float chunk_size failed every step in prefill (each failure aborting the requests
@@ -113,6 +120,10 @@ class BatchRunner:
             raise ValueError(f"need integers max_batch >= 1, max_context >= 2, chunk_size >= 1 and prefill_budget "
                              f">= 1 (or None: chunk_size); got {max_batch!r}, {max_context!r}, {chunk_size!r}, "
                              f"{prefill_budget!r}")
+        # Graphs whose pruning runs beside decode (refresh_lag) are per step of one phase: not built here.
+        if cuda_graph and backend == "hip" and model.hip.refresh_lag:
+            raise ValueError("cuda_graph with HiPConfig.refresh_lag is not supported by the batch runner: use "
+                             "refresh_lag=0 or cuda_graph=False")
         self.model, self.backend, self.kernel = model, backend, kernel
         self.max_batch, self.max_context, self.chunk_size = max_batch, max_context, chunk_size
         self.prefill_budget = sizes[3]
@@ -131,6 +142,12 @@ class BatchRunner:
         self._unreported: list[BatchEvent] = []            # the running step's events (see abort)
         self._free = list(range(max_batch))
         self._next_id = 0
+        # A decode step's tokens and positions, filled on the host and copied in one transfer:
+        # pinned on CUDA, so the copy does not wait for the GPU to drain (each step's sampling has
+        # synced before the buffer is refilled).
+        self._inputs = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=model.device.type == "cuda")
+        # Decode steps replayed from CUDA graphs (rows at different refresh phases included), else eager.
+        self._graphs = GraphDecoder(model, self.cache, self.state) if cuda_graph else None
 
     def _allocate(self, offload: bool | OffloadConfig | None) -> KVCache | OffloadKVCache:
         """Plan first, so a server that cannot hold its slots fails at start with the numbers.
@@ -295,16 +312,17 @@ class BatchRunner:
     def _decode(self, events: list[BatchEvent], parked: int):
         """One decode step for every decoding row; the row still prefilling (if any) rides along
         at ``parked`` (``_parking``), its output discarded."""
-        B, device = self.max_batch, self.model.device
-        tokens = torch.zeros(B, dtype=torch.long)
-        seqlens = torch.zeros(B, dtype=torch.long)
+        tokens, seqlens = self._inputs.zero_()
         for slot, req in self._decoding.items():
             tokens[slot], seqlens[slot] = req.last, req.seqlen
         if self._prefilling is not None:
             seqlens[self._prefilling.slot] = parked
         kv_limit = max(int(seqlens.max()) + 1, self._kv_floor)
-        logits = decode_one_token(self.model, tokens.to(device), seqlens.to(device), self.cache, self.state,
-                                  kv_limit=kv_limit)                                 # (B, V)
+        tokens, seqlens = self._inputs.to(self.model.device, non_blocking=True, copy=True)   # not the buffer itself
+        if self._graphs is not None:   # graphs read every slot: each row's length is data
+            logits = self._graphs(tokens, seqlens)
+        else:
+            logits = decode_one_token(self.model, tokens, seqlens, self.cache, self.state, kv_limit=kv_limit)   # (B, V)
         n = len(self._decoding)
         self.stats.decode_steps += 1
         self.stats.batched_steps += n > 1

@@ -6,7 +6,9 @@ zero-copy device alias of host memory: the graph's kernels read and write it ove
 through its GPU page cache (bookkeeping as fixed-shape tensor ops on the device). ``hip``: one
 graph per refresh stage; the per-layer masks live in static buffers that each replay updates in
 place. A step that prunes from stage s replays graph (s,); steps that reuse the mask replay graph
-(``n_stages``,). ``dense`` (FlashAttention over each row's valid keys,
+(``n_stages``,). Rows at different refresh phases (a server's batch, whose requests joined at
+different steps) replay graph ("rows", s) for the smallest stage s any row reruns, each row's own
+stage a static device buffer (``api.RowStages``) refilled before the replay. ``dense`` (FlashAttention over each row's valid keys,
 ``models/llama.full_cache_decode``) and ``streaming`` (sink + window, a constant empty mask) keep
 no state between steps: one graph serves every step.
 
@@ -22,6 +24,7 @@ import math
 import torch
 
 from ..attention import HiPMask
+from ..attention.api import RowStages
 from ..cache.kv import KVCache
 from ..config import HiPConfig
 from ..models.llama import BACKENDS, AttentionCall
@@ -49,6 +52,10 @@ class GraphDecoder:
         self.model, self.cache, self.state = model, cache, state
         self.tokens = torch.zeros(B, dtype=torch.long, device=model.device)
         self.seqlens = torch.zeros(B, dtype=torch.long, device=model.device)
+        # Rows at different refresh stages: each row's stage, filled in pinned memory (an async copy)
+        self.row_stages = torch.zeros(B, dtype=torch.long, device=model.device)
+        self._row_stages_host = torch.zeros(B, dtype=torch.long, pin_memory=True)
+        self._copied = torch.cuda.Event()
         self.graphs: dict = {}
         self.pool = None
         self.masks: list[HiPMask | None] | None = None
@@ -70,6 +77,11 @@ class GraphDecoder:
             return self._eager(tokens, seqlens)
         self.tokens.copy_(tokens)
         self.seqlens.copy_(seqlens)
+        if key[0] == "rows":
+            self._copied.synchronize()   # the host buffer's previous copy is done (it was, in practice)
+            self._row_stages_host.copy_(torch.tensor(state.refresh_stages(hip)))
+            self.row_stages.copy_(self._row_stages_host, non_blocking=True)
+            self._copied.record()
         step = state.steps[0]
         if self.lag and key[1]:   # the masks pruned refresh_lag steps ago take effect
             self.beside.take_effect(hip.refreshes_upto(step - self.lag))
@@ -83,15 +95,15 @@ class GraphDecoder:
         return logits.clone()
 
     def _key(self) -> tuple | None:
-        """The graph this step replays: hip's refresh stage, or with a lag (the stage it prunes
-        from for later, whether masks take effect); None when rows disagree. The other backends
-        ignore the stage, so they share one graph."""
+        """The graph this step replays: hip's refresh stage (("rows", the smallest) when rows
+        disagree), or with a lag (the stage it prunes from for later, whether masks take effect);
+        None when rows disagree there. The other backends ignore the stage: one graph."""
         state, hip = self.state, self.model.hip
         if state.backend != "hip":
             return (0,)
         if not self.lag:
             stage = state.refresh_stages(hip)
-            return (stage,) if isinstance(stage, int) else None
+            return (stage,) if isinstance(stage, int) else ("rows", min(stage))
         if state.refresh_stages(hip) != hip.n_stages:   # a row's first step prunes for itself
             return None
         later, now = state.deferred_stages(hip), state.taking_effect(hip)
@@ -119,7 +131,8 @@ class GraphDecoder:
 
     def _step(self, key: tuple) -> torch.Tensor:
         masks, hip = list(self.masks), self.model.hip
-        call = AttentionCall(backend=self.state.backend, masks=masks, refresh_stage=key[0], kernel=self.state.kernel)
+        stage = RowStages(key[1], self.row_stages) if key[0] == "rows" else key[0]
+        call = AttentionCall(backend=self.state.backend, masks=masks, refresh_stage=stage, kernel=self.state.kernel)
         if self.lag:   # attend with the masks as they are; a refreshing step saves its queries
             later, now = key
             call.refresh_stage, call.pruned, call.defer_stage, call.fresh = hip.n_stages, list(masks), later, now

@@ -15,14 +15,15 @@ class ModelEngine:
 
     def __init__(self, model, *, model_id: str | None = None, backend: str = "hip", max_context: int = 131_072,
                  max_batch: int = 8, chunk_size: int = 4096, prefix_cache: PrefixCache | None = None,
-                 offload=False):
+                 offload=False, cuda_graph: bool | None = None):
         self.model = model
         self.model_id = model_id or model.name
         self.max_context, self.max_batch = max_context, max_batch
         # Documents shared by several requests are prefilled once (see engine/prefix_cache.py).
         self.prefix_cache = PrefixCache() if prefix_cache is None else prefix_cache
         self.runner = BatchRunner(model, max_batch=max_batch, max_context=max_context, backend=backend,
-                                  chunk_size=chunk_size, prefix_cache=self.prefix_cache, offload=offload)
+                                  chunk_size=chunk_size, prefix_cache=self.prefix_cache, offload=offload,
+                                  cuda_graph=_graphs_by_default(model, backend) if cuda_graph is None else cuda_graph)
 
     def tokenize(self, text: str) -> list[int]:
         return encode_prompt(self.model, text)
@@ -56,3 +57,8 @@ class ModelEngine:
                 "context_cache": {"entries": len(self.prefix_cache), "lookups": p.lookups, "hits": p.hits,
                                   "reused_tokens": p.reused_tokens, "prefilled_tokens": p.prefilled_tokens,
                                   "prefill_seconds_saved": round(self.runner.stats.prefill_seconds_saved, 6)}}
+
+
+def _graphs_by_default(model, backend: str) -> bool:
+    """CUDA-graph decode where the runner has it: on a GPU, and not with a refresh lag (hip)."""
+    return model.device.type == "cuda" and not (backend == "hip" and model.hip.refresh_lag)
