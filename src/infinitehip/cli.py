@@ -169,7 +169,8 @@ def generate_cmd(
     chunk_size: int = typer.Option(4096, "--chunk-size", help="Prefill chunk size in tokens."),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
     dtype: str = typer.Option(None, help="float32 | float16 | bfloat16."),
-    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay the decode step from CUDA graphs (GPU)."),
+    cuda_graph: bool = typer.Option(None, "--cuda-graph/--no-cuda-graph",
+                                    help="Replay the decode step from CUDA graphs (default: on a GPU)."),
     offload: bool = typer.Option(None, "--offload/--no-offload", help="KV cache in host memory behind a GPU "
                                  "page cache (default: only when it does not fit on the GPU)."),
     offload_fp8: bool = typer.Option(False, "--offload-fp8", help=OFFLOAD_FP8_HELP),
@@ -189,7 +190,8 @@ def generate_cmd(
         model = load(model_dir, device=device, dtype=dtype, config=_hip_config(model_dir, preset, hip))
         for piece in generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, seed=seed, stop=stop, chat=chat, system=system, backend=backend,
-                              chunk_size=chunk_size, progress=True, stream=True, cuda_graph=cuda_graph,
+                              chunk_size=chunk_size, progress=True, stream=True,
+                              cuda_graph=model.device.type == "cuda" if cuda_graph is None else cuda_graph,
                               offload=_offload_arg(offload, offload_fp8, offload_gpu_layers, model.device)):
             sys.stdout.write(piece)
             sys.stdout.flush()

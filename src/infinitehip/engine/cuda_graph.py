@@ -73,7 +73,7 @@ class GraphDecoder:
                 self.beside.adopt(self.masks)
             return logits
         key = self._key()
-        if key is None:  # rows at different refresh phases: no graph for that mix
+        if key is None:  # with a refresh lag, rows at different phases: no graph for that mix
             return self._eager(tokens, seqlens)
         self.tokens.copy_(tokens)
         self.seqlens.copy_(seqlens)
