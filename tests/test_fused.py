@@ -161,6 +161,37 @@ def test_gemv_linear_writes_into_the_residual():
     torch.testing.assert_close(residual, want, rtol=1e-5, atol=1e-5)
 
 
+def test_gemv_linear_takes_fewer_stages_where_shared_memory_is_short(monkeypatch):
+    """The built-in model's down projection in bf16 on an H200 asked for 237,568 bytes of shared
+    memory (of 232,448) with the 8B-tuned 5 stages, and `infinitehip generate builtin` crashed on
+    the GPU. A launch the device refuses is retried with a stage fewer, and the count that fits
+    is kept for the shape; where not even one stage fits, the device's error."""
+    from triton.runtime.errors import OutOfResources
+
+    from infinitehip.models import gemv
+
+    class Kernel:   # compiles with at most ``fits`` stages, as a GPU with less shared memory would
+        def __init__(self, fits):
+            self.fits, self.tried = fits, []
+
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kw):
+                self.tried.append(num_stages)
+                if num_stages > self.fits:
+                    raise OutOfResources(num_stages * 48 * 1024, 100 * 1024, "shared memory")
+            return launch
+
+    x, w = torch.randn(1, 96), torch.randn(40, 96)
+    monkeypatch.setattr(gemv, "_STAGES", {})
+    monkeypatch.setattr(gemv, "_gemv_kernel", kernel := Kernel(fits=2))
+    gemv.linear(x, w, triton_kernel=True, launch=gemv.Launch(stages=5))
+    gemv.linear(x, w, triton_kernel=True, launch=gemv.Launch(stages=5))
+    assert kernel.tried == [5, 4, 3, 2, 2]                    # the second call: what fits, remembered
+    monkeypatch.setattr(gemv, "_gemv_kernel", Kernel(fits=0))
+    with pytest.raises(OutOfResources):
+        gemv.linear(x, torch.randn(24, 96), triton_kernel=True, launch=gemv.Launch(stages=2))
+
+
 def test_gemv_linear_rejects_bad_shapes():
     from infinitehip.models import gemv
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..attention.triton.decode import arrival_counters
 from ..attention.triton.pdl import enabled as pdl_enabled, release_next, wait_for_previous
@@ -207,15 +208,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     W = sk.shape[1] if scatter is not None else 0
     if scatter is not None and not (sk.is_contiguous() and sv.is_contiguous() and col + 2 * W <= N):
         raise ValueError(f"linear: scatter needs contiguous (R, W) caches and columns within the {N} outputs")
-    _gemv_kernel[(n_blocks, split)](
-        rows, weight, g, bias if bias is not None else weight, out, ws, counts, sk, sv, srows,
-        M, N, rows.stride(0), weight.stride(0), out.stride(0), float(eps), ROWS_P=triton.next_power_of_2(M), K=K,
-        PROLOGUE=_NORM if norm is not None else _SILU if silu else _NONE, BIAS=bias is not None,
-        RESIDUAL=residual is not None, UPCAST=not x.is_cuda, IEEE=weight.dtype == torch.float32, PDL=pdl,
-        SPLIT=split, K_SPLIT=k_split, COL=col, W=W, BLOCK_M=MAX_ROWS,
-        BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, num_warps=launch.warps, num_stages=launch.stages,
-        **({"launch_pdl": True} if pdl else {}))
+    prologue = _NORM if norm is not None else _SILU if silu else _NONE
+    kernel = _gemv_kernel[(n_blocks, split)]
+    args = (rows, weight, g, bias if bias is not None else weight, out, ws, counts, sk, sv, srows,
+            M, N, rows.stride(0), weight.stride(0), out.stride(0), float(eps))
+    constants = dict(ROWS_P=triton.next_power_of_2(M), K=K, PROLOGUE=prologue, BIAS=bias is not None,
+                     RESIDUAL=residual is not None, UPCAST=not x.is_cuda, IEEE=weight.dtype == torch.float32, PDL=pdl,
+                     SPLIT=split, K_SPLIT=k_split, COL=col, W=W, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n,
+                     BLOCK_K=launch.block_k, num_warps=launch.warps, **({"launch_pdl": True} if pdl else {}))
+    key = (x.device, N, K, prologue, launch, weight.dtype)
+    while True:   # fewer pipeline stages where the device's shared memory cannot hold them
+        stages = _STAGES.get(key, launch.stages)
+        try:
+            kernel(*args, **constants, num_stages=stages)
+            break
+        except OutOfResources:   # raised before the launch: nothing was written
+            if stages <= 1:
+                raise
+            _STAGES[key] = stages - 1
     return residual if residual is not None else out.view(*x.shape[:-1], N)
+
+
+# Pipeline stages that fit, per (device, shape, launch), where a launch's own did not: its stages
+# were measured for Llama-3-8B on an H200 (228 KB of shared memory an SM); other shapes compile
+# to other buffers (the built-in model's down projection asked for 237,568 bytes of 232,448) and
+# other GPUs have less (an RTX 4090 or an A10: 100 KB).
+_STAGES: dict[tuple, int] = {}
 
 
 def _composed(x, weight, bias, norm, silu, residual):
