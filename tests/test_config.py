@@ -94,6 +94,9 @@ def test_dense_layers_get_larger_budget():
     # An index past the model names no layer (it wrapped around to layer 0 before).
     assert all(HiPConfig(dense_layers=(100,)).for_layer(i, 4).budget == 2048 for i in range(4))
     assert [HiPConfig().for_layer(i, 2).budget for i in range(2)] == [4096, 4096]
+    for layer, n in ((0, 0), (4, 4), (-1, 4)):   # a ZeroDivisionError, or a layer the model lacks
+        with pytest.raises(ValueError, match=f"layer {layer} of a {n}-layer model"):
+            HiPConfig().for_layer(layer, n)
 
 
 def test_probe_levels():

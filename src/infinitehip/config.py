@@ -128,6 +128,8 @@ class HiPConfig:
 
     def for_layer(self, layer: int, num_layers: int) -> "HiPConfig":
         """The config of one layer: dense layers get ``dense_layer_budget``."""
+        if not 0 <= layer < num_layers:   # num_layers 0 was a ZeroDivisionError below
+            raise ValueError(f"layer {layer} of a {num_layers}-layer model: give 0 <= layer < num_layers")
         # Indices past the model name no layer (the paper's first four + last, on a 2-layer model: both).
         dense = {i % num_layers for i in self.dense_layers if -num_layers <= i < num_layers}
         if layer % num_layers in dense and self.dense_layer_budget != self.budget:
