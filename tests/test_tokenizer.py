@@ -85,3 +85,21 @@ def test_chat_template_with_transformers_extensions():
                          "{% endif %}{% endfor %}")
     messages = [{"role": "user", "content": "é"}, {"role": "assistant", "content": "ok"}]
     assert tok.apply_chat_template(messages) == '{"content":"é","role":"user"}ok'
+
+
+def test_named_chat_templates_without_a_default_are_not_guessed(tmp_path):
+    """tokenizer_config.json's list of named templates without a "default": the first was used
+    (say a tool-use template for a plain chat); transformers refuses to pick, and so does this."""
+    import json
+
+    import pytest
+
+    sentencepiece_like().tok.save(str(tmp_path / "tokenizer.json"))
+    named = [{"name": "tool_use", "template": "TOOLS {{ messages[0]['content'] }}"},
+             {"name": "rag", "template": "RAG {{ messages[0]['content'] }}"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    with pytest.raises(ValueError, match="chat templates named 'tool_use', 'rag' but none named 'default'"):
+        Tokenizer.from_dir(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
+    named.append({"name": "default", "template": "CHAT {{ messages[0]['content'] }}"})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert Tokenizer.from_dir(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "CHAT hi"

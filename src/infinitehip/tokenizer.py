@@ -23,8 +23,10 @@ def _token_text(tok) -> str | None:
 
 class Tokenizer:
     def __init__(self, tok, *, bos_token: str | None = None, eos_token: str | None = None,
-                 chat_template: str | None = None, eos_token_ids: tuple[int, ...] = (), name: str = "model"):
+                 chat_template: str | None = None, eos_token_ids: tuple[int, ...] = (), name: str = "model",
+                 template_names: tuple[str, ...] = ()):
         self.tok, self.name = tok, name
+        self.template_names = template_names   # named chat templates, none of them "default"
         self.bos_token, self.eos_token, self.chat_template = bos_token, eos_token, chat_template
         ids = set(eos_token_ids)
         if eos_token is not None and tok.token_to_id(eos_token) is not None:
@@ -47,15 +49,17 @@ class Tokenizer:
         cfg = read_optional_json(path, "tokenizer_config.json")
         if "added_tokens_decoder" not in cfg:   # an older save: transformers takes its special tokens from here
             cfg.update(read_optional_json(path, "special_tokens_map.json"))
-        template = cfg.get("chat_template")
+        template, names = cfg.get("chat_template"), ()
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template}
-            template = named.get("default") or next(iter(named.values()), None)
+            template = named.get("default")
+            names = () if template else tuple(map(str, named))   # as transformers: no guess among them
         jinja_file = model_file(path, "chat_template.jinja")
         if jinja_file is not None:
             template = jinja_file.read_text(encoding="utf-8")   # not the locale's
         return cls(tok, bos_token=_token_text(cfg.get("bos_token")), eos_token=_token_text(cfg.get("eos_token")),
-                   chat_template=template, eos_token_ids=eos_token_ids, name=name or path.name)
+                   chat_template=template, eos_token_ids=eos_token_ids, name=name or path.name,
+                   template_names=names)
 
     @property
     def vocab_size(self) -> int:
@@ -73,6 +77,10 @@ class Tokenizer:
 
         The rendered text already holds the special tokens: encode it with add_special_tokens=False.
         """
+        if not self.chat_template and self.template_names:   # it used the first, which may be a tool-use one
+            raise ValueError(f"{self.name} has chat templates named {', '.join(map(repr, self.template_names))} but "
+                             "none named 'default' (transformers refuses to pick one too); write the prompt "
+                             "yourself instead of using chat")
         if not self.chat_template:
             raise ValueError(f"{self.name} has no chat template (tokenizer_config.json 'chat_template' or "
                              "chat_template.jinja); write the prompt yourself instead of using chat")
