@@ -41,6 +41,21 @@ def test_completion_equals_generate_and_usage(setup):
     assert 1 <= r.usage.completion_tokens <= 8
 
 
+def test_completion_takes_token_ids(setup):
+    """OpenAI's prompt may be token ids (evaluation harnesses send them): it was a 400."""
+    from infinitehip.engine.generate import encode_prompt
+
+    model, client = setup
+    ids = encode_prompt(model, PROMPTS[1])
+    answers = [client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0)
+               for p in (PROMPTS[1], ids, [ids], [PROMPTS[1]])]
+    assert len({a.choices[0].text for a in answers}) == 1 and answers[1].usage.prompt_tokens == len(ids)
+    with pytest.raises(openai.BadRequestError, match="2 prompts in one request"):
+        client.completions.create(model="tiny", prompt=[ids, ids], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="token ids must be in"):
+        client.completions.create(model="tiny", prompt=[5, 10 ** 7], max_tokens=2)
+
+
 def test_chat_and_stream(setup):
     model, client = setup
     msgs = [{"role": "user", "content": "hello world"}]

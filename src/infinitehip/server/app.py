@@ -129,7 +129,18 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Text
+    # Text, or token ids (as OpenAI's API; evaluation harnesses send them). One prompt a request.
+    prompt: Text | list[Annotated[int, Field(strict=True)]]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            if len(prompt) > 1:   # OpenAI's batch form: an answer per prompt (choices[i])
+                raise ValueError(f"{len(prompt)} prompts in one request: this server answers one prompt a "
+                                 "request; send them as separate requests (they are batched together)")
+            return prompt[0]      # ["text"] or [[ids]]: the one prompt
+        return prompt
 
     DEFAULT_MAX_TOKENS: ClassVar[int | None] = 16    # as OpenAI's completions
 
@@ -247,7 +258,8 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         _check_model(req.model, "model")
-        return await _serve(req, await asyncio.to_thread(engine.tokenize, req.prompt), "text_completion", request)
+        ids = req.prompt if isinstance(req.prompt, list) else await asyncio.to_thread(engine.tokenize, req.prompt)
+        return await _serve(req, ids, "text_completion", request)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
