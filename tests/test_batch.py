@@ -332,12 +332,10 @@ def test_a_slot_reused_after_abort_reads_nothing_of_its_last_request(model, fp8,
 
 def test_graphs_with_a_refresh_lag_are_refused(model):
     """Pruning beside decode needs graphs of one phase; the runner's rows are at several: refused
-    up front (before its cache is allocated), and the server leaves graphs off with a lag."""
+    up front (before its cache is allocated), and left off by the server's default (None)."""
     import dataclasses
-
-    from infinitehip.server.engine import _graphs_by_default
 
     lagged = dataclasses.replace(model, hip=model.hip.replace(refresh_lag=2))
     with pytest.raises(ValueError, match="cuda_graph with HiPConfig.refresh_lag"):
         BatchRunner(lagged, cuda_graph=True, max_batch=1, max_context=512)
-    assert not _graphs_by_default(lagged, "hip") and not _graphs_by_default(model, "hip")   # CPU: eager
+    assert BatchRunner(lagged, cuda_graph=None, max_batch=1, max_context=512)._graphs is None   # auto: off

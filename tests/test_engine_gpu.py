@@ -28,10 +28,11 @@ def test_cuda_graph_decode_equals_eager(tmp_path, backend):
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["hip", "dense", "streaming"])
-def test_batch_runner_graph_decode_equals_eager(tmp_path, backend):
+@pytest.mark.parametrize("backend,offload", [("hip", False), ("dense", False), ("streaming", False), ("hip", True)])
+def test_batch_runner_graph_decode_equals_eager(tmp_path, backend, offload):
     """The server's runner replaying decode from CUDA graphs, requests joining at different steps
-    (rows at different refresh phases: hip's ("rows", stage) graphs): the eager runner's tokens."""
+    (rows at different refresh phases: hip's ("rows", stage) graphs): the eager runner's tokens,
+    with the slots on the GPU or offloaded (host memory behind the GPU page cache)."""
     from test_batch import ADMIT_AT, LENGTHS, drive, prompt
 
     from infinitehip.engine import BatchRunner
@@ -43,7 +44,8 @@ def test_batch_runner_graph_decode_equals_eager(tmp_path, backend):
         arrivals.setdefault(at, []).append((i, prompt(n), params))
     got = {}
     for graphs in (False, True):
-        r = BatchRunner(model, backend=backend, max_batch=4, max_context=512, chunk_size=64, cuda_graph=graphs)
+        r = BatchRunner(model, backend=backend, max_batch=4, max_context=512, chunk_size=64, cuda_graph=graphs,
+                        offload=offload)
         got[graphs], _ = drive(r, arrivals)
     assert got[True] == got[False]
     if backend == "hip":   # mixed phases replayed graphs, not eager steps

@@ -104,13 +104,14 @@ class BatchRunner:
     """Continuous batching over ``max_batch`` KV-cache slots of ``max_context`` tokens each.
 
     Not thread-safe: one thread (a server's worker) calls ``add``, ``step``, ``cancel``.
-    cuda_graph: replay decode steps from CUDA graphs (CUDA only).
+    cuda_graph: replay decode steps from CUDA graphs (CUDA only); None: where that path is tested on
+    a GPU -- CUDA, slots on the GPU (not offloaded), no refresh lag.
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_context: int = 4096, backend: str = "hip",
                  chunk_size: int = 4096, prefill_budget: int | None = None, kernel: str = "auto",
                  prefix_cache: PrefixCache | None = None, offload: bool | OffloadConfig | None = False,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool | None = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         # Integers: a float chunk_size failed every step in prefill (each failure aborting the requests
@@ -147,6 +148,9 @@ class BatchRunner:
         # synced before the buffer is refilled).
         self._inputs = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=model.device.type == "cuda")
         # Decode steps replayed from CUDA graphs (rows at different refresh phases included), else eager.
+        if cuda_graph is None:
+            cuda_graph = (model.device.type == "cuda" and isinstance(self.cache, KVCache)
+                          and not (backend == "hip" and model.hip.refresh_lag))
         self._graphs = GraphDecoder(model, self.cache, self.state) if cuda_graph else None
 
     def _allocate(self, offload: bool | OffloadConfig | None) -> KVCache | OffloadKVCache:

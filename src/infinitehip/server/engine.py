@@ -23,7 +23,7 @@ class ModelEngine:
         self.prefix_cache = PrefixCache() if prefix_cache is None else prefix_cache
         self.runner = BatchRunner(model, max_batch=max_batch, max_context=max_context, backend=backend,
                                   chunk_size=chunk_size, prefix_cache=self.prefix_cache, offload=offload,
-                                  cuda_graph=_graphs_by_default(model, backend) if cuda_graph is None else cuda_graph)
+                                  cuda_graph=cuda_graph)
 
     def tokenize(self, text: str) -> list[int]:
         return encode_prompt(self.model, text)
@@ -58,7 +58,3 @@ class ModelEngine:
                                   "reused_tokens": p.reused_tokens, "prefilled_tokens": p.prefilled_tokens,
                                   "prefill_seconds_saved": round(self.runner.stats.prefill_seconds_saved, 6)}}
 
-
-def _graphs_by_default(model, backend: str) -> bool:
-    """CUDA-graph decode where the runner has it: on a GPU, and not with a refresh lag (hip)."""
-    return model.device.type == "cuda" and not (backend == "hip" and model.hip.refresh_lag)
