@@ -132,6 +132,8 @@ class CompletionRequest(_Sampling):
     # Text, or token ids (as OpenAI's API; evaluation harnesses send them). One prompt a request.
     prompt: Text | list[Annotated[int, Field(strict=True)]]
 
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = 16    # as OpenAI's completions
+
     @field_validator("prompt", mode="before")
     @classmethod
     def _one_prompt(cls, prompt):
@@ -141,8 +143,6 @@ class CompletionRequest(_Sampling):
                                  "request; send them as separate requests (they are batched together)")
             return prompt[0]      # ["text"] or [[ids]]: the one prompt
         return prompt
-
-    DEFAULT_MAX_TOKENS: ClassVar[int | None] = 16    # as OpenAI's completions
 
 
 class TextPart(BaseModel):
