@@ -464,3 +464,25 @@ def test_an_error_mid_stream_is_openai_shaped(url):
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert r.status_code == 200 and events[-1]["error"] == {"message": "internal server error", "type": "server_error",
                                                             "param": None, "code": None}
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/v1/completions", {"prompt": [1, "a"]}, "prompt.1: Input should be a valid integer"),
+    ("/v1/completions", {"prompt": [[True]]}, "prompt.0: Input should be a valid integer"),
+    ("/v1/completions", {"prompt": None}, "prompt: Input should be a valid string"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi",
+                                                                         "cache_control": {}}]}]},
+     "messages.0.content.0.cache_control: Extra inputs are not permitted"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages.0.content.0.text: Field required"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+     "messages.0.content.0.type: Field required"),
+])
+def test_a_string_or_list_field_names_the_real_error(url, path, body, message):
+    """prompt and content (a string or a list) reported the string member's error, with pydantic's
+    name of it for the field: [1, "a"] or a text part with an unknown field was
+    "prompt.function-after[_unicode(), str]: Input should be a valid string"; a part without a
+    type was "of type None is not supported"."""
+    r = httpx.post(url + path, json={"model": "spell", **body})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["message"] == message and error["param"] == message.split(":")[0], r.text

@@ -11,7 +11,8 @@ from typing import Annotated, ClassVar, Literal, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag, field_validator,
+                      model_validator)
 from starlette.exceptions import HTTPException
 
 from ..engine.sampling import SamplingParams
@@ -72,6 +73,16 @@ def _unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 
 
+def _str_or_list(value) -> str:
+    # A field that is a string or a list validates only as the one the value looks like: a plain
+    # union reported the string member's error first ("prompt.function-after[_unicode(), str]:
+    # Input should be a valid string" for [1, "a"] or a text part with an unknown field).
+    return "~list" if isinstance(value, list) else "~str"
+
+
+_UNION_TAGS = ("~str", "~list")   # left out of an error's location (see _invalid)
+
+
 class StreamOptions(BaseModel):
     # Strict like the request itself: a misspelt key or include_usage "yes" would otherwise be
     # an answer without the usage chunk the client asked for.
@@ -130,7 +141,8 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     # Text, or token ids (as OpenAI's API; evaluation harnesses send them). One prompt a request.
-    prompt: Text | list[Annotated[int, Field(strict=True)]]
+    prompt: Annotated[Annotated[Text, Tag("~str")] | Annotated[list[Annotated[int, Field(strict=True)]], Tag("~list")],
+                      Discriminator(_str_or_list)]
 
     DEFAULT_MAX_TOKENS: ClassVar[int | None] = 16    # as OpenAI's completions
 
@@ -159,7 +171,8 @@ class Message(BaseModel):
     # developer: OpenAI's newer name for the system role, rendered as system (chat templates
     # know system). content: a string, or text parts, joined by newlines (as vLLM does).
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: Annotated[Annotated[Text, Tag("~str")] | Annotated[list[TextPart], Tag("~list")],
+                       Discriminator(_str_or_list)]
     name: Text | None = None    # a participant's name, for templates that render it
 
     @model_validator(mode="before")
@@ -171,7 +184,7 @@ class Message(BaseModel):
     @classmethod
     def _text_only(cls, content):   # an image or audio part named, not pydantic's dump of the union
         for part in content if isinstance(content, list) else ():
-            if isinstance(part, dict) and part.get("type") != "text":
+            if isinstance(part, dict) and part.get("type", "text") != "text":   # no type: TextPart says so
                 raise ValueError(f"a content part of type {part.get('type')!r} is not supported: this server "
                                  'reads text only ({"type": "text", "text": "..."})')
         return content
@@ -201,7 +214,7 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        where = ".".join(str(p) for p in first.get("loc", ())[1:] if p not in _UNION_TAGS) or None
         if first.get("type") == "json_invalid":
             return _error(400, "the request body is not valid JSON", None)
         return _error(400, f"{where or 'body'}: {first.get('msg')}", where)
