@@ -54,6 +54,9 @@ def test_completion_takes_token_ids(setup):
         client.completions.create(model="tiny", prompt=[ids, ids], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="token ids must be in"):
         client.completions.create(model="tiny", prompt=[5, 10 ** 7], max_tokens=2)
+    # Streamed, the same 400 (it was a 200 and then an error event: the runner refused the ids later)
+    with pytest.raises(openai.BadRequestError, match="token ids must be in"):
+        client.completions.create(model="tiny", prompt=[5, -1], max_tokens=2, stream=True)
 
 
 def test_chat_and_stream(setup):

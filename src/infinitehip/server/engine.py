@@ -25,6 +25,10 @@ class ModelEngine:
                                   chunk_size=chunk_size, prefix_cache=self.prefix_cache, offload=offload,
                                   cuda_graph=cuda_graph)
 
+    @property
+    def vocab_size(self) -> int:   # token-id prompts are checked against it before a stream's 200
+        return self.model.net.args.vocab_size
+
     def tokenize(self, text: str) -> list[int]:
         return encode_prompt(self.model, text)
 
