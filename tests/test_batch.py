@@ -339,3 +339,30 @@ def test_graphs_with_a_refresh_lag_are_refused(model):
     with pytest.raises(ValueError, match="cuda_graph with HiPConfig.refresh_lag"):
         BatchRunner(lagged, cuda_graph=True, max_batch=1, max_context=512)
     assert BatchRunner(lagged, cuda_graph=None, max_batch=1, max_context=512)._graphs is None   # auto: off
+
+
+class _EagerGraphs:
+    """GraphDecoder's contract on the CPU: each step decodes at full capacity with the state it was given."""
+
+    def __init__(self, model, cache, state):
+        self.model, self.cache, self.state = model, cache, state
+
+    def __call__(self, tokens, seqlens):
+        from infinitehip.engine.generate import decode_one_token
+
+        return decode_one_token(self.model, tokens, seqlens, self.cache, self.state)
+
+
+def test_graphs_after_an_abort_step_the_runners_new_state(model, monkeypatch):
+    """abort() gave the runner a new DecodeState, but its GraphDecoder kept stepping the old one:
+    a request admitted after it continued the dropped request's refresh schedule (and its mask)."""
+    from infinitehip.engine import batch
+
+    monkeypatch.setattr(batch, "GraphDecoder", _EagerGraphs)
+    r = runner(model, max_batch=2, cuda_graph=True)
+    r.add(prompt(300, seed=1), SamplingParams(max_new_tokens=100, ignore_eos=True))
+    for _ in range(11):
+        r.step()
+    assert len(r.abort()) == 1
+    got, _ = drive(r, {0: [("b", prompt(280, seed=2), GREEDY)]})
+    assert got["b"] == alone(model, prompt(280, seed=2)) and r._graphs.state is r.state

@@ -52,6 +52,27 @@ def test_batch_runner_graph_decode_equals_eager(tmp_path, backend, offload):
         assert any(key[0] == "rows" for key in r._graphs.graphs), list(r._graphs.graphs)
 
 
+@needs_cuda
+def test_batch_runner_graphs_after_an_abort(tmp_path):
+    """abort() gave the runner a new DecodeState while its GraphDecoder kept stepping the old one:
+    a request admitted after it continued the dropped one's refresh schedule (test_batch has the
+    CPU form with GraphDecoder's contract)."""
+    from test_batch import prompt
+
+    from infinitehip.engine import BatchRunner
+
+    model = infinitehip.load(make_checkpoint(tmp_path, "llama"), config="tiny", dtype="float32")
+    got = {}
+    for graphs in (False, True):
+        r = BatchRunner(model, max_batch=2, max_context=512, chunk_size=64, cuda_graph=graphs)
+        r.add(prompt(300, seed=1), SamplingParams(max_new_tokens=100, ignore_eos=True))
+        for _ in range(11):
+            r.step()
+        r.abort()
+        r.add(prompt(280, seed=2), SamplingParams(max_new_tokens=24, ignore_eos=True))
+        got[graphs] = [e.token for _ in range(40) for e in r.step()]
+    assert got[True] == got[False] and len(got[True]) == 24
+
 def test_cuda_graph_needs_cuda_model(tmp_path):
     model = infinitehip.load(make_checkpoint(tmp_path, "llama"), device="cpu")
     with pytest.raises(ValueError, match="needs a CUDA device"):

@@ -213,6 +213,8 @@ class BatchRunner:
         for req in held:
             self._release(req)
         self.state = DecodeState(self.backend, kernel=self.kernel)
+        if self._graphs is not None:   # it steps this state (its static masks stay: each new row prunes anew)
+            self._graphs.state = self.state
         # Those that finished within the failed step hold no slot any more, but their last event
         # was lost with the step's: without them here, their callers waited forever.
         lost, self._unreported = [e.request for e in self._unreported if e.finished], []

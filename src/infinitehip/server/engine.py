@@ -61,4 +61,3 @@ class ModelEngine:
                 "context_cache": {"entries": len(self.prefix_cache), "lookups": p.lookups, "hits": p.hits,
                                   "reused_tokens": p.reused_tokens, "prefilled_tokens": p.prefilled_tokens,
                                   "prefill_seconds_saved": round(self.runner.stats.prefill_seconds_saved, 6)}}
-
