@@ -276,7 +276,8 @@ def test_row_stages_on_the_device_are_the_list():
     assert torch.equal(got, want) and torch.equal(got_mask.starts, want_mask.starts)
     assert torch.equal(got_mask.w0, want_mask.w0)
     for bad, match in ((RowStages(TINY.n_stages + 1, torch.tensor(stages)), "RowStages.first=4"),
-                       (RowStages(1, torch.tensor(stages[:2])), r"must be a \(3,\) int64 tensor")):
+                       (RowStages(1, torch.tensor(stages[:2])), r"must be a \(3,\) int64 tensor"),
+                       (RowStages(1, torch.tensor(stages, device="meta")), "RowStages.rows is on meta")):
         with pytest.raises(ValueError, match=match):
             cache_attention(q, k, v, config=TINY, cache_seqlens=lens, mask=mask, refresh_stage=bad, backend="reference")
 

@@ -477,10 +477,12 @@ def test_an_error_mid_stream_is_openai_shaped(url):
      "messages.0.content.0.text: Field required"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
      "messages.0.content.0.type: Field required"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, "stop: Input should be a valid string"),      # was stop.str
+    ("/v1/completions", {"prompt": "x", "stop": ["a", 5]}, "stop.1: Input should be a valid string"),
 ])
 def test_a_string_or_list_field_names_the_real_error(url, path, body, message):
-    """prompt and content (a string or a list) reported the string member's error, with pydantic's
-    name of it for the field: [1, "a"] or a text part with an unknown field was
+    """prompt, content and stop (a string or a list) reported the string member's error, with
+    pydantic's name of it for the field: [1, "a"] or a text part with an unknown field was
     "prompt.function-after[_unicode(), str]: Input should be a valid string"; a part without a
     type was "of type None is not supported"."""
     r = httpx.post(url + path, json={"model": "spell", **body})

@@ -228,7 +228,7 @@ def _refresh_rows(refresh_stage, B: int, config: HiPConfig, mask: HiPMask | None
     passes back what the previous call returned, None while the context was short enough for
     dense attention."""
     if isinstance(refresh_stage, RowStages):
-        return _device_rows(refresh_stage, B, config, mask)
+        return _device_rows(refresh_stage, B, config, mask, device)
     given = refresh_stage if isinstance(refresh_stage, (list, tuple)) else [refresh_stage]
     if any(isinstance(r, bool) for r in given):   # True passed as stage 1
         raise ValueError(f"refresh_stage={refresh_stage!r}: a stage number (config.refresh_stage(step)), not a bool")
@@ -255,7 +255,7 @@ def _refresh_rows(refresh_stage, B: int, config: HiPConfig, mask: HiPMask | None
     return min(rows), _row_stages(tuple(rows), device)
 
 
-def _device_rows(given: RowStages, B: int, config: HiPConfig, mask: HiPMask | None):
+def _device_rows(given: RowStages, B: int, config: HiPConfig, mask: HiPMask | None, device):
     """``_refresh_rows`` of stages already on the device: their values are not read (a host sync)."""
     first, rows = given
     if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= config.n_stages:
@@ -263,6 +263,8 @@ def _device_rows(given: RowStages, B: int, config: HiPConfig, mask: HiPMask | No
     if not isinstance(rows, torch.Tensor) or rows.shape != (B,) or rows.dtype != torch.long:
         raise ValueError(f"RowStages.rows must be a ({B},) int64 tensor of per-row stages, got "
                          f"{getattr(rows, 'shape', rows)!r}")
+    if rows.device.type != torch.device(device).type:   # else a device mismatch deep in the pruning
+        raise ValueError(f"RowStages.rows is on {rows.device}, the queries on {device}: put it on theirs")
     if mask is None:
         return 0, None
     _check_saved_inputs(mask, first, config.n_stages, config, given)

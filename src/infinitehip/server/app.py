@@ -102,7 +102,8 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True)
     top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
     seed: int | None = Field(None, strict=True)
-    stop: str | list[str] | None = Field(None, validate_default=True)
+    stop: Annotated[Annotated[str, Tag("~str")] | Annotated[list[str], Tag("~list")],
+                    Discriminator(_str_or_list)] | None = Field(None, validate_default=True)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
 
