@@ -153,16 +153,21 @@ def _unit_head_dim(backend: str, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def _kv_len(cache_seqlens: torch.Tensor | None, B: int, tk: int, device) -> torch.Tensor:
     """(B,) int64 valid keys per row: ``cache_seqlens``, or all Tk."""
     if cache_seqlens is None:
-        device = torch.device(device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():   # cached now, it would
-            return torch.full((B,), tk, device=device, dtype=torch.long)       # hold garbage until a replay
-        return _all_keys(B, tk, device)
+        return _constant(_all_keys, B, tk, device=torch.device(device))
     return cache_seqlens.to(device=device, dtype=torch.long)
+
+
+def _constant(make, *key, device: torch.device) -> torch.Tensor:
+    """``make(*key, device)``, an lru_cache'd read-only constant; made fresh during CUDA graph
+    capture, where a tensor made now would hold garbage until the first replay."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return make.__wrapped__(*key, device)
+    return make(*key, device)
 
 
 @functools.lru_cache(maxsize=64)
 def _all_keys(B: int, tk: int, device: torch.device) -> torch.Tensor:
-    """A constant, cached (read only): filling it was a launch of its own in every call that
+    """All Tk keys for each of B rows: filling it was a launch of its own in every call that
     prunes, ~2 us of a refresh step in a CUDA graph (H200, 128K keys)."""
     return torch.full((B,), tk, device=device, dtype=torch.long)
 
@@ -249,10 +254,7 @@ def _refresh_rows(refresh_stage, B: int, config: HiPConfig, mask: HiPMask | None
     _check_saved_inputs(mask, min(rows), max(rows), config, refresh_stage)
     if len(set(rows)) == 1:
         return rows[0], None
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():   # cached now, it would
-        return min(rows), torch.tensor(rows, device=device)                  # hold garbage until a replay
-    return min(rows), _row_stages(tuple(rows), device)
+    return min(rows), _constant(_row_stages, tuple(rows), device=torch.device(device))
 
 
 def _device_rows(given: RowStages, B: int, config: HiPConfig, mask: HiPMask | None, device):
@@ -281,7 +283,7 @@ def _check_saved_inputs(mask: HiPMask, lo: int, hi: int, config: HiPConfig, refr
 
 @functools.lru_cache(maxsize=256)
 def _row_stages(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """(B,) int64 per-row stages on ``device``, cached (read only): a batch whose rows are at
+    """(B,) int64 per-row stages on ``device``: a batch whose rows are at
     different refresh phases passes the same few patterns again and again, and each
     ``torch.tensor`` from a Python list to the GPU was a copy that waited for the GPU to drain,
     in every layer of such a step (H200, 8 layers, 4 rows at staggered phases, eager: 6.5 ->

@@ -122,7 +122,8 @@ class BatchRunner:
                              f">= 1 (or None: chunk_size); got {max_batch!r}, {max_context!r}, {chunk_size!r}, "
                              f"{prefill_budget!r}")
         # Graphs whose pruning runs beside decode (refresh_lag) are per step of one phase: not built here.
-        if cuda_graph and backend == "hip" and model.hip.refresh_lag:
+        lagged = backend == "hip" and model.hip.refresh_lag > 0
+        if cuda_graph and lagged:
             raise ValueError("cuda_graph with HiPConfig.refresh_lag is not supported by the batch runner: use "
                              "refresh_lag=0 or cuda_graph=False")
         self.model, self.backend, self.kernel = model, backend, kernel
@@ -149,8 +150,7 @@ class BatchRunner:
         self._inputs = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=model.device.type == "cuda")
         # Decode steps replayed from CUDA graphs (rows at different refresh phases included), else eager.
         if cuda_graph is None:
-            cuda_graph = (model.device.type == "cuda" and isinstance(self.cache, KVCache)
-                          and not (backend == "hip" and model.hip.refresh_lag))
+            cuda_graph = model.device.type == "cuda" and isinstance(self.cache, KVCache) and not lagged
         self._graphs = GraphDecoder(model, self.cache, self.state) if cuda_graph else None
 
     def _allocate(self, offload: bool | OffloadConfig | None) -> KVCache | OffloadKVCache:
@@ -174,10 +174,7 @@ class BatchRunner:
                              "(engine.encode_prompt)") from None
         if not ids:
             raise ValueError("empty prompt: give at least one token of text")
-        vocab = self.model.net.args.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:   # refused here: in a step it failed every request holding a slot
-            raise ValueError(f"a prompt's token ids must be in [0, {vocab}) (the model's vocabulary); got "
-                             f"{min(ids)}..{max(ids)}")
+        check_token_ids(ids, self.model.net.args.vocab_size)   # here: in a step it failed every request holding a slot
         if len(ids) + params.max_new_tokens > self.max_context:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"capacity of {self.max_context} tokens per request; shorten the prompt or lower "
@@ -359,6 +356,13 @@ class BatchRunner:
 
     def _row(self, slot: int) -> KVCache:
         return self.cache.select(slice(slot, slot + 1))
+
+
+def check_token_ids(ids: list[int], vocab: int):
+    """A ValueError unless every id of the (non-empty) prompt is in the model's vocabulary."""
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise ValueError(f"a prompt's token ids must be in [0, {vocab}) (the model's vocabulary); got "
+                         f"{min(ids)}..{max(ids)}")
 
 
 def _sparse_floor(model, backend: str, capacity: int) -> int:

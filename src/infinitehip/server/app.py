@@ -107,10 +107,12 @@ def create_app(engine: Engine, *, max_queue: int = 64) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request):
         _check_model(req.model, "model")
         ids = req.prompt if isinstance(req.prompt, list) else await asyncio.to_thread(engine.tokenize, req.prompt)
-        vocab = getattr(engine, "vocab_size", None)   # checked here: the worker's check came after a stream's 200
-        if ids is req.prompt and vocab is not None and ids and not 0 <= min(ids) <= max(ids) < vocab:
-            raise APIError(400, f"a prompt's token ids must be in [0, {vocab}) (the model's vocabulary); got "
-                           f"{min(ids)}..{max(ids)}", "prompt")
+        check = getattr(engine, "check_ids", None)   # here: the worker's check came after a stream's 200
+        if ids is req.prompt and ids and check is not None:
+            try:
+                check(ids)
+            except ValueError as e:
+                raise APIError(400, str(e), "prompt") from None
         return await _serve(req, ids, "text_completion", request)
 
     @app.post("/v1/chat/completions")

@@ -2,7 +2,7 @@
 and a continuous-batching runner (``engine.batch.BatchRunner``) behind it."""
 from __future__ import annotations
 
-from ..engine.batch import BatchEvent, BatchRunner
+from ..engine.batch import BatchEvent, BatchRunner, check_token_ids
 from ..engine.generate import encode_chat, encode_prompt
 from ..engine.prefix_cache import PrefixCache
 from ..engine.sampling import SamplingParams
@@ -25,9 +25,9 @@ class ModelEngine:
                                   chunk_size=chunk_size, prefix_cache=self.prefix_cache, offload=offload,
                                   cuda_graph=cuda_graph)
 
-    @property
-    def vocab_size(self) -> int:   # token-id prompts are checked against it before a stream's 200
-        return self.model.net.args.vocab_size
+    def check_ids(self, ids: list[int]):
+        """A token-id prompt's ids, checked as ``add`` would (before a stream's 200)."""
+        check_token_ids(ids, self.model.net.args.vocab_size)
 
     def tokenize(self, text: str) -> list[int]:
         return encode_prompt(self.model, text)
