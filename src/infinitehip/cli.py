@@ -348,9 +348,8 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
         model = load(model_dir, device=device, dtype=dtype, config=_hip_config(model_dir, preset, hip))
         engine = ModelEngine(model, backend=backend, max_context=max_context, max_batch=max_batch,
                              offload=_offload_arg(offload, offload_fp8, None, model.device), cuda_graph=cuda_graph)
-        owner = engine.runner.owner
-        if context_cache and Path(context_cache).exists():   # into host memory, as the entries made later
-            engine.prefix_cache.load(context_cache, owner=owner)
+        if context_cache and Path(context_cache).exists():   # into host memory
+            engine.prefix_cache.load(context_cache, owner=engine.runner.owner)
     except ImportError as e:
         _fail(ImportError(f"{e}; the server needs `pip install infinitehip[server]`"), debug)
     except (OSError, ValueError, TypeError) as e:
@@ -361,7 +360,7 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
         # Saved by the app's shutdown (after the worker stopped), not after uvicorn.run returns:
         # stopped by SIGTERM (systemd, docker stop), uvicorn re-raises the signal once shut down
         # and the process ends before any line after run.
-        server.router.on_shutdown.append(lambda: engine.prefix_cache.save(context_cache, owner=owner))
+        server.router.on_shutdown.append(lambda: engine.save_context_cache(context_cache))
     uvicorn.run(server, host=host, port=port, log_level="info")
 
 

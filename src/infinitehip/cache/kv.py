@@ -63,13 +63,32 @@ class KVCache:
         """A cache over batch rows ``rows`` that shares this one's storage."""
         return KVCache._view([t[rows] for t in self.k], [t[rows] for t in self.v], self.block_size)
 
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(self.batch, self.capacity, *t.shape[3:])                  # (B, capacity, K, D)
+
+    def _layers(self) -> list[torch.Tensor]:
+        return [t for pair in zip(self.k, self.v) for t in pair]                # k_0, v_0, k_1, ...
+
     def read_prefix(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row 0's first ``n`` keys and values (n, K, D), copied to host memory for the prefix
         cache: its entries live outside the memory plan (an 8B model's 128K-token document is
         16 GiB), so on a GPU they would take what the next request's cache was planned to use."""
-        kf = self.k[layer].view(self.batch, self.capacity, *self.k[layer].shape[3:])
-        vf = self.v[layer].view(self.batch, self.capacity, *self.v[layer].shape[3:])
-        return kf[0, :n].to("cpu", copy=True), vf[0, :n].to("cpu", copy=True)
+        k, v = self._rows(self.k[layer]), self._rows(self.v[layer])
+        return k[0, :n].to("cpu", copy=True), v[0, :n].to("cpu", copy=True)
+
+    def copy_prefix(self, src: int, dst: int, n: int):
+        """Batch row ``src``'s first ``n`` positions into row ``dst``, in every layer (on the device)."""
+        for t in self._layers():
+            self._rows(t)[dst, :n] = self._rows(t)[src, :n]
+
+    def read_position(self, row: int, pos: int) -> list[torch.Tensor]:
+        """Copies of every layer's K and V at ``(row, pos)``, (K, D) each, on the device."""
+        return [self._rows(t)[row, pos].clone() for t in self._layers()]
+
+    def write_position(self, row: int, pos: int, saved: list[torch.Tensor]):
+        """Write what ``read_position`` read at ``(row, pos)``."""
+        for t, x in zip(self._layers(), saved):
+            self._rows(t)[row, pos] = x
 
     def attention(self, layer: int):
         """The sparse attention call over this cache: ``hip_attention``'s (the K/V ``update``

@@ -9,7 +9,8 @@ planned and allocated once. ``add`` queues a request; every ``step``:
    decode steps, so running requests keep streaming (each step adds at most a budget and a chunk of
    prefill to their latency) and the prompt is still cut at the same chunk boundaries as a prefill
    of its own (identical KV).
-   A shared prefix cached in ``PrefixCache`` is copied in instead of prefilled.
+   With a ``PrefixCache``, a prefix that a slot still holds from an earlier request (a shared
+   document; ``slot_prompts.py``) or that the cache holds is reused instead of prefilled.
 2. **decode**: one forward pass for every slot, each row at its own position; each request
    samples from its own row with its own ``SamplingParams`` and ``torch.Generator``. With
    ``cuda_graph`` (GPU) the pass is replayed from CUDA graphs, rows at different refresh phases
@@ -47,6 +48,7 @@ from .generate import decode_one_token, make_cache, prefill
 from .state import DecodeState
 from .prefix_cache import PrefixCache, fingerprint, stores_fp8
 from .sampling import SamplingParams, TextOutput, sample
+from .slot_prompts import SlotPrompts
 
 
 @dataclass
@@ -134,6 +136,9 @@ class BatchRunner:
         # The prefix cache's entries this runner may reuse (it may be shared): those its model,
         # backend and K/V storage wrote.
         self.owner = fingerprint(model, backend, stores_fp8(self.cache)) if prefix_cache is not None else ""
+        # Prompts kept in their slots for reuse (on the device; an offloaded cache stores host entries).
+        keep_in_slots = prefix_cache is not None and isinstance(self.cache, KVCache)
+        self._slot_prompts = SlotPrompts(self.cache, prefix_cache) if keep_in_slots else None
         self._kv_floor = _sparse_floor(model, backend, self.cache.capacity)
         self.state = DecodeState(backend, kernel=kernel)
         self.stats = BatchStats()
@@ -208,6 +213,8 @@ class BatchRunner:
         requests stay queued."""
         held = ([self._prefilling] if self._prefilling is not None else []) + list(self._decoding.values())
         for req in held:
+            if self._slot_prompts is not None:
+                self._slot_prompts.drop(req.slot)
             self._release(req)
         self.state = DecodeState(self.backend, kernel=self.kernel)
         if self._graphs is not None:   # it steps this state (its static masks stay: each new row prunes anew)
@@ -277,11 +284,19 @@ class BatchRunner:
         if not self._waiting or not self._free:
             return None
         req = self._waiting.popleft()
-        req.slot = min(self._free)
+        cached = self.prefix_cache.lookup(req.ids, self.owner) if self.prefix_cache is not None else (0, None)
+        if self._slot_prompts is not None:   # a slot's prompt if longer than the cache's
+            req.slot, req.reused = self._slot_prompts.admit(req.ids, self._free, beat=cached[0])
+        else:
+            req.slot = min(self._free)
         self._free.remove(req.slot)
         self._prefilling = req   # before the copy: should it fail, abort() frees the slot
         if self.prefix_cache is not None:
-            req.reused = req.filled = self.prefix_cache.reuse(req.ids, self._row(req.slot), self.owner)
+            if req.reused:
+                self.prefix_cache.count(req.reused)
+            else:
+                req.reused = self.prefix_cache.reuse(req.ids, self._row(req.slot), self.owner, found=cached)
+            req.filled = req.reused
             self.stats.reused_tokens += req.reused
         return req
 
@@ -300,7 +315,10 @@ class BatchRunner:
         if end == len(req.ids):   # the whole prompt is in the slot
             req.tokens = None
             if self.prefix_cache is not None:
-                self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused, owner=self.owner)
+                self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused, owner=self.owner,
+                                           keep=self._slot_prompts is None)
+            if self._slot_prompts is not None:
+                self._slot_prompts.prefilled(req.slot, req.ids)
         return end - start
 
     def _start_decoding(self, req: _Request, events: list[BatchEvent]):
@@ -352,7 +370,19 @@ class BatchRunner:
         self._decoding.pop(req.slot, None)
         if req.slot >= 0 and req.slot not in self._free:
             self._free.append(req.slot)
+            if self._slot_prompts is not None:
+                self._slot_prompts.released(req.slot)
         req.slot = -1
+
+    @property
+    def n_slot_prompts(self) -> int:
+        """Prompts kept in slots for reuse (``slot_prompts.py``)."""
+        return 0 if self._slot_prompts is None else len(self._slot_prompts)
+
+    def keep_prompts(self):
+        """Copy the prompts kept in slots into the prefix cache's host entries (before saving it)."""
+        if self._slot_prompts is not None:
+            self._slot_prompts.keep(self.prefix_cache, self.owner)
 
     def _row(self, slot: int) -> KVCache:
         return self.cache.select(slice(slot, slot + 1))

@@ -69,14 +69,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def reuse(self, ids: list[int], cache: KVCache, owner: str = "") -> int:
-        """Copy the longest cached prefix of ``ids`` into row 0 of ``cache``; return its length.
-
-        Only entries ``owner`` (the reader's ``fingerprint``) wrote match: one PrefixCache used
-        with the dense backend and then hip handed hip dense's rotated keys (wrong answers, no
-        error). At least the last prompt token is always left to prefill (its logits start decoding).
-        """
-        self.stats.lookups += 1
+    def lookup(self, ids: list[int], owner: str = "") -> tuple[int, int | None]:
+        """(n, key): the longest cached prefix of ``ids`` that ``owner`` (the reader's
+        ``fingerprint``) wrote, in whole blocks, leaving at least the last prompt token to prefill
+        (its logits start decoding); (0, None) if none."""
         query = torch.tensor(ids)
         best, best_key = 0, None
         for key, e in self._entries.items():
@@ -87,22 +83,39 @@ class PrefixCache:
             same -= same % self.block_tokens
             if same > best:
                 best, best_key = same, key
+        return best, best_key
+
+    def reuse(self, ids: list[int], cache: KVCache, owner: str = "", found: tuple[int, int | None] | None = None) -> int:
+        """Copy the longest cached prefix of ``ids`` into row 0 of ``cache``; return its length.
+
+        Only entries ``owner`` wrote match: one PrefixCache used with the dense backend and then
+        hip handed hip dense's rotated keys (wrong answers, no error). ``found``: ``lookup``'s
+        answer, if already asked.
+        """
+        best, best_key = found or self.lookup(ids, owner)
         if best_key is None:
+            self.count(0)
             return 0
         entry = self._entries[best_key]
         self._entries.move_to_end(best_key)
         row0 = torch.zeros(1, dtype=torch.long, device=cache.device)
         for layer, (k, v) in enumerate(zip(entry.k, entry.v)):   # the cache's own write path (any cache)
             cache.update(layer, row0, k[None, :best].to(cache.device), v[None, :best].to(cache.device))
-        self.stats.hits += 1
-        self.stats.reused_tokens += best
+        self.count(best)
         return best
 
-    def remember(self, ids: list[int], cache: KVCache, reused: int, owner: str = ""):
-        """After prefilling ``ids`` (of which ``reused`` came from here): count the tokens
-        prefilled and keep the prompt's KV for later requests."""
+    def count(self, reused: int):
+        """Count a lookup that reused ``reused`` tokens (here or, for a batch runner, from a slot)."""
+        self.stats.lookups += 1
+        self.stats.hits += reused > 0
+        self.stats.reused_tokens += reused
+
+    def remember(self, ids: list[int], cache: KVCache, reused: int, owner: str = "", keep: bool = True):
+        """After prefilling ``ids`` (of which ``reused`` came from a cache): count the tokens
+        prefilled and, with ``keep``, keep the prompt's KV for later requests."""
         self.stats.prefilled_tokens += len(ids) - reused
-        self.store(ids, cache, owner)
+        if keep:
+            self.store(ids, cache, owner)
 
     def store(self, ids: list[int], cache: KVCache, owner: str = ""):
         """Keep the prompt's KV (row 0 of ``cache``, whole blocks only) if it is long enough;

@@ -29,6 +29,11 @@ class ModelEngine:
         """A token-id prompt's ids, checked as ``add`` would (before a stream's 200)."""
         check_token_ids(ids, self.model.net.args.vocab_size)
 
+    def save_context_cache(self, path: str):
+        """Write the context cache to ``path``: its entries and the prompts the slots hold."""
+        self.runner.keep_prompts()
+        self.prefix_cache.save(path, owner=self.runner.owner)
+
     def tokenize(self, text: str) -> list[int]:
         return encode_prompt(self.model, text)
 
@@ -58,6 +63,7 @@ class ModelEngine:
         return {"batch": {"max_batch": self.max_batch, "max_context": self.max_context,
                           "waiting": self.runner.n_waiting, "active": self.runner.n_active,
                           **self.runner.stats.as_dict()},
-                "context_cache": {"entries": len(self.prefix_cache), "lookups": p.lookups, "hits": p.hits,
+                "context_cache": {"entries": len(self.prefix_cache), "in_slots": self.runner.n_slot_prompts,
+                                  "lookups": p.lookups, "hits": p.hits,
                                   "reused_tokens": p.reused_tokens, "prefilled_tokens": p.prefilled_tokens,
                                   "prefill_seconds_saved": round(self.runner.stats.prefill_seconds_saved, 6)}}

@@ -1,0 +1,85 @@
+"""Context caching in the batch runner's slots (engine/slot_prompts.py): a prompt's KV stays in its
+slot and the next request sharing its prefix starts from it -- the tokens of a run of its own,
+nothing copied to host memory."""
+import pytest
+
+pytest.importorskip("transformers")
+from checkpoints import make_checkpoint  # noqa: E402
+from test_batch import GREEDY, alone, drive, prompt, runner  # noqa: E402
+
+import infinitehip  # noqa: E402
+from infinitehip.engine import PrefixCache, SamplingParams  # noqa: E402
+
+DOC = prompt(300, seed=1)
+LONG = SamplingParams(max_new_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return infinitehip.load(make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama"), config="tiny")
+
+
+def cache():
+    return PrefixCache(block_tokens=64, min_tokens=64)
+
+
+def test_the_next_question_starts_from_the_slot_that_holds_the_document(model):
+    """While its slot was free, other requests' decode steps wrote a throwaway token at its
+    position 0 (written back before reuse: else the answer differs)."""
+    pc = cache()
+    r = runner(model, prefix_cache=pc)
+    asks = [DOC + prompt(9, seed=2), DOC + prompt(13, seed=3)]
+    first, _ = drive(r, {0: [(0, asks[0], GREEDY), (9, prompt(50, seed=9), LONG)]})   # 9 decodes longer
+    assert r.n_slot_prompts == 2 and len(pc) == 0          # kept in the slots, not copied to the host
+    prefilled = r.stats.prefilled_tokens
+    second, _ = drive(r, {0: [(1, asks[1], GREEDY)]})
+    assert [first[0], second[1]] == [alone(model, q) for q in asks]
+    assert first[9] == alone(model, prompt(50, seed=9), LONG)
+    assert pc.stats.hits == 1 and r.stats.reused_tokens == 256
+    assert r.stats.prefilled_tokens - prefilled == len(asks[1]) - 256
+
+
+def test_a_document_in_a_busy_slot_is_copied_into_a_free_one(model):
+    pc = cache()
+    r = runner(model, prefix_cache=pc)
+    asks = [DOC + prompt(9, seed=2), DOC + prompt(13, seed=3)]
+    got, _ = drive(r, {0: [(0, asks[0], LONG)], 12: [(1, asks[1], GREEDY)]})   # the first still decoding
+    assert got == {0: alone(model, asks[0], LONG), 1: alone(model, asks[1])}
+    assert pc.stats.hits == 1 and r.stats.reused_tokens == 256
+
+
+def test_the_slot_freed_longest_ago_is_overwritten_first(model):
+    pc = cache()
+    r = runner(model, max_batch=2, prefix_cache=pc)
+    a, b = prompt(200, seed=4), prompt(220, seed=5)
+    drive(r, {0: [(0, a, GREEDY)], 1: [(1, b, GREEDY)]})    # a is released first
+    drive(r, {0: [(2, prompt(180, seed=6), GREEDY)]})       # unrelated: takes a's slot
+    got, _ = drive(r, {0: [(3, b + prompt(5, seed=7), GREEDY)], 1: [(4, a + prompt(5, seed=8), GREEDY)]})
+    assert got == {3: alone(model, b + prompt(5, seed=7)), 4: alone(model, a + prompt(5, seed=8))}
+    assert pc.stats.hits == 1 and r.stats.reused_tokens == 192      # b's blocks; a's were overwritten
+
+
+def test_abort_forgets_the_prompts_of_the_slots_it_frees(model):
+    r = runner(model, max_batch=2, prefix_cache=cache())
+    drive(r, {0: [(0, DOC, GREEDY)]})
+    r.add(prompt(250, seed=5), LONG)
+    for _ in range(6):
+        r.step()
+    r.abort()
+    assert r.n_slot_prompts == 1                             # the finished one's, not the aborted one's
+
+
+def test_kept_prompts_go_to_the_host_entries_and_a_file(model, tmp_path):
+    """``serve --context-cache`` saves the prompts the slots hold (ModelEngine.save_context_cache)."""
+    pc = cache()
+    r = runner(model, prefix_cache=pc)
+    ask = DOC + prompt(9, seed=2)
+    drive(r, {0: [(0, ask, GREEDY), (3, prompt(40, seed=9), LONG)]})    # 3 decodes longer: position 0 overwritten
+    r.keep_prompts()
+    assert len(pc) == 1
+    pc.save(tmp_path / "ctx.safetensors", owner=r.owner)
+    fresh = cache()
+    fresh.load(tmp_path / "ctx.safetensors", owner=r.owner)
+    again = runner(model, prefix_cache=fresh)
+    got, _ = drive(again, {0: [(0, DOC + prompt(13, seed=3), GREEDY)]})
+    assert got[0] == alone(model, DOC + prompt(13, seed=3)) and fresh.stats.hits == 1
