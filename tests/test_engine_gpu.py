@@ -48,6 +48,9 @@ def test_batch_runner_graph_decode_equals_eager(tmp_path, backend, offload):
                         offload=offload)
         got[graphs], _ = drive(r, arrivals)
     assert got[True] == got[False]
+    auto = BatchRunner(model, backend=backend, max_batch=4, max_context=512, chunk_size=64, cuda_graph=None,
+                       offload=offload)
+    assert auto._graphs is not None                           # the server's default: graphs here
     if backend == "hip":   # mixed phases replayed graphs, not eager steps
         assert any(key[0] == "rows" for key in r._graphs.graphs), list(r._graphs.graphs)
 

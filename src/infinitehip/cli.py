@@ -326,8 +326,8 @@ def serve(model_dir: str = typer.Argument("builtin", help="Model directory (defa
           context_cache: str = typer.Option(None, "--context-cache",
                                             help="safetensors file of cached document KV: loaded at start, saved at exit."),
           cuda_graph: bool = typer.Option(None, "--cuda-graph/--no-cuda-graph",
-                                          help="Replay decode steps from CUDA graphs (default: on a GPU, slots "
-                                          "not offloaded)."),
+                                          help="Replay decode steps from CUDA graphs (default: on a GPU, without a "
+                                          "refresh lag)."),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     r"""Serve the model over an OpenAI-compatible HTTP API (`pip install infinitehip\[server]`)."""
     # The backslash: typer renders help as rich markup, where a bare [server] is a tag and vanishes.

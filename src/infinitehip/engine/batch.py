@@ -107,7 +107,7 @@ class BatchRunner:
 
     Not thread-safe: one thread (a server's worker) calls ``add``, ``step``, ``cancel``.
     cuda_graph: replay decode steps from CUDA graphs (CUDA only); None: where that path is tested on
-    a GPU -- CUDA, slots on the GPU (not offloaded), no refresh lag.
+    a GPU -- CUDA, no refresh lag (slots on the GPU or offloaded).
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_context: int = 4096, backend: str = "hip",
@@ -155,7 +155,7 @@ class BatchRunner:
         self._inputs = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=model.device.type == "cuda")
         # Decode steps replayed from CUDA graphs (rows at different refresh phases included), else eager.
         if cuda_graph is None:
-            cuda_graph = model.device.type == "cuda" and isinstance(self.cache, KVCache) and not lagged
+            cuda_graph = model.device.type == "cuda" and not lagged
         self._graphs = GraphDecoder(model, self.cache, self.state) if cuda_graph else None
 
     def _allocate(self, offload: bool | OffloadConfig | None) -> KVCache | OffloadKVCache:
