@@ -5,7 +5,8 @@ those documents (their ids plus a few more). Per request: time to the first toke
 rate after it; in all: the rate while every request decodes, to set beside
 ``scripts/bench_runner.py``'s step time without the HTTP layer. ``--modes slots,host`` also runs
 the context cache as it was before ``engine/slot_prompts.py`` (every prompt's KV copied to host
-memory after its prefill, and back for a reuse). Answers are not claimed (random weights).
+memory after its prefill, and back for a reuse); ``--offload`` puts the slots in host memory
+(where the context cache keeps host copies). Answers are not claimed (random weights).
 
     python scripts/bench_server.py --layers 32 --batch 4 --context 70000 --max-tokens 256 --out server.json
 """
@@ -71,7 +72,8 @@ def _together(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
 
 
 def run_mode(model, mode: str, a, g) -> dict:
-    engine = ModelEngine(model, max_context=a.context + 2 * a.max_tokens + 64, max_batch=a.batch, chunk_size=16384)
+    engine = ModelEngine(model, max_context=a.context + 2 * a.max_tokens + 64, max_batch=a.batch, chunk_size=16384,
+                         offload=a.offload)
     if mode == "host":   # the context cache before slot prompts: host entries after every prefill
         engine.runner._slot_prompts = None
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=a.port, log_level="warning"))
@@ -79,7 +81,7 @@ def run_mode(model, mode: str, a, g) -> dict:
     url = f"http://127.0.0.1:{a.port}"
     while not server.started:
         time.sleep(0.1)
-    res = dict(mode=mode)
+    res = dict(mode=mode, offload=a.offload, cuda_graph=engine.runner._graphs is not None)
     for run in ("warm", "documents"):   # the first run compiles kernels and captures the graphs
         # new documents each run: the timed run's prefill is not served from the context cache
         docs = [torch.randint(0, 128_000, (a.context,), generator=g).tolist() for _ in range(a.batch)]
@@ -105,6 +107,7 @@ def main():
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--modes", default="slots", help="slots (the server's context cache), host (as before)")
+    p.add_argument("--offload", action="store_true", help="the slots' KV in host memory (GPU page cache)")
     p.add_argument("--out", default="server.json")
     a = p.parse_args()
     model = random_model(a.layers, HiPConfig(), device="cuda" if torch.cuda.is_available() else "cpu")
