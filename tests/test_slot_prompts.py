@@ -111,3 +111,16 @@ def test_a_failed_copy_from_a_busy_slot_is_aborted_and_its_target_forgotten(mode
     got, _ = drive(r, {0: [(1, old + prompt(5, seed=8), GREEDY)]})
     assert got[1] == alone(model, old + prompt(5, seed=8))
 
+
+def test_a_slot_holding_as_much_as_a_host_entry_is_reused_without_a_host_copy(model, tmp_path):
+    """With the document also in the prefix cache (a --context-cache file), a tie went to the host
+    entry: every question copied the document from host memory, the copy slot prompts avoid."""
+    pc = cache()
+    r = runner(model, prefix_cache=pc)
+    drive(r, {0: [(0, DOC + prompt(9, seed=2), GREEDY)]})
+    r.keep_prompts()                                         # the document is in both, 256 tokens each
+    copied, reuse = [], pc.reuse
+    pc.reuse = lambda *a, **k: copied.append(reuse(*a, **k)) or copied[-1]
+    ask = DOC + prompt(13, seed=3)
+    got, _ = drive(r, {0: [(1, ask, GREEDY)]})
+    assert got[1] == alone(model, ask) and r.stats.reused_tokens == 256 and copied in ([], [0])

@@ -285,7 +285,7 @@ class BatchRunner:
             return None
         req = self._waiting.popleft()
         cached = self.prefix_cache.lookup(req.ids, self.owner) if self.prefix_cache is not None else (0, None)
-        slots = self._slot_prompts   # a slot's prompt if longer than the cache's
+        slots = self._slot_prompts   # a slot's prompt unless the cache's is longer
         pick = slots.pick(req.ids, self._free, beat=cached[0]) if slots is not None else (min(self._free), None, 0)
         req.slot = pick[0]
         self._free.remove(req.slot)

@@ -56,12 +56,13 @@ class SlotPrompts:
         return best, where
 
     def pick(self, ids: list[int], free: list[int], beat: int = 0) -> tuple[int, int | None, int]:
-        """A free slot for prompt ``ids`` and the longest prefix a slot holds if that is longer than
-        ``beat`` tokens (what the prefix cache has): (slot, its source slot or None, tokens).
+        """A free slot for prompt ``ids`` and the longest prefix a slot holds unless the prefix
+        cache has more (``beat`` tokens; a tie copies nothing from host memory here): (slot, its
+        source slot or None, tokens).
         Nothing is written: the caller makes the request the one prefilling first, so should
         ``fill`` fail, ``abort`` names it and forgets what its slot holds."""
         n, src = self.longest(ids)
-        if n <= beat:
+        if n < beat:
             n, src = 0, None
         if src in free:
             slot = src
