@@ -83,3 +83,44 @@ def test_kept_prompts_go_to_the_host_entries_and_a_file(model, tmp_path):
     again = runner(model, prefix_cache=fresh)
     got, _ = drive(again, {0: [(0, DOC + prompt(13, seed=3), GREEDY)]})
     assert got[0] == alone(model, DOC + prompt(13, seed=3)) and fresh.stats.hits == 1
+
+
+def test_a_failed_copy_from_a_busy_slot_is_aborted_and_its_target_forgotten(model, monkeypatch):
+    """The copy from a busy slot ran before the request was the one prefilling: a step failing
+    there lost it (abort() did not name it: its client waited forever), and the free slot it was
+    copied into kept its old prompt, some layers overwritten (served to the next request)."""
+    from infinitehip.cache import KVCache
+
+    r = runner(model, max_batch=2, prefix_cache=cache())
+    old = prompt(200, seed=4)
+    drive(r, {0: [(0, old, GREEDY)]})                        # slot 0 holds `old`
+    busy = r.add(DOC + prompt(9, seed=2), SamplingParams(max_new_tokens=100, ignore_eos=True))
+    for _ in range(8):                                       # slot 1: the document, decoding
+        r.step()
+    copy = KVCache.copy_prefix
+
+    def failing(kv, src, dst, n):                            # the first layer's K copied, then a failure
+        kv._rows(kv.k[0])[dst, :n] = kv._rows(kv.k[0])[src, :n]
+        raise RuntimeError("injected")
+    monkeypatch.setattr(KVCache, "copy_prefix", failing)
+    asked = r.add(DOC + prompt(13, seed=3), GREEDY)
+    with pytest.raises(RuntimeError, match="injected"):
+        r.step()
+    monkeypatch.setattr(KVCache, "copy_prefix", copy)
+    assert sorted(r.abort()) == [busy, asked] and r.n_free == 2
+    got, _ = drive(r, {0: [(1, old + prompt(5, seed=8), GREEDY)]})
+    assert got[1] == alone(model, old + prompt(5, seed=8))
+
+
+def test_a_slot_holding_as_much_as_a_host_entry_is_reused_without_a_host_copy(model, tmp_path):
+    """With the document also in the prefix cache (a --context-cache file), a tie went to the host
+    entry: every question copied the document from host memory, the copy slot prompts avoid."""
+    pc = cache()
+    r = runner(model, prefix_cache=pc)
+    drive(r, {0: [(0, DOC + prompt(9, seed=2), GREEDY)]})
+    r.keep_prompts()                                         # the document is in both, 256 tokens each
+    copied, reuse = [], pc.reuse
+    pc.reuse = lambda *a, **k: copied.append(reuse(*a, **k)) or copied[-1]
+    ask = DOC + prompt(13, seed=3)
+    got, _ = drive(r, {0: [(1, ask, GREEDY)]})
+    assert got[1] == alone(model, ask) and r.stats.reused_tokens == 256 and copied in ([], [0])

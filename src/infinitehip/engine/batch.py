@@ -285,13 +285,13 @@ class BatchRunner:
             return None
         req = self._waiting.popleft()
         cached = self.prefix_cache.lookup(req.ids, self.owner) if self.prefix_cache is not None else (0, None)
-        if self._slot_prompts is not None:   # a slot's prompt if longer than the cache's
-            req.slot, req.reused = self._slot_prompts.admit(req.ids, self._free, beat=cached[0])
-        else:
-            req.slot = min(self._free)
+        slots = self._slot_prompts   # a slot's prompt unless the cache's is longer
+        pick = slots.pick(req.ids, self._free, beat=cached[0]) if slots is not None else (min(self._free), None, 0)
+        req.slot = pick[0]
         self._free.remove(req.slot)
-        self._prefilling = req   # before the copy: should it fail, abort() frees the slot
+        self._prefilling = req   # before any copy: should one fail, abort() frees the slot
         if self.prefix_cache is not None:
+            req.reused = slots.fill(*pick, req.ids) if slots is not None else 0
             if req.reused:
                 self.prefix_cache.count(req.reused)
             else:

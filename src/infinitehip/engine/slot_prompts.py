@@ -55,25 +55,32 @@ class SlotPrompts:
                 best, where = same, slot
         return best, where
 
-    def admit(self, ids: list[int], free: list[int], beat: int = 0) -> tuple[int, int]:
-        """Pick a free slot for prompt ``ids`` and fill it with the longest prefix a slot holds
-        if that is longer than ``beat`` tokens (what the prefix cache has): (slot, tokens reused)."""
+    def pick(self, ids: list[int], free: list[int], beat: int = 0) -> tuple[int, int | None, int]:
+        """A free slot for prompt ``ids`` and the longest prefix a slot holds unless the prefix
+        cache has more (``beat`` tokens; a tie copies nothing from host memory here): (slot, its
+        source slot or None, tokens).
+        Nothing is written: the caller makes the request the one prefilling first, so should
+        ``fill`` fail, ``abort`` names it and forgets what its slot holds."""
         n, src = self.longest(ids)
-        if n <= beat:
+        if n < beat:
             n, src = 0, None
         if src in free:
             slot = src
         else:   # an empty slot first, else the one freed longest ago
             slot = min(free, key=lambda s: (self.held[s] is not None, self._released[s]))
+        return slot, src, n
+
+    def fill(self, slot: int, src: int | None, n: int, ids: list[int]) -> int:
+        """Put ``pick``'s prefix in ``slot``; returns the tokens reused."""
         if src is None:
             self.held[slot] = None
-            return slot, 0
+            return 0
         first = self.held[src].first
         if src != slot:
             self.cache.copy_prefix(src, slot, n)
         self.cache.write_position(slot, 0, first)     # free, the slot rode decode steps that wrote there
         self.held[slot] = _Held(ids[:n], first)       # until the rest of the prompt is prefilled
-        return slot, n
+        return n
 
     def prefilled(self, slot: int, ids: list[int]):
         """Slot ``slot`` now holds prompt ``ids`` whole."""
