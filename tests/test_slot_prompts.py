@@ -30,7 +30,8 @@ def test_the_next_question_starts_from_the_slot_that_holds_the_document(model):
     r = runner(model, prefix_cache=pc)
     asks = [DOC + prompt(9, seed=2), DOC + prompt(13, seed=3)]
     first, _ = drive(r, {0: [(0, asks[0], GREEDY), (9, prompt(50, seed=9), LONG)]})   # 9 decodes longer
-    assert r.n_slot_prompts == 2 and len(pc) == 0          # kept in the slots, not copied to the host
+    assert r.n_slot_prompts == 1 and len(pc) == 0          # the document kept in its slot (not the 50
+    # tokens: under min_tokens), nothing copied to host memory
     prefilled = r.stats.prefilled_tokens
     second, _ = drive(r, {0: [(1, asks[1], GREEDY)]})
     assert [first[0], second[1]] == [alone(model, q) for q in asks]
@@ -124,3 +125,16 @@ def test_a_slot_holding_as_much_as_a_host_entry_is_reused_without_a_host_copy(mo
     ask = DOC + prompt(13, seed=3)
     got, _ = drive(r, {0: [(1, ask, GREEDY)]})
     assert got[1] == alone(model, ask) and r.stats.reused_tokens == 256 and copied in ([], [0])
+
+
+def test_of_two_slots_holding_the_document_the_free_one_is_reused_in_place(model, monkeypatch):
+    """The busy one came first (the lowest slot) and was copied from, where the free one held as much."""
+    r = runner(model, prefix_cache=cache())
+    asks = [DOC + prompt(9, seed=2), DOC + prompt(13, seed=3), DOC + prompt(7, seed=4)]
+    got, _ = drive(r, {0: [(0, asks[0], LONG)], 2: [(1, asks[1], GREEDY)]})   # 1 copies from 0, ends first
+    monkeypatch.setattr(r.cache, "copy_prefix", lambda *a: pytest.fail("copied from the busy slot"))
+    r.add(asks[0], LONG)                                                         # slot 0 busy again ...
+    for _ in range(3):
+        r.step()
+    more, _ = drive(r, {0: [("third", asks[2], GREEDY)]})                      # ... slot 1 free: in place
+    assert more["third"] == alone(model, asks[2])

@@ -41,17 +41,17 @@ class SlotPrompts:
     def __len__(self) -> int:
         return sum(h is not None for h in self.held)
 
-    def longest(self, ids: list[int]) -> tuple[int, int | None]:
+    def longest(self, ids: list[int], free: list[int]) -> tuple[int, int | None]:
         """(n, slot): the longest prefix of ``ids`` a slot holds, in whole blocks of the prefix
-        cache and of a prompt at least its ``min_tokens`` long, leaving one token to prefill."""
+        cache, leaving one token to prefill; of equal ones a free slot's (reused in place)."""
         query, best, where = torch.tensor(ids[:-1]), 0, None
         for slot, h in enumerate(self.held):
-            if h is None or len(h.ids) < self.rules.min_tokens:
+            if h is None:
                 continue
             n = min(len(h.ids), len(query))
             same = int((torch.tensor(h.ids[:n]) == query[:n]).long().cumprod(0).sum()) if n else 0
             same -= same % self.rules.block_tokens
-            if same > best:
+            if same > best or (same == best > 0 and slot in free and where not in free):
                 best, where = same, slot
         return best, where
 
@@ -61,7 +61,7 @@ class SlotPrompts:
         source slot or None, tokens).
         Nothing is written: the caller makes the request the one prefilling first, so should
         ``fill`` fail, ``abort`` names it and forgets what its slot holds."""
-        n, src = self.longest(ids)
+        n, src = self.longest(ids, free)
         if n < beat:
             n, src = 0, None
         if src in free:
@@ -83,7 +83,11 @@ class SlotPrompts:
         return n
 
     def prefilled(self, slot: int, ids: list[int]):
-        """Slot ``slot`` now holds prompt ``ids`` whole."""
+        """Slot ``slot`` now holds prompt ``ids`` whole: kept if at least the prefix cache's
+        ``min_tokens`` long (as it would keep it)."""
+        if len(ids) < self.rules.min_tokens:
+            self.held[slot] = None
+            return
         first = self.held[slot].first if self.held[slot] is not None else self.cache.read_position(slot, 0)
         self.held[slot] = _Held(list(ids), first)
 
