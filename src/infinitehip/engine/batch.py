@@ -280,22 +280,22 @@ class BatchRunner:
                 self._prefilling = None   # only now: should sampling fail, abort() frees its slot
 
     def _admit(self) -> _Request | None:
-        """The oldest waiting request, in the lowest free slot, with any cached prefix copied in."""
+        """The oldest waiting request, in a free slot, starting from the longest prefix of its
+        prompt that a slot (``slot_prompts.py``) or the prefix cache holds."""
         if not self._waiting or not self._free:
             return None
-        req = self._waiting.popleft()
-        cached = self.prefix_cache.lookup(req.ids, self.owner) if self.prefix_cache is not None else (0, None)
-        slots = self._slot_prompts   # a slot's prompt unless the cache's is longer
+        req, pc, slots = self._waiting.popleft(), self.prefix_cache, self._slot_prompts
+        cached = pc.lookup(req.ids, self.owner) if pc is not None else (0, None)
         pick = slots.pick(req.ids, self._free, beat=cached[0]) if slots is not None else (min(self._free), None, 0)
         req.slot = pick[0]
         self._free.remove(req.slot)
         self._prefilling = req   # before any copy: should one fail, abort() frees the slot
-        if self.prefix_cache is not None:
+        if pc is not None:
             req.reused = slots.fill(*pick, req.ids) if slots is not None else 0
             if req.reused:
-                self.prefix_cache.count(req.reused)
+                pc.count(req.reused)
             else:
-                req.reused = self.prefix_cache.reuse(req.ids, self._row(req.slot), self.owner, found=cached)
+                req.reused = pc.reuse(req.ids, self._row(req.slot), self.owner, found=cached)
             req.filled = req.reused
             self.stats.reused_tokens += req.reused
         return req
