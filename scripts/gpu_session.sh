@@ -28,6 +28,10 @@
 #   reuse      scripts/sweep_prune.py --reuse 128K: the mask-reuse decode step's launch settings, the selection kernel's warps
 #   gemv       scripts/sweep_gemv.py: decode's fused linear layers vs cuBLAS, per layer and launch, then a token's worth
 #   runner     scripts/bench_runner.py: the server's BatchRunner at 70K tokens x 4 staggered rows, eager vs CUDA graphs
+#   server     scripts/bench_server.py: the server over HTTP, 4 x 70K documents then a second question each, the
+#              context cache in slots vs host copies (the fastapi/uvicorn/httpx wheels installed first)
+#   server_offload  the same over offloaded slots, 2 x 70K (not yet run to the end: give it a call of its own)
+#   prefill_threshold  scripts/prefill_threshold.py: a 70K prompt's chunked prefill, dense cutoff 64K vs 0
 #   dropin     scripts/bench_dropin.py: the transformers drop-in (sdpa / infinitehip / + HiPCache) at 32K and 128K,
 #              4 layers of the 8B shape, and the profiler table of HiPCache decode steps (dropin.profile.txt)
 #   cache      bring Triton's compiled kernels back as $OUT/triton_cache.tgz (see below)
@@ -105,6 +109,11 @@ for s in "$@"; do
         dropin) step dropin 300 python scripts/bench_dropin.py --contexts 32K,128K --layers 4 --profile \
                     --out "$OUT/dropin.json" ;;
         runner) step runner 300 python scripts/bench_runner.py --out "$OUT/runner.json" ;;
+        server) step server 420 python scripts/bench_server.py --modes slots,host --out "$OUT/server_http.json" ;;
+        server_offload) step server_offload 420 python scripts/bench_server.py --batch 2 --offload \
+                            --out "$OUT/server_http_offload.json" ;;
+        prefill_threshold) step prefill_threshold 200 python scripts/prefill_threshold.py \
+                               --out "$OUT/prefill_threshold.json" ;;
         cache) export_cache=1 ;;
         ncu) step ncu 150 ncu --clock-control none -k regex:_bsa_kernel -c 2 --section SpeedOfLight \
                  --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
