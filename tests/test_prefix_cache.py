@@ -121,3 +121,21 @@ def test_entries_of_a_gpu_cache_live_in_host_memory():
     again = KVCache(2, 1, 256, 2, 64, dtype=torch.bfloat16, device="cuda")
     assert pc.reuse(list(range(250)), again) == 192
     assert torch.equal(again.views(0)[0][0, :192], kv.views(0)[0][0, :192])
+
+
+def test_an_entry_larger_than_the_host_can_hold_is_not_kept(monkeypatch, caplog):
+    """An offloaded server's million-token prompt would be copied whole to host memory (131 GB at
+    8B in bf16, beside its own host store): skipped with a warning, the prompt still answered."""
+    import infinitehip.engine.prefix_cache as prefix_cache
+    from infinitehip.cache import KVCache
+
+    kv = KVCache(2, 1, 512, 2, 64, dtype=torch.float32, device="cpu")
+    pc = PrefixCache(block_tokens=64, min_tokens=64)
+    need = 2 * 448 * 2 * 2 * 64 * 4                      # K and V, 448 tokens, 2 layers x 2 heads x 64, float32
+    monkeypatch.setattr(prefix_cache, "free_memory", lambda device: 2 * need - 1)
+    with caplog.at_level("WARNING", logger="infinitehip.engine"):
+        pc.store(list(range(450)), kv)
+    assert len(pc) == 0 and "is not kept" in caplog.text
+    monkeypatch.setattr(prefix_cache, "free_memory", lambda device: 2 * need)
+    pc.store(list(range(450)), kv)
+    assert len(pc) == 1

@@ -12,6 +12,7 @@ its writer's fingerprint (``owner``) and is reused only by the same model and ba
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,7 +22,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..cache.kv import KVCache
+from ..cache.kv import KVCache, free_memory
+
+log = logging.getLogger("infinitehip.engine")
+# An entry may take at most this share of the host memory available when it is made.
+HOST_SHARE = 0.5
 
 
 def fingerprint(model, backend: str, fp8: bool = False) -> str:
@@ -126,6 +131,14 @@ class PrefixCache:
         key = hash((owner, tuple(ids[:n])))
         if key in self._entries:
             self._entries.move_to_end(key)
+            return
+        k1, v1 = cache.read_prefix(0, 1)
+        need = (k1.nbytes + v1.nbytes) * n * cache.n_layers    # in the model's dtype, also from an FP8 store
+        if need > HOST_SHARE * free_memory(torch.device("cpu")):
+            # An offloaded million-token prompt's KV (131 GB at 8B in bf16) would not fit beside
+            # its own host store: the copy ended the process (out of host memory).
+            log.warning("context cache: a %d-token prompt's KV (%.1f GB) is not kept: more than %d%% of the "
+                        "host memory available", n, need / 1e9, 100 * HOST_SHARE)
             return
         kv = [cache.read_prefix(layer, n) for layer in range(cache.n_layers)]
         self._entries[key] = _Entry(torch.tensor(ids[:n]), [k for k, _ in kv], [v for _, v in kv], owner)
