@@ -135,8 +135,8 @@ class PrefixCache:
         k1, v1 = cache.read_prefix(0, 1)
         need = (k1.nbytes + v1.nbytes) * n * cache.n_layers    # in the model's dtype, also from an FP8 store
         if need > HOST_SHARE * free_memory(torch.device("cpu")):
-            # An offloaded million-token prompt's KV (131 GB at 8B in bf16) would not fit beside
-            # its own host store: the copy ended the process (out of host memory).
+            # An offloaded million-token prompt's KV (131 GB at 8B in bf16) does not fit beside
+            # its own host store: copied anyway, the host runs out of memory.
             log.warning("context cache: a %d-token prompt's KV (%.1f GB) is not kept: more than %d%% of the "
                         "host memory available", n, need / 1e9, 100 * HOST_SHARE)
             return
