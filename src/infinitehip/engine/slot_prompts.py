@@ -6,8 +6,8 @@ same document) starts from it: admitted into that very slot when it is free (not
 else into another free slot with a device-to-device copy. Before, every long prompt's KV was
 copied to host memory after its prefill, and every reuse copied it back: an 8B model's
 70K-token prompt spent 5.2 s in that copy (H200, pageable host memory at ~1.8 GB/s) on the
-worker thread, where every other request's decode waited, and its next question as long to copy
-it back. Slot prompts cost neither; they are kept as long as their slots are not needed for
+worker thread, where every other request's decode waited, and a second question 1.4-4.9 s to
+copy it back (``benchmarks/results/server_http_h200.json``). Slot prompts cost neither; they are kept as long as their slots are not needed for
 other prompts (least recently released first), and ``PrefixCache`` entries (a ``--context-cache``
 file) are taken where they hold a longer prefix.
 
