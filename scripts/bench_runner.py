@@ -20,7 +20,7 @@ from infinitehip.engine.batch import BatchRunner
 from infinitehip.engine.sampling import SamplingParams
 
 
-class _Tokenizer:   # random weights: the text of the answers is not looked at
+class StubTokenizer:   # random weights: the text of the answers is not looked at (bench_server.py too)
     eos_token_ids = ()
 
     def decode(self, ids):
@@ -35,7 +35,7 @@ def main():
     p.add_argument("--out", default="runner.json")
     a = p.parse_args()
     model = random_model(a.layers, HiPConfig())
-    model.tokenizer = _Tokenizer()
+    model.tokenizer = StubTokenizer()
     res = dict(layers=a.layers, batch=a.batch, context=a.context, device=torch.cuda.get_device_name(),
                date=datetime.date.today().isoformat(), preset="paper")
     g = torch.Generator().manual_seed(0)

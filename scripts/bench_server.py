@@ -21,17 +21,11 @@ import httpx
 import torch
 import uvicorn
 
+from bench_runner import StubTokenizer
 from infinitehip import HiPConfig
 from infinitehip.bench.engine import random_model
 from infinitehip.server.app import create_app
 from infinitehip.server.engine import ModelEngine
-
-
-class _Tokenizer:   # random weights: the text of the answers is not looked at
-    eos_token_ids = ()
-
-    def decode(self, ids):
-        return "x" * len(ids)
 
 
 def _request(url: str, ids: list[int], max_tokens: int, out: dict):
@@ -111,7 +105,7 @@ def main():
     p.add_argument("--out", default="server.json")
     a = p.parse_args()
     model = random_model(a.layers, HiPConfig(), device="cuda" if torch.cuda.is_available() else "cpu")
-    model.tokenizer = _Tokenizer()
+    model.tokenizer = StubTokenizer()
     g = torch.Generator().manual_seed(0)
     runs = []
     for i, mode in enumerate(a.modes.split(",")):

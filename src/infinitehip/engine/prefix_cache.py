@@ -43,6 +43,13 @@ def fingerprint(model, backend: str, fp8: bool = False) -> str:
     return hashlib.sha256(f"{model.args}|{model.dtype}|{backend}|{hip}|{sums}{store}".encode()).hexdigest()[:32]
 
 
+def shared_prefix(held: torch.Tensor, query: torch.Tensor, block: int) -> int:
+    """How many tokens ``held`` and ``query`` (token ids) share from the start, in whole blocks."""
+    n = min(len(held), len(query))
+    same = int((held[:n] == query[:n]).long().cumprod(0).sum()) if n else 0
+    return same - same % block
+
+
 def stores_fp8(cache) -> bool:
     """Whether ``cache`` keeps its K/V as FP8 codes (an offloaded cache with ``OffloadConfig.fp8``)."""
     config = getattr(cache, "config", None)
@@ -78,14 +85,12 @@ class PrefixCache:
         """(n, key): the longest cached prefix of ``ids`` that ``owner`` (the reader's
         ``fingerprint``) wrote, in whole blocks, leaving at least the last prompt token to prefill
         (its logits start decoding); (0, None) if none."""
-        query = torch.tensor(ids)
+        query = torch.tensor(ids[:-1])
         best, best_key = 0, None
         for key, e in self._entries.items():
             if e.owner != owner:
                 continue
-            n = min(len(e.ids), len(ids) - 1)
-            same = (e.ids[:n] == query[:n]).long().cumprod(0).sum().item() if n > 0 else 0
-            same -= same % self.block_tokens
+            same = shared_prefix(e.ids, query, self.block_tokens)
             if same > best:
                 best, best_key = same, key
         return best, best_key

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache.kv import KVCache
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, shared_prefix
 
 
 @dataclass
@@ -48,9 +48,7 @@ class SlotPrompts:
         for slot, h in enumerate(self.held):
             if h is None:
                 continue
-            n = min(len(h.ids), len(query))
-            same = int((torch.tensor(h.ids[:n]) == query[:n]).long().cumprod(0).sum()) if n else 0
-            same -= same % self.rules.block_tokens
+            same = shared_prefix(torch.tensor(h.ids), query, self.rules.block_tokens)
             if same > best or (same == best > 0 and slot in free and where not in free):
                 best, where = same, slot
         return best, where
