@@ -27,7 +27,7 @@ from .prefix_cache import PrefixCache, shared_prefix
 
 @dataclass
 class _Held:
-    ids: list[int]              # the prompt whose K/V occupy positions [0, len(ids)) of the slot
+    ids: torch.Tensor           # (T,) the prompt whose K/V occupy positions [0, T) of the slot
     first: list[torch.Tensor]   # every layer's K and V at position 0, as prefilled
 
 
@@ -48,7 +48,7 @@ class SlotPrompts:
         for slot, h in enumerate(self.held):
             if h is None:
                 continue
-            same = shared_prefix(torch.tensor(h.ids), query, self.rules.block_tokens)
+            same = shared_prefix(h.ids, query, self.rules.block_tokens)
             if same > best or (same == best > 0 and slot in free and where not in free):
                 best, where = same, slot
         return best, where
@@ -77,7 +77,7 @@ class SlotPrompts:
         if src != slot:
             self.cache.copy_prefix(src, slot, n)
         self.cache.write_position(slot, 0, first)     # free, the slot rode decode steps that wrote there
-        self.held[slot] = _Held(ids[:n], first)       # until the rest of the prompt is prefilled
+        self.held[slot] = _Held(torch.tensor(ids[:n]), first)   # until the rest of the prompt is prefilled
         return n
 
     def prefilled(self, slot: int, ids: list[int]):
@@ -87,7 +87,7 @@ class SlotPrompts:
             self.held[slot] = None
             return
         first = self.held[slot].first if self.held[slot] is not None else self.cache.read_position(slot, 0)
-        self.held[slot] = _Held(list(ids), first)
+        self.held[slot] = _Held(torch.tensor(ids), first)
 
     def released(self, slot: int):
         self._clock += 1
@@ -102,4 +102,4 @@ class SlotPrompts:
         for slot, h in enumerate(self.held):
             if h is not None:
                 self.cache.write_position(slot, 0, h.first)
-                prefix_cache.store(h.ids, self.cache.select(slice(slot, slot + 1)), owner)
+                prefix_cache.store(h.ids.tolist(), self.cache.select(slice(slot, slot + 1)), owner)
