@@ -31,7 +31,7 @@
 #   server     scripts/bench_server.py: the server over HTTP, 4 x 70K documents then a second question each, the
 #              context cache in slots vs host copies (the fastapi/uvicorn/httpx wheels installed first)
 #   server_offload  the same over offloaded slots, 2 x 70K (not yet run to the end: give it a call of its own)
-#   prefill_threshold  scripts/prefill_threshold.py: a 70K prompt's chunked prefill, dense cutoff 64K vs 0
+#   prefill_threshold  scripts/prefill_threshold.py: a 70K prompt's chunked prefill, dense/sparse per prompt vs per chunk
 #   dropin     scripts/bench_dropin.py: the transformers drop-in (sdpa / infinitehip / + HiPCache) at 32K and 128K,
 #              4 layers of the 8B shape, and the profiler table of HiPCache decode steps (dropin.profile.txt)
 #   cache      bring Triton's compiled kernels back as $OUT/triton_cache.tgz (see below)
@@ -112,7 +112,7 @@ for s in "$@"; do
         server) step server 420 python scripts/bench_server.py --modes slots,host --out "$OUT/server_http.json" ;;
         server_offload) step server_offload 420 python scripts/bench_server.py --batch 2 --offload \
                             --out "$OUT/server_http_offload.json" ;;
-        prefill_threshold) step prefill_threshold 200 python scripts/prefill_threshold.py \
+        prefill_threshold) step prefill_threshold 200 python scripts/prefill_threshold.py --threshold-zero \
                                --out "$OUT/prefill_threshold.json" ;;
         cache) export_cache=1 ;;
         ncu) step ncu 150 ncu --clock-control none -k regex:_bsa_kernel -c 2 --section SpeedOfLight \

@@ -1,6 +1,7 @@
-"""Prefill of one long prompt (Llama-3-8B shape, random weights, 16K-token chunks) with the presets'
-``dense_threshold`` (chunks over at most 64K keys attend densely) against ``dense_threshold=0``
-(every chunk sparse): what the threshold costs a server's prompt between 64K and 128K tokens.
+"""Prefill of one long prompt (Llama-3-8B shape, random weights, 16K-token chunks), hip deciding
+dense or sparse attention once for the prompt (``engine.prefill``: past the dense cutoff, sparse in
+every chunk) against deciding it per chunk (chunks over at most ``dense_cutoff`` keys dense, as
+``prefill`` did before 2026-12-01), in one run; ``--threshold-zero`` adds ``dense_threshold=0``.
 
     python scripts/prefill_threshold.py --context 70000 --out prefill_threshold.json
 """
@@ -15,31 +16,49 @@ from infinitehip import HiPConfig
 from infinitehip.bench.engine import random_model
 from infinitehip.cache import KVCache
 from infinitehip.engine.generate import prefill
+from infinitehip.models import AttentionCall
+
+CHUNK = 16384
+
+
+def per_chunk(model, tokens, cache):
+    """The old rule: each chunk dense or sparse by its own key count."""
+    for s in range(0, tokens.shape[1], CHUNK):
+        e = min(s + CHUNK, tokens.shape[1])
+        model.net(tokens[:, s:e], torch.tensor([s], device=tokens.device), cache, AttentionCall("hip"), kv_limit=e,
+                  last_only=True)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, default=70_000)
     p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--threshold-zero", action="store_true")
     p.add_argument("--out", default="prefill_threshold.json")
     a = p.parse_args()
     tokens = torch.randint(0, 128_000, (1, a.context), generator=torch.Generator().manual_seed(0)).cuda()
+    runs = [("per_prompt", HiPConfig(), prefill), ("per_chunk", HiPConfig(), per_chunk)]
+    if a.threshold_zero:
+        runs.append(("threshold_0", HiPConfig(dense_threshold=0), prefill))
     rows = []
-    for threshold in (HiPConfig().dense_threshold, 0):
-        model = random_model(a.layers, HiPConfig(dense_threshold=threshold))
+    for mode, config, run in runs:
+        model = random_model(a.layers, config)
         args = model.args
         cache = KVCache(args.n_layers, 1, a.context, args.n_kv_heads, args.head_dim, dtype=torch.bfloat16, device="cuda")
         times = []
         for _ in range(2):   # the first compiles
             torch.cuda.synchronize()
             t = time.perf_counter()
-            prefill(model, tokens, cache, chunk_size=16384)
+            if run is prefill:
+                prefill(model, tokens, cache, chunk_size=CHUNK)
+            else:
+                run(model, tokens, cache)
             torch.cuda.synchronize()
             times.append(round(time.perf_counter() - t, 3))
-        rows.append(dict(dense_threshold=threshold, context=a.context, prefill_s=times[-1], first_s=times[0],
-                         layers=a.layers, chunk_size=16384, device=torch.cuda.get_device_name(),
+        rows.append(dict(mode=mode, dense_threshold=config.dense_threshold, context=a.context, prefill_s=times[-1],
+                         first_s=times[0], layers=a.layers, chunk_size=CHUNK, device=torch.cuda.get_device_name(),
                          date=datetime.date.today().isoformat(), command="python scripts/prefill_threshold.py "
-                         f"--context {a.context} --layers {a.layers}"))
+                         f"--context {a.context} --layers {a.layers}" + " --threshold-zero" * a.threshold_zero))
         print(rows[-1], flush=True)
         del model, cache
         torch.cuda.empty_cache()

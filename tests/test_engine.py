@@ -74,6 +74,25 @@ def test_chunked_prefill_equals_one_shot(long_model, backend, chunk):
         torch.testing.assert_close(one, full_logits(model, tokens)[:, -1], atol=1e-4, rtol=0)
 
 
+def test_a_prompt_past_the_dense_cutoff_is_sparse_in_every_chunk(ckpt):
+    """Chunked prefill attends as one call over the whole prompt would: past the cutoff sparsely in
+    every chunk (deciding per chunk made the chunks under the cutoff dense: other logits than one
+    call's, and twice the prefill time of a 70K prompt on a GPU), under it densely."""
+    model = infinitehip.load(ckpt, config=HiPConfig.preset("tiny", model_context_length=4096, dense_threshold=400))
+    tokens = ids(500, seed=4)
+    one = prefill(model, tokens, new_cache(model), chunk_size=4096)
+    torch.testing.assert_close(prefill(model, tokens, new_cache(model), chunk_size=64), one, atol=1e-4, rtol=0)
+    # A batch runner gives the prompt a few chunks at a time, with the whole prompt's length.
+    prefill(model, tokens[:, :192], cache := new_cache(model), chunk_size=64, prompt_len=500)
+    torch.testing.assert_close(prefill(model, tokens, cache, chunk_size=64, start=192), one, atol=1e-4, rtol=0)
+    short = tokens[:, :380]   # under the cutoff: exact in every chunk
+    torch.testing.assert_close(prefill(model, short, new_cache(model), chunk_size=64),
+                               prefill(model, short, new_cache(model), backend="dense", chunk_size=64),
+                               atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="prompt_len=100 must be the whole prompt's length, at least the 500"):
+        prefill(model, tokens, new_cache(model), prompt_len=100)
+
+
 @pytest.mark.parametrize("backend", ["dense", "hip"])
 def test_decode_step_equals_full_forward(model, backend):
     tokens = ids(120, seed=1)   # within sink + window: hip is exact

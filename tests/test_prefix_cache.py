@@ -90,6 +90,30 @@ def test_one_cache_shared_by_two_backends_reuses_only_its_own_kv(model, tmp_path
     assert len(fresh) == 1
 
 
+def test_prompts_past_the_dense_cutoff_reuse_only_prefixes_prefilled_sparsely(model, tmp_path):
+    """hip prefills a prompt past the dense cutoff sparsely in every chunk and a shorter one densely,
+    so the same tokens' KV differs: a long question reusing a short document's dense KV would
+    answer otherwise than alone."""
+    from infinitehip.engine.prefix_cache import fingerprint
+
+    cut = infinitehip.load(model.path, config=model.hip.replace(dense_threshold=400))
+    short = " ".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(10))
+    long = short + " " + " ".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(10, 14))
+    assert len(cut.tokenizer.encode(short)) < 400 < len(cut.tokenizer.encode(long)) <= 500
+    cache = PrefixCache(block_tokens=64, min_tokens=64)
+    answer(cut, short, cache)
+    assert answer(cut, long, cache) == answer(cut, long)
+    assert cache.stats.hits == 0 and len(cache) == 2       # the short one's dense entry, the long one's
+    assert answer(cut, long + " again?", cache) == answer(cut, long + " again?")
+    assert cache.stats.hits == 1                             # the long one's sparse entry
+    # The mark survives a file; files without it (dense below the cutoff) load as dense entries.
+    owner = fingerprint(cut, "hip")
+    cache.save(tmp_path / "two.safetensors", owner=owner)
+    fresh = PrefixCache(block_tokens=64, min_tokens=64)
+    fresh.load(tmp_path / "two.safetensors", owner=owner)
+    assert sorted(e.sparse for e in fresh._entries.values()) == [False, True]
+
+
 def test_load_keeps_at_most_max_entries(model, tmp_path):
     """load added every entry of the file, past max_entries (each one a document's KV in memory);
     found by loading a three-document file into a cache of two."""

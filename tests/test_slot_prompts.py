@@ -138,3 +138,21 @@ def test_of_two_slots_holding_the_document_the_free_one_is_reused_in_place(model
         r.step()
     more, _ = drive(r, {0: [("third", asks[2], GREEDY)]})                      # ... slot 1 free: in place
     assert more["third"] == alone(model, asks[2])
+
+
+def test_a_prompt_past_the_dense_cutoff_does_not_reuse_a_dense_prefilled_slot(model):
+    """A slot's prompt under the cutoff was prefilled densely; a longer prompt sharing its start is
+    prefilled sparsely in every chunk, so it starts from nothing (else its tokens differ from
+    alone's), and a second long one from the first."""
+    cut = infinitehip.load(model.path, config=model.hip.replace(dense_threshold=400, model_context_length=4096))
+    assert cut.net.dense_cutoff == 400
+    doc = prompt(300, seed=1)
+    asks = [doc + prompt(9, seed=2), doc + prompt(150, seed=3), doc + prompt(150, seed=3) + prompt(9, seed=4)]
+    pc = cache()
+    r = runner(cut, prefix_cache=pc, max_context=600)
+    got = {}
+    for i, ask in enumerate(asks):
+        got.update(drive(r, {0: [(i, ask, GREEDY)]})[0])
+    # (The first is not alone's: the runner decodes every row sparsely, alone decodes it densely.)
+    assert [got[1], got[2]] == [alone(cut, asks[1]), alone(cut, asks[2])]
+    assert pc.stats.hits == 1 and r.stats.reused_tokens == 448   # only the third, from the second

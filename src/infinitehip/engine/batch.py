@@ -44,7 +44,7 @@ from ..cache.offload_plan import OffloadConfig
 from ..config import is_int
 from ..models.llama import BACKENDS
 from .cuda_graph import GraphDecoder
-from .generate import decode_one_token, make_cache, prefill
+from .generate import decode_one_token, make_cache, prefill, sparse_prompt
 from .state import DecodeState
 from .prefix_cache import PrefixCache, fingerprint, stores_fp8
 from .sampling import SamplingParams, TextOutput, sample
@@ -138,7 +138,8 @@ class BatchRunner:
         self.owner = fingerprint(model, backend, stores_fp8(self.cache)) if prefix_cache is not None else ""
         # Prompts kept in their slots for reuse (on the device; an offloaded cache stores host entries).
         keep_in_slots = prefix_cache is not None and isinstance(self.cache, KVCache)
-        self._slot_prompts = SlotPrompts(self.cache, prefix_cache) if keep_in_slots else None
+        self._slot_prompts = (SlotPrompts(self.cache, prefix_cache, lambda n: sparse_prompt(model, backend, n))
+                              if keep_in_slots else None)
         self._kv_floor = _sparse_floor(model, backend, self.cache.capacity)
         self.state = DecodeState(backend, kernel=kernel)
         self.stats = BatchStats()
@@ -285,7 +286,8 @@ class BatchRunner:
         if not self._waiting or not self._free:
             return None
         req, pc, slots = self._waiting.popleft(), self.prefix_cache, self._slot_prompts
-        cached = pc.lookup(req.ids, self.owner) if pc is not None else (0, None)
+        sparse = sparse_prompt(self.model, self.backend, len(req.ids))
+        cached = pc.lookup(req.ids, self.owner, sparse) if pc is not None else (0, None)
         pick = slots.pick(req.ids, self._free, beat=cached[0]) if slots is not None else (min(self._free), None, 0)
         req.slot = pick[0]
         self._free.remove(req.slot)
@@ -295,7 +297,7 @@ class BatchRunner:
             if req.reused:
                 pc.count(req.reused)
             else:
-                req.reused = pc.reuse(req.ids, self._row(req.slot), self.owner, found=cached)
+                req.reused = pc.reuse(req.ids, self._row(req.slot), self.owner, found=cached, sparse=sparse)
             req.filled = req.reused
             self.stats.reused_tokens += req.reused
         return req
@@ -307,7 +309,7 @@ class BatchRunner:
             req.tokens = torch.tensor([req.ids], device=self.model.device)             # (1, T)
         t0 = time.perf_counter()
         req.logits = prefill(self.model, req.tokens[:, :end], self._row(req.slot), backend=self.backend,
-                             chunk_size=self.chunk_size, kernel=self.kernel, start=start)
+                             chunk_size=self.chunk_size, kernel=self.kernel, start=start, prompt_len=len(req.ids))
         self.stats.prefill_seconds += time.perf_counter() - t0
         self.stats.prefill_chunks += 1
         self.stats.prefilled_tokens += end - start
@@ -316,7 +318,8 @@ class BatchRunner:
             req.tokens = None
             if self.prefix_cache is not None:
                 self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused, owner=self.owner,
-                                           keep=self._slot_prompts is None)
+                                           keep=self._slot_prompts is None,
+                                           sparse=sparse_prompt(self.model, self.backend, len(req.ids)))
             if self._slot_prompts is not None:
                 self._slot_prompts.prefilled(req.slot, req.ids)
         return end - start
@@ -402,5 +405,5 @@ def _sparse_floor(model, backend: str, capacity: int) -> int:
     neighbours. Reading at least one key more keeps every row on the sparse path."""
     if backend == "dense":
         return 1
-    cutoff = max(cfg.dense_cutoff for cfg in model.net.layer_configs)
+    cutoff = model.net.dense_cutoff
     return min(cutoff + 1, capacity)

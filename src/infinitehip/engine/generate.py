@@ -36,20 +36,30 @@ class Event:
 
 
 def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, *, backend: str = "hip", chunk_size: int = 4096,
-            kernel: str = "auto", progress: bool = False, start: int = 0) -> torch.Tensor:
+            kernel: str = "auto", progress: bool = False, start: int = 0, prompt_len: int | None = None) -> torch.Tensor:
     """Run the prompt ``tokens`` (1, T) through the model ``chunk_size`` tokens at a time.
 
     Writes its K/V to ``cache`` (one row) and returns the last token's logits (1, V). The first
     ``start`` tokens' K/V must already be in the cache (a reused prefix); they are not recomputed.
+    ``prompt_len``: the whole prompt's length when ``tokens`` is only its start (a batch runner
+    prefills a long prompt a few chunks a step); default T.
+
+    hip attends densely or sparsely as one call over the whole prompt would: a prompt of more
+    than ``dense_cutoff`` tokens attends sparsely in every chunk, also in those whose keys are
+    under the cutoff. (Deciding per chunk made such a prompt's first chunks dense: not what one
+    call computes, and twice as slow where the chunks have many queries: a 70,000-token prompt of
+    the 8B shape took 6.83 s instead of 3.49, H200, ``scripts/prefill_threshold.py``.)
     """
     if not is_int(chunk_size) or chunk_size < 1:   # a float reached range(): a TypeError
         raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
     T = tokens.shape[1]
     if not 0 <= start < T:   # no chunk would run: an UnboundLocalError at the return
         raise ValueError(f"prefill runs at least the prompt's last token: start={start} of a {T}-token prompt")
+    if prompt_len is not None and not (is_int(prompt_len) and prompt_len >= T):
+        raise ValueError(f"prompt_len={prompt_len!r} must be the whole prompt's length, at least the {T} tokens given")
     if T > cache.capacity:   # a shape mismatch deep inside the first layer's cache write
         raise ValueError(f"a {T:,}-token prompt does not fit a cache of {cache.capacity:,} tokens a row")
-    call = AttentionCall(backend=backend, kernel=kernel)
+    call = AttentionCall(backend=backend, kernel=kernel, sparse=sparse_prompt(model, backend, prompt_len or T))
     bar = _progress(T - start, progress)
     t0 = time.perf_counter()
     for s in range(start, T, chunk_size):
@@ -210,6 +220,11 @@ def _events(model: Model, ids: list[list[int]], params: SamplingParams, groups, 
         lengths = [n + 1 for n in lengths]
 
 
+def sparse_prompt(model: Model, backend: str, n: int) -> bool:
+    """Whether hip prefills an ``n``-token prompt sparsely (every chunk; ``prefill``)."""
+    return backend == "hip" and n > model.net.dense_cutoff
+
+
 def _decode_groups(model: Model, ids: list[list[int]], n_new: int, backend: str) -> list[list[int]]:
     """The rows that can decode in one batch and still get the tokens each gets alone.
 
@@ -220,7 +235,7 @@ def _decode_groups(model: Model, ids: list[list[int]], n_new: int, backend: str)
     """
     if backend != "hip":   # dense is exact at any key count; streaming falls back only below sink + window
         return [list(range(len(ids)))]
-    cutoff = max(cfg.dense_cutoff for cfg in model.net.layer_configs)
+    cutoff = model.net.dense_cutoff
     groups: dict[int, list[int]] = {}
     for b, x in enumerate(ids):   # its decode step s (of n_new - 1) is dense while len(x) + s + 1 <= cutoff
         groups.setdefault(min(max(cutoff - len(x), 0), n_new - 1), []).append(b)
@@ -292,13 +307,15 @@ def make_cache(model: Model, B: int, capacity: int, chunk_size: int, offload: bo
                           device=model.device, layer_configs=model.net.layer_configs, config=plan.config)
 
 
-def _prefill_row(model: Model, ids: list[int], cache: KVCache, prefix_cache: PrefixCache | None, owner: str, **kw):
+def _prefill_row(model: Model, ids: list[int], cache: KVCache, prefix_cache: PrefixCache | None, owner: str, *,
+                 backend: str, **kw):
     """Prefill one prompt into a one-row cache, reusing and then remembering a cached prefix
-    (``owner``: the reader's and writer's ``fingerprint``)."""
-    start = prefix_cache.reuse(ids, cache, owner) if prefix_cache is not None else 0
-    logits = prefill(model, torch.tensor([ids], device=model.device), cache, start=start, **kw)
+    (``owner``: the reader's and writer's ``fingerprint``) prefilled as this prompt is."""
+    sparse = sparse_prompt(model, backend, len(ids))
+    start = prefix_cache.reuse(ids, cache, owner, sparse=sparse) if prefix_cache is not None else 0
+    logits = prefill(model, torch.tensor([ids], device=model.device), cache, start=start, backend=backend, **kw)
     if prefix_cache is not None:
-        prefix_cache.remember(ids, cache, reused=start, owner=owner)
+        prefix_cache.remember(ids, cache, reused=start, owner=owner, sparse=sparse)
     return logits
 
 

@@ -7,7 +7,10 @@ is read once, not once per question or per server start. A file carries the ``fi
 the model, backend and HiP config that wrote it, and loads only into the same: KV from other
 weights, another attention, or rotated keys (as the dense backend caches them) in an un-rotated
 cache would answer wrongly without an error. For the same reason every entry in memory carries
-its writer's fingerprint (``owner``) and is reused only by the same model and backend.
+its writer's fingerprint (``owner``) and is reused only by the same model and backend. And hip
+prefills a prompt past the dense cutoff sparsely in every chunk (``engine.prefill``), the same
+tokens of a shorter prompt densely: an entry is marked ``sparse`` or not and reused only by
+prompts prefilled the same way, so a reused prefix holds the KV a fresh prefill would compute.
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ class _Entry:
     k: list[torch.Tensor]       # per layer (T, K, D)
     v: list[torch.Tensor]
     owner: str = ""             # the writer's ``fingerprint``: only it may reuse the KV
+    sparse: bool = False        # prefilled sparsely (a prompt past the dense cutoff): only such reuse it
 
 
 class PrefixCache:
@@ -81,28 +85,30 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, ids: list[int], owner: str = "") -> tuple[int, int | None]:
+    def lookup(self, ids: list[int], owner: str = "", sparse: bool = False) -> tuple[int, int | None]:
         """(n, key): the longest cached prefix of ``ids`` that ``owner`` (the reader's
         ``fingerprint``) wrote, in whole blocks, leaving at least the last prompt token to prefill
-        (its logits start decoding); (0, None) if none."""
+        (its logits start decoding); (0, None) if none. ``sparse``: ``ids`` is prefilled sparsely
+        (``generate.sparse_prompt``); only entries prefilled alike match."""
         query = torch.tensor(ids[:-1])
         best, best_key = 0, None
         for key, e in self._entries.items():
-            if e.owner != owner:
+            if e.owner != owner or e.sparse != sparse:
                 continue
             same = shared_prefix(e.ids, query, self.block_tokens)
             if same > best:
                 best, best_key = same, key
         return best, best_key
 
-    def reuse(self, ids: list[int], cache: KVCache, owner: str = "", found: tuple[int, int | None] | None = None) -> int:
+    def reuse(self, ids: list[int], cache: KVCache, owner: str = "", found: tuple[int, int | None] | None = None,
+              sparse: bool = False) -> int:
         """Copy the longest cached prefix of ``ids`` into row 0 of ``cache``; return its length.
 
         Only entries ``owner`` wrote match: one PrefixCache used with the dense backend and then
         hip handed hip dense's rotated keys (wrong answers, no error). ``found``: ``lookup``'s
-        answer, if already asked.
+        answer, if already asked; ``sparse``: as ``lookup``.
         """
-        best, best_key = found or self.lookup(ids, owner)
+        best, best_key = found or self.lookup(ids, owner, sparse)
         if best_key is None:
             self.count(0)
             return 0
@@ -120,20 +126,21 @@ class PrefixCache:
         self.stats.hits += reused > 0
         self.stats.reused_tokens += reused
 
-    def remember(self, ids: list[int], cache: KVCache, reused: int, owner: str = "", keep: bool = True):
+    def remember(self, ids: list[int], cache: KVCache, reused: int, owner: str = "", keep: bool = True,
+                 sparse: bool = False):
         """After prefilling ``ids`` (of which ``reused`` came from a cache): count the tokens
         prefilled and, with ``keep``, keep the prompt's KV for later requests."""
         self.stats.prefilled_tokens += len(ids) - reused
         if keep:
-            self.store(ids, cache, owner)
+            self.store(ids, cache, owner, sparse)
 
-    def store(self, ids: list[int], cache: KVCache, owner: str = ""):
+    def store(self, ids: list[int], cache: KVCache, owner: str = "", sparse: bool = False):
         """Keep the prompt's KV (row 0 of ``cache``, whole blocks only) if it is long enough;
-        ``owner``: the writer's ``fingerprint``."""
+        ``owner``: the writer's ``fingerprint``; ``sparse``: ``ids`` was prefilled sparsely."""
         n = len(ids) - len(ids) % self.block_tokens
         if n < max(self.min_tokens, self.block_tokens):
             return
-        key = hash((owner, tuple(ids[:n])))
+        key = hash((owner, sparse, tuple(ids[:n])))
         if key in self._entries:
             self._entries.move_to_end(key)
             return
@@ -146,7 +153,7 @@ class PrefixCache:
                         "host memory available", n, need / 1e9, 100 * HOST_SHARE)
             return
         kv = [cache.read_prefix(layer, n) for layer in range(cache.n_layers)]
-        self._entries[key] = _Entry(torch.tensor(ids[:n]), [k for k, _ in kv], [v for _, v in kv], owner)
+        self._entries[key] = _Entry(torch.tensor(ids[:n]), [k for k, _ in kv], [v for _, v in kv], owner, sparse)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
@@ -162,8 +169,9 @@ class PrefixCache:
         # left a truncated file, which lost the old entries and failed the next start.
         part = Path(f"{path}.part")
         try:
+            sparse = ",".join(str(i) for i, e in enumerate(mine) if e.sparse)
             save_file(tensors, str(part), metadata={"format": "infinitehip-prefix-cache", "entries": str(len(mine)),
-                                                    "owner": owner})
+                                                    "owner": owner, "sparse": sparse})
             os.replace(part, path)
         finally:
             part.unlink(missing_ok=True)
@@ -173,7 +181,8 @@ class PrefixCache:
         have written."""
         try:
             with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
-                written_by = (f.metadata() or {}).get("owner", "")
+                meta = f.metadata() or {}
+                written_by = meta.get("owner", "")
                 tensors = {name: f.get_tensor(name) for name in f.keys()} if written_by == owner else {}
         except Exception as e:  # safetensors raises several types for a bad file
             raise ValueError(f"{path} is not a readable prefix-cache file ({e})") from None
@@ -181,11 +190,14 @@ class PrefixCache:
             raise ValueError(f"{path} holds KV written by another model, weights or backend (fingerprint "
                              f"{written_by or 'none'}; this one is {owner or 'none'}): delete it or give "
                              "another --context-cache path")
+        # Files from before the mark hold prompts whose chunks under the dense cutoff were dense:
+        # unmarked, so only prompts under the cutoff reuse them, for at most their own length.
+        sparse = {int(i) for i in meta.get("sparse", "").split(",") if i}
         for i in sorted({int(name.split(".")[0]) for name in tensors}):
             n_layers = sum(name.startswith(f"{i}.k.") for name in tensors)
             ids = tensors[f"{i}.ids"].cpu()
-            self._entries[hash((owner, tuple(ids.tolist())))] = _Entry(
+            self._entries[hash((owner, i in sparse, tuple(ids.tolist())))] = _Entry(
                 ids, [tensors[f"{i}.k.{layer}"] for layer in range(n_layers)],
-                [tensors[f"{i}.v.{layer}"] for layer in range(n_layers)], owner)
+                [tensors[f"{i}.v.{layer}"] for layer in range(n_layers)], owner, i in sparse)
         while len(self._entries) > self.max_entries:   # as store: a file may hold more than this cache keeps
             self._entries.popitem(last=False)

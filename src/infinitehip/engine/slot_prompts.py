@@ -13,11 +13,14 @@ file) are taken where they hold a longer prefix.
 
 Free slots ride along in decode steps writing a throwaway token at position 0 (``batch.py``), so
 each slot prompt keeps its position-0 K and V aside, written back when the prompt is reused.
-Only for a cache on the device (``KVCache``): an offloaded cache keeps the host entries.
+Only for a cache on the device (``KVCache``): an offloaded cache keeps the host entries. As the
+prefix cache's entries, a held prompt is reused only by prompts prefilled alike (densely, or past
+the dense cutoff sparsely: ``prefix_cache.py``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -29,11 +32,13 @@ from .prefix_cache import PrefixCache, shared_prefix
 class _Held:
     ids: torch.Tensor           # (T,) the prompt whose K/V occupy positions [0, T) of the slot
     first: list[torch.Tensor]   # every layer's K and V at position 0, as prefilled
+    sparse: bool                # prefilled sparsely (``generate.sparse_prompt``)
 
 
 class SlotPrompts:
-    def __init__(self, cache: KVCache, prefix_cache: PrefixCache):
+    def __init__(self, cache: KVCache, prefix_cache: PrefixCache, sparse: Callable[[int], bool] = lambda n: False):
         self.cache, self.rules = cache, prefix_cache    # the prefix cache's block and minimum lengths
+        self.sparse = sparse                            # whether an n-token prompt is prefilled sparsely
         self.held: list[_Held | None] = [None] * cache.batch
         self._released = [0] * cache.batch              # when each slot was last freed (LRU)
         self._clock = 0
@@ -44,9 +49,9 @@ class SlotPrompts:
     def longest(self, ids: list[int], free: list[int]) -> tuple[int, int | None]:
         """(n, slot): the longest prefix of ``ids`` a slot holds, in whole blocks of the prefix
         cache, leaving one token to prefill; of equal ones a free slot's (reused in place)."""
-        query, best, where = torch.tensor(ids[:-1]), 0, None
+        query, best, where, sparse = torch.tensor(ids[:-1]), 0, None, self.sparse(len(ids))
         for slot, h in enumerate(self.held):
-            if h is None:
+            if h is None or h.sparse != sparse:
                 continue
             same = shared_prefix(h.ids, query, self.rules.block_tokens)
             if same > best or (same == best > 0 and slot in free and where not in free):
@@ -77,7 +82,7 @@ class SlotPrompts:
         if src != slot:
             self.cache.copy_prefix(src, slot, n)
         self.cache.write_position(slot, 0, first)     # free, the slot rode decode steps that wrote there
-        self.held[slot] = _Held(torch.tensor(ids[:n]), first)   # until the rest of the prompt is prefilled
+        self.held[slot] = _Held(torch.tensor(ids[:n]), first, self.sparse(len(ids)))   # until the rest is prefilled
         return n
 
     def prefilled(self, slot: int, ids: list[int]):
@@ -87,7 +92,7 @@ class SlotPrompts:
             self.held[slot] = None
             return
         first = self.held[slot].first if self.held[slot] is not None else self.cache.read_position(slot, 0)
-        self.held[slot] = _Held(torch.tensor(ids), first)
+        self.held[slot] = _Held(torch.tensor(ids), first, self.sparse(len(ids)))
 
     def released(self, slot: int):
         self._clock += 1
@@ -102,4 +107,4 @@ class SlotPrompts:
         for slot, h in enumerate(self.held):
             if h is not None:
                 self.cache.write_position(slot, 0, h.first)
-                prefix_cache.store(h.ids.tolist(), self.cache.select(slice(slot, slot + 1)), owner)
+                prefix_cache.store(h.ids.tolist(), self.cache.select(slice(slot, slot + 1)), owner, h.sparse)

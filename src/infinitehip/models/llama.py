@@ -130,6 +130,10 @@ class AttentionCall:
     defer_stage: int | list[int] | None = None    # per row: first stage to prune for later (n_stages: none)
     fresh: bool = False                           # masks took effect this step: a paged cache fetches
     queries: list[torch.Tensor] | None = None     # CUDA graphs: save q per layer, pruned on a side stream
+    # hip: attend sparsely whatever the pass's key count (still dense within sink + window). Chunked
+    # prefill of a prompt longer than the dense cutoff sets it, so that its chunks attend as one call
+    # over the whole prompt would (engine.prefill).
+    sparse: bool = False
 
 
 @dataclass
@@ -343,8 +347,14 @@ class Transformer(nn.Module):
         """The HiP config, resolved per layer (dense layers get a larger budget)."""
         self.hip = hip
         self.layer_configs = [hip.for_layer(i, self.args.n_layers) for i in range(self.args.n_layers)]
-        # The streaming baseline is sink + window at every length: no dense fallback below the crossover.
-        self.streaming_configs = [c.replace(dense_threshold=0) for c in self.layer_configs]
+        # No dense fallback below the crossover (still dense within sink + window, where sparse
+        # attention would attend every key): the streaming baseline, and prompts past the cutoff.
+        self.sparse_configs = [c.replace(dense_threshold=0) for c in self.layer_configs]
+
+    @property
+    def dense_cutoff(self) -> int:
+        """hip attends densely in a pass of at most this many keys (``HiPConfig.dense_cutoff``)."""
+        return max(cfg.dense_cutoff for cfg in self.layer_configs)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: torch.Tensor, cache, call: AttentionCall | None = None,
@@ -361,7 +371,7 @@ class Transformer(nn.Module):
             raise ValueError(f"backend={call.backend!r}; choose one of {BACKENDS}")
         step = self.step(tokens.shape[1], start, cache, call.backend, kv_limit)
         x = self.tok_embeddings(tokens)                                         # (B, T, C)
-        configs = self.streaming_configs if call.backend == "streaming" else self.layer_configs
+        configs = self.sparse_configs if call.backend == "streaming" or call.sparse else self.layer_configs
         for layer, block in enumerate(self.layers):
             x = block(x, step, cache, configs[layer], call)
         if last_only:
