@@ -1,7 +1,9 @@
 """Prefill of one long prompt (Llama-3-8B shape, random weights, 16K-token chunks), hip deciding
 dense or sparse attention once for the prompt (``engine.prefill``: past the dense cutoff, sparse in
 every chunk) against deciding it per chunk (chunks over at most ``dense_cutoff`` keys dense, as
-``prefill`` did before 2026-12-01), in one run; ``--threshold-zero`` adds ``dense_threshold=0``.
+``prefill`` did before 2026-12-01), in one run; ``--threshold-zero`` adds ``dense_threshold=0``,
+``--offload`` prefills into an offloaded cache (host memory; chunks read a device copy of each
+layer, ``attention/paged.py``), ``--modes`` picks the runs.
 
     python scripts/prefill_threshold.py --context 70000 --out prefill_threshold.json
 """
@@ -14,8 +16,7 @@ import torch
 
 from infinitehip import HiPConfig
 from infinitehip.bench.engine import random_model
-from infinitehip.cache import KVCache
-from infinitehip.engine.generate import prefill
+from infinitehip.engine.generate import make_cache, prefill
 from infinitehip.models import AttentionCall
 
 CHUNK = 16384
@@ -34,17 +35,18 @@ def main():
     p.add_argument("--context", type=int, default=70_000)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--threshold-zero", action="store_true")
+    p.add_argument("--offload", action="store_true")
+    p.add_argument("--modes", default="per_prompt,per_chunk")
     p.add_argument("--out", default="prefill_threshold.json")
     a = p.parse_args()
     tokens = torch.randint(0, 128_000, (1, a.context), generator=torch.Generator().manual_seed(0)).cuda()
-    runs = [("per_prompt", HiPConfig(), prefill), ("per_chunk", HiPConfig(), per_chunk)]
+    runs = [(m, HiPConfig(), prefill if m == "per_prompt" else per_chunk) for m in a.modes.split(",")]
     if a.threshold_zero:
         runs.append(("threshold_0", HiPConfig(dense_threshold=0), prefill))
     rows = []
     for mode, config, run in runs:
         model = random_model(a.layers, config)
-        args = model.args
-        cache = KVCache(args.n_layers, 1, a.context, args.n_kv_heads, args.head_dim, dtype=torch.bfloat16, device="cuda")
+        cache = make_cache(model, 1, a.context, CHUNK, offload=a.offload)
         times = []
         for _ in range(2):   # the first compiles
             torch.cuda.synchronize()
@@ -55,10 +57,12 @@ def main():
                 run(model, tokens, cache)
             torch.cuda.synchronize()
             times.append(round(time.perf_counter() - t, 3))
-        rows.append(dict(mode=mode, dense_threshold=config.dense_threshold, context=a.context, prefill_s=times[-1],
+        rows.append(dict(mode=mode, offload=a.offload, dense_threshold=config.dense_threshold, context=a.context,
+                         prefill_s=times[-1],
                          first_s=times[0], layers=a.layers, chunk_size=CHUNK, device=torch.cuda.get_device_name(),
                          date=datetime.date.today().isoformat(), command="python scripts/prefill_threshold.py "
-                         f"--context {a.context} --layers {a.layers}" + " --threshold-zero" * a.threshold_zero))
+                         f"--context {a.context} --layers {a.layers} --modes {a.modes}"
+                         + " --threshold-zero" * a.threshold_zero + " --offload" * a.offload))
         print(rows[-1], flush=True)
         del model, cache
         torch.cuda.empty_cache()

@@ -42,7 +42,7 @@ def run(model, tokens, cache, steps=STEPS):
     """Greedy: prefill logits then each decode step's, (1 + steps, V)."""
     logits = [prefill(model, tokens, cache, chunk_size=256)]
     state = DecodeState("hip")
-    seqlens = torch.tensor([tokens.shape[1]])
+    seqlens = torch.tensor([tokens.shape[1]], device=tokens.device)
     for _ in range(steps):
         logits.append(decode_one_token(model, logits[-1].argmax(-1), seqlens, cache, state,
                                        kv_limit=int(seqlens[0]) + 1))
@@ -75,6 +75,30 @@ def test_mixed_placement_equals_on_device_bit_for_bit(model):
     assert not mixed.stores[2].on_device and mixed.caches[2] is not None
     assert torch.equal(run(model, prompt(), mixed), run(model, prompt(), on_device))
     assert sum(c.stats.hits for c in mixed.page_caches) > 0 and len(mixed.page_caches) == 4
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_long_prefill_chunks_read_a_device_copy_of_each_layer(fp8, monkeypatch):
+    """A prefill chunk of at least ``STAGE_QUERIES`` queries copies each host-stored layer's K/V (or
+    FP8 codes) to device memory and reads the copy: the same kernels over the same values, so the
+    logits of reading in place, bit for bit (on a GPU machine, on the GPU)."""
+    from infinitehip.attention import paged
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = infinitehip.load("builtin", config=CONFIG, dtype=torch.bfloat16, device=device)
+    a = model.args
+
+    def offloaded():
+        return OffloadKVCache(a.n_layers, 1, PROMPT + 4, a.n_kv_heads, a.head_dim, dtype=model.dtype,
+                              device=device, layer_configs=model.net.layer_configs, config=OffloadConfig(fp8=fp8))
+
+    tokens = prompt().to(device)
+    want = run(model, tokens, offloaded(), steps=3)              # chunks of 256: fewer queries, read in place
+    copies, staged = [], paged._staged
+    monkeypatch.setattr(paged, "STAGE_QUERIES", 64)
+    monkeypatch.setattr(paged, "_staged", lambda k, v, dev: copies.append(k.data_ptr()) or staged(k, v, dev))
+    assert torch.equal(run(model, tokens, offloaded(), steps=3), want)
+    assert len(copies) == 3 * 6        # 3 chunks (256, 256, 88 queries) x 6 host-stored layers; decode: none
 
 
 def test_offload_small_pages_and_evictions_stay_exact(bf16_model):

@@ -10,6 +10,10 @@ place (prefill) or through the pool (decode).
 With plain (non-FP8) storage and no fetch this is ``hip_attention`` itself, so results are the
 all-on-device path's, bit for bit; with a fetch the attention kernels read the same values
 through the table, so they are too (tested).
+
+A prefill chunk of at least ``STAGE_QUERIES`` queries first copies the layer's K/V (or FP8 codes)
+to device memory and reads the copy: the same values, the same kernels, so the same results.
+Read in place, each of the chunk's query blocks probes and attends over PCIe on its own.
 """
 from __future__ import annotations
 
@@ -26,7 +30,15 @@ from .pages import KVPages
 from .rope import RoPE
 
 
+# A chunk of this many queries (16 query blocks of 64) reads more over PCIe in place than one copy of
+# the layer: in place, each query block's stage-0 probes read ~16 bytes per key and kv head and its
+# sink, window and budget ~3.3K keys (8B shape: 8 kv heads); the copy moves K and V once, 4 KB a key.
+STAGE_QUERIES = 1024
+
+
 class KVSource(Protocol):
+    on_host: bool   # the store is in host memory (read in place through a device alias)
+
     def logical(self, tk: int) -> tuple[torch.Tensor, torch.Tensor, KVPages | None]:
         """k, v (B, Tk, K, D) readable in place on the queries' device; pages: FP8 scales or None."""
 
@@ -56,14 +68,17 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
     Returns (out (B, Tq, H, D), mask or None when attention was dense).
     """
     k, v, pages = source.logical(tk)
+    B, tq, _, D = q.shape
+    fp8 = pages is not None and pages.k_scale is not None
+    if not fetch and tq >= STAGE_QUERIES and source.on_host and not (fp8 and api._use_dense(tk, config)):
+        k, v = _staged(k, v, q.device)   # (FP8's dense path decodes from the store instead)
     if pages is None and not fetch:
         return api.cache_attention(q, k, v, config=config, rope=rope, scale=scale, cache_seqlens=cache_seqlens,
                                    mask=mask, refresh_stage=refresh_stage, backend=backend)
-    B, tq, _, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     kv_len = cache_seqlens.to(device=q.device, dtype=torch.long)
     if api._use_dense(tk, config):
-        kd, vd = source.dense(tk)
+        kd, vd = source.dense(tk) if fp8 else (k, v)
         return api.dense_attention(q, kd, vd, kv_len, rope, scale), None
     from_stage, row_stage = api._refresh_rows(refresh_stage, B, config, mask, q.device)
     backend = api.resolve_backend(backend, q)
@@ -83,6 +98,14 @@ def paged_hip_attention(q: torch.Tensor, source: KVSource, tk: int, *, config: H
 
     return api.prune_and_attend(q, k, kv_len, config, rope, mask, from_stage, row_stage, backend,
                                 functools.partial(impl.score_chunks, pages=pages), attend)
+
+
+def _staged(k: torch.Tensor, v: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v (B, Tk, K, D) copied to ``device`` memory; as they are where there is no room for the copy."""
+    try:
+        return k.to(device, copy=True), v.to(device, copy=True)
+    except torch.OutOfMemoryError:
+        return k, v
 
 
 def paged_prune(q: torch.Tensor, source: KVSource, tk: int, *, config: HiPConfig, rope: RoPE | None,

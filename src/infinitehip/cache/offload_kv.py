@@ -247,6 +247,7 @@ class _LayerSource:
 
     def __init__(self, cache: OffloadKVCache, layer: int):
         self.cache, self.layer = cache, layer
+        self.on_host = not cache.stores[layer].on_device
 
     def logical(self, tk: int):
         c, s = self.cache, self.cache.stores[self.layer]
