@@ -30,7 +30,7 @@
 #   runner     scripts/bench_runner.py: the server's BatchRunner at 70K tokens x 4 staggered rows, eager vs CUDA graphs
 #   server     scripts/bench_server.py: the server over HTTP, 4 x 70K documents then a second question each, the
 #              context cache in slots vs host copies (the fastapi/uvicorn/httpx wheels installed first)
-#   server_offload  the same over offloaded slots, 2 x 70K (not yet run to the end: give it a call of its own)
+#   server_offload  the same over offloaded slots, 2 x 70K (~100 s on a warm machine)
 #   prefill_threshold  scripts/prefill_threshold.py: a 70K prompt's chunked prefill, dense/sparse per prompt vs per chunk
 #   dropin     scripts/bench_dropin.py: the transformers drop-in (sdpa / infinitehip / + HiPCache) at 32K and 128K,
 #              4 layers of the 8B shape, and the profiler table of HiPCache decode steps (dropin.profile.txt)

@@ -96,6 +96,7 @@ class _Request:
     slot: int = -1
     filled: int = 0              # prompt tokens whose KV is in the slot
     reused: int = 0              # ... of which copied from the prefix cache
+    sparse: bool = False         # prefilled sparsely in every chunk (past the dense cutoff)
     seqlen: int = 0              # decode: where the next token goes
     last: int = 0                # decode: the token fed at the next step
     tokens: torch.Tensor | None = None              # (1, T) the prompt on the device, while prefilling
@@ -286,8 +287,8 @@ class BatchRunner:
         if not self._waiting or not self._free:
             return None
         req, pc, slots = self._waiting.popleft(), self.prefix_cache, self._slot_prompts
-        sparse = sparse_prompt(self.model, self.backend, len(req.ids))
-        cached = pc.lookup(req.ids, self.owner, sparse) if pc is not None else (0, None)
+        req.sparse = sparse_prompt(self.model, self.backend, len(req.ids))
+        cached = pc.lookup(req.ids, self.owner, req.sparse) if pc is not None else (0, None)
         pick = slots.pick(req.ids, self._free, beat=cached[0]) if slots is not None else (min(self._free), None, 0)
         req.slot = pick[0]
         self._free.remove(req.slot)
@@ -297,7 +298,7 @@ class BatchRunner:
             if req.reused:
                 pc.count(req.reused)
             else:
-                req.reused = pc.reuse(req.ids, self._row(req.slot), self.owner, found=cached, sparse=sparse)
+                req.reused = pc.reuse(req.ids, self._row(req.slot), self.owner, found=cached, sparse=req.sparse)
             req.filled = req.reused
             self.stats.reused_tokens += req.reused
         return req
@@ -318,8 +319,7 @@ class BatchRunner:
             req.tokens = None
             if self.prefix_cache is not None:
                 self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused, owner=self.owner,
-                                           keep=self._slot_prompts is None,
-                                           sparse=sparse_prompt(self.model, self.backend, len(req.ids)))
+                                           keep=self._slot_prompts is None, sparse=req.sparse)
             if self._slot_prompts is not None:
                 self._slot_prompts.prefilled(req.slot, req.ids)
         return end - start
