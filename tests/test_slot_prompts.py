@@ -8,7 +8,8 @@ from checkpoints import make_checkpoint  # noqa: E402
 from test_batch import GREEDY, alone, drive, prompt, runner  # noqa: E402
 
 import infinitehip  # noqa: E402
-from infinitehip.engine import PrefixCache, SamplingParams  # noqa: E402
+from infinitehip.cache.offload_plan import OffloadConfig  # noqa: E402
+from infinitehip.engine import PrefixCache, SamplingParams, stream  # noqa: E402
 
 DOC = prompt(300, seed=1)
 LONG = SamplingParams(max_new_tokens=40, ignore_eos=True)
@@ -23,30 +24,44 @@ def cache():
     return PrefixCache(block_tokens=64, min_tokens=64)
 
 
-def test_the_next_question_starts_from_the_slot_that_holds_the_document(model):
+# Slots on the device, offloaded to host memory (bf16: the on-device tokens), offloaded in FP8.
+STORES = {"device": False, "offload": OffloadConfig(), "offload_fp8": OffloadConfig(fp8=True)}
+
+
+def alone_in(model, store, ids, params=GREEDY):
+    """``alone`` with the runner's storage (offloading in bf16 gives the on-device tokens)."""
+    if store != "offload_fp8":
+        return alone(model, ids, params)
+    return [e.token for e in stream(model, [ids], params, chunk_size=64, offload=STORES[store])]
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_the_next_question_starts_from_the_slot_that_holds_the_document(model, store):
     """While its slot was free, other requests' decode steps wrote a throwaway token at its
-    position 0 (written back before reuse: else the answer differs)."""
+    position 0 (written back before reuse: else the answer differs; offloaded in FP8 that write
+    re-encodes the whole page)."""
     pc = cache()
-    r = runner(model, prefix_cache=pc)
+    r = runner(model, prefix_cache=pc, offload=STORES[store])
     asks = [DOC + prompt(9, seed=2), DOC + prompt(13, seed=3)]
     first, _ = drive(r, {0: [(0, asks[0], GREEDY), (9, prompt(50, seed=9), LONG)]})   # 9 decodes longer
     assert r.n_slot_prompts == 1 and len(pc) == 0          # the document kept in its slot (not the 50
     # tokens: under min_tokens), nothing copied to host memory
     prefilled = r.stats.prefilled_tokens
     second, _ = drive(r, {0: [(1, asks[1], GREEDY)]})
-    assert [first[0], second[1]] == [alone(model, q) for q in asks]
-    assert first[9] == alone(model, prompt(50, seed=9), LONG)
+    assert [first[0], second[1]] == [alone_in(model, store, q) for q in asks]
+    assert first[9] == alone_in(model, store, prompt(50, seed=9), LONG)
     assert pc.stats.hits == 1 and r.stats.reused_tokens == 256
     assert r.stats.prefilled_tokens - prefilled == len(asks[1]) - 256
 
 
-def test_a_document_in_a_busy_slot_is_copied_into_a_free_one(model):
+@pytest.mark.parametrize("store", STORES)
+def test_a_document_in_a_busy_slot_is_copied_into_a_free_one(model, store):
     pc = cache()
-    r = runner(model, prefix_cache=pc)
+    r = runner(model, prefix_cache=pc, offload=STORES[store])
     asks = [DOC + prompt(9, seed=2), DOC + prompt(13, seed=3)]
     got, _ = drive(r, {0: [(0, asks[0], LONG)], 12: [(1, asks[1], GREEDY)]})   # the first still decoding
-    assert got == {0: alone(model, asks[0], LONG), 1: alone(model, asks[1])}
-    assert pc.stats.hits == 1 and r.stats.reused_tokens == 256
+    assert got == {0: alone_in(model, store, asks[0], LONG), 1: alone_in(model, store, asks[1])}
+    assert pc.stats.hits == 1 and r.stats.reused_tokens == 256 and len(pc) == 0
 
 
 def test_the_slot_freed_longest_ago_is_overwritten_first(model):
@@ -70,10 +85,11 @@ def test_abort_forgets_the_prompts_of_the_slots_it_frees(model):
     assert r.n_slot_prompts == 1                             # the finished one's, not the aborted one's
 
 
-def test_kept_prompts_go_to_the_host_entries_and_a_file(model, tmp_path):
+@pytest.mark.parametrize("store", ["device", "offload"])
+def test_kept_prompts_go_to_the_host_entries_and_a_file(model, tmp_path, store):
     """``serve --context-cache`` saves the prompts the slots hold (ModelEngine.save_context_cache)."""
     pc = cache()
-    r = runner(model, prefix_cache=pc)
+    r = runner(model, prefix_cache=pc, offload=STORES[store])
     ask = DOC + prompt(9, seed=2)
     drive(r, {0: [(0, ask, GREEDY), (3, prompt(40, seed=9), LONG)]})    # 3 decodes longer: position 0 overwritten
     r.keep_prompts()
@@ -81,7 +97,7 @@ def test_kept_prompts_go_to_the_host_entries_and_a_file(model, tmp_path):
     pc.save(tmp_path / "ctx.safetensors", owner=r.owner)
     fresh = cache()
     fresh.load(tmp_path / "ctx.safetensors", owner=r.owner)
-    again = runner(model, prefix_cache=fresh)
+    again = runner(model, prefix_cache=fresh, offload=STORES[store])
     got, _ = drive(again, {0: [(0, DOC + prompt(13, seed=3), GREEDY)]})
     assert got[0] == alone(model, DOC + prompt(13, seed=3)) and fresh.stats.hits == 1
 

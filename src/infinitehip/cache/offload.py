@@ -171,6 +171,20 @@ class HostKVStore:
         pos = (pos // s * s).flatten()
         self.dk_probe[pos // s] = self.dk.view(-1, *self.dk.shape[2:])[pos.to(self.dk.device)].to(dev)
 
+    def raw(self, blocks: torch.Tensor) -> list[torch.Tensor]:
+        """Device copies of ``blocks``' stored bytes (codes; FP8 scales too), for ``put_raw``."""
+        b = blocks.to(self.dk.device)
+        return [self.dk[b], self.dv[b]] + ([self.dk_scale[b], self.dv_scale[b]] if self.fp8 else [])
+
+    def put_raw(self, blocks: torch.Tensor, parts: list[torch.Tensor]):
+        """Store ``raw``'s bytes at ``blocks``, unchanged (no FP8 re-encode), and their probes.
+        Through the device alias, in stream order with the kernels that read and write the store."""
+        b = blocks.to(self.dk.device)
+        self.dk[b], self.dv[b] = parts[0], parts[1]
+        if self.fp8:
+            self.dk_scale[b], self.dv_scale[b] = parts[2], parts[3]
+        self.sync_probes(b)
+
     def read(self, blocks: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks (N,) -> k, v (N, block, K, D) in the store's compute dtype, on ``device``.
 

@@ -219,6 +219,30 @@ class OffloadKVCache:
         k, v = _LayerSource(self.select(slice(0, 1)), layer).dense(n)
         return k[0].to("cpu", self.dtype, copy=True), v[0].to("cpu", self.dtype, copy=True)
 
+    def copy_prefix(self, src: int, dst: int, n: int):
+        """Batch row ``src``'s first ``n`` positions (whole pages: FP8 codes and scales as stored)
+        into row ``dst``, in every layer; dst's copies in the page caches are dropped."""
+        pages = torch.arange(-(-n // self.page))
+        for store, cache in zip(self.stores, self.caches):
+            to = (self.row0 + dst) * self.nb + pages
+            store.put_raw(to, store.raw((self.row0 + src) * self.nb + pages))
+            if cache is not None:
+                cache.invalidate(to)
+
+    def read_position(self, row: int, pos: int) -> list[list[torch.Tensor]]:
+        """What a write at ``(row, pos)`` can change, in every layer: its page (an FP8 write
+        re-encodes the page whole), for ``write_position``."""
+        page = torch.tensor([(self.row0 + row) * self.nb + pos // self.page])
+        return [store.raw(page) for store in self.stores]
+
+    def write_position(self, row: int, pos: int, saved: list[list[torch.Tensor]]):
+        """Put back what ``read_position`` read at ``(row, pos)``; the page caches drop their copies."""
+        page = torch.tensor([(self.row0 + row) * self.nb + pos // self.page])
+        for store, cache, parts in zip(self.stores, self.caches, saved):
+            store.put_raw(page, parts)
+            if cache is not None:
+                cache.invalidate(page)
+
     def attention(self, layer: int):
         """``hip_attention`` for this layer (same keywords); k/v arguments give only Tk."""
         cached = self.caches[layer] is not None      # host-stored, with decode_cache

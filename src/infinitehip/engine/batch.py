@@ -137,10 +137,9 @@ class BatchRunner:
         # The prefix cache's entries this runner may reuse (it may be shared): those its model,
         # backend and K/V storage wrote.
         self.owner = fingerprint(model, backend, stores_fp8(self.cache)) if prefix_cache is not None else ""
-        # Prompts kept in their slots for reuse (on the device; an offloaded cache stores host entries).
-        keep_in_slots = prefix_cache is not None and isinstance(self.cache, KVCache)
+        # Prompts kept in their slots for reuse (on the device, or offloaded in host memory).
         self._slot_prompts = (SlotPrompts(self.cache, prefix_cache, lambda n: sparse_prompt(model, backend, n))
-                              if keep_in_slots else None)
+                              if prefix_cache is not None else None)
         self._kv_floor = _sparse_floor(model, backend, self.cache.capacity)
         self.state = DecodeState(backend, kernel=kernel)
         self.stats = BatchStats()

@@ -13,7 +13,9 @@ file) are taken where they hold a longer prefix.
 
 Free slots ride along in decode steps writing a throwaway token at position 0 (``batch.py``), so
 each slot prompt keeps its position-0 K and V aside, written back when the prompt is reused.
-Only for a cache on the device (``KVCache``): an offloaded cache keeps the host entries. As the
+An offloaded cache (``OffloadKVCache``) holds its slots in host memory and does the same through
+its store (the page of position 0 is saved whole: an FP8 write re-encodes it; copies between slots
+go through the device alias, codes and scales as stored). As the
 prefix cache's entries, a held prompt is reused only by prompts prefilled alike (densely, or past
 the dense cutoff sparsely: ``prefix_cache.py``).
 """
@@ -25,6 +27,7 @@ from typing import Callable
 import torch
 
 from ..cache.kv import KVCache
+from ..cache.offload_kv import OffloadKVCache
 from .prefix_cache import PrefixCache, shared_prefix
 
 
@@ -36,7 +39,8 @@ class _Held:
 
 
 class SlotPrompts:
-    def __init__(self, cache: KVCache, prefix_cache: PrefixCache, sparse: Callable[[int], bool] = lambda n: False):
+    def __init__(self, cache: KVCache | OffloadKVCache, prefix_cache: PrefixCache,
+                 sparse: Callable[[int], bool] = lambda n: False):
         self.cache, self.rules = cache, prefix_cache    # the prefix cache's block and minimum lengths
         self.sparse = sparse                            # whether an n-token prompt is prefilled sparsely
         self.held: list[_Held | None] = [None] * cache.batch
