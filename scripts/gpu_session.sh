@@ -32,6 +32,7 @@
 #              context cache in slots vs host copies (the fastapi/uvicorn/httpx wheels installed first)
 #   server_offload  the same over offloaded slots, 2 x 70K (~100 s on a warm machine)
 #   prefill_threshold  scripts/prefill_threshold.py: a 70K prompt's chunked prefill, dense/sparse per prompt vs per chunk
+#   prefill_offload  the same offloaded, 70K and 256K: layer by layer (the default) vs chunk by chunk
 #   dropin     scripts/bench_dropin.py: the transformers drop-in (sdpa / infinitehip / + HiPCache) at 32K and 128K,
 #              4 layers of the 8B shape, and the profiler table of HiPCache decode steps (dropin.profile.txt)
 #   cache      bring Triton's compiled kernels back as $OUT/triton_cache.tgz (see below)
@@ -114,6 +115,12 @@ for s in "$@"; do
                             --out "$OUT/server_http_offload.json" ;;
         prefill_threshold) step prefill_threshold 200 python scripts/prefill_threshold.py --threshold-zero \
                                --out "$OUT/prefill_threshold.json" ;;
+        prefill_offload) step prefill_offload 450 bash -c 'set -e
+                             for c in 70000 262144; do
+                                 b="python scripts/prefill_threshold.py --offload --modes per_prompt --context $c"
+                                 $b --out "$OUT/prefill_offload_layer_$c.json"
+                                 $b --chunk-major --out "$OUT/prefill_offload_chunk_$c.json"
+                             done' ;;
         cache) export_cache=1 ;;
         ncu) step ncu 150 ncu --clock-control none -k regex:_bsa_kernel -c 2 --section SpeedOfLight \
                  --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \

@@ -2,8 +2,9 @@
 dense or sparse attention once for the prompt (``engine.prefill``: past the dense cutoff, sparse in
 every chunk) against deciding it per chunk (chunks over at most ``dense_cutoff`` keys dense, as
 ``prefill`` did before 2026-12-01), in one run; ``--threshold-zero`` adds ``dense_threshold=0``,
-``--offload`` prefills into an offloaded cache (host memory; chunks read a device copy of each
-layer, ``attention/paged.py``), ``--modes`` picks the runs.
+``--offload`` prefills into an offloaded cache (host memory; layer by layer,
+``engine/layer_prefill.py``, or with ``--chunk-major`` chunk by chunk, each chunk reading a device
+copy of each layer, ``attention/paged.py``), ``--modes`` picks the runs.
 
     python scripts/prefill_threshold.py --context 70000 --out prefill_threshold.json
 """
@@ -16,6 +17,7 @@ import torch
 
 from infinitehip import HiPConfig
 from infinitehip.bench.engine import random_model
+from infinitehip.engine import layer_prefill
 from infinitehip.engine.generate import make_cache, prefill
 from infinitehip.models import AttentionCall
 
@@ -36,9 +38,12 @@ def main():
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--threshold-zero", action="store_true")
     p.add_argument("--offload", action="store_true")
+    p.add_argument("--chunk-major", action="store_true", help="offloaded: chunk by chunk, not layer by layer")
     p.add_argument("--modes", default="per_prompt,per_chunk")
     p.add_argument("--out", default="prefill_threshold.json")
     a = p.parse_args()
+    if a.chunk_major:
+        layer_prefill.fits = lambda *args: False
     tokens = torch.randint(0, 128_000, (1, a.context), generator=torch.Generator().manual_seed(0)).cuda()
     runs = [(m, HiPConfig(), prefill if m == "per_prompt" else per_chunk) for m in a.modes.split(",")]
     if a.threshold_zero:
@@ -57,12 +62,13 @@ def main():
                 run(model, tokens, cache)
             torch.cuda.synchronize()
             times.append(round(time.perf_counter() - t, 3))
-        rows.append(dict(mode=mode, offload=a.offload, dense_threshold=config.dense_threshold, context=a.context,
+        rows.append(dict(mode=mode, offload=a.offload, layer_major=a.offload and not a.chunk_major, dense_threshold=config.dense_threshold, context=a.context,
                          prefill_s=times[-1],
                          first_s=times[0], layers=a.layers, chunk_size=CHUNK, device=torch.cuda.get_device_name(),
                          date=datetime.date.today().isoformat(), command="python scripts/prefill_threshold.py "
                          f"--context {a.context} --layers {a.layers} --modes {a.modes}"
-                         + " --threshold-zero" * a.threshold_zero + " --offload" * a.offload))
+                         + " --threshold-zero" * a.threshold_zero + " --offload" * a.offload
+                         + " --chunk-major" * a.chunk_major))
         print(rows[-1], flush=True)
         del model, cache
         torch.cuda.empty_cache()

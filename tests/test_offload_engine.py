@@ -83,7 +83,9 @@ def test_long_prefill_chunks_read_a_device_copy_of_each_layer(fp8, monkeypatch):
     FP8 codes) to device memory and reads the copy: the same kernels over the same values, so the
     logits of reading in place, bit for bit (on a GPU machine, on the GPU)."""
     from infinitehip.attention import paged
+    from infinitehip.engine import layer_prefill
 
+    monkeypatch.setattr(layer_prefill, "fits", lambda *a: False)   # chunk by chunk (below: layer by layer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = infinitehip.load("builtin", config=CONFIG, dtype=torch.bfloat16, device=device)
     a = model.args
@@ -99,6 +101,38 @@ def test_long_prefill_chunks_read_a_device_copy_of_each_layer(fp8, monkeypatch):
     monkeypatch.setattr(paged, "_staged", lambda k, v, dev: copies.append(k.data_ptr()) or staged(k, v, dev))
     assert torch.equal(run(model, tokens, offloaded(), steps=3), want)
     assert len(copies) == 3 * 6        # 3 chunks (256, 256, 88 queries) x 6 host-stored layers; decode: none
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_layer_by_layer_prefill_equals_chunk_by_chunk(fp8, monkeypatch):
+    """Offloaded, ``prefill`` runs every chunk through a layer before the next layer, holding that
+    layer's pages in device memory: the chunk-by-chunk logits and store, bit for bit, also after a
+    reused prefix (its pages copied into the held layer first)."""
+    from infinitehip.engine import layer_prefill
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = infinitehip.load("builtin", config=CONFIG, dtype=torch.bfloat16, device=device)
+    a, tokens = model.args, prompt().to(device)
+
+    def offloaded():
+        return OffloadKVCache(a.n_layers, 1, PROMPT + 4, a.n_kv_heads, a.head_dim, dtype=model.dtype,
+                              device=device, layer_configs=model.net.layer_configs, config=OffloadConfig(fp8=fp8))
+
+    by_chunk, by_layer = offloaded(), offloaded()
+    with monkeypatch.context() as m:
+        m.setattr(layer_prefill, "fits", lambda *args: False)
+        want = prefill(model, tokens, by_chunk, chunk_size=256)
+    held, hold = [], OffloadKVCache.hold
+    monkeypatch.setattr(OffloadKVCache, "hold", lambda c, layer, filled=0: held.append(layer) or hold(c, layer, filled))
+    assert torch.equal(prefill(model, tokens, by_layer, chunk_size=256), want)
+    assert held == [0, 1, 2, 3, 4, 5, None]
+    for s1, s2 in zip(by_chunk.stores, by_layer.stores):
+        assert torch.equal(s1.k.view(torch.uint8), s2.k.view(torch.uint8))
+    prefill(model, tokens[:, :256], reused := offloaded(), chunk_size=256)      # one chunk: chunk by chunk
+    assert torch.equal(prefill(model, tokens, reused, chunk_size=256, start=256), want)
+    if not fp8:
+        on_device = KVCache(a.n_layers, 1, PROMPT + 4, a.n_kv_heads, a.head_dim, dtype=model.dtype, device=device)
+        assert torch.equal(want, prefill(model, tokens, on_device, chunk_size=256))
 
 
 def test_offload_small_pages_and_evictions_stay_exact(bf16_model):

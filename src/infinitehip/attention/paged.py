@@ -13,7 +13,9 @@ through the table, so they are too (tested).
 
 A prefill chunk of at least ``STAGE_QUERIES`` queries first copies the layer's K/V (or FP8 codes)
 to device memory and reads the copy: the same values, the same kernels, so the same results.
-Read in place, each of the chunk's query blocks probes and attends over PCIe on its own.
+Read in place, each of the chunk's query blocks probes and attends over PCIe on its own. (A
+whole prompt prefilled layer by layer reads the layer's pages held in device memory instead:
+``engine/layer_prefill.py``.)
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ Same interface as ``KVCache`` (``update``, ``select``, ``batch``, ``capacity``),
   cache's resident copies (one launch on CUDA, ``triton/kv_write.py``) and a prefill chunk drops
   them, so nothing is ever served stale;
 - **pruning** reads keys from the host store in place (only the probed rows cross PCIe);
-- **prefill attention** reads the selected keys in place too (a chunk's query blocks together
-  select most of the context, so a cache would not bound GPU memory);
+- **prefill attention** reads a device copy of the layer (``attention/paged.py``: one copy per
+  chunk and layer), or, prefilling layer by layer (``hold``, ``engine/layer_prefill.py``), the
+  layer's pages kept in device memory as they are written: each crosses PCIe twice in all;
 - **decode attention** reads through a GPU page cache (``gpu_pages.PageCache``; the default,
   ``OffloadConfig.decode_cache``; False reads in place like prefill): after the
   mask of a step is known, the (page, kv head) units it selects plus the sink and the window are
@@ -36,7 +37,7 @@ from ..attention.pages import KVPages
 from ..attention.paged import paged_hip_attention, paged_prune
 from ..config import HiPConfig
 from .gpu_pages import PageCache
-from .offload import HostKVStore
+from .offload import HostKVStore, fp8_decode
 from .offload_plan import OffloadConfig, cache_slots, gpu_layer_order, plan_offload
 
 # Calls with at most this many queries (decode) attend through the GPU page cache.
@@ -112,6 +113,7 @@ class OffloadKVCache:
         self.block_size, self.dtype, self.device = page, dtype, device
         self.row0, self._batch = 0, batch
         self.is_view = False     # select(): some rows of a cache that owns the rest
+        self._held: tuple[int, torch.Tensor, torch.Tensor] | None = None   # hold(): (layer, k, v) pages
         if config.gpu_layers is None:   # automatic placement, checked against the memory free now
             config = plan_offload(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, batch=batch,
                                   capacity=capacity, dtype=dtype, device=device, layer_configs=layer_configs,
@@ -156,6 +158,34 @@ class OffloadKVCache:
         view.__dict__.update(self.__dict__)
         view.row0, view._batch, view.is_view = self.row0 + start, stop - start, True
         return view
+
+    def hold(self, layer: int | None, filled: int = 0):
+        """Prefill layer by layer (``engine/layer_prefill.py``): keep ``layer``'s pages of this
+        cache's rows in device memory too, the first ``filled`` tokens copied from the store and
+        later writes mirrored, and read them there (the store's bytes: the same results). None
+        lets go. One layer at a time: the layer's K/V for the rows' whole capacity."""
+        self._held = None   # first: the last layer's copy is freed before the next one is made
+        if layer is None or self.stores[layer].on_device:
+            return
+        s, dev = self.stores[layer], self.stores[layer].dk.device
+        k = torch.empty((self._batch * self.nb, *s.dk.shape[1:]), dtype=s.dk.dtype, device=dev)
+        v = torch.empty_like(k)
+        n = -(-filled // self.page)
+        if n:
+            local = (torch.arange(self._batch, device=dev)[:, None] * self.nb + torch.arange(n, device=dev)).flatten()
+            k[local], v[local] = s.dk[local + self.row0 * self.nb], s.dv[local + self.row0 * self.nb]
+        self._held = (layer, k, v)
+
+    def _mirror(self, layer: int, pages: torch.Tensor):
+        """After a write to ``pages`` (global ids) of a held layer: copy them from the store."""
+        if self._held is None or self._held[0] != layer:
+            return
+        store, (_, k, v) = self.stores[layer], self._held
+        pages = pages.unique()
+        k[pages - self.row0 * self.nb], v[pages - self.row0 * self.nb] = store.dk[pages], store.dv[pages]
+
+    def held(self, layer: int) -> bool:
+        return self._held is not None and self._held[0] == layer
 
     def plan_write(self, start: torch.Tensor, T: int) -> "_Writes":
         """Where ``update`` writes T tokens per row at ``start`` (B,): the same for every layer,
@@ -211,6 +241,8 @@ class OffloadKVCache:
                 cache.write_tokens(w.pages, w.offsets, k, v)
         if cache is not None and T > 1:      # prefill: not captured, drop the copies
             cache.invalidate(w.pages)
+        if T > 1:
+            self._mirror(layer, w.pages)
         return self._logical(layer)
 
     def read_prefix(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,6 +292,9 @@ class OffloadKVCache:
         return lambda q, tk, **kw: paged_prune(q, _LayerSource(self, layer), tk, **kw)
 
     def _logical(self, layer: int):
+        if self.held(layer):
+            _, k, v = self._held
+            return k.view(self._batch, self.capacity, *k.shape[2:]), v.view(self._batch, self.capacity, *v.shape[2:])
         s = self.stores[layer]
         rows = slice(self.row0, self.row0 + self._batch)
         k = s.dk.view(-1, self.capacity, *s.dk.shape[2:])[rows]                    # (B, capacity, K, D)
@@ -271,7 +306,7 @@ class _LayerSource:
 
     def __init__(self, cache: OffloadKVCache, layer: int):
         self.cache, self.layer = cache, layer
-        self.on_host = not cache.stores[layer].on_device
+        self.on_host = not (cache.stores[layer].on_device or cache.held(layer))
 
     def logical(self, tk: int):
         c, s = self.cache, self.cache.stores[self.layer]
@@ -293,7 +328,12 @@ class _LayerSource:
         n = -(-tk // c.page)
         dev = s.dk.device   # index on the store's device: a host-made index is a copy no graph captures
         ids = ((c.row0 + torch.arange(c.batch, device=dev))[:, None] * c.nb + torch.arange(n, device=dev)).flatten()
-        k, v = s.read(ids)                                                           # (B * n, page, K, D)
+        if c.held(self.layer):   # decode the held copy's codes (the store's bytes)
+            _, kh, vh = c._held
+            local = ids - c.row0 * c.nb
+            k, v = fp8_decode(kh[local], s.dk_scale[ids], s.dtype), fp8_decode(vh[local], s.dv_scale[ids], s.dtype)
+        else:
+            k, v = s.read(ids)                                                       # (B * n, page, K, D)
         shape = (c.batch, n * c.page, *k.shape[2:])
         return k.view(shape)[:, :tk], v.view(shape)[:, :tk]
 

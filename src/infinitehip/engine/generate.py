@@ -18,6 +18,7 @@ from ..cache.offload_plan import OffloadConfig, plan_offload
 from ..config import is_int
 from ..models.llama import BACKENDS, AttentionCall
 from ..models.loader import Model
+from . import layer_prefill
 from .prefix_cache import PrefixCache, fingerprint, stores_fp8
 from .sampling import SamplingParams, TextOutput, sample
 from .state import DecodeState
@@ -62,12 +63,17 @@ def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, *, backend: str 
     call = AttentionCall(backend=backend, kernel=kernel, sparse=sparse_prompt(model, backend, prompt_len or T))
     bar = _progress(T - start, progress)
     t0 = time.perf_counter()
-    for s in range(start, T, chunk_size):
-        e = min(s + chunk_size, T)
-        pos = torch.tensor([s], device=tokens.device)
-        logits = model.net(tokens[:, s:e], pos, cache, call, kv_limit=e, last_only=True)
-        if bar is not None:
-            bar.update(e - s)
+    if prompt_len in (None, T) and T - start > chunk_size and layer_prefill.fits(model, cache, T - start):
+        # Offloaded: layer by layer, one layer's K/V held in device memory (engine/layer_prefill.py).
+        logits = layer_prefill.prefill_by_layer(model, tokens, cache, call, chunk_size=chunk_size, start=start,
+                                                bar=bar)[:, None]
+    else:
+        for s in range(start, T, chunk_size):
+            e = min(s + chunk_size, T)
+            pos = torch.tensor([s], device=tokens.device)
+            logits = model.net(tokens[:, s:e], pos, cache, call, kv_limit=e, last_only=True)
+            if bar is not None:
+                bar.update(e - s)
     if bar is not None:
         bar.set_postfix_str(f"{(T - start) / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
         bar.close()

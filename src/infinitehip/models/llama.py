@@ -351,6 +351,10 @@ class Transformer(nn.Module):
         # attention would attend every key): the streaming baseline, and prompts past the cutoff.
         self.sparse_configs = [c.replace(dense_threshold=0) for c in self.layer_configs]
 
+    def configs(self, call: AttentionCall) -> list[HiPConfig]:
+        """Each layer's HiP config for a pass attending as ``call`` says."""
+        return self.sparse_configs if call.backend == "streaming" or call.sparse else self.layer_configs
+
     @property
     def dense_cutoff(self) -> int:
         """hip attends densely in a pass of at most this many keys (``HiPConfig.dense_cutoff``)."""
@@ -371,7 +375,7 @@ class Transformer(nn.Module):
             raise ValueError(f"backend={call.backend!r}; choose one of {BACKENDS}")
         step = self.step(tokens.shape[1], start, cache, call.backend, kv_limit)
         x = self.tok_embeddings(tokens)                                         # (B, T, C)
-        configs = self.sparse_configs if call.backend == "streaming" or call.sparse else self.layer_configs
+        configs = self.configs(call)
         for layer, block in enumerate(self.layers):
             x = block(x, step, cache, configs[layer], call)
         if last_only:
