@@ -135,6 +135,23 @@ def test_layer_by_layer_prefill_equals_chunk_by_chunk(fp8, monkeypatch):
         assert torch.equal(want, prefill(model, tokens, on_device, chunk_size=256))
 
 
+def test_layer_by_layer_prefill_needs_room_for_the_hidden_states_and_one_layer(bf16_model, monkeypatch):
+    """On a GPU: the prompt's hidden states (T x dim) and one layer's K/V of the row's capacity in
+    half the free memory, else chunk by chunk; on the CPU always; never for a cache on the device."""
+    from types import SimpleNamespace
+
+    from infinitehip.engine import layer_prefill
+
+    model, (on_device, offloaded) = bf16_model, caches(bf16_model)
+    assert layer_prefill.fits(model, offloaded, 600) and not layer_prefill.fits(model, on_device, 600)
+    a = model.args
+    need = 600 * a.dim * 2 + 2 * offloaded.capacity * a.n_kv_heads * a.head_dim * 2      # bf16 hidden states, K + V
+    gpu = SimpleNamespace(args=a, dtype=model.dtype, device=torch.device("cuda"))
+    for free, ok in ((2 * need + 2, True), (2 * need - 2, False)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 1 << 40))
+        assert layer_prefill.fits(gpu, offloaded, 600) == ok
+
+
 def test_offload_small_pages_and_evictions_stay_exact(bf16_model):
     """Pages smaller than a chunk and a cache just big enough: evictions, still the same logits."""
     model = bf16_model
