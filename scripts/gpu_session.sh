@@ -33,6 +33,7 @@
 #   server_offload  the same over offloaded slots, 2 x 70K (~100 s on a warm machine)
 #   prefill_threshold  scripts/prefill_threshold.py: a 70K prompt's chunked prefill, dense/sparse per prompt vs per chunk
 #   prefill_offload  the same offloaded, 70K and 256K: layer by layer (the default) vs chunk by chunk
+#   prefill_1m  an offloaded 1M-token prompt's prefill, FP8 host store, layer by layer (one repeat: ~minutes)
 #   dropin     scripts/bench_dropin.py: the transformers drop-in (sdpa / infinitehip / + HiPCache) at 32K and 128K,
 #              4 layers of the 8B shape, and the profiler table of HiPCache decode steps (dropin.profile.txt)
 #   cache      bring Triton's compiled kernels back as $OUT/triton_cache.tgz (see below)
@@ -121,6 +122,8 @@ for s in "$@"; do
                                  $b --out "$OUT/prefill_offload_layer_$c.json"
                                  $b --chunk-major --out "$OUT/prefill_offload_chunk_$c.json"
                              done' ;;
+        prefill_1m) step prefill_1m 580 python scripts/prefill_threshold.py --fp8 --modes per_prompt --context 1048576 \
+                        --repeats 1 --out "$OUT/prefill_offload_1m.json" ;;
         cache) export_cache=1 ;;
         ncu) step ncu 150 ncu --clock-control none -k regex:_bsa_kernel -c 2 --section SpeedOfLight \
                  --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \

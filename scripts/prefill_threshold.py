@@ -17,6 +17,7 @@ import torch
 
 from infinitehip import HiPConfig
 from infinitehip.bench.engine import random_model
+from infinitehip.cache.offload_plan import OffloadConfig
 from infinitehip.engine import layer_prefill
 from infinitehip.engine.generate import make_cache, prefill
 from infinitehip.models import AttentionCall
@@ -39,6 +40,8 @@ def main():
     p.add_argument("--threshold-zero", action="store_true")
     p.add_argument("--offload", action="store_true")
     p.add_argument("--chunk-major", action="store_true", help="offloaded: chunk by chunk, not layer by layer")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs (the last is reported; the first compiles)")
+    p.add_argument("--fp8", action="store_true", help="offloaded: FP8 host store (1M tokens of the 8B shape: 65 GB)")
     p.add_argument("--modes", default="per_prompt,per_chunk")
     p.add_argument("--out", default="prefill_threshold.json")
     a = p.parse_args()
@@ -51,9 +54,9 @@ def main():
     rows = []
     for mode, config, run in runs:
         model = random_model(a.layers, config)
-        cache = make_cache(model, 1, a.context, CHUNK, offload=a.offload)
+        cache = make_cache(model, 1, a.context, CHUNK, offload=OffloadConfig(fp8=True) if a.fp8 else a.offload)
         times = []
-        for _ in range(2):   # the first compiles
+        for _ in range(a.repeats):   # the first compiles
             torch.cuda.synchronize()
             t = time.perf_counter()
             if run is prefill:
@@ -62,13 +65,14 @@ def main():
                 run(model, tokens, cache)
             torch.cuda.synchronize()
             times.append(round(time.perf_counter() - t, 3))
-        rows.append(dict(mode=mode, offload=a.offload, layer_major=a.offload and not a.chunk_major, dense_threshold=config.dense_threshold, context=a.context,
+        rows.append(dict(mode=mode, offload=a.offload or a.fp8, fp8=a.fp8,
+                         layer_major=(a.offload or a.fp8) and not a.chunk_major, dense_threshold=config.dense_threshold, context=a.context,
                          prefill_s=times[-1],
                          first_s=times[0], layers=a.layers, chunk_size=CHUNK, device=torch.cuda.get_device_name(),
                          date=datetime.date.today().isoformat(), command="python scripts/prefill_threshold.py "
                          f"--context {a.context} --layers {a.layers} --modes {a.modes}"
                          + " --threshold-zero" * a.threshold_zero + " --offload" * a.offload
-                         + " --chunk-major" * a.chunk_major))
+                         + " --chunk-major" * a.chunk_major + " --fp8" * a.fp8))
         print(rows[-1], flush=True)
         del model, cache
         torch.cuda.empty_cache()
