@@ -24,12 +24,14 @@ from ..models import AttentionCall, Model, gemv
 def fits(model: Model, cache, tokens: int) -> bool:
     """Whether the prompt's hidden states and one layer's K/V of the cache's rows fit in half the
     device memory free now (the other half for the chunks' activations); always on the CPU."""
-    if not isinstance(cache, OffloadKVCache) or model.device.type != "cuda":
-        return isinstance(cache, OffloadKVCache)
-    a, store = model.args, cache.stores[0]
-    need = tokens * a.dim * model.dtype.itemsize + 2 * cache.batch * cache.capacity * a.n_kv_heads * a.head_dim * \
-        store.dk.element_size()
-    return need < 0.5 * torch.cuda.mem_get_info(model.device)[0]
+    if not isinstance(cache, OffloadKVCache):
+        return False
+    if model.device.type != "cuda":
+        return True
+    a = model.args
+    hidden = tokens * a.dim * model.dtype.itemsize
+    layer = 2 * cache.batch * cache.capacity * a.n_kv_heads * a.head_dim * cache.stores[0].dk.element_size()
+    return hidden + layer < 0.5 * torch.cuda.mem_get_info(model.device)[0]
 
 
 @torch.inference_mode()
