@@ -135,6 +135,28 @@ def test_layer_by_layer_prefill_equals_chunk_by_chunk(fp8, monkeypatch):
         assert torch.equal(want, prefill(model, tokens, on_device, chunk_size=256))
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_layer_by_layer_prefill_of_a_last_chunk_of_one_token(fp8, monkeypatch):
+    """A prompt one token past a whole number of chunks ends in a 1-token chunk, which ``update``
+    did not mirror into the held layer (it mirrored prefill writes of T > 1 only): the last token
+    attended over a held page without its own key (NaN logits on the CPU). Found in review with
+    513 tokens in chunks of 256, into row 1 of a 2-row cache as ``stream`` prefills."""
+    from infinitehip.engine import layer_prefill
+
+    model = infinitehip.load("builtin", config=CONFIG, dtype=torch.bfloat16, device="cpu")
+    a, tokens = model.args, prompt(513)
+
+    def row1():
+        return OffloadKVCache(a.n_layers, 2, 520, a.n_kv_heads, a.head_dim, dtype=model.dtype, device="cpu",
+                              layer_configs=model.net.layer_configs,
+                              config=OffloadConfig(fp8=fp8)).select(slice(1, 2))
+
+    with monkeypatch.context() as m:
+        m.setattr(layer_prefill, "fits", lambda *args: False)
+        want = prefill(model, tokens, row1(), chunk_size=256)
+    assert torch.equal(prefill(model, tokens, row1(), chunk_size=256), want)
+
+
 def test_layer_by_layer_prefill_needs_room_for_the_hidden_states_and_one_layer(bf16_model, monkeypatch):
     """On a GPU: the prompt's hidden states (T x dim) and one layer's K/V of the row's capacity in
     half the free memory, else chunk by chunk; on the CPU always; never for a cache on the device."""

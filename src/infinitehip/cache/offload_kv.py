@@ -241,8 +241,9 @@ class OffloadKVCache:
                 cache.write_tokens(w.pages, w.offsets, k, v)
         if cache is not None and T > 1:      # prefill: not captured, drop the copies
             cache.invalidate(w.pages)
-        if T > 1:
-            self._mirror(layer, w.pages)
+        # Every write of a held layer, also a prefill's last chunk of one token (it takes the decode
+        # path above); nothing held (decode): returns at once, no sync, capturable.
+        self._mirror(layer, w.pages)
         return self._logical(layer)
 
     def read_prefix(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
