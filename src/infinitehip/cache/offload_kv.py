@@ -168,8 +168,10 @@ class OffloadKVCache:
         if layer is None or self.stores[layer].on_device:
             return
         s, dev = self.stores[layer], self.stores[layer].dk.device
-        k = torch.empty((self._batch * self.nb, *s.dk.shape[1:]), dtype=s.dk.dtype, device=dev)
-        v = torch.empty_like(k)
+        # Zeros, as the store's unwritten slots: kernels may load a partial page's slots past the
+        # keys (masked out of the softmax) and uninitialized memory can hold NaN, which 0 * NaN keeps.
+        k = torch.zeros((self._batch * self.nb, *s.dk.shape[1:]), dtype=s.dk.dtype, device=dev)
+        v = torch.zeros_like(k)
         n = -(-filled // self.page)
         if n:
             local = (torch.arange(self._batch, device=dev)[:, None] * self.nb + torch.arange(n, device=dev)).flatten()
