@@ -264,15 +264,18 @@ class OffloadKVCache:
             if cache is not None:
                 cache.invalidate(to)
 
+    def _page(self, row: int, pos: int) -> torch.Tensor:
+        """(1,) the global id of the page holding batch row ``row``'s position ``pos``."""
+        return torch.tensor([(self.row0 + row) * self.nb + pos // self.page])
+
     def read_position(self, row: int, pos: int) -> list[list[torch.Tensor]]:
         """What a write at ``(row, pos)`` can change, in every layer: its page (an FP8 write
         re-encodes the page whole), for ``write_position``."""
-        page = torch.tensor([(self.row0 + row) * self.nb + pos // self.page])
-        return [store.raw(page) for store in self.stores]
+        return [store.raw(self._page(row, pos)) for store in self.stores]
 
     def write_position(self, row: int, pos: int, saved: list[list[torch.Tensor]]):
         """Put back what ``read_position`` read at ``(row, pos)``; the page caches drop their copies."""
-        page = torch.tensor([(self.row0 + row) * self.nb + pos // self.page])
+        page = self._page(row, pos)
         for store, cache, parts in zip(self.stores, self.caches, saved):
             store.put_raw(page, parts)
             if cache is not None:
@@ -331,12 +334,9 @@ class _LayerSource:
         n = -(-tk // c.page)
         dev = s.dk.device   # index on the store's device: a host-made index is a copy no graph captures
         ids = ((c.row0 + torch.arange(c.batch, device=dev))[:, None] * c.nb + torch.arange(n, device=dev)).flatten()
-        if c.held(self.layer):   # decode the held copy's codes (the store's bytes)
-            _, kh, vh = c._held
-            local = ids - c.row0 * c.nb
-            k, v = fp8_decode(kh[local], s.dk_scale[ids], s.dtype), fp8_decode(vh[local], s.dv_scale[ids], s.dtype)
-        else:
-            k, v = s.read(ids)                                                       # (B * n, page, K, D)
+        # The rows' first n pages of codes (the store's, or the held copy of them), decoded.
+        kc, vc = (t.view(c.batch, c.nb, c.page, *t.shape[2:])[:, :n].flatten(0, 1) for t in c._logical(self.layer))
+        k, v = fp8_decode(kc, s.dk_scale[ids], s.dtype), fp8_decode(vc, s.dv_scale[ids], s.dtype)   # (B n, page, K, D)
         shape = (c.batch, n * c.page, *k.shape[2:])
         return k.view(shape)[:, :tk], v.view(shape)[:, :tk]
 

@@ -292,8 +292,8 @@ class BatchRunner:
         req.slot = pick[0]
         self._free.remove(req.slot)
         self._prefilling = req   # before any copy: should one fail, abort() frees the slot
-        if pc is not None:
-            req.reused = slots.fill(*pick, req.ids) if slots is not None else 0
+        if pc is not None:   # (slots too: a runner with a prefix cache keeps prompts in its slots)
+            req.reused = slots.fill(*pick, req.ids)
             if req.reused:
                 pc.count(req.reused)
             else:
@@ -316,10 +316,8 @@ class BatchRunner:
         req.filled = end
         if end == len(req.ids):   # the whole prompt is in the slot
             req.tokens = None
-            if self.prefix_cache is not None:
-                self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused, owner=self.owner,
-                                           keep=self._slot_prompts is None, sparse=req.sparse)
-            if self._slot_prompts is not None:
+            if self.prefix_cache is not None:   # counted there, kept in its slot (not copied to an entry)
+                self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused, keep=False)
                 self._slot_prompts.prefilled(req.slot, req.ids)
         return end - start
 
