@@ -4,10 +4,11 @@ every chunk through layer 1, and so on.
 Chunk by chunk (``generate.prefill``), each chunk's attention in each layer needs that layer's
 keys so far, which live in host memory: read over PCIe for every chunk, the prompt's prefill
 moves (chunks x layers x keys) bytes, quadratic in its length (a device copy per chunk and layer,
-``attention/paged.py``: ~270 GB at 256K tokens of the 8B shape, ~4 TB at 1M). Layer by layer, the
-one layer being prefilled keeps its pages in device memory as they are written
-(``OffloadKVCache.hold``), so each key crosses PCIe twice in all (written, then mirrored back),
-and the hidden states of the whole prompt (T x dim) wait in device memory between layers.
+``attention/paged.py``: by arithmetic ~270 GB at 256K tokens of the 8B shape, ~4 TB at 1M; not
+timed). Layer by layer, the one layer being prefilled keeps its pages in device memory as they
+are written (``OffloadKVCache.hold``), so each key crosses PCIe twice in all (written, then
+mirrored back), and the hidden states of the whole prompt (T x dim) wait in device memory between
+layers. Not yet run on a GPU (``scripts/gpu_session.sh prefill_offload``, ``prefill_1m``).
 
 The same kernels see the same values in the same order per chunk, so the logits are bit for bit
 those of chunk-by-chunk prefill (tested). Used by ``prefill`` when the whole prompt is given,
