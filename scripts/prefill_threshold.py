@@ -55,7 +55,10 @@ def main():
     for mode, config, run in runs:
         model = random_model(a.layers, config)
         cache = make_cache(model, 1, a.context, CHUNK, offload=OffloadConfig(fp8=True) if a.fp8 else a.offload)
+        # What prefill will do (layer_prefill.fits asks free memory now, as prefill does).
+        layer_major = run is prefill and layer_prefill.fits(model, cache, a.context)
         times = []
+        torch.cuda.reset_peak_memory_stats()
         for _ in range(a.repeats):   # the first compiles
             torch.cuda.synchronize()
             t = time.perf_counter()
@@ -66,9 +69,10 @@ def main():
             torch.cuda.synchronize()
             times.append(round(time.perf_counter() - t, 3))
         rows.append(dict(mode=mode, offload=a.offload or a.fp8, fp8=a.fp8,
-                         layer_major=(a.offload or a.fp8) and not a.chunk_major, dense_threshold=config.dense_threshold, context=a.context,
+                         layer_major=layer_major, dense_threshold=config.dense_threshold, context=a.context,
                          prefill_s=times[-1],
-                         first_s=times[0], layers=a.layers, chunk_size=CHUNK, device=torch.cuda.get_device_name(),
+                         first_s=times[0], peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                         layers=a.layers, chunk_size=CHUNK, device=torch.cuda.get_device_name(),
                          date=datetime.date.today().isoformat(), command="python scripts/prefill_threshold.py "
                          f"--context {a.context} --layers {a.layers} --modes {a.modes}"
                          + " --threshold-zero" * a.threshold_zero + " --offload" * a.offload

@@ -114,7 +114,9 @@ def sweep_reuse(tk: int, cfg: HiPConfig, rope: RoPE, g, limit: int | None = None
     # 2026-11-30 (sweep_reuse_refs_h200.json, distinct values): the defaults 18.2 us, best again;
     # V issued with K (v_early) 19.8 at best, removed. 2026-11-30 (sweep_reuse_prefetch_h200.json):
     # V's rows bulk-prefetched into L2 with K's loads (no registers) 19.8 us against 18.7, 24.2 at 4
-    # warps: removed; PDL off 19.0 (a lone launch has no predecessor to overlap).
+    # warps: removed; PDL off 19.0 (a lone launch has no predecessor to overlap). 2026-12-01
+    # (sweep_merge_dtype_h200.json): the merge's partials in bfloat16 (half its bytes) 23.7 us against
+    # 18.8, 8 or 32 splits per merge load instead of 16: 21.0 / 20.8 -- not kept.
     grid = [(bn, nw, pps, {}) for bn, nw, pps in itertools.product((64, 32, 128), (2, 4), (4, 2, 8))]
     grid[1:1] = [(64, 2, 4, dict(pdl=False))]
     for bn, nw, pps, extra in itertools.islice(grid, limit):
