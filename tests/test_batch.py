@@ -222,11 +222,15 @@ def test_fp8_offloaded_slots_match_alone(model):
     assert [got[i] for i in range(8)] == want
 
 
-def test_a_parked_row_writes_its_throwaway_token_past_its_prompt_pages(model):
+def test_a_parked_row_writes_its_throwaway_token_past_its_prompt_pages(model, monkeypatch):
     """A row prefilling in chunks that end mid-page (60 tokens, 8-token pages) takes a throwaway
     token in each decode step of its neighbours: on the next page (64), so the FP8 page holding the
-    end of its prompt (56-63) is not re-encoded around it (which re-quantized positions 56-59)."""
+    end of its prompt (56-63) is not re-encoded around it (which re-quantized positions 56-59).
+    (Chunk by chunk; layer by layer: test_runner_layer_prefill.py.)"""
     from infinitehip.cache.offload_plan import OffloadConfig
+    from infinitehip.engine import layer_prefill
+
+    monkeypatch.setattr(layer_prefill, "fits", lambda *args: False)
 
     r = runner(model, offload=OffloadConfig(fp8=True), chunk_size=60, prefill_budget=60)
     r.add(prompt(40), SamplingParams(max_new_tokens=20, ignore_eos=True))
@@ -240,12 +244,18 @@ def test_a_parked_row_writes_its_throwaway_token_past_its_prompt_pages(model):
         assert (row[56:60] != 0).any() and not row[60:64].any() and row[64].any()
 
 
-def test_a_prompt_ending_in_its_slots_last_fp8_page_is_stored_as_alone(model):
+@pytest.mark.parametrize("layered", [False, True], ids=["chunk_by_chunk", "layer_by_layer"])
+def test_a_prompt_ending_in_its_slots_last_fp8_page_is_stored_as_alone(model, layered, monkeypatch):
     """510 prompt tokens in a 512-token FP8 slot, chunks of 101: after 505 the next page would be
     past the slot, so the parked row's throwaway token went to 505, and the FP8 page 504-511 was
     re-encoded around it (row 504 re-quantized: stored K/V other than a run of its own). Now decode
-    waits that round."""
+    waits that round. Layer by layer, every position up to the prompt's end is written in some
+    layer from the first step: no page past the prompt, so decode waits for the whole prompt."""
     from infinitehip.cache.offload_plan import OffloadConfig
+    from infinitehip.engine import layer_prefill
+
+    if not layered:
+        monkeypatch.setattr(layer_prefill, "fits", lambda *args: False)
 
     def stored_prompt(with_neighbour: bool):
         r = runner(model, offload=OffloadConfig(fp8=True), chunk_size=101, prefill_budget=101)
@@ -260,7 +270,7 @@ def test_a_prompt_ending_in_its_slots_last_fp8_page_is_stored_as_alone(model):
         return r, slot, r.stats.decode_steps
 
     (a, slot_a, steps), (b, slot_b, _) = stored_prompt(True), stored_prompt(False)
-    assert steps >= 4   # the neighbour decoded beside the first chunks
+    assert steps >= (1 if layered else 4)   # the neighbour decoded beside the first chunks
     for sa, sb in zip(a.cache.stores, b.cache.stores):
         for x, y in ((sa.dk, sb.dk), (sa.dv, sb.dv)):
             ra = x.view(a.cache.batch, a.cache.capacity, *x.shape[2:])[slot_a, :510]

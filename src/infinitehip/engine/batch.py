@@ -8,7 +8,9 @@ planned and allocated once. ``add`` queues a request; every ``step``:
    chunk that crosses it runs whole). A long document is thus prefilled a chunk per step *between*
    decode steps, so running requests keep streaming (each step adds at most a budget and a chunk of
    prefill to their latency) and the prompt is still cut at the same chunk boundaries as a prefill
-   of its own (identical KV).
+   of its own (identical KV). Into an offloaded cache a long prompt goes layer by layer, a chunk's
+   worth of (layer, chunk) units a step (``layer_prefill.LayerPrefill``): chunk by chunk, each
+   chunk would read the layer's keys so far over PCIe, quadratic in the prompt.
    With a ``PrefixCache``, a prefix that a slot still holds from an earlier request (a shared
    document; ``slot_prompts.py``) or that the cache holds is reused instead of prefilled.
 2. **decode**: one forward pass for every slot, each row at its own position; each request
@@ -34,7 +36,6 @@ from __future__ import annotations
 import operator
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
@@ -42,65 +43,16 @@ from ..cache.kv import CapacityError, KVCache
 from ..cache.offload_kv import OffloadKVCache
 from ..cache.offload_plan import OffloadConfig
 from ..config import is_int
+from ..models import AttentionCall
 from ..models.llama import BACKENDS
+from . import layer_prefill
 from .cuda_graph import GraphDecoder
 from .generate import decode_one_token, make_cache, prefill, sparse_prompt
 from .state import DecodeState
 from .prefix_cache import PrefixCache, fingerprint, stores_fp8
+from .requests import BatchEvent, BatchStats, Request, check_token_ids
 from .sampling import SamplingParams, TextOutput, sample
 from .slot_prompts import SlotPrompts
-
-
-@dataclass
-class BatchEvent:
-    """One sampled token of request ``request`` and the text it releases (may be empty)."""
-
-    request: int
-    text: str
-    token: int
-    n_generated: int                     # tokens of output so far (end-of-sequence not counted)
-    finished: bool = False
-    finish_reason: str | None = None     # "stop" (eos or stop string) or "length"
-
-
-@dataclass
-class BatchStats:
-    """Counters for monitoring and tests (``batched_steps`` > 0 proves rows shared a step)."""
-
-    decode_steps: int = 0        # batched forward passes
-    batched_steps: int = 0       # ... of which with more than one request decoding
-    max_decoding: int = 0        # most requests decoding in one step
-    prefill_chunks: int = 0
-    prefilled_tokens: int = 0    # prompt tokens run through the model
-    prefill_seconds: float = 0.0
-    reused_tokens: int = 0       # prompt tokens whose KV came from the prefix cache instead
-    finished: int = 0
-    cancelled: int = 0
-
-    @property
-    def prefill_seconds_saved(self) -> float:
-        """Estimated: reused tokens at this runner's measured prefill speed."""
-        return self.reused_tokens * self.prefill_seconds / max(self.prefilled_tokens, 1)
-
-    def as_dict(self) -> dict:
-        return {**self.__dict__, "prefill_seconds_saved": round(self.prefill_seconds_saved, 6)}
-
-
-@dataclass
-class _Request:
-    rid: int
-    ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator | None
-    output: TextOutput
-    slot: int = -1
-    filled: int = 0              # prompt tokens whose KV is in the slot
-    reused: int = 0              # ... of which copied from the prefix cache
-    sparse: bool = False         # prefilled sparsely in every chunk (past the dense cutoff)
-    seqlen: int = 0              # decode: where the next token goes
-    last: int = 0                # decode: the token fed at the next step
-    tokens: torch.Tensor | None = None              # (1, T) the prompt on the device, while prefilling
-    logits: torch.Tensor | None = None              # (1, V) after the last prefill chunk
 
 
 class BatchRunner:
@@ -144,9 +96,9 @@ class BatchRunner:
         self.state = DecodeState(backend, kernel=kernel)
         self.stats = BatchStats()
         self._eos = set(model.tokenizer.eos_token_ids)
-        self._waiting: deque[_Request] = deque()
-        self._prefilling: _Request | None = None
-        self._decoding: dict[int, _Request] = {}           # slot -> request
+        self._waiting: deque[Request] = deque()
+        self._prefilling: Request | None = None
+        self._decoding: dict[int, Request] = {}           # slot -> request
         self._unreported: list[BatchEvent] = []            # the running step's events (see abort)
         self._free = list(range(max_batch))
         self._next_id = 0
@@ -188,7 +140,7 @@ class BatchRunner:
         gen = None
         if params.seed is not None:  # its own generator: its draws don't depend on its neighbours
             gen = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        req = _Request(self._next_id, ids, params, gen, TextOutput(self.model.tokenizer, params, self._eos, ids))
+        req = Request(self._next_id, ids, params, gen, TextOutput(self.model.tokenizer, params, self._eos, ids))
         self._next_id += 1
         self._waiting.append(req)
         return req.rid
@@ -263,7 +215,9 @@ class BatchRunner:
         tokens (less than a page: one round at the default budget) are prefilled."""
         if self._prefilling is None:
             return 0
-        filled, page = self._prefilling.filled, getattr(self.cache, "page", 1)
+        req, page = self._prefilling, getattr(self.cache, "page", 1)
+        # Layer by layer, positions up to the prompt's end are written in some layers already.
+        filled = len(req.ids) if req.layers is not None else req.filled
         parked = -(-filled // page) * page
         if parked < self.cache.capacity:
             return parked
@@ -280,7 +234,7 @@ class BatchRunner:
                 self._start_decoding(req, events)
                 self._prefilling = None   # only now: should sampling fail, abort() frees its slot
 
-    def _admit(self) -> _Request | None:
+    def _admit(self) -> Request | None:
         """The oldest waiting request, in a free slot, starting from the longest prefix of its
         prompt that a slot (``slot_prompts.py``) or the prefix cache holds."""
         if not self._waiting or not self._free:
@@ -302,26 +256,33 @@ class BatchRunner:
             self.stats.reused_tokens += req.reused
         return req
 
-    def _prefill_chunk(self, req: _Request) -> int:
+    def _prefill_chunk(self, req: Request) -> int:
         """Prefill the next ``chunk_size`` prompt tokens of ``req``; returns how many."""
         start, end = req.filled, min(req.filled + self.chunk_size, len(req.ids))
         if req.tokens is None:  # made once: a long document is prefilled over many steps
             req.tokens = torch.tensor([req.ids], device=self.model.device)             # (1, T)
+            req.layers = layer_prefill.begin(self.model, req.tokens, self._row(req.slot), AttentionCall(
+                backend=self.backend, kernel=self.kernel, sparse=req.sparse), chunk_size=self.chunk_size, start=start)
         t0 = time.perf_counter()
-        req.logits = prefill(self.model, req.tokens[:, :end], self._row(req.slot), backend=self.backend,
-                             chunk_size=self.chunk_size, kernel=self.kernel, start=start, prompt_len=len(req.ids))
+        if req.layers is not None:   # a chunk's worth of its (layer, chunk) units
+            ran = req.layers.run(self.chunk_size)
+            req.logits, end = req.layers.logits, len(req.ids) if req.layers.logits is not None else start
+        else:
+            req.logits = prefill(self.model, req.tokens[:, :end], self._row(req.slot), backend=self.backend,
+                                 chunk_size=self.chunk_size, kernel=self.kernel, start=start, prompt_len=len(req.ids))
+            ran = end - start
         self.stats.prefill_seconds += time.perf_counter() - t0
         self.stats.prefill_chunks += 1
-        self.stats.prefilled_tokens += end - start
+        self.stats.prefilled_tokens += ran
         req.filled = end
         if end == len(req.ids):   # the whole prompt is in the slot
-            req.tokens = None
+            req.tokens = req.layers = None
             if self.prefix_cache is not None:   # counted there, kept in its slot (not copied to an entry)
                 self.prefix_cache.remember(req.ids, self._row(req.slot), reused=req.reused, keep=False)
                 self._slot_prompts.prefilled(req.slot, req.ids)
-        return end - start
+        return ran
 
-    def _start_decoding(self, req: _Request, events: list[BatchEvent]):
+    def _start_decoding(self, req: Request, events: list[BatchEvent]):
         """Sample the first token from the prompt's logits; the row joins decode unless done."""
         tok = int(sample(req.logits, req.params, req.generator)[0])
         req.logits, req.seqlen = None, len(req.ids)
@@ -352,7 +313,7 @@ class BatchRunner:
             req.seqlen += 1
             self._emit(req, int(sample(logits[slot:slot + 1], req.params, req.generator)[0]), events)
 
-    def _emit(self, req: _Request, tok: int, events: list[BatchEvent]) -> bool:
+    def _emit(self, req: Request, tok: int, events: list[BatchEvent]) -> bool:
         """Turn a sampled token into an event (text held back while a stop string may start);
         returns True, freeing the slot, when the request is finished."""
         piece, reason = req.output.push(tok)
@@ -364,9 +325,12 @@ class BatchRunner:
         self.stats.finished += 1
         return True
 
-    def _release(self, req: _Request):
+    def _release(self, req: Request):
         if self._prefilling is req:
             self._prefilling = None
+        if req.layers is not None:   # the held layer and the prompt's hidden states go now
+            req.layers.close()
+            req.tokens = req.layers = None
         self._decoding.pop(req.slot, None)
         if req.slot >= 0 and req.slot not in self._free:
             self._free.append(req.slot)
@@ -386,13 +350,6 @@ class BatchRunner:
 
     def _row(self, slot: int) -> KVCache:
         return self.cache.select(slice(slot, slot + 1))
-
-
-def check_token_ids(ids: list[int], vocab: int):
-    """A ValueError unless every id of the (non-empty) prompt is in the model's vocabulary."""
-    if min(ids) < 0 or max(ids) >= vocab:
-        raise ValueError(f"a prompt's token ids must be in [0, {vocab}) (the model's vocabulary); got "
-                         f"{min(ids)}..{max(ids)}")
 
 
 def _sparse_floor(model, backend: str, capacity: int) -> int:

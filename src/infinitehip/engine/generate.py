@@ -63,10 +63,15 @@ def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, *, backend: str 
     call = AttentionCall(backend=backend, kernel=kernel, sparse=sparse_prompt(model, backend, prompt_len or T))
     bar = _progress(T - start, progress)
     t0 = time.perf_counter()
-    if prompt_len in (None, T) and T - start > chunk_size and layer_prefill.fits(model, cache, T - start):
-        # Offloaded: layer by layer, one layer's K/V held in device memory (engine/layer_prefill.py).
-        logits = layer_prefill.prefill_by_layer(model, tokens, cache, call, chunk_size=chunk_size, start=start,
-                                                bar=bar)[:, None]
+    # Offloaded: layer by layer, one layer's K/V held in device memory (engine/layer_prefill.py).
+    layered = layer_prefill.begin(model, tokens, cache, call, chunk_size=chunk_size, start=start) \
+        if prompt_len in (None, T) else None
+    if layered is not None:
+        try:
+            layered.run(bar=bar)
+        finally:
+            layered.close()
+        logits = layered.logits[:, None]
     else:
         for s in range(start, T, chunk_size):
             e = min(s + chunk_size, T)

@@ -13,7 +13,10 @@ layers. Measured on an H200 (docs/offload.md, "Layer by layer"): 256K tokens of 
 
 The same kernels see the same values in the same order per chunk, so the logits are bit for bit
 those of chunk-by-chunk prefill (tested). Used by ``prefill`` when the whole prompt is given,
-the cache is offloaded, and the hidden states and one layer's K/V fit in free device memory.
+the cache is offloaded, and the hidden states and one layer's K/V fit in free device memory; and
+by the batch runner, which advances a ``LayerPrefill`` a chunk's worth of work per step between
+decode steps, as it prefills chunk by chunk (chunk by chunk, a million-token prompt into an
+offloaded server slot would move ~4 TB over PCIe).
 """
 from __future__ import annotations
 
@@ -36,24 +39,70 @@ def fits(model: Model, cache, tokens: int) -> bool:
     return hidden + layer < 0.5 * torch.cuda.mem_get_info(model.device)[0]
 
 
-@torch.inference_mode()
-def prefill_by_layer(model: Model, tokens: torch.Tensor, cache: OffloadKVCache, call: AttentionCall, *,
-                     chunk_size: int, start: int, bar=None) -> torch.Tensor:
-    """``prefill``'s chunks of ``tokens`` (1, T) from ``start``, layer by layer; the last token's
-    logits (1, V)."""
-    net, T = model.net, tokens.shape[1]
-    bounds = [(s, min(s + chunk_size, T)) for s in range(start, T, chunk_size)]
-    steps = [net.step(e - s, torch.tensor([s], device=tokens.device), cache, call.backend, e) for s, e in bounds]
-    x = net.tok_embeddings(tokens[:, start:])                                  # (1, T - start, C)
-    configs, done = net.configs(call), 0                   # done: tokens x layers, for the progress bar
-    try:
-        for layer, block in enumerate(net.layers):
-            cache.hold(layer, filled=start)
-            for (s, e), step in zip(bounds, steps):
-                x[:, s - start:e - start] = block(x[:, s - start:e - start], step, cache, configs[layer], call)
-                if bar is not None:   # the bar counts tokens: a layer's chunk is 1/L of its tokens
-                    bar.update((done + e - s) // len(net.layers) - done // len(net.layers))
-                done += e - s
-    finally:
-        cache.hold(None)
-    return gemv.linear(x[:, -1:], net.output.weight, norm=net.norm.args).float()[:, -1]
+def begin(model: Model, tokens: torch.Tensor, cache, call: AttentionCall, *, chunk_size: int,
+          start: int) -> "LayerPrefill | None":
+    """A ``LayerPrefill`` of ``tokens`` (1, T) from ``start`` where layer by layer applies (an
+    offloaded cache, more than one chunk to run, room for it: ``fits``); else None."""
+    T = tokens.shape[1]
+    if T - start <= chunk_size or not fits(model, cache, T - start):
+        return None
+    return LayerPrefill(model, tokens, cache, call, chunk_size=chunk_size, start=start)
+
+
+class LayerPrefill:
+    """The (layer, chunk) units of a prompt's prefill, layer-major, run a budget at a time.
+
+    ``run(budget)`` runs units until ``budget`` prompt tokens' worth of work is done (a unit of
+    n tokens in one of L layers is worth n / L; the unit that crosses the budget runs whole;
+    None: to the end). Once the last unit has run, ``logits`` holds the last token's (1, V).
+    The layer being prefilled is held in device memory (``OffloadKVCache.hold``) between calls,
+    and the hidden states of the prompt (T - start, dim) are kept here: ``close()`` (or dropping
+    the object) frees them.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: Model, tokens: torch.Tensor, cache: OffloadKVCache, call: AttentionCall, *,
+                 chunk_size: int, start: int):
+        self.model, self.cache, self.call, self.start = model, cache, call, start
+        T = tokens.shape[1]
+        self.bounds = [(s, min(s + chunk_size, T)) for s in range(start, T, chunk_size)]
+        self.x = model.net.tok_embeddings(tokens[:, start:])                   # (1, T - start, C)
+        self.configs = model.net.configs(call)
+        self.layer, self.chunk = 0, 0                                           # the next unit
+        self.logits: torch.Tensor | None = None
+        self._work = 0                                     # token-layers run, for whole tokens' worth
+
+    @torch.inference_mode()
+    def run(self, budget: int | None = None, bar=None) -> int:
+        """Run units for about ``budget`` prompt tokens' worth (None: all left); returns the whole
+        tokens' worth run (at least 1 where a unit ran). ``bar`` counts tokens likewise."""
+        net, L = self.model.net, len(self.model.net.layers)
+        done0, spent = self._work // L, 0
+        while self.logits is None and (budget is None or spent < budget * L):
+            s, e = self.bounds[self.chunk]
+            if self.chunk == 0:
+                self.cache.hold(self.layer, filled=self.start)
+            # The pass's state is made per unit (not once per chunk for all layers): a dense
+            # backend's RoPE tables for every chunk of a million tokens would take ~1 GB.
+            step = net.step(e - s, torch.tensor([s], device=self.x.device), self.cache, self.call.backend, e)
+            xs = self.x[:, s - self.start:e - self.start]
+            self.x[:, s - self.start:e - self.start] = net.layers[self.layer](xs, step, self.cache,
+                                                                               self.configs[self.layer], self.call)
+            spent += e - s
+            before, self._work = self._work // L, self._work + e - s
+            if bar is not None:
+                bar.update(self._work // L - before)
+            self.chunk += 1
+            if self.chunk == len(self.bounds):
+                self.layer, self.chunk = self.layer + 1, 0
+                if self.layer == L:
+                    self.close()
+                    self.logits = gemv.linear(self.x[:, -1:], net.output.weight, norm=net.norm.args).float()[:, -1]
+                    self.x = None
+        return max(self._work // L - done0, 1 if spent else 0)
+
+    def close(self):
+        """Let go of the held layer (the run is over, or abandoned); once."""
+        if self.cache is not None:
+            self.cache.hold(None)
+            self.cache = None

@@ -2,7 +2,8 @@
 and a continuous-batching runner (``engine.batch.BatchRunner``) behind it."""
 from __future__ import annotations
 
-from ..engine.batch import BatchEvent, BatchRunner, check_token_ids
+from ..engine.batch import BatchRunner
+from ..engine.requests import BatchEvent, check_token_ids
 from ..engine.generate import encode_chat, encode_prompt
 from ..engine.prefix_cache import PrefixCache
 from ..engine.sampling import SamplingParams
