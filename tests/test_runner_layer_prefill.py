@@ -4,13 +4,21 @@ the same tokens and stored K/V as alone and as chunk by chunk."""
 import pytest
 import torch
 
-from test_batch import GREEDY, model, prompt, runner  # noqa: F401  (model: the fixture)
+pytest.importorskip("transformers")
+from checkpoints import make_checkpoint  # noqa: E402
+from test_batch import GREEDY, prompt, runner  # noqa: E402
 
-from infinitehip.cache.offload_plan import OffloadConfig
-from infinitehip.engine import SamplingParams, layer_prefill, stream
+import infinitehip  # noqa: E402
+from infinitehip.cache.offload_plan import OffloadConfig  # noqa: E402
+from infinitehip.engine import SamplingParams, layer_prefill, stream  # noqa: E402
 
 NEIGHBOUR = SamplingParams(max_new_tokens=40, ignore_eos=True)
 LONG = 420                                              # 7 chunks of 64 (the last one ragged)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return infinitehip.load(make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama"), config="tiny")
 
 
 def run(model, offload, with_neighbour=True):
