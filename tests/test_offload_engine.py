@@ -174,6 +174,23 @@ def test_layer_by_layer_prefill_needs_room_for_the_hidden_states_and_one_layer(b
         assert layer_prefill.fits(gpu, offloaded, 600) == ok
 
 
+def test_a_long_offloaded_prompt_without_room_for_layer_by_layer_says_so(bf16_model, monkeypatch, caplog):
+    """Chunk by chunk is quadratic in an offloaded prompt (hours at a million tokens): when layer by
+    layer has no room, prefill warns with the bytes it needed; a one-chunk prompt goes quietly."""
+    from infinitehip.engine import layer_prefill
+
+    model, (_, offloaded) = bf16_model, caches(bf16_model)
+    monkeypatch.setattr(layer_prefill, "fits", lambda *args: False)
+    with caplog.at_level("WARNING", logger="infinitehip.engine"):
+        prefill(model, prompt()[:, :256], offloaded, chunk_size=256)
+        assert not caplog.records
+        prefill(model, prompt(), offloaded, chunk_size=256)
+    need = layer_prefill.device_bytes(model, offloaded, prompt().shape[1]) / 2**30
+    assert len(caplog.records) == 1
+    assert f"prefilling {prompt().shape[1]:,} offloaded tokens chunk by chunk" in caplog.text
+    assert f"({need:.1f} GiB)" in caplog.text and "free device memory, or shorten the prompt" in caplog.text
+
+
 def test_offload_small_pages_and_evictions_stay_exact(bf16_model):
     """Pages smaller than a chunk and a cache just big enough: evictions, still the same logits."""
     model = bf16_model

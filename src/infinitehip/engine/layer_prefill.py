@@ -20,23 +20,32 @@ offloaded server slot would move ~4 TB over PCIe).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..cache.offload_kv import OffloadKVCache
 from ..models import AttentionCall, Model, gemv
 
+log = logging.getLogger("infinitehip.engine")
+
+
+def device_bytes(model: Model, cache: OffloadKVCache, tokens: int) -> int:
+    """What layer by layer keeps in device memory: the prompt's hidden states and one layer's
+    K/V of the cache's rows (~10 KB a token at the 8B shape with an FP8 store)."""
+    a = model.args
+    hidden = tokens * a.dim * model.dtype.itemsize
+    return hidden + 2 * cache.batch * cache.capacity * a.n_kv_heads * a.head_dim * cache.stores[0].dk.element_size()
+
 
 def fits(model: Model, cache, tokens: int) -> bool:
-    """Whether the prompt's hidden states and one layer's K/V of the cache's rows fit in half the
-    device memory free now (the other half for the chunks' activations); always on the CPU."""
+    """Whether ``device_bytes`` fit in half the device memory free now (the other half for the
+    chunks' activations); always on the CPU."""
     if not isinstance(cache, OffloadKVCache):
         return False
     if model.device.type != "cuda":
         return True
-    a = model.args
-    hidden = tokens * a.dim * model.dtype.itemsize
-    layer = 2 * cache.batch * cache.capacity * a.n_kv_heads * a.head_dim * cache.stores[0].dk.element_size()
-    return hidden + layer < 0.5 * torch.cuda.mem_get_info(model.device)[0]
+    return device_bytes(model, cache, tokens) < 0.5 * torch.cuda.mem_get_info(model.device)[0]
 
 
 def begin(model: Model, tokens: torch.Tensor, cache, call: AttentionCall, *, chunk_size: int,
@@ -44,7 +53,14 @@ def begin(model: Model, tokens: torch.Tensor, cache, call: AttentionCall, *, chu
     """A ``LayerPrefill`` of ``tokens`` (1, T) from ``start`` where layer by layer applies (an
     offloaded cache, more than one chunk to run, room for it: ``fits``); else None."""
     T = tokens.shape[1]
-    if T - start <= chunk_size or not fits(model, cache, T - start):
+    if T - start <= chunk_size:
+        return None
+    if not fits(model, cache, T - start):
+        if isinstance(cache, OffloadKVCache):   # said, since chunk by chunk is quadratic in the prompt
+            log.warning("prefilling %s offloaded tokens chunk by chunk, not layer by layer: its hidden states and "
+                        "one layer's K/V (%.1f GiB) need half the free device memory. Each chunk then reads the "
+                        "layer's keys so far over PCIe (hours at a million tokens): free device memory, or "
+                        "shorten the prompt", f"{T - start:,}", device_bytes(model, cache, T - start) / 2**30)
         return None
     return LayerPrefill(model, tokens, cache, call, chunk_size=chunk_size, start=start)
 
