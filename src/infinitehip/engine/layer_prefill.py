@@ -112,13 +112,14 @@ class LayerPrefill:
             if self.chunk == len(self.bounds):
                 self.layer, self.chunk = self.layer + 1, 0
                 if self.layer == L:
+                    last = self.x[:, -1:].clone()   # close() lets go of the rest first
                     self.close()
-                    self.logits = gemv.linear(self.x[:, -1:], net.output.weight, norm=net.norm.args).float()[:, -1]
-                    self.x = None
+                    self.logits = gemv.linear(last, net.output.weight, norm=net.norm.args).float()[:, -1]
         return max(self._work // L - done0, 1 if spent else 0)
 
     def close(self):
-        """Let go of the held layer (the run is over, or abandoned); once."""
+        """Let go of the held layer and the hidden states (the run is over, or abandoned)."""
         if self.cache is not None:
             self.cache.hold(None)
             self.cache = None
+        self.x = None   # else a failed run's traceback kept them (T x dim on the device)
