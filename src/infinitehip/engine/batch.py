@@ -210,9 +210,11 @@ class BatchRunner:
     def _parking(self) -> int | None:
         """Where the row still prefilling takes the decode step's throwaway token: where its next
         prefill chunks write, so the throwaway K/V is overwritten — on the next page, since an FP8
-        page re-encoded around it would re-quantize the prompt rows before it. None: no such page
-        (an FP8 prompt ending in the slot's last page), so decode waits while the prompt's last
-        tokens (less than a page: one round at the default budget) are prefilled."""
+        page re-encoded around it would re-quantize the prompt rows before it (layer by layer: the
+        page after the whole prompt). None: no such page (an FP8 prompt ending in the slot's last
+        page), so decode waits while the prompt's last tokens (less than a page: one round at the
+        default budget) are prefilled -- layer by layer, while the whole prompt is (a request whose
+        prompt fills its slot to the last page, leaving max_new_tokens under a page)."""
         if self._prefilling is None:
             return 0
         req, page = self._prefilling, getattr(self.cache, "page", 1)
