@@ -82,6 +82,14 @@ def test_info_offload_rows_count_spare_gpu_memory():
     assert tokens > 2 * host_only
     fp8 = _offload_row(str(builtin_model_path()), r, fp8=True)
     assert int(fp8.split(" tokens")[0].replace(",", "")) > 1.5 * tokens
+    # Prefill goes layer by layer while the hidden states (dim 256, bf16) and one layer's K/V fit
+    # in half the GPU memory left: here that is the whole context; with a host holding far more, up
+    # to where they fill it.
+    assert "prefill layer by layer throughout" in row
+    short = _offload_row(str(builtin_model_path()), {**r, "host_free_bytes": 4096 * mib}, fp8=False)  # ~1M tokens
+    assert "prefill layer by layer up to" in short and "chunk by chunk (slow: quadratic) past it" in short
+    reach = int(short.split("layer by layer up to ")[1].split(" tokens")[0].replace(",", ""))
+    assert 0 < reach < int(short.split(" tokens")[0].replace(",", ""))
 
 
 def test_info_offload_on_cpu_leaves_the_weights_their_host_memory(monkeypatch):

@@ -276,14 +276,17 @@ def _offload_row(model_dir: str, r: dict, fp8: bool) -> str:
     if not r["offload_useful"]:
         return f"{r[key]:,} tokens (the device is the host here: offload adds nothing)"
     try:
-        n, plan = _offload_capacity(model_dir, r, fp8)
+        n, plan, layered = _offload_capacity(model_dir, r, fp8)
     except CapacityError as e:
         return f"none: {e}"
     gib = 1 << 30
     where = f"{len(plan.gpu_layers)} of {r['layers']} layers whole on the GPU" if plan.gpu_layers else \
         "every layer in host memory"
+    # Past what layer-by-layer prefill holds, a prompt goes chunk by chunk: PCIe reads quadratic in it.
+    reach = "layer by layer throughout" if layered >= n else \
+        f"layer by layer up to {layered:,} tokens, chunk by chunk (slow: quadratic) past it"
     return (f"{n:,} tokens (KV: {plan.host_bytes / gib:.1f} GiB host + {plan.gpu_bytes / gib:.1f} GiB GPU memory; "
-            f"{where})")
+            f"{where}; prefill {reach})")
 
 
 def _offload_capacity(model_dir: str, r: dict, fp8: bool):
@@ -298,12 +301,16 @@ def _offload_capacity(model_dir: str, r: dict, fp8: bool):
     args, hip = ModelArgs.from_hf(cfg), recommended_config(cfg)
     # The same prefill workspace inspect_checkpoint's no-offload figure leaves (4,096-token chunks).
     workspace = 4096 * (4 * args.dim + 3 * args.intermediate_size) * 4 + (256 << 20)
-    return longest_offload_context(
+    dtype, free_gpu = getattr(torch, r["dtype"]), max(0, r["free_bytes"] - r["weights_bytes"])
+    n, plan = longest_offload_context(
         n_layers=args.n_layers, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, batch=1,
-        dtype=getattr(torch, r["dtype"]), device=torch.device(r["device"]),
+        dtype=dtype, device=torch.device(r["device"]),
         layer_configs=[hip.for_layer(i, args.n_layers) for i in range(args.n_layers)],
-        config=OffloadConfig(fp8=fp8), workspace=workspace, free_host=r["host_free_bytes"],
-        free_gpu=max(0, r["free_bytes"] - r["weights_bytes"]))
+        config=OffloadConfig(fp8=fp8), workspace=workspace, free_host=r["host_free_bytes"], free_gpu=free_gpu)
+    # Layer-by-layer prefill (engine/layer_prefill.fits): the hidden states and one layer's K/V
+    # of the prompt in half the GPU memory the weights and the cache's GPU part leave.
+    per_token = args.dim * dtype.itemsize + 2 * args.n_kv_heads * args.head_dim * (1 if fp8 else dtype.itemsize)
+    return n, plan, int(0.5 * max(0, free_gpu - plan.gpu_bytes) // per_token)
 
 
 @app.command()
