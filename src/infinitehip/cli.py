@@ -294,6 +294,7 @@ def _offload_capacity(model_dir: str, r: dict, fp8: bool):
     import torch
 
     from .cache.offload_plan import OffloadConfig, longest_offload_context
+    from .engine.layer_prefill import held_bytes
     from .models.llama import ModelArgs
     from .models.loader import read_config, recommended_config
 
@@ -309,7 +310,7 @@ def _offload_capacity(model_dir: str, r: dict, fp8: bool):
         config=OffloadConfig(fp8=fp8), workspace=workspace, free_host=r["host_free_bytes"], free_gpu=free_gpu)
     # Layer-by-layer prefill (engine/layer_prefill.fits): the hidden states and one layer's K/V
     # of the prompt in half the GPU memory the weights and the cache's GPU part leave.
-    per_token = args.dim * dtype.itemsize + 2 * args.n_kv_heads * args.head_dim * (1 if fp8 else dtype.itemsize)
+    per_token = held_bytes(args, dtype, 1 if fp8 else dtype.itemsize, 1, 1)
     return n, plan, int(0.5 * max(0, free_gpu - plan.gpu_bytes) // per_token)
 
 

@@ -30,12 +30,16 @@ from ..models import AttentionCall, Model, gemv
 log = logging.getLogger("infinitehip.engine")
 
 
+def held_bytes(args, dtype: torch.dtype, kv_itemsize: int, tokens: int, kv_tokens: int) -> int:
+    """Hidden states of ``tokens`` prompt tokens plus one layer's K/V of ``kv_tokens`` slots
+    (``device_bytes``; ``infinitehip info`` asks it per token)."""
+    return tokens * args.dim * dtype.itemsize + 2 * kv_tokens * args.n_kv_heads * args.head_dim * kv_itemsize
+
+
 def device_bytes(model: Model, cache: OffloadKVCache, tokens: int) -> int:
     """What layer by layer keeps in device memory: the prompt's hidden states and one layer's
     K/V of the cache's rows (~10 KB a token at the 8B shape with an FP8 store)."""
-    a = model.args
-    hidden = tokens * a.dim * model.dtype.itemsize
-    return hidden + 2 * cache.batch * cache.capacity * a.n_kv_heads * a.head_dim * cache.stores[0].dk.element_size()
+    return held_bytes(model.args, model.dtype, cache.stores[0].dk.element_size(), tokens, cache.batch * cache.capacity)
 
 
 def fits(model: Model, cache, tokens: int) -> bool:
