@@ -6,7 +6,7 @@ rate after it; in all: the rate while every request decodes, to set beside
 ``scripts/bench_runner.py``'s step time without the HTTP layer. ``--modes slots,host`` also runs
 the context cache as it was before ``engine/slot_prompts.py`` (every prompt's KV copied to host
 memory after its prefill, and back for a reuse); ``--offload`` puts the slots in host memory
-(where the context cache keeps host copies). Answers are not claimed (random weights).
+(where the context cache keeps host copies), ``--fp8`` with an FP8 host store. Answers are not claimed (random weights).
 
     python scripts/bench_server.py --layers 32 --batch 4 --context 70000 --max-tokens 256 --out server.json
 """
@@ -24,6 +24,7 @@ import uvicorn
 from bench_runner import StubTokenizer
 from infinitehip import HiPConfig
 from infinitehip.bench.engine import random_model
+from infinitehip.cache.offload_plan import OffloadConfig
 from infinitehip.server.app import create_app
 from infinitehip.server.engine import ModelEngine
 
@@ -66,8 +67,9 @@ def _together(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
 
 
 def run_mode(model, mode: str, a, g) -> dict:
+    offload = OffloadConfig(fp8=True) if a.fp8 else a.offload
     engine = ModelEngine(model, max_context=a.context + 2 * a.max_tokens + 64, max_batch=a.batch, chunk_size=16384,
-                         offload=a.offload)
+                         offload=offload)
     if mode == "host":   # the context cache before slot prompts: host entries after every prefill
         engine.runner._slot_prompts = None
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=a.port, log_level="warning"))
@@ -75,13 +77,18 @@ def run_mode(model, mode: str, a, g) -> dict:
     url = f"http://127.0.0.1:{a.port}"
     while not server.started:
         time.sleep(0.1)
-    res = dict(mode=mode, offload=a.offload, cuda_graph=engine.runner._graphs is not None)
-    for run in ("warm", "documents"):   # the first run compiles kernels and captures the graphs
-        # new documents each run: the timed run's prefill is not served from the context cache
-        docs = [torch.randint(0, 128_000, (a.context,), generator=g).tolist() for _ in range(a.batch)]
+    res = dict(mode=mode, offload=a.offload or a.fp8, fp8=a.fp8, cuda_graph=engine.runner._graphs is not None)
+    for run, n in (("warm", a.warm_context or a.context), ("documents", a.context)):
+        # The first run compiles kernels and captures the graphs (at the slots' capacity, whatever
+        # its documents' length); new documents each run: the timed run's prefill is not served
+        # from the context cache.
+        docs = [torch.randint(0, 128_000, (n,), generator=g).tolist() for _ in range(a.batch)]
         res[run] = _together(url, docs, a.max_tokens)
-    extra = torch.randint(0, 128_000, (16,), generator=g).tolist()
-    res["second_questions"] = _together(url, [d + extra for d in docs], a.max_tokens)
+        # A second question about each document (its ids plus a few more): served from the slot
+        # that holds it. Warm-up too: its first use compiles what only a reused prefix needs.
+        extra = torch.randint(0, 128_000, (16,), generator=g).tolist()
+        res["second_questions" if run == "documents" else "warm_second_questions"] = _together(
+            url, [d + extra for d in docs], a.max_tokens)
     res["metrics"] = httpx.get(url + "/metrics").json()
     server.should_exit = True
     while server.started and not getattr(server, "_stopped", True):
@@ -102,6 +109,10 @@ def main():
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--modes", default="slots", help="slots (the server's context cache), host (as before)")
     p.add_argument("--offload", action="store_true", help="the slots' KV in host memory (GPU page cache)")
+    p.add_argument("--fp8", action="store_true", help="offload with an FP8 host store (implies --offload)")
+    p.add_argument("--warm-context", type=int, default=0,
+                   help="the warm-up run's document length (0: --context); a shorter one spares a long prefill "
+                        "(past the dense cutoff, 65,536, so that it compiles the sparse kernels)")
     p.add_argument("--out", default="server.json")
     a = p.parse_args()
     model = random_model(a.layers, HiPConfig(), device="cuda" if torch.cuda.is_available() else "cpu")

@@ -31,6 +31,8 @@
 #   server     scripts/bench_server.py: the server over HTTP, 4 x 70K documents then a second question each, the
 #              context cache in slots vs host copies (the fastapi/uvicorn/httpx wheels installed first)
 #   server_offload  the same over offloaded slots, 2 x 70K (~100 s on a warm machine)
+#   server_256k  the same, 2 x 256K documents, FP8 host store (a short warm-up document)
+#   server_1m  the same, one 1M-token document, FP8 host store, prefilled layer by layer (~3 minutes)
 #   prefill_threshold  scripts/prefill_threshold.py: a 70K prompt's chunked prefill, dense/sparse per prompt vs per chunk
 #   prefill_offload  the same offloaded, 70K and 256K: layer by layer (the default) vs chunk by chunk
 #   prefill_1m  an offloaded 1M-token prompt's prefill, FP8 host store, layer by layer (one repeat: ~minutes)
@@ -114,6 +116,10 @@ for s in "$@"; do
         server) step server 420 python scripts/bench_server.py --modes slots,host --out "$OUT/server_http.json" ;;
         server_offload) step server_offload 420 python scripts/bench_server.py --batch 2 --offload \
                             --out "$OUT/server_http_offload.json" ;;
+        server_256k) step server_256k 420 python scripts/bench_server.py --batch 2 --fp8 --context 262144 \
+                         --warm-context 70000 --max-tokens 128 --out "$OUT/server_http_offload_256k.json" ;;
+        server_1m) step server_1m 580 python scripts/bench_server.py --batch 1 --fp8 --context 1048576 \
+                       --warm-context 70000 --max-tokens 64 --out "$OUT/server_http_offload_1m.json" ;;
         prefill_threshold) step prefill_threshold 200 python scripts/prefill_threshold.py --threshold-zero \
                                --out "$OUT/prefill_threshold.json" ;;
         prefill_offload) step prefill_offload 450 bash -c 'set -e
@@ -132,7 +138,7 @@ for s in "$@"; do
                        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
                        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                        python scripts/sweep_prune.py --decode "" --prefill 128K --limit 0 --out /tmp/ncu.json ;;
-        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, lag, engine_lag, attention, attention_pdl, stage0, engine, engine_all, engine_pdl, timeline, sweep, reuse, gemv, runner, dropin, cache, ncu, ncu_prune)"; exit 2 ;;
+        *) echo "unknown step $s (tests, offload, offload_s0, offload_probe, lag, engine_lag, attention, attention_pdl, stage0, engine, engine_all, engine_pdl, timeline, sweep, reuse, gemv, runner, server, server_offload, server_256k, server_1m, prefill_threshold, prefill_offload, prefill_1m, dropin, cache, ncu, ncu_prune)"; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}"

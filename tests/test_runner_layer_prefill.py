@@ -100,5 +100,5 @@ def test_a_failed_layer_by_layer_prefill_lets_go_of_the_hidden_states(model, mon
 
     monkeypatch.setattr(model.net.layers[1], "forward", fail)
     with pytest.raises(RuntimeError, match="a unit failed"):
-        prefill(model, torch.tensor([prompt(LONG)]), make_cache(model, 1, 512, 64, True), chunk_size=64)
+        prefill(model, torch.tensor([prompt(LONG)], device=model.device), make_cache(model, 1, 512, 64, True), chunk_size=64)
     assert made[0] is not None and made[0].cache is None and made[0].x is None

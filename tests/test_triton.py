@@ -267,3 +267,42 @@ def test_hip_attention_takes_views_strided_along_head_dim():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     from infinitehip.attention.api import cache_prune
     assert torch.equal(cache_prune(qs, ks, config=cfg, rope=rope, backend="triton").starts, m_ref.starts)
+
+
+# The compile-time constants that depend on the query count, per kernel (module, kernel name).
+_SHAPE_CONSTANTS = {("pool", "_pool_kernel"): ("ROWS", "R", "R_P", "STRIDE"),
+                    ("prune", "_score_chunks_kernel"): ("R", "BLOCK_M", "M_TILES"),
+                    ("ops", "_bsa_kernel"): ("BLOCK_T", "BLOCK_M", "SPLIT_TILE")}
+
+
+def test_prompt_tails_of_any_length_share_compiled_kernels(monkeypatch):
+    """One query block of 2-64 queries (a prompt's tail after a reused prefix: a server's second
+    question about a document) pools the whole padded block and attends in 16-query tiles, so
+    every such length launches the kernels with the same compile-time constants. Pooling only
+    the real rows compiled each new length anew: 20-30 s on its first use (H200, docs/server.md)."""
+    import importlib
+
+    seen = {}
+    for (module, name), constants in _SHAPE_CONSTANTS.items():
+        mod = importlib.import_module(f"infinitehip.attention.triton.{module}")
+        kernel = getattr(mod, name)
+
+        class Recorder:   # kernel[grid](...) as before, noting the constants of each launch
+            def __getitem__(self, grid, kernel=kernel, key=name, constants=constants):
+                def launch(*args, **kw):
+                    seen.setdefault(key, set()).add(tuple(kw[c] for c in constants))
+                    return kernel[grid](*args, **kw)
+                return launch
+
+        monkeypatch.setattr(mod, name, Recorder())
+    q, k, v = rand_qkv(1, 64, 900, 8, 2, 64, seed=13)
+    rope = RoPE.default(64)
+    for tq in (2, 16, 17, 64):
+        want, m_ref = hip_attention(q[:, -tq:], k, v, config=TINY, rope=rope, backend="reference")
+        got, m_tri = hip_attention(q[:, -tq:], k, v, config=TINY, rope=rope, backend="triton")
+        assert torch.equal(m_tri.starts, m_ref.starts)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    assert len(seen["_pool_kernel"]) == len(set(TINY.stage_strides))     # one per pooling stride
+    assert len(seen["_score_chunks_kernel"]) == len(seen["_pool_kernel"])
+    # 16-query tiles for 2-16 queries (decode's split path) and for more (4 query heads a kv head)
+    assert len(seen["_bsa_kernel"]) == 1

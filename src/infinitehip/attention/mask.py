@@ -175,6 +175,15 @@ def _arange(n: int, device: torch.device, step: int = 1) -> torch.Tensor:
     return torch.arange(0, n * step, step, device=device)
 
 
+def pooled_rows(tq: int, bq: int, stride: int) -> int:
+    """Rows of a query block that pruning pools: one query (decode) pools only itself (and every
+    stage then shares its pooled query: ``stages.run_stages``); more pool the whole padded block,
+    as prefill's blocks do. Pooling only a short prompt tail's real rows made each tail length its
+    own Triton compilation (``ROWS`` and ``R`` are compile-time): ~20-30 s on first use of every
+    new length of a server's second question about a document (H200, docs/server.md)."""
+    return stride if tq == 1 else bq
+
+
 @functools.lru_cache(maxsize=256)
 def valid_rows(tq: int, nqb: int, bq: int, device: torch.device) -> torch.Tensor:
     """(1, NQB, bq) bool: which rows of the padded query blocks are real queries."""

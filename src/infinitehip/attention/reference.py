@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..config import HiPConfig, descent_levels
-from .mask import NEG_SCORE, RELATIVE_QUERY_DISTANCE, SENTINEL, Geometry, HiPMask, anchor_window, geometry, window_slots
+from .mask import (NEG_SCORE, RELATIVE_QUERY_DISTANCE, SENTINEL, Geometry, HiPMask, anchor_window, geometry, pooled_rows,
+                   window_slots)
 from .pages import KVPages, gather_paged
 from .rope import RoPE, apply_rope
 
@@ -47,17 +48,15 @@ def gather_kv(x: torch.Tensor, idx: torch.Tensor, groups: int, pages: KVPages | 
 def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, rope: RoPE | None):
     """Rotate the queries for pruning, then average them in groups of ``stride`` rows per block.
 
-    q: (B, Tq, H, D) -> qp (B, NQB, R, H, D) float32 with R = block_size_q // stride (a single
-    query block: ceil(Tq / stride)), and q_valid (B, NQB, R) bool (False for groups made only
-    of padding rows).
+    q: (B, Tq, H, D) -> qp (B, NQB, R, H, D) float32 with R = block_size_q // stride (one query:
+    R = 1), and q_valid (B, NQB, R) bool (False for groups made only of padding rows).
     Exact mode rotates each query at its offset from the block start (keys are then rotated at
     their offset too); relative mode rotates every query at a fixed small distance from keys
     that stay unrotated, so a chunk's score depends on its content, not on how far back it is.
     """
     B, tq, H, D = q.shape
     nqb, bq = geo.q_pos.shape[1:]
-    # One query block (decode): pool only its real rows, so kernels never score padding groups.
-    rows = bq if nqb > 1 else -(-tq // stride) * stride
+    rows = pooled_rows(tq, bq, stride)
     q_pos, q_valid = geo.q_pos[..., :rows], geo.q_valid[..., :rows]
     x = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, nqb * rows - tq)).view(B, nqb, rows, H, D)
     if rope is not None:

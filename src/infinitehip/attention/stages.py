@@ -78,8 +78,8 @@ def run_stages(q, k, geo: Geometry, config: HiPConfig, rope: RoPE | None, score_
             if keep is not None and s > from_stage:
                 starts = torch.where(keep(s), mask.stage_inputs[s], starts)
             inputs[s] = starts   # (B, G, NQB, n_s) int32; stage 0's input is recomputed, never stored
-        # A single query block pools every stride >= Tq into one group: the same queries.
-        stride = config.stage_strides[s] if nqb > 1 else min(config.stage_strides[s], q.shape[1])
+        # One query (decode) is its own pooled query at every stride: pooled once for all stages.
+        stride = config.stage_strides[s] if q.shape[1] > 1 else 1
         if stride not in pooled:
             pooled[stride] = pool(q, geo, stride, rope)
         scores = score_chunks(*pooled[stride], k, starts, config.chunk_sizes[s], geo, config, rope,

@@ -126,7 +126,9 @@ def _launch(q, k, v, starts, positions: dict, config: HiPConfig, rope: RoPE | No
     n_tiles = triton.cdiv(config.sink + nsel * c + n_window, block_n)
     if tq <= DECODE_MAX_QUERIES and nqb == 1:
         tuning = {**DECODE_TUNING, **tuning}
-        block_t = triton.next_power_of_2(tq)
+        # One compiled variant for every short tail (2-16 queries; BLOCK_T is compile-time), as
+        # for pooled_rows: first uses of new lengths had each compiled anew.
+        block_t = 1 if tq == 1 else DECODE_MAX_QUERIES
         t_tiles = 1
         # Split the slot list so that a few programs run per multiprocessor.
         want = triton.cdiv(tuning["programs_per_sm"] * num_sms(q.device.index or 0), B * K)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..mask import RELATIVE_QUERY_DISTANCE, Geometry
+from ..mask import RELATIVE_QUERY_DISTANCE, Geometry, pooled_rows
 from ..rope import RoPE
 from .pdl import launch_options, release_next, wait_for_previous
 from .prune import _rotate
@@ -70,7 +70,7 @@ def pool_queries(q: torch.Tensor, geo: Geometry, stride: int, rope: RoPE | None)
     q_valid (B, NQB, R) bool. ``geo.q_pos`` must be ``geo.p0 + row`` (as ``geometry`` builds it)."""
     B, tq, H, D = q.shape
     nqb, bq = geo.q_pos.shape[1:]
-    rows = bq if nqb > 1 else -(-tq // stride) * stride     # one block (decode): its real rows only
+    rows = pooled_rows(tq, bq, stride)
     R = rows // stride
     if q.stride(-1) != 1:
         q = q.contiguous()
