@@ -40,7 +40,7 @@ def fingerprint(model, backend: str, fp8: bool = False) -> str:
     storage (``fp8``: every layer after the first holds values computed from rounded K/V)."""
     net = model.net
     sample = [net.layers[0].attention.wqkv.weight, net.tok_embeddings.weight[:64]]
-    sums = ",".join(f"{float(w.double().sum()):.17g}" for w in sample)
+    sums = ",".join(f"{float(w.detach().double().sum()):.17g}" for w in sample)   # (a random model's weights may want grad)
     hip = "" if backend == "dense" else repr(net.layer_configs)
     store = "|fp8" if fp8 else ""   # appended: the fingerprints of files written without FP8 stay valid
     return hashlib.sha256(f"{model.args}|{model.dtype}|{backend}|{hip}|{sums}{store}".encode()).hexdigest()[:32]
