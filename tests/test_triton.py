@@ -306,3 +306,6 @@ def test_prompt_tails_of_any_length_share_compiled_kernels(monkeypatch):
     assert len(seen["_score_chunks_kernel"]) == len(seen["_pool_kernel"])
     # 16-query tiles for 2-16 queries (decode's split path) and for more (4 query heads a kv head)
     assert len(seen["_bsa_kernel"]) == 1
+    seen.clear()   # decode (one query) keeps its own variants: one pooled row, one-query tiles
+    hip_attention(q[:, -1:], k, v, config=TINY, rope=rope, backend="triton")
+    assert seen["_pool_kernel"] == {(1, 1, 1, 1)} and {c[0] for c in seen["_bsa_kernel"]} == {1}
