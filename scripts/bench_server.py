@@ -115,6 +115,8 @@ def main():
                         "(past the dense cutoff, 65,536, so that it compiles the sparse kernels)")
     p.add_argument("--out", default="server.json")
     a = p.parse_args()
+    if a.warm_context > a.context:   # the slots are sized for --context
+        p.error(f"--warm-context {a.warm_context} exceeds --context {a.context}")
     model = random_model(a.layers, HiPConfig(), device="cuda" if torch.cuda.is_available() else "cpu")
     model.tokenizer = StubTokenizer()
     g = torch.Generator().manual_seed(0)

@@ -32,6 +32,8 @@ def first_token(r: BatchRunner, ids: list[int], params: SamplingParams) -> tuple
         steps.append(round(time.perf_counter() - t0, 3))
         if first is None and any(e.request == rid for e in events):
             first = time.perf_counter() - t
+    if first is None:
+        raise RuntimeError(f"a {len(ids)}-token request ended without a token (steps: {steps})")
     return round(first, 2), steps
 
 
